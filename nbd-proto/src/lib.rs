@@ -9,7 +9,14 @@
 //! Payloads are never copied by this crate: a READ reply's data or a WRITE
 //! request's data is announced as "the next N bytes belong to cookie C",
 //! and the driver moves them between the socket and the caller's buffer.
+#![no_std]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod wire;
+
+extern crate alloc;
+#[cfg(test)]
+extern crate std;
+
+pub mod client;
