@@ -1,1 +1,13 @@
-//! x
+//! Blocking NBD client and server over std sockets, driving `nbd_proto`.
+//!
+//! - [`client::Client`]: connect from an NBD URI, read, write, flush, trim,
+//!   write zeroes, cache, block status, disconnect; `std::io` traits via
+//!   [`client::Client::into_io`].
+//! - [`client::Negotiation`]: option mode, to list exports and ask about
+//!   them before (or instead of) entering transmission.
+#![warn(missing_docs)]
+
+pub mod client;
+pub mod info;
+
+pub use client::{Client, Error, Negotiation};

@@ -20,3 +20,4 @@ extern crate alloc;
 extern crate std;
 
 pub mod client;
+pub mod uri;

@@ -437,6 +437,7 @@ pub struct ClientHandshake {
     result: Option<Negotiated>,
     export_name_fallback: bool,
     user_option: bool,
+    oldstyle: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -474,6 +475,7 @@ impl ClientHandshake {
             result: None,
             export_name_fallback: false,
             user_option: false,
+            oldstyle: false,
         }
     }
 
@@ -545,6 +547,23 @@ impl ClientHandshake {
     /// The server's handshake flags allowed fixed newstyle.
     pub fn fixed_newstyle(&self) -> bool {
         self.fixed_newstyle
+    }
+
+    /// Whether the server greeted with oldstyle negotiation.
+    pub fn oldstyle(&self) -> bool {
+        self.oldstyle
+    }
+
+    /// The protocol name as libnbd reports it: `oldstyle`, `newstyle` or
+    /// `newstyle-fixed`.
+    pub fn protocol_name(&self) -> &'static str {
+        if self.oldstyle {
+            "oldstyle"
+        } else if self.fixed_newstyle {
+            "newstyle-fixed"
+        } else {
+            "newstyle"
+        }
     }
 
     /// Whether extended headers are negotiated so far.
@@ -748,6 +767,7 @@ impl ClientHandshake {
                 match g.magic.get() {
                     IHAVEOPT => self.expect(Recv::HandshakeFlags, 2),
                     CLISERV_MAGIC => {
+                        self.oldstyle = true;
                         if self.config.tls == TlsMode::Require {
                             return Err(HandshakeError::TlsNeedsFixedNewstyle);
                         }

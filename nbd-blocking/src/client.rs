@@ -1,0 +1,701 @@
+//! A blocking NBD client over std TCP and Unix sockets.
+//!
+//! One request at a time, driven by `nbd_proto`'s state machines: the
+//! client writes each request header and its WRITE data with one vectored
+//! write, and reads READ data straight from the socket into the caller's
+//! buffer.
+
+use std::io::{self, IoSlice, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+
+use nbd_proto::client::{
+    ClientConfig, ClientHandshake, ClientTransmission, Cookie, ExportEntry, ExportInfo, HandshakeError, HandshakeStep,
+    MetaContext, Mode, Negotiated, OptionOutcome, ReceiveNext, ReplyEvent, ReplyViolation, Request, RequestError,
+    ServerError, ServerOptionError, TlsMode,
+};
+use nbd_proto::uri::{NbdUri, Transport, UriError};
+use nbd_proto::wire::{BlockSizeConstraints, Command, CommandFlags, TransmissionFlags};
+
+/// Everything that can go wrong for a client.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A socket error.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The URI is not valid.
+    #[error("invalid NBD URI: {0}")]
+    Uri(#[from] UriError),
+    /// The handshake failed.
+    #[error("{0}")]
+    Handshake(#[from] HandshakeError),
+    /// The request was refused before reaching the wire.
+    #[error("{0}")]
+    Request(#[from] RequestError),
+    /// The server broke the protocol; the connection is closed.
+    #[error("protocol violation by server: {0}")]
+    Protocol(#[from] ReplyViolation),
+    /// The server answered the request with an error.
+    #[error("{0}")]
+    Server(#[from] ServerError),
+    /// The server closed the connection.
+    #[error("server closed the connection{0}")]
+    Closed(&'static str),
+    /// TLS is not available in this build.
+    #[error("TLS was required but this client has no TLS support yet")]
+    TlsUnsupported,
+}
+
+impl Error {
+    /// The errno this error stands for, where it has one (server errors
+    /// give their NBD error; socket errors their OS error).
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Error::Server(e) => Some(e.code.to_errno()),
+            Error::Io(e) => e.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+/// Result alias for this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A bidirectional byte stream the client can run over.
+pub trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}
+
+/// Opens the socket a URI names.
+pub fn connect_transport(uri: &NbdUri) -> Result<Box<dyn Stream>> {
+    match &uri.transport {
+        Transport::Tcp { host, port } => {
+            let s = TcpStream::connect((host.as_str(), *port))?;
+            s.set_nodelay(true)?;
+            Ok(Box::new(s))
+        }
+        Transport::Unix { socket } => {
+            if let Some(name) = socket.strip_prefix('\0') {
+                #[cfg(target_os = "linux")]
+                {
+                    use std::os::linux::net::SocketAddrExt;
+                    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+                    return Ok(Box::new(UnixStream::connect_addr(&addr)?));
+                }
+                #[cfg(not(target_os = "linux"))]
+                {
+                    let _ = name;
+                    return Err(io::Error::new(io::ErrorKind::Unsupported, "abstract sockets need Linux").into());
+                }
+            }
+            Ok(Box::new(UnixStream::connect(socket)?))
+        }
+    }
+}
+
+fn eof_to_closed(e: io::Error, during: &'static str) -> Error {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        Error::Closed(during)
+    } else {
+        Error::Io(e)
+    }
+}
+
+/// Drives a handshake to the point it stops on its own (Done, an option
+/// outcome in option mode, Negotiating, or Aborted).
+fn drive(hs: &mut ClientHandshake, stream: &mut dyn Stream, buf: &mut Vec<u8>) -> Result<()> {
+    loop {
+        match hs.step() {
+            HandshakeStep::Send(bytes) => {
+                stream.write_all(bytes)?;
+                stream.flush()?;
+                hs.sent();
+            }
+            HandshakeStep::Receive(n) => {
+                buf.resize(n, 0);
+                stream
+                    .read_exact(buf)
+                    .map_err(|e| eof_to_closed(e, " during the handshake"))?;
+                hs.received(buf)?;
+            }
+            HandshakeStep::StartTls => return Err(Error::TlsUnsupported),
+            HandshakeStep::Negotiating | HandshakeStep::OptionDone | HandshakeStep::Done | HandshakeStep::Aborted => {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// A connection in option mode: list exports, ask about them, then either
+/// [`Negotiation::go`] into a [`Client`] or [`Negotiation::abort`].
+pub struct Negotiation {
+    hs: ClientHandshake,
+    stream: Box<dyn Stream>,
+    buf: Vec<u8>,
+}
+
+impl Negotiation {
+    /// Connects and negotiates up to option haggling (TLS, structured
+    /// replies and extended headers as `config` asks).
+    pub fn connect(uri: &NbdUri, mut config: ClientConfig) -> Result<Negotiation> {
+        config.opt_mode = true;
+        if uri.tls == TlsMode::Require {
+            return Err(Error::TlsUnsupported);
+        }
+        let stream = connect_transport(uri)?;
+        Self::over(stream, config)
+    }
+
+    /// Negotiates over an already-connected stream.
+    pub fn over(mut stream: Box<dyn Stream>, mut config: ClientConfig) -> Result<Negotiation> {
+        config.opt_mode = true;
+        let mut hs = ClientHandshake::new(config);
+        let mut buf = Vec::new();
+        drive(&mut hs, &mut *stream, &mut buf)?;
+        Ok(Negotiation { hs, stream, buf })
+    }
+
+    /// Whether the server speaks fixed newstyle (options can be used).
+    pub fn fixed_newstyle(&self) -> bool {
+        self.hs.fixed_newstyle()
+    }
+
+    /// Whether the server already ended negotiation (an oldstyle server,
+    /// or one that only knows `NBD_OPT_EXPORT_NAME`).
+    pub fn is_done(&self) -> bool {
+        matches!(self.hs.step(), HandshakeStep::Done)
+    }
+
+    /// The protocol name as libnbd reports it (`oldstyle`, `newstyle`,
+    /// `newstyle-fixed`).
+    pub fn protocol_name(&self) -> &'static str {
+        self.hs.protocol_name()
+    }
+
+    /// Whether structured replies (or extended headers) were negotiated.
+    pub fn structured_replies(&self) -> bool {
+        self.hs.structured_replies()
+    }
+
+    /// Whether extended headers were negotiated.
+    pub fn extended_headers(&self) -> bool {
+        self.hs.extended_headers()
+    }
+
+    /// Whether TLS is in use.
+    pub fn tls(&self) -> bool {
+        self.hs.tls()
+    }
+
+    fn run(&mut self) -> Result<OptionOutcome> {
+        drive(&mut self.hs, &mut *self.stream, &mut self.buf)?;
+        match self.hs.step() {
+            HandshakeStep::OptionDone => Ok(self.hs.take_outcome().unwrap_or(OptionOutcome::Ack)),
+            _ => Ok(OptionOutcome::Ack),
+        }
+    }
+
+    fn refused(o: OptionOutcome) -> Result<OptionOutcome> {
+        match o {
+            OptionOutcome::Refused(e) => Err(Error::Handshake(HandshakeError::Refused(e))),
+            o => Ok(o),
+        }
+    }
+
+    /// `NBD_OPT_LIST`: every export's name and description.
+    pub fn list(&mut self) -> Result<Vec<ExportEntry>> {
+        self.hs.opt_list()?;
+        match Self::refused(self.run()?)? {
+            OptionOutcome::List(l) => Ok(l),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// `NBD_OPT_INFO` for one export.
+    pub fn info(&mut self, export: &str) -> Result<ExportInfo, Error> {
+        self.hs.opt_info(export)?;
+        match Self::refused(self.run()?)? {
+            OptionOutcome::Info(i) => Ok(i),
+            _ => Err(Error::Closed(" without answering NBD_OPT_INFO")),
+        }
+    }
+
+    /// `NBD_OPT_INFO`, returning the server's refusal as a value.
+    pub fn try_info(&mut self, export: &str) -> Result<Result<ExportInfo, ServerOptionError>> {
+        self.hs.opt_info(export)?;
+        match self.run()? {
+            OptionOutcome::Info(i) => Ok(Ok(i)),
+            OptionOutcome::Refused(e) => Ok(Err(e)),
+            _ => Err(Error::Closed(" without answering NBD_OPT_INFO")),
+        }
+    }
+
+    /// `NBD_OPT_LIST_META_CONTEXT` (no queries: every context).
+    pub fn list_meta_contexts(&mut self, export: &str, queries: &[&str]) -> Result<Vec<MetaContext>> {
+        self.hs.opt_list_meta_context(export, queries)?;
+        match Self::refused(self.run()?)? {
+            OptionOutcome::MetaContexts(c) => Ok(c),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// `NBD_OPT_SET_META_CONTEXT`.
+    pub fn set_meta_contexts(&mut self, export: &str, queries: &[&str]) -> Result<Vec<MetaContext>> {
+        self.hs.opt_set_meta_context(export, queries)?;
+        match Self::refused(self.run()?)? {
+            OptionOutcome::MetaContexts(c) => Ok(c),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// `NBD_OPT_GO` (falling back to `NBD_OPT_EXPORT_NAME` if the server
+    /// does not know GO): enter transmission.
+    pub fn go(mut self, export: &str) -> Result<Client> {
+        if !self.is_done() {
+            self.hs.opt_go(Some(export))?;
+            match self.run()? {
+                OptionOutcome::Refused(e) => return Err(Error::Handshake(HandshakeError::Refused(e))),
+                _ if !self.is_done() => return Err(Error::Closed(" without answering NBD_OPT_GO")),
+                _ => {}
+            }
+        }
+        let neg = self.hs.finish()?;
+        Ok(Client::from_parts(self.stream, neg))
+    }
+
+    /// `NBD_OPT_ABORT`, then close.
+    pub fn abort(mut self) -> Result<()> {
+        if self.is_done() {
+            // Oldstyle or EXPORT_NAME-only: a hard close is all there is.
+            return Ok(());
+        }
+        self.hs.opt_abort()?;
+        match drive(&mut self.hs, &mut *self.stream, &mut self.buf) {
+            // The spec lets the server close without replying.
+            Ok(()) | Err(Error::Closed(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The result of a block-status query for one context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockStatus {
+    /// The context id.
+    pub context_id: u32,
+    /// The context name.
+    pub context: String,
+    /// Extents starting at the request offset.
+    pub extents: Vec<nbd_proto::client::Extent>,
+}
+
+/// A connected client in transmission.
+pub struct Client {
+    stream: Box<dyn Stream>,
+    tx: ClientTransmission,
+    neg: Negotiated,
+    hdr: Vec<u8>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("negotiated", &self.neg).finish()
+    }
+}
+
+impl Client {
+    /// Connects to a URI and negotiates with the default configuration
+    /// (extended headers, structured replies, `base:allocation`).
+    pub fn connect(uri: &str) -> Result<Client> {
+        let uri = NbdUri::parse(uri)?;
+        Self::connect_uri(&uri, ClientConfig::default())
+    }
+
+    /// Connects to a parsed URI with a configuration (the URI's export
+    /// name and TLS policy override the configuration's).
+    pub fn connect_uri(uri: &NbdUri, mut config: ClientConfig) -> Result<Client> {
+        config.export_name = uri.export.clone();
+        if uri.tls != TlsMode::Off {
+            config.tls = uri.tls;
+        }
+        if config.tls == TlsMode::Require {
+            return Err(Error::TlsUnsupported);
+        }
+        let stream = connect_transport(uri)?;
+        Self::handshake(stream, config)
+    }
+
+    /// Negotiates over an already-connected stream.
+    pub fn handshake(mut stream: Box<dyn Stream>, mut config: ClientConfig) -> Result<Client> {
+        config.opt_mode = false;
+        let mut hs = ClientHandshake::new(config);
+        let mut buf = Vec::new();
+        drive(&mut hs, &mut *stream, &mut buf)?;
+        let neg = hs.finish()?;
+        Ok(Client::from_parts(stream, neg))
+    }
+
+    fn from_parts(stream: Box<dyn Stream>, neg: Negotiated) -> Client {
+        let tx = ClientTransmission::new(&neg, 1);
+        Client {
+            stream,
+            tx,
+            neg,
+            hdr: Vec::with_capacity(64),
+        }
+    }
+
+    /// What the handshake negotiated.
+    pub fn negotiated(&self) -> &Negotiated {
+        &self.neg
+    }
+    /// The protocol flavour in use.
+    pub fn mode(&self) -> Mode {
+        self.neg.mode
+    }
+    /// Export size in bytes.
+    pub fn size(&self) -> u64 {
+        self.neg.size
+    }
+    /// Transmission flags.
+    pub fn flags(&self) -> TransmissionFlags {
+        self.neg.flags
+    }
+    /// Block-size constraints in force.
+    pub fn constraints(&self) -> BlockSizeConstraints {
+        self.neg.constraints()
+    }
+    /// Whether the export is read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.neg.flags.contains(TransmissionFlags::READ_ONLY)
+    }
+
+    /// Turns the stricter client-side checks on or off (see
+    /// [`ClientTransmission::set_strict`]).
+    pub fn set_strict(&mut self, strict: bool) {
+        self.tx.set_strict(strict);
+    }
+
+    fn send(&mut self, req: Request, payload: &[u8]) -> Result<Cookie> {
+        let (cookie, header) = self.tx.start_request(req)?;
+        let r = write_all_vectored(&mut *self.stream, header.as_bytes(), payload).and_then(|_| self.stream.flush());
+        if let Err(e) = r {
+            self.tx.cancel_unsent(cookie);
+            return Err(e.into());
+        }
+        Ok(cookie)
+    }
+
+    /// Waits for the reply to `cookie`, placing READ data into `buf` and
+    /// passing block-status extents to `on_status`.
+    fn wait(
+        &mut self,
+        cookie: Cookie,
+        mut buf: Option<&mut [u8]>,
+        on_status: &mut dyn FnMut(u32, nbd_proto::client::Extents<'_>),
+    ) -> Result<()> {
+        loop {
+            let ev = match self.tx.next() {
+                ReceiveNext::Bytes(n) => {
+                    self.hdr.resize(n, 0);
+                    if let Err(e) = self.stream.read_exact(&mut self.hdr) {
+                        let _ = self.tx.fail_all().count();
+                        return Err(eof_to_closed(e, " while waiting for a reply"));
+                    }
+                    match self.tx.handle_bytes(&self.hdr)? {
+                        ReplyEvent::BlockStatus {
+                            cookie: c,
+                            context_id,
+                            extents,
+                        } if c == cookie => {
+                            on_status(context_id, extents);
+                            continue;
+                        }
+                        ReplyEvent::Hole {
+                            cookie: c,
+                            buf_offset,
+                            length,
+                        } if c == cookie => {
+                            let start = buf_offset as usize;
+                            if let Some(piece) = buf
+                                .as_deref_mut()
+                                .and_then(|b| b.get_mut(start..start + length as usize))
+                            {
+                                piece.fill(0);
+                            }
+                            continue;
+                        }
+                        ev => ev.into_owned(),
+                    }
+                }
+                ReceiveNext::Data {
+                    cookie: c,
+                    buf_offset,
+                    length,
+                } => {
+                    let start = buf_offset as usize;
+                    let end = start + length as usize;
+                    let r = match buf.as_deref_mut() {
+                        Some(b) if c == cookie && end <= b.len() => self.stream.read_exact(&mut b[start..end]),
+                        _ => io::copy(&mut (&mut *self.stream).take(length), &mut io::sink()).map(|_| ()),
+                    };
+                    if let Err(e) = r {
+                        let _ = self.tx.fail_all().count();
+                        return Err(eof_to_closed(e, " in the middle of a reply"));
+                    }
+                    self.tx.data_received()?
+                }
+                ReceiveNext::Complete => self.tx.complete_pending()?,
+            };
+            if let ReplyEvent::Done { cookie: c, result, .. } = ev {
+                if c == cookie {
+                    return result.map_err(Error::Server);
+                }
+            }
+        }
+    }
+
+    fn simple(&mut self, req: Request) -> Result<()> {
+        let c = self.send(req, &[])?;
+        self.wait(c, None, &mut |_, _| {})
+    }
+
+    /// Reads `buf.len()` bytes at `offset` with one request.
+    pub fn pread(&mut self, buf: &mut [u8], offset: u64, flags: CommandFlags) -> Result<()> {
+        let c = self.send(
+            Request::new(Command::READ, offset, buf.len() as u64).with_flags(flags),
+            &[],
+        )?;
+        self.wait(c, Some(buf), &mut |_, _| {})
+    }
+
+    /// Writes `data` at `offset` with one request.
+    pub fn pwrite(&mut self, data: &[u8], offset: u64, flags: CommandFlags) -> Result<()> {
+        let c = self.send(
+            Request::new(Command::WRITE, offset, data.len() as u64).with_flags(flags),
+            data,
+        )?;
+        self.wait(c, None, &mut |_, _| {})
+    }
+
+    fn chunk_len(&self) -> usize {
+        let c = self.constraints();
+        let max = (c.maximum.min(32 << 20)) as usize;
+        let pref = c.preferred.max(c.minimum) as usize;
+        // Keep requests aligned to the preferred size.
+        (max / pref).max(1) * pref
+    }
+
+    /// Reads `buf.len()` bytes at `offset`, split into requests no larger
+    /// than the maximum payload.
+    pub fn read(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let chunk = self.chunk_len();
+        for (i, piece) in buf.chunks_mut(chunk).enumerate() {
+            self.pread(piece, offset + (i * chunk) as u64, CommandFlags::empty())?;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset`, split into requests no larger than the
+    /// maximum payload.
+    pub fn write(&mut self, data: &[u8], offset: u64) -> Result<()> {
+        self.write_with(data, offset, CommandFlags::empty())
+    }
+
+    /// As [`Client::write`], with command flags (e.g. FUA) on every request.
+    pub fn write_with(&mut self, data: &[u8], offset: u64, flags: CommandFlags) -> Result<()> {
+        let chunk = self.chunk_len();
+        for (i, piece) in data.chunks(chunk).enumerate() {
+            self.pwrite(piece, offset + (i * chunk) as u64, flags)?;
+        }
+        Ok(())
+    }
+
+    /// `NBD_CMD_FLUSH`.
+    pub fn flush(&mut self) -> Result<()> {
+        self.simple(Request::new(Command::FLUSH, 0, 0))
+    }
+
+    /// `NBD_CMD_TRIM`.
+    pub fn trim(&mut self, offset: u64, length: u64, flags: CommandFlags) -> Result<()> {
+        self.simple(Request::new(Command::TRIM, offset, length).with_flags(flags))
+    }
+
+    /// `NBD_CMD_WRITE_ZEROES` (flags: FUA, NO_HOLE, FAST_ZERO).
+    pub fn write_zeroes(&mut self, offset: u64, length: u64, flags: CommandFlags) -> Result<()> {
+        self.simple(Request::new(Command::WRITE_ZEROES, offset, length).with_flags(flags))
+    }
+
+    /// `NBD_CMD_CACHE`.
+    pub fn cache(&mut self, offset: u64, length: u64) -> Result<()> {
+        self.simple(Request::new(Command::CACHE, offset, length))
+    }
+
+    /// `NBD_CMD_BLOCK_STATUS` for `length` bytes at `offset` (flags:
+    /// REQ_ONE): one entry per negotiated context.
+    pub fn block_status(&mut self, offset: u64, length: u64, flags: CommandFlags) -> Result<Vec<BlockStatus>> {
+        let c = self.send(
+            Request::new(Command::BLOCK_STATUS, offset, length).with_flags(flags),
+            &[],
+        )?;
+        let mut out: Vec<BlockStatus> = Vec::new();
+        let contexts = self.neg.contexts.clone();
+        self.wait(c, None, &mut |id, extents| {
+            let name = contexts
+                .iter()
+                .find(|c| c.id == id)
+                .map(|c| c.name.clone())
+                .unwrap_or_default();
+            out.push(BlockStatus {
+                context_id: id,
+                context: name,
+                extents: extents.collect(),
+            });
+        })?;
+        Ok(out)
+    }
+
+    /// Politely ends the session with `NBD_CMD_DISC`.
+    pub fn disconnect(mut self) -> Result<()> {
+        let (_, header) = self.tx.start_request(Request::new(Command::DISC, 0, 0))?;
+        self.stream.write_all(header.as_bytes())?;
+        self.stream.flush()?;
+        Ok(())
+    }
+
+    /// A `Read + Write + Seek` view of the export for simple tools.
+    pub fn into_io(self) -> ClientIo {
+        ClientIo { client: self, pos: 0 }
+    }
+}
+
+trait OwnedEvent {
+    fn into_owned(self) -> ReplyEvent<'static>;
+}
+
+impl OwnedEvent for ReplyEvent<'_> {
+    fn into_owned(self) -> ReplyEvent<'static> {
+        match self {
+            ReplyEvent::Done {
+                cookie,
+                command,
+                result,
+            } => ReplyEvent::Done {
+                cookie,
+                command,
+                result,
+            },
+            ReplyEvent::Hole {
+                cookie,
+                buf_offset,
+                length,
+            } => ReplyEvent::Hole {
+                cookie,
+                buf_offset,
+                length,
+            },
+            _ => ReplyEvent::Nothing,
+        }
+    }
+}
+
+/// Writes a header and a payload with vectored writes until both are out.
+pub fn write_all_vectored(w: &mut dyn Write, header: &[u8], payload: &[u8]) -> io::Result<()> {
+    let mut bufs = [IoSlice::new(header), IoSlice::new(payload)];
+    let mut slices: &mut [IoSlice<'_>] = &mut bufs;
+    if payload.is_empty() {
+        slices = &mut slices[..1];
+    }
+    while !slices.is_empty() {
+        match w.write_vectored(slices) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "failed to write the request")),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// `std::io::{Read, Write, Seek}` over a [`Client`]. Writes are sent as
+/// they come (no caching); `flush` sends `NBD_CMD_FLUSH` when the server
+/// supports it.
+pub struct ClientIo {
+    client: Client,
+    pos: u64,
+}
+
+impl ClientIo {
+    /// The client underneath.
+    pub fn client(&mut self) -> &mut Client {
+        &mut self.client
+    }
+    /// Gives the client back.
+    pub fn into_inner(self) -> Client {
+        self.client
+    }
+}
+
+fn to_io(e: Error) -> io::Error {
+    match e {
+        Error::Io(e) => e,
+        Error::Server(s) => io::Error::from_raw_os_error(s.code.to_errno()),
+        other => io::Error::other(other),
+    }
+}
+
+impl Read for ClientIo {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let size = self.client.size();
+        if self.pos >= size {
+            return Ok(0);
+        }
+        let n = (buf.len() as u64).min(size - self.pos) as usize;
+        let n = n.min(self.client.chunk_len());
+        self.client
+            .pread(&mut buf[..n], self.pos, CommandFlags::empty())
+            .map_err(to_io)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Write for ClientIo {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let size = self.client.size();
+        if self.pos >= size && !buf.is_empty() {
+            return Err(io::Error::from_raw_os_error(28)); // ENOSPC
+        }
+        let n = (buf.len() as u64).min(size - self.pos) as usize;
+        let n = n.min(self.client.chunk_len());
+        self.client
+            .pwrite(&buf[..n], self.pos, CommandFlags::empty())
+            .map_err(to_io)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        if self.client.flags().contains(TransmissionFlags::SEND_FLUSH) {
+            self.client.flush().map_err(to_io)?;
+        }
+        Ok(())
+    }
+}
+
+impl io::Seek for ClientIo {
+    fn seek(&mut self, pos: io::SeekFrom) -> io::Result<u64> {
+        let size = self.client.size() as i128;
+        let new = match pos {
+            io::SeekFrom::Start(o) => o as i128,
+            io::SeekFrom::End(d) => size + d as i128,
+            io::SeekFrom::Current(d) => self.pos as i128 + d as i128,
+        };
+        if new < 0 || new > u64::MAX as i128 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "seek before the start of the export",
+            ));
+        }
+        self.pos = new as u64;
+        Ok(self.pos)
+    }
+}
