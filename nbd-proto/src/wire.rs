@@ -659,6 +659,7 @@ impl BlockSizeConstraints {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::format;
 
     #[test]
     fn names() {
