@@ -1,1 +1,369 @@
-//! x
+//! Storage backends shared by the NBD servers.
+//!
+//! Both NBD runtimes (the blocking one and the `smol` one) serve exports
+//! through the single object-safe [`Storage`] trait, normally held as an
+//! `Arc<dyn Storage>` that every connection to the export shares. The trait
+//! is deliberately synchronous and positional (`read_at`/`write_at` with an
+//! explicit offset, all methods taking `&self`):
+//!
+//! * the blocking server calls it directly from its worker threads;
+//! * the async server runs it on a blocking thread pool (or inline for the
+//!   memory backend, whose operations never block on I/O).
+//!
+//! Every backend therefore uses interior mutability and must tolerate many
+//! concurrent callers; [`Capabilities::can_multi_conn`] states whether writes
+//! made through one connection are visible (and flushed) through every other.
+//!
+//! # Errors
+//!
+//! Failures are reported as [`std::io::Error`]s carrying a raw OS error
+//! number wherever one is meaningful, because the servers translate errno
+//! values into NBD error codes: `EPERM`/`EROFS` for writes to read-only
+//! exports, `EINVAL` for out-of-range requests, `ENOSPC`, `EIO`,
+//! `EOPNOTSUPP` for a refused fast zero, and so on. No backend panics on any
+//! input: ranges are validated with overflow-checked arithmetic (see
+//! [`check_range`]) even though the servers validate requests earlier.
+//!
+//! # Backends
+//!
+//! * [`MemoryStorage`]: a sparse in-memory disk in the spirit of nbdkit's
+//!   `memory` plugin. Pages are allocated on first write and released by
+//!   TRIM/WRITE_ZEROES, so an export of 2^62 bytes costs nothing until it is
+//!   written to. Pages live in hash-sharded ordered maps with a lock per
+//!   shard and a lock per page, so concurrent reads and writes of different
+//!   pages almost never contend.
+//! * [`FileStorage`]: a regular file or a block device served with
+//!   positional I/O on one shared file descriptor; holes are discovered with
+//!   `lseek(SEEK_DATA/SEEK_HOLE)`, TRIM and WRITE_ZEROES use `fallocate`, and
+//!   FLUSH/FUA use `fdatasync`. It is Linux-specific.
+#![warn(missing_docs)]
+
+use std::io;
+
+pub use nbd_proto::wire::{AllocationFlags, BlockSizeConstraints};
+
+mod file;
+mod memory;
+
+pub use file::FileStorage;
+pub use memory::MemoryStorage;
+
+/// What an export supports; the servers turn it into the NBD transmission
+/// flags and the `NBD_INFO_BLOCK_SIZE` reply.
+///
+/// `Default` gives the most conservative set: a writable export that
+/// supports nothing beyond READ and WRITE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Capabilities {
+    /// The export refuses every modifying command (`NBD_FLAG_READ_ONLY`).
+    pub read_only: bool,
+    /// [`Storage::flush`] does something useful (`NBD_FLAG_SEND_FLUSH`).
+    pub can_flush: bool,
+    /// Writes honour the `fua` argument (`NBD_FLAG_SEND_FUA`).
+    pub can_fua: bool,
+    /// [`Storage::trim`] may release storage (`NBD_FLAG_SEND_TRIM`).
+    pub can_trim: bool,
+    /// [`Storage::write_zeroes`] is efficient (`NBD_FLAG_SEND_WRITE_ZEROES`).
+    pub can_zero: bool,
+    /// [`Storage::write_zeroes`] honours [`ZeroFlags::fast`]
+    /// (`NBD_FLAG_SEND_FAST_ZERO`).
+    pub can_fast_zero: bool,
+    /// [`Storage::cache`] does something useful (`NBD_FLAG_SEND_CACHE`).
+    pub can_cache: bool,
+    /// Several connections may safely share the export and see each other's
+    /// writes, and a flush on one flushes all (`NBD_FLAG_CAN_MULTI_CONN`).
+    pub can_multi_conn: bool,
+    /// The export is backed by a rotational medium (`NBD_FLAG_ROTATIONAL`).
+    pub rotational: bool,
+    /// Block-size constraints to advertise; `None` means the protocol
+    /// defaults (no alignment requirement).
+    pub block_size: Option<BlockSizeConstraints>,
+}
+
+/// Flags of a [`Storage::write_zeroes`] request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ZeroFlags {
+    /// `NBD_CMD_FLAG_NO_HOLE`: do not deallocate. Afterwards the range reads
+    /// back as zeroes and storage that was allocated in it stays allocated.
+    pub no_hole: bool,
+    /// `NBD_CMD_FLAG_FAST_ZERO`: if the backend cannot zero the range faster
+    /// than by writing zeroes, fail at once with `EOPNOTSUPP` (see
+    /// [`fast_zero_unsupported`]) without changing any data.
+    pub fast: bool,
+    /// `NBD_CMD_FLAG_FUA`: the zeroes are durable before the call returns.
+    pub fua: bool,
+}
+
+/// One run of bytes with the same allocation status, as reported by
+/// [`Storage::block_status`] for the `base:allocation` metadata context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Length of the run in bytes (never zero).
+    pub length: u64,
+    /// `HOLE | ZERO` for unallocated ranges, `ZERO` for allocated ranges
+    /// known to read as zeroes, empty for data.
+    pub flags: AllocationFlags,
+}
+
+impl Extent {
+    /// An extent of allocated data.
+    pub const fn data(length: u64) -> Extent {
+        Extent {
+            length,
+            flags: AllocationFlags::empty(),
+        }
+    }
+
+    /// An unallocated extent that reads as zeroes (`HOLE | ZERO`).
+    pub const fn hole(length: u64) -> Extent {
+        Extent {
+            length,
+            flags: AllocationFlags::HOLE.union(AllocationFlags::ZERO),
+        }
+    }
+}
+
+/// The storage behind one NBD export.
+///
+/// Implementations use interior mutability: one instance is shared (as
+/// `Arc<dyn Storage>`) by every connection and called concurrently from
+/// several threads. The servers validate requests before calling, but
+/// implementations must still reject out-of-range requests with `EINVAL`
+/// rather than panic, and refuse modifications of read-only exports with
+/// `EPERM` (or `EROFS`).
+///
+/// The provided methods are correct, conservative defaults for backends
+/// that have nothing better to offer; such backends should leave the
+/// matching [`Capabilities`] flags off.
+pub trait Storage: Send + Sync {
+    /// Size of the export in bytes. Constant for the lifetime of the object.
+    fn size(&self) -> u64;
+
+    /// What the export supports.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Fills the whole of `buf` with the bytes at `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// Writes the whole of `buf` at `offset`; with `fua` the data is durable
+    /// before the call returns.
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()>;
+
+    /// Makes every completed write durable.
+    ///
+    /// The default does nothing, which is right for volatile backends.
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// Tells the backend that the range's contents are no longer needed, so
+    /// its storage may be released. Trimming is advisory: afterwards the
+    /// range holds unspecified data (in practice either its old contents or
+    /// zeroes). With `fua` the result is durable before the call returns.
+    ///
+    /// The default only checks the request and does nothing else.
+    fn trim(&self, offset: u64, length: u64, fua: bool) -> io::Result<()> {
+        let _ = fua;
+        check_writable_range(self, offset, length)
+    }
+
+    /// Makes the range read back as zeroes; see [`ZeroFlags`] for the
+    /// meaning of the flags.
+    ///
+    /// The default writes zero buffers of at most [`ZERO_CHUNK`] bytes with
+    /// [`Storage::write_at`], and refuses `fast` requests with `EOPNOTSUPP`.
+    fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> io::Result<()> {
+        check_writable_range(self, offset, length)?;
+        if flags.fast {
+            return Err(fast_zero_unsupported());
+        }
+        write_zero_buffers(offset, length, |buf, off| self.write_at(buf, off, false))?;
+        if flags.fua { self.flush() } else { Ok(()) }
+    }
+
+    /// Hints that the range will be read soon (`NBD_CMD_CACHE`).
+    ///
+    /// The default only checks the request.
+    fn cache(&self, offset: u64, length: u64) -> io::Result<()> {
+        check_range(self.size(), offset, length)
+    }
+
+    /// Appends to `out` the allocation status of the range starting at
+    /// `offset`, as consecutive extents. The extents cover at least one byte
+    /// and at most `length` bytes (the backend may stop early to bound its
+    /// work) and never go past the end of the export; adjacent extents in
+    /// what is appended never have equal flags.
+    ///
+    /// `offset` must lie inside the export and `length` must not be zero;
+    /// a `length` running past the end of the export is clamped to it.
+    /// Existing elements of `out` are left alone, so a caller reusing one
+    /// vector (cleared between calls) allocates nothing in steady state.
+    ///
+    /// The default reports the whole range as data.
+    fn block_status(&self, offset: u64, length: u64, out: &mut Vec<Extent>) -> io::Result<()> {
+        let length = clamp_status_range(self.size(), offset, length)?;
+        out.push(Extent::data(length));
+        Ok(())
+    }
+}
+
+/// Size of the zero buffer used when zeroes have to be written out
+/// explicitly (1 MiB).
+pub const ZERO_CHUNK: usize = 1 << 20;
+
+/// An [`io::Error`] carrying `errno`.
+pub fn errno_error(errno: i32) -> io::Error {
+    io::Error::from_raw_os_error(errno)
+}
+
+/// The error a backend returns when a fast zero
+/// ([`ZeroFlags::fast`]) cannot be done quickly: `EOPNOTSUPP`.
+pub fn fast_zero_unsupported() -> io::Error {
+    errno_error(libc::EOPNOTSUPP)
+}
+
+/// Checks that `offset..offset + length` lies inside an export of `size`
+/// bytes, without overflowing; `EINVAL` otherwise. A zero `length` at any
+/// offset up to `size` is accepted.
+pub fn check_range(size: u64, offset: u64, length: u64) -> io::Result<()> {
+    match offset.checked_add(length) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(errno_error(libc::EINVAL)),
+    }
+}
+
+/// [`check_range`] plus a read-only check (`EPERM`), for modifying commands.
+fn check_writable_range<S: Storage + ?Sized>(storage: &S, offset: u64, length: u64) -> io::Result<()> {
+    if storage.capabilities().read_only {
+        return Err(errno_error(libc::EPERM));
+    }
+    check_range(storage.size(), offset, length)
+}
+
+/// Validates a block-status request and returns the length clamped to the
+/// end of the export: `offset` must be inside the export and `length`
+/// non-zero, otherwise `EINVAL`.
+pub(crate) fn clamp_status_range(size: u64, offset: u64, length: u64) -> io::Result<u64> {
+    if length == 0 || offset >= size {
+        return Err(errno_error(libc::EINVAL));
+    }
+    Ok(length.min(size - offset))
+}
+
+/// Appends an extent to `out`, merging it into the previous one if that one
+/// was appended by the same call (index `>= first`) and has equal flags.
+pub(crate) fn push_extent(out: &mut Vec<Extent>, first: usize, extent: Extent) {
+    if extent.length == 0 {
+        return;
+    }
+    if out.len() > first {
+        if let Some(last) = out.last_mut() {
+            if last.flags == extent.flags {
+                last.length = last.length.saturating_add(extent.length);
+                return;
+            }
+        }
+    }
+    out.push(extent);
+}
+
+/// Writes `length` zero bytes starting at `offset` through `write`, in
+/// buffers of at most [`ZERO_CHUNK`] bytes (one buffer allocated per call).
+pub(crate) fn write_zero_buffers(
+    offset: u64,
+    length: u64,
+    mut write: impl FnMut(&[u8], u64) -> io::Result<()>,
+) -> io::Result<()> {
+    if length == 0 {
+        return Ok(());
+    }
+    let chunk = usize::try_from(length).unwrap_or(usize::MAX).min(ZERO_CHUNK);
+    let zeroes = vec![0u8; chunk];
+    let mut done = 0u64;
+    while done < length {
+        let n = usize::try_from(length - done).unwrap_or(usize::MAX).min(chunk);
+        write(&zeroes[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_checks() {
+        assert!(check_range(10, 0, 10).is_ok());
+        assert!(check_range(10, 10, 0).is_ok());
+        assert_eq!(check_range(10, 5, 6).unwrap_err().raw_os_error(), Some(libc::EINVAL));
+        assert_eq!(
+            check_range(10, u64::MAX, 2).unwrap_err().raw_os_error(),
+            Some(libc::EINVAL)
+        );
+        assert_eq!(clamp_status_range(10, 4, 100).unwrap(), 6);
+        assert!(clamp_status_range(10, 10, 1).is_err());
+        assert!(clamp_status_range(10, 0, 0).is_err());
+    }
+
+    #[test]
+    fn push_extent_merges_only_new_extents() {
+        let mut out = vec![Extent::data(5)];
+        push_extent(&mut out, 1, Extent::data(3));
+        push_extent(&mut out, 1, Extent::data(4));
+        push_extent(&mut out, 1, Extent::hole(0));
+        push_extent(&mut out, 1, Extent::hole(2));
+        assert_eq!(out, vec![Extent::data(5), Extent::data(7), Extent::hole(2)]);
+    }
+
+    /// A backend relying on every provided method.
+    struct Minimal(std::sync::Mutex<Vec<u8>>);
+
+    impl Storage for Minimal {
+        fn size(&self) -> u64 {
+            self.0.lock().unwrap().len() as u64
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::default()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            check_range(self.size(), offset, buf.len() as u64)?;
+            let o = offset as usize;
+            buf.copy_from_slice(&self.0.lock().unwrap()[o..o + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&self, buf: &[u8], offset: u64, _fua: bool) -> io::Result<()> {
+            check_range(self.size(), offset, buf.len() as u64)?;
+            let o = offset as usize;
+            self.0.lock().unwrap()[o..o + buf.len()].copy_from_slice(buf);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn provided_methods() {
+        let len = 3 * ZERO_CHUNK + 17;
+        let s: std::sync::Arc<dyn Storage> = std::sync::Arc::new(Minimal(std::sync::Mutex::new(vec![0xaa; len])));
+        let fast = ZeroFlags {
+            fast: true,
+            ..ZeroFlags::default()
+        };
+        assert_eq!(
+            s.write_zeroes(0, 10, fast).unwrap_err().raw_os_error(),
+            Some(libc::EOPNOTSUPP)
+        );
+        s.write_zeroes(1, len as u64 - 2, ZeroFlags::default()).unwrap();
+        let mut buf = vec![1u8; len];
+        s.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf[0], 0xaa);
+        assert_eq!(buf[len - 1], 0xaa);
+        assert!(buf[1..len - 1].iter().all(|&b| b == 0));
+        let mut out = Vec::new();
+        s.block_status(7, u64::MAX, &mut out).unwrap();
+        assert_eq!(out, vec![Extent::data(len as u64 - 7)]);
+        assert!(s.trim(0, len as u64 + 1, false).is_err());
+        s.trim(0, len as u64, false).unwrap();
+        s.flush().unwrap();
+        s.cache(0, 1).unwrap();
+    }
+}
