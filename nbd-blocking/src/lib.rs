@@ -5,9 +5,12 @@
 //!   [`client::Client::into_io`].
 //! - [`client::Negotiation`]: option mode, to list exports and ask about
 //!   them before (or instead of) entering transmission.
+//! - [`server::Server`]: a thread-per-connection server on the same
+//!   state machines and storage as the async one.
 #![warn(missing_docs)]
 
 pub mod client;
 pub mod info;
+pub mod server;
 
 pub use client::{Client, Error, Negotiation};

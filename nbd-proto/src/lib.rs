@@ -20,4 +20,5 @@ extern crate alloc;
 extern crate std;
 
 pub mod client;
+pub mod server;
 pub mod uri;

@@ -1,1 +1,20 @@
-//! x
+//! Async NBD client and server over smol/async-io, driving `nbd_proto`.
+//!
+//! - [`client::Client`]: a multiplexed client; many tasks share one
+//!   connection, requests are pipelined and replies matched by cookie.
+//! - [`server::Server`]: an async server for many clients and several
+//!   exports, serving from `nbd_storage`.
+#![warn(missing_docs)]
+
+pub mod client;
+pub mod io;
+pub mod server;
+
+pub use client::Client;
+
+/// Runs a future to completion on the current thread while smol's global
+/// executor (where connections and client tasks run) uses one thread per
+/// CPU unless `SMOL_THREADS` says otherwise.
+pub fn block_on<T>(fut: impl std::future::Future<Output = T>) -> T {
+    smol::block_on(fut)
+}

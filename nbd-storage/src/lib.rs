@@ -44,6 +44,7 @@ pub use nbd_proto::wire::{AllocationFlags, BlockSizeConstraints};
 
 mod file;
 mod memory;
+pub mod serve;
 
 pub use file::FileStorage;
 pub use memory::MemoryStorage;

@@ -1,0 +1,203 @@
+//! `nbd-serve`: serve files, block devices or memory over NBD.
+//!
+//! With no backend it serves a sparse 1 GiB in-memory export on
+//! 127.0.0.1:10809. The flags follow what users of qemu-nbd and nbdkit
+//! expect; systemd socket activation (`LISTEN_FDS`) is honoured, so
+//! `nbdinfo -- [ nbd-serve FILE ]` works.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use nbd_proto::server::ServerConfig;
+use nbd_smol::server::{Listener, Server, ServerOptions};
+use nbd_storage::serve::Export;
+use nbd_storage::{FileStorage, MemoryStorage, Storage};
+
+/// Serve files, block devices or memory over the Network Block Device protocol.
+#[derive(Parser, Debug)]
+#[command(name = "nbd-serve", version, about, after_help = "With no FILE and no --memory, serves a sparse 1G in-memory export on 127.0.0.1:10809.")]
+struct Args {
+    /// File or block device to serve (the default export).
+    file: Option<PathBuf>,
+    /// Serve a sparse in-memory export of this size (e.g. 1G, 512M).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    memory: Option<u64>,
+    /// Name of the default export.
+    #[arg(short = 'x', long = "export-name", value_name = "NAME", default_value = "")]
+    export_name: String,
+    /// Description of the default export.
+    #[arg(short = 'D', long, value_name = "TEXT")]
+    description: Option<String>,
+    /// More exports: NAME=FILE or NAME=memory:SIZE (repeatable).
+    #[arg(long = "export", value_name = "NAME=FILE")]
+    exports: Vec<String>,
+    /// Serve every export read-only.
+    #[arg(short = 'r', long = "read-only", alias = "readonly")]
+    read_only: bool,
+    /// Listen on a Unix socket instead of TCP.
+    #[arg(short = 'k', long = "socket", alias = "unix", value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// TCP address to listen on.
+    #[arg(short = 'b', long = "bind", value_name = "ADDR", default_value = "127.0.0.1")]
+    bind: IpAddr,
+    /// TCP port to listen on.
+    #[arg(short = 'p', long, default_value_t = 10809)]
+    port: u16,
+    /// Maximum number of connections served at once.
+    #[arg(short = 'e', long = "max-connections", alias = "shared", default_value_t = 1024)]
+    max_connections: usize,
+    /// Write the process id to this file once listening.
+    #[arg(long = "pidfile", alias = "pid-file", value_name = "PATH")]
+    pidfile: Option<PathBuf>,
+    /// Seconds a client has to finish the handshake.
+    #[arg(long = "handshake-timeout", value_name = "SECS", default_value_t = 10)]
+    handshake_timeout: u64,
+    /// Use oldstyle negotiation (legacy clients only; default export only).
+    #[arg(long)]
+    oldstyle: bool,
+    /// Do not offer structured replies (nor extended headers).
+    #[arg(long = "no-sr")]
+    no_structured_replies: bool,
+    /// Do not offer extended headers.
+    #[arg(long = "no-extended-headers")]
+    no_extended_headers: bool,
+    /// Refuse NBD_OPT_GO/INFO as an old server would (clients fall back to
+    /// NBD_OPT_EXPORT_NAME).
+    #[arg(long = "no-go", hide = true)]
+    no_go: bool,
+    /// Accepted for compatibility: nbd-serve always runs in the foreground.
+    #[arg(short = 'f', long, hide = true)]
+    foreground: bool,
+}
+
+/// Parses sizes like `1G`, `512M`, `4096`, `1.5G` (binary multiples).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
+    let (num, mult) = match t.chars().last() {
+        Some(c) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                'P' => 1 << 50,
+                'E' => 1 << 60,
+                _ => return Err(format!("invalid size {s:?}: unknown suffix {c:?}")),
+            };
+            (&t[..t.len() - 1], m)
+        }
+        _ => (t, 1),
+    };
+    if let Ok(n) = num.parse::<u64>() {
+        return n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"));
+    }
+    match num.parse::<f64>() {
+        Ok(f) if f >= 0.0 && f.is_finite() && f * (mult as f64) < u64::MAX as f64 => Ok((f * mult as f64) as u64),
+        _ => Err(format!("invalid size {s:?}")),
+    }
+}
+
+fn open_backend(spec: &str, read_only: bool) -> Result<Arc<dyn Storage>, String> {
+    if let Some(size) = spec.strip_prefix("memory:") {
+        let size = parse_size(size)?;
+        return Ok(Arc::new(MemoryStorage::with_options(size, read_only)));
+    }
+    let f = FileStorage::open(spec, read_only).map_err(|e| format!("{spec}: {e}"))?;
+    Ok(Arc::new(f))
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let mut exports = Vec::new();
+    let default = match (&args.file, args.memory) {
+        (Some(_), Some(_)) => return Err("give either FILE or --memory, not both".into()),
+        (Some(f), None) => Some(open_backend(f.to_str().ok_or("file name is not UTF-8")?, args.read_only)?),
+        (None, Some(size)) => Some(Arc::new(MemoryStorage::with_options(size, args.read_only)) as Arc<dyn Storage>),
+        (None, None) if args.exports.is_empty() => {
+            Some(Arc::new(MemoryStorage::with_options(1 << 30, args.read_only)) as Arc<dyn Storage>)
+        }
+        (None, None) => None,
+    };
+    if let Some(storage) = default {
+        exports.push(Export::new(args.export_name.clone(), args.description.clone().unwrap_or_default(), storage));
+    }
+    for spec in &args.exports {
+        let (name, backend) = spec.split_once('=').ok_or_else(|| format!("--export {spec:?}: expected NAME=FILE"))?;
+        if exports.iter().any(|e| e.name == name) {
+            return Err(format!("export {name:?} given twice"));
+        }
+        exports.push(Export::new(name.to_string(), String::new(), open_backend(backend, args.read_only)?));
+    }
+    let config = ServerConfig {
+        oldstyle: args.oldstyle,
+        structured_replies: !args.no_structured_replies,
+        extended_headers: !args.no_extended_headers && !args.no_structured_replies,
+        support_go: !args.no_go,
+        ..ServerConfig::default()
+    };
+    let options = ServerOptions {
+        config,
+        max_connections: args.max_connections,
+        handshake_timeout: Duration::from_secs(args.handshake_timeout),
+    };
+    let listeners = match Listener::from_systemd().map_err(|e| format!("socket activation: {e}"))? {
+        Some(l) => l,
+        None => match &args.socket {
+            Some(p) => vec![Listener::bind_unix(p).map_err(|e| format!("{}: {e}", p.display()))?],
+            None => {
+                let addr = SocketAddr::new(args.bind, args.port);
+                vec![Listener::bind_tcp(addr).map_err(|e| format!("{addr}: {e}"))?]
+            }
+        },
+    };
+    if let Some(p) = &args.pidfile {
+        std::fs::write(p, format!("{}\n", std::process::id())).map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    let server = Server::new(exports, options);
+    {
+        let server = server.clone();
+        let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+            .map_err(|e| format!("signals: {e}"))?;
+        std::thread::spawn(move || {
+            if signals.forever().next().is_some() {
+                server.shutdown();
+            }
+        });
+    }
+    let r = nbd_smol::block_on(server.serve(listeners)).map_err(|e| e.to_string());
+    if let Some(p) = &args.pidfile {
+        let _ = std::fs::remove_file(p);
+    }
+    r
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nbd-serve: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1.5K"), Ok(1536));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("99999999E").is_err());
+    }
+}

@@ -1,0 +1,63 @@
+//! Socket plumbing shared by the client and the server.
+
+use std::io;
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_lite::io::{AsyncRead, AsyncWrite};
+use smol::Async;
+
+/// One half of a socket shared by reference: `&Async<T>` reads and writes
+/// when `&T` does, so a reading task and a writing task need no lock.
+pub struct SharedHalf<T>(pub Arc<Async<T>>);
+
+impl<T> SharedHalf<T> {
+    /// Two halves of one socket.
+    pub fn pair(s: Async<T>) -> (SharedHalf<T>, SharedHalf<T>) {
+        let a = Arc::new(s);
+        (SharedHalf(a.clone()), SharedHalf(a))
+    }
+}
+
+impl<T> AsyncRead for SharedHalf<T>
+where
+    for<'a> &'a T: io::Read,
+{
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut &*self.0).poll_read(cx, buf)
+    }
+}
+
+impl<T> AsyncWrite for SharedHalf<T>
+where
+    for<'a> &'a T: io::Write,
+{
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut &*self.0).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut &*self.0).poll_write_vectored(cx, bufs)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut &*self.0).poll_flush(cx)
+    }
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut &*self.0).poll_close(cx)
+    }
+}
+
+/// Writes a header and a payload with vectored writes until both are out.
+pub async fn write_all_vectored<W: AsyncWrite + Unpin + ?Sized>(w: &mut W, header: &[u8], payload: &[u8]) -> io::Result<()> {
+    let mut bufs = [IoSlice::new(header), IoSlice::new(payload)];
+    let mut slices: &mut [IoSlice<'_>] = &mut bufs;
+    while !slices.is_empty() {
+        let n = futures_lite::future::poll_fn(|cx| Pin::new(&mut *w).poll_write_vectored(cx, slices)).await?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "failed to write the request"));
+        }
+        IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
+}

@@ -1,0 +1,429 @@
+//! An async NBD server over smol: many clients, several exports, a
+//! maximum number of connections, a handshake timeout, graceful shutdown.
+//!
+//! Each connection runs in its own task: the handshake is driven by
+//! `nbd_proto`'s server machine (with a timeout), then transmission is
+//! served by [`nbd_storage::serve::Connection`] (shared with the blocking
+//! server), with replies gathered and flushed whenever the client has no
+//! more requests buffered.
+
+use std::io;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures_lite::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use nbd_proto::server::{ExportListing, ServerConfig, ServerHandshake, ServerNegotiated, ServerStep};
+use nbd_storage::serve::{Connection, Export, Exports, Next};
+use smol::Async;
+use smol::lock::Semaphore;
+
+use crate::io::SharedHalf;
+
+/// The default handshake timeout, as QEMU's.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How the server behaves.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Negotiation settings.
+    pub config: ServerConfig,
+    /// Connections served at once; more wait in the listen queue.
+    pub max_connections: usize,
+    /// Time a client has to finish the handshake.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            config: ServerConfig::default(),
+            max_connections: 1024,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+        }
+    }
+}
+
+/// A listening socket.
+#[derive(Debug)]
+pub enum Listener {
+    /// TCP.
+    Tcp(Async<std::net::TcpListener>),
+    /// A Unix domain socket (removed on drop when `path` is set).
+    Unix(Async<UnixListener>, Option<PathBuf>),
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, Some(p)) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl Listener {
+    /// Binds a TCP address.
+    pub fn bind_tcp(addr: std::net::SocketAddr) -> io::Result<Listener> {
+        Ok(Listener::Tcp(Async::<std::net::TcpListener>::bind(addr)?))
+    }
+
+    /// Binds a Unix socket path (replacing a stale socket file).
+    pub fn bind_unix(path: impl Into<PathBuf>) -> io::Result<Listener> {
+        let path = path.into();
+        if let Ok(meta) = std::fs::symlink_metadata(&path) {
+            use std::os::unix::fs::FileTypeExt;
+            if meta.file_type().is_socket() {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        let l = UnixListener::bind(&path)?;
+        Ok(Listener::Unix(Async::new(l)?, Some(path)))
+    }
+
+    /// Sockets passed by systemd socket activation (`LISTEN_FDS`,
+    /// `LISTEN_PID`), as nbdkit and qemu-nbd accept them. Returns `None`
+    /// when the environment does not ask for it.
+    pub fn from_systemd() -> io::Result<Option<Vec<Listener>>> {
+        let Ok(fds) = std::env::var("LISTEN_FDS") else {
+            return Ok(None);
+        };
+        if let Ok(pid) = std::env::var("LISTEN_PID") {
+            if pid.parse::<u32>().ok() != Some(std::process::id()) {
+                return Ok(None);
+            }
+        }
+        let n: i32 = fds
+            .parse()
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("invalid LISTEN_FDS={fds:?}")))?;
+        // SAFETY-free path: take ownership of fds 3.. as the protocol says.
+        let mut out = Vec::new();
+        for fd in 3..3 + n {
+            out.push(listener_from_fd(fd)?);
+        }
+        // SAFETY: environment mutation happens before any thread is
+        // spawned by this program (called at startup).
+        unsafe_env_remove();
+        Ok(Some(out))
+    }
+
+    async fn accept(&self) -> io::Result<Conn> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept().await?;
+                s.get_ref().set_nodelay(true)?;
+                Ok(Conn::Tcp(s))
+            }
+            Listener::Unix(l, _) => {
+                let (s, _) = l.accept().await?;
+                Ok(Conn::Unix(s))
+            }
+        }
+    }
+
+    /// The local address, for logging.
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l.get_ref().local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            Listener::Unix(_, Some(p)) => p.display().to_string(),
+            Listener::Unix(l, None) => format!("{:?}", l.get_ref().local_addr().ok()),
+        }
+    }
+}
+
+fn unsafe_env_remove() {
+    // Removing variables is only unsafe in the presence of other threads;
+    // this runs before the executor starts.
+    #[allow(unused_unsafe)]
+    unsafe {
+        std::env::remove_var("LISTEN_FDS");
+        std::env::remove_var("LISTEN_PID");
+        std::env::remove_var("LISTEN_FDNAMES");
+    }
+}
+
+fn listener_from_fd(fd: i32) -> io::Result<Listener> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: systemd socket activation hands us these descriptors; we
+    // take ownership exactly once.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let sock = socket2::Socket::from(owned);
+    let domain = sock.local_addr()?.domain();
+    if domain == socket2::Domain::UNIX {
+        let l: UnixListener = UnixListener::from(OwnedFd::from(sock));
+        Ok(Listener::Unix(Async::new(l)?, None))
+    } else {
+        let l: std::net::TcpListener = std::net::TcpListener::from(OwnedFd::from(sock));
+        Ok(Listener::Tcp(Async::new(l)?))
+    }
+}
+
+enum Conn {
+    Tcp(Async<std::net::TcpStream>),
+    Unix(Async<std::os::unix::net::UnixStream>),
+}
+
+/// A running server: cheap to clone, shut it down with [`Server::shutdown`].
+#[derive(Clone)]
+pub struct Server {
+    exports: Arc<Exports>,
+    options: Arc<ServerOptions>,
+    shutting_down: Arc<AtomicBool>,
+    shutdown_event: Arc<event_listener::Event>,
+    active: Arc<AtomicUsize>,
+}
+
+impl Server {
+    /// A server for a set of exports.
+    pub fn new(exports: Vec<Export>, options: ServerOptions) -> Server {
+        Server {
+            exports: Arc::new(Exports::new(exports)),
+            options: Arc::new(options),
+            shutting_down: Arc::new(AtomicBool::new(false)),
+            shutdown_event: Arc::new(event_listener::Event::new()),
+            active: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Number of connections being served.
+    pub fn active_connections(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Stops accepting, lets clients in transmission finish their
+    /// in-flight requests, refuses new options with
+    /// `NBD_REP_ERR_SHUTDOWN`, and makes [`Server::serve`] return once
+    /// every connection is gone.
+    pub fn shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        self.shutdown_event.notify(usize::MAX);
+    }
+
+    /// Serves connections from the listeners until shutdown.
+    pub async fn serve(&self, listeners: Vec<Listener>) -> io::Result<()> {
+        let limit = Arc::new(Semaphore::new(self.options.max_connections.max(1)));
+        let tasks: Vec<smol::Task<io::Result<()>>> = listeners
+            .into_iter()
+            .map(|l| {
+                let this = self.clone();
+                let limit = limit.clone();
+                smol::spawn(async move { this.accept_loop(l, limit).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await?;
+        }
+        // Wait for the connections to drain.
+        while self.active.load(Ordering::SeqCst) > 0 {
+            smol::Timer::after(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+
+    async fn accept_loop(&self, listener: Listener, limit: Arc<Semaphore>) -> io::Result<()> {
+        loop {
+            if self.shutting_down.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            let permit = {
+                let listen = self.shutdown_event.listen();
+                let acquire = async { Some(limit.acquire_arc().await) };
+                let stop = async {
+                    listen.await;
+                    None
+                };
+                match smol::future::or(acquire, stop).await {
+                    Some(p) => p,
+                    None => continue,
+                }
+            };
+            let conn = {
+                let listen = self.shutdown_event.listen();
+                let accept = async { Some(listener.accept().await) };
+                let stop = async {
+                    listen.await;
+                    None
+                };
+                match smol::future::or(accept, stop).await {
+                    Some(Ok(c)) => c,
+                    Some(Err(e)) => {
+                        // Out of descriptors and the like: wait and retry.
+                        eprintln!("nbd-serve: accept: {e}");
+                        smol::Timer::after(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                    None => continue,
+                }
+            };
+            let this = self.clone();
+            self.active.fetch_add(1, Ordering::SeqCst);
+            smol::spawn(async move {
+                let r = match conn {
+                    Conn::Tcp(s) => {
+                        let s = Arc::new(s);
+                        this.serve_connection(SharedHalf(s.clone()), SharedHalf(s)).await
+                    }
+                    Conn::Unix(s) => {
+                        let s = Arc::new(s);
+                        this.serve_connection(SharedHalf(s.clone()), SharedHalf(s)).await
+                    }
+                };
+                if let Err(e) = r {
+                    if e.kind() != io::ErrorKind::UnexpectedEof && e.kind() != io::ErrorKind::ConnectionReset {
+                        eprintln!("nbd-serve: connection: {e}");
+                    }
+                }
+                this.active.fetch_sub(1, Ordering::SeqCst);
+                drop(permit);
+            })
+            .detach();
+        }
+    }
+
+    /// Serves one connection (handshake, then transmission) over a pair of
+    /// halves.
+    pub async fn serve_connection<R, W>(&self, r: R, mut w: W) -> io::Result<()>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut r = BufReader::with_capacity(64 * 1024, r);
+        let timeout = self.options.handshake_timeout;
+        let hs = self.handshake(&mut r, &mut w);
+        let neg = smol::future::or(hs, async {
+            smol::Timer::after(timeout).await;
+            Err(io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))
+        })
+        .await?;
+        let Some((neg, export)) = neg else {
+            return Ok(());
+        };
+        self.transmission(neg, export, &mut r, &mut w).await
+    }
+
+    async fn handshake<R, W>(&self, r: &mut BufReader<R>, w: &mut W) -> io::Result<Option<(ServerNegotiated, usize)>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut hs = ServerHandshake::new(self.options.config.clone());
+        let mut buf = Vec::new();
+        let mut chosen: Option<usize> = None;
+        loop {
+            if self.shutting_down.load(Ordering::Relaxed) {
+                hs.shutdown();
+            }
+            match hs.step() {
+                ServerStep::Send(b) => {
+                    w.write_all(b).await?;
+                    w.flush().await?;
+                    hs.sent();
+                }
+                ServerStep::Receive(n) => {
+                    buf.resize(n, 0);
+                    r.read_exact(&mut buf).await?;
+                    if let Err(e) = hs.received(&buf) {
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string()));
+                    }
+                }
+                ServerStep::Discard(n) => {
+                    discard(r, n as u64).await?;
+                    if let Err(e) = hs.discarded() {
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string()));
+                    }
+                }
+                ServerStep::StartTls => {
+                    // TLS comes with the TLS issue; the NoTls policy never
+                    // gets here.
+                    return Err(io::Error::new(io::ErrorKind::Unsupported, "TLS not supported"));
+                }
+                ServerStep::LookupExport { name } => {
+                    let found = self.exports.lookup(name);
+                    chosen = found;
+                    let details = found.map(|i| self.exports.details(i));
+                    hs.answer_export(details).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                }
+                ServerStep::ListExports => {
+                    let listing: Vec<ExportListing<'_>> = self.exports.listing();
+                    hs.answer_list(&listing).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                }
+                ServerStep::Done => {
+                    let neg = hs.finish().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                    let idx = self.exports.lookup(&neg.export_name).or(chosen).unwrap_or(0);
+                    return Ok(Some((neg, idx)));
+                }
+                ServerStep::Aborted | ServerStep::Closed => return Ok(None),
+            }
+        }
+    }
+
+    async fn transmission<R, W>(
+        &self,
+        neg: ServerNegotiated,
+        export: usize,
+        r: &mut BufReader<R>,
+        w: &mut W,
+    ) -> io::Result<()>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut conn = Connection::new(&neg, self.exports.get(export));
+        let mut header = Vec::with_capacity(32);
+        loop {
+            // Flush replies before a read that would block.
+            if r.buffer().is_empty() && conn.has_output() {
+                w.write_all(conn.output()).await?;
+                w.flush().await?;
+                conn.output_sent();
+            }
+            match conn.next() {
+                Next::Bytes(n) => {
+                    header.resize(n, 0);
+                    match r.read_exact(&mut header).await {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                        Err(e) => return Err(e),
+                    }
+                    conn.handle_bytes(&header).map_err(invalid_data)?;
+                }
+                Next::Payload(n) => {
+                    let buf = conn.payload_buffer(n);
+                    r.read_exact(buf).await?;
+                    conn.payload_received().map_err(invalid_data)?;
+                }
+                Next::Discard(n) => {
+                    discard(r, n).await?;
+                    conn.discarded().map_err(invalid_data)?;
+                }
+                Next::Close => {
+                    if conn.has_output() {
+                        w.write_all(conn.output()).await?;
+                        conn.output_sent();
+                    }
+                    w.flush().await?;
+                    let _ = w.close().await;
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+fn invalid_data(e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+async fn discard<R: AsyncRead + Unpin>(r: &mut BufReader<R>, mut n: u64) -> io::Result<()> {
+    while n > 0 {
+        let avail = r.fill_buf().await?;
+        if avail.is_empty() {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let k = (avail.len() as u64).min(n) as usize;
+        r.consume(k);
+        n -= k as u64;
+    }
+    Ok(())
+}
