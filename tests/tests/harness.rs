@@ -227,3 +227,16 @@ fn our_binaries_are_built_on_demand() {
     assert_eq!(our_bin("nbd-info"), bin);
     run_ok(&bin, &["--version"]);
 }
+
+#[test]
+fn missing_peer_skips_or_fails() {
+    let result = std::panic::catch_unwind(|| require_peer("no-such-peer-nbd-tests"));
+    if nbd_tests::peers_required() {
+        let err = result.unwrap_err();
+        let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(msg.contains("peer no-such-peer-nbd-tests is missing"), "{msg}");
+        assert!(msg.contains("scripts/install-peers.sh"), "{msg}");
+    } else {
+        assert!(!result.unwrap());
+    }
+}

@@ -151,7 +151,10 @@ pub struct ExportDetails {
     pub block_size_required: bool,
     /// The metadata contexts this export supports, by name
     /// (`base:allocation`, `qemu:dirty-bitmap:NAME`, ...). Each must be a
-    /// valid string of the form `namespace:leaf`.
+    /// valid string of the form `namespace:leaf`. They are taken to report
+    /// 32-bit status (as every `base:` and `qemu:` context does), so they
+    /// are offered with and without extended headers. Ids are assigned by
+    /// `NBD_OPT_SET_META_CONTEXT` in the order of this list, from 1.
     pub meta_contexts: Vec<String>,
     /// With [`TlsPolicy::SelectiveTls`]: the export needs TLS.
     pub tls_only: bool,
@@ -282,7 +285,10 @@ pub enum ServerStep<'a> {
     /// [`ServerHandshake::received`].
     Receive(usize),
     /// Read exactly this many bytes and drop them (they are option data
-    /// the server does not use), then call [`ServerHandshake::discarded`].
+    /// the server does not use: never buffer them), then call
+    /// [`ServerHandshake::discarded`]. The count can be up to 4 GiB; a
+    /// driver that deems that abusive may close the connection instead
+    /// (the spec allows a hard disconnect against denial of service).
     Discard(usize),
     /// Perform the server side of the TLS handshake now, then call
     /// [`ServerHandshake::tls_established`]. Nothing has been over-read.
@@ -788,7 +794,11 @@ impl ServerHandshake {
                 if !self.config.structured_replies {
                     self.refuse(len, ReplyType::ERR_UNSUP, "option not supported");
                 } else if len != 0 {
-                    self.refuse(len, ReplyType::ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY must not carry data");
+                    self.refuse(
+                        len,
+                        ReplyType::ERR_INVALID,
+                        "NBD_OPT_STRUCTURED_REPLY must not carry data",
+                    );
                 } else if self.extended {
                     self.reply(ReplyType::ERR_EXT_HEADER_REQD, "extended headers already negotiated");
                 } else if self.structured {
@@ -802,7 +812,11 @@ impl ServerHandshake {
                 if !self.config.extended_headers || !self.config.support_go {
                     self.refuse(len, ReplyType::ERR_UNSUP, "option not supported");
                 } else if len != 0 {
-                    self.refuse(len, ReplyType::ERR_INVALID, "NBD_OPT_EXTENDED_HEADERS must not carry data");
+                    self.refuse(
+                        len,
+                        ReplyType::ERR_INVALID,
+                        "NBD_OPT_EXTENDED_HEADERS must not carry data",
+                    );
                 } else if self.extended {
                     self.reply(ReplyType::ERR_INVALID, "extended headers already negotiated");
                 } else {

@@ -260,7 +260,14 @@ fn list_with_data_or_forbidden() {
     let mut h = H::fixed();
     assert_eq!(h.option(OptionType::LIST, &[1, 2]).unwrap(), Some(false));
     let got = h.sends();
-    assert_eq!(&got[..20], &rep(OptionType::LIST, ReplyType::ERR_INVALID, b"NBD_OPT_LIST must not carry data")[..20]);
+    assert_eq!(
+        &got[..20],
+        &rep(
+            OptionType::LIST,
+            ReplyType::ERR_INVALID,
+            b"NBD_OPT_LIST must not carry data"
+        )[..20]
+    );
     assert_eq!(&got[20..], b"NBD_OPT_LIST must not carry data");
 
     let mut h = H::new(
@@ -459,11 +466,16 @@ fn selective_tls_refuses_tls_only_exports_in_clear() {
         assert_eq!(got, rep(o, ReplyType::ERR_TLS_REQD, b"export requires TLS"));
     }
     // Meta-context options may not answer TLS_REQD.
-    h.option(OptionType::LIST_META_CONTEXT, &meta_data("disk", &[])).unwrap();
+    h.option(OptionType::LIST_META_CONTEXT, &meta_data("disk", &[]))
+        .unwrap();
     h.lookup("disk", Some(secret.clone())).unwrap();
     assert_eq!(
         h.sends(),
-        rep(OptionType::LIST_META_CONTEXT, ReplyType::ERR_POLICY, b"export requires TLS")
+        rep(
+            OptionType::LIST_META_CONTEXT,
+            ReplyType::ERR_POLICY,
+            b"export requires TLS"
+        )
     );
     // Non-TLS-only exports work in clear.
     h.option(OptionType::INFO, &info_data("disk", &[])).unwrap();
@@ -495,7 +507,11 @@ fn info_and_go_reply_bytes() {
     h.lookup("", Some(d.clone())).unwrap();
     let flags = BASE_FLAGS | TransmissionFlags::SEND_DF;
     let mut want = rep(OptionType::INFO, ReplyType::INFO, &info_export(1 << 20, flags));
-    want.extend(rep(OptionType::INFO, ReplyType::INFO, &info_string(InfoType::NAME, "disk")));
+    want.extend(rep(
+        OptionType::INFO,
+        ReplyType::INFO,
+        &info_string(InfoType::NAME, "disk"),
+    ));
     want.extend(rep(
         OptionType::INFO,
         ReplyType::INFO,
@@ -511,7 +527,8 @@ fn info_and_go_reply_bytes() {
     assert_eq!(h.sends(), want);
     assert_eq!(h.hs.step(), ServerStep::Receive(16));
 
-    h.option(OptionType::GO, &info_data("", &[InfoType::BLOCK_SIZE])).unwrap();
+    h.option(OptionType::GO, &info_data("", &[InfoType::BLOCK_SIZE]))
+        .unwrap();
     h.lookup("", Some(d)).unwrap();
     let mut want = rep(OptionType::GO, ReplyType::INFO, &info_export(1 << 20, flags));
     want.extend(rep(OptionType::GO, ReplyType::INFO, &bs));
@@ -542,7 +559,8 @@ fn info_and_go_reply_bytes() {
 #[test]
 fn info_block_size_defaults_when_asked() {
     let mut h = H::fixed();
-    h.option(OptionType::INFO, &info_data("disk", &[InfoType::BLOCK_SIZE])).unwrap();
+    h.option(OptionType::INFO, &info_data("disk", &[InfoType::BLOCK_SIZE]))
+        .unwrap();
     h.lookup("disk", Some(disk())).unwrap();
     let mut bs = 3u16.to_be_bytes().to_vec();
     bs.extend_from_slice(&1u32.to_be_bytes());
@@ -581,7 +599,11 @@ fn info_malformed() {
     let mut d = info_data("ab", &[]);
     d[4] = 0xff;
     h.simple(OptionType::INFO, &d, ReplyType::ERR_INVALID);
-    h.simple(OptionType::INFO, &info_data(&"n".repeat(4097), &[]), ReplyType::ERR_INVALID);
+    h.simple(
+        OptionType::INFO,
+        &info_data(&"n".repeat(4097), &[]),
+        ReplyType::ERR_INVALID,
+    );
     // Still negotiating.
     assert_eq!(h.hs.step(), ServerStep::Receive(16));
 }
@@ -633,7 +655,8 @@ fn go_block_size_required() {
     let e = h2.lookup("disk", Some(d.clone())).unwrap_err();
     assert_eq!(e, ServerHandshakeError::BlockSizeRequired("disk".to_string()));
     // GO asking for it succeeds.
-    h.option(OptionType::GO, &info_data("disk", &[InfoType::BLOCK_SIZE])).unwrap();
+    h.option(OptionType::GO, &info_data("disk", &[InfoType::BLOCK_SIZE]))
+        .unwrap();
     h.lookup("disk", Some(d)).unwrap();
     h.sends();
     let n = h.hs.finish().unwrap();
@@ -651,10 +674,16 @@ fn answer_export_validates_details() {
         preferred: 4096,
         maximum: 4096,
     });
-    assert!(matches!(h.hs.answer_export(Some(bad)), Err(ServerHandshakeError::Misuse(_))));
+    assert!(matches!(
+        h.hs.answer_export(Some(bad)),
+        Err(ServerHandshakeError::Misuse(_))
+    ));
     let mut bad = disk();
     bad.meta_contexts = vec!["nonamespace".to_string()];
-    assert!(matches!(h.hs.answer_export(Some(bad)), Err(ServerHandshakeError::Misuse(_))));
+    assert!(matches!(
+        h.hs.answer_export(Some(bad)),
+        Err(ServerHandshakeError::Misuse(_))
+    ));
     // Still waiting for a valid answer.
     h.lookup("disk", Some(disk())).unwrap();
     assert!(h.sends().ends_with(&rep(OptionType::INFO, ReplyType::ACK, &[])));
@@ -708,7 +737,10 @@ fn extended_go_flags() {
     h.option(OptionType::INFO, &info_data("disk", &[])).unwrap();
     h.lookup("disk", Some(d.clone())).unwrap();
     let flags = BASE_FLAGS | TransmissionFlags::SEND_DF;
-    assert!(h.sends().starts_with(&rep(OptionType::INFO, ReplyType::INFO, &info_export(1 << 20, flags))));
+    assert!(
+        h.sends()
+            .starts_with(&rep(OptionType::INFO, ReplyType::INFO, &info_export(1 << 20, flags)))
+    );
     h.option(OptionType::SET_META_CONTEXT, &meta_data("disk", &["base:allocation"]))
         .unwrap();
     h.lookup("disk", Some(d.clone())).unwrap();
@@ -720,7 +752,10 @@ fn extended_go_flags() {
         | TransmissionFlags::SEND_WRITE_ZEROES
         | TransmissionFlags::SEND_FAST_ZERO
         | TransmissionFlags::BLOCK_STATUS_PAYLOAD;
-    assert!(h.sends().starts_with(&rep(OptionType::GO, ReplyType::INFO, &info_export(1 << 20, flags))));
+    assert!(
+        h.sends()
+            .starts_with(&rep(OptionType::GO, ReplyType::INFO, &info_export(1 << 20, flags)))
+    );
     let n = h.hs.finish().unwrap();
     assert_eq!(n.mode, Mode::Extended);
     assert_eq!(n.flags, flags);
@@ -751,7 +786,10 @@ fn list_meta_context() {
         "qemu:dirty-bitmap:b0".to_string(),
     ];
     let cases: &[(&[&str], &[&str])] = &[
-        (&[], &["base:allocation", "qemu:allocation-depth", "qemu:dirty-bitmap:b0"]),
+        (
+            &[],
+            &["base:allocation", "qemu:allocation-depth", "qemu:dirty-bitmap:b0"],
+        ),
         (&["base:"], &["base:allocation"]),
         (&["base:allocation"], &["base:allocation"]),
         (&["qemu:dirty-bitmap:"], &["qemu:dirty-bitmap:b0"]),
@@ -760,16 +798,22 @@ fn list_meta_context() {
         (&["base:", "base:allocation"], &["base:allocation"]),
     ];
     for (queries, expected) in cases {
-        h.option(OptionType::LIST_META_CONTEXT, &meta_data("disk", queries)).unwrap();
+        h.option(OptionType::LIST_META_CONTEXT, &meta_data("disk", queries))
+            .unwrap();
         h.lookup("disk", Some(d.clone())).unwrap();
         let mut want = Vec::new();
         for e in *expected {
-            want.extend(rep(OptionType::LIST_META_CONTEXT, ReplyType::META_CONTEXT, &meta_reply(0, e)));
+            want.extend(rep(
+                OptionType::LIST_META_CONTEXT,
+                ReplyType::META_CONTEXT,
+                &meta_reply(0, e),
+            ));
         }
         want.extend(rep(OptionType::LIST_META_CONTEXT, ReplyType::ACK, &[]));
         assert_eq!(h.sends(), want, "queries {queries:?}");
     }
-    h.option(OptionType::LIST_META_CONTEXT, &meta_data("nope", &[])).unwrap();
+    h.option(OptionType::LIST_META_CONTEXT, &meta_data("nope", &[]))
+        .unwrap();
     h.lookup("nope", None).unwrap();
     assert_eq!(
         h.sends(),
@@ -789,12 +833,22 @@ fn set_meta_context_and_go() {
         OptionType::SET_META_CONTEXT,
         &meta_data(
             "disk",
-            &["base:", "x-foo:bar", "qemu:allocation-depth", "base:allocation", "base:allocation"],
+            &[
+                "base:",
+                "x-foo:bar",
+                "qemu:allocation-depth",
+                "base:allocation",
+                "base:allocation",
+            ],
         ),
     )
     .unwrap();
     h.lookup("disk", Some(d.clone())).unwrap();
-    let mut want = rep(OptionType::SET_META_CONTEXT, ReplyType::META_CONTEXT, &meta_reply(1, "base:allocation"));
+    let mut want = rep(
+        OptionType::SET_META_CONTEXT,
+        ReplyType::META_CONTEXT,
+        &meta_reply(1, "base:allocation"),
+    );
     want.extend(rep(
         OptionType::SET_META_CONTEXT,
         ReplyType::META_CONTEXT,
@@ -901,7 +955,10 @@ fn meta_context_malformed() {
     let ok: Vec<&str> = (0..128).map(|_| "base:allocation").collect();
     h.option(OptionType::SET_META_CONTEXT, &meta_data("disk", &ok)).unwrap();
     h.lookup("disk", Some(disk())).unwrap();
-    assert!(h.sends().ends_with(&rep(OptionType::SET_META_CONTEXT, ReplyType::ACK, &[])));
+    assert!(
+        h.sends()
+            .ends_with(&rep(OptionType::SET_META_CONTEXT, ReplyType::ACK, &[]))
+    );
 }
 
 #[test]
@@ -1008,7 +1065,10 @@ fn export_name() {
     h.option(OptionType::EXPORT_NAME, b"disk").unwrap();
     h.lookup("disk", Some(disk())).unwrap();
     let got = h.sends();
-    assert_eq!(&got[8..10], &(BASE_FLAGS | TransmissionFlags::SEND_DF).bits().to_be_bytes());
+    assert_eq!(
+        &got[8..10],
+        &(BASE_FLAGS | TransmissionFlags::SEND_DF).bits().to_be_bytes()
+    );
     let n = h.hs.finish().unwrap();
     assert_eq!(n.mode, Mode::Structured);
     assert_eq!(n.contexts.len(), 1);
@@ -1041,7 +1101,10 @@ fn oldstyle() {
         oldstyle: true,
         ..ServerConfig::default()
     });
-    assert_eq!(hs.answer_export(None), Err(ServerHandshakeError::UnknownExport(String::new())));
+    assert_eq!(
+        hs.answer_export(None),
+        Err(ServerHandshakeError::UnknownExport(String::new()))
+    );
     assert_eq!(hs.step(), ServerStep::Closed);
 }
 
@@ -1057,7 +1120,10 @@ fn go_unsupported() {
     // Extended headers would oblige the server to support GO.
     h.simple(OptionType::EXTENDED_HEADERS, &[], ReplyType::ERR_UNSUP);
     assert_eq!(h.option(OptionType::GO, &info_data("disk", &[])).unwrap(), Some(false));
-    assert_eq!(h.sends(), rep(OptionType::GO, ReplyType::ERR_UNSUP, b"option not supported"));
+    assert_eq!(
+        h.sends(),
+        rep(OptionType::GO, ReplyType::ERR_UNSUP, b"option not supported")
+    );
     h.option(OptionType::INFO, &info_data("disk", &[])).unwrap();
     h.sends();
     h.option(OptionType::EXPORT_NAME, b"disk").unwrap();

@@ -284,7 +284,9 @@ impl ServerTransmission {
                 self.state = State::Header;
                 Ok(())
             }
-            _ => Err(ServerTransmissionError::Misuse("payload_received() without a pending payload")),
+            _ => Err(ServerTransmissionError::Misuse(
+                "payload_received() without a pending payload",
+            )),
         }
     }
 
@@ -551,7 +553,11 @@ impl ServerTransmission {
                 return einval("read larger than the maximum payload size");
             }
             // One OFFSET_DATA chunk must be able to carry it.
-            let chunk_limit = if extended { maximum } else { maximum.min(u32::MAX as u64 - 8) };
+            let chunk_limit = if extended {
+                maximum
+            } else {
+                maximum.min(u32::MAX as u64 - 8)
+            };
             if req.length > chunk_limit {
                 return Err((ErrorCode::EOVERFLOW, "read larger than the maximum payload size"));
             }
@@ -729,10 +735,18 @@ impl ReplyEncoder {
     /// A successful reply without payload: `NBD_REPLY_TYPE_NONE` with
     /// `NBD_REPLY_FLAG_DONE` when structured, a simple reply otherwise.
     /// Also the final chunk after content, status or error chunks sent
-    /// without the DONE flag.
+    /// without the DONE flag. Not for a whole READ reply of nonzero length
+    /// (in simple mode the data must follow: use
+    /// [`ReplyEncoder::read_reply_header`]).
     pub fn reply_ok(&self, request: &ServerRequest) -> ReplyHeader {
-        self.encode_chunk_header(request.cookie, request.offset, ReplyFlags::DONE, ReplyChunkType::NONE, 0)
-            .unwrap_or_else(|_| self.encode_simple_reply(request.cookie, ErrorCode(0)))
+        self.encode_chunk_header(
+            request.cookie,
+            request.offset,
+            ReplyFlags::DONE,
+            ReplyChunkType::NONE,
+            0,
+        )
+        .unwrap_or_else(|_| self.encode_simple_reply(request.cookie, ErrorCode(0)))
     }
 
     /// A complete error reply, appended to `out`: an `NBD_REPLY_TYPE_ERROR`
@@ -748,7 +762,13 @@ impl ReplyEncoder {
             message_length: (message.len() as u16).into(),
         };
         let len = (payload.as_bytes().len() + message.len()) as u64;
-        match self.encode_chunk_header(request.cookie, request.offset, ReplyFlags::DONE, ReplyChunkType::ERROR, len) {
+        match self.encode_chunk_header(
+            request.cookie,
+            request.offset,
+            ReplyFlags::DONE,
+            ReplyChunkType::ERROR,
+            len,
+        ) {
             Ok(h) => {
                 out.extend_from_slice(h.as_bytes());
                 out.extend_from_slice(payload.as_bytes());
