@@ -1241,7 +1241,6 @@ fn unknown_export_is_refused() {
 /// structured replies mandatory once negotiated (the server follows the
 /// spec). See the report: `client/handshake.rs`, `Recv::ExportNameReply`.
 #[test]
-#[ignore = "client bug: EXPORT_NAME fallback drops negotiated structured replies"]
 fn export_name_fallback_keeps_structured_replies() {
     let scfg = ServerConfig {
         support_go: false,

@@ -813,10 +813,7 @@ impl ClientHandshake {
                     if self.config.tls == TlsMode::Require {
                         return Err(HandshakeError::TlsNeedsFixedNewstyle);
                     }
-                    if self.config.opt_mode {
-                        // Only EXPORT_NAME is possible: behave as if GO
-                        // had been asked and fall back at once.
-                    }
+                    // Only EXPORT_NAME is possible, in option mode too.
                     self.auto_stage = AutoStage::Finished;
                     return self.send_export_name_after_flags();
                 }
@@ -861,15 +858,23 @@ impl ClientHandshake {
             Recv::ExportNameReply => {
                 let (r, _) = ExportNameReply::read_from_prefix(data).map_err(|_| HandshakeError::Misuse("short"))?;
                 let flags = check_transmission_flags(r.flags.get())?;
+                // Structured replies negotiated before the fallback still
+                // apply (the spec requires the server to use them), and so
+                // do contexts selected for this same export name.
+                let export_name = self.config.export_name.clone();
+                let contexts = match &self.contexts_export {
+                    Some(e) if *e == export_name && self.structured => core::mem::take(&mut self.contexts),
+                    _ => Vec::new(),
+                };
                 self.result = Some(Negotiated {
-                    mode: Mode::ExportNameOnly,
+                    mode: if self.structured { Mode::Structured } else { Mode::ExportNameOnly },
                     tls: self.tls,
-                    export_name: self.config.export_name.clone(),
+                    export_name,
                     description: None,
                     size: r.size.get(),
                     flags,
                     block_size: None,
-                    contexts: Vec::new(),
+                    contexts,
                 });
                 self.phase = Phase::Done;
                 Ok(())

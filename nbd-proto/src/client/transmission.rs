@@ -275,6 +275,9 @@ pub enum ReplyViolation {
     /// An unknown non-error chunk type: the spec mandates a hard disconnect.
     #[error("unknown chunk type {0}")]
     UnknownChunk(ReplyChunkType),
+    /// Not the server's fault: the driver passed the wrong number of bytes.
+    #[error("driver misuse: {0}")]
+    DriverMisuse(&'static str),
 }
 
 /// An error reported by the server for one request (an `NBD_E*` value and,
@@ -824,6 +827,11 @@ impl ClientTransmission {
     }
 
     fn handle_inner<'b>(&mut self, bytes: &'b [u8]) -> Result<ReplyEvent<'b>, ReplyViolation> {
+        if let ReceiveNext::Bytes(n) = self.next() {
+            if bytes.len() != n {
+                return Err(ReplyViolation::DriverMisuse("handle_bytes() given a different number of bytes than next() asked"));
+            }
+        }
         match self.state {
             RecvState::Failed => Err(ReplyViolation::BadMagic(0)),
             RecvState::Header => {

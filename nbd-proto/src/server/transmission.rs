@@ -366,8 +366,12 @@ impl ServerTransmission {
             return Ok(ServerEvent::Disconnect);
         }
         // Framing first: how many payload bytes follow the header.
+        // A WRITE always carries its data. With extended headers the spec
+        // says the client MUST set PAYLOAD_LEN on it, but QEMU's client
+        // (10.0) does not; like QEMU's server, accept that and read the
+        // payload anyway rather than desynchronise the stream.
         let payload = if extended {
-            if request.flags.contains(CommandFlags::PAYLOAD_LEN) {
+            if request.flags.contains(CommandFlags::PAYLOAD_LEN) || request.command == Command::WRITE {
                 request.length
             } else {
                 0
@@ -498,9 +502,6 @@ impl ServerTransmission {
         }
         if req.flags.contains(CommandFlags::FAST_ZERO) && !f.contains(TransmissionFlags::SEND_FAST_ZERO) {
             return einval("NBD_CMD_FLAG_FAST_ZERO without NBD_FLAG_SEND_FAST_ZERO");
-        }
-        if cmd == Command::WRITE && extended && !req.flags.contains(CommandFlags::PAYLOAD_LEN) {
-            return einval("NBD_CMD_WRITE without NBD_CMD_FLAG_PAYLOAD_LEN");
         }
         let advertised = |flag: TransmissionFlags, why| if f.contains(flag) { Ok(()) } else { einval(why) };
         match cmd {
