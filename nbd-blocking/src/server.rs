@@ -25,7 +25,11 @@ pub struct ServerOptions {
 
 impl Default for ServerOptions {
     fn default() -> Self {
-        ServerOptions { config: ServerConfig::default(), max_connections: 256, handshake_timeout: Duration::from_secs(10) }
+        ServerOptions {
+            config: ServerConfig::default(),
+            max_connections: 256,
+            handshake_timeout: Duration::from_secs(10),
+        }
     }
 }
 

@@ -106,7 +106,9 @@ pub async fn connect_transport(uri: &NbdUri) -> Result<(BoxRead, BoxWrite)> {
         }
         Transport::Unix { socket } => {
             if socket.starts_with('\0') {
-                return Err(io::Error::new(io::ErrorKind::Unsupported, "abstract sockets are not supported here").into());
+                return Err(
+                    io::Error::new(io::ErrorKind::Unsupported, "abstract sockets are not supported here").into(),
+                );
             }
             let s = Async::<std::os::unix::net::UnixStream>::connect(socket).await?;
             Ok(split_shared(s))
@@ -165,24 +167,37 @@ impl<B: Buffer> BufferDyn for B {
     }
 }
 
+/// Per-request state kept beside the protocol machine's in-flight table
+/// (same index). The machine runs with manual release, so a slot is reused
+/// only after its caller took the result (or gave up) and no task still
+/// holds its buffer.
 #[derive(Default)]
 struct Slot {
     /// The request's buffer (READ destination or WRITE source).
     buf: Option<Buf>,
+    /// The buffer is lent to the writer or reader task right now.
+    lent: bool,
     /// Where the request's bytes end in `buf`.
     len: usize,
     /// Header still to be written (writer queue holds the slot index).
     header: Option<EncodedHeader>,
-    /// Extents received, per context (capacity reused).
+    /// Extents received, per context.
     extents: Vec<(u32, Vec<Extent>)>,
     /// Result once complete.
     result: Option<Result<(), Error>>,
     waker: Option<Waker>,
     /// The caller dropped its future: free everything on completion.
     abandoned: bool,
-    active: bool,
     /// A WRITE: the writer sends `buf[..len]` after the header.
     is_write: bool,
+    cookie: Option<Cookie>,
+}
+
+impl Slot {
+    /// Whether the caller can take the result now.
+    fn ready(&self) -> bool {
+        self.result.is_some() && !self.lent
+    }
 }
 
 struct Inner {
@@ -213,23 +228,10 @@ impl State {
             g.dead = Some(why.clone());
         }
         let cookies: Vec<Cookie> = g.tx.fail_all().collect();
+        g.write_queue.clear();
         for c in cookies {
-            let s = &mut g.slots[c.slot()];
-            if s.active {
-                s.result = Some(Err(Error::Disconnected(why.clone())));
-                if let Some(w) = s.waker.take() {
-                    w.wake();
-                }
-            }
-        }
-        // Requests queued but not yet written are failed too.
-        while let Some(i) = g.write_queue.pop_front() {
-            let s = &mut g.slots[i];
-            s.header = None;
-            s.result = Some(Err(Error::Disconnected(why.clone())));
-            if let Some(w) = s.waker.take() {
-                w.wake();
-            }
+            g.slots[c.slot()].header = None;
+            finish_slot(&mut g, c, Err(Error::Disconnected(why.clone())));
         }
         if let Some(w) = g.writer_waker.take() {
             w.wake();
@@ -288,7 +290,8 @@ impl Client {
         drive_handshake(&mut hs, &mut r, &mut w).await?;
         let neg = hs.finish()?;
         let max_in_flight = max_in_flight.max(1);
-        let tx = ClientTransmission::new(&neg, max_in_flight);
+        let mut tx = ClientTransmission::new(&neg, max_in_flight);
+        tx.set_manual_release(true);
         let state = Arc::new(State {
             inner: Mutex::new(Inner {
                 tx,
@@ -304,7 +307,10 @@ impl Client {
         });
         let reader = smol::spawn(reader_task(state.clone(), r));
         let writer = smol::spawn(writer_task(state.clone(), w));
-        Ok(Client { state, _tasks: Arc::new((reader, writer)) })
+        Ok(Client {
+            state,
+            _tasks: Arc::new((reader, writer)),
+        })
     }
 
     /// What the handshake negotiated.
@@ -348,20 +354,25 @@ impl Client {
             let i = cookie.slot();
             let s = &mut g.slots[i];
             s.buf = buf;
+            s.lent = false;
             s.len = req.length as usize;
             s.header = Some(header);
             s.result = None;
             s.abandoned = false;
-            s.active = true;
             s.is_write = req.command == Command::WRITE;
             s.extents.clear();
+            s.cookie = Some(cookie);
             g.write_queue.push_back(i);
             if let Some(w) = g.writer_waker.take() {
                 w.wake();
             }
             i
         };
-        let mut guard = SlotGuard { state: &self.state, slot, done: false };
+        let mut guard = SlotGuard {
+            state: &self.state,
+            slot,
+            done: false,
+        };
         let r = (&mut guard).await;
         drop(permit);
         r
@@ -376,7 +387,12 @@ impl Client {
     /// As [`Client::read`], with command flags (e.g. DF).
     pub async fn read_with<B: Buffer>(&self, offset: u64, buf: B, flags: CommandFlags) -> (Result<()>, B) {
         let len = buf.as_ref().len() as u64;
-        let (r, b) = self.submit(Request::new(Command::READ, offset, len).with_flags(flags), Some(Box::new(buf))).await;
+        let (r, b) = self
+            .submit(
+                Request::new(Command::READ, offset, len).with_flags(flags),
+                Some(Box::new(buf)),
+            )
+            .await;
         (r.map(|_| ()), unbox(b))
     }
 
@@ -388,7 +404,12 @@ impl Client {
     /// As [`Client::write`], with command flags (e.g. FUA).
     pub async fn write_with<B: Buffer>(&self, offset: u64, buf: B, flags: CommandFlags) -> (Result<()>, B) {
         let len = buf.as_ref().len() as u64;
-        let (r, b) = self.submit(Request::new(Command::WRITE, offset, len).with_flags(flags), Some(Box::new(buf))).await;
+        let (r, b) = self
+            .submit(
+                Request::new(Command::WRITE, offset, len).with_flags(flags),
+                Some(Box::new(buf)),
+            )
+            .await;
         (r.map(|_| ()), unbox(b))
     }
 
@@ -402,11 +423,13 @@ impl Client {
     }
     /// `NBD_CMD_TRIM`.
     pub async fn trim(&self, offset: u64, length: u64, flags: CommandFlags) -> Result<()> {
-        self.simple(Request::new(Command::TRIM, offset, length).with_flags(flags)).await
+        self.simple(Request::new(Command::TRIM, offset, length).with_flags(flags))
+            .await
     }
     /// `NBD_CMD_WRITE_ZEROES` (FUA, NO_HOLE, FAST_ZERO).
     pub async fn write_zeroes(&self, offset: u64, length: u64, flags: CommandFlags) -> Result<()> {
-        self.simple(Request::new(Command::WRITE_ZEROES, offset, length).with_flags(flags)).await
+        self.simple(Request::new(Command::WRITE_ZEROES, offset, length).with_flags(flags))
+            .await
     }
     /// `NBD_CMD_CACHE`.
     pub async fn cache(&self, offset: u64, length: u64) -> Result<()> {
@@ -414,13 +437,13 @@ impl Client {
     }
 
     /// `NBD_CMD_BLOCK_STATUS`: extents per negotiated context id.
-    pub async fn block_status(
-        &self,
-        offset: u64,
-        length: u64,
-        flags: CommandFlags,
-    ) -> Result<Vec<(u32, Vec<Extent>)>> {
-        self.submit(Request::new(Command::BLOCK_STATUS, offset, length).with_flags(flags), None).await.0
+    pub async fn block_status(&self, offset: u64, length: u64, flags: CommandFlags) -> Result<Vec<(u32, Vec<Extent>)>> {
+        self.submit(
+            Request::new(Command::BLOCK_STATUS, offset, length).with_flags(flags),
+            None,
+        )
+        .await
+        .0
     }
 
     /// Sends `NBD_CMD_DISC` once every outstanding request of this client
@@ -485,60 +508,81 @@ impl Future for &mut SlotGuard<'_> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut **self.get_mut();
         let mut g = this.state.lock();
+        let g = &mut *g;
         let s = &mut g.slots[this.slot];
-        match s.result.take() {
-            Some(r) => {
-                this.done = true;
-                s.active = false;
-                s.waker = None;
-                let buf = s.buf.take();
-                let r = r.map(|()| {
-                    let mut out = Vec::new();
-                    std::mem::swap(&mut out, &mut s.extents);
-                    out
-                });
-                Poll::Ready((r, buf))
+        if s.ready() {
+            this.done = true;
+            s.waker = None;
+            let buf = s.buf.take();
+            let r = s
+                .result
+                .take()
+                .unwrap_or(Ok(()))
+                .map(|()| std::mem::take(&mut s.extents));
+            if let Some(c) = s.cookie.take() {
+                g.tx.release(c);
             }
-            None => {
-                match &mut s.waker {
-                    Some(w) if w.will_wake(cx.waker()) => {}
-                    w => *w = Some(cx.waker().clone()),
-                }
-                Poll::Pending
-            }
+            return Poll::Ready((r, buf));
         }
+        match &mut s.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            w => *w = Some(cx.waker().clone()),
+        }
+        Poll::Pending
     }
 }
 
 impl Drop for SlotGuard<'_> {
     fn drop(&mut self) {
-        if !self.done {
-            let mut g = self.state.lock();
-            let s = &mut g.slots[self.slot];
-            if s.result.is_some() {
-                s.result = None;
-                s.buf = None;
-                s.active = false;
-            } else {
-                s.abandoned = true;
-                s.waker = None;
+        if self.done {
+            return;
+        }
+        let mut g = self.state.lock();
+        let g = &mut *g;
+        let s = &mut g.slots[self.slot];
+        s.waker = None;
+        if s.ready() {
+            // Completed but never collected: free it now.
+            s.result = None;
+            s.buf = None;
+            if let Some(c) = s.cookie.take() {
+                g.tx.release(c);
             }
+        } else {
+            // Still in flight: the tasks finish it and free it.
+            s.abandoned = true;
         }
     }
 }
 
-fn complete(g: &mut Inner, cookie: Cookie, result: Result<(), ServerError>) {
+/// Records a request's result; frees the slot at once if its caller is
+/// gone and no task holds its buffer, else wakes the caller.
+fn finish_slot(g: &mut Inner, cookie: Cookie, result: Result<(), Error>) {
     let s = &mut g.slots[cookie.slot()];
-    if s.abandoned {
-        s.buf = None;
-        s.active = false;
-        s.abandoned = false;
+    s.result = Some(result);
+    settle(g, cookie.slot());
+}
+
+/// Called when a slot's result or buffer changes.
+fn settle(g: &mut Inner, slot: usize) {
+    let s = &mut g.slots[slot];
+    if !s.ready() {
         return;
     }
-    s.result = Some(result.map_err(Error::Server));
-    if let Some(w) = s.waker.take() {
+    if s.abandoned {
+        s.result = None;
+        s.buf = None;
+        s.abandoned = false;
+        if let Some(c) = s.cookie.take() {
+            g.tx.release(c);
+        }
+    } else if let Some(w) = s.waker.take() {
         w.wake();
     }
+}
+
+fn complete(g: &mut Inner, cookie: Cookie, result: Result<(), ServerError>) {
+    finish_slot(g, cookie, result.map_err(Error::Server));
 }
 
 async fn reader_task(state: Arc<State>, mut r: BoxRead) {
@@ -574,7 +618,11 @@ async fn reader_loop(state: &State, r: &mut BoxRead) -> std::result::Result<(), 
                 let g = &mut *g;
                 match g.tx.handle_bytes(&scratch) {
                     Ok(ReplyEvent::Done { cookie, result, .. }) => complete(g, cookie, result),
-                    Ok(ReplyEvent::Hole { cookie, buf_offset, length }) => {
+                    Ok(ReplyEvent::Hole {
+                        cookie,
+                        buf_offset,
+                        length,
+                    }) => {
                         let s = &mut g.slots[cookie.slot()];
                         if let Some(b) = s.buf.as_mut() {
                             let start = buf_offset as usize;
@@ -583,7 +631,11 @@ async fn reader_loop(state: &State, r: &mut BoxRead) -> std::result::Result<(), 
                             }
                         }
                     }
-                    Ok(ReplyEvent::BlockStatus { cookie, context_id, extents }) => {
+                    Ok(ReplyEvent::BlockStatus {
+                        cookie,
+                        context_id,
+                        extents,
+                    }) => {
                         let s = &mut g.slots[cookie.slot()];
                         match s.extents.iter_mut().find(|(id, v)| *id == context_id || v.is_empty()) {
                             Some((id, v)) => {
@@ -597,8 +649,17 @@ async fn reader_loop(state: &State, r: &mut BoxRead) -> std::result::Result<(), 
                     Err(v) => return Err(format!("protocol violation by server: {v}")),
                 }
             }
-            ReceiveNext::Data { cookie, buf_offset, length } => {
-                let mut buf = state.lock().slots[cookie.slot()].buf.take();
+            ReceiveNext::Data {
+                cookie,
+                buf_offset,
+                length,
+            } => {
+                let mut buf = {
+                    let mut g = state.lock();
+                    let s = &mut g.slots[cookie.slot()];
+                    s.lent = true;
+                    s.buf.take()
+                };
                 let start = buf_offset as usize;
                 let end = start + length as usize;
                 let res = match buf.as_mut().and_then(|b| b.bytes_mut().get_mut(start..end)) {
@@ -621,9 +682,10 @@ async fn reader_loop(state: &State, r: &mut BoxRead) -> std::result::Result<(), 
                 };
                 let mut g = state.lock();
                 let g = &mut *g;
-                if g.slots[cookie.slot()].active || g.slots[cookie.slot()].abandoned {
-                    g.slots[cookie.slot()].buf = buf;
-                }
+                let s = &mut g.slots[cookie.slot()];
+                s.buf = buf;
+                s.lent = false;
+                settle(g, cookie.slot());
                 res.map_err(eof)?;
                 match g.tx.data_received() {
                     Ok(ReplyEvent::Done { cookie, result, .. }) => complete(g, cookie, result),
@@ -697,6 +759,7 @@ async fn writer_loop(state: &State, w: &mut BoxWrite) -> io::Result<()> {
                 if s.is_write {
                     let len = s.len;
                     if let Some(b) = s.buf.take() {
+                        s.lent = true;
                         payload = Some((i, b, len));
                     }
                     break;
@@ -709,10 +772,11 @@ async fn writer_loop(state: &State, w: &mut BoxWrite) -> io::Result<()> {
         };
         if let Some((i, b, _)) = payload {
             let mut g = state.lock();
+            let g = &mut *g;
             let s = &mut g.slots[i];
-            if s.active || s.abandoned {
-                s.buf = Some(b);
-            }
+            s.buf = Some(b);
+            s.lent = false;
+            settle(g, i);
         }
         res?;
         w.flush().await?;

@@ -37,7 +37,11 @@ where
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut &*self.0).poll_write(cx, buf)
     }
-    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut &*self.0).poll_write_vectored(cx, bufs)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -49,7 +53,11 @@ where
 }
 
 /// Writes a header and a payload with vectored writes until both are out.
-pub async fn write_all_vectored<W: AsyncWrite + Unpin + ?Sized>(w: &mut W, header: &[u8], payload: &[u8]) -> io::Result<()> {
+pub async fn write_all_vectored<W: AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    header: &[u8],
+    payload: &[u8],
+) -> io::Result<()> {
     let mut bufs = [IoSlice::new(header), IoSlice::new(payload)];
     let mut slices: &mut [IoSlice<'_>] = &mut bufs;
     while !slices.is_empty() {

@@ -342,14 +342,18 @@ impl Server {
                     let found = self.exports.lookup(name);
                     chosen = found;
                     let details = found.map(|i| self.exports.details(i));
-                    hs.answer_export(details).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                    hs.answer_export(details)
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
                 }
                 ServerStep::ListExports => {
                     let listing: Vec<ExportListing<'_>> = self.exports.listing();
-                    hs.answer_list(&listing).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                    hs.answer_list(&listing)
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
                 }
                 ServerStep::Done => {
-                    let neg = hs.finish().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                    let neg = hs
+                        .finish()
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
                     let idx = self.exports.lookup(&neg.export_name).or(chosen).unwrap_or(0);
                     return Ok(Some((neg, idx)));
                 }

@@ -46,7 +46,11 @@ impl std::fmt::Debug for Export {
 impl Export {
     /// An export.
     pub fn new(name: impl Into<String>, description: impl Into<String>, storage: Arc<dyn Storage>) -> Export {
-        Export { name: name.into(), description: description.into(), storage }
+        Export {
+            name: name.into(),
+            description: description.into(),
+            storage,
+        }
     }
 
     /// The transmission flags this export's storage supports.
@@ -76,7 +80,10 @@ pub fn flags_of(caps: &Capabilities) -> TransmissionFlags {
         (caps.rotational, TransmissionFlags::ROTATIONAL),
         (caps.can_trim && rw, TransmissionFlags::SEND_TRIM),
         (caps.can_zero && rw, TransmissionFlags::SEND_WRITE_ZEROES),
-        (caps.can_zero && caps.can_fast_zero && rw, TransmissionFlags::SEND_FAST_ZERO),
+        (
+            caps.can_zero && caps.can_fast_zero && rw,
+            TransmissionFlags::SEND_FAST_ZERO,
+        ),
         (caps.can_multi_conn, TransmissionFlags::CAN_MULTI_CONN),
         (caps.can_cache, TransmissionFlags::SEND_CACHE),
         (true, TransmissionFlags::BLOCK_STATUS_PAYLOAD),
@@ -102,11 +109,14 @@ impl Exports {
 
     /// Finds an export by name: an exact match, else (for `""`) the first export.
     pub fn lookup(&self, name: &str) -> Option<usize> {
-        self.list.iter().position(|e| e.name == name).or(if name.is_empty() && !self.list.is_empty() {
-            Some(0)
-        } else {
-            None
-        })
+        self.list
+            .iter()
+            .position(|e| e.name == name)
+            .or(if name.is_empty() && !self.list.is_empty() {
+                Some(0)
+            } else {
+                None
+            })
     }
 
     /// The details of export `i` for the handshake.
@@ -118,7 +128,11 @@ impl Exports {
     pub fn listing(&self) -> Vec<ExportListing<'_>> {
         self.list
             .iter()
-            .map(|e| ExportListing { name: &e.name, description: &e.description, tls_only: false })
+            .map(|e| ExportListing {
+                name: &e.name,
+                description: &e.description,
+                tls_only: false,
+            })
             .collect()
     }
 
@@ -177,7 +191,10 @@ pub struct Connection {
 
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Connection").field("mode", &self.tx.mode()).field("requests", &self.requests).finish()
+        f.debug_struct("Connection")
+            .field("mode", &self.tx.mode())
+            .field("requests", &self.requests)
+            .finish()
     }
 }
 
@@ -190,7 +207,11 @@ impl Connection {
     pub fn new(negotiated: &ServerNegotiated, export: &Export) -> Connection {
         let tx = ServerTransmission::new(negotiated);
         let enc = tx.encoder();
-        let allocation_id = negotiated.contexts.iter().find(|c| c.name == CONTEXT_BASE_ALLOCATION).map(|c| c.id);
+        let allocation_id = negotiated
+            .contexts
+            .iter()
+            .find(|c| c.name == CONTEXT_BASE_ALLOCATION)
+            .map(|c| c.id);
         Connection {
             tx,
             enc,
@@ -330,7 +351,9 @@ impl Connection {
                 // Zero-length write: nothing to do.
                 self.finish(req, Ok(()))
             }
-            _ => self.enc.reply_error(req, ErrorCode::EINVAL, "unsupported command", &mut self.out),
+            _ => self
+                .enc
+                .reply_error(req, ErrorCode::EINVAL, "unsupported command", &mut self.out),
         }
     }
 
@@ -344,7 +367,8 @@ impl Connection {
         let header = match self.enc.read_reply_header(req) {
             Ok(h) => h,
             Err(e) => {
-                self.enc.reply_error(req, ErrorCode::EINVAL, &e.to_string(), &mut self.out);
+                self.enc
+                    .reply_error(req, ErrorCode::EINVAL, &e.to_string(), &mut self.out);
                 return;
             }
         };
@@ -436,10 +460,13 @@ impl Connection {
             if !is_alloc || Some(id) != self.allocation_id {
                 // A context we do not compute: report "no information" (0),
                 // which the spec says is always safe.
-                let r = self.enc.block_status_chunk(req, id, [(req.length, 0u64)], done, &mut self.out);
+                let r = self
+                    .enc
+                    .block_status_chunk(req, id, [(req.length, 0u64)], done, &mut self.out);
                 if let Err(e) = r {
                     self.out.truncate(start);
-                    self.enc.reply_error(req, ErrorCode::EINVAL, &e.to_string(), &mut self.out);
+                    self.enc
+                        .reply_error(req, ErrorCode::EINVAL, &e.to_string(), &mut self.out);
                     return;
                 }
                 continue;
@@ -454,12 +481,14 @@ impl Connection {
             let iter = self.extents.iter().map(|e| (e.length, e.flags.bits() as u64));
             if let Err(e) = self.enc.block_status_chunk(req, id, iter, done, &mut self.out) {
                 self.out.truncate(start);
-                self.enc.reply_error(req, ErrorCode::EINVAL, &e.to_string(), &mut self.out);
+                self.enc
+                    .reply_error(req, ErrorCode::EINVAL, &e.to_string(), &mut self.out);
                 return;
             }
         }
         if n == 0 {
-            self.enc.reply_error(req, ErrorCode::EINVAL, "no metadata context selected", &mut self.out);
+            self.enc
+                .reply_error(req, ErrorCode::EINVAL, "no metadata context selected", &mut self.out);
         }
     }
 }

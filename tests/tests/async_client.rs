@@ -24,7 +24,10 @@ fn many_tasks_share_one_connection() {
     }
     let dir = TempDir::new();
     // The delay filter makes replies come back out of order under load.
-    let peer = nbdkit(&dir, &["--filter=delay", "memory", "64M", "delay-read=1ms", "delay-write=2ms"]);
+    let peer = nbdkit(
+        &dir,
+        &["--filter=delay", "memory", "64M", "delay-read=1ms", "delay-write=2ms"],
+    );
     smol::block_on(async {
         let c = Client::connect(&peer.uri("")).await.unwrap();
         let mut tasks = Vec::new();
@@ -62,13 +65,24 @@ fn server_errors_are_typed_and_connection_survives() {
         return;
     }
     let dir = TempDir::new();
-    let peer = nbdkit(&dir, &["--filter=error", "memory", "8M", "error-pread=EIO", "error-pread-rate=100%"]);
+    let peer = nbdkit(
+        &dir,
+        &[
+            "--filter=error",
+            "memory",
+            "8M",
+            "error-pread=EIO",
+            "error-pread-rate=100%",
+        ],
+    );
     smol::block_on(async {
         let c = Client::connect(&peer.uri("")).await.unwrap();
-        let reads: Vec<_> = (0..8).map(|i| {
-            let c = c.clone();
-            smol::spawn(async move { c.read(i * 4096, vec![0u8; 4096]).await.0 })
-        }).collect();
+        let reads: Vec<_> = (0..8)
+            .map(|i| {
+                let c = c.clone();
+                smol::spawn(async move { c.read(i * 4096, vec![0u8; 4096]).await.0 })
+            })
+            .collect();
         for r in reads {
             match r.await {
                 Err(Error::Server(e)) => assert_eq!(e.code, ErrorCode::EIO),
@@ -86,13 +100,15 @@ fn a_dying_server_fails_outstanding_requests_at_once() {
         return;
     }
     let dir = TempDir::new();
-    let mut peer = nbdkit(&dir, &["--filter=delay", "memory", "8M", "delay-read=3s"]);
+    let mut peer = nbdkit(&dir, &["--filter=delay", "memory", "8M", "delay-read=3"]);
     smol::block_on(async {
         let c = Client::connect(&peer.uri("")).await.unwrap();
-        let pending: Vec<_> = (0..4).map(|i| {
-            let c = c.clone();
-            smol::spawn(async move { c.read(i * 4096, vec![0u8; 4096]).await.0 })
-        }).collect();
+        let pending: Vec<_> = (0..4)
+            .map(|i| {
+                let c = c.clone();
+                smol::spawn(async move { c.read(i * 4096, vec![0u8; 4096]).await.0 })
+            })
+            .collect();
         smol::Timer::after(std::time::Duration::from_millis(300)).await;
         let start = std::time::Instant::now();
         peer.kill();

@@ -9,7 +9,9 @@ use nbd_proto::wire::{Command, CommandFlags, ErrorCode, ReplyType, TransmissionF
 use nbd_tests::*;
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 /// Every command against a server that supports them all.
@@ -228,7 +230,15 @@ fn nbdkit_error_filter_gives_typed_errors_and_connection_survives() {
     let dir = TempDir::new();
     let peer = nbdkit(
         &dir,
-        &["--filter=error", "memory", "8M", "error-pread=EIO", "error-pread-rate=100%", "error-zero=ENOSPC", "error-zero-rate=100%"],
+        &[
+            "--filter=error",
+            "memory",
+            "8M",
+            "error-pread=EIO",
+            "error-pread-rate=100%",
+            "error-zero=ENOSPC",
+            "error-zero-rate=100%",
+        ],
     );
     let mut c = Client::connect(&peer.uri("")).unwrap();
     for _ in 0..3 {
@@ -342,7 +352,10 @@ fn nbd_server_several_exports() {
     let mut buf = vec![0u8; 4096];
     cb.read(&mut buf, 0).unwrap();
     assert!(buf.iter().all(|&x| x == 0x11));
-    assert!(matches!(cb.write(&buf, 0), Err(Error::Request(RequestError::ReadOnly(Command::WRITE)))));
+    assert!(matches!(
+        cb.write(&buf, 0),
+        Err(Error::Request(RequestError::ReadOnly(Command::WRITE)))
+    ));
     cb.disconnect().unwrap();
     // Data written through nbd-server landed in the file.
     let file = std::fs::read(&a).unwrap();

@@ -8,9 +8,15 @@ use serde_json::Value;
 /// running file(1) on the first sector and is not compared).
 fn compare(ours: &Value, theirs: &Value) {
     for k in ["protocol", "TLS", "structured"] {
-        assert_eq!(ours[k], theirs[k], "top-level key {k}\nours: {ours:#}\ntheirs: {theirs:#}");
+        assert_eq!(
+            ours[k], theirs[k],
+            "top-level key {k}\nours: {ours:#}\ntheirs: {theirs:#}"
+        );
     }
-    let (oe, te) = (ours["exports"].as_array().unwrap(), theirs["exports"].as_array().unwrap());
+    let (oe, te) = (
+        ours["exports"].as_array().unwrap(),
+        theirs["exports"].as_array().unwrap(),
+    );
     assert_eq!(oe.len(), te.len(), "number of exports");
     for (o, t) in oe.iter().zip(te) {
         let t = t.as_object().unwrap();
@@ -56,7 +62,12 @@ fn json_matches_nbdinfo_on_nbdkit_exports() {
             "blocksize-preferred=4096",
             "blocksize-maximum=65536",
         ],
-        vec!["--filter=exportname", "memory", "2M", "exportdesc=fixed:described export"],
+        vec![
+            "--filter=exportname",
+            "memory",
+            "2M",
+            "exportdesc=fixed:described export",
+        ],
     ];
     for (i, args) in cases.iter().enumerate() {
         let sub = TempDir::new();
@@ -88,7 +99,12 @@ fn list_json_matches_nbdinfo() {
     );
     let (o, t) = both(&["--json", "--list"], &peer.uri(""));
     compare(&o, &t);
-    let names: Vec<&str> = o["exports"].as_array().unwrap().iter().map(|e| e["export-name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = o["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["export-name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["one", "two"]);
 }
 
@@ -100,7 +116,18 @@ fn json_and_map_match_nbdinfo_on_qemu_nbd() {
     let dir = TempDir::new();
     let img = dir.join("d.raw");
     run_ok("qemu-img", &["create", "-f", "raw", img.to_str().unwrap(), "16M"]);
-    run_ok("qemu-io", &["-f", "raw", "-c", "write -P 1 1M 64k", "-c", "write -P 2 5M 1M", img.to_str().unwrap()]);
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 1 1M 64k",
+            "-c",
+            "write -P 2 5M 1M",
+            img.to_str().unwrap(),
+        ],
+    );
     let peer = qemu_nbd(&dir, &["-f", "raw", "-x", "d", img.to_str().unwrap()]);
     let (o, t) = both(&["--json"], &peer.uri("d"));
     compare(&o, &t);
@@ -135,7 +162,13 @@ fn clear_errors() {
     if require_peer("nbdkit") {
         let peer = nbdkit(
             &dir,
-            &["--filter=exportname", "memory", "1M", "exportname=a", "exportname-strict=true"],
+            &[
+                "--filter=exportname",
+                "memory",
+                "1M",
+                "exportname=a",
+                "exportname-strict=true",
+            ],
         );
         let out = run(&bin, &[&peer.uri("nope")]);
         assert!(!out.status.success());

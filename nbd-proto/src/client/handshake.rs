@@ -867,7 +867,11 @@ impl ClientHandshake {
                     _ => Vec::new(),
                 };
                 self.result = Some(Negotiated {
-                    mode: if self.structured { Mode::Structured } else { Mode::ExportNameOnly },
+                    mode: if self.structured {
+                        Mode::Structured
+                    } else {
+                        Mode::ExportNameOnly
+                    },
                     tls: self.tls,
                     export_name,
                     description: None,

@@ -400,6 +400,8 @@ struct InFlight {
     contexts_seen: u64,
     error: Option<ServerError>,
     busy: bool,
+    /// Completed, waiting for the driver's `release` (manual release).
+    held: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -446,6 +448,7 @@ pub struct ClientTransmission {
     disconnecting: bool,
     strict: bool,
     pending_done: Option<usize>,
+    manual_release: bool,
 }
 
 /// Largest error chunk payload: the fixed fields, a 4096-byte message, an
@@ -479,6 +482,7 @@ impl ClientTransmission {
                     contexts_seen: 0,
                     error: None,
                     busy: false,
+                    held: false,
                 })
                 .collect(),
             free,
@@ -488,6 +492,7 @@ impl ClientTransmission {
             disconnecting: false,
             strict: true,
             pending_done: None,
+            manual_release: false,
         }
     }
 
@@ -496,6 +501,26 @@ impl ClientTransmission {
     /// requests of length 0). Protocol framing is always checked.
     pub fn set_strict(&mut self, strict: bool) {
         self.strict = strict;
+    }
+
+    /// With manual release, a completed request keeps its slot (and so its
+    /// cookie's slot index) until the driver calls
+    /// [`ClientTransmission::release`]: a driver that keeps per-slot state
+    /// (buffers, results) can hand the result over before the slot is
+    /// reused.
+    pub fn set_manual_release(&mut self, manual: bool) {
+        self.manual_release = manual;
+    }
+
+    /// Gives a completed request's slot back (manual release only).
+    pub fn release(&mut self, cookie: Cookie) {
+        let slot = cookie.slot();
+        if let Some(s) = self.slots.get_mut(slot) {
+            if s.held && s.generation == (cookie.0 >> 32) as u32 {
+                s.held = false;
+                self.free.push(slot as u32);
+            }
+        }
     }
 
     /// The protocol flavour in use.
@@ -777,7 +802,11 @@ impl ClientTransmission {
             Some(e) => Err(e),
             None => Ok(()),
         };
-        self.free.push(slot as u32);
+        if self.manual_release {
+            s.held = true;
+        } else {
+            self.free.push(slot as u32);
+        }
         self.in_flight -= 1;
         ReplyEvent::Done {
             cookie,
@@ -810,7 +839,11 @@ impl ClientTransmission {
             if self.slots[i].busy {
                 out.push(self.cookie_of(i));
                 self.slots[i].busy = false;
-                self.free.push(i as u32);
+                if self.manual_release {
+                    self.slots[i].held = true;
+                } else {
+                    self.free.push(i as u32);
+                }
             }
         }
         self.in_flight = 0;
@@ -829,7 +862,9 @@ impl ClientTransmission {
     fn handle_inner<'b>(&mut self, bytes: &'b [u8]) -> Result<ReplyEvent<'b>, ReplyViolation> {
         if let ReceiveNext::Bytes(n) = self.next() {
             if bytes.len() != n {
-                return Err(ReplyViolation::DriverMisuse("handle_bytes() given a different number of bytes than next() asked"));
+                return Err(ReplyViolation::DriverMisuse(
+                    "handle_bytes() given a different number of bytes than next() asked",
+                ));
             }
         }
         match self.state {

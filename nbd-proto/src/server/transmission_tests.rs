@@ -346,7 +346,13 @@ fn extended_framing() {
     // the data follows all the same, as QEMU's server assumes.
     let r = accepted(feed(&mut t, NONE, Command::WRITE, 0, 512));
     assert_eq!(r.length, 512);
-    assert_eq!(t.next(), ServerReceive::Payload { cookie: 42, length: 512 });
+    assert_eq!(
+        t.next(),
+        ServerReceive::Payload {
+            cookie: 42,
+            length: 512
+        }
+    );
     t.payload_received().unwrap();
     let r = accepted(feed(&mut t, CommandFlags::PAYLOAD_LEN, Command::WRITE, 0, 512));
     assert_eq!(r.length, 512);

@@ -19,7 +19,12 @@ use nbd_storage::{FileStorage, MemoryStorage, Storage};
 
 /// Serve files, block devices or memory over the Network Block Device protocol.
 #[derive(Parser, Debug)]
-#[command(name = "nbd-serve", version, about, after_help = "With no FILE and no --memory, serves a sparse 1G in-memory export on 127.0.0.1:10809.")]
+#[command(
+    name = "nbd-serve",
+    version,
+    about,
+    after_help = "With no FILE and no --memory, serves a sparse 1G in-memory export on 127.0.0.1:10809."
+)]
 struct Args {
     /// File or block device to serve (the default export).
     file: Option<PathBuf>,
@@ -115,7 +120,10 @@ fn run(args: Args) -> Result<(), String> {
     let mut exports = Vec::new();
     let default = match (&args.file, args.memory) {
         (Some(_), Some(_)) => return Err("give either FILE or --memory, not both".into()),
-        (Some(f), None) => Some(open_backend(f.to_str().ok_or("file name is not UTF-8")?, args.read_only)?),
+        (Some(f), None) => Some(open_backend(
+            f.to_str().ok_or("file name is not UTF-8")?,
+            args.read_only,
+        )?),
         (None, Some(size)) => Some(Arc::new(MemoryStorage::with_options(size, args.read_only)) as Arc<dyn Storage>),
         (None, None) if args.exports.is_empty() => {
             Some(Arc::new(MemoryStorage::with_options(1 << 30, args.read_only)) as Arc<dyn Storage>)
@@ -123,14 +131,24 @@ fn run(args: Args) -> Result<(), String> {
         (None, None) => None,
     };
     if let Some(storage) = default {
-        exports.push(Export::new(args.export_name.clone(), args.description.clone().unwrap_or_default(), storage));
+        exports.push(Export::new(
+            args.export_name.clone(),
+            args.description.clone().unwrap_or_default(),
+            storage,
+        ));
     }
     for spec in &args.exports {
-        let (name, backend) = spec.split_once('=').ok_or_else(|| format!("--export {spec:?}: expected NAME=FILE"))?;
+        let (name, backend) = spec
+            .split_once('=')
+            .ok_or_else(|| format!("--export {spec:?}: expected NAME=FILE"))?;
         if exports.iter().any(|e| e.name == name) {
             return Err(format!("export {name:?} given twice"));
         }
-        exports.push(Export::new(name.to_string(), String::new(), open_backend(backend, args.read_only)?));
+        exports.push(Export::new(
+            name.to_string(),
+            String::new(),
+            open_backend(backend, args.read_only)?,
+        ));
     }
     let config = ServerConfig {
         oldstyle: args.oldstyle,
@@ -160,8 +178,9 @@ fn run(args: Args) -> Result<(), String> {
     let server = Server::new(exports, options);
     {
         let server = server.clone();
-        let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
-            .map_err(|e| format!("signals: {e}"))?;
+        let mut signals =
+            signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+                .map_err(|e| format!("signals: {e}"))?;
         std::thread::spawn(move || {
             if signals.forever().next().is_some() {
                 server.shutdown();
