@@ -270,8 +270,12 @@ impl Negotiation {
         }
         self.hs.opt_abort()?;
         match drive(&mut self.hs, &mut *self.stream, &mut self.buf) {
-            // The spec lets the server close without replying.
+            // The spec lets the server close without replying (nbd-server
+            // even resets the connection).
             Ok(()) | Err(Error::Closed(_)) => Ok(()),
+            Err(Error::Io(e)) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) => {
+                Ok(())
+            }
             Err(e) => Err(e),
         }
     }
