@@ -7,7 +7,9 @@
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod copy;
 pub mod io;
+pub mod pool;
 pub mod server;
 
 pub use client::Client;

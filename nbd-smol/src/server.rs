@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_lite::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use nbd_proto::client::Mode;
 use nbd_proto::server::{ExportListing, ServerConfig, ServerHandshake, ServerNegotiated, ServerStep};
 use nbd_storage::serve::{Connection, Export, Exports, Next};
 use smol::Async;
@@ -34,6 +35,8 @@ pub struct ServerOptions {
     pub max_connections: usize,
     /// Time a client has to finish the handshake.
     pub handshake_timeout: Duration,
+    /// Log each connection's negotiated mode and export to stderr.
+    pub verbose: bool,
 }
 
 impl Default for ServerOptions {
@@ -42,6 +45,7 @@ impl Default for ServerOptions {
             config: ServerConfig::default(),
             max_connections: 1024,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            verbose: false,
         }
     }
 }
@@ -270,7 +274,13 @@ impl Server {
                     }
                 };
                 if let Err(e) = r {
-                    if e.kind() != io::ErrorKind::UnexpectedEof && e.kind() != io::ErrorKind::ConnectionReset {
+                    // A client that hangs up without waiting for our last
+                    // reply (libnbd does after NBD_OPT_ABORT) is no error.
+                    let hung_up = matches!(
+                        e.kind(),
+                        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+                    );
+                    if !hung_up {
                         eprintln!("nbd-serve: connection: {e}");
                     }
                 }
@@ -299,6 +309,14 @@ impl Server {
         let Some((neg, export)) = neg else {
             return Ok(());
         };
+        if self.options.verbose {
+            eprintln!(
+                "nbd-serve: client negotiated {}, export {:?} ({} bytes)",
+                mode_description(neg.mode),
+                neg.export_name,
+                neg.size
+            );
+        }
         self.transmission(neg, export, &mut r, &mut w).await
     }
 
@@ -412,6 +430,17 @@ impl Server {
                 }
             }
         }
+    }
+}
+
+/// How [`ServerOptions::verbose`] names a negotiated mode.
+fn mode_description(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Oldstyle => "oldstyle negotiation",
+        Mode::ExportNameOnly => "NBD_OPT_EXPORT_NAME (simple replies)",
+        Mode::Simple => "simple replies",
+        Mode::Structured => "structured replies",
+        Mode::Extended => "extended headers",
     }
 }
 

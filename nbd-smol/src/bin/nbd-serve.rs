@@ -74,6 +74,10 @@ struct Args {
     /// NBD_OPT_EXPORT_NAME).
     #[arg(long = "no-go", hide = true)]
     no_go: bool,
+    /// Log each connection's negotiated mode (e.g. "extended headers") and
+    /// export to stderr.
+    #[arg(short = 'v', long)]
+    verbose: bool,
     /// Accepted for compatibility: nbd-serve always runs in the foreground.
     #[arg(short = 'f', long, hide = true)]
     foreground: bool,
@@ -161,6 +165,7 @@ fn run(args: Args) -> Result<(), String> {
         config,
         max_connections: args.max_connections,
         handshake_timeout: Duration::from_secs(args.handshake_timeout),
+        verbose: args.verbose,
     };
     let listeners = match Listener::from_systemd().map_err(|e| format!("socket activation: {e}"))? {
         Some(l) => l,

@@ -1,0 +1,452 @@
+//! The copying engine behind `nbd-copy`: sparse-aware, parallel copies
+//! between NBD exports, local files or block devices, and `null:`.
+//!
+//! The source is walked with block status (`base:allocation` over NBD,
+//! SEEK_DATA/SEEK_HOLE for files); holes and zero extents are never read
+//! and become WRITE_ZEROES (or holes, or nothing when the destination is
+//! known to be zero) on the destination. Data is copied by
+//! `connections × requests` workers, each with one reusable buffer, so the
+//! copy allocates nothing per request.
+
+use std::collections::VecDeque;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use nbd_proto::client::ClientConfig;
+use nbd_proto::uri::NbdUri;
+use nbd_proto::wire::{AllocationFlags, CONTEXT_BASE_ALLOCATION, CommandFlags, TransmissionFlags};
+use nbd_storage::{FileStorage, Storage, ZeroFlags};
+use smol::lock::Mutex;
+
+use crate::pool::Pool;
+
+/// One side of a copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// An NBD URI.
+    Nbd(NbdUri),
+    /// A local file or block device.
+    File(PathBuf),
+    /// `null:`: discard everything (destination only).
+    Null,
+}
+
+impl Location {
+    /// Parses a command-line argument: `null:`, an NBD URI (anything with
+    /// `://`), or a path.
+    pub fn parse(s: &str) -> Result<Location, String> {
+        if s == "null:" {
+            return Ok(Location::Null);
+        }
+        if s.contains("://") {
+            return NbdUri::parse(s).map(Location::Nbd).map_err(|e| format!("{s}: {e}"));
+        }
+        Ok(Location::File(PathBuf::from(s)))
+    }
+}
+
+/// How to copy.
+#[derive(Debug, Clone)]
+pub struct CopyOptions {
+    /// Connections per NBD side (used when the server allows multi-conn).
+    pub connections: usize,
+    /// Requests in flight per connection.
+    pub requests: usize,
+    /// Bytes per request.
+    pub request_size: usize,
+    /// The destination already reads as zeroes: zero extents are skipped.
+    pub destination_is_zero: bool,
+    /// Flush the destination at the end.
+    pub flush: bool,
+}
+
+impl Default for CopyOptions {
+    fn default() -> Self {
+        CopyOptions {
+            connections: 4,
+            requests: 64,
+            request_size: 256 * 1024,
+            destination_is_zero: false,
+            flush: false,
+        }
+    }
+}
+
+/// Live counters of a copy, for progress reporting.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Bytes of the source dealt with (copied or zeroed).
+    pub done: AtomicU64,
+    /// Size of the source.
+    pub total: AtomicU64,
+    /// Bytes actually read and written (data, not zeroes).
+    pub data: AtomicU64,
+}
+
+enum Side {
+    Nbd(Pool),
+    File(Arc<FileStorage>, bool),
+    Null,
+}
+
+impl Side {
+    fn size(&self) -> Option<u64> {
+        match self {
+            Side::Nbd(p) => Some(p.size()),
+            Side::File(f, _) => Some(f.size()),
+            Side::Null => None,
+        }
+    }
+}
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+async fn open_nbd(uri: &NbdUri, opts: &CopyOptions, want_status: bool) -> Result<Pool, String> {
+    let config = ClientConfig {
+        meta_contexts: if want_status {
+            vec![CONTEXT_BASE_ALLOCATION.to_string()]
+        } else {
+            Vec::new()
+        },
+        ..ClientConfig::default()
+    };
+    Pool::connect(uri, config, opts.connections, opts.requests)
+        .await
+        .map_err(|e| format!("{}: {e}", uri.to_uri_string()))
+}
+
+/// What the planner hands a worker.
+#[derive(Debug, Clone, Copy)]
+enum Work {
+    Data { offset: u64, length: u64 },
+    Zero { offset: u64, length: u64 },
+}
+
+/// Walks the source's allocation map ahead of the workers.
+struct Planner {
+    next_offset: u64,
+    size: u64,
+    queue: VecDeque<Work>,
+    request_size: u64,
+}
+
+/// Zero extents are sent in pieces no larger than this.
+const ZERO_PIECE: u64 = 1 << 30;
+/// How much of the source one block-status query covers.
+const STATUS_WINDOW: u64 = 1 << 30;
+
+impl Planner {
+    async fn refill(&mut self, src: &Side) -> Result<(), String> {
+        if self.next_offset >= self.size {
+            return Ok(());
+        }
+        let start = self.next_offset;
+        let window = (self.size - start).min(STATUS_WINDOW);
+        let mut extents: Vec<(u64, bool)> = Vec::new();
+        match src {
+            Side::Nbd(p) if p.negotiated().context_id(CONTEXT_BASE_ALLOCATION).is_some() => {
+                let id = p.negotiated().context_id(CONTEXT_BASE_ALLOCATION).unwrap_or(0);
+                let st = p
+                    .block_status(start, window, CommandFlags::empty())
+                    .await
+                    .map_err(err)?;
+                for (ctx, ext) in st {
+                    if ctx == id {
+                        extents.extend(ext.iter().map(|e| (e.length, e.flags & 2 != 0)));
+                    }
+                }
+            }
+            Side::File(f, _) => {
+                let f = f.clone();
+                let mut out = Vec::new();
+                let out = smol::unblock(move || f.block_status(start, window, &mut out).map(|_| out))
+                    .await
+                    .map_err(err)?;
+                extents.extend(out.iter().map(|e| (e.length, e.flags.contains(AllocationFlags::ZERO))));
+            }
+            _ => extents.push((window, false)),
+        }
+        if extents.is_empty() {
+            extents.push((window, false));
+        }
+        let mut off = start;
+        for (len, zero) in extents {
+            let len = len.min(self.size - off);
+            if len == 0 {
+                break;
+            }
+            let mut o = off;
+            let end = off + len;
+            while o < end {
+                let piece = if zero {
+                    (end - o).min(ZERO_PIECE)
+                } else {
+                    (end - o).min(self.request_size)
+                };
+                self.queue.push_back(if zero {
+                    Work::Zero {
+                        offset: o,
+                        length: piece,
+                    }
+                } else {
+                    Work::Data {
+                        offset: o,
+                        length: piece,
+                    }
+                });
+                o += piece;
+            }
+            off = end;
+        }
+        self.next_offset = off.max(start + 1).min(self.size);
+        Ok(())
+    }
+}
+
+/// Copies `src` to `dst`; returns the number of bytes copied.
+pub async fn copy(src: &Location, dst: &Location, opts: &CopyOptions, progress: Arc<Progress>) -> Result<u64, String> {
+    let src_side = match src {
+        Location::Nbd(u) => Side::Nbd(open_nbd(u, opts, true).await?),
+        Location::File(p) => {
+            let f = FileStorage::open(p, true).map_err(|e| format!("{}: {e}", p.display()))?;
+            Side::File(Arc::new(f), false)
+        }
+        Location::Null => return Err("null: can only be a destination".into()),
+    };
+    let size = src_side.size().unwrap_or(0);
+    let dst_side = match dst {
+        Location::Nbd(u) => {
+            let p = open_nbd(u, opts, false).await?;
+            if p.flags().contains(TransmissionFlags::READ_ONLY) {
+                return Err(format!("{}: the destination export is read-only", u.to_uri_string()));
+            }
+            if p.size() < size {
+                return Err(format!(
+                    "{}: the destination ({} bytes) is smaller than the source ({size} bytes)",
+                    u.to_uri_string(),
+                    p.size()
+                ));
+            }
+            Side::Nbd(p)
+        }
+        Location::File(p) => {
+            let (f, fresh) = open_destination_file(p, size)?;
+            Side::File(Arc::new(f), fresh)
+        }
+        Location::Null => Side::Null,
+    };
+    let dst_is_zero = opts.destination_is_zero || matches!(dst_side, Side::File(_, true) | Side::Null);
+    progress.total.store(size, Ordering::Relaxed);
+    let planner = Mutex::new(Planner {
+        next_offset: 0,
+        size,
+        queue: VecDeque::new(),
+        request_size: opts.request_size as u64,
+    });
+    let workers = match (&src_side, &dst_side) {
+        (Side::Nbd(p), _) | (_, Side::Nbd(p)) => p.clients().len() * opts.requests.max(1),
+        _ => opts.requests.max(1),
+    };
+    let shared = Arc::new(Shared {
+        src: src_side,
+        dst: dst_side,
+        planner,
+        failed: AtomicBool::new(false),
+        first_error: std::sync::Mutex::new(None),
+        dst_is_zero,
+        progress: progress.clone(),
+    });
+    // The workers run as tasks beside the connections' reader and writer
+    // tasks, so a copy with one executor thread wakes no other thread.
+    let tasks: Vec<smol::Task<()>> = (0..workers)
+        .map(|_| {
+            let shared = shared.clone();
+            let bufsize = opts.request_size;
+            smol::spawn(async move {
+                if let Err(e) = worker(&shared, bufsize).await {
+                    shared.failed.store(true, Ordering::SeqCst);
+                    let mut g = shared.first_error.lock().unwrap_or_else(|p| p.into_inner());
+                    g.get_or_insert(e);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await;
+    }
+    if let Some(e) = shared.first_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(e);
+    }
+    let src_side = &shared.src;
+    let dst_side = &shared.dst;
+    if opts.flush {
+        match dst_side {
+            Side::Nbd(p) if p.flags().contains(TransmissionFlags::SEND_FLUSH) => p.flush().await.map_err(err)?,
+            Side::File(f, _) => {
+                let f = f.clone();
+                smol::unblock(move || f.flush()).await.map_err(err)?
+            }
+            _ => {}
+        }
+    }
+    if let Side::Nbd(p) = src_side {
+        let _ = p.disconnect().await;
+    }
+    if let Side::Nbd(p) = dst_side {
+        p.disconnect().await.map_err(err)?;
+    }
+    Ok(progress.done.load(Ordering::Relaxed))
+}
+
+fn open_destination_file(p: &PathBuf, size: u64) -> Result<(FileStorage, bool), String> {
+    let ctx = |e: io::Error| format!("{}: {e}", p.display());
+    match std::fs::metadata(p) {
+        Ok(m) if m.file_type().is_file() => {
+            // Like cp: the destination file takes the source's size. It
+            // was not known to be zero, unless it was empty.
+            let was_empty = m.len() == 0;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(p)
+                .map_err(ctx)?;
+            f.set_len(size).map_err(ctx)?;
+            Ok((FileStorage::from_file(f, false).map_err(ctx)?, was_empty))
+        }
+        Ok(_) => {
+            let f = FileStorage::open(p, false).map_err(ctx)?;
+            if f.size() < size {
+                return Err(format!(
+                    "{}: the destination ({} bytes) is smaller than the source ({size} bytes)",
+                    p.display(),
+                    f.size()
+                ));
+            }
+            Ok((f, false))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok((FileStorage::create(p, size).map_err(ctx)?, true)),
+        Err(e) => Err(ctx(e)),
+    }
+}
+
+struct Shared {
+    src: Side,
+    dst: Side,
+    planner: Mutex<Planner>,
+    failed: AtomicBool,
+    first_error: std::sync::Mutex<Option<String>>,
+    dst_is_zero: bool,
+    progress: Arc<Progress>,
+}
+
+async fn next_work(s: &Shared) -> Result<Option<Work>, String> {
+    let mut p = s.planner.lock().await;
+    loop {
+        if let Some(w) = p.queue.pop_front() {
+            return Ok(Some(w));
+        }
+        if p.next_offset >= p.size {
+            return Ok(None);
+        }
+        p.refill(&s.src).await?;
+    }
+}
+
+async fn worker(s: &Shared, bufsize: usize) -> Result<(), String> {
+    let mut buf: Vec<u8> = vec![0u8; bufsize];
+    while !s.failed.load(Ordering::Relaxed) {
+        let Some(w) = next_work(s).await? else {
+            return Ok(());
+        };
+        match w {
+            Work::Zero { offset, length } => {
+                if !s.dst_is_zero {
+                    write_zeroes(&s.dst, offset, length, &mut buf).await?;
+                }
+                s.progress.done.fetch_add(length, Ordering::Relaxed);
+            }
+            Work::Data { offset, length } => {
+                let len = length as usize;
+                buf.resize(bufsize.max(len), 0);
+                buf.truncate(len);
+                buf = read(&s.src, offset, buf).await?;
+                buf = write(&s.dst, offset, buf).await?;
+                s.progress.done.fetch_add(length, Ordering::Relaxed);
+                s.progress.data.fetch_add(length, Ordering::Relaxed);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn read(src: &Side, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>, String> {
+    match src {
+        Side::Nbd(p) => {
+            let (r, b) = p.read(offset, buf).await;
+            r.map_err(|e| format!("read at {offset}: {e}"))?;
+            Ok(b)
+        }
+        Side::File(f, _) => {
+            let f = f.clone();
+            smol::unblock(move || {
+                let mut buf = buf;
+                f.read_at(&mut buf, offset).map(|_| buf)
+            })
+            .await
+            .map_err(|e| format!("read at {offset}: {e}"))
+        }
+        Side::Null => Err("null: cannot be read".into()),
+    }
+}
+
+async fn write(dst: &Side, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>, String> {
+    match dst {
+        Side::Nbd(p) => {
+            let (r, b) = p.write(offset, buf).await;
+            r.map_err(|e| format!("write at {offset}: {e}"))?;
+            Ok(b)
+        }
+        Side::File(f, _) => {
+            let f = f.clone();
+            smol::unblock(move || f.write_at(&buf, offset, false).map(|_| buf))
+                .await
+                .map_err(|e| format!("write at {offset}: {e}"))
+        }
+        Side::Null => Ok(buf),
+    }
+}
+
+async fn write_zeroes(dst: &Side, offset: u64, length: u64, buf: &mut Vec<u8>) -> Result<(), String> {
+    match dst {
+        Side::Nbd(p) if p.flags().contains(TransmissionFlags::SEND_WRITE_ZEROES) => p
+            .write_zeroes(offset, length, CommandFlags::empty())
+            .await
+            .map_err(|e| format!("zero at {offset}: {e}")),
+        Side::Nbd(_) => {
+            // No WRITE_ZEROES: write zero buffers.
+            let mut o = offset;
+            let end = offset + length;
+            while o < end {
+                let n = ((end - o) as usize).min(buf.capacity().max(65536));
+                let mut b = std::mem::take(buf);
+                b.clear();
+                b.resize(n, 0);
+                b = write(dst, o, b).await?;
+                *buf = b;
+                o += n as u64;
+            }
+            Ok(())
+        }
+        Side::File(f, _) => {
+            let f = f.clone();
+            smol::unblock(move || f.write_zeroes(offset, length, ZeroFlags::default()))
+                .await
+                .map_err(|e| format!("zero at {offset}: {e}"))
+        }
+        Side::Null => Ok(()),
+    }
+}
