@@ -142,30 +142,9 @@ async fn drive_handshake(hs: &mut ClientHandshake, r: &mut BoxRead, w: &mut BoxW
     }
 }
 
-/// A buffer a request can own while it is in flight.
-pub trait Buffer: AsRef<[u8]> + AsMut<[u8]> + Send + 'static {}
-impl<T: AsRef<[u8]> + AsMut<[u8]> + Send + 'static> Buffer for T {}
-
-type Buf = Box<dyn BufferDyn>;
-
-/// Object-safe view of a [`Buffer`] (the table holds any buffer type).
-trait BufferDyn: Send {
-    fn bytes(&self) -> &[u8];
-    fn bytes_mut(&mut self) -> &mut [u8];
-    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send>;
-}
-
-impl<B: Buffer> BufferDyn for B {
-    fn bytes(&self) -> &[u8] {
-        self.as_ref()
-    }
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        self.as_mut()
-    }
-    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
-        self
-    }
-}
+/// A request's buffer: owned by the connection while the request is in
+/// flight and given back with the reply (moving a `Vec` allocates nothing).
+type Buf = Vec<u8>;
 
 /// Per-request state kept beside the protocol machine's in-flight table
 /// (same index). The machine runs with manual release, so a slot is reused
@@ -380,37 +359,31 @@ impl Client {
 
     /// Reads into `buf` (its whole length) at `offset` with one request,
     /// giving the buffer back. Holes arrive as zeroes.
-    pub async fn read<B: Buffer>(&self, offset: u64, buf: B) -> (Result<()>, B) {
+    pub async fn read(&self, offset: u64, buf: Vec<u8>) -> (Result<()>, Vec<u8>) {
         self.read_with(offset, buf, CommandFlags::empty()).await
     }
 
     /// As [`Client::read`], with command flags (e.g. DF).
-    pub async fn read_with<B: Buffer>(&self, offset: u64, buf: B, flags: CommandFlags) -> (Result<()>, B) {
-        let len = buf.as_ref().len() as u64;
+    pub async fn read_with(&self, offset: u64, buf: Vec<u8>, flags: CommandFlags) -> (Result<()>, Vec<u8>) {
+        let len = buf.len() as u64;
         let (r, b) = self
-            .submit(
-                Request::new(Command::READ, offset, len).with_flags(flags),
-                Some(Box::new(buf)),
-            )
+            .submit(Request::new(Command::READ, offset, len).with_flags(flags), Some(buf))
             .await;
-        (r.map(|_| ()), unbox(b))
+        (r.map(|_| ()), b.unwrap_or_default())
     }
 
     /// Writes all of `buf` at `offset` with one request, giving it back.
-    pub async fn write<B: Buffer>(&self, offset: u64, buf: B) -> (Result<()>, B) {
+    pub async fn write(&self, offset: u64, buf: Vec<u8>) -> (Result<()>, Vec<u8>) {
         self.write_with(offset, buf, CommandFlags::empty()).await
     }
 
     /// As [`Client::write`], with command flags (e.g. FUA).
-    pub async fn write_with<B: Buffer>(&self, offset: u64, buf: B, flags: CommandFlags) -> (Result<()>, B) {
-        let len = buf.as_ref().len() as u64;
+    pub async fn write_with(&self, offset: u64, buf: Vec<u8>, flags: CommandFlags) -> (Result<()>, Vec<u8>) {
+        let len = buf.len() as u64;
         let (r, b) = self
-            .submit(
-                Request::new(Command::WRITE, offset, len).with_flags(flags),
-                Some(Box::new(buf)),
-            )
+            .submit(Request::new(Command::WRITE, offset, len).with_flags(flags), Some(buf))
             .await;
-        (r.map(|_| ()), unbox(b))
+        (r.map(|_| ()), b.unwrap_or_default())
     }
 
     async fn simple(&self, req: Request) -> Result<()> {
@@ -484,15 +457,6 @@ impl Client {
         .await;
         drop(permits);
         Ok(())
-    }
-}
-
-fn unbox<B: Buffer>(b: Option<Buf>) -> B {
-    match b.map(|b| b.into_any().downcast::<B>()) {
-        Some(Ok(b)) => *b,
-        // The buffer always comes back: every path that takes it out of a
-        // slot puts it back before completing the request.
-        _ => unreachable!("request buffer lost"),
     }
 }
 
@@ -626,7 +590,7 @@ async fn reader_loop(state: &State, r: &mut BoxRead) -> std::result::Result<(), 
                         let s = &mut g.slots[cookie.slot()];
                         if let Some(b) = s.buf.as_mut() {
                             let start = buf_offset as usize;
-                            if let Some(piece) = b.bytes_mut().get_mut(start..start + length as usize) {
+                            if let Some(piece) = b.get_mut(start..start + length as usize) {
                                 piece.fill(0);
                             }
                         }
@@ -662,7 +626,7 @@ async fn reader_loop(state: &State, r: &mut BoxRead) -> std::result::Result<(), 
                 };
                 let start = buf_offset as usize;
                 let end = start + length as usize;
-                let res = match buf.as_mut().and_then(|b| b.bytes_mut().get_mut(start..end)) {
+                let res = match buf.as_mut().and_then(|b| b.get_mut(start..end)) {
                     Some(piece) => r.read_exact(piece).await,
                     None => {
                         // Abandoned request: drain the bytes.
@@ -767,7 +731,7 @@ async fn writer_loop(state: &State, w: &mut BoxWrite) -> io::Result<()> {
             }
         }
         let res = match &payload {
-            Some((_, b, len)) => write_all_vectored(w, &headers, &b.bytes()[..*len]).await,
+            Some((_, b, len)) => write_all_vectored(w, &headers, &b[..*len]).await,
             None => w.write_all(&headers).await,
         };
         if let Some((i, b, _)) = payload {

@@ -12,7 +12,7 @@ use nbd_proto::client::{ClientConfig, Extent, Negotiated};
 use nbd_proto::uri::NbdUri;
 use nbd_proto::wire::{CommandFlags, TransmissionFlags};
 
-use crate::client::{Buffer, Client, Error, Result};
+use crate::client::{Client, Error, Result};
 
 /// A pool of connections to one export.
 #[derive(Debug)]
@@ -79,12 +79,12 @@ impl Pool {
     }
 
     /// Reads at `offset` into `buf` on one of the connections.
-    pub async fn read<B: Buffer>(&self, offset: u64, buf: B) -> (Result<()>, B) {
+    pub async fn read(&self, offset: u64, buf: Vec<u8>) -> (Result<()>, Vec<u8>) {
         self.pick().read(offset, buf).await
     }
 
     /// Writes `buf` at `offset` on one of the connections.
-    pub async fn write<B: Buffer>(&self, offset: u64, buf: B) -> (Result<()>, B) {
+    pub async fn write(&self, offset: u64, buf: Vec<u8>) -> (Result<()>, Vec<u8>) {
         self.pick().write(offset, buf).await
     }
 

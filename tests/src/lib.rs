@@ -177,13 +177,17 @@ pub fn our_bin(name: &str) -> String {
         return path.clone();
     }
 
-    // A test executable lives in TARGET_DIR/PROFILE/deps/.
+    // A test executable lives in TARGET_DIR/PROFILE/deps/, a binary of
+    // this crate (the benchmark) in TARGET_DIR/PROFILE/.
     let exe = std::env::current_exe().expect("path of the running test executable");
-    let profile_dir = exe
-        .parent()
-        .filter(|deps| deps.file_name() == Some(OsStr::new("deps")))
-        .and_then(Path::parent)
-        .unwrap_or_else(|| panic!("test executable {} is not in TARGET/PROFILE/deps", exe.display()));
+    let parent = exe.parent().expect("directory of the running executable");
+    let profile_dir = if parent.file_name() == Some(OsStr::new("deps")) {
+        parent
+            .parent()
+            .unwrap_or_else(|| panic!("{} has no TARGET/PROFILE", exe.display()))
+    } else {
+        parent
+    };
     let target_dir = profile_dir.parent().expect("target directory");
     let profile = profile_dir
         .file_name()

@@ -1,0 +1,517 @@
+//! `nbd-bench`: our server and copier against the reference peers, measured
+//! side by side in the same run on Unix sockets, printing each figure of
+//! ours, of the peer, and their ratio.
+//!
+//! Run with `cargo run --release -p nbd-tests --bin nbd-bench` (add
+//! `-- --quick` for a shorter run). The machines are shared and noisy: each
+//! figure is the median of several alternating runs (ours, peer, ours,
+//! peer, ...), and only ratios measured in the same run mean anything.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nbd_tests::{Endpoint, Peer, TempDir, our_bin, require_peers, run_timeout};
+
+struct Config {
+    reps: usize,
+    runtime: u32,
+    copy_size: u64,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Better {
+    Higher,
+    Lower,
+}
+
+struct Row {
+    what: String,
+    peer: String,
+    ours: f64,
+    theirs: f64,
+    unit: &'static str,
+    better: Better,
+    target: f64,
+}
+
+impl Row {
+    fn ratio(&self) -> f64 {
+        if self.theirs == 0.0 {
+            f64::NAN
+        } else {
+            self.ours / self.theirs
+        }
+    }
+    fn met(&self) -> bool {
+        match self.better {
+            Better::Higher => self.ratio() >= self.target,
+            Better::Lower => self.ratio() <= self.target,
+        }
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+}
+
+/// CPU time (user + system, all threads) of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rfind(')').map(|i| &stat[i + 2..]).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of stat are utime and stime; after the command name
+    // they are at index 11 and 12.
+    let ticks: f64 = f.get(11).and_then(|s| s.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+/// Resident memory of a process in KiB.
+fn rss_kib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+struct FioResult {
+    iops: f64,
+    bytes_per_sec: f64,
+    ios: f64,
+}
+
+fn fio(uri: &str, rw: &str, bs: &str, iodepth: u32, cfg: &Config, dir: &TempDir) -> FioResult {
+    let out = dir.join("fio.json");
+    let args = [
+        "--name=bench".to_string(),
+        "--ioengine=nbd".to_string(),
+        format!("--uri={uri}"),
+        format!("--rw={rw}"),
+        format!("--bs={bs}"),
+        format!("--iodepth={iodepth}"),
+        "--size=256M".to_string(),
+        format!("--runtime={}", cfg.runtime),
+        "--time_based".to_string(),
+        "--output-format=json".to_string(),
+        format!("--output={}", out.display()),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = run_timeout("fio", &args, Duration::from_secs(cfg.runtime as u64 + 60));
+    assert!(o.status.success(), "fio failed: {}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).expect("fio output")).expect("fio json");
+    let job = &j["jobs"][0];
+    let side = if rw.contains("write") {
+        &job["write"]
+    } else {
+        &job["read"]
+    };
+    FioResult {
+        iops: side["iops"].as_f64().unwrap_or(0.0),
+        bytes_per_sec: side["bw_bytes"].as_f64().unwrap_or(0.0),
+        ios: side["total_ios"].as_f64().unwrap_or(0.0),
+    }
+}
+
+fn prefill(uri: &str, dir: &TempDir) {
+    let args = [
+        "--name=fill".to_string(),
+        "--ioengine=nbd".to_string(),
+        format!("--uri={uri}"),
+        "--rw=write".to_string(),
+        "--bs=1M".to_string(),
+        "--iodepth=8".to_string(),
+        "--size=256M".to_string(),
+        format!("--output={}", dir.join("fill.txt").display()),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = run_timeout("fio", &args, Duration::from_secs(120));
+    assert!(
+        o.status.success(),
+        "fio prefill failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn unix_uri(sock: &Path) -> String {
+    format!("nbd+unix:///?socket={}", sock.display())
+}
+
+/// Runs the four fio workloads against two servers, alternating.
+fn server_rows(
+    label: &str,
+    peer_name: &str,
+    ours: (&Peer, String),
+    theirs: (&Peer, String),
+    cfg: &Config,
+    dir: &TempDir,
+    rows: &mut Vec<Row>,
+) {
+    prefill(&ours.1, dir);
+    prefill(&theirs.1, dir);
+    let workloads: [(&str, &str, &str, u32); 3] = [
+        ("4 KiB random reads, iodepth 64", "randread", "4k", 64),
+        ("4 KiB random writes, iodepth 64", "randwrite", "4k", 64),
+        ("1 MiB sequential reads, iodepth 16", "read", "1M", 16),
+    ];
+    for (name, rw, bs, depth) in workloads {
+        let (mut a, mut b, mut a_cpu, mut b_cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..cfg.reps {
+            for (peer, uri, vals, cpus) in [
+                (ours.0, &ours.1, &mut a, &mut a_cpu),
+                (theirs.0, &theirs.1, &mut b, &mut b_cpu),
+            ] {
+                let c0 = cpu_seconds(peer.pid());
+                let r = fio(uri, rw, bs, depth, cfg, dir);
+                let c1 = cpu_seconds(peer.pid());
+                vals.push(if bs == "1M" { r.bytes_per_sec / 1e6 } else { r.iops });
+                if r.ios > 0.0 {
+                    cpus.push((c1 - c0) * 1e6 / r.ios);
+                }
+            }
+        }
+        let (unit, what) = if bs == "1M" {
+            ("MB/s", "throughput")
+        } else {
+            ("IOPS", "IOPS")
+        };
+        rows.push(Row {
+            what: format!("{label}, fio {name}: {what}"),
+            peer: peer_name.to_string(),
+            ours: median(a),
+            theirs: median(b),
+            unit,
+            better: Better::Higher,
+            target: 1.25,
+        });
+        if rw == "randread" {
+            rows.push(Row {
+                what: format!("{label}, fio {name}: server CPU per request"),
+                peer: peer_name.to_string(),
+                ours: median(a_cpu),
+                theirs: median(b_cpu),
+                unit: "us",
+                better: Better::Lower,
+                target: 0.6,
+            });
+        }
+    }
+}
+
+fn time_cmd(cmd: &str, args: &[&str]) -> f64 {
+    let t = Instant::now();
+    let o = run_timeout(cmd, args, Duration::from_secs(600));
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    t.elapsed().as_secs_f64()
+}
+
+fn copy_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
+    let ours = our_bin("nbd-copy");
+    let serve = our_bin("nbd-serve");
+    // 1. Random data from nbdkit memory to null:.
+    let size = cfg.copy_size;
+    let sock = dir.socket_path("kit");
+    let kit = Peer::start(
+        dir,
+        "nbdkit",
+        &[
+            "-f",
+            "-U",
+            sock.to_str().unwrap_or_default(),
+            "memory",
+            &size.to_string(),
+        ],
+        Endpoint::Unix(sock.clone()),
+    );
+    let src = shm_path(dir, "random.img");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&src).expect("create random image");
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut buf = vec![0u8; 1 << 20];
+        for _ in 0..(size >> 20) {
+            for c in buf.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                c.copy_from_slice(&x.to_le_bytes());
+            }
+            f.write_all(&buf).expect("write random image");
+        }
+    }
+    let kit_uri = unix_uri(&sock);
+    time_cmd("nbdcopy", &[src.to_str().unwrap_or_default(), &kit_uri]);
+    let _ = std::fs::remove_file(&src);
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..cfg.reps {
+        a.push(size as f64 / 1e6 / time_cmd(&ours, &[&kit_uri, "null:"]));
+        b.push(size as f64 / 1e6 / time_cmd("nbdcopy", &[&kit_uri, "null:"]));
+    }
+    rows.push(Row {
+        what: format!("copy {} MiB of random data, nbdkit memory to null:", size >> 20),
+        peer: "nbdcopy".into(),
+        ours: median(a),
+        theirs: median(b),
+        unit: "MB/s",
+        better: Better::Higher,
+        target: 1.25,
+    });
+    drop(kit);
+
+    // 2. A sparse 4 GiB image served by nbd-serve, copied to a file.
+    let img = shm_path(dir, "sparse.img");
+    {
+        let f = std::fs::File::create(&img).expect("create sparse image");
+        f.set_len(4 << 30).expect("size sparse image");
+        use std::os::unix::fs::FileExt;
+        let chunk = vec![0x5au8; 4 << 20];
+        // 16 data extents of 4 MiB spread over the image: 64 MiB of data.
+        for i in 0..16u64 {
+            f.write_all_at(&chunk, i * (256 << 20) + (8 << 20))
+                .expect("write data extent");
+        }
+    }
+    let sock = dir.socket_path("serve");
+    let srv = Peer::start(
+        dir,
+        &serve,
+        &[
+            "--socket",
+            sock.to_str().unwrap_or_default(),
+            "-r",
+            img.to_str().unwrap_or_default(),
+        ],
+        Endpoint::Unix(sock.clone()),
+    );
+    let uri = unix_uri(&sock);
+    let out = shm_path(dir, "out.img");
+    let out_s = out.to_str().unwrap_or_default().to_string();
+    let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..cfg.reps {
+        let _ = std::fs::remove_file(&out);
+        a.push(time_cmd(&ours, &[&uri, &out_s]));
+        let _ = std::fs::remove_file(&out);
+        std::fs::File::create(&out)
+            .and_then(|f| f.set_len(4 << 30))
+            .expect("target for nbdcopy");
+        b.push(time_cmd("nbdcopy", &[&uri, &out_s]));
+        let _ = std::fs::remove_file(&out);
+        c.push(time_cmd(
+            "qemu-img",
+            &["convert", "-f", "raw", "-O", "raw", &uri, &out_s],
+        ));
+    }
+    let _ = std::fs::remove_file(&out);
+    drop(srv);
+    let _ = std::fs::remove_file(&img);
+    let mbs = |v: Vec<f64>| (4u64 << 30) as f64 / 1e6 / median(v);
+    let (a, b, c) = (mbs(a), mbs(b), mbs(c));
+    for (peer, theirs) in [("nbdcopy", b), ("qemu-img convert", c)] {
+        rows.push(Row {
+            what: "copy a sparse 4 GiB image (64 MiB data), nbd-serve to a file".into(),
+            peer: peer.into(),
+            ours: a,
+            theirs,
+            unit: "MB/s",
+            better: Better::Higher,
+            target: 1.25,
+        });
+    }
+}
+
+/// A path on tmpfs when there is one (copies then measure the protocol,
+/// not the disk), else in the temporary directory.
+fn shm_path(dir: &TempDir, name: &str) -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.join(format!("nbd-bench-{}-{name}", std::process::id()))
+    } else {
+        dir.join(name)
+    }
+}
+
+fn idle_memory_rows(dir: &TempDir, rows: &mut Vec<Row>) {
+    let serve = our_bin("nbd-serve");
+    let n = 100;
+    let mut per_conn = Vec::new();
+    for (program, args) in [
+        (serve.as_str(), vec!["--memory", "1G", "--max-connections", "1000"]),
+        ("nbdkit", vec!["-f", "memory", "1G"]),
+    ] {
+        let sock = dir.socket_path("idle");
+        let mut full: Vec<&str> = Vec::new();
+        if program == "nbdkit" {
+            full.extend_from_slice(&args);
+            full.splice(1..1, ["-U", sock.to_str().unwrap_or_default()]);
+        } else {
+            full.extend_from_slice(&["--socket", sock.to_str().unwrap_or_default()]);
+            full.extend_from_slice(&args);
+        }
+        let peer = Peer::start(dir, program, &full, Endpoint::Unix(sock.clone()));
+        std::thread::sleep(Duration::from_millis(200));
+        let before = rss_kib(peer.pid());
+        let uri = unix_uri(&sock);
+        let clients: Vec<_> = (0..n)
+            .filter_map(|_| nbd_blocking::Client::connect(&uri).ok())
+            .collect();
+        std::thread::sleep(Duration::from_millis(500));
+        let after = rss_kib(peer.pid());
+        per_conn.push((after - before) / clients.len().max(1) as f64);
+        drop(clients);
+    }
+    rows.push(Row {
+        what: format!("server memory per idle connection ({n} connections)"),
+        peer: "nbdkit memory".into(),
+        ours: per_conn[0],
+        theirs: per_conn[1],
+        unit: "KiB",
+        better: Better::Lower,
+        target: 1.0,
+    });
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let cfg = if quick {
+        Config {
+            reps: 1,
+            runtime: 2,
+            copy_size: 256 << 20,
+        }
+    } else {
+        Config {
+            reps: 3,
+            runtime: 4,
+            copy_size: 1 << 30,
+        }
+    };
+    if !require_peers(&["nbdkit", "qemu-nbd", "qemu-img", "nbdcopy", "fio"]) {
+        eprintln!("nbd-bench: peers missing; run scripts/install-peers.sh");
+        std::process::exit(1);
+    }
+    let dir = TempDir::new();
+    let serve = our_bin("nbd-serve");
+    let mut rows = Vec::new();
+
+    // Memory: nbd-serve --memory against nbdkit's memory plugin.
+    {
+        let s1 = dir.socket_path("ours");
+        let s2 = dir.socket_path("kit");
+        let ours = Peer::start(
+            &dir,
+            &serve,
+            &["--socket", s1.to_str().unwrap_or_default(), "--memory", "1G"],
+            Endpoint::Unix(s1.clone()),
+        );
+        let kit = Peer::start(
+            &dir,
+            "nbdkit",
+            &["-f", "-U", s2.to_str().unwrap_or_default(), "memory", "1G"],
+            Endpoint::Unix(s2.clone()),
+        );
+        server_rows(
+            "nbd-serve --memory",
+            "nbdkit memory",
+            (&ours, unix_uri(&s1)),
+            (&kit, unix_uri(&s2)),
+            &cfg,
+            &dir,
+            &mut rows,
+        );
+    }
+    // Files on tmpfs: nbd-serve FILE against qemu-nbd on the same kind of file.
+    {
+        let f1 = shm_path(&dir, "ours.img");
+        let f2 = shm_path(&dir, "qemu.img");
+        for f in [&f1, &f2] {
+            std::fs::File::create(f)
+                .and_then(|h| h.set_len(1 << 30))
+                .expect("create image");
+        }
+        let s1 = dir.socket_path("ours");
+        let s2 = dir.socket_path("qemu");
+        let ours = Peer::start(
+            &dir,
+            &serve,
+            &[
+                "--socket",
+                s1.to_str().unwrap_or_default(),
+                f1.to_str().unwrap_or_default(),
+            ],
+            Endpoint::Unix(s1.clone()),
+        );
+        let qemu = Peer::start(
+            &dir,
+            "qemu-nbd",
+            &[
+                "--socket",
+                s2.to_str().unwrap_or_default(),
+                "--persistent",
+                "--shared=8",
+                "-f",
+                "raw",
+                f2.to_str().unwrap_or_default(),
+            ],
+            Endpoint::Unix(s2.clone()),
+        );
+        server_rows(
+            "nbd-serve FILE (tmpfs)",
+            "qemu-nbd",
+            (&ours, unix_uri(&s1)),
+            (&qemu, unix_uri(&s2)),
+            &cfg,
+            &dir,
+            &mut rows,
+        );
+        drop(ours);
+        drop(qemu);
+        let _ = std::fs::remove_file(&f1);
+        let _ = std::fs::remove_file(&f2);
+    }
+    copy_rows(&cfg, &dir, &mut rows);
+    idle_memory_rows(&dir, &mut rows);
+
+    println!();
+    println!(
+        "{:<72} {:<18} {:>12} {:>12} {:>8} {:>8}  met",
+        "what", "peer", "ours", "peer", "ratio", "target"
+    );
+    for r in &rows {
+        let target = match r.better {
+            Better::Higher => format!(">={:.2}", r.target),
+            Better::Lower => format!("<={:.2}", r.target),
+        };
+        println!(
+            "{:<72} {:<18} {:>9.1} {:<2} {:>9.1} {:<2} {:>8.3} {:>8}  {}",
+            r.what,
+            r.peer,
+            r.ours,
+            short_unit(r.unit),
+            r.theirs,
+            short_unit(r.unit),
+            r.ratio(),
+            target,
+            if r.met() { "yes" } else { "NO" }
+        );
+    }
+    println!(
+        "\nunits: IOPS = I/O per second, MB/s = 10^6 bytes per second, us = CPU microseconds per request, KiB = resident memory"
+    );
+}
+
+fn short_unit(u: &str) -> &str {
+    match u {
+        "IOPS" => "io",
+        "MB/s" => "MB",
+        "us" => "us",
+        "KiB" => "Ki",
+        _ => "",
+    }
+}
