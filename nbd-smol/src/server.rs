@@ -393,6 +393,8 @@ impl Server {
     {
         let mut conn = Connection::new(&neg, self.exports.get(export));
         let mut header = Vec::with_capacity(32);
+        // One listener for the whole connection: shutdown happens once.
+        let mut stop = self.shutdown_event.listen();
         loop {
             // Flush replies before a read that would block.
             if r.buffer().is_empty() && conn.has_output() {
@@ -402,6 +404,18 @@ impl Server {
             }
             match conn.next() {
                 Next::Bytes(n) => {
+                    // Every request so far is answered and sent: on
+                    // shutdown, hang up now instead of waiting for the
+                    // client (the spec's hard disconnect after in-flight
+                    // requests); requests already buffered get
+                    // NBD_ESHUTDOWN.
+                    if r.buffer().is_empty() && !conn.has_output() && !self.wait_for_request(r, &mut stop).await? {
+                        let _ = w.close().await;
+                        return Ok(());
+                    }
+                    if self.shutting_down.load(Ordering::SeqCst) {
+                        conn.shutdown();
+                    }
                     header.resize(n, 0);
                     match r.read_exact(&mut header).await {
                         Ok(()) => {}
@@ -441,6 +455,28 @@ fn mode_description(mode: Mode) -> &'static str {
         Mode::Simple => "simple replies",
         Mode::Structured => "structured replies",
         Mode::Extended => "extended headers",
+    }
+}
+
+impl Server {
+    /// Waits until the client sends something (or hangs up): `true`, or
+    /// until the server shuts down: `false`.
+    /// `stop` must have been created before the server's shutdown flag is
+    /// read, so that no notification is missed.
+    async fn wait_for_request<R: AsyncRead + Unpin>(
+        &self,
+        r: &mut BufReader<R>,
+        stop: &mut event_listener::EventListener,
+    ) -> io::Result<bool> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        let readable = async { r.fill_buf().await.map(|_| true) };
+        let stopped = async {
+            stop.await;
+            Ok(false)
+        };
+        smol::future::or(readable, stopped).await
     }
 }
 

@@ -468,7 +468,7 @@ impl ServerTransmission {
     }
 
     /// Every check of the spec on a request, in the order: command, flags,
-    /// advertisement, read-only, range, alignment, size limits.
+    /// read-only, advertisement, range, alignment, size limits.
     fn validate(&self, req: &ServerRequest, payload: u64) -> Result<(), (ErrorCode, &'static str)> {
         if self.shutting_down {
             return Err((ErrorCode::ESHUTDOWN, "server is shutting down"));
@@ -494,6 +494,14 @@ impl ServerTransmission {
         if !allowed.contains(req.flags) {
             return einval("command flag not valid for this command");
         }
+        // Before the advertisement checks: a read-only export advertises
+        // neither TRIM nor WRITE_ZEROES (nor FUA), and the spec asks for
+        // NBD_EPERM on any write, trim or write zeroes to it.
+        if f.contains(TransmissionFlags::READ_ONLY)
+            && matches!(cmd, Command::WRITE | Command::TRIM | Command::WRITE_ZEROES)
+        {
+            return Err((ErrorCode::EPERM, "the export is read-only"));
+        }
         if req.flags.contains(CommandFlags::FUA) && !f.contains(TransmissionFlags::SEND_FUA) {
             return einval("NBD_CMD_FLAG_FUA without NBD_FLAG_SEND_FUA");
         }
@@ -516,11 +524,6 @@ impl ServerTransmission {
                 return einval("NBD_CMD_BLOCK_STATUS without a negotiated metadata context");
             }
             _ => {}
-        }
-        if f.contains(TransmissionFlags::READ_ONLY)
-            && matches!(cmd, Command::WRITE | Command::TRIM | Command::WRITE_ZEROES)
-        {
-            return Err((ErrorCode::EPERM, "the export is read-only"));
         }
         if cmd == Command::FLUSH {
             if req.offset != 0 || req.length != 0 {

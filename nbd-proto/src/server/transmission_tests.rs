@@ -294,6 +294,33 @@ fn read_only() {
     assert_eq!(check(&mut t, NONE, Command::FLUSH, 0, 0), None);
 }
 
+/// A read-only export advertises no TRIM, WRITE_ZEROES or FUA; modifying
+/// commands sent anyway still get `NBD_EPERM` (as the spec asks), not
+/// the `NBD_EINVAL` of an unadvertised command.
+#[test]
+fn read_only_without_write_flags() {
+    let flags = TransmissionFlags::HAS_FLAGS | TransmissionFlags::READ_ONLY | TransmissionFlags::SEND_FLUSH;
+    let mut t = ServerTransmission::new(&neg(Mode::Structured, flags));
+    assert_eq!(check(&mut t, NONE, Command::TRIM, 0, 1), Some(ErrorCode::EPERM));
+    assert_eq!(check(&mut t, NONE, Command::WRITE_ZEROES, 0, 1), Some(ErrorCode::EPERM));
+    assert_eq!(
+        check(&mut t, CommandFlags::NO_HOLE, Command::WRITE_ZEROES, 0, 1),
+        Some(ErrorCode::EPERM)
+    );
+    let ev = feed(&mut t, CommandFlags::FUA, Command::WRITE, 0, 512);
+    assert_eq!(rejected(ev), ErrorCode::EPERM);
+    assert_eq!(t.next(), ServerReceive::Discard(512));
+    t.discarded().unwrap();
+    // Flags invalid for the command stay NBD_EINVAL.
+    assert_eq!(
+        check(&mut t, CommandFlags::DF, Command::TRIM, 0, 1),
+        Some(ErrorCode::EINVAL)
+    );
+    // CACHE is not a write: unadvertised, it is NBD_EINVAL.
+    assert_eq!(check(&mut t, NONE, Command::CACHE, 0, 1), Some(ErrorCode::EINVAL));
+    assert_eq!(check(&mut t, NONE, Command::READ, 0, 1), None);
+}
+
 #[test]
 fn alignment() {
     let mut n = neg(Mode::Simple, ALL_FLAGS);
