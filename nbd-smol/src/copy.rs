@@ -136,7 +136,7 @@ struct Planner {
 
 /// Zero extents are sent in pieces no larger than this.
 const ZERO_PIECE: u64 = 1 << 30;
-/// How much of the source one block-status query covers.
+/// How much of a local source one SEEK_DATA/SEEK_HOLE walk covers.
 const STATUS_WINDOW: u64 = 1 << 30;
 
 impl Planner {
@@ -145,7 +145,17 @@ impl Planner {
             return Ok(());
         }
         let start = self.next_offset;
-        let window = (self.size - start).min(STATUS_WINDOW);
+        // One query covers as much as the protocol lets it: the rest of the
+        // export with extended headers, else what 32 bits can describe.
+        let limit = match src {
+            Side::Nbd(p) if p.negotiated().mode.extended() => u64::MAX,
+            Side::Nbd(p) => {
+                let min = p.negotiated().constraints().minimum.max(1) as u64;
+                (u32::MAX as u64 / min) * min
+            }
+            _ => STATUS_WINDOW,
+        };
+        let window = (self.size - start).min(limit);
         let mut extents: Vec<(u64, bool)> = Vec::new();
         match src {
             Side::Nbd(p) if p.negotiated().context_id(CONTEXT_BASE_ALLOCATION).is_some() => {

@@ -11,12 +11,13 @@ pub mod copy;
 pub mod io;
 pub mod pool;
 pub mod server;
+pub mod tls;
 
 pub use client::Client;
 
-/// Runs a future to completion on the current thread while smol's global
-/// executor (where connections and client tasks run) uses one thread per
-/// CPU unless `SMOL_THREADS` says otherwise.
+/// Runs a future to completion on the current thread. Connections and
+/// client tasks run on smol's global executor, whose number of threads is
+/// set by `SMOL_THREADS` (one by default; `nbd-serve` sets one per CPU).
 pub fn block_on<T>(fut: impl std::future::Future<Output = T>) -> T {
     smol::block_on(fut)
 }

@@ -12,7 +12,7 @@ use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_lite::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use nbd_proto::client::Mode;
@@ -37,6 +37,11 @@ pub struct ServerOptions {
     pub handshake_timeout: Duration,
     /// Log each connection's negotiated mode and export to stderr.
     pub verbose: bool,
+    /// The TLS certificate and key (see [`crate::tls::ServerTlsOptions`]),
+    /// needed unless `config.tls` is [`nbd_proto::server::TlsPolicy::NoTls`]:
+    /// without them a client's `NBD_OPT_STARTTLS` is acknowledged by the
+    /// policy but the connection is then closed.
+    pub tls: Option<Arc<crate::tls::rustls::ServerConfig>>,
 }
 
 impl Default for ServerOptions {
@@ -46,8 +51,28 @@ impl Default for ServerOptions {
             max_connections: 1024,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             verbose: false,
+            tls: None,
         }
     }
+}
+
+/// How a handshake (or its part before TLS) ended.
+enum HandshakeEnd {
+    /// Transmission can start on this export.
+    Done(ServerNegotiated, usize),
+    /// The client asked for TLS and the ACK went out.
+    StartTls(ServerHandshake),
+    /// The client aborted or went away.
+    Closed,
+}
+
+/// Runs `fut`, failing with "handshake timed out" at `deadline`.
+async fn with_deadline<T>(deadline: Instant, fut: impl std::future::Future<Output = io::Result<T>>) -> io::Result<T> {
+    smol::future::or(fut, async {
+        smol::Timer::at(deadline).await;
+        Err(io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))
+    })
+    .await
 }
 
 /// A listening socket.
@@ -292,40 +317,90 @@ impl Server {
     }
 
     /// Serves one connection (handshake, then transmission) over a pair of
-    /// halves.
-    pub async fn serve_connection<R, W>(&self, r: R, mut w: W) -> io::Result<()>
+    /// halves. When the client asks for TLS (and the policy allows it),
+    /// the rest of the handshake and transmission run over TLS: the
+    /// halves are joined for the TLS handshake and the TLS stream is split
+    /// again.
+    pub async fn serve_connection<R, W>(&self, r: R, w: W) -> io::Result<()>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
+        // One deadline for the whole handshake, TLS included.
+        let deadline = Instant::now() + self.options.handshake_timeout;
         let mut r = BufReader::with_capacity(64 * 1024, r);
-        let timeout = self.options.handshake_timeout;
-        let hs = self.handshake(&mut r, &mut w);
-        let neg = smol::future::or(hs, async {
-            smol::Timer::after(timeout).await;
-            Err(io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))
-        })
-        .await?;
-        let Some((neg, export)) = neg else {
-            return Ok(());
+        let mut w = w;
+        let hs = ServerHandshake::new(self.options.config.clone());
+        let hs = match with_deadline(deadline, self.handshake(hs, &mut r, &mut w)).await? {
+            HandshakeEnd::Done(neg, export) => return self.start_transmission(neg, export, &mut r, &mut w).await,
+            HandshakeEnd::Closed => return Ok(()),
+            HandshakeEnd::StartTls(hs) => hs,
         };
+        // The client must wait for the ACK before its TLS handshake, and
+        // the machine read nothing past STARTTLS: buffered bytes here were
+        // sent too early (and would be lost to TLS).
+        if !r.buffer().is_empty() {
+            return Err(invalid_data(
+                "client sent data before the NBD_OPT_STARTTLS acknowledgement",
+            ));
+        }
+        let Some(config) = self.options.tls.clone() else {
+            return Err(io::Error::other("TLS requested but the server has no certificate"));
+        };
+        let accept = async {
+            crate::tls::accept(r.into_inner(), w, config)
+                .await
+                .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake failed: {e}")))
+        };
+        let (tr, mut tw) = with_deadline(deadline, accept).await?;
+        let mut tr = BufReader::with_capacity(64 * 1024, tr);
+        let mut hs = hs;
+        hs.tls_established().map_err(invalid_data)?;
+        match with_deadline(deadline, self.handshake(hs, &mut tr, &mut tw)).await? {
+            HandshakeEnd::Done(neg, export) => self.start_transmission(neg, export, &mut tr, &mut tw).await,
+            HandshakeEnd::Closed => {
+                // Sends close_notify.
+                let _ = tw.close().await;
+                Ok(())
+            }
+            // The machine itself refuses a second STARTTLS.
+            HandshakeEnd::StartTls(_) => Err(invalid_data("second NBD_OPT_STARTTLS")),
+        }
+    }
+
+    async fn start_transmission<R, W>(
+        &self,
+        neg: ServerNegotiated,
+        export: usize,
+        r: &mut BufReader<R>,
+        w: &mut W,
+    ) -> io::Result<()>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
         if self.options.verbose {
             eprintln!(
-                "nbd-serve: client negotiated {}, export {:?} ({} bytes)",
+                "nbd-serve: client negotiated {}{}, export {:?} ({} bytes)",
                 mode_description(neg.mode),
+                if neg.tls { " over TLS" } else { "" },
                 neg.export_name,
                 neg.size
             );
         }
-        self.transmission(neg, export, &mut r, &mut w).await
+        self.transmission(neg, export, r, w).await
     }
 
-    async fn handshake<R, W>(&self, r: &mut BufReader<R>, w: &mut W) -> io::Result<Option<(ServerNegotiated, usize)>>
+    async fn handshake<R, W>(
+        &self,
+        mut hs: ServerHandshake,
+        r: &mut BufReader<R>,
+        w: &mut W,
+    ) -> io::Result<HandshakeEnd>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let mut hs = ServerHandshake::new(self.options.config.clone());
         let mut buf = Vec::new();
         let mut chosen: Option<usize> = None;
         loop {
@@ -341,45 +416,40 @@ impl Server {
                 ServerStep::Receive(n) => {
                     buf.resize(n, 0);
                     r.read_exact(&mut buf).await?;
-                    if let Err(e) = hs.received(&buf) {
-                        return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string()));
-                    }
+                    hs.received(&buf).map_err(invalid_data)?;
                 }
                 ServerStep::Discard(n) => {
                     discard(r, n as u64).await?;
-                    if let Err(e) = hs.discarded() {
-                        return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string()));
-                    }
+                    hs.discarded().map_err(invalid_data)?;
                 }
-                ServerStep::StartTls => {
-                    // TLS comes with the TLS issue; the NoTls policy never
-                    // gets here.
-                    return Err(io::Error::new(io::ErrorKind::Unsupported, "TLS not supported"));
-                }
+                ServerStep::StartTls => return Ok(HandshakeEnd::StartTls(hs)),
                 ServerStep::LookupExport { name } => {
                     let found = self.exports.lookup(name);
                     chosen = found;
                     let details = found.map(|i| self.exports.details(i));
-                    hs.answer_export(details)
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                    hs.answer_export(details).map_err(invalid_data)?;
                 }
                 ServerStep::ListExports => {
                     let listing: Vec<ExportListing<'_>> = self.exports.listing();
-                    hs.answer_list(&listing)
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                    hs.answer_list(&listing).map_err(invalid_data)?;
                 }
                 ServerStep::Done => {
-                    let neg = hs
-                        .finish()
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                    let neg = hs.finish().map_err(invalid_data)?;
                     let idx = self.exports.lookup(&neg.export_name).or(chosen).unwrap_or(0);
-                    return Ok(Some((neg, idx)));
+                    return Ok(HandshakeEnd::Done(neg, idx));
                 }
-                ServerStep::Aborted | ServerStep::Closed => return Ok(None),
+                ServerStep::Aborted | ServerStep::Closed => return Ok(HandshakeEnd::Closed),
             }
         }
     }
 
+    /// Transmission: requests are read and executed by one future while
+    /// a second one writes the replies of earlier requests, so storage work
+    /// and socket writes overlap (two reply buffers take turns). Replies are
+    /// handed to the writer when the client has nothing more buffered or a
+    /// buffer holds [`EAGER_FLUSH`] bytes; past [`HIGH_WATER`] bytes the
+    /// reader waits for the writer, so a client that stops reading its
+    /// replies stops being read (bounded memory).
     async fn transmission<R, W>(
         &self,
         neg: ServerNegotiated,
@@ -392,26 +462,87 @@ impl Server {
         W: AsyncWrite + Unpin,
     {
         let mut conn = Connection::new(&neg, self.exports.get(export));
+        let (to_writer, from_reader) = smol::channel::bounded::<Vec<u8>>(1);
+        let (to_reader, from_writer) = smol::channel::bounded::<Vec<u8>>(1);
+        let writer = async {
+            while let Ok(mut buf) = from_reader.recv().await {
+                w.write_all(&buf).await?;
+                w.flush().await?;
+                Connection::recycle(&mut buf);
+                if to_reader.send(buf).await.is_err() {
+                    break;
+                }
+            }
+            let _ = w.close().await;
+            Ok::<(), io::Error>(())
+        };
+        let reader = async {
+            let r = self.serve_requests(&mut conn, r, &to_writer, &from_writer).await;
+            // Whatever is left goes out before the writer closes.
+            if conn.has_output() {
+                let mut spare = match from_writer.try_recv() {
+                    Ok(b) => b,
+                    Err(_) => from_writer.recv().await.unwrap_or_default(),
+                };
+                conn.swap_output(&mut spare);
+                let _ = to_writer.send(spare).await;
+            }
+            drop(to_writer);
+            r
+        };
+        futures_lite::future::try_zip(reader, writer).await.map(|_| ())
+    }
+
+    async fn serve_requests<R: AsyncRead + Unpin>(
+        &self,
+        conn: &mut Connection,
+        r: &mut BufReader<R>,
+        to_writer: &smol::channel::Sender<Vec<u8>>,
+        from_writer: &smol::channel::Receiver<Vec<u8>>,
+    ) -> io::Result<()> {
+        fn closed<E>(_: E) -> io::Error {
+            io::Error::new(io::ErrorKind::BrokenPipe, "reply writer stopped")
+        }
+        let mut spare: Option<Vec<u8>> = Some(Vec::new());
         let mut header = Vec::with_capacity(32);
         // One listener for the whole connection: shutdown happens once.
         let mut stop = self.shutdown_event.listen();
         loop {
-            // Flush replies before a read that would block.
-            if r.buffer().is_empty() && conn.has_output() {
-                w.write_all(conn.output()).await?;
-                w.flush().await?;
-                conn.output_sent();
+            if conn.has_output() && (r.buffer().is_empty() || conn.output().len() >= EAGER_FLUSH) {
+                if spare.is_none() {
+                    spare = from_writer.try_recv().ok();
+                }
+                if spare.is_none() && conn.output().len() >= HIGH_WATER {
+                    spare = Some(from_writer.recv().await.map_err(closed)?);
+                }
+                if let Some(mut b) = spare.take() {
+                    conn.swap_output(&mut b);
+                    to_writer.send(b).await.map_err(closed)?;
+                }
             }
             match conn.next() {
                 Next::Bytes(n) => {
-                    // Every request so far is answered and sent: on
-                    // shutdown, hang up now instead of waiting for the
-                    // client (the spec's hard disconnect after in-flight
-                    // requests); requests already buffered get
-                    // NBD_ESHUTDOWN.
-                    if r.buffer().is_empty() && !conn.has_output() && !self.wait_for_request(r, &mut stop).await? {
-                        let _ = w.close().await;
-                        return Ok(());
+                    if r.buffer().is_empty() {
+                        if conn.has_output() {
+                            // Replies wait for the writer: take whichever
+                            // comes first, the writer's buffer or input.
+                            let back = async { Some(from_writer.recv().await) };
+                            let input = async {
+                                let _ = r.fill_buf().await;
+                                None
+                            };
+                            if let Some(b) = smol::future::or(back, input).await {
+                                spare = Some(b.map_err(closed)?);
+                                continue;
+                            }
+                        } else if !self.wait_for_request(r, &mut stop).await? {
+                            // Every request so far is answered and sent:
+                            // on shutdown, hang up now instead of waiting
+                            // for the client (the spec's hard disconnect
+                            // after in-flight requests); requests already
+                            // buffered get NBD_ESHUTDOWN.
+                            return Ok(());
+                        }
                     }
                     if self.shutting_down.load(Ordering::SeqCst) {
                         conn.shutdown();
@@ -433,19 +564,18 @@ impl Server {
                     discard(r, n).await?;
                     conn.discarded().map_err(invalid_data)?;
                 }
-                Next::Close => {
-                    if conn.has_output() {
-                        w.write_all(conn.output()).await?;
-                        conn.output_sent();
-                    }
-                    w.flush().await?;
-                    let _ = w.close().await;
-                    return Ok(());
-                }
+                Next::Close => return Ok(()),
             }
         }
     }
 }
+
+/// Replies are handed to the writer once this many bytes are pending, even
+/// if more requests are buffered.
+const EAGER_FLUSH: usize = 256 * 1024;
+/// With this many reply bytes pending and the writer still busy, stop
+/// reading requests until it is done.
+const HIGH_WATER: usize = 8 << 20;
 
 /// How [`ServerOptions::verbose`] names a negotiated mode.
 fn mode_description(mode: Mode) -> &'static str {

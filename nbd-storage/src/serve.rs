@@ -261,6 +261,23 @@ impl Connection {
         &self.out
     }
 
+    /// Hands the pending replies over in `spare` (which must be empty; its
+    /// capacity is reused for the next replies), so a runtime can write
+    /// them while this connection goes on executing requests.
+    pub fn swap_output(&mut self, spare: &mut Vec<u8>) {
+        spare.clear();
+        std::mem::swap(&mut self.out, spare);
+    }
+
+    /// Returns a written-out buffer's capacity to a sensible size before
+    /// it is reused with [`Connection::swap_output`].
+    pub fn recycle(buf: &mut Vec<u8>) {
+        buf.clear();
+        if buf.capacity() > OUTPUT_SHRINK_ABOVE {
+            buf.shrink_to(OUTPUT_KEEP);
+        }
+    }
+
     /// The runtime wrote all of [`Connection::output`].
     pub fn output_sent(&mut self) {
         self.out.clear();
