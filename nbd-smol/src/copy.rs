@@ -367,7 +367,9 @@ async fn next_work(s: &Shared) -> Result<Option<Work>, String> {
 }
 
 async fn worker(s: &Shared, bufsize: usize) -> Result<(), String> {
-    let mut buf: Vec<u8> = vec![0u8; bufsize];
+    // Allocated on the first data extent: a worker that only zeroes (or
+    // finds nothing to do) costs no memory.
+    let mut buf: Vec<u8> = Vec::new();
     while !s.failed.load(Ordering::Relaxed) {
         let Some(w) = next_work(s).await? else {
             return Ok(());
@@ -381,8 +383,10 @@ async fn worker(s: &Shared, bufsize: usize) -> Result<(), String> {
             }
             Work::Data { offset, length } => {
                 let len = length as usize;
-                buf.resize(bufsize.max(len), 0);
-                buf.truncate(len);
+                if buf.capacity() < bufsize.max(len) {
+                    buf.reserve_exact(bufsize.max(len) - buf.len());
+                }
+                buf.resize(len, 0);
                 buf = read(&s.src, offset, buf).await?;
                 buf = write(&s.dst, offset, buf).await?;
                 s.progress.done.fetch_add(length, Ordering::Relaxed);

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use clap::Parser;
+use nbd_proto::client::TlsMode;
 use nbd_smol::copy::{CopyOptions, Location, Progress, copy};
 
 /// Copy between NBD exports (URIs), local files or block devices, and null:.
@@ -21,7 +22,7 @@ struct Args {
     #[arg(short = 'C', long, default_value_t = 4)]
     connections: usize,
     /// Requests in flight per connection.
-    #[arg(short = 'R', long, default_value_t = 64)]
+    #[arg(short = 'R', long, default_value_t = 16)]
     requests: usize,
     /// Bytes per request (e.g. 256K, 1M).
     #[arg(long = "request-size", value_parser = parse_size, default_value = "256K")]
@@ -35,6 +36,35 @@ struct Args {
     /// Show a progress bar.
     #[arg(short = 'p', long)]
     progress: bool,
+    /// TLS on nbd:// URIs: off, allow (use it if the server offers it) or
+    /// require. nbds:// URIs always require TLS.
+    #[arg(long, value_enum, value_name = "MODE")]
+    tls: Option<TlsFlag>,
+}
+
+/// `--tls` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TlsFlag {
+    /// Never ask for TLS.
+    Off,
+    /// Ask for TLS; go on in clear if the server refuses.
+    Allow,
+    /// Ask for TLS; fail if the server refuses.
+    Require,
+}
+
+/// Parses a location and applies `--tls` to it if it is an NBD URI.
+fn location(s: &str, tls: Option<TlsFlag>) -> Result<Location, String> {
+    let mut l = Location::parse(s)?;
+    if let (Location::Nbd(uri), Some(tls)) = (&mut l, tls) {
+        let mode = match tls {
+            TlsFlag::Off => TlsMode::Off,
+            TlsFlag::Allow => TlsMode::Allow,
+            TlsFlag::Require => TlsMode::Require,
+        };
+        nbd_tls::apply_tls_flag(uri, mode)?;
+    }
+    Ok(l)
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -56,8 +86,8 @@ fn parse_size(s: &str) -> Result<u64, String> {
 fn main() -> ExitCode {
     let args = Args::parse();
     let run = || -> Result<u64, String> {
-        let src = Location::parse(&args.source)?;
-        let dst = Location::parse(&args.destination)?;
+        let src = location(&args.source, args.tls)?;
+        let dst = location(&args.destination, args.tls)?;
         let opts = CopyOptions {
             connections: args.connections.max(1),
             requests: args.requests.max(1),
