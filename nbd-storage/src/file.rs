@@ -280,6 +280,24 @@ impl Storage for FileStorage {
         if ret == 0 { Ok(()) } else { Err(errno_error(ret)) }
     }
 
+    /// One SEEK_DATA and at most one SEEK_HOLE: the whole extent at `offset`.
+    fn extent_at(&self, offset: u64, _scratch: &mut Vec<Extent>) -> io::Result<Extent> {
+        let length = clamp_status_range(self.size, offset, self.size - offset.min(self.size))?;
+        if self.block_device {
+            return Ok(Extent::data(length));
+        }
+        let end = offset + length;
+        Ok(match self.seek(offset, libc::SEEK_DATA) {
+            Ok(data) if data > offset => Extent::hole(data.min(end) - offset),
+            Ok(_) => match self.seek(offset, libc::SEEK_HOLE) {
+                Ok(hole) if hole > offset => Extent::data(hole.min(end) - offset),
+                _ => Extent::data(length),
+            },
+            Err(err) if err.raw_os_error() == Some(libc::ENXIO) => Extent::hole(length),
+            Err(_) => Extent::data(length),
+        })
+    }
+
     fn block_status(&self, offset: u64, length: u64, out: &mut Vec<Extent>) -> io::Result<()> {
         let length = clamp_status_range(self.size, offset, length)?;
         let end = offset + length;

@@ -206,6 +206,21 @@ pub trait Storage: Send + Sync {
         out.push(Extent::data(length));
         Ok(())
     }
+
+    /// The extent that starts at `offset`, as far as the backend can tell
+    /// cheaply (it may end before the real end of the extent, never after
+    /// the end of the export). Servers use it to learn once that a long run
+    /// of data has no holes, instead of asking again for every read.
+    /// `scratch` is working space the caller reuses (so nothing is
+    /// allocated in steady state).
+    ///
+    /// The default asks [`Storage::block_status`] about at most 64 MiB.
+    fn extent_at(&self, offset: u64, scratch: &mut Vec<Extent>) -> io::Result<Extent> {
+        let length = clamp_status_range(self.size(), offset, 64 << 20)?;
+        scratch.clear();
+        self.block_status(offset, length, scratch)?;
+        Ok(scratch.first().copied().unwrap_or(Extent::data(length)))
+    }
 }
 
 /// Size of the zero buffer used when zeroes have to be written out
