@@ -136,7 +136,8 @@ pub enum Name {
 }
 
 impl Name {
-    fn get(self) -> String {
+    /// The value this stands for.
+    pub fn get(self) -> String {
         match self {
             Name::Default => String::new(),
             Name::Disk => "disk".into(),
@@ -173,7 +174,8 @@ pub enum Query {
 }
 
 impl Query {
-    fn get(self) -> &'static str {
+    /// The value this stands for.
+    pub fn get(self) -> &'static str {
         match self {
             Query::BaseAllocation => CONTEXT_BASE_ALLOCATION,
             Query::Base => "base:",
@@ -219,7 +221,8 @@ pub enum Size {
 }
 
 impl Size {
-    fn get(self) -> u64 {
+    /// The value this stands for.
+    pub fn get(self) -> u64 {
         match self {
             Size::Zero => 0,
             Size::Small(v) => v as u64,
@@ -299,7 +302,8 @@ pub enum Num {
 }
 
 impl Num {
-    fn get(self, size: u64, block: u64) -> u64 {
+    /// The value this stands for, in an export of `size` with blocks of `block`.
+    pub fn get(self, size: u64, block: u64) -> u64 {
         match self {
             Num::Zero => 0,
             Num::Small(v) => v as u64,
@@ -310,7 +314,8 @@ impl Num {
     }
 }
 
-fn command(sel: u8) -> Command {
+/// The command a selector byte stands for.
+pub fn command(sel: u8) -> Command {
     match sel % 12 {
         0 | 1 => Command::READ,
         2 => Command::WRITE,
@@ -328,14 +333,15 @@ fn command(sel: u8) -> Command {
 /// A request the client driver issues.
 #[derive(Debug, Clone, Copy, Arbitrary)]
 pub struct ReqSpec {
-    cmd: u8,
-    flags: u8,
-    offset: Num,
-    length: Num,
+    pub cmd: u8,
+    pub flags: u8,
+    pub offset: Num,
+    pub length: Num,
 }
 
 impl ReqSpec {
-    fn request(&self, size: u64, minimum: u32) -> Request {
+    /// The value this stands for.
+    pub fn request(&self, size: u64, minimum: u32) -> Request {
         let block = (minimum as u64).max(512);
         let command = command(self.cmd);
         let flags = CommandFlags::from_bits_retain(self.flags as u16);
@@ -360,17 +366,18 @@ impl ReqSpec {
 /// How the client is configured.
 #[derive(Debug, Clone, Arbitrary)]
 pub struct ClientSpec {
-    tls: u8,
-    opt_mode: bool,
-    structured: bool,
-    extended: bool,
-    request_block_size: bool,
-    export: Name,
-    contexts: Vec<Query>,
+    pub tls: u8,
+    pub opt_mode: bool,
+    pub structured: bool,
+    pub extended: bool,
+    pub request_block_size: bool,
+    pub export: Name,
+    pub contexts: Vec<Query>,
 }
 
 impl ClientSpec {
-    fn config(&self) -> ClientConfig {
+    /// The value this stands for.
+    pub fn config(&self) -> ClientConfig {
         ClientConfig {
             export_name: self.export.get(),
             tls: match self.tls % 3 {
@@ -521,7 +528,11 @@ impl ClientHs {
 /// option whose length field matches its data. Returns the option.
 fn check_client_send(b: &[u8]) -> Option<OptionType> {
     assert!(!b.is_empty(), "empty Send");
-    assert!(b.len() <= 4 + OPTION_HEADER_LEN + 8 + 5 * (4 + MAX_STRING_LEN), "client sends {} bytes", b.len());
+    assert!(
+        b.len() <= 4 + OPTION_HEADER_LEN + 8 + 5 * (4 + MAX_STRING_LEN),
+        "client sends {} bytes",
+        b.len()
+    );
     let mut rest = b;
     if rest.get(..8) != Some(&IHAVEOPT.to_be_bytes()[..]) {
         let (flags, r) = rest.split_at(4.min(rest.len()));
@@ -622,17 +633,18 @@ pub fn client_handshake(data: &[u8]) {
 /// What a client handshake could have negotiated.
 #[derive(Debug, Clone, Arbitrary)]
 pub struct NegSpec {
-    mode: u8,
-    size: Size,
-    flags: u16,
-    block: u8,
-    contexts: u8,
-    ids: [u32; 4],
-    tls: bool,
+    pub mode: u8,
+    pub size: Size,
+    pub flags: u16,
+    pub block: u8,
+    pub contexts: u8,
+    pub ids: [u32; 4],
+    pub tls: bool,
 }
 
 impl NegSpec {
-    fn negotiated(&self) -> Negotiated {
+    /// The value this stands for.
+    pub fn negotiated(&self) -> Negotiated {
         Negotiated {
             mode: mode(self.mode),
             tls: self.tls,
@@ -649,9 +661,9 @@ impl NegSpec {
 /// How the client transmission machine is set up.
 #[derive(Debug, Clone, Copy, Arbitrary)]
 pub struct TxSpec {
-    capacity: u8,
-    strict: bool,
-    manual_release: bool,
+    pub capacity: u8,
+    pub strict: bool,
+    pub manual_release: bool,
 }
 
 /// A request in flight, as the driver tracks it.
@@ -660,6 +672,8 @@ struct Live {
     req: Request,
     /// Bytes of data and holes received.
     covered: u64,
+    /// Data and hole chunks received.
+    chunks: u32,
     /// Block-status chunks received.
     statuses: u32,
 }
@@ -726,7 +740,14 @@ impl ClientTx {
             let (m, f, c, k, o, l) = (h.magic, h.flags, h.command, h.cookie, h.offset, h.length);
             (m.get(), f.get(), c.get(), k.get(), o.get(), l.get() as u64)
         };
-        assert_eq!(magic, if extended { EXTENDED_REQUEST_MAGIC } else { REQUEST_MAGIC });
+        assert_eq!(
+            magic,
+            if extended {
+                EXTENDED_REQUEST_MAGIC
+            } else {
+                REQUEST_MAGIC
+            }
+        );
         assert_eq!((cmd, ck, offset, length), (r.command.0, cookie.0, r.offset, r.length));
         let mut want = r.flags;
         if extended && r.command == Command::WRITE {
@@ -752,6 +773,7 @@ impl ClientTx {
                 Live {
                     req: r,
                     covered: 0,
+                    chunks: 0,
                     statuses: 0,
                 },
             );
@@ -791,7 +813,11 @@ impl ClientTx {
         self.dead = true;
         let mut failed: Vec<u64> = self.tx.fail_all().map(|c| c.0).collect();
         failed.sort_unstable();
-        assert_eq!(failed, self.cookies(), "fail_all() returns exactly the requests in flight");
+        assert_eq!(
+            failed,
+            self.cookies(),
+            "fail_all() returns exactly the requests in flight"
+        );
         self.live.clear();
         self.check_counts();
     }
@@ -812,11 +838,17 @@ impl ClientTx {
                 context_id,
                 extents,
             } => {
-                let l = self.live.get_mut(&cookie.0).expect("block status for a request in flight");
+                let l = self
+                    .live
+                    .get_mut(&cookie.0)
+                    .expect("block status for a request in flight");
                 assert_eq!(l.req.command, Command::BLOCK_STATUS);
                 assert!(self.neg.contexts.iter().any(|c| c.id == context_id), "unknown context");
                 l.statuses += 1;
-                assert!(l.statuses as usize <= self.neg.contexts.len(), "a context answered twice");
+                assert!(
+                    l.statuses as usize <= self.neg.contexts.len(),
+                    "a context answered twice"
+                );
                 let mut n = 0u64;
                 let mut sum = 0u64;
                 for e in extents {
@@ -834,7 +866,10 @@ impl ClientTx {
                 command,
                 result,
             } => {
-                let l = self.live.remove(&cookie.0).expect("Done for a request not in flight (or twice)");
+                let l = self
+                    .live
+                    .remove(&cookie.0)
+                    .expect("Done for a request not in flight (or twice)");
                 assert_eq!(l.req.command, command);
                 if result.is_ok() {
                     if command == Command::READ {
@@ -862,10 +897,17 @@ impl ClientTx {
         let l = self.live.get_mut(&cookie.0).expect("content for a request in flight");
         assert_eq!(l.req.command, Command::READ, "content for {:?}", l.req.command);
         let end = buf_offset.checked_add(length).expect("span overflows");
-        assert!(end <= l.req.length, "span {buf_offset}+{length} beyond the buffer of {}", l.req.length);
-        if l.req.flags.contains(CommandFlags::DF) {
-            assert!(buf_offset == 0 && length == l.req.length, "DF read fragmented");
-        }
+        assert!(
+            end <= l.req.length,
+            "span {buf_offset}+{length} beyond the buffer of {}",
+            l.req.length
+        );
+        l.chunks += 1;
+        // "At most one content chunk" (it may be short if an error follows).
+        assert!(
+            l.chunks == 1 || !l.req.flags.contains(CommandFlags::DF),
+            "DF read fragmented"
+        );
         l.covered += length;
         assert!(l.covered <= l.req.length, "content beyond the request");
     }
@@ -1013,18 +1055,19 @@ pub fn client_transmission(data: &[u8]) {
 /// How the server is configured.
 #[derive(Debug, Clone, Arbitrary)]
 pub struct ServerSpec {
-    oldstyle: u8,
-    tls: u8,
-    allow_list: bool,
-    max_options: u8,
-    no_zeroes: bool,
-    support_go: bool,
-    structured: bool,
-    extended: bool,
+    pub oldstyle: u8,
+    pub tls: u8,
+    pub allow_list: bool,
+    pub max_options: u8,
+    pub no_zeroes: bool,
+    pub support_go: bool,
+    pub structured: bool,
+    pub extended: bool,
 }
 
 impl ServerSpec {
-    fn config(&self) -> ServerConfig {
+    /// The value this stands for.
+    pub fn config(&self) -> ServerConfig {
         ServerConfig {
             oldstyle: self.oldstyle % 8 == 7,
             tls: match self.tls % 3 {
@@ -1049,18 +1092,19 @@ impl ServerSpec {
 /// The driver's answer to a lookup.
 #[derive(Debug, Clone, Arbitrary)]
 pub struct ExportSpec {
-    canonical: Option<Name>,
-    description: Option<Name>,
-    size: Size,
-    flags: u16,
-    block: u8,
-    block_size_required: bool,
-    contexts: u8,
-    tls_only: bool,
+    pub canonical: Option<Name>,
+    pub description: Option<Name>,
+    pub size: Size,
+    pub flags: u16,
+    pub block: u8,
+    pub block_size_required: bool,
+    pub contexts: u8,
+    pub tls_only: bool,
 }
 
 impl ExportSpec {
-    fn details(&self, requested: &str) -> ExportDetails {
+    /// The value this stands for.
+    pub fn details(&self, requested: &str) -> ExportDetails {
         const CONTEXTS: [&str; 5] = [
             CONTEXT_BASE_ALLOCATION,
             CONTEXT_QEMU_ALLOCATION_DEPTH,
@@ -1111,9 +1155,9 @@ fn default_export() -> ExportSpec {
 /// One export of the driver's answer to `NBD_OPT_LIST`.
 #[derive(Debug, Clone, Copy, Arbitrary)]
 pub struct ListEntry {
-    name: Name,
-    description: Option<Name>,
-    tls_only: bool,
+    pub name: Name,
+    pub description: Option<Name>,
+    pub tls_only: bool,
 }
 
 /// Where the server handshake stopped.
@@ -1231,7 +1275,13 @@ impl ServerHs {
         let owned: Vec<(String, String, bool)> = entries
             .iter()
             .take(4)
-            .map(|e| (e.name.get(), e.description.map(Name::get).unwrap_or_default(), e.tls_only))
+            .map(|e| {
+                (
+                    e.name.get(),
+                    e.description.map(Name::get).unwrap_or_default(),
+                    e.tls_only,
+                )
+            })
             .collect();
         let list: Vec<ExportListing<'_>> = owned
             .iter()
@@ -1268,7 +1318,10 @@ fn check_server_send(b: &[u8], option: OptionType, config: &ServerConfig) {
         return;
     }
     if option == OptionType::EXPORT_NAME {
-        assert!(b.len() == 10 || b.len() == 10 + ZERO_PAD_LEN, "NBD_OPT_EXPORT_NAME answer");
+        assert!(
+            b.len() == 10 || b.len() == 10 + ZERO_PAD_LEN,
+            "NBD_OPT_EXPORT_NAME answer"
+        );
         let flags = u16::from_be_bytes([b[8], b[9]]);
         assert!(TransmissionFlags::from_bits_retain(flags).contains(TransmissionFlags::HAS_FLAGS));
         return;
@@ -1397,17 +1450,18 @@ pub fn server_handshake(data: &[u8]) {
 /// What a server handshake could have negotiated.
 #[derive(Debug, Clone, Arbitrary)]
 pub struct ServerNegSpec {
-    mode: u8,
-    size: Size,
-    flags: u16,
-    block: u8,
-    contexts: u8,
-    ids: [u32; 4],
-    client_requested_block_size: bool,
+    pub mode: u8,
+    pub size: Size,
+    pub flags: u16,
+    pub block: u8,
+    pub contexts: u8,
+    pub ids: [u32; 4],
+    pub client_requested_block_size: bool,
 }
 
 impl ServerNegSpec {
-    fn negotiated(&self) -> ServerNegotiated {
+    /// The value this stands for.
+    pub fn negotiated(&self) -> ServerNegotiated {
         let mode = mode(self.mode);
         let block_size = block_size(self.block);
         ServerNegotiated {
@@ -1438,7 +1492,8 @@ pub enum Msg {
 }
 
 impl Msg {
-    fn get(self) -> String {
+    /// The value this stands for.
+    pub fn get(self) -> String {
         match self {
             Msg::Empty => String::new(),
             Msg::Short => "no such luck".into(),
@@ -1823,7 +1878,10 @@ impl ServerTx {
             .collect();
         assert!(!lengths.is_empty() && lengths.len() <= MAX_BLOCK_STATUS_EXTENTS);
         assert!(lengths.iter().all(|l| *l > 0), "extent of length 0");
-        let total = lengths.iter().try_fold(0u64, |a, l| a.checked_add(*l)).expect("sum overflows");
+        let total = lengths
+            .iter()
+            .try_fold(0u64, |a, l| a.checked_add(*l))
+            .expect("sum overflows");
         assert_eq!(total, sum);
         assert!(sum <= self.neg.size.saturating_sub(r.offset), "extents past the end");
         if r.flags.contains(CommandFlags::REQ_ONE) {
@@ -1858,7 +1916,13 @@ fn parse_chunk(b: &[u8], ext: bool, header_only: bool) -> Chunk<'_> {
     } else {
         let (h, rest) = StructuredReplyHeader::read_from_prefix(b).expect("structured reply header");
         assert_eq!(h.magic.get(), STRUCTURED_REPLY_MAGIC);
-        (h.flags.get(), h.chunk_type.get(), h.cookie.get(), h.length.get() as u64, rest)
+        (
+            h.flags.get(),
+            h.chunk_type.get(),
+            h.cookie.get(),
+            h.length.get() as u64,
+            rest,
+        )
     };
     if !header_only {
         assert_eq!(length, rest.len() as u64, "chunk length field");

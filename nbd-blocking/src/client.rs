@@ -16,6 +16,8 @@ use nbd_proto::client::{
 };
 use nbd_proto::uri::{NbdUri, Transport, UriError};
 use nbd_proto::wire::{BlockSizeConstraints, Command, CommandFlags, TransmissionFlags};
+use nbd_tls::rustls;
+use nbd_tls::{ClientTls, LazyClientTls, TlsError};
 
 /// Everything that can go wrong for a client.
 #[derive(Debug, thiserror::Error)]
@@ -41,9 +43,15 @@ pub enum Error {
     /// The server closed the connection.
     #[error("server closed the connection{0}")]
     Closed(&'static str),
-    /// TLS is not available in this build.
-    #[error("TLS was required but this client has no TLS support yet")]
-    TlsUnsupported,
+    /// The TLS credentials could not be set up (a certificate file is
+    /// missing or unreadable, an unsupported `tls-type`, ...).
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    /// The TLS handshake after `NBD_OPT_STARTTLS` failed (the server's
+    /// certificate did not verify, the server refused ours, ...); the
+    /// connection is closed, as the spec requires.
+    #[error("TLS handshake failed: {0}")]
+    TlsHandshake(io::Error),
 }
 
 impl Error {
@@ -100,9 +108,81 @@ fn eof_to_closed(e: io::Error, during: &'static str) -> Error {
     }
 }
 
+/// A TLS client session over a connected stream. Dropping it sends a
+/// `close_notify` alert (best effort), so that the server sees a clean end.
+struct TlsClientStream {
+    tls: rustls::StreamOwned<rustls::ClientConnection, Box<dyn Stream>>,
+    /// Nothing was read over TLS yet.
+    fresh: bool,
+}
+
+impl Read for TlsClientStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.tls.read(buf) {
+            Ok(0) if self.fresh && !buf.is_empty() => {
+                Err(nbd_tls::refused_after_handshake(io::ErrorKind::UnexpectedEof.into()))
+            }
+            Ok(n) => {
+                self.fresh = false;
+                Ok(n)
+            }
+            Err(e) => self.hint(Err(e)),
+        }
+    }
+}
+
+impl TlsClientStream {
+    fn hint<T>(&self, r: io::Result<T>) -> io::Result<T> {
+        match r {
+            Err(e) if self.fresh && e.kind() != io::ErrorKind::Interrupted => Err(nbd_tls::refused_after_handshake(e)),
+            r => r,
+        }
+    }
+}
+
+impl Write for TlsClientStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let r = self.tls.write(buf);
+        self.hint(r)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        let r = self.tls.flush();
+        self.hint(r)
+    }
+}
+
+impl Drop for TlsClientStream {
+    fn drop(&mut self) {
+        self.tls.conn.send_close_notify();
+        let _ = self.tls.conn.write_tls(&mut self.tls.sock);
+    }
+}
+
+/// Upgrades `stream` to TLS in place (right after the server's ACK of
+/// `NBD_OPT_STARTTLS`): the whole TLS handshake happens here.
+fn start_tls(stream: &mut Box<dyn Stream>, tls: &ClientTls) -> Result<()> {
+    let conn = tls.connection()?;
+    let plain = std::mem::replace(stream, Box::new(io::empty()));
+    let mut s = rustls::StreamOwned::new(conn, plain);
+    let handshake = |s: &mut rustls::StreamOwned<rustls::ClientConnection, Box<dyn Stream>>| -> io::Result<()> {
+        while s.conn.is_handshaking() {
+            s.conn.complete_io(&mut s.sock)?;
+        }
+        // TLS 1.3: our Finished may still be queued.
+        while s.conn.wants_write() {
+            s.conn.write_tls(&mut s.sock)?;
+        }
+        s.sock.flush()
+    };
+    handshake(&mut s).map_err(Error::TlsHandshake)?;
+    *stream = Box::new(TlsClientStream { tls: s, fresh: true });
+    Ok(())
+}
+
 /// Drives a handshake to the point it stops on its own (Done, an option
-/// outcome in option mode, Negotiating, or Aborted).
-fn drive(hs: &mut ClientHandshake, stream: &mut dyn Stream, buf: &mut Vec<u8>) -> Result<()> {
+/// outcome in option mode, Negotiating, or Aborted), upgrading to TLS
+/// when the server accepts `NBD_OPT_STARTTLS`.
+fn drive(hs: &mut ClientHandshake, stream: &mut Box<dyn Stream>, buf: &mut Vec<u8>, tls: &LazyClientTls) -> Result<()> {
     loop {
         match hs.step() {
             HandshakeStep::Send(bytes) => {
@@ -117,7 +197,10 @@ fn drive(hs: &mut ClientHandshake, stream: &mut dyn Stream, buf: &mut Vec<u8>) -
                     .map_err(|e| eof_to_closed(e, " during the handshake"))?;
                 hs.received(buf)?;
             }
-            HandshakeStep::StartTls => return Err(Error::TlsUnsupported),
+            HandshakeStep::StartTls => {
+                start_tls(stream, &tls.get()?)?;
+                hs.tls_established()?;
+            }
             HandshakeStep::Negotiating | HandshakeStep::OptionDone | HandshakeStep::Done | HandshakeStep::Aborted => {
                 return Ok(());
             }
@@ -131,27 +214,42 @@ pub struct Negotiation {
     hs: ClientHandshake,
     stream: Box<dyn Stream>,
     buf: Vec<u8>,
+    tls: LazyClientTls,
 }
 
 impl Negotiation {
     /// Connects and negotiates up to option haggling (TLS, structured
-    /// replies and extended headers as `config` asks).
+    /// replies and extended headers as `config` asks). TLS is used as
+    /// [`Client::connect_uri`] says.
     pub fn connect(uri: &NbdUri, mut config: ClientConfig) -> Result<Negotiation> {
         config.opt_mode = true;
-        if uri.tls == TlsMode::Require {
-            return Err(Error::TlsUnsupported);
+        if uri.tls != TlsMode::Off {
+            config.tls = uri.tls;
         }
+        let tls = LazyClientTls::from_uri(uri)?;
         let stream = connect_transport(uri)?;
-        Self::over(stream, config)
+        Self::over_with_tls(stream, config, tls)
     }
 
-    /// Negotiates over an already-connected stream.
-    pub fn over(mut stream: Box<dyn Stream>, mut config: ClientConfig) -> Result<Negotiation> {
+    /// Negotiates over an already-connected stream (TLS, if `config` asks
+    /// for it, with libnbd's default credentials and no name check).
+    pub fn over(stream: Box<dyn Stream>, config: ClientConfig) -> Result<Negotiation> {
+        Self::over_with_tls(stream, config, LazyClientTls::default())
+    }
+
+    /// Negotiates over an already-connected stream with these TLS
+    /// credentials (used if `config.tls` asks for TLS and the server
+    /// accepts).
+    pub fn over_with_tls(
+        mut stream: Box<dyn Stream>,
+        mut config: ClientConfig,
+        tls: LazyClientTls,
+    ) -> Result<Negotiation> {
         config.opt_mode = true;
         let mut hs = ClientHandshake::new(config);
         let mut buf = Vec::new();
-        drive(&mut hs, &mut *stream, &mut buf)?;
-        Ok(Negotiation { hs, stream, buf })
+        drive(&mut hs, &mut stream, &mut buf, &tls)?;
+        Ok(Negotiation { hs, stream, buf, tls })
     }
 
     /// Whether the server speaks fixed newstyle (options can be used).
@@ -187,7 +285,7 @@ impl Negotiation {
     }
 
     fn run(&mut self) -> Result<OptionOutcome> {
-        drive(&mut self.hs, &mut *self.stream, &mut self.buf)?;
+        drive(&mut self.hs, &mut self.stream, &mut self.buf, &self.tls)?;
         match self.hs.step() {
             HandshakeStep::OptionDone => Ok(self.hs.take_outcome().unwrap_or(OptionOutcome::Ack)),
             _ => Ok(OptionOutcome::Ack),
@@ -269,7 +367,7 @@ impl Negotiation {
             return Ok(());
         }
         self.hs.opt_abort()?;
-        match drive(&mut self.hs, &mut *self.stream, &mut self.buf) {
+        match drive(&mut self.hs, &mut self.stream, &mut self.buf, &self.tls) {
             // The spec lets the server close without replying (nbd-server
             // even resets the connection).
             Ok(()) | Err(Error::Closed(_)) => Ok(()),
@@ -315,25 +413,39 @@ impl Client {
     }
 
     /// Connects to a parsed URI with a configuration (the URI's export
-    /// name and TLS policy override the configuration's).
+    /// name overrides the configuration's, and so does its TLS policy
+    /// unless it is [`TlsMode::Off`]: `nbds://` and `nbds+unix://` require
+    /// TLS, `tls=allow|require` asks for it). The TLS credentials come
+    /// from the URI's `tls-certificates`, `tls-hostname` and
+    /// `tls-verify-peer` (see [`nbd_tls::ClientTlsOptions::from_uri`]).
     pub fn connect_uri(uri: &NbdUri, mut config: ClientConfig) -> Result<Client> {
         config.export_name = uri.export.clone();
         if uri.tls != TlsMode::Off {
             config.tls = uri.tls;
         }
-        if config.tls == TlsMode::Require {
-            return Err(Error::TlsUnsupported);
-        }
+        let tls = LazyClientTls::from_uri(uri)?;
         let stream = connect_transport(uri)?;
-        Self::handshake(stream, config)
+        Self::handshake_with_tls(stream, config, tls)
     }
 
-    /// Negotiates over an already-connected stream.
-    pub fn handshake(mut stream: Box<dyn Stream>, mut config: ClientConfig) -> Result<Client> {
+    /// Negotiates over an already-connected stream (TLS, if `config` asks
+    /// for it, with libnbd's default credentials and no name check).
+    pub fn handshake(stream: Box<dyn Stream>, config: ClientConfig) -> Result<Client> {
+        Self::handshake_with_tls(stream, config, LazyClientTls::default())
+    }
+
+    /// Negotiates over an already-connected stream with these TLS
+    /// credentials (used if `config.tls` asks for TLS and the server
+    /// accepts).
+    pub fn handshake_with_tls(
+        mut stream: Box<dyn Stream>,
+        mut config: ClientConfig,
+        tls: LazyClientTls,
+    ) -> Result<Client> {
         config.opt_mode = false;
         let mut hs = ClientHandshake::new(config);
         let mut buf = Vec::new();
-        drive(&mut hs, &mut *stream, &mut buf)?;
+        drive(&mut hs, &mut stream, &mut buf, &tls)?;
         let neg = hs.finish()?;
         Ok(Client::from_parts(stream, neg))
     }

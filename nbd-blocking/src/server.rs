@@ -2,15 +2,18 @@
 //! state machines (`nbd_proto`) and request executor (`nbd_storage::serve`)
 //! as the async server.
 
+use std::cell::RefCell;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use nbd_proto::server::{ExportListing, ServerConfig, ServerHandshake, ServerNegotiated, ServerStep};
 use nbd_storage::serve::{Connection, Export, Exports, Next};
+use nbd_tls::rustls;
 
 /// How the server behaves.
 #[derive(Debug, Clone)]
@@ -21,6 +24,11 @@ pub struct ServerOptions {
     pub max_connections: usize,
     /// Time a client has to finish the handshake.
     pub handshake_timeout: Duration,
+    /// The TLS certificate and key (see [`nbd_tls::ServerTlsOptions`]),
+    /// needed unless `config.tls` is [`nbd_proto::server::TlsPolicy::NoTls`]:
+    /// without them a client's `NBD_OPT_STARTTLS` is acknowledged by the
+    /// policy but the connection is then closed.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for ServerOptions {
@@ -29,7 +37,37 @@ impl Default for ServerOptions {
             config: ServerConfig::default(),
             max_connections: 256,
             handshake_timeout: Duration::from_secs(10),
+            tls: None,
         }
+    }
+}
+
+/// How a handshake (or its part before TLS) ended.
+enum HandshakeEnd {
+    /// Transmission can start on this export.
+    Done(ServerNegotiated, usize),
+    /// The client asked for TLS and the ACK went out.
+    StartTls(ServerHandshake),
+    /// The client aborted or went away.
+    Closed,
+}
+
+/// One side of a TLS session that the reading and the writing half of a
+/// connection (both on the connection's thread) share.
+struct TlsHalf<S: Read + Write>(Rc<RefCell<rustls::StreamOwned<rustls::ServerConnection, S>>>);
+
+impl<S: Read + Write> Read for TlsHalf<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.borrow_mut().read(buf)
+    }
+}
+
+impl<S: Read + Write> Write for TlsHalf<S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.borrow_mut().write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.borrow_mut().flush()
     }
 }
 
@@ -145,27 +183,66 @@ impl Server {
         });
     }
 
-    /// Serves one connection to its end.
+    /// Serves one connection to its end: the handshake (upgrading to TLS
+    /// when the client asks and the policy allows), then transmission.
     pub fn serve_connection<S: ServerStream>(&self, s: S) -> io::Result<()> {
-        let w = s.try_clone_stream()?;
+        let control = s.try_clone_stream()?;
+        let mut w = s.try_clone_stream()?;
         let deadline = Instant::now() + self.options.handshake_timeout;
         s.set_read_timeout_stream(Some(self.options.handshake_timeout))?;
         let mut r = BufReader::with_capacity(64 * 1024, s);
-        let mut w = w;
-        let Some((neg, export)) = self.handshake(&mut r, &mut w, deadline)? else {
-            return Ok(());
+        let hs = ServerHandshake::new(self.options.config.clone());
+        let hs = match self.handshake(hs, &mut r, &mut w, deadline)? {
+            HandshakeEnd::Done(neg, export) => {
+                control.set_read_timeout_stream(None)?;
+                return self.transmission(neg, export, &mut r, &mut w);
+            }
+            HandshakeEnd::Closed => return Ok(()),
+            HandshakeEnd::StartTls(hs) => hs,
         };
-        r.get_ref().set_read_timeout_stream(None)?;
-        self.transmission(neg, export, &mut r, &mut w)
+        // The client must wait for the ACK before its TLS handshake, and
+        // the machine read nothing past STARTTLS: buffered bytes here were
+        // sent too early.
+        if !r.buffer().is_empty() {
+            return Err(invalid_data(
+                "client sent data before the NBD_OPT_STARTTLS acknowledgement",
+            ));
+        }
+        let Some(config) = self.options.tls.clone() else {
+            return Err(io::Error::other("TLS requested but the server has no certificate"));
+        };
+        drop(w);
+        let conn = rustls::ServerConnection::new(config).map_err(io::Error::other)?;
+        let mut tls = rustls::StreamOwned::new(conn, r.into_inner());
+        tls_handshake(&mut tls).map_err(|e| io::Error::new(e.kind(), format!("TLS handshake failed: {e}")))?;
+        let tls = Rc::new(RefCell::new(tls));
+        let mut r = BufReader::with_capacity(64 * 1024, TlsHalf(tls.clone()));
+        let mut w = TlsHalf(tls.clone());
+        let mut hs = hs;
+        hs.tls_established().map_err(invalid_data)?;
+        let result = match self.handshake(hs, &mut r, &mut w, deadline)? {
+            HandshakeEnd::Done(neg, export) => {
+                control.set_read_timeout_stream(None)?;
+                self.transmission(neg, export, &mut r, &mut w)
+            }
+            HandshakeEnd::Closed => Ok(()),
+            // The machine refuses a second STARTTLS itself.
+            HandshakeEnd::StartTls(_) => Err(invalid_data("second NBD_OPT_STARTTLS")),
+        };
+        // Say goodbye properly (best effort).
+        let mut t = tls.borrow_mut();
+        t.conn.send_close_notify();
+        let _ = t.flush();
+        result
     }
 
-    fn handshake<S: ServerStream>(
+    fn handshake<R: BufRead, W: Write>(
         &self,
-        r: &mut BufReader<S>,
-        w: &mut S,
+        mut hs: ServerHandshake,
+        r: &mut R,
+        w: &mut W,
         deadline: Instant,
-    ) -> io::Result<Option<(ServerNegotiated, usize)>> {
-        let mut hs = ServerHandshake::new(self.options.config.clone());
+    ) -> io::Result<HandshakeEnd> {
         let mut buf = Vec::new();
         loop {
             if Instant::now() > deadline {
@@ -186,9 +263,7 @@ impl Server {
                     discard(r, n as u64)?;
                     hs.discarded().map_err(invalid_data)?;
                 }
-                ServerStep::StartTls => {
-                    return Err(io::Error::new(io::ErrorKind::Unsupported, "TLS not supported"));
-                }
+                ServerStep::StartTls => return Ok(HandshakeEnd::StartTls(hs)),
                 ServerStep::LookupExport { name } => {
                     let details = self.exports.lookup(name).map(|i| self.exports.details(i));
                     hs.answer_export(details).map_err(invalid_data)?;
@@ -200,19 +275,19 @@ impl Server {
                 ServerStep::Done => {
                     let neg = hs.finish().map_err(invalid_data)?;
                     let idx = self.exports.lookup(&neg.export_name).unwrap_or(0);
-                    return Ok(Some((neg, idx)));
+                    return Ok(HandshakeEnd::Done(neg, idx));
                 }
-                ServerStep::Aborted | ServerStep::Closed => return Ok(None),
+                ServerStep::Aborted | ServerStep::Closed => return Ok(HandshakeEnd::Closed),
             }
         }
     }
 
-    fn transmission<S: ServerStream>(
+    fn transmission<R: Read, W: Write>(
         &self,
         neg: ServerNegotiated,
         export: usize,
-        r: &mut BufReader<S>,
-        w: &mut S,
+        r: &mut BufReader<R>,
+        w: &mut W,
     ) -> io::Result<()> {
         let mut conn = Connection::new(&neg, self.exports.get(export));
         let mut header = Vec::with_capacity(32);
@@ -251,6 +326,18 @@ impl Server {
             }
         }
     }
+}
+
+/// Runs the server side of a TLS handshake to its end.
+fn tls_handshake<S: Read + Write>(tls: &mut rustls::StreamOwned<rustls::ServerConnection, S>) -> io::Result<()> {
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock)?;
+    }
+    // TLS 1.3 session tickets may still be queued.
+    while tls.conn.wants_write() {
+        tls.conn.write_tls(&mut tls.sock)?;
+    }
+    tls.sock.flush()
 }
 
 fn discard<R: BufRead>(r: &mut R, mut n: u64) -> io::Result<()> {

@@ -263,6 +263,11 @@ impl NbdUri {
                             .ok_or_else(|| UriError::BadIpv6(hostport.to_string()))?,
                     ),
                 };
+                // Taken as it is (no percent-decoding), but a NUL is no
+                // more valid here than in any other host.
+                if h.contains('\0') {
+                    return Err(UriError::BadIpv6(hostport.to_string()));
+                }
                 (h.to_string(), port)
             } else {
                 match hostport.rsplit_once(':') {
@@ -282,36 +287,80 @@ impl NbdUri {
         Ok(uri)
     }
 
-    /// Formats the URI back (export and socket percent-encoded).
+    /// Formats the URI back, so that [`NbdUri::parse`] gives the same
+    /// value: the user, the TLS parameters and `tls=allow` are kept, and
+    /// the user, host, export, socket and parameter values are
+    /// percent-encoded where needed.
     pub fn to_uri_string(&self) -> String {
         let tls = self.tls == TlsMode::Require;
         let mut s = String::new();
+        let unix = matches!(self.transport, Transport::Unix { .. });
+        s.push_str(match (tls, unix) {
+            (false, false) => "nbd://",
+            (true, false) => "nbds://",
+            (false, true) => "nbd+unix://",
+            (true, true) => "nbds+unix://",
+        });
+        if let Some(user) = &self.user {
+            s.push_str(&percent_encode_component(user));
+            s.push('@');
+        }
+        let mut query: Vec<(&str, String)> = Vec::new();
         match &self.transport {
             Transport::Tcp { host, port } => {
-                s.push_str(if tls { "nbds://" } else { "nbd://" });
-                if host.contains(':') {
+                if is_ipv6_literal(host) {
                     s.push('[');
                     s.push_str(host);
                     s.push(']');
                 } else {
-                    s.push_str(host);
+                    // Inside brackets nothing is decoded, so only a plain
+                    // IPv6 address goes there; anything else is escaped.
+                    s.push_str(&percent_encode_component(host));
                 }
                 if *port != NBD_DEFAULT_PORT {
                     s.push(':');
                     s.push_str(&port.to_string());
                 }
-                s.push('/');
-                s.push_str(&percent_encode(&self.export));
             }
-            Transport::Unix { socket } => {
-                s.push_str(if tls { "nbds+unix:///" } else { "nbd+unix:///" });
-                s.push_str(&percent_encode(&self.export));
-                s.push_str("?socket=");
-                s.push_str(&percent_encode(socket));
+            Transport::Unix { socket } => query.push(("socket", percent_encode(socket))),
+        }
+        s.push('/');
+        s.push_str(&percent_encode(&self.export));
+        if self.tls == TlsMode::Allow {
+            query.push(("tls", "allow".to_string()));
+        }
+        for (name, value) in [
+            ("tls-certificates", &self.tls_certificates),
+            ("tls-hostname", &self.tls_hostname),
+            ("tls-type", &self.tls_type),
+        ] {
+            if let Some(v) = value {
+                query.push((name, percent_encode_component(v)));
             }
+        }
+        if !self.tls_verify_peer {
+            query.push(("tls-verify-peer", "0".to_string()));
+        }
+        for (i, (name, value)) in query.iter().enumerate() {
+            s.push(if i == 0 { '?' } else { '&' });
+            s.push_str(name);
+            s.push('=');
+            s.push_str(value);
         }
         s
     }
+}
+
+/// Whether a host can be written as `[host]`: an IPv6 address (hex digits,
+/// colons and dots, with at least one colon).
+fn is_ipv6_literal(host: &str) -> bool {
+    host.contains(':') && host.bytes().all(|c| c.is_ascii_hexdigit() || c == b':' || c == b'.')
+}
+
+/// [`percent_encode`] for a component that must not contain `/` (a user,
+/// a host, a query value).
+fn percent_encode_component(s: &str) -> String {
+    percent_encode(s).replace('/', "%2F")
 }
 
 impl core::str::FromStr for NbdUri {
@@ -383,6 +432,36 @@ mod tests {
         assert!(matches!(NbdUri::parse("nbd://h/%zz"), Err(UriError::BadEncoding(_))));
         assert!(matches!(NbdUri::parse("nbd:///"), Err(UriError::MissingHost)));
         assert!(matches!(NbdUri::parse("/dev/nbd0"), Err(UriError::NotAUri)));
+    }
+
+    /// Found by fuzzing (`uri`): `to_uri_string` dropped the user, the TLS
+    /// parameters and `tls=allow`, and wrote hosts unescaped, so the
+    /// string it gave did not parse back to the same URI.
+    #[test]
+    fn roundtrip_keeps_everything() {
+        for u in [
+            "nbd://me@h/e",
+            "nbd://@h/e",
+            "nbd://a%2Fb%40c%3Fd/e",
+            "nbd://%5Bx/",
+            "nbd://a%3A%5Db/",
+            "nbd://[fe80::1%25eth0]:99/",
+            "nbd://[a\u{1a}:b]/",
+            "nbd+unix://u%2F@/e?socket=s&tls=allow",
+            "nbds://h/?tls-certificates=/etc/pki%26x&tls-hostname=n&tls-verify-peer=false&tls-type=psk",
+        ] {
+            let p = NbdUri::parse(u).unwrap();
+            let s = p.to_uri_string();
+            assert_eq!(NbdUri::parse(&s).unwrap(), p, "{u} -> {s}");
+        }
+        // A NUL in a bracketed host is refused like in any other host
+        // (it could not be written back).
+        assert!(matches!(NbdUri::parse("nbd://[a:\0]/"), Err(UriError::BadIpv6(_))));
+        assert!(matches!(NbdUri::parse("nbd://a%00/"), Err(UriError::BadEncoding(_))));
+        assert_eq!(
+            NbdUri::parse("nbd://me@h:99/e?tls=allow").unwrap().to_uri_string(),
+            "nbd://me@h:99/e?tls=allow"
+        );
     }
 
     #[test]

@@ -30,6 +30,7 @@ use smol::Async;
 use smol::lock::Semaphore;
 
 use crate::io::{SharedHalf, write_all_vectored};
+use crate::tls::{LazyClientTls, TlsError};
 
 /// Everything that can go wrong for a client.
 #[derive(Debug, thiserror::Error)]
@@ -55,9 +56,15 @@ pub enum Error {
     /// The connection is gone (server died, or a violation closed it).
     #[error("disconnected from the server: {0}")]
     Disconnected(String),
-    /// TLS is not available in this build.
-    #[error("TLS was required but this client has no TLS support yet")]
-    TlsUnsupported,
+    /// The TLS credentials could not be set up (a certificate file is
+    /// missing or unreadable, an unsupported `tls-type`, ...).
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    /// The TLS handshake after `NBD_OPT_STARTTLS` failed (the server's
+    /// certificate did not verify, the server refused ours, ...); the
+    /// connection is closed, as the spec requires.
+    #[error("TLS handshake failed: {0}")]
+    TlsHandshake(io::Error),
 }
 
 impl Error {
@@ -116,18 +123,39 @@ pub async fn connect_transport(uri: &NbdUri) -> Result<(BoxRead, BoxWrite)> {
     }
 }
 
-async fn drive_handshake(hs: &mut ClientHandshake, r: &mut BoxRead, w: &mut BoxWrite) -> Result<()> {
+/// Drives a handshake to its end, upgrading the halves to TLS when the
+/// server accepts `NBD_OPT_STARTTLS`.
+async fn drive_handshake(
+    hs: &mut ClientHandshake,
+    r: &mut BoxRead,
+    w: &mut BoxWrite,
+    tls: &LazyClientTls,
+) -> Result<()> {
     let mut buf = Vec::new();
+    // TLS just started and the server said nothing over it yet.
+    let mut fresh_tls = false;
     loop {
         match hs.step() {
             HandshakeStep::Send(b) => {
-                w.write_all(b).await?;
-                w.flush().await?;
+                let sent = match w.write_all(b).await {
+                    Ok(()) => w.flush().await,
+                    Err(e) => Err(e),
+                };
+                match sent {
+                    Err(e) if fresh_tls => return Err(nbd_tls::refused_after_handshake(e).into()),
+                    r => r?,
+                }
                 hs.sent();
             }
             HandshakeStep::Receive(n) => {
                 buf.resize(n, 0);
-                r.read_exact(&mut buf).await.map_err(|e| {
+                let read = r.read_exact(&mut buf).await;
+                let read = match read {
+                    Err(e) if fresh_tls => Err(nbd_tls::refused_after_handshake(e)),
+                    r => r,
+                };
+                fresh_tls = false;
+                read.map_err(|e| {
                     if e.kind() == io::ErrorKind::UnexpectedEof {
                         Error::Disconnected("server closed the connection during the handshake".into())
                     } else {
@@ -136,7 +164,18 @@ async fn drive_handshake(hs: &mut ClientHandshake, r: &mut BoxRead, w: &mut BoxW
                 })?;
                 hs.received(&buf)?;
             }
-            HandshakeStep::StartTls => return Err(Error::TlsUnsupported),
+            HandshakeStep::StartTls => {
+                let creds = tls.get()?;
+                let plain_r = std::mem::replace(r, Box::new(futures_lite::io::empty()));
+                let plain_w = std::mem::replace(w, Box::new(futures_lite::io::sink()));
+                let (tr, tw) = crate::tls::connect(plain_r, plain_w, &creds)
+                    .await
+                    .map_err(Error::TlsHandshake)?;
+                *r = Box::new(tr);
+                *w = Box::new(tw);
+                hs.tls_established()?;
+                fresh_tls = true;
+            }
             _ => return Ok(()),
         }
     }
@@ -244,29 +283,53 @@ impl Client {
         Self::connect_uri(&uri, ClientConfig::default(), DEFAULT_MAX_IN_FLIGHT).await
     }
 
-    /// Connects to a parsed URI, with a configuration and an in-flight limit.
-    pub async fn connect_uri(uri: &NbdUri, mut config: ClientConfig, max_in_flight: usize) -> Result<Client> {
+    /// Connects to a parsed URI, with a configuration and an in-flight
+    /// limit. The URI's export name overrides the configuration's, and so
+    /// does its TLS policy unless it is [`TlsMode::Off`] (`nbds://` and
+    /// `nbds+unix://` require TLS); the TLS credentials come from the
+    /// URI's `tls-certificates`, `tls-hostname` and `tls-verify-peer`.
+    pub async fn connect_uri(uri: &NbdUri, config: ClientConfig, max_in_flight: usize) -> Result<Client> {
+        let tls = LazyClientTls::from_uri(uri)?;
+        Self::connect_uri_with_tls(uri, config, max_in_flight, tls).await
+    }
+
+    /// [`Client::connect_uri`] with TLS credentials of the caller's (e.g.
+    /// one [`LazyClientTls`] for every connection of a pool: the files are
+    /// read once and the connections share a TLS session cache).
+    pub async fn connect_uri_with_tls(
+        uri: &NbdUri,
+        mut config: ClientConfig,
+        max_in_flight: usize,
+        tls: LazyClientTls,
+    ) -> Result<Client> {
         config.export_name = uri.export.clone();
         if uri.tls != TlsMode::Off {
             config.tls = uri.tls;
         }
-        if config.tls == TlsMode::Require {
-            return Err(Error::TlsUnsupported);
-        }
         let (r, w) = connect_transport(uri).await?;
-        Self::handshake(r, w, config, max_in_flight).await
+        Self::handshake_with_tls(r, w, config, max_in_flight, tls).await
     }
 
-    /// Negotiates over already-connected halves and starts the tasks.
-    pub async fn handshake(
+    /// Negotiates over already-connected halves and starts the tasks (TLS,
+    /// if `config` asks for it, with libnbd's default credentials and no
+    /// name check).
+    pub async fn handshake(r: BoxRead, w: BoxWrite, config: ClientConfig, max_in_flight: usize) -> Result<Client> {
+        Self::handshake_with_tls(r, w, config, max_in_flight, LazyClientTls::default()).await
+    }
+
+    /// Negotiates over already-connected halves with these TLS credentials
+    /// (used if `config.tls` asks for TLS and the server accepts), then
+    /// starts the tasks.
+    pub async fn handshake_with_tls(
         mut r: BoxRead,
         mut w: BoxWrite,
         mut config: ClientConfig,
         max_in_flight: usize,
+        tls: LazyClientTls,
     ) -> Result<Client> {
         config.opt_mode = false;
         let mut hs = ClientHandshake::new(config);
-        drive_handshake(&mut hs, &mut r, &mut w).await?;
+        drive_handshake(&mut hs, &mut r, &mut w, &tls).await?;
         let neg = hs.finish()?;
         let max_in_flight = max_in_flight.max(1);
         let mut tx = ClientTransmission::new(&neg, max_in_flight);

@@ -69,3 +69,38 @@ pub async fn write_all_vectored<W: AsyncWrite + Unpin + ?Sized>(
     }
     Ok(())
 }
+
+/// A reading half and a writing half joined into one stream, e.g. to run
+/// TLS over a connection that was split for its handshake.
+#[derive(Debug)]
+pub struct Duplex<R, W> {
+    /// The reading half.
+    pub read: R,
+    /// The writing half.
+    pub write: W,
+}
+
+impl<R: AsyncRead + Unpin, W: Unpin> AsyncRead for Duplex<R, W> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().read).poll_read(cx, buf)
+    }
+}
+
+impl<R: Unpin, W: AsyncWrite + Unpin> AsyncWrite for Duplex<R, W> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().write).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().write).poll_write_vectored(cx, bufs)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().write).poll_flush(cx)
+    }
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().write).poll_close(cx)
+    }
+}

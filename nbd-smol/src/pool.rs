@@ -13,6 +13,7 @@ use nbd_proto::uri::NbdUri;
 use nbd_proto::wire::{CommandFlags, TransmissionFlags};
 
 use crate::client::{Client, Error, Result};
+use crate::tls::LazyClientTls;
 
 /// A pool of connections to one export.
 #[derive(Debug)]
@@ -25,11 +26,14 @@ impl Pool {
     /// Opens `connections` connections (just one if the server does not
     /// advertise multi-conn), each with `max_in_flight` requests.
     pub async fn connect(uri: &NbdUri, config: ClientConfig, connections: usize, max_in_flight: usize) -> Result<Pool> {
-        let first = Client::connect_uri(uri, config.clone(), max_in_flight).await?;
+        // One set of TLS credentials: read once, one session cache.
+        let tls = LazyClientTls::from_uri(uri)?;
+        let first = Client::connect_uri_with_tls(uri, config.clone(), max_in_flight, tls.clone()).await?;
         let mut clients = vec![first];
         let multi = clients[0].flags().contains(TransmissionFlags::CAN_MULTI_CONN);
         if multi {
-            let more = (1..connections.max(1)).map(|_| Client::connect_uri(uri, config.clone(), max_in_flight));
+            let more = (1..connections.max(1))
+                .map(|_| Client::connect_uri_with_tls(uri, config.clone(), max_in_flight, tls.clone()));
             for c in join_all(more).await {
                 clients.push(c?);
             }

@@ -27,6 +27,8 @@
 
 #![warn(missing_docs)]
 
+pub mod tls;
+
 use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::fs::{self, File};

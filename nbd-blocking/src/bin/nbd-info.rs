@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use nbd_blocking::client::{Client, Negotiation};
 use nbd_blocking::info::{ExportReport, human_size};
-use nbd_proto::client::ClientConfig;
+use nbd_proto::client::{ClientConfig, TlsMode};
 use nbd_proto::uri::NbdUri;
 use nbd_proto::wire::{CONTEXT_BASE_ALLOCATION, CommandFlags};
 
@@ -28,8 +28,33 @@ struct Args {
     /// Print only the export size in bytes.
     #[arg(long)]
     size: bool,
+    /// TLS on an nbd:// URI: off, allow (use it if the server offers it)
+    /// or require. nbds:// URIs always require TLS.
+    #[arg(long, value_enum, value_name = "MODE")]
+    tls: Option<TlsFlag>,
     /// The NBD URI, e.g. `nbd://localhost/disk` or `nbd+unix:///?socket=/tmp/sock`.
     uri: String,
+}
+
+/// `--tls` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TlsFlag {
+    /// Never ask for TLS.
+    Off,
+    /// Ask for TLS; go on in clear if the server refuses.
+    Allow,
+    /// Ask for TLS; fail if the server refuses.
+    Require,
+}
+
+impl From<TlsFlag> for TlsMode {
+    fn from(f: TlsFlag) -> TlsMode {
+        match f {
+            TlsFlag::Off => TlsMode::Off,
+            TlsFlag::Allow => TlsMode::Allow,
+            TlsFlag::Require => TlsMode::Require,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -50,7 +75,10 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> Result<String, String> {
-    let uri = NbdUri::parse(&args.uri).map_err(|e| format!("{}: {e}", args.uri))?;
+    let mut uri = NbdUri::parse(&args.uri).map_err(|e| format!("{}: {e}", args.uri))?;
+    if let Some(flag) = args.tls {
+        nbd_tls::apply_tls_flag(&mut uri, flag.into())?;
+    }
     let connect_err = |e: nbd_blocking::Error| format!("{}: {e}", args.uri);
     if let Some(context) = &args.map {
         return map(&uri, context, args.json).map_err(|e| match e {

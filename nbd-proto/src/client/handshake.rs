@@ -288,6 +288,17 @@ pub enum HandshakeViolation {
     /// A context returned that was never asked for.
     #[error("server selected metadata context {0:?} which was not requested")]
     UnrequestedContext(String),
+    /// More replies to one option than the client keeps: the server could
+    /// otherwise make it allocate without bound (see
+    /// [`MAX_EXPORT_LIST_ENTRIES`], [`MAX_EXPORT_LIST_BYTES`] and
+    /// [`MAX_META_CONTEXT_REPLIES`]).
+    #[error("server sent more than {limit} replies (or too many bytes) to {option}")]
+    TooManyReplies {
+        /// The option.
+        option: OptionType,
+        /// The limit on the number of replies.
+        limit: usize,
+    },
     /// The server refused `NBD_OPT_GO` as unsupported after accepting
     /// extended headers, which the spec forbids.
     #[error("server refused NBD_OPT_GO as unsupported after accepting extended headers")]
@@ -349,6 +360,18 @@ pub enum HandshakeStep<'a> {
     Aborted,
 }
 
+/// Most exports kept from the answer to `NBD_OPT_LIST`; a server that
+/// sends more breaks the handshake ([`HandshakeViolation::TooManyReplies`]).
+pub const MAX_EXPORT_LIST_ENTRIES: usize = 1 << 16;
+
+/// Most bytes of export names and descriptions kept from the answer to
+/// `NBD_OPT_LIST` (each reply alone is bounded by the 4096-byte strings).
+pub const MAX_EXPORT_LIST_BYTES: usize = 16 << 20;
+
+/// Most metadata contexts kept from the answer to one
+/// `NBD_OPT_LIST_META_CONTEXT` or `NBD_OPT_SET_META_CONTEXT`.
+pub const MAX_META_CONTEXT_REPLIES: usize = 4096;
+
 /// Largest option reply payload accepted: NBD_REP_SERVER with a name and a
 /// description of 4096 bytes each is the largest valid reply.
 const MAX_OPTION_REPLY: u32 = 4 + 2 * MAX_STRING_LEN as u32 + 64;
@@ -384,6 +407,8 @@ enum Pending {
     },
     List {
         got: Vec<ExportEntry>,
+        /// Bytes of names and descriptions in `got`.
+        bytes: usize,
     },
     Info {
         go: bool,
@@ -611,7 +636,14 @@ impl ClientHandshake {
     /// Issue `NBD_OPT_LIST`.
     pub fn opt_list(&mut self) -> Result<(), HandshakeError> {
         self.idle_check(OptionType::LIST)?;
-        self.send_option(OptionType::LIST, &[], Pending::List { got: Vec::new() });
+        self.send_option(
+            OptionType::LIST,
+            &[],
+            Pending::List {
+                got: Vec::new(),
+                bytes: 0,
+            },
+        );
         Ok(())
     }
 
@@ -1031,7 +1063,7 @@ impl ClientHandshake {
                 self.phase = Phase::Aborted;
                 Ok(())
             }
-            (Pending::List { mut got }, ReplyType::SERVER) => {
+            (Pending::List { mut got, bytes }, ReplyType::SERVER) => {
                 if data.len() < 4 {
                     return Err(bad_len().into());
                 }
@@ -1044,19 +1076,30 @@ impl ClientHandshake {
                 let rest = &data[4 + n..];
                 check_len(rest.len())?;
                 let description = if rest.is_empty() { None } else { Some(lossy(rest)) };
+                let bytes = bytes + data.len() - 4;
+                if got.len() >= MAX_EXPORT_LIST_ENTRIES || bytes > MAX_EXPORT_LIST_BYTES {
+                    return Err(HandshakeViolation::TooManyReplies {
+                        option,
+                        limit: MAX_EXPORT_LIST_ENTRIES,
+                    }
+                    .into());
+                }
                 got.push(ExportEntry { name, description });
-                self.continue_option(Pending::List { got });
+                self.continue_option(Pending::List { got, bytes });
                 Ok(())
             }
-            (Pending::List { got }, ReplyType::ACK) => self.option_finished(OptionOutcome::List(got)),
+            (Pending::List { got, .. }, ReplyType::ACK) => self.option_finished(OptionOutcome::List(got)),
             (Pending::ListMetaContext { mut got }, ReplyType::META_CONTEXT) => {
                 let ctx = parse_meta_context(data)?;
+                check_meta_context_count(option, &got)?;
                 got.push(ctx);
                 self.continue_option(Pending::ListMetaContext { got });
                 Ok(())
             }
             (Pending::SetMetaContext { export, asked, mut got }, ReplyType::META_CONTEXT) => {
                 let ctx = parse_meta_context(data)?;
+                // Before the duplicate check, which is linear in `got`.
+                check_meta_context_count(option, &got)?;
                 if got.iter().any(|c| c.id == ctx.id) {
                     return Err(HandshakeViolation::DuplicateContextId(ctx.id).into());
                 }
@@ -1225,6 +1268,17 @@ impl ClientHandshake {
     }
 }
 
+/// Refuses a metadata context beyond [`MAX_META_CONTEXT_REPLIES`].
+fn check_meta_context_count(option: OptionType, got: &[MetaContext]) -> Result<(), HandshakeViolation> {
+    if got.len() >= MAX_META_CONTEXT_REPLIES {
+        return Err(HandshakeViolation::TooManyReplies {
+            option,
+            limit: MAX_META_CONTEXT_REPLIES,
+        });
+    }
+    Ok(())
+}
+
 fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -1290,4 +1344,119 @@ fn encode_meta_context_request(export: &str, queries: &[&str]) -> Result<Vec<u8>
         data.extend_from_slice(q.as_bytes());
     }
     Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(option: OptionType, reply: ReplyType, data: &[u8]) -> Vec<u8> {
+        let h = OptionReplyHeader {
+            magic: OPTION_REPLY_MAGIC.into(),
+            option: option.0.into(),
+            reply_type: reply.0.into(),
+            length: (data.len() as u32).into(),
+        };
+        let mut v = h.as_bytes().to_vec();
+        v.extend_from_slice(data);
+        v
+    }
+
+    /// A client in option mode, idle after the greeting.
+    fn idle_client() -> ClientHandshake {
+        let mut hs = ClientHandshake::new(ClientConfig {
+            opt_mode: true,
+            structured_replies: false,
+            extended_headers: false,
+            meta_contexts: Vec::new(),
+            ..ClientConfig::default()
+        });
+        let mut greeting = NBDMAGIC.to_be_bytes().to_vec();
+        greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        hs.received(&greeting).unwrap();
+        hs.received(&HandshakeFlags::FIXED_NEWSTYLE.bits().to_be_bytes())
+            .unwrap();
+        assert!(matches!(hs.step(), HandshakeStep::Send(_)));
+        hs.sent();
+        assert_eq!(hs.step(), HandshakeStep::Negotiating);
+        hs
+    }
+
+    /// Feeds one reply the way a driver would (header, then payload).
+    fn feed(hs: &mut ClientHandshake, bytes: &[u8]) -> Result<(), HandshakeError> {
+        hs.received(&bytes[..OPTION_REPLY_HEADER_LEN])?;
+        if bytes.len() > OPTION_REPLY_HEADER_LEN {
+            hs.received(&bytes[OPTION_REPLY_HEADER_LEN..])?;
+        }
+        Ok(())
+    }
+
+    /// Found while fuzzing: the replies to `NBD_OPT_LIST` and the
+    /// meta-context options were collected without limit, so a server
+    /// could make the client allocate (and, for SET_META_CONTEXT, compare
+    /// ids) without bound by never sending the final ACK.
+    #[test]
+    fn replies_per_option_are_bounded() {
+        let mut hs = idle_client();
+        hs.opt_list().unwrap();
+        hs.sent();
+        let entry = reply(OptionType::LIST, ReplyType::SERVER, &[0, 0, 0, 1, b'x']);
+        for _ in 0..MAX_EXPORT_LIST_ENTRIES {
+            feed(&mut hs, &entry).unwrap();
+        }
+        assert_eq!(
+            feed(&mut hs, &entry),
+            Err(HandshakeViolation::TooManyReplies {
+                option: OptionType::LIST,
+                limit: MAX_EXPORT_LIST_ENTRIES
+            }
+            .into())
+        );
+        assert_eq!(hs.step(), HandshakeStep::Aborted);
+
+        // Long descriptions hit the byte limit first.
+        let mut hs = idle_client();
+        hs.opt_list().unwrap();
+        hs.sent();
+        let mut data = alloc::vec![0, 0, 0, 1, b'x'];
+        data.extend_from_slice(&[b'd'; MAX_STRING_LEN]);
+        let entry = reply(OptionType::LIST, ReplyType::SERVER, &data);
+        let fit = MAX_EXPORT_LIST_BYTES / (data.len() - 4);
+        for _ in 0..fit {
+            feed(&mut hs, &entry).unwrap();
+        }
+        assert!(matches!(
+            feed(&mut hs, &entry),
+            Err(HandshakeError::Violation(HandshakeViolation::TooManyReplies { .. }))
+        ));
+
+        for set in [false, true] {
+            let mut hs = idle_client();
+            let option = if set {
+                hs.opt_set_meta_context("", &["qemu:dirty-bitmap:"]).unwrap();
+                OptionType::SET_META_CONTEXT
+            } else {
+                hs.opt_list_meta_context("", &[]).unwrap();
+                OptionType::LIST_META_CONTEXT
+            };
+            hs.sent();
+            for id in 0..=MAX_META_CONTEXT_REPLIES as u32 {
+                let mut data = (id + 1).to_be_bytes().to_vec();
+                data.extend_from_slice(alloc::format!("qemu:dirty-bitmap:b{id}").as_bytes());
+                let r = feed(&mut hs, &reply(option, ReplyType::META_CONTEXT, &data));
+                if (id as usize) < MAX_META_CONTEXT_REPLIES {
+                    r.unwrap();
+                } else {
+                    assert_eq!(
+                        r,
+                        Err(HandshakeViolation::TooManyReplies {
+                            option,
+                            limit: MAX_META_CONTEXT_REPLIES
+                        }
+                        .into())
+                    );
+                }
+            }
+        }
+    }
 }

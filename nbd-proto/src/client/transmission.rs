@@ -449,6 +449,8 @@ pub struct ClientTransmission {
     strict: bool,
     pending_done: Option<usize>,
     manual_release: bool,
+    /// The cookie of the reply being received (from its header on).
+    replying: u64,
 }
 
 /// Largest error chunk payload: the fixed fields, a 4096-byte message, an
@@ -493,6 +495,7 @@ impl ClientTransmission {
             strict: true,
             pending_done: None,
             manual_release: false,
+            replying: 0,
         }
     }
 
@@ -785,12 +788,25 @@ impl ClientTransmission {
         v
     }
 
-    fn lookup(&self, cookie: u64) -> Result<usize, ReplyViolation> {
+    /// The slot of a request in flight; a reply header names it, and it
+    /// becomes the reply being received.
+    fn lookup(&mut self, cookie: u64) -> Result<usize, ReplyViolation> {
         let slot = (cookie & 0xffff_ffff) as usize;
         match self.slots.get(slot) {
-            Some(s) if s.busy && s.generation == (cookie >> 32) as u32 => Ok(slot),
+            Some(s) if s.busy && s.generation == (cookie >> 32) as u32 => {
+                self.replying = cookie;
+                Ok(slot)
+            }
             _ => Err(ReplyViolation::UnknownCookie(cookie)),
         }
+    }
+
+    /// Checks, before the rest of a reply is taken in, that its request is
+    /// still in flight: [`ClientTransmission::cancel_unsent`] may have given
+    /// it up after the header arrived, which means the server replied to a
+    /// request it never received (it guessed the cookie).
+    fn still_replying(&mut self) -> Result<(), ReplyViolation> {
+        self.lookup(self.replying).map(|_| ())
     }
 
     fn complete(&mut self, slot: usize) -> ReplyEvent<'static> {
@@ -819,9 +835,12 @@ impl ClientTransmission {
     pub fn data_received(&mut self) -> Result<ReplyEvent<'static>, ReplyViolation> {
         match self.state {
             RecvState::Data { slot, done, .. } => {
+                if let Err(e) = self.still_replying() {
+                    return Err(self.fail(e));
+                }
                 self.state = RecvState::Header;
                 if done {
-                    self.finish_reply(slot)
+                    self.finish_reply(slot).map_err(|e| self.fail(e))
                 } else {
                     Ok(ReplyEvent::Nothing)
                 }
@@ -922,6 +941,7 @@ impl ClientTransmission {
                 )
             }
             RecvState::DataOffset { slot, flags, len } => {
+                self.still_replying()?;
                 let offset = u64::from_be_bytes(bytes[..8].try_into().map_err(|_| ReplyViolation::BadMagic(0))?);
                 let data_len = len - 8;
                 self.content(slot, ReplyChunkType::OFFSET_DATA, offset, data_len)?;
@@ -947,6 +967,7 @@ impl ClientTransmission {
                         length: bytes.len() as u64,
                     });
                 }
+                self.still_replying()?;
                 self.state = RecvState::Header;
                 let done = flags.contains(ReplyFlags::DONE);
                 let ev = self.chunk_payload(slot, chunk, bytes)?;
@@ -967,7 +988,12 @@ impl ClientTransmission {
     /// Completes the request announced by [`ReceiveNext::Complete`].
     pub fn complete_pending(&mut self) -> Result<ReplyEvent<'static>, ReplyViolation> {
         match self.pending_done.take() {
-            Some(slot) => self.finish_reply(slot).map_err(|e| self.fail(e)),
+            Some(slot) => {
+                if let Err(e) = self.still_replying() {
+                    return Err(self.fail(e));
+                }
+                self.finish_reply(slot).map_err(|e| self.fail(e))
+            }
             None => Ok(ReplyEvent::Nothing),
         }
     }
@@ -1303,4 +1329,159 @@ impl ClientTransmission {
 
 fn is_32bit_context(name: &str) -> bool {
     name.starts_with("base:") || name.starts_with("qemu:")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec;
+
+    fn structured() -> Negotiated {
+        Negotiated {
+            mode: Mode::Structured,
+            tls: false,
+            export_name: String::new(),
+            description: None,
+            size: 1 << 20,
+            flags: TransmissionFlags::HAS_FLAGS,
+            block_size: None,
+            contexts: Vec::new(),
+        }
+    }
+
+    fn chunk(cookie: Cookie, flags: ReplyFlags, chunk: ReplyChunkType, payload: &[u8]) -> Vec<u8> {
+        let h = StructuredReplyHeader {
+            magic: STRUCTURED_REPLY_MAGIC.into(),
+            flags: flags.bits().into(),
+            chunk_type: chunk.0.into(),
+            cookie: cookie.0.into(),
+            length: (payload.len() as u32).into(),
+        };
+        let mut v = h.as_bytes().to_vec();
+        v.extend_from_slice(payload);
+        v
+    }
+
+    /// Found by fuzzing (`structured`): a server that guesses the cookie of
+    /// a request not sent yet can start replying to it; if the driver then
+    /// gives the request up with `cancel_unsent`, the rest of the reply
+    /// completed a free slot: `in_flight` underflowed (a panic in debug
+    /// builds; in release the slot went twice onto the free list).
+    #[test]
+    fn reply_to_a_cancelled_request_is_a_violation() {
+        // The rest of a chunk (its payload, or the offset of a data chunk).
+        for (ty, payload) in [
+            (
+                ReplyChunkType::OFFSET_HOLE,
+                [0u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 16, 0].as_slice(),
+            ),
+            (ReplyChunkType::OFFSET_DATA, [0u8; 8 + 4096].as_slice()),
+        ] {
+            let mut tx = ClientTransmission::new(&structured(), 4);
+            let (cookie, _) = tx.start_request(Request::new(Command::READ, 0, 4096)).unwrap();
+            let wire = chunk(cookie, ReplyFlags::DONE, ty, payload);
+            tx.handle_bytes(&wire[..16]).unwrap();
+            tx.handle_bytes(&wire[16..20]).unwrap();
+            tx.cancel_unsent(cookie);
+            assert_eq!(tx.in_flight(), 0);
+            let ReceiveNext::Bytes(n) = tx.next() else {
+                panic!("expected the rest of the chunk");
+            };
+            assert_eq!(
+                tx.handle_bytes(&wire[20..20 + n]).unwrap_err(),
+                ReplyViolation::UnknownCookie(cookie.0)
+            );
+            assert!(tx.is_failed());
+            assert_eq!(tx.in_flight(), 0);
+        }
+        // READ data being moved (simple reply), then the request given up.
+        let mut n = structured();
+        n.mode = Mode::Simple;
+        let mut tx = ClientTransmission::new(&n, 4);
+        let (cookie, _) = tx.start_request(Request::new(Command::READ, 0, 512)).unwrap();
+        let h = SimpleReplyHeader {
+            magic: SIMPLE_REPLY_MAGIC.into(),
+            error: 0.into(),
+            cookie: cookie.0.into(),
+        };
+        tx.handle_bytes(h.as_bytes()).unwrap();
+        assert!(matches!(tx.next(), ReceiveNext::Data { length: 512, .. }));
+        tx.cancel_unsent(cookie);
+        assert_eq!(tx.data_received().unwrap_err(), ReplyViolation::UnknownCookie(cookie.0));
+        assert!(tx.is_failed());
+        // A completion announced by `Complete`, then the request given up
+        // and its slot reused by a new request.
+        let mut n = structured();
+        n.contexts = vec![MetaContext {
+            id: 1,
+            name: CONTEXT_BASE_ALLOCATION.into(),
+        }];
+        let mut tx = ClientTransmission::new(&n, 1);
+        let (cookie, _) = tx.start_request(Request::new(Command::BLOCK_STATUS, 0, 4096)).unwrap();
+        let mut status = 1u32.to_be_bytes().to_vec();
+        status.extend_from_slice(&4096u32.to_be_bytes());
+        status.extend_from_slice(&0u32.to_be_bytes());
+        let wire = chunk(cookie, ReplyFlags::DONE, ReplyChunkType::BLOCK_STATUS, &status);
+        tx.handle_bytes(&wire[..16]).unwrap();
+        tx.handle_bytes(&wire[16..20]).unwrap();
+        assert!(matches!(
+            tx.handle_bytes(&wire[20..]),
+            Ok(ReplyEvent::BlockStatus { .. })
+        ));
+        assert_eq!(tx.next(), ReceiveNext::Complete);
+        tx.cancel_unsent(cookie);
+        let (again, _) = tx.start_request(Request::new(Command::BLOCK_STATUS, 0, 4096)).unwrap();
+        assert_eq!(again.slot(), cookie.slot());
+        assert_eq!(
+            tx.complete_pending().unwrap_err(),
+            ReplyViolation::UnknownCookie(cookie.0)
+        );
+        assert!(tx.is_failed());
+        assert_eq!(tx.fail_all().collect::<Vec<_>>(), vec![again]);
+    }
+
+    /// Found by fuzzing (`structured`): a READ whose last data chunk left
+    /// the request short was reported as a violation by `data_received`,
+    /// but the connection was not marked failed, unlike every other
+    /// violation (and the request stayed in flight forever).
+    #[test]
+    fn short_read_in_last_data_chunk_fails_the_connection() {
+        let mut tx = ClientTransmission::new(&structured(), 4);
+        let (cookie, _) = tx.start_request(Request::new(Command::READ, 0, 4096)).unwrap();
+        let h = StructuredReplyHeader {
+            magic: STRUCTURED_REPLY_MAGIC.into(),
+            flags: ReplyFlags::DONE.bits().into(),
+            chunk_type: ReplyChunkType::OFFSET_DATA.0.into(),
+            cookie: cookie.0.into(),
+            length: (8 + 512u32).into(),
+        };
+        let mut wire = h.as_bytes().to_vec();
+        wire.extend_from_slice(&0u64.to_be_bytes());
+        let mut pos = 0;
+        for _ in 0..3 {
+            let ReceiveNext::Bytes(n) = tx.next() else {
+                panic!("expected header bytes");
+            };
+            assert!(matches!(tx.handle_bytes(&wire[pos..pos + n]), Ok(ReplyEvent::Nothing)));
+            pos += n;
+        }
+        assert_eq!(
+            tx.next(),
+            ReceiveNext::Data {
+                cookie,
+                buf_offset: 0,
+                length: 512
+            }
+        );
+        assert_eq!(
+            tx.data_received().unwrap_err(),
+            ReplyViolation::ShortRead {
+                got: 512,
+                expected: 4096
+            }
+        );
+        assert!(tx.is_failed());
+        assert_eq!(tx.next(), ReceiveNext::Bytes(0));
+        assert_eq!(tx.fail_all().collect::<Vec<_>>(), vec![cookie]);
+    }
 }

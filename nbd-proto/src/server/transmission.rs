@@ -405,8 +405,10 @@ impl ServerTransmission {
             let ids = payload.saturating_sub(8) / 4;
             if payload < 12 || (payload - 8) % 4 != 0 || ids > self.contexts.len().min(64) as u64 {
                 // Too short, ragged, or necessarily holding duplicate or
-                // unknown ids: consume it, then fail.
-                self.state = State::Discard { length: payload };
+                // unknown ids: consume it (if there is any), then fail.
+                if payload > 0 {
+                    self.state = State::Discard { length: payload };
+                }
                 return Ok(ServerEvent::Reject {
                     request,
                     error: ErrorCode::EINVAL,

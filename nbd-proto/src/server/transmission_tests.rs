@@ -495,6 +495,18 @@ fn block_status_payload_form() {
     assert_eq!(t.next(), ServerReceive::Discard(12));
 }
 
+/// Found by fuzzing (`server_transmission`): a payload-form BLOCK_STATUS
+/// whose payload length is 0 was rejected with `ServerReceive::Discard(0)`
+/// announced; nothing is to be discarded, the next header follows.
+#[test]
+fn block_status_payload_form_of_length_zero() {
+    let n = neg(Mode::Extended, ALL_FLAGS | TransmissionFlags::BLOCK_STATUS_PAYLOAD);
+    let mut t = ServerTransmission::new(&n);
+    let ev = feed(&mut t, CommandFlags::PAYLOAD_LEN, Command::BLOCK_STATUS, 0, 0);
+    assert_eq!(rejected(ev), ErrorCode::EINVAL);
+    assert_eq!(t.next(), ServerReceive::Bytes(32));
+}
+
 #[test]
 fn shutdown_refuses_everything() {
     let mut t = ServerTransmission::new(&neg(Mode::Simple, ALL_FLAGS));

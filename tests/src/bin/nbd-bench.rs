@@ -3,7 +3,8 @@
 //! ours, of the peer, and their ratio.
 //!
 //! Run with `cargo run --release -p nbd-tests --bin nbd-bench` (add
-//! `-- --quick` for a shorter run). The machines are shared and noisy: each
+//! `-- --quick` for a shorter run, `-- --tls-only` for the TLS rows
+//! alone). The machines are shared and noisy: each
 //! figure is the median of several alternating runs (ours, peer, ours,
 //! peer, ...), and only ratios measured in the same run mean anything.
 
@@ -377,6 +378,104 @@ fn idle_memory_rows(dir: &TempDir, rows: &mut Vec<Row>) {
     });
 }
 
+/// TLS rows: nbd-serve against nbdkit, both with `--tls=require`, under
+/// fio (libnbd over GnuTLS); and our nbd-copy (rustls) against nbdcopy
+/// (GnuTLS) reading from nbdkit over TLS. A failure here prints a note and
+/// leaves the other rows alone.
+fn tls_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
+    let run = std::panic::AssertUnwindSafe(|| {
+        let mut new = Vec::new();
+        tls_rows_inner(cfg, dir, &mut new);
+        new
+    });
+    match std::panic::catch_unwind(run) {
+        Ok(new) => rows.extend(new),
+        Err(e) => {
+            let why = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            eprintln!("nbd-bench: note: the TLS rows failed and are left out: {why}");
+        }
+    }
+}
+
+fn tls_rows_inner(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
+    let pki = nbd_tests::tls::make_certificates(&dir.join("pki")).expect("test certificates");
+    let certs = format!("--tls-certificates={}", pki.dir_str());
+    let tls_uri = |sock: &Path| {
+        format!(
+            "nbds+unix:///?socket={}&tls-certificates={}",
+            sock.display(),
+            pki.dir_str()
+        )
+    };
+    // fio's libnbd does not allow tls-certificates (local file access) in
+    // URIs; over a Unix socket libnbd checks no certificate anyway, so it
+    // gets by with the system's CA list.
+    let fio_uri = |sock: &Path| format!("nbds+unix:///?socket={}", sock.display());
+    let s1 = dir.socket_path("ours-tls");
+    let s2 = dir.socket_path("kit-tls");
+    let ours = Peer::start(
+        dir,
+        &our_bin("nbd-serve"),
+        &[
+            "--socket",
+            s1.to_str().unwrap_or_default(),
+            "--tls=require",
+            &certs,
+            "--memory",
+            "1G",
+        ],
+        Endpoint::Unix(s1.clone()),
+    );
+    let kit = Peer::start(
+        dir,
+        "nbdkit",
+        &[
+            "-f",
+            "-U",
+            s2.to_str().unwrap_or_default(),
+            "--tls=require",
+            &certs,
+            "memory",
+            "1G",
+        ],
+        Endpoint::Unix(s2.clone()),
+    );
+    server_rows(
+        "TLS: nbd-serve --memory",
+        "nbdkit memory, TLS",
+        (&ours, fio_uri(&s1)),
+        (&kit, fio_uri(&s2)),
+        cfg,
+        dir,
+        rows,
+    );
+    drop(ours);
+
+    // Copy out of nbdkit over TLS: the 256 MiB fio wrote, and holes that
+    // both copiers skip.
+    let uri = tls_uri(&s2);
+    let size: u64 = 1 << 30;
+    let nbd_copy = our_bin("nbd-copy");
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..cfg.reps {
+        a.push(size as f64 / 1e6 / time_cmd(&nbd_copy, &[&uri, "null:"]));
+        b.push(size as f64 / 1e6 / time_cmd("nbdcopy", &[&uri, "null:"]));
+    }
+    rows.push(Row {
+        what: "TLS: copy nbdkit memory (1 GiB) to null:".into(),
+        peer: "nbdcopy".into(),
+        ours: median(a),
+        theirs: median(b),
+        unit: "MB/s",
+        better: Better::Higher,
+        target: 1.0,
+    });
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let cfg = if quick {
@@ -399,6 +498,11 @@ fn main() {
     let dir = TempDir::new();
     let serve = our_bin("nbd-serve");
     let mut rows = Vec::new();
+    if std::env::args().any(|a| a == "--tls-only") {
+        tls_rows(&cfg, &dir, &mut rows);
+        print_rows(&rows);
+        return;
+    }
 
     // Memory: nbd-serve --memory against nbdkit's memory plugin.
     {
@@ -477,13 +581,17 @@ fn main() {
     }
     copy_rows(&cfg, &dir, &mut rows);
     idle_memory_rows(&dir, &mut rows);
+    tls_rows(&cfg, &dir, &mut rows);
+    print_rows(&rows);
+}
 
+fn print_rows(rows: &[Row]) {
     println!();
     println!(
         "{:<72} {:<18} {:>12} {:>12} {:>8} {:>8}  met",
         "what", "peer", "ours", "peer", "ratio", "target"
     );
-    for r in &rows {
+    for r in rows {
         let target = match r.better {
             Better::Higher => format!(">={:.2}", r.target),
             Better::Lower => format!("<={:.2}", r.target),

@@ -1,0 +1,71 @@
+//! Replays the fuzz seeds (`fuzz/seeds/TARGET/*`, minimised corpora of the
+//! cargo-fuzz targets) through the targets' own driving code
+//! (`fuzz/src/drive.rs`, included here by path), so that every crash the
+//! fuzzers found stays fixed and the invariants they check keep holding.
+//! Needs no libFuzzer: plain `cargo test`.
+
+#[allow(dead_code)]
+#[path = "../../fuzz/src/drive.rs"]
+mod drive;
+
+use std::fs;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+
+/// Runs every seed of `target`; fails naming each seed that panics.
+fn replay(target: &str) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds").join(target);
+    let mut seeds: Vec<PathBuf> = fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("directory entry").path())
+        .collect();
+    seeds.sort();
+    assert!(!seeds.is_empty(), "no seeds in {}", dir.display());
+    let failed: Vec<String> = seeds
+        .iter()
+        .filter(|path| {
+            let data = fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            catch_unwind(AssertUnwindSafe(|| assert!(drive::run(target, &data)))).is_err()
+        })
+        .map(|path| path.display().to_string())
+        .collect();
+    assert!(failed.is_empty(), "{target}: seeds that fail: {failed:#?}");
+}
+
+#[test]
+fn every_target_has_seeds() {
+    for target in drive::TARGETS {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds").join(target);
+        assert!(dir.is_dir(), "missing {}", dir.display());
+    }
+}
+
+#[test]
+fn client_handshake() {
+    replay("client_handshake");
+}
+
+#[test]
+fn server_handshake() {
+    replay("server_handshake");
+}
+
+#[test]
+fn client_transmission() {
+    replay("client_transmission");
+}
+
+#[test]
+fn server_transmission() {
+    replay("server_transmission");
+}
+
+#[test]
+fn uri() {
+    replay("uri");
+}
+
+#[test]
+fn structured() {
+    replay("structured");
+}
