@@ -7,6 +7,11 @@
 //!   them before (or instead of) entering transmission.
 //! - [`server::Server`]: a thread-per-connection server on the same
 //!   state machines and storage as the async one.
+//!
+//! Both speak TLS (STARTTLS, rustls `StreamOwned`) with the credentials
+//! `nbd_tls` builds: the client from the URI (`nbds://`,
+//! `tls-certificates=DIR`, ...), the server from
+//! [`server::ServerOptions::tls`].
 #![warn(missing_docs)]
 
 pub mod client;

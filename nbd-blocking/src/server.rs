@@ -192,7 +192,7 @@ impl Server {
         s.set_read_timeout_stream(Some(self.options.handshake_timeout))?;
         let mut r = BufReader::with_capacity(64 * 1024, s);
         let hs = ServerHandshake::new(self.options.config.clone());
-        let hs = match self.handshake(hs, &mut r, &mut w, deadline)? {
+        let hs = match self.handshake(hs, &mut r, &mut w, deadline, &control)? {
             HandshakeEnd::Done(neg, export) => {
                 control.set_read_timeout_stream(None)?;
                 return self.transmission(neg, export, &mut r, &mut w);
@@ -220,7 +220,7 @@ impl Server {
         let mut w = TlsHalf(tls.clone());
         let mut hs = hs;
         hs.tls_established().map_err(invalid_data)?;
-        let result = match self.handshake(hs, &mut r, &mut w, deadline)? {
+        let result = match self.handshake(hs, &mut r, &mut w, deadline, &control)? {
             HandshakeEnd::Done(neg, export) => {
                 control.set_read_timeout_stream(None)?;
                 self.transmission(neg, export, &mut r, &mut w)
@@ -236,12 +236,16 @@ impl Server {
         result
     }
 
-    fn handshake<R: BufRead, W: Write>(
+    /// `control` is a handle on the socket used to keep the read timeout
+    /// at the time left before `deadline`, so a client trickling bytes
+    /// cannot stretch the handshake past it.
+    fn handshake<R: BufRead, W: Write, S: ServerStream>(
         &self,
         mut hs: ServerHandshake,
         r: &mut R,
         w: &mut W,
         deadline: Instant,
+        control: &S,
     ) -> io::Result<HandshakeEnd> {
         let mut buf = Vec::new();
         loop {
@@ -256,11 +260,27 @@ impl Server {
                 }
                 ServerStep::Receive(n) => {
                     buf.resize(n, 0);
-                    r.read_exact(&mut buf)?;
+                    let mut got = 0;
+                    while got < n {
+                        let k = read_before(r, &mut buf[got..], control, deadline)?;
+                        if k == 0 {
+                            return Err(io::ErrorKind::UnexpectedEof.into());
+                        }
+                        got += k;
+                    }
                     hs.received(&buf).map_err(invalid_data)?;
                 }
                 ServerStep::Discard(n) => {
-                    discard(r, n as u64)?;
+                    let mut left = n;
+                    let mut sink = [0u8; 4096];
+                    while left > 0 {
+                        let k = left.min(sink.len());
+                        let got = read_before(r, &mut sink[..k], control, deadline)?;
+                        if got == 0 {
+                            return Err(io::ErrorKind::UnexpectedEof.into());
+                        }
+                        left -= got;
+                    }
                     hs.discarded().map_err(invalid_data)?;
                 }
                 ServerStep::StartTls => return Ok(HandshakeEnd::StartTls(hs)),
@@ -292,7 +312,10 @@ impl Server {
         let mut conn = Connection::new(&neg, self.exports.get(export));
         let mut header = Vec::with_capacity(32);
         loop {
-            if r.buffer().is_empty() && conn.has_output() {
+            // Replies go out when the client has nothing more buffered, or
+            // once they pile up: a client that pipelines without reading
+            // is then blocked by its own full socket (bounded memory).
+            if conn.has_output() && (r.buffer().is_empty() || conn.output().len() >= EAGER_FLUSH) {
                 w.write_all(conn.output())?;
                 w.flush()?;
                 conn.output_sent();
@@ -338,6 +361,30 @@ fn tls_handshake<S: Read + Write>(tls: &mut rustls::StreamOwned<rustls::ServerCo
         tls.conn.write_tls(&mut tls.sock)?;
     }
     tls.sock.flush()
+}
+
+/// Replies pending beyond this are written even if requests are buffered.
+const EAGER_FLUSH: usize = 256 * 1024;
+
+/// One read, with the socket's read timeout set to what is left before
+/// `deadline` (`TimedOut` once it has passed).
+fn read_before<R: Read, S: ServerStream>(
+    r: &mut R,
+    buf: &mut [u8],
+    control: &S,
+    deadline: Instant,
+) -> io::Result<usize> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"));
+    }
+    control.set_read_timeout_stream(Some(left.max(Duration::from_millis(1))))?;
+    match r.read(buf) {
+        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))
+        }
+        other => other,
+    }
 }
 
 fn discard<R: BufRead>(r: &mut R, mut n: u64) -> io::Result<()> {

@@ -4,6 +4,8 @@
 //!   connection, requests are pipelined and replies matched by cookie.
 //! - [`server::Server`]: an async server for many clients and several
 //!   exports, serving from `nbd_storage`.
+//! - [`tls`]: STARTTLS for both (futures-rustls over the connection's
+//!   halves; credentials from `nbd_tls`).
 #![warn(missing_docs)]
 
 pub mod client;

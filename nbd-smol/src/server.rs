@@ -477,12 +477,17 @@ impl Server {
             Ok::<(), io::Error>(())
         };
         let reader = async {
-            let r = self.serve_requests(&mut conn, r, &to_writer, &from_writer).await;
+            // The reply buffer not lent to the writer (None while the
+            // writer holds both).
+            let mut spare: Option<Vec<u8>> = Some(Vec::new());
+            let r = self
+                .serve_requests(&mut conn, r, &to_writer, &from_writer, &mut spare)
+                .await;
             // Whatever is left goes out before the writer closes.
             if conn.has_output() {
-                let mut spare = match from_writer.try_recv() {
-                    Ok(b) => b,
-                    Err(_) => from_writer.recv().await.unwrap_or_default(),
+                let mut spare = match spare.take() {
+                    Some(b) => b,
+                    None => from_writer.recv().await.unwrap_or_default(),
                 };
                 conn.swap_output(&mut spare);
                 let _ = to_writer.send(spare).await;
@@ -499,21 +504,21 @@ impl Server {
         r: &mut BufReader<R>,
         to_writer: &smol::channel::Sender<Vec<u8>>,
         from_writer: &smol::channel::Receiver<Vec<u8>>,
+        spare: &mut Option<Vec<u8>>,
     ) -> io::Result<()> {
         fn closed<E>(_: E) -> io::Error {
             io::Error::new(io::ErrorKind::BrokenPipe, "reply writer stopped")
         }
-        let mut spare: Option<Vec<u8>> = Some(Vec::new());
         let mut header = Vec::with_capacity(32);
         // One listener for the whole connection: shutdown happens once.
         let mut stop = self.shutdown_event.listen();
         loop {
             if conn.has_output() && (r.buffer().is_empty() || conn.output().len() >= EAGER_FLUSH) {
                 if spare.is_none() {
-                    spare = from_writer.try_recv().ok();
+                    *spare = from_writer.try_recv().ok();
                 }
                 if spare.is_none() && conn.output().len() >= HIGH_WATER {
-                    spare = Some(from_writer.recv().await.map_err(closed)?);
+                    *spare = Some(from_writer.recv().await.map_err(closed)?);
                 }
                 if let Some(mut b) = spare.take() {
                     conn.swap_output(&mut b);
@@ -532,7 +537,7 @@ impl Server {
                                 None
                             };
                             if let Some(b) = smol::future::or(back, input).await {
-                                spare = Some(b.map_err(closed)?);
+                                *spare = Some(b.map_err(closed)?);
                                 continue;
                             }
                         } else if !self.wait_for_request(r, &mut stop).await? {

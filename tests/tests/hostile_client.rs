@@ -462,8 +462,11 @@ fn against_both_clients(
     // The async client, with a second request in flight that fails too.
     let fake = Fake::start(move |conn| {
         conn.handshake(offer);
-        let first = conn.request();
-        let _second = conn.request();
+        // The two requests may come in either order: misbehave in reply
+        // to the one of the command under test.
+        let (a, b) = (conn.request(), conn.request());
+        let first = if a.command == command { a } else { b };
+        assert_eq!(first.command, command);
         misbehave(conn, &first);
         conn.wait_closed();
     });
@@ -474,8 +477,6 @@ fn against_both_clients(
             .await
             .unwrap();
         let first = smol::spawn(request_async(c.clone(), command));
-        // Make sure the first request goes out first.
-        smol::Timer::after(Duration::from_millis(50)).await;
         let second = smol::spawn(request_async(c.clone(), Command::READ));
         let (first, second) = (first.await, second.await);
         match &first {
@@ -1230,4 +1231,127 @@ fn an_unsolicited_reply() {
         }
     });
     fake.finish();
+}
+
+/// A server that stops reading requests: the async client's writes back
+/// up. The caller's timeout gives up on them; dropping the client then
+/// closes the connection (the server sees EOF) without a panic or a hang.
+/// (The blocking client has no write timeout: a caller who needs one sets
+/// it on the socket and uses `Client::handshake`, as for reads above.)
+#[test]
+fn a_server_that_stops_reading_requests() {
+    let (dropped_tx, dropped_rx) = mpsc::channel::<()>();
+    let fake = Fake::start(move |conn| {
+        conn.handshake(Offer::Extended);
+        // Read nothing until the client is gone, then drain to the EOF.
+        dropped_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        conn.wait_closed();
+    });
+    let uri = fake.uri.clone();
+    block_on_within("a server that stops reading", LIMIT, async {
+        let c = AsyncClient::connect_uri(&nbd_uri(&uri), config(Offer::Extended), 16)
+            .await
+            .unwrap();
+        let writes: Vec<_> = (0..16u64)
+            .map(|i| {
+                let c = c.clone();
+                smol::spawn(async move { c.write(i << 20, vec![i as u8; 1 << 20]).await.0 })
+            })
+            .collect();
+        let all = async {
+            for w in writes {
+                let _ = w.await;
+            }
+            Some(())
+        };
+        let timeout = async {
+            smol::Timer::after(Duration::from_millis(500)).await;
+            None
+        };
+        assert!(
+            smol::future::or(all, timeout).await.is_none(),
+            "16 MiB of writes completed although the server reads nothing"
+        );
+        assert!(!c.is_dead());
+        drop(c);
+    });
+    dropped_tx.send(()).unwrap();
+    fake.finish();
+}
+
+/// A server that answers `NBD_OPT_LIST` (or `NBD_OPT_SET_META_CONTEXT`)
+/// with replies that never end: the client stops at its limit (65536
+/// exports, 4096 contexts) with a clear error instead of collecting them
+/// until memory runs out.
+#[test]
+fn endless_option_replies() {
+    // Sends `reply` to `option` until the client hangs up.
+    fn endless(conn: &mut Conn, option: OptionType, reply: ReplyType, data: impl Fn(u32) -> Vec<u8>) {
+        conn.greet();
+        loop {
+            let (o, _) = conn.option();
+            if o == option {
+                break;
+            }
+            let answer = if o == OptionType::EXTENDED_HEADERS {
+                ReplyType::ACK
+            } else {
+                ReplyType::ERR_UNSUP
+            };
+            conn.option_reply(o, answer, &[]);
+        }
+        let mut batch = Vec::new();
+        for i in 0u32.. {
+            let d = data(i);
+            let h = OptionReplyHeader {
+                magic: OPTION_REPLY_MAGIC.into(),
+                option: option.0.into(),
+                reply_type: reply.0.into(),
+                length: (d.len() as u32).into(),
+            };
+            batch.extend_from_slice(h.as_bytes());
+            batch.extend_from_slice(&d);
+            if batch.len() > 64 * 1024 {
+                if conn.s.write_all(&batch).is_err() {
+                    return;
+                }
+                batch.clear();
+            }
+            assert!(i < 10_000_000, "the client never gave up");
+        }
+    }
+
+    let fake = Fake::start(|conn| {
+        endless(conn, OptionType::LIST, ReplyType::SERVER, |i| {
+            let name = format!("export-{i}");
+            let mut d = (name.len() as u32).to_be_bytes().to_vec();
+            d.extend_from_slice(name.as_bytes());
+            d
+        })
+    });
+    let uri = fake.uri.clone();
+    let r = within("an endless export list", Duration::from_secs(20), move || {
+        let mut n = Negotiation::connect(&nbd_uri(&uri), ClientConfig::default())?;
+        n.list()
+    });
+    match &r {
+        Err(Error::Handshake(HandshakeError::Violation(v @ HandshakeViolation::TooManyReplies { .. }))) => {
+            eprintln!("an endless export list: {v}");
+        }
+        other => panic!("an endless export list: {:?}", other.as_ref().map(|l| l.len())),
+    }
+    fake.finish();
+
+    handshake_against_both(
+        "endless metadata contexts",
+        |conn| {
+            endless(conn, OptionType::SET_META_CONTEXT, ReplyType::META_CONTEXT, |i| {
+                let mut d = (i + 1).to_be_bytes().to_vec();
+                d.extend_from_slice(CONTEXT_BASE_ALLOCATION.as_bytes());
+                d
+            })
+        },
+        |v| matches!(v, HandshakeViolation::TooManyReplies { .. }),
+    );
+    assert_no_huge_allocation("endless option replies");
 }

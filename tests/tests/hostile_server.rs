@@ -117,8 +117,8 @@ impl Reply {
 /// A client writing raw protocol bytes on a Unix socket, with timeouts on
 /// every read and write.
 struct Raw {
-    /// The server under test, for messages.
-    who: &'static str,
+    /// The server under test (or the case), for messages.
+    who: String,
     s: UnixStream,
     style: Style,
     next_cookie: u64,
@@ -131,7 +131,7 @@ impl Raw {
         s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
         s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
         Raw {
-            who: "server",
+            who: "server".to_owned(),
             s,
             style: Style::Simple,
             next_cookie: 1,
@@ -142,7 +142,7 @@ impl Raw {
     fn send(&mut self, bytes: &[u8]) {
         self.s
             .write_all(bytes)
-            .unwrap_or_else(|e| panic!("sending {} bytes to the {}: {e}", bytes.len(), self.who));
+            .unwrap_or_else(|e| panic!("{}: sending {} bytes to the server: {e}", self.who, bytes.len()));
     }
 
     /// Sends what the server may no longer want (it may have hung up).
@@ -155,7 +155,7 @@ impl Raw {
         let mut b = vec![0u8; n];
         self.s
             .read_exact(&mut b)
-            .unwrap_or_else(|e| panic!("reading {n} bytes from the {}: {e}", self.who));
+            .unwrap_or_else(|e| panic!("{}: reading {n} bytes from the server: {e}", self.who));
         b
     }
 
@@ -406,8 +406,7 @@ impl Raw {
     /// the connection; panics if it does not within [`CLOSE_TIMEOUT`].
     /// Returns how long that took and how many bytes came.
     fn expect_closed(&mut self) -> (Duration, usize) {
-        let who = self.who;
-        expect_closed(&mut self.s, Instant::now() + CLOSE_TIMEOUT, who)
+        expect_closed(&mut self.s, Instant::now() + CLOSE_TIMEOUT, &self.who)
     }
 }
 
@@ -420,7 +419,7 @@ fn expect_closed(s: &mut UnixStream, deadline: Instant, who: &str) -> (Duration,
         let left = deadline.saturating_duration_since(Instant::now());
         assert!(
             !left.is_zero(),
-            "the {who} kept the connection open for {:?}",
+            "{who}: the server kept the connection open for {:?}",
             started.elapsed()
         );
         s.set_read_timeout(Some(left)).unwrap();
@@ -429,7 +428,10 @@ fn expect_closed(s: &mut UnixStream, deadline: Instant, who: &str) -> (Duration,
             Ok(n) => total += n,
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return (started.elapsed(), total),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => panic!("the {who} kept the connection open for {:?} ({e})", started.elapsed()),
+            Err(e) => panic!(
+                "{who}: the server kept the connection open for {:?} ({e})",
+                started.elapsed()
+            ),
         }
     }
 }
@@ -460,6 +462,8 @@ struct Target {
 struct Hostile {
     raw: Raw,
     result: Option<mpsc::Receiver<io::Result<()>>>,
+    /// For nbd-serve: the length of its log when the connection was made.
+    log_from: usize,
 }
 
 impl Target {
@@ -530,9 +534,14 @@ impl Target {
     fn open(&self) -> Hostile {
         match &self.kind {
             Kind::Serve(_) => {
+                let log_from = self.log().len();
                 let mut raw = Raw::new(UnixStream::connect(&self.socket).unwrap());
-                raw.who = self.name;
-                Hostile { raw, result: None }
+                raw.who = self.name.to_owned();
+                Hostile {
+                    raw,
+                    result: None,
+                    log_from,
+                }
             }
             Kind::Blocking { server, .. } => {
                 let (ours, theirs) = UnixStream::pair().unwrap();
@@ -542,8 +551,12 @@ impl Target {
                     let _ = tx.send(server.serve_connection(theirs));
                 });
                 let mut raw = Raw::new(ours);
-                raw.who = self.name;
-                Hostile { raw, result: Some(rx) }
+                raw.who = self.name.to_owned();
+                Hostile {
+                    raw,
+                    result: Some(rx),
+                    log_from: 0,
+                }
             }
         }
     }
@@ -552,8 +565,8 @@ impl Target {
     fn open_newstyle(&self) -> Hostile {
         let h = self.open();
         let mut raw = Raw::newstyle(h.raw.s);
-        raw.who = self.name;
-        Hostile { raw, result: h.result }
+        raw.who = self.name.to_owned();
+        Hostile { raw, ..h }
     }
 
     /// A hostile connection in transmission with `style`.
@@ -569,17 +582,7 @@ impl Target {
     /// server's `serve_connection` returns it.
     fn assert_failed(&self, h: Hostile, needle: &str) {
         match (&self.kind, h.result) {
-            (Kind::Serve(peer), _) => {
-                let deadline = Instant::now() + CLOSE_TIMEOUT;
-                while !peer.stderr().contains(needle) {
-                    assert!(
-                        Instant::now() < deadline,
-                        "nbd-serve did not log {needle:?}; its log:\n{}",
-                        peer.stderr()
-                    );
-                    thread::sleep(Duration::from_millis(20));
-                }
-            }
+            (Kind::Serve(_), _) => self.assert_logged_after(h.log_from, needle),
             (Kind::Blocking { .. }, Some(rx)) => {
                 let r = rx
                     .recv_timeout(CLOSE_TIMEOUT)
@@ -591,6 +594,34 @@ impl Target {
                 );
             }
             (Kind::Blocking { .. }, None) => unreachable!(),
+        }
+    }
+
+    /// nbd-serve's log (empty for the blocking server).
+    fn log(&self) -> String {
+        match &self.kind {
+            Kind::Serve(peer) => peer.stderr(),
+            Kind::Blocking { .. } => String::new(),
+        }
+    }
+
+    /// nbd-serve's log contains `needle` (within [`CLOSE_TIMEOUT`]).
+    fn assert_logged(&self, needle: &str) {
+        self.assert_logged_after(0, needle);
+    }
+
+    /// nbd-serve's log, past its first `from` bytes, contains `needle`
+    /// (within [`CLOSE_TIMEOUT`]).
+    fn assert_logged_after(&self, from: usize, needle: &str) {
+        assert!(matches!(self.kind, Kind::Serve(_)), "only nbd-serve has a log");
+        let deadline = Instant::now() + CLOSE_TIMEOUT;
+        while !self.log().get(from..).unwrap_or("").contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "nbd-serve did not log {needle:?}; its log:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -778,8 +809,8 @@ fn four_gib_options_claimed_and_never_sent() {
             );
             let needle = match t.kind {
                 Kind::Serve(_) => "handshake timed out",
-                // A read timeout on the socket.
-                Kind::Blocking { .. } => "",
+                // Its read timeout on the socket (EAGAIN).
+                Kind::Blocking { .. } => "Resource temporarily unavailable",
             };
             t.assert_failed(h, needle);
         }
@@ -949,7 +980,7 @@ fn trickled_option_data_is_cut_off_by_the_handshake_timeout() {
     let dir = TempDir::new();
     let t = Target::serve(&dir, &["--handshake-timeout", "1"]);
     trickled_option_is_cut_off(&t);
-    t.assert_failed(t.open(), "handshake timed out");
+    t.assert_logged("handshake timed out");
     t.assert_serving("a trickling client");
 }
 
@@ -958,7 +989,6 @@ fn trickled_option_data_is_cut_off_by_the_handshake_timeout() {
 /// trickles one byte of a long option every 200 ms is served for as long
 /// as it likes (a thread per such client).
 #[test]
-#[ignore = "bug in nbd-blocking's server: the handshake deadline is not enforced within a read"]
 fn blocking_server_cuts_off_trickled_option_data() {
     let dir = TempDir::new();
     let t = Target::blocking(&dir, false, Duration::from_secs(1));
@@ -991,7 +1021,7 @@ fn a_thousand_connections_at_once() {
         eprintln!("note: the descriptor limit allows only {n} connections");
     }
     let dir = TempDir::new();
-    let t = Target::serve(&dir, &["--handshake-timeout", "3"]);
+    let t = Target::serve(&dir, &["--handshake-timeout", "5"]);
     let pid = t.pid();
     let started = Instant::now();
     let mut conns = Vec::with_capacity(n);
@@ -1008,14 +1038,14 @@ fn a_thousand_connections_at_once() {
         assert_eq!(&greeting[..8], b"NBDMAGIC");
     }
     assert!(
-        started.elapsed() < Duration::from_secs(3),
+        started.elapsed() < Duration::from_secs(4),
         "greeting {n} clients took {:?}",
         started.elapsed()
     );
     assert!(open_fds(pid) > n, "nbd-serve holds {} descriptors", open_fds(pid));
     t.assert_serving("a thousand connections (while they are open)");
-    // The handshake timeout frees them all.
-    let deadline = started + Duration::from_secs(10);
+    // The handshake timeout (5 s) frees them all.
+    let deadline = started + Duration::from_secs(12);
     for s in &mut conns {
         expect_closed(s, deadline, t.name);
     }
@@ -1145,6 +1175,39 @@ fn offset_length_overflow_is_refused() {
     }
 }
 
+/// Requests of length 0 (whose meaning the spec leaves open) each get one
+/// reply, success or `NBD_EINVAL`, and the stream stays in step.
+#[test]
+fn zero_length_requests_are_answered() {
+    let dir = TempDir::new();
+    for t in Target::both(&dir, false, 10) {
+        for style in [Style::Simple, Style::Structured, Style::Extended] {
+            let mut h = t.open_transmission(style);
+            let raw = &mut h.raw;
+            for command in [
+                Command::READ,
+                Command::WRITE,
+                Command::TRIM,
+                Command::WRITE_ZEROES,
+                Command::CACHE,
+                Command::BLOCK_STATUS,
+            ] {
+                for offset in [0, SIZE] {
+                    let r = raw.roundtrip(command, CommandFlags::empty(), offset, 0, &[]);
+                    assert!(
+                        r.error == 0 || r.code() == ErrorCode::EINVAL,
+                        "{}: {style:?}: {command} of length 0 at {offset}: {r:?}",
+                        t.name
+                    );
+                    assert!(r.data.is_empty());
+                }
+            }
+            raw.assert_in_sync(4096);
+        }
+        t.assert_serving("zero-length requests");
+    }
+}
+
 /// Commands that were not advertised: unknown command numbers, commands
 /// of a read-only export, flags of features not offered.
 #[test]
@@ -1262,20 +1325,39 @@ fn huge_reads_are_refused() {
     }
 }
 
-/// A client that dies in the middle of a WRITE payload: the server sees
-/// the end of the stream and cleans up.
+/// A client that half-closes its connection in the middle of a request
+/// (a header, or a WRITE payload), alone or right after a valid request
+/// sent in the same write: the server sees the end of the stream, answers
+/// what it can, and hangs up promptly.
 #[test]
-fn write_payload_cut_short_closes() {
+fn requests_cut_short_by_eof_close() {
     let dir = TempDir::new();
     for t in Target::both(&dir, false, 10) {
-        let mut h = t.open_transmission(Style::Simple);
-        h.raw.request(Command::WRITE, CommandFlags::empty(), 0, 1 << 20);
-        h.raw.send(&pattern(1000, 3));
-        h.raw.s.shutdown(std::net::Shutdown::Write).unwrap();
-        let (took, got) = h.raw.expect_closed();
-        assert_eq!(got, 0);
-        assert!(took < Duration::from_secs(1), "{}: closed after {took:?}", t.name);
-        t.assert_serving("a WRITE cut short");
+        for (after_read, cut_in_payload) in [(false, true), (false, false), (true, true), (true, false)] {
+            let what = format!(
+                "{} cut in its {}{}",
+                t.name,
+                if cut_in_payload { "payload" } else { "header" },
+                if after_read { ", after a READ" } else { "" }
+            );
+            let mut h = t.open_transmission(Style::Structured);
+            h.raw.who.clone_from(&what);
+            if after_read {
+                h.raw.request(Command::READ, CommandFlags::empty(), 0, 4096);
+            }
+            if cut_in_payload {
+                h.raw.request(Command::WRITE, CommandFlags::empty(), 0, 1 << 20);
+                h.raw.send(&pattern(1000, 3));
+            } else {
+                h.raw.send(&REQUEST_MAGIC.to_be_bytes());
+                h.raw.send(&[0; 6]);
+            }
+            h.raw.s.shutdown(std::net::Shutdown::Write).unwrap();
+            let (took, got) = h.raw.expect_closed();
+            assert!(got == 0 || got >= 4096, "{what}: {got} bytes");
+            assert!(took < Duration::from_secs(1), "{what}: closed after {took:?}");
+        }
+        t.assert_serving("requests cut short");
     }
 }
 
@@ -1391,7 +1473,6 @@ fn a_client_that_never_reads_replies_cannot_exhaust_memory() {
         thread::sleep(Duration::from_millis(10));
     }
     let sent = flood.join().unwrap();
-    eprintln!("DBG flood done {:?}", started.elapsed());
     for _ in 0..50 {
         check("after the client stopped");
         thread::sleep(Duration::from_millis(10));
@@ -1403,9 +1484,11 @@ fn a_client_that_never_reads_replies_cannot_exhaust_memory() {
     // The blocked connection does not block the others.
     t.assert_serving("a client that never reads (while it is connected)");
     check("while another client is served");
-    eprintln!("DBG served {:?}", started.elapsed());
     drop(h);
     t.assert_serving("a client that never reads");
+    // The kernel's high-water mark catches a peak between the samples.
+    let hwm = proc_status_kib(pid, "VmHWM");
+    assert!(hwm < BOUND_KIB, "nbd-serve peaked at {hwm} KiB of resident memory");
     eprintln!("the client sent {sent} requests before the server stopped reading; peak VmRSS {peak} KiB");
 }
 
@@ -1418,7 +1501,6 @@ fn a_client_that_never_reads_replies_cannot_exhaust_memory() {
 /// is 73 GiB of replies). Measured as the growth of this test process's
 /// resident memory, where the blocking server runs.
 #[test]
-#[ignore = "bug in nbd-blocking's server: replies are buffered without bound while requests are buffered"]
 fn blocking_server_bounds_replies_to_a_pipelining_client() {
     const REQUESTS: usize = 400;
     let dir = TempDir::new();

@@ -3,7 +3,9 @@
 //! With no backend it serves a sparse 1 GiB in-memory export on
 //! 127.0.0.1:10809. The flags follow what users of qemu-nbd and nbdkit
 //! expect; systemd socket activation (`LISTEN_FDS`) is honoured, so
-//! `nbdinfo -- [ nbd-serve FILE ]` works.
+//! `nbdinfo -- [ nbd-serve FILE ]` works. TLS as nbdkit takes it:
+//! `--tls=off|on|require` with `--tls-certificates=DIR` (or
+//! `--tls-cert`, `--tls-key` and optionally `--tls-ca`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;

@@ -466,7 +466,7 @@ fn tls_rows_inner(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
         b.push(size as f64 / 1e6 / time_cmd("nbdcopy", &[&uri, "null:"]));
     }
     rows.push(Row {
-        what: "TLS: copy nbdkit memory (1 GiB) to null:".into(),
+        what: "TLS: copy nbdkit memory (1 GiB, 256 MiB data) to null:".into(),
         peer: "nbdcopy".into(),
         ours: median(a),
         theirs: median(b),
