@@ -4,6 +4,14 @@
 //! client writes each request header and its WRITE data with one vectored
 //! write, and reads READ data straight from the socket into the caller's
 //! buffer.
+//!
+//! The client has no timeouts of its own: against a server that stops
+//! answering, a call waits as long as the socket does. A caller who needs a
+//! bound connects the socket itself, sets `set_read_timeout` /
+//! `set_write_timeout` on it, and negotiates over it with
+//! [`Client::handshake`]; a call that times out then fails with that
+//! `io::Error` (`WouldBlock` or `TimedOut`), and the connection must be
+//! dropped.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::TcpStream;

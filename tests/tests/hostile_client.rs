@@ -711,14 +711,14 @@ fn chunks_with_huge_lengths() {
             Offer::Structured,
             Command::READ,
             |conn, req| conn.chunk_header(req, ReplyFlags::DONE, ReplyChunkType::OFFSET_DATA, u32::MAX.into()),
-            |v| matches!(v, ReplyViolation::OutsideRequest { .. }),
+            |v| matches!(v, ReplyViolation::ChunkTooLarge { limit: 4104, .. }),
         ),
         (
             "extended data chunk of 2^62 bytes",
             Offer::Extended,
             Command::READ,
             |conn, req| conn.chunk_header(req, ReplyFlags::DONE, ReplyChunkType::OFFSET_DATA, 1 << 62),
-            |v| matches!(v, ReplyViolation::OutsideRequest { .. }),
+            |v| matches!(v, ReplyViolation::ChunkTooLarge { limit: 4104, .. }),
         ),
         (
             "error chunk of 4 GiB",

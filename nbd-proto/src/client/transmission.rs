@@ -879,10 +879,16 @@ impl ClientTransmission {
     }
 
     fn handle_inner<'b>(&mut self, bytes: &'b [u8]) -> Result<ReplyEvent<'b>, ReplyViolation> {
-        if let ReceiveNext::Bytes(n) = self.next() {
-            if bytes.len() != n {
+        match self.next() {
+            ReceiveNext::Bytes(n) if bytes.len() == n => {}
+            ReceiveNext::Bytes(_) => {
                 return Err(ReplyViolation::DriverMisuse(
                     "handle_bytes() given a different number of bytes than next() asked",
+                ));
+            }
+            _ => {
+                return Err(ReplyViolation::DriverMisuse(
+                    "handle_bytes() called while next() asks for data_received() or complete_pending()",
                 ));
             }
         }
@@ -1059,15 +1065,11 @@ impl ClientTransmission {
                 if length < 9 {
                     return Err(bad_len());
                 }
-                let req_len = self.slots[slot].length;
-                if length - 8 > req_len {
-                    return Err(ReplyViolation::OutsideRequest {
-                        chunk,
-                        offset: 0,
-                        length: length - 8,
-                        req_offset: self.slots[slot].offset,
-                        req_length: req_len,
-                    });
+                // Longer than the whole request: refused from the header
+                // (the offset is not read yet, so there is none to name).
+                let limit = self.slots[slot].length.saturating_add(8);
+                if length > limit {
+                    return Err(ReplyViolation::ChunkTooLarge { length, limit });
                 }
                 self.state = RecvState::DataOffset {
                     slot,
@@ -1335,6 +1337,41 @@ fn is_32bit_context(name: &str) -> bool {
 mod tests {
     use super::*;
     use alloc::vec;
+
+    /// A data chunk longer than its whole request is refused from its
+    /// header alone (its payload is neither awaited nor buffered), as a
+    /// chunk too large for the request rather than as content at an offset
+    /// that was never read.
+    #[test]
+    fn data_chunk_longer_than_its_request_is_too_large() {
+        for length in [8 + 4097, u32::MAX] {
+            let mut tx = ClientTransmission::new(&structured(), 4);
+            let (cookie, _) = tx.start_request(Request::new(Command::READ, 4096, 4096)).unwrap();
+            let h = StructuredReplyHeader {
+                magic: STRUCTURED_REPLY_MAGIC.into(),
+                flags: ReplyFlags::DONE.bits().into(),
+                chunk_type: ReplyChunkType::OFFSET_DATA.0.into(),
+                cookie: cookie.0.into(),
+                length: length.into(),
+            };
+            tx.handle_bytes(&h.as_bytes()[..16]).unwrap();
+            assert_eq!(
+                tx.handle_bytes(&h.as_bytes()[16..]).unwrap_err(),
+                ReplyViolation::ChunkTooLarge {
+                    length: length.into(),
+                    limit: 8 + 4096
+                }
+            );
+            assert!(tx.is_failed());
+        }
+        // The longest valid one is accepted.
+        let mut tx = ClientTransmission::new(&structured(), 4);
+        let (cookie, _) = tx.start_request(Request::new(Command::READ, 4096, 4096)).unwrap();
+        let wire = chunk(cookie, ReplyFlags::DONE, ReplyChunkType::OFFSET_DATA, &[0; 8 + 4096]);
+        tx.handle_bytes(&wire[..16]).unwrap();
+        tx.handle_bytes(&wire[16..20]).unwrap();
+        assert_eq!(tx.next(), ReceiveNext::Bytes(8));
+    }
 
     fn structured() -> Negotiated {
         Negotiated {
