@@ -10,8 +10,8 @@
 //! bound connects the socket itself, sets `set_read_timeout` /
 //! `set_write_timeout` on it, and negotiates over it with
 //! [`Client::handshake`]; a call that times out then fails with that
-//! `io::Error` (`WouldBlock` or `TimedOut`), and the connection must be
-//! dropped.
+//! `io::Error` (`WouldBlock` or `TimedOut`), and every later call with
+//! `RequestError::Failed` (the stream is out of step): drop the client.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::TcpStream;
@@ -503,7 +503,10 @@ impl Client {
         let (cookie, header) = self.tx.start_request(req)?;
         let r = write_all_vectored(&mut *self.stream, header.as_bytes(), payload).and_then(|_| self.stream.flush());
         if let Err(e) = r {
-            self.tx.cancel_unsent(cookie);
+            // Part of the request may be on the wire (after a write timeout
+            // set by the caller, say): the stream is out of step, so later
+            // requests must fail rather than follow it.
+            let _ = self.tx.fail_all().count();
             return Err(e.into());
         }
         Ok(cookie)

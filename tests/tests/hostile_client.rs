@@ -349,6 +349,7 @@ impl Conn {
 /// A fake server running `script` on the first connection, in a thread.
 struct Fake {
     uri: String,
+    socket: PathBuf,
     thread: Option<thread::JoinHandle<()>>,
     _dir: TempDir,
 }
@@ -359,7 +360,7 @@ impl Fake {
         let socket: PathBuf = dir.socket_path("fake");
         let listener = UnixListener::bind(&socket).unwrap();
         listener.set_nonblocking(true).unwrap();
-        let uri = Endpoint::Unix(socket).uri("");
+        let uri = Endpoint::Unix(socket.clone()).uri("");
         let thread = thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(10);
             let s = loop {
@@ -383,6 +384,7 @@ impl Fake {
         });
         Fake {
             uri,
+            socket,
             thread: Some(thread),
             _dir: dir,
         }
@@ -1354,4 +1356,35 @@ fn endless_option_replies() {
         |v| matches!(v, HandshakeViolation::TooManyReplies { .. }),
     );
     assert_no_huge_allocation("endless option replies");
+}
+
+/// The blocking client, with a write timeout set by its caller, against a
+/// server that reads nothing: a 16 MiB WRITE times out part-way through
+/// its payload. The stream is out of step from then on, so every later
+/// request must fail at once (`RequestError::Failed`) rather than send a
+/// header into the middle of the old payload.
+#[test]
+fn blocking_client_fails_for_good_after_a_failed_send() {
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let fake = Fake::start(move |conn| {
+        conn.handshake(Offer::Simple);
+        go_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        conn.wait_closed();
+    });
+    let socket = fake.socket.clone();
+    within("a send that times out", LIMIT, move || {
+        let s = UnixStream::connect(&socket).unwrap();
+        s.set_write_timeout(Some(Duration::from_millis(200))).unwrap();
+        let mut c = Client::handshake(Box::new(s), config(Offer::Simple)).unwrap();
+        match c.write(&vec![1u8; 16 << 20], 0) {
+            Err(Error::Io(e)) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            other => panic!("the write: {other:?}"),
+        }
+        match c.read(&mut [0u8; 512], 0) {
+            Err(Error::Request(RequestError::Failed)) => {}
+            other => panic!("a read after the failed write: {other:?}"),
+        }
+    });
+    go_tx.send(()).unwrap();
+    fake.finish();
 }
