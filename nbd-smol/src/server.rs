@@ -561,9 +561,15 @@ impl Server {
                     conn.handle_bytes(&header).map_err(invalid_data)?;
                 }
                 Next::Payload(n) => {
-                    let buf = conn.payload_buffer(n);
-                    r.read_exact(buf).await?;
-                    conn.payload_received().map_err(invalid_data)?;
+                    if r.buffer().len() >= n {
+                        // Already received: write it from where it is.
+                        conn.payload_from(&r.buffer()[..n]).map_err(invalid_data)?;
+                        r.consume(n);
+                    } else {
+                        let buf = conn.payload_buffer(n);
+                        r.read_exact(buf).await?;
+                        conn.payload_received().map_err(invalid_data)?;
+                    }
                 }
                 Next::Discard(n) => {
                     discard(r, n).await?;

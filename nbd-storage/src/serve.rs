@@ -330,6 +330,22 @@ impl Connection {
         Ok(())
     }
 
+    /// The announced WRITE payload, already in the runtime's own receive
+    /// buffer: the WRITE runs straight from `data` (no copy into
+    /// [`Connection::payload_buffer`]). `data` must be exactly the length
+    /// [`Next::Payload`] announced.
+    pub fn payload_from(&mut self, data: &[u8]) -> Result<(), ServerTransmissionError> {
+        self.tx.payload_received()?;
+        if let Some(req) = self.pending_write.take() {
+            let r = match data.get(..req.length as usize) {
+                Some(d) => self.storage.write_at(d, req.offset, req.fua()),
+                None => Err(io::Error::new(io::ErrorKind::InvalidInput, "short payload")),
+            };
+            self.finish(&req, r);
+        }
+        Ok(())
+    }
+
     /// The runtime dropped the announced bytes.
     pub fn discarded(&mut self) -> Result<(), ServerTransmissionError> {
         self.tx.discarded()
