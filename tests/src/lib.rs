@@ -970,6 +970,20 @@ pub fn describe_output(output: &Output) -> String {
     )
 }
 
+/// Deterministic pseudo-random test data (xorshift64 from `seed`): `len`
+/// bytes that differ for every seed, so misplaced data is caught.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,18 +5,6 @@ use nbd_proto::wire::{CommandFlags, ErrorCode};
 use nbd_smol::client::{Client, Error};
 use nbd_tests::*;
 
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 #[test]
 fn many_tasks_share_one_connection() {
     if !require_peer("nbdkit") {

@@ -8,12 +8,6 @@ use nbd_proto::uri::NbdUri;
 use nbd_proto::wire::{Command, CommandFlags, ErrorCode, ReplyType, TransmissionFlags};
 use nbd_tests::*;
 
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
-
 /// Every command against a server that supports them all.
 fn exercise_all_commands(c: &mut Client) {
     let size = c.size();

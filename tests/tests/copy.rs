@@ -5,18 +5,6 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 
 use nbd_tests::*;
 
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn serve(dir: &TempDir, args: &[&str]) -> Peer {
     let sock = dir.socket_path("serve");
     let mut full = vec!["--socket", sock.to_str().unwrap()];

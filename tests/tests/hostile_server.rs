@@ -55,18 +55,6 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// lengths would be 2 GiB or more).
 const HWM_LIMIT_KIB: u64 = 256 * 1024;
 
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// A field of `/proc/PID/status` in KiB (`VmRSS`, `VmHWM`, ...).
 fn proc_status_kib(pid: u32, field: &str) -> u64 {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_else(|e| panic!("/proc/{pid}: {e}"));

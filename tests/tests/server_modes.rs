@@ -28,18 +28,6 @@ const GIB: u64 = 1 << 30;
 /// extended headers have 64-bit lengths to carry.
 const SIZE: u64 = 6 * GIB;
 
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// Starts `nbd-serve --socket SOCKET ARGS...` and waits until it listens.
 fn serve(dir: &TempDir, args: &[&str]) -> Peer {
     let socket = dir.socket_path("nbd-serve");

@@ -71,12 +71,6 @@ fn serve_tls(dir: &TempDir, certs: &Certificates, mode: &str, extra: &[&str]) ->
     serve(dir, &args)
 }
 
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
-
 /// Writes, reads back and flushes through a blocking client.
 fn round_trip(c: &mut Client, what: &str) {
     let data = pattern(256 * 1024, 7);

@@ -1173,7 +1173,7 @@ impl ClientTransmission {
         if s.flags.contains(CommandFlags::DF) && s.content_chunks > 1 {
             return Err(ReplyViolation::FragmentedDf);
         }
-        s.covered += length;
+        s.covered = s.covered.saturating_add(length);
         if s.covered > s.length {
             return Err(ReplyViolation::Overlap);
         }
