@@ -17,6 +17,8 @@ use std::io::{self, IoSlice, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 
+use nbd_net::rustls;
+use nbd_net::{ClientTls, LazyClientTls, TlsError};
 use nbd_proto::client::{
     ClientConfig, ClientHandshake, ClientTransmission, Cookie, ExportEntry, ExportInfo, HandshakeError, HandshakeStep,
     MetaContext, Mode, Negotiated, OptionOutcome, ReceiveNext, ReplyEvent, ReplyViolation, Request, RequestError,
@@ -24,8 +26,6 @@ use nbd_proto::client::{
 };
 use nbd_proto::uri::{NbdUri, Transport, UriError};
 use nbd_proto::wire::{BlockSizeConstraints, Command, CommandFlags, TransmissionFlags};
-use nbd_tls::rustls;
-use nbd_tls::{ClientTls, LazyClientTls, TlsError};
 
 /// Everything that can go wrong for a client.
 #[derive(Debug, thiserror::Error)]
@@ -128,7 +128,7 @@ impl Read for TlsClientStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self.tls.read(buf) {
             Ok(0) if self.fresh && !buf.is_empty() => {
-                Err(nbd_tls::refused_after_handshake(io::ErrorKind::UnexpectedEof.into()))
+                Err(nbd_net::refused_after_handshake(io::ErrorKind::UnexpectedEof.into()))
             }
             Ok(n) => {
                 self.fresh = false;
@@ -142,7 +142,7 @@ impl Read for TlsClientStream {
 impl TlsClientStream {
     fn hint<T>(&self, r: io::Result<T>) -> io::Result<T> {
         match r {
-            Err(e) if self.fresh && e.kind() != io::ErrorKind::Interrupted => Err(nbd_tls::refused_after_handshake(e)),
+            Err(e) if self.fresh && e.kind() != io::ErrorKind::Interrupted => Err(nbd_net::refused_after_handshake(e)),
             r => r,
         }
     }
@@ -425,7 +425,7 @@ impl Client {
     /// unless it is [`TlsMode::Off`]: `nbds://` and `nbds+unix://` require
     /// TLS, `tls=allow|require` asks for it). The TLS credentials come
     /// from the URI's `tls-certificates`, `tls-hostname` and
-    /// `tls-verify-peer` (see [`nbd_tls::ClientTlsOptions::from_uri`]).
+    /// `tls-verify-peer` (see [`nbd_net::ClientTlsOptions::from_uri`]).
     pub fn connect_uri(uri: &NbdUri, mut config: ClientConfig) -> Result<Client> {
         config.export_name = uri.export.clone();
         if uri.tls != TlsMode::Off {

@@ -9,13 +9,12 @@
 //!   state machines and storage as the async one.
 //!
 //! Both speak TLS (STARTTLS, rustls `StreamOwned`) with the credentials
-//! `nbd_tls` builds: the client from the URI (`nbds://`,
+//! `nbd_net` builds: the client from the URI (`nbds://`,
 //! `tls-certificates=DIR`, ...), the server from
 //! [`server::ServerOptions::tls`].
 #![warn(missing_docs)]
 
 pub mod client;
-pub mod info;
 pub mod server;
 
 pub use client::{Client, Error, Negotiation};

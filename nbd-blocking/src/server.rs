@@ -11,9 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use nbd_net::rustls;
 use nbd_proto::server::{ExportListing, ServerConfig, ServerHandshake, ServerNegotiated, ServerStep};
 use nbd_storage::serve::{Connection, Export, Exports, Next};
-use nbd_tls::rustls;
 
 /// How the server behaves.
 #[derive(Debug, Clone)]
@@ -24,7 +24,7 @@ pub struct ServerOptions {
     pub max_connections: usize,
     /// Time a client has to finish the handshake.
     pub handshake_timeout: Duration,
-    /// The TLS certificate and key (see [`nbd_tls::ServerTlsOptions`]),
+    /// The TLS certificate and key (see [`nbd_net::ServerTlsOptions`]),
     /// needed unless `config.tls` is [`nbd_proto::server::TlsPolicy::NoTls`]:
     /// without them a client's `NBD_OPT_STARTTLS` is acknowledged by the
     /// policy but the connection is then closed.

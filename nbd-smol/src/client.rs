@@ -142,7 +142,7 @@ async fn drive_handshake(
                     Err(e) => Err(e),
                 };
                 match sent {
-                    Err(e) if fresh_tls => return Err(nbd_tls::refused_after_handshake(e).into()),
+                    Err(e) if fresh_tls => return Err(nbd_net::refused_after_handshake(e).into()),
                     r => r?,
                 }
                 hs.sent();
@@ -151,7 +151,7 @@ async fn drive_handshake(
                 buf.resize(n, 0);
                 let read = r.read_exact(&mut buf).await;
                 let read = match read {
-                    Err(e) if fresh_tls => Err(nbd_tls::refused_after_handshake(e)),
+                    Err(e) if fresh_tls => Err(nbd_net::refused_after_handshake(e)),
                     r => r,
                 };
                 fresh_tls = false;

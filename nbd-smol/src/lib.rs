@@ -5,11 +5,10 @@
 //! - [`server::Server`]: an async server for many clients and several
 //!   exports, serving from `nbd_storage`.
 //! - [`tls`]: STARTTLS for both (futures-rustls over the connection's
-//!   halves; credentials from `nbd_tls`).
+//!   halves; credentials from `nbd_net`).
 #![warn(missing_docs)]
 
 pub mod client;
-pub mod copy;
 pub mod io;
 pub mod pool;
 pub mod server;

@@ -1,14 +1,14 @@
 //! STARTTLS for the async client and server: the TLS handshake runs over
 //! the two halves of a connection joined again ([`Duplex`]), and the TLS
 //! stream is split into halves for the rest of the session. The rustls
-//! configurations come from `nbd_tls`, shared with the blocking runtime.
+//! configurations come from `nbd_net`, shared with the blocking runtime.
 
 use std::io;
 use std::sync::Arc;
 
 use futures_lite::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use futures_rustls::{TlsAcceptor, TlsConnector};
-pub use nbd_tls::{ClientTls, ClientTlsOptions, LazyClientTls, ServerTlsOptions, TlsError, rustls};
+pub use nbd_net::{ClientTls, ClientTlsOptions, LazyClientTls, ServerTlsOptions, TlsError, rustls};
 
 use crate::io::Duplex;
 

@@ -103,8 +103,8 @@ mod tests {
     fn certificates_load_with_rustls() {
         let tmp = crate::TempDir::new();
         let c = make_certificates(&tmp.join("pki")).unwrap();
-        nbd_tls::ServerTlsOptions::from_dir(&c.dir, true).build().unwrap();
-        nbd_tls::ClientTlsOptions {
+        nbd_net::ServerTlsOptions::from_dir(&c.dir, true).build().unwrap();
+        nbd_net::ClientTlsOptions {
             certificates: Some(c.dir.clone()),
             hostname: Some("localhost".into()),
             verify_peer: true,

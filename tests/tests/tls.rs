@@ -243,7 +243,7 @@ impl Drop for InThread {
 }
 
 fn blocking_tls_server(dir: &TempDir, certs: &Certificates, policy: TlsPolicy) -> InThread {
-    let tls = nbd_tls::ServerTlsOptions::from_dir(&certs.dir, false).build().unwrap();
+    let tls = nbd_net::ServerTlsOptions::from_dir(&certs.dir, false).build().unwrap();
     InThread::start(
         dir,
         ServerOptions {
@@ -655,15 +655,15 @@ fn meta_data() -> Vec<u8> {
 fn upgrade(
     s: UnixStream,
     certs: &Certificates,
-) -> nbd_tls::rustls::StreamOwned<nbd_tls::rustls::ClientConnection, UnixStream> {
-    let tls = nbd_tls::ClientTlsOptions {
+) -> nbd_net::rustls::StreamOwned<nbd_net::rustls::ClientConnection, UnixStream> {
+    let tls = nbd_net::ClientTlsOptions {
         certificates: Some(certs.dir.clone()),
         hostname: Some("localhost".into()),
         verify_peer: true,
     }
     .build()
     .unwrap();
-    let mut t = nbd_tls::rustls::StreamOwned::new(tls.connection().unwrap(), s);
+    let mut t = nbd_net::rustls::StreamOwned::new(tls.connection().unwrap(), s);
     while t.conn.is_handshaking() {
         t.conn.complete_io(&mut t.sock).unwrap();
     }

@@ -7,10 +7,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use nbd_blocking::client::{Client, Negotiation};
-use nbd_blocking::info::{ExportReport, human_size};
 use nbd_proto::client::{ClientConfig, TlsMode};
 use nbd_proto::uri::NbdUri;
 use nbd_proto::wire::{CONTEXT_BASE_ALLOCATION, CommandFlags};
+use nbd_tools::info::{ExportReport, human_size};
 
 /// Show information about an NBD server and its exports.
 #[derive(Parser, Debug)]
@@ -77,7 +77,7 @@ fn main() -> ExitCode {
 fn run(args: &Args) -> Result<String, String> {
     let mut uri = NbdUri::parse(&args.uri).map_err(|e| format!("{}: {e}", args.uri))?;
     if let Some(flag) = args.tls {
-        nbd_tls::apply_tls_flag(&mut uri, flag.into())?;
+        nbd_net::apply_tls_flag(&mut uri, flag.into())?;
     }
     let connect_err = |e: nbd_blocking::Error| format!("{}: {e}", args.uri);
     if let Some(context) = &args.map {
@@ -120,7 +120,7 @@ fn run(args: &Args) -> Result<String, String> {
             }
             reports.push(r);
         }
-        let header = nbd_blocking::info::ProtocolReport::from_negotiation(&neg);
+        let header = nbd_tools::info::ProtocolReport::from_negotiation(&neg);
         let _ = neg.abort();
         return Ok(if args.json {
             render_json(&header, &reports)
@@ -128,9 +128,9 @@ fn run(args: &Args) -> Result<String, String> {
             render_human(&header, &reports)
         });
     }
-    let header = nbd_blocking::info::ProtocolReport::from_negotiation(&neg);
+    let header = nbd_tools::info::ProtocolReport::from_negotiation(&neg);
     let r = ExportReport::single(neg, &uri).map_err(connect_err)?;
-    let header = nbd_blocking::info::ProtocolReport {
+    let header = nbd_tools::info::ProtocolReport {
         protocol: r.protocol,
         ..header
     };
@@ -271,7 +271,7 @@ fn json_str(s: &str) -> String {
     out
 }
 
-fn render_json(h: &nbd_blocking::info::ProtocolReport, reports: &[ExportReport]) -> String {
+fn render_json(h: &nbd_tools::info::ProtocolReport, reports: &[ExportReport]) -> String {
     let mut o = String::new();
     o.push_str("{\n");
     let _ = writeln!(o, "\"protocol\": {},", json_str(h.protocol));
@@ -314,7 +314,7 @@ fn render_json(h: &nbd_blocking::info::ProtocolReport, reports: &[ExportReport])
     o
 }
 
-fn render_human(h: &nbd_blocking::info::ProtocolReport, reports: &[ExportReport]) -> String {
+fn render_human(h: &nbd_tools::info::ProtocolReport, reports: &[ExportReport]) -> String {
     let mut o = String::new();
     let packets = if h.extended {
         "extended"

@@ -5,7 +5,7 @@ use nbd_proto::client::{Mode, Negotiated};
 use nbd_proto::uri::NbdUri;
 use nbd_proto::wire::{BlockSizeConstraints, TransmissionFlags};
 
-use crate::client::{Error, Negotiation};
+use nbd_blocking::client::{Error, Negotiation};
 
 /// Formats a size as libnbd's `human_size` does: the largest binary
 /// suffix (K, M, G, T, P, E) that divides it exactly, else plain bytes.

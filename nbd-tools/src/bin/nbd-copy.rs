@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use nbd_proto::client::TlsMode;
-use nbd_smol::copy::{CopyOptions, Location, Progress, copy};
+use nbd_tools::copy::{CopyOptions, Location, Progress, copy};
 
 /// Copy between NBD exports (URIs), local files or block devices, and null:.
 #[derive(Parser, Debug)]
@@ -62,7 +62,7 @@ fn location(s: &str, tls: Option<TlsFlag>) -> Result<Location, String> {
             TlsFlag::Allow => TlsMode::Allow,
             TlsFlag::Require => TlsMode::Require,
         };
-        nbd_tls::apply_tls_flag(uri, mode)?;
+        nbd_net::apply_tls_flag(uri, mode)?;
     }
     Ok(l)
 }

@@ -20,7 +20,7 @@ use nbd_proto::wire::{AllocationFlags, CONTEXT_BASE_ALLOCATION, CommandFlags, Tr
 use nbd_storage::{FileStorage, Storage, ZeroFlags};
 use smol::lock::Mutex;
 
-use crate::pool::Pool;
+use nbd_smol::pool::Pool;
 
 /// One side of a copy.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,16 @@
+//! The command-line tools of the NBD stack, and the engines behind them:
+//!
+//! - `nbd-serve`: serve files, block devices or memory (like qemu-nbd and
+//!   nbdkit), on the async server of `nbd-smol`;
+//! - `nbd-info`: describe an export (like libnbd's nbdinfo), on the
+//!   blocking client of `nbd-blocking`; [`info`] formats its reports;
+//! - `nbd-copy`: copy between NBD exports, files, block devices and
+//!   `null:` (like libnbd's nbdcopy); [`copy`] is the copying engine.
+//!
+//! The libraries (`nbd-proto`, `nbd-blocking`, `nbd-smol`) do not depend
+//! on this crate, so their users never compile clap, indicatif or
+//! signal-hook.
+#![warn(missing_docs)]
+
+pub mod copy;
+pub mod info;
