@@ -17,7 +17,7 @@ use std::path::Path;
 use arbitrary::{Arbitrary, Unstructured};
 use nbd_proto::client::{ClientHandshake, ClientTransmission, HandshakeStep, Negotiated, Request};
 use nbd_proto::server::{
-    ReplyEncoder, ServerEvent, ServerHandshake, ServerNegotiated, ServerReceive, ServerRequest, ServerStep,
+    ReplyEncoder, RequestEvent, ServerHandshake, ServerNegotiated, ServerReceive, ServerRequest, ServerStep,
     ServerTransmission,
 };
 use nbd_proto::wire::*;
@@ -340,8 +340,8 @@ fn replies_for(sn: &ServerNegotiated, headers: &[u8]) -> Vec<u8> {
                 let ev = st.handle_bytes(&headers[pos..pos + n]).expect("valid request");
                 pos += n;
                 match ev {
-                    ServerEvent::Request(r) => reply(&st, &enc, &r, &mut out),
-                    ServerEvent::Reject { request, error, reason } => {
+                    RequestEvent::Request(r) => reply(&st, &enc, &r, &mut out),
+                    RequestEvent::Reject { request, error, reason } => {
                         enc.reply_error(&request, error, reason, &mut out)
                     }
                     _ => {}

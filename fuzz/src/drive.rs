@@ -24,7 +24,7 @@ use nbd_proto::client::{
     OptionOutcome, ReceiveNext, ReplyEvent, Request, ServerError, TlsMode,
 };
 use nbd_proto::server::{
-    ContextSelection, ExportDetails, ExportListing, MAX_OPTION_DATA, ReplyEncoder, ServerConfig, ServerEvent,
+    ContextSelection, ExportDetails, ExportListing, MAX_OPTION_DATA, ReplyEncoder, RequestEvent, ServerConfig,
     ServerHandshake, ServerHandshakeError, ServerNegotiated, ServerReceive, ServerRequest, ServerStep,
     ServerTransmission, ServerTransmissionError, TlsPolicy,
 };
@@ -390,6 +390,7 @@ impl ClientSpec {
             meta_contexts: queries(&self.contexts).into_iter().map(String::from).collect(),
             request_block_size: self.request_block_size,
             opt_mode: self.opt_mode,
+            ..ClientConfig::default()
         }
     }
 }
@@ -1085,6 +1086,7 @@ impl ServerSpec {
             support_go: self.support_go,
             structured_replies: self.structured,
             extended_headers: self.extended,
+            ..ServerConfig::default()
         }
     }
 }
@@ -1616,12 +1618,12 @@ impl ServerTx {
         panic!("server transmission makes no progress");
     }
 
-    fn event(&mut self, ev: ServerEvent) {
+    fn event(&mut self, ev: RequestEvent) {
         match ev {
-            ServerEvent::Continue => {
+            RequestEvent::Continue => {
                 assert!(matches!(self.st.next(), ServerReceive::Bytes(n) if n != self.header_len()));
             }
-            ServerEvent::Request(r) => {
+            RequestEvent::Request(r) => {
                 assert!(!self.shut, "a request accepted after shutdown");
                 self.check_request(&r);
                 let next = self.st.next();
@@ -1638,7 +1640,7 @@ impl ServerTx {
                 }
                 self.encode(&r);
             }
-            ServerEvent::Reject { request, error, reason } => {
+            RequestEvent::Reject { request, error, reason } => {
                 assert_ne!(error.0, 0, "rejected with error 0");
                 assert!(!reason.is_empty());
                 assert!(matches!(
@@ -1647,7 +1649,7 @@ impl ServerTx {
                 ));
                 self.encode(&request);
             }
-            ServerEvent::Disconnect => assert_eq!(self.st.next(), ServerReceive::Closed),
+            RequestEvent::Disconnect => assert_eq!(self.st.next(), ServerReceive::Closed),
         }
     }
 

@@ -7,7 +7,7 @@
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
-use crate::client::TlsMode;
+use crate::common::TlsMode;
 use crate::wire::NBD_DEFAULT_PORT;
 
 /// Where an NBD server is.

@@ -18,7 +18,7 @@ use nbd_proto::client::{
     Negotiated, OptionOutcome, ReceiveNext, ReplyEvent, Request, RequestError, TlsMode,
 };
 use nbd_proto::server::{
-    ExportDetails, ExportListing, ReplyEncoder, ServerConfig, ServerEvent, ServerHandshake, ServerHandshakeError,
+    ExportDetails, ExportListing, ReplyEncoder, RequestEvent, ServerConfig, ServerHandshake, ServerHandshakeError,
     ServerNegotiated, ServerReceive, ServerRequest, ServerStep, ServerTransmission, TlsPolicy,
 };
 use nbd_proto::wire::*;
@@ -609,21 +609,21 @@ impl ServerSide {
                     }
                     let bytes = take(c2s, n);
                     match self.tx.handle_bytes(&bytes).unwrap() {
-                        ServerEvent::Continue => {}
-                        ServerEvent::Request(r) => {
+                        RequestEvent::Continue => {}
+                        RequestEvent::Request(r) => {
                             if r.command == Command::WRITE && r.length > 0 {
                                 self.pending_write = Some(r);
                             } else {
                                 replies.push(self.execute(&r, None));
                             }
                         }
-                        ServerEvent::Reject { request, error, reason } => {
+                        RequestEvent::Reject { request, error, reason } => {
                             self.rejects.push((request.cookie, error, reason));
                             let mut reply = Vec::new();
                             self.enc.reply_error(&request, error, reason, &mut reply);
                             replies.push(reply);
                         }
-                        ServerEvent::Disconnect => self.disconnected = true,
+                        RequestEvent::Disconnect => self.disconnected = true,
                     }
                 }
                 ServerReceive::Payload { cookie, length } => {
@@ -677,8 +677,8 @@ impl ServerSide {
         let _ = setup;
         let mut probe = self.tx.clone();
         match probe.handle_bytes(&header) {
-            Ok(ServerEvent::Request(_)) => Some(Ok(())),
-            Ok(ServerEvent::Reject { error, .. }) => Some(Err(error)),
+            Ok(RequestEvent::Request(_)) => Some(Ok(())),
+            Ok(RequestEvent::Reject { error, .. }) => Some(Err(error)),
             Ok(_) => None,
             Err(_) => Some(Err(ErrorCode::EINVAL)),
         }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use nbd_proto::client::Mode;
 use nbd_proto::server::{
-    ExportDetails, ExportListing, ReplyEncoder, ServerEvent, ServerNegotiated, ServerReceive, ServerRequest,
+    ExportDetails, ExportListing, ReplyEncoder, RequestEvent, ServerNegotiated, ServerReceive, ServerRequest,
     ServerTransmission, ServerTransmissionError,
 };
 use nbd_proto::wire::{AllocationFlags, CONTEXT_BASE_ALLOCATION, Command, CommandFlags, ErrorCode, TransmissionFlags};
@@ -294,12 +294,12 @@ impl Connection {
     /// complete (except a WRITE, whose payload comes next).
     pub fn handle_bytes(&mut self, bytes: &[u8]) -> Result<(), ServerTransmissionError> {
         match self.tx.handle_bytes(bytes)? {
-            ServerEvent::Continue | ServerEvent::Disconnect => {}
-            ServerEvent::Reject { request, error, reason } => {
+            RequestEvent::Continue | RequestEvent::Disconnect => {}
+            RequestEvent::Reject { request, error, reason } => {
                 self.requests += 1;
                 self.enc.reply_error(&request, error, reason, &mut self.out);
             }
-            ServerEvent::Request(req) => {
+            RequestEvent::Request(req) => {
                 self.requests += 1;
                 if req.command == Command::WRITE && req.length > 0 {
                     self.pending_write = Some(req);

@@ -27,17 +27,11 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use crate::wire::*;
 
-/// Whether and how to use TLS, as libnbd's `tls` setting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum TlsMode {
-    /// Never ask for TLS.
-    #[default]
-    Off,
-    /// Ask for TLS; continue in clear if the server refuses.
-    Allow,
-    /// Ask for TLS; fail if it cannot be negotiated.
-    Require,
-}
+pub use crate::common::{MetaContext, Mode, TlsMode};
+
+/// The default of [`ClientConfig::max_in_flight`]: 64 requests, the queue
+/// depth libnbd's nbdcopy uses per connection (QEMU's NBD driver keeps 16).
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
 
 /// What the client asks for during the handshake.
 #[derive(Debug, Clone)]
@@ -57,6 +51,13 @@ pub struct ClientConfig {
     /// Stop in [`HandshakeStep::Negotiating`] and let the caller issue
     /// options (libnbd's "opt mode").
     pub opt_mode: bool,
+    /// Most requests in flight at once in transmission (the size of the
+    /// in-flight table a [`ClientSession`](super::ClientSession) allocates
+    /// once; at least 1).
+    pub max_in_flight: usize,
+    /// Check replies beyond what QEMU and libnbd enforce by default (see
+    /// [`ClientTransmission::set_strict`](super::ClientTransmission::set_strict)).
+    pub strict: bool,
 }
 
 impl Default for ClientConfig {
@@ -69,51 +70,10 @@ impl Default for ClientConfig {
             meta_contexts: alloc::vec![CONTEXT_BASE_ALLOCATION.to_owned()],
             request_block_size: true,
             opt_mode: false,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            strict: true,
         }
     }
-}
-
-/// Which flavour of the protocol the handshake reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Mode {
-    /// Oldstyle negotiation: no options, no export names.
-    Oldstyle,
-    /// Newstyle, ended with `NBD_OPT_EXPORT_NAME`: simple replies only.
-    ExportNameOnly,
-    /// `NBD_OPT_GO`, simple replies.
-    Simple,
-    /// `NBD_OPT_GO` with structured replies.
-    Structured,
-    /// `NBD_OPT_GO` with extended headers.
-    Extended,
-}
-
-impl Mode {
-    /// Whether replies may be structured (or extended) chunks.
-    pub fn structured(self) -> bool {
-        matches!(self, Mode::Structured | Mode::Extended)
-    }
-    /// Whether extended headers are in use.
-    pub fn extended(self) -> bool {
-        matches!(self, Mode::Extended)
-    }
-    /// The protocol name as nbdinfo prints it.
-    pub fn protocol_name(self) -> &'static str {
-        match self {
-            Mode::Oldstyle => "oldstyle",
-            Mode::ExportNameOnly => "newstyle",
-            _ => "newstyle-fixed",
-        }
-    }
-}
-
-/// A metadata context selected or listed by the server.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct MetaContext {
-    /// The id the server assigned (zero in list replies).
-    pub id: u32,
-    /// The context name, e.g. `base:allocation`.
-    pub name: String,
 }
 
 /// An export as `NBD_REP_SERVER` describes it.

@@ -151,6 +151,9 @@ pub enum RequestError {
     /// The connection failed earlier.
     #[error("the connection failed earlier")]
     Failed,
+    /// The handshake has not finished: there is no transmission yet.
+    #[error("the handshake has not finished")]
+    NotConnected,
     /// A command this client cannot send (unknown, or RESIZE).
     #[error("{0} is not supported by this client")]
     Unsupported(Command),
@@ -847,6 +850,23 @@ impl ClientTransmission {
             }
             _ => Ok(ReplyEvent::Nothing),
         }
+    }
+
+    /// As [`ClientTransmission::data_received`], but a completion is not
+    /// returned: [`ClientTransmission::next`] announces it as
+    /// [`ReceiveNext::Complete`] (so the data's own event can be handed
+    /// out first).
+    pub(crate) fn data_received_deferred(&mut self) -> Result<(), ReplyViolation> {
+        if let RecvState::Data { slot, done, .. } = self.state {
+            if let Err(e) = self.still_replying() {
+                return Err(self.fail(e));
+            }
+            self.state = RecvState::Header;
+            if done {
+                self.pending_done = Some(slot);
+            }
+        }
+        Ok(())
     }
 
     /// The connection ended (EOF or error): fails every request in flight.

@@ -41,7 +41,7 @@ use alloc::vec::Vec;
 
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::client::{MetaContext, Mode};
+use crate::common::{MetaContext, Mode};
 use crate::wire::*;
 
 /// Option data longer than this is never read into memory: it is
@@ -57,6 +57,9 @@ pub const MAX_OPTION_DATA: u32 = 64 * 1024;
 /// Most queries accepted in one `NBD_OPT_LIST_META_CONTEXT` or
 /// `NBD_OPT_SET_META_CONTEXT`; more are refused with `NBD_REP_ERR_TOO_BIG`.
 pub const MAX_META_CONTEXT_QUERIES: u32 = 128;
+
+/// The default of [`ServerConfig::handshake_timeout`]: 10 seconds, QEMU's.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: core::time::Duration = core::time::Duration::from_secs(10);
 
 /// The default for [`ServerConfig::max_options`].
 pub const DEFAULT_MAX_OPTIONS: u32 = 1024;
@@ -105,6 +108,12 @@ pub struct ServerConfig {
     pub structured_replies: bool,
     /// Support `NBD_OPT_EXTENDED_HEADERS`.
     pub extended_headers: bool,
+    /// How long a client may take from connecting to transmission
+    /// (`None`: no limit). The session only reports it
+    /// ([`ServerSession::handshake_timeout`](super::ServerSession::handshake_timeout));
+    /// the driver, which owns the clock, closes connections that overrun it.
+    /// Default: 10 seconds, as QEMU's `qemu-nbd` (`--handshake-limit`).
+    pub handshake_timeout: Option<core::time::Duration>,
 }
 
 impl Default for ServerConfig {
@@ -118,6 +127,7 @@ impl Default for ServerConfig {
             support_go: true,
             structured_replies: true,
             extended_headers: true,
+            handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
         }
     }
 }

@@ -10,20 +10,22 @@
 //!   ([`ServerStep::LookupExport`]) and the driver answers
 //!   ([`ServerHandshake::answer_export`]).
 //! - [`ServerTransmission`] decodes and validates request headers
-//!   ([`ServerEvent`]), announces WRITE payloads for the driver to move
+//!   ([`RequestEvent`]), announces WRITE payloads for the driver to move
 //!   straight into its own buffers ([`ServerReceive::Payload`]), and a
 //!   [`ReplyEncoder`] (a small `Copy` value, usable from any thread)
 //!   encodes reply headers and small chunks without allocating.
 
 pub mod handshake;
+pub mod session;
 pub mod transmission;
 
 pub use handshake::{
-    ClientViolation, ExportDetails, ExportListing, MAX_META_CONTEXT_QUERIES, MAX_OPTION_DATA, ServerConfig,
-    ServerHandshake, ServerHandshakeError, ServerNegotiated, ServerStep, TlsPolicy,
+    ClientViolation, DEFAULT_HANDSHAKE_TIMEOUT, ExportDetails, ExportListing, MAX_META_CONTEXT_QUERIES,
+    MAX_OPTION_DATA, ServerConfig, ServerHandshake, ServerHandshakeError, ServerNegotiated, ServerStep, TlsPolicy,
 };
+pub use session::{ExportLookup, ServerEvent, ServerNeed, ServerSession, ServerSessionError, ServerStartTls};
 pub use transmission::{
-    ContextSelection, MAX_REPLY_HEADER_LEN, ReplyEncoder, ReplyError, ReplyHeader, RequestViolation, ServerEvent,
+    ContextSelection, MAX_REPLY_HEADER_LEN, ReplyEncoder, ReplyError, ReplyHeader, RequestEvent, RequestViolation,
     ServerReceive, ServerRequest, ServerTransmission, ServerTransmissionError,
 };
 

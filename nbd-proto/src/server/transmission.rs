@@ -8,7 +8,7 @@
 //! ([`ServerReceive::Payload`], then
 //! [`ServerTransmission::payload_received`]), or bytes to drop
 //! ([`ServerReceive::Discard`], then [`ServerTransmission::discarded`]).
-//! Each header yields a [`ServerEvent`]: a valid request to execute, a
+//! Each header yields a [`RequestEvent`]: a valid request to execute, a
 //! request to refuse with an error (every check of the spec's "Request
 //! types" and "Error values" sections), or the client's disconnect. The
 //! machine keeps no table of requests in flight, so it can go on decoding
@@ -40,7 +40,7 @@ use alloc::vec::Vec;
 use zerocopy::{FromBytes, IntoBytes};
 
 use super::handshake::ServerNegotiated;
-use crate::client::{MetaContext, Mode};
+use crate::common::{MetaContext, Mode};
 use crate::wire::*;
 
 /// Which of the negotiated metadata contexts a `NBD_CMD_BLOCK_STATUS`
@@ -98,7 +98,7 @@ pub enum ServerReceive {
     /// [`ServerTransmission::handle_bytes`].
     Bytes(usize),
     /// The next `length` bytes are the WRITE payload of `cookie` (announced
-    /// by the [`ServerEvent::Request`] just returned): move them into the
+    /// by the [`RequestEvent::Request`] just returned): move them into the
     /// driver's own buffer or storage, then call
     /// [`ServerTransmission::payload_received`].
     Payload {
@@ -117,7 +117,7 @@ pub enum ServerReceive {
 
 /// Something decoded on the receive side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ServerEvent {
+pub enum RequestEvent {
     /// Nothing to act on yet; ask [`ServerTransmission::next`] again.
     Continue,
     /// A valid request: execute it and reply. For a WRITE with a nonzero
@@ -176,7 +176,7 @@ pub enum ServerTransmissionError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Header,
-    Payload { cookie: u64, length: u64 },
+    Payload { request: ServerRequest, length: u64 },
     Discard { length: u64 },
     BlockStatusPayload { request: ServerRequest, length: u64 },
     Closed,
@@ -269,11 +269,22 @@ impl ServerTransmission {
     pub fn next(&self) -> ServerReceive {
         match self.state {
             State::Header => ServerReceive::Bytes(self.header_len()),
-            State::Payload { cookie, length } => ServerReceive::Payload { cookie, length },
+            State::Payload { request, length } => ServerReceive::Payload {
+                cookie: request.cookie,
+                length,
+            },
             State::Discard { length } => ServerReceive::Discard(length),
             // Bounded by 8 + 4 * 64 when the state is entered.
             State::BlockStatusPayload { length, .. } => ServerReceive::Bytes(length as usize),
             State::Closed => ServerReceive::Closed,
+        }
+    }
+
+    /// The WRITE whose payload [`ServerReceive::Payload`] announces.
+    pub fn pending_request(&self) -> Option<ServerRequest> {
+        match self.state {
+            State::Payload { request, .. } => Some(request),
+            _ => None,
         }
     }
 
@@ -302,7 +313,7 @@ impl ServerTransmission {
     }
 
     /// Feeds the bytes asked for by [`ServerReceive::Bytes`].
-    pub fn handle_bytes(&mut self, bytes: &[u8]) -> Result<ServerEvent, ServerTransmissionError> {
+    pub fn handle_bytes(&mut self, bytes: &[u8]) -> Result<RequestEvent, ServerTransmissionError> {
         match self.state {
             State::Header => {
                 if bytes.len() != self.header_len() {
@@ -331,7 +342,7 @@ impl ServerTransmission {
         }
     }
 
-    fn decode_header(&mut self, bytes: &[u8]) -> Result<ServerEvent, RequestViolation> {
+    fn decode_header(&mut self, bytes: &[u8]) -> Result<RequestEvent, RequestViolation> {
         let extended = self.mode.extended();
         let request = if extended {
             let (h, _) = ExtendedRequestHeader::read_from_prefix(bytes).map_err(|_| RequestViolation::BadMagic(0))?;
@@ -363,7 +374,7 @@ impl ServerTransmission {
         if request.command == Command::DISC {
             // Nothing may follow NBD_CMD_DISC; there is no reply.
             self.state = State::Closed;
-            return Ok(ServerEvent::Disconnect);
+            return Ok(RequestEvent::Disconnect);
         }
         // Framing first: how many payload bytes follow the header.
         // A WRITE always carries its data. With extended headers the spec
@@ -409,7 +420,7 @@ impl ServerTransmission {
                 if payload > 0 {
                     self.state = State::Discard { length: payload };
                 }
-                return Ok(ServerEvent::Reject {
+                return Ok(RequestEvent::Reject {
                     request,
                     error: ErrorCode::EINVAL,
                     reason: "invalid NBD_CMD_BLOCK_STATUS payload",
@@ -419,29 +430,29 @@ impl ServerTransmission {
                 request,
                 length: payload,
             };
-            return Ok(ServerEvent::Continue);
+            return Ok(RequestEvent::Continue);
         }
         Ok(match self.validate(&request, payload) {
             Ok(()) => {
                 if payload > 0 {
                     self.state = State::Payload {
-                        cookie: request.cookie,
+                        request,
                         length: payload,
                     };
                 }
-                ServerEvent::Request(request)
+                RequestEvent::Request(request)
             }
             Err((error, reason)) => {
                 if payload > 0 {
                     self.state = State::Discard { length: payload };
                 }
-                ServerEvent::Reject { request, error, reason }
+                RequestEvent::Reject { request, error, reason }
             }
         })
     }
 
-    fn block_status_payload(&self, mut request: ServerRequest, bytes: &[u8]) -> ServerEvent {
-        let reject = |request, reason| ServerEvent::Reject {
+    fn block_status_payload(&self, mut request: ServerRequest, bytes: &[u8]) -> RequestEvent {
+        let reject = |request, reason| RequestEvent::Reject {
             request,
             error: ErrorCode::EINVAL,
             reason,
@@ -464,8 +475,8 @@ impl ServerTransmission {
         }
         request.contexts = ContextSelection::Only(mask);
         match self.validate(&request, 0) {
-            Ok(()) => ServerEvent::Request(request),
-            Err((error, reason)) => ServerEvent::Reject { request, error, reason },
+            Ok(()) => RequestEvent::Request(request),
+            Err((error, reason)) => RequestEvent::Reject { request, error, reason },
         }
     }
 

@@ -65,15 +65,15 @@ fn hdr(extended: bool, flags: CommandFlags, cmd: Command, cookie: u64, offset: u
 }
 
 /// Feeds one header; returns the event.
-fn feed(t: &mut ServerTransmission, flags: CommandFlags, cmd: Command, offset: u64, length: u64) -> ServerEvent {
+fn feed(t: &mut ServerTransmission, flags: CommandFlags, cmd: Command, offset: u64, length: u64) -> RequestEvent {
     let ext = t.mode().extended();
     assert_eq!(t.next(), ServerReceive::Bytes(if ext { 32 } else { 28 }));
     t.handle_bytes(&hdr(ext, flags, cmd, 42, offset, length)).unwrap()
 }
 
-fn rejected(ev: ServerEvent) -> ErrorCode {
+fn rejected(ev: RequestEvent) -> ErrorCode {
     match ev {
-        ServerEvent::Reject { error, request, .. } => {
+        RequestEvent::Reject { error, request, .. } => {
             assert_eq!(request.cookie, 42);
             error
         }
@@ -81,9 +81,9 @@ fn rejected(ev: ServerEvent) -> ErrorCode {
     }
 }
 
-fn accepted(ev: ServerEvent) -> ServerRequest {
+fn accepted(ev: RequestEvent) -> ServerRequest {
     match ev {
-        ServerEvent::Request(r) => r,
+        RequestEvent::Request(r) => r,
         other => panic!("expected a request, got {other:?}"),
     }
 }
@@ -97,8 +97,8 @@ fn check(t: &mut ServerTransmission, flags: CommandFlags, cmd: Command, offset: 
         _ => {}
     }
     match ev {
-        ServerEvent::Request(_) => None,
-        ServerEvent::Reject { error, .. } => Some(error),
+        RequestEvent::Request(_) => None,
+        RequestEvent::Reject { error, .. } => Some(error),
         other => panic!("unexpected {other:?}"),
     }
 }
@@ -200,7 +200,7 @@ fn wrong_length_is_misuse() {
 #[test]
 fn disconnect() {
     let mut t = ServerTransmission::new(&neg(Mode::Simple, ALL_FLAGS));
-    assert_eq!(feed(&mut t, NONE, Command::DISC, 0, 0), ServerEvent::Disconnect);
+    assert_eq!(feed(&mut t, NONE, Command::DISC, 0, 0), RequestEvent::Disconnect);
     assert_eq!(t.next(), ServerReceive::Closed);
 }
 
@@ -458,7 +458,7 @@ fn block_status_payload_form() {
     let p = bs_payload(4096, &[9]);
     assert_eq!(
         feed(&mut t, pl, Command::BLOCK_STATUS, 512, p.len() as u64),
-        ServerEvent::Continue
+        RequestEvent::Continue
     );
     assert_eq!(t.next(), ServerReceive::Bytes(12));
     let r = accepted(t.handle_bytes(&p).unwrap());
@@ -472,7 +472,7 @@ fn block_status_payload_form() {
         let p = bs_payload(4096, ids);
         assert_eq!(
             feed(&mut t, pl, Command::BLOCK_STATUS, 0, p.len() as u64),
-            ServerEvent::Continue
+            RequestEvent::Continue
         );
         assert_eq!(rejected(t.handle_bytes(&p).unwrap()), ErrorCode::EINVAL);
         assert_eq!(t.next(), ServerReceive::Bytes(32));
@@ -516,7 +516,7 @@ fn shutdown_refuses_everything() {
     assert_eq!(rejected(ev), ErrorCode::ESHUTDOWN);
     assert_eq!(t.next(), ServerReceive::Discard(10));
     t.discarded().unwrap();
-    assert_eq!(feed(&mut t, NONE, Command::DISC, 0, 0), ServerEvent::Disconnect);
+    assert_eq!(feed(&mut t, NONE, Command::DISC, 0, 0), RequestEvent::Disconnect);
 }
 
 // ----- encoders -------------------------------------------------------------
@@ -849,12 +849,12 @@ mod props {
             }
             let n = if mode.extended() { 32 } else { 28 };
             match t.handle_bytes(&bytes[..n]) {
-                Ok(ServerEvent::Request(r)) => {
+                Ok(RequestEvent::Request(r)) => {
                     if r.command != Command::FLUSH {
                         prop_assert!(r.offset.checked_add(r.length).is_some_and(|e| e <= t.size()));
                     }
                 }
-                Ok(ServerEvent::Continue) => {
+                Ok(RequestEvent::Continue) => {
                     if let ServerReceive::Bytes(k) = t.next() {
                         let _ = t.handle_bytes(&vec![0xAB; k]);
                     }
