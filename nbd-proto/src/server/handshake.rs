@@ -61,6 +61,9 @@ pub const MAX_META_CONTEXT_QUERIES: u32 = 128;
 /// The default of [`ServerConfig::handshake_timeout`]: 10 seconds, QEMU's.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: core::time::Duration = core::time::Duration::from_secs(10);
 
+/// The default of [`ServerConfig::unnegotiated_max_payload`]: 64 MiB.
+pub const DEFAULT_UNNEGOTIATED_MAX_PAYLOAD: u64 = 64 << 20;
+
 /// The default for [`ServerConfig::max_options`].
 pub const DEFAULT_MAX_OPTIONS: u32 = 1024;
 
@@ -114,6 +117,13 @@ pub struct ServerConfig {
     /// the driver, which owns the clock, closes connections that overrun it.
     /// Default: 10 seconds, as QEMU's `qemu-nbd` (`--handshake-limit`).
     pub handshake_timeout: Option<core::time::Duration>,
+    /// The largest READ or WRITE payload accepted from a client that was
+    /// sent no block sizes (see
+    /// [`ServerTransmission::set_unnegotiated_max_payload`](super::ServerTransmission::set_unnegotiated_max_payload)).
+    /// The spec asks a server to accept at least 2^25 bytes from such
+    /// clients and calls a larger limit "effectively unlimited" when it can
+    /// afford it. Default: [`DEFAULT_UNNEGOTIATED_MAX_PAYLOAD`] (64 MiB).
+    pub unnegotiated_max_payload: u64,
 }
 
 impl Default for ServerConfig {
@@ -128,6 +138,7 @@ impl Default for ServerConfig {
             structured_replies: true,
             extended_headers: true,
             handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
+            unnegotiated_max_payload: DEFAULT_UNNEGOTIATED_MAX_PAYLOAD,
         }
     }
 }

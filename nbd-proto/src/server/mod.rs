@@ -20,8 +20,9 @@ pub mod session;
 pub mod transmission;
 
 pub use handshake::{
-    ClientViolation, DEFAULT_HANDSHAKE_TIMEOUT, ExportDetails, ExportListing, MAX_META_CONTEXT_QUERIES,
-    MAX_OPTION_DATA, ServerConfig, ServerHandshake, ServerHandshakeError, ServerNegotiated, ServerStep, TlsPolicy,
+    ClientViolation, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_UNNEGOTIATED_MAX_PAYLOAD, ExportDetails, ExportListing,
+    MAX_META_CONTEXT_QUERIES, MAX_OPTION_DATA, ServerConfig, ServerHandshake, ServerHandshakeError, ServerNegotiated,
+    ServerStep, TlsPolicy,
 };
 pub use session::{ExportLookup, ServerEvent, ServerNeed, ServerSession, ServerSessionError, ServerStartTls};
 pub use transmission::{

@@ -93,6 +93,20 @@ pub trait ExportLookup {
     fn list(&self, each: &mut dyn FnMut(ExportListing<'_>));
 }
 
+/// Exports shared by many connections' sessions.
+impl<T: ExportLookup + ?Sized> ExportLookup for alloc::sync::Arc<T> {
+    type Export = T::Export;
+    fn lookup(&self, name: &str) -> Option<(ExportDetails, T::Export)> {
+        (**self).lookup(name)
+    }
+    fn default_export(&self) -> Option<(ExportDetails, T::Export)> {
+        (**self).default_export()
+    }
+    fn list(&self, each: &mut dyn FnMut(ExportListing<'_>)) {
+        (**self).list(each)
+    }
+}
+
 /// Why the session cannot go on: the connection must be closed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -245,6 +259,7 @@ pub struct ServerSession<E: ExportLookup> {
     /// `NBD_OPT_EXPORT_NAME` made, once the handshake is done).
     chosen: Option<E::Export>,
     handshake_timeout: Option<Duration>,
+    unnegotiated_max_payload: u64,
     partial: Vec<u8>,
     /// Bytes of the current payload (or discard) already taken.
     progress: u64,
@@ -268,11 +283,13 @@ impl<E: ExportLookup> ServerSession<E> {
     /// every default), offering the exports of `exports`.
     pub fn new(config: ServerConfig, exports: E) -> ServerSession<E> {
         let handshake_timeout = config.handshake_timeout;
+        let unnegotiated_max_payload = config.unnegotiated_max_payload;
         let mut s = ServerSession {
             exports,
             state: State::Handshake(ServerHandshake::new(config)),
             chosen: None,
             handshake_timeout,
+            unnegotiated_max_payload,
             partial: Vec::new(),
             progress: 0,
             out: Vec::with_capacity(64),
@@ -481,6 +498,15 @@ impl<E: ExportLookup> ServerSession<E> {
         }
     }
 
+    /// The largest READ or WRITE payload this connection accepts (once
+    /// [`ServerEvent::Ready`]; 0 before).
+    pub fn max_payload(&self) -> u64 {
+        match &self.state {
+            State::Transmission(tx, _) => tx.max_payload(),
+            _ => 0,
+        }
+    }
+
     /// The export the client chose (once [`ServerEvent::Ready`]).
     pub fn export(&self) -> Option<&E::Export> {
         match self.state {
@@ -608,7 +634,8 @@ impl<E: ExportLookup> ServerSession<E> {
                         return Err(ServerSessionError::Closed);
                     };
                     let negotiated = hs.finish()?;
-                    let tx = ServerTransmission::new(&negotiated);
+                    let mut tx = ServerTransmission::new(&negotiated);
+                    tx.set_unnegotiated_max_payload(self.unnegotiated_max_payload);
                     self.state = State::Transmission(tx, negotiated);
                     return Ok(());
                 }

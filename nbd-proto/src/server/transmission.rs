@@ -193,6 +193,10 @@ pub struct ServerTransmission {
     contexts: Vec<MetaContext>,
     state: State,
     shutting_down: bool,
+    /// The largest READ or WRITE payload accepted.
+    max_payload: u64,
+    /// `NBD_INFO_BLOCK_SIZE` was sent: the client is held to it.
+    block_size_sent: bool,
 }
 
 impl ServerTransmission {
@@ -206,7 +210,28 @@ impl ServerTransmission {
             contexts: negotiated.contexts.clone(),
             state: State::Header,
             shutting_down: false,
+            max_payload: match negotiated.block_size {
+                Some(c) => c.maximum as u64,
+                None => DEFAULT_MAX_PAYLOAD as u64,
+            },
+            block_size_sent: negotiated.block_size.is_some(),
         }
+    }
+
+    /// The largest READ or WRITE payload accepted from a client that was
+    /// sent no block sizes (it asked for none, and the export has no
+    /// constraints of its own): at least the spec's 2^25, which is also the
+    /// default. A client that was sent `NBD_INFO_BLOCK_SIZE` is held to its
+    /// maximum payload.
+    pub fn set_unnegotiated_max_payload(&mut self, limit: u64) {
+        if !self.block_size_sent {
+            self.max_payload = limit.max(DEFAULT_MAX_PAYLOAD as u64);
+        }
+    }
+
+    /// The largest READ or WRITE payload this connection accepts.
+    pub fn max_payload(&self) -> u64 {
+        self.max_payload
     }
 
     /// The protocol flavour in use.
@@ -393,7 +418,7 @@ impl ServerTransmission {
             0
         };
         if payload > 0 {
-            let maximum = self.constraints.maximum as u64;
+            let maximum = self.max_payload;
             let limit = if extended {
                 maximum
             } else {
@@ -561,7 +586,7 @@ impl ServerTransmission {
             // of the minimum block size stays addressable.
             return einval("request not aligned to the minimum block size");
         }
-        let maximum = self.constraints.maximum as u64;
+        let maximum = self.max_payload;
         if cmd == Command::WRITE && payload > maximum {
             return einval("write larger than the maximum payload size");
         }
