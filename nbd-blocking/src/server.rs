@@ -1,6 +1,11 @@
-//! A simple thread-per-connection NBD server over std sockets, on the same
-//! state machines (`nbd_proto`) and request executor (`nbd_storage::serve`)
-//! as the async server.
+//! A simple thread-per-connection NBD server over std sockets.
+//!
+//! Everything but the sockets, TLS and timeouts is
+//! [`nbd_storage::serve::ServeConnection`], shared with the async server.
+//! Each connection is served by one thread: it feeds the requests the
+//! client has sent, and writes the replies whenever no more input is
+//! buffered (or the connection must wait), so storage that runs on the I/O
+//! pool still overlaps with reading. TLS runs on the same thread.
 
 use std::cell::RefCell;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -9,48 +14,13 @@ use std::os::unix::net::UnixListener;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::Thread;
 use std::time::{Duration, Instant};
 
+pub use nbd_net::ServerOptions;
 use nbd_net::rustls;
-use nbd_proto::server::{ExportListing, ServerConfig, ServerHandshake, ServerNegotiated, ServerStep};
-use nbd_storage::serve::{Connection, Export, Exports, Next};
-
-/// How the server behaves.
-#[derive(Debug, Clone)]
-pub struct ServerOptions {
-    /// Negotiation settings.
-    pub config: ServerConfig,
-    /// Connections served at once; further ones are closed at once.
-    pub max_connections: usize,
-    /// Time a client has to finish the handshake.
-    pub handshake_timeout: Duration,
-    /// The TLS certificate and key (see [`nbd_net::ServerTlsOptions`]),
-    /// needed unless `config.tls` is [`nbd_proto::server::TlsPolicy::NoTls`]:
-    /// without them a client's `NBD_OPT_STARTTLS` is acknowledged by the
-    /// policy but the connection is then closed.
-    pub tls: Option<Arc<rustls::ServerConfig>>,
-}
-
-impl Default for ServerOptions {
-    fn default() -> Self {
-        ServerOptions {
-            config: ServerConfig::default(),
-            max_connections: 256,
-            handshake_timeout: Duration::from_secs(10),
-            tls: None,
-        }
-    }
-}
-
-/// How a handshake (or its part before TLS) ended.
-enum HandshakeEnd {
-    /// Transmission can start on this export.
-    Done(ServerNegotiated, usize),
-    /// The client asked for TLS and the ACK went out.
-    StartTls(ServerHandshake),
-    /// The client aborted or went away.
-    Closed,
-}
+use nbd_storage::serve::{Export, ReplyWriter, ServeConnection, ServeContext, Status};
 
 /// One side of a TLS session that the reading and the writing half of a
 /// connection (both on the connection's thread) share.
@@ -66,6 +36,9 @@ impl<S: Read + Write> Write for TlsHalf<S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.0.borrow_mut().write(buf)
     }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        self.0.borrow_mut().write_vectored(bufs)
+    }
     fn flush(&mut self) -> io::Result<()> {
         self.0.borrow_mut().flush()
     }
@@ -75,7 +48,7 @@ impl<S: Read + Write> Write for TlsHalf<S> {
 /// from a thread of your own; [`Server::shutdown`] stops it.
 #[derive(Clone)]
 pub struct Server {
-    exports: Arc<Exports>,
+    ctx: Arc<ServeContext>,
     options: Arc<ServerOptions>,
     stop: Arc<AtomicBool>,
     active: Arc<AtomicUsize>,
@@ -113,11 +86,33 @@ fn invalid_data(e: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
 }
 
+/// How the handshake phase ended.
+enum Handshake {
+    Transmission,
+    StartTls,
+    Closed,
+}
+
+/// Wakes a parked thread.
+struct Unpark(Thread);
+
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// A connection idle this long gives its large buffers back.
+const IDLE_RELEASE: Duration = Duration::from_secs(1);
+
 impl Server {
     /// A server for a set of exports.
     pub fn new(exports: Vec<Export>, options: ServerOptions) -> Server {
         Server {
-            exports: Arc::new(Exports::new(exports)),
+            ctx: Arc::new(ServeContext::new(exports, options.config.clone(), options.limits)),
             options: Arc::new(options),
             stop: Arc::new(AtomicBool::new(false)),
             active: Arc::new(AtomicUsize::new(0)),
@@ -188,20 +183,19 @@ impl Server {
     pub fn serve_connection<S: ServerStream>(&self, s: S) -> io::Result<()> {
         let control = s.try_clone_stream()?;
         let mut w = s.try_clone_stream()?;
-        let deadline = Instant::now() + self.options.handshake_timeout;
-        s.set_read_timeout_stream(Some(self.options.handshake_timeout))?;
+        let mut conn = ServeConnection::new(&self.ctx);
+        let deadline = conn.handshake_timeout().map(|t| Instant::now() + t);
         let mut r = BufReader::with_capacity(64 * 1024, s);
-        let hs = ServerHandshake::new(self.options.config.clone());
-        let hs = match self.handshake(hs, &mut r, &mut w, deadline, &control)? {
-            HandshakeEnd::Done(neg, export) => {
+        match self.handshake(&mut conn, &mut r, &mut w, deadline, &control)? {
+            Handshake::Transmission => {
                 control.set_read_timeout_stream(None)?;
-                return self.transmission(neg, export, &mut r, &mut w);
+                return self.transmission(conn, &mut r, &mut w, &control);
             }
-            HandshakeEnd::Closed => return Ok(()),
-            HandshakeEnd::StartTls(hs) => hs,
-        };
+            Handshake::Closed => return Ok(()),
+            Handshake::StartTls => {}
+        }
         // The client must wait for the ACK before its TLS handshake, and
-        // the machine read nothing past STARTTLS: buffered bytes here were
+        // the session read nothing past STARTTLS: buffered bytes here were
         // sent too early.
         if !r.buffer().is_empty() {
             return Err(invalid_data(
@@ -212,22 +206,23 @@ impl Server {
             return Err(io::Error::other("TLS requested but the server has no certificate"));
         };
         drop(w);
-        let conn = rustls::ServerConnection::new(config).map_err(io::Error::other)?;
-        let mut tls = rustls::StreamOwned::new(conn, r.into_inner());
+        let tls_conn = rustls::ServerConnection::new(config).map_err(io::Error::other)?;
+        let mut tls = rustls::StreamOwned::new(tls_conn, r.into_inner());
         tls_handshake(&mut tls).map_err(|e| io::Error::new(e.kind(), format!("TLS handshake failed: {e}")))?;
         let tls = Rc::new(RefCell::new(tls));
         let mut r = BufReader::with_capacity(64 * 1024, TlsHalf(tls.clone()));
         let mut w = TlsHalf(tls.clone());
-        let mut hs = hs;
-        hs.tls_established().map_err(invalid_data)?;
-        let result = match self.handshake(hs, &mut r, &mut w, deadline, &control)? {
-            HandshakeEnd::Done(neg, export) => {
+        if let Status::StartTls(t) = conn.status(None) {
+            t.established().map_err(invalid_data)?;
+        }
+        let result = match self.handshake(&mut conn, &mut r, &mut w, deadline, &control)? {
+            Handshake::Transmission => {
                 control.set_read_timeout_stream(None)?;
-                self.transmission(neg, export, &mut r, &mut w)
+                self.transmission(conn, &mut r, &mut w, &control)
             }
-            HandshakeEnd::Closed => Ok(()),
-            // The machine refuses a second STARTTLS itself.
-            HandshakeEnd::StartTls(_) => Err(invalid_data("second NBD_OPT_STARTTLS")),
+            Handshake::Closed => Ok(()),
+            // The session refuses a second STARTTLS itself.
+            Handshake::StartTls => Err(invalid_data("second NBD_OPT_STARTTLS")),
         };
         // Say goodbye properly (best effort).
         let mut t = tls.borrow_mut();
@@ -236,117 +231,172 @@ impl Server {
         result
     }
 
-    /// `control` is a handle on the socket used to keep the read timeout
-    /// at the time left before `deadline`, so a client trickling bytes
-    /// cannot stretch the handshake past it.
-    fn handshake<R: BufRead, W: Write, S: ServerStream>(
+    /// Negotiation, until transmission starts, TLS is asked for, or the
+    /// client leaves. `control` is a handle on the socket used to keep the
+    /// read timeout at the time left before `deadline`, so a client
+    /// trickling bytes cannot stretch the handshake past it.
+    fn handshake<R: Read, W: Write, S: ServerStream>(
         &self,
-        mut hs: ServerHandshake,
-        r: &mut R,
+        conn: &mut ServeConnection,
+        r: &mut BufReader<R>,
         w: &mut W,
-        deadline: Instant,
+        deadline: Option<Instant>,
         control: &S,
-    ) -> io::Result<HandshakeEnd> {
-        let mut buf = Vec::new();
+    ) -> io::Result<Handshake> {
+        let mut out = Vec::new();
         loop {
-            if Instant::now() > deadline {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"));
+            while conn.poll_transmit(&mut out).is_some() {}
+            if !out.is_empty() {
+                w.write_all(&out)?;
+                w.flush()?;
+                out.clear();
             }
-            match hs.step() {
-                ServerStep::Send(b) => {
-                    w.write_all(b)?;
-                    w.flush()?;
-                    hs.sent();
-                }
-                ServerStep::Receive(n) => {
-                    buf.resize(n, 0);
-                    let mut got = 0;
-                    while got < n {
-                        let k = read_before(r, &mut buf[got..], control, deadline)?;
-                        if k == 0 {
-                            return Err(io::ErrorKind::UnexpectedEof.into());
-                        }
-                        got += k;
-                    }
-                    hs.received(&buf).map_err(invalid_data)?;
-                }
-                ServerStep::Discard(n) => {
-                    let mut left = n;
-                    let mut sink = [0u8; 4096];
-                    while left > 0 {
-                        let k = left.min(sink.len());
-                        let got = read_before(r, &mut sink[..k], control, deadline)?;
-                        if got == 0 {
-                            return Err(io::ErrorKind::UnexpectedEof.into());
-                        }
-                        left -= got;
-                    }
-                    hs.discarded().map_err(invalid_data)?;
-                }
-                ServerStep::StartTls => return Ok(HandshakeEnd::StartTls(hs)),
-                ServerStep::LookupExport { name } => {
-                    let details = self.exports.lookup(name).map(|i| self.exports.details(i));
-                    hs.answer_export(details).map_err(invalid_data)?;
-                }
-                ServerStep::ListExports => {
-                    let listing: Vec<ExportListing<'_>> = self.exports.listing();
-                    hs.answer_list(&listing).map_err(invalid_data)?;
-                }
-                ServerStep::Done => {
-                    let neg = hs.finish().map_err(invalid_data)?;
-                    let idx = self.exports.lookup(&neg.export_name).unwrap_or(0);
-                    return Ok(HandshakeEnd::Done(neg, idx));
-                }
-                ServerStep::Aborted | ServerStep::Closed => return Ok(HandshakeEnd::Closed),
+            if conn.is_transmitting() {
+                return Ok(Handshake::Transmission);
             }
+            match conn.status(None) {
+                Status::StartTls(_) => return Ok(Handshake::StartTls),
+                Status::Closed => return Ok(Handshake::Closed),
+                _ => {}
+            }
+            if r.buffer().is_empty() {
+                if let Some(deadline) = deadline {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"));
+                    }
+                    control.set_read_timeout_stream(Some(left.max(Duration::from_millis(1))))?;
+                }
+            }
+            let input = match r.fill_buf() {
+                Ok(b) => b,
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"));
+                }
+                Err(e) => return Err(e),
+            };
+            if input.is_empty() {
+                conn.input_closed();
+                return Ok(Handshake::Closed);
+            }
+            let n = conn.input(input).map_err(invalid_data)?;
+            r.consume(n);
         }
     }
 
-    fn transmission<R: Read, W: Write>(
+    fn transmission<R: Read, W: Write, S: ServerStream>(
         &self,
-        neg: ServerNegotiated,
-        export: usize,
+        mut conn: ServeConnection,
         r: &mut BufReader<R>,
         w: &mut W,
+        control: &S,
     ) -> io::Result<()> {
-        let mut conn = Connection::new(&neg, self.exports.get(export));
-        let mut header = Vec::with_capacity(32);
+        if self.options.verbose {
+            if let (Some(neg), Some(export)) = (conn.negotiated(), conn.export()) {
+                eprintln!("nbd server: {}", nbd_storage::serve::describe(neg, export));
+            }
+        }
+        let mut writer = conn.reply_writer();
+        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+        let result = self.serve_requests(&mut conn, &mut writer, &waker, r, w, control);
+        if result.is_err() {
+            conn.input_closed();
+            writer.failed();
+            return result;
+        }
+        // Every request read is answered before the connection closes.
+        write_replies(&mut writer, &waker, w, true)?;
+        w.flush()
+    }
+
+    fn serve_requests<R: Read, W: Write, S: ServerStream>(
+        &self,
+        conn: &mut ServeConnection,
+        writer: &mut ReplyWriter,
+        waker: &Waker,
+        r: &mut BufReader<R>,
+        w: &mut W,
+        control: &S,
+    ) -> io::Result<()> {
         loop {
-            // Replies go out when the client has nothing more buffered, or
-            // once they pile up: a client that pipelines without reading
-            // is then blocked by its own full socket (bounded memory).
-            if conn.has_output() && (r.buffer().is_empty() || conn.output().len() >= EAGER_FLUSH) {
-                w.write_all(conn.output())?;
+            match conn.status(Some(waker)) {
+                Status::Closed => return Ok(()),
+                Status::StartTls(_) => return Err(invalid_data("NBD_OPT_STARTTLS in transmission")),
+                Status::Blocked => {
+                    // Send what is ready, and wait for a change.
+                    if !write_replies(writer, waker, w, false)? {
+                        std::thread::park_timeout(Duration::from_millis(100));
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            if r.buffer().is_empty() {
+                // The client has sent nothing more: answer everything in
+                // flight before waiting for it.
+                while conn.in_flight() > 0 {
+                    if !write_replies(writer, waker, w, false)? {
+                        std::thread::park_timeout(Duration::from_millis(100));
+                    }
+                }
+                write_replies(writer, waker, w, false)?;
                 w.flush()?;
-                conn.output_sent();
-            }
-            match conn.next() {
-                Next::Bytes(n) => {
-                    header.resize(n, 0);
-                    match r.read_exact(&mut header) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-                        Err(e) => return Err(e),
+                if self.stop.load(Ordering::SeqCst) {
+                    conn.shutdown();
+                }
+                match wait_readable(r, control) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        conn.release_idle();
+                        continue;
                     }
-                    conn.handle_bytes(&header).map_err(invalid_data)?;
-                }
-                Next::Payload(n) => {
-                    r.read_exact(conn.payload_buffer(n))?;
-                    conn.payload_received().map_err(invalid_data)?;
-                }
-                Next::Discard(n) => {
-                    discard(r, n)?;
-                    conn.discarded().map_err(invalid_data)?;
-                }
-                Next::Close => {
-                    if conn.has_output() {
-                        w.write_all(conn.output())?;
-                        conn.output_sent();
-                    }
-                    w.flush()?;
-                    return Ok(());
+                    Err(e) => return Err(e),
                 }
             }
+            let input = r.fill_buf()?;
+            if input.is_empty() {
+                conn.input_closed();
+                return Ok(());
+            }
+            let n = conn.input(input).map_err(invalid_data)?;
+            r.consume(n);
+        }
+    }
+}
+
+/// Waits for input for up to [`IDLE_RELEASE`]: `false` if none came.
+fn wait_readable<R: Read, S: ServerStream>(r: &mut BufReader<R>, control: &S) -> io::Result<bool> {
+    control.set_read_timeout_stream(Some(IDLE_RELEASE))?;
+    let got = match r.fill_buf() {
+        Ok(_) => Ok(true),
+        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => Ok(false),
+        Err(e) => Err(e),
+    };
+    control.set_read_timeout_stream(None)?;
+    got
+}
+
+/// Writes the replies that are ready. With `to_end`, waits until the
+/// connection has no more replies to give (every request answered, no more
+/// read); returns whether anything was written.
+fn write_replies<W: Write>(writer: &mut ReplyWriter, waker: &Waker, w: &mut W, to_end: bool) -> io::Result<bool> {
+    let mut cx = Context::from_waker(waker);
+    let mut wrote = false;
+    loop {
+        match writer.poll_batch(&mut cx) {
+            Poll::Ready(true) => {
+                while !writer.is_empty() {
+                    let n = writer.with_slices(|s| w.write_vectored(s))?;
+                    if n == 0 {
+                        return Err(io::ErrorKind::WriteZero.into());
+                    }
+                    writer.advance(n);
+                }
+                wrote = true;
+            }
+            Poll::Ready(false) => return Ok(wrote),
+            Poll::Pending if to_end => std::thread::park_timeout(Duration::from_millis(100)),
+            Poll::Pending => return Ok(wrote),
         }
     }
 }
@@ -361,41 +411,4 @@ fn tls_handshake<S: Read + Write>(tls: &mut rustls::StreamOwned<rustls::ServerCo
         tls.conn.write_tls(&mut tls.sock)?;
     }
     tls.sock.flush()
-}
-
-/// Replies pending beyond this are written even if requests are buffered.
-const EAGER_FLUSH: usize = 256 * 1024;
-
-/// One read, with the socket's read timeout set to what is left before
-/// `deadline` (`TimedOut` once it has passed).
-fn read_before<R: Read, S: ServerStream>(
-    r: &mut R,
-    buf: &mut [u8],
-    control: &S,
-    deadline: Instant,
-) -> io::Result<usize> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Err(io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"));
-    }
-    control.set_read_timeout_stream(Some(left.max(Duration::from_millis(1))))?;
-    match r.read(buf) {
-        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-            Err(io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))
-        }
-        other => other,
-    }
-}
-
-fn discard<R: BufRead>(r: &mut R, mut n: u64) -> io::Result<()> {
-    while n > 0 {
-        let avail = r.fill_buf()?;
-        if avail.is_empty() {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        let k = (avail.len() as u64).min(n) as usize;
-        r.consume(k);
-        n -= k as u64;
-    }
-    Ok(())
 }

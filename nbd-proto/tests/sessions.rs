@@ -291,18 +291,18 @@ impl ServerSide {
                         return;
                     }
                     let unit: Vec<u8> = self.inbox.drain(..n).collect();
-                    let (used, ev) = self.session.feed(&unit).unwrap();
+                    // An exact count is consumed whole (Ready may come first).
+                    let mut used = 0;
+                    loop {
+                        let (k, ev) = self.session.feed(&unit[used..]).unwrap();
+                        used += k;
+                        match ev.map(own_server) {
+                            Some(ev) => self.handle(ev),
+                            None if k == 0 => break,
+                            None => {}
+                        }
+                    }
                     assert_eq!(used, n, "an exact count is consumed whole");
-                    let ev = ev.map(own_server);
-                    if let Some(ev) = ev {
-                        self.handle(ev);
-                    }
-                    // A pending event (Ready after the last handshake reply).
-                    let (used, ev) = self.session.feed(&[]).unwrap();
-                    assert_eq!(used, 0);
-                    if let Some(ev) = ev.map(own_server) {
-                        self.handle(ev);
-                    }
                 }
                 (_, Feeding::Chunks(k)) => {
                     if self.inbox.is_empty() {
@@ -901,6 +901,27 @@ fn abort() {
     assert!(c.aborted);
     assert!(c.session.is_closed());
     assert!(matches!(s.session.need(), ServerNeed::Closed));
+}
+
+/// Oldstyle: the server session is in transmission from the start and
+/// reports it with the first input; the client reaches transmission too.
+#[test]
+fn oldstyle() {
+    for feeding in [Feeding::Exact, Feeding::Chunks(3)] {
+        let scfg = ServerConfig {
+            oldstyle: true,
+            ..ServerConfig::default()
+        };
+        let (mut c, mut s) = connect(ClientConfig::default(), feeding, scfg, feeding);
+        assert!(c.connected);
+        assert_eq!(c.session.mode(), Some(Mode::Oldstyle));
+        let r = c.session.start_request(Request::new(Command::READ, 0, 512)).unwrap();
+        c.bufs.insert(r, vec![0xee; 512]);
+        run(&mut c, &mut s);
+        assert_eq!(c.done[&r], Ok(()));
+        assert!(c.bufs[&r].iter().all(|&b| b == 0));
+        assert_eq!(s.session.export(), Some(&"disk"));
+    }
 }
 
 /// The empty name is the default export; an unknown name is refused.

@@ -1,73 +1,43 @@
 //! An async NBD server over smol: many clients, several exports, a
 //! maximum number of connections, a handshake timeout, graceful shutdown.
 //!
-//! Each connection runs in its own task: the handshake is driven by
-//! `nbd_proto`'s server machine (with a timeout), then transmission is
-//! served by [`nbd_storage::serve::Connection`] (shared with the blocking
-//! server), with replies gathered and flushed whenever the client has no
-//! more requests buffered.
+//! Everything but the sockets, TLS and timers is
+//! [`nbd_storage::serve::ServeConnection`], shared with the blocking
+//! server: this module reads bytes into it and writes what it gives out.
+//! Each connection is one task with two halves that run at once: a reader
+//! that feeds requests in (waiting when the connection says it must) and a
+//! writer that sends replies as storage completes them, with vectored
+//! writes straight from the buffers storage filled.
 
 use std::io;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use futures_lite::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use nbd_proto::client::Mode;
-use nbd_proto::server::{ExportListing, ServerConfig, ServerHandshake, ServerNegotiated, ServerStep};
-use nbd_storage::serve::{Connection, Export, Exports, Next};
+use futures_lite::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+pub use nbd_net::ServerOptions;
+use nbd_storage::serve::{Export, ReplyWriter, ServeConnection, ServeContext, Status};
 use smol::Async;
 use smol::lock::Semaphore;
 
 use crate::io::SharedHalf;
 
-/// The default handshake timeout, as QEMU's.
-pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How the server behaves.
-#[derive(Debug, Clone)]
-pub struct ServerOptions {
-    /// Negotiation settings.
-    pub config: ServerConfig,
-    /// Connections served at once; more wait in the listen queue.
-    pub max_connections: usize,
-    /// Time a client has to finish the handshake.
-    pub handshake_timeout: Duration,
-    /// Log each connection's negotiated mode and export to stderr.
-    pub verbose: bool,
-    /// The TLS certificate and key (see [`crate::tls::ServerTlsOptions`]),
-    /// needed unless `config.tls` is [`nbd_proto::server::TlsPolicy::NoTls`]:
-    /// without them a client's `NBD_OPT_STARTTLS` is acknowledged by the
-    /// policy but the connection is then closed.
-    pub tls: Option<Arc<crate::tls::rustls::ServerConfig>>,
-}
-
-impl Default for ServerOptions {
-    fn default() -> Self {
-        ServerOptions {
-            config: ServerConfig::default(),
-            max_connections: 1024,
-            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
-            verbose: false,
-            tls: None,
-        }
-    }
-}
-
-/// How a handshake (or its part before TLS) ended.
-enum HandshakeEnd {
-    /// Transmission can start on this export.
-    Done(ServerNegotiated, usize),
-    /// The client asked for TLS and the ACK went out.
-    StartTls(ServerHandshake),
-    /// The client aborted or went away.
-    Closed,
-}
+/// A connection idle (no request in flight, nothing received) for this
+/// long gives its large buffers back.
+const IDLE_RELEASE: Duration = Duration::from_secs(1);
 
 /// Runs `fut`, failing with "handshake timed out" at `deadline`.
-async fn with_deadline<T>(deadline: Instant, fut: impl std::future::Future<Output = io::Result<T>>) -> io::Result<T> {
+async fn with_deadline<T>(
+    deadline: Option<Instant>,
+    fut: impl std::future::Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    let Some(deadline) = deadline else {
+        return fut.await;
+    };
     smol::future::or(fut, async {
         smol::Timer::at(deadline).await;
         Err(io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))
@@ -196,18 +166,25 @@ enum Conn {
 /// A running server: cheap to clone, shut it down with [`Server::shutdown`].
 #[derive(Clone)]
 pub struct Server {
-    exports: Arc<Exports>,
+    ctx: Arc<ServeContext>,
     options: Arc<ServerOptions>,
     shutting_down: Arc<AtomicBool>,
     shutdown_event: Arc<event_listener::Event>,
     active: Arc<AtomicUsize>,
 }
 
+/// How the handshake phase ended.
+enum Handshake {
+    Transmission,
+    StartTls,
+    Closed,
+}
+
 impl Server {
     /// A server for a set of exports.
     pub fn new(exports: Vec<Export>, options: ServerOptions) -> Server {
         Server {
-            exports: Arc::new(Exports::new(exports)),
+            ctx: Arc::new(ServeContext::new(exports, options.config.clone(), options.limits)),
             options: Arc::new(options),
             shutting_down: Arc::new(AtomicBool::new(false)),
             shutdown_event: Arc::new(event_listener::Event::new()),
@@ -326,18 +303,18 @@ impl Server {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
+        let mut conn = ServeConnection::new(&self.ctx);
         // One deadline for the whole handshake, TLS included.
-        let deadline = Instant::now() + self.options.handshake_timeout;
+        let deadline = conn.handshake_timeout().map(|t| Instant::now() + t);
         let mut r = BufReader::with_capacity(64 * 1024, r);
         let mut w = w;
-        let hs = ServerHandshake::new(self.options.config.clone());
-        let hs = match with_deadline(deadline, self.handshake(hs, &mut r, &mut w)).await? {
-            HandshakeEnd::Done(neg, export) => return self.start_transmission(neg, export, &mut r, &mut w).await,
-            HandshakeEnd::Closed => return Ok(()),
-            HandshakeEnd::StartTls(hs) => hs,
-        };
+        match with_deadline(deadline, self.handshake(&mut conn, &mut r, &mut w)).await? {
+            Handshake::Transmission => return self.transmission(conn, &mut r, &mut w).await,
+            Handshake::Closed => return Ok(()),
+            Handshake::StartTls => {}
+        }
         // The client must wait for the ACK before its TLS handshake, and
-        // the machine read nothing past STARTTLS: buffered bytes here were
+        // the session read nothing past STARTTLS: buffered bytes here were
         // sent too early (and would be lost to TLS).
         if !r.buffer().is_empty() {
             return Err(invalid_data(
@@ -354,286 +331,186 @@ impl Server {
         };
         let (tr, mut tw) = with_deadline(deadline, accept).await?;
         let mut tr = BufReader::with_capacity(64 * 1024, tr);
-        let mut hs = hs;
-        hs.tls_established().map_err(invalid_data)?;
-        match with_deadline(deadline, self.handshake(hs, &mut tr, &mut tw)).await? {
-            HandshakeEnd::Done(neg, export) => self.start_transmission(neg, export, &mut tr, &mut tw).await,
-            HandshakeEnd::Closed => {
+        if let Status::StartTls(t) = conn.status(None) {
+            t.established().map_err(invalid_data)?;
+        }
+        match with_deadline(deadline, self.handshake(&mut conn, &mut tr, &mut tw)).await? {
+            Handshake::Transmission => self.transmission(conn, &mut tr, &mut tw).await,
+            Handshake::Closed => {
                 // Sends close_notify.
                 let _ = tw.close().await;
                 Ok(())
             }
-            // The machine itself refuses a second STARTTLS.
-            HandshakeEnd::StartTls(_) => Err(invalid_data("second NBD_OPT_STARTTLS")),
+            // The session itself refuses a second STARTTLS.
+            Handshake::StartTls => Err(invalid_data("second NBD_OPT_STARTTLS")),
         }
     }
 
-    async fn start_transmission<R, W>(
-        &self,
-        neg: ServerNegotiated,
-        export: usize,
-        r: &mut BufReader<R>,
-        w: &mut W,
-    ) -> io::Result<()>
+    /// Negotiation: until transmission starts, TLS is asked for, or the
+    /// client leaves.
+    async fn handshake<R, W>(&self, conn: &mut ServeConnection, r: &mut BufReader<R>, w: &mut W) -> io::Result<Handshake>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut out = Vec::new();
+        loop {
+            if self.shutting_down.load(Ordering::Relaxed) {
+                conn.shutdown();
+            }
+            while conn.poll_transmit(&mut out).is_some() {}
+            if !out.is_empty() {
+                w.write_all(&out).await?;
+                w.flush().await?;
+                out.clear();
+            }
+            if conn.is_transmitting() {
+                return Ok(Handshake::Transmission);
+            }
+            match conn.status(None) {
+                Status::StartTls(_) => return Ok(Handshake::StartTls),
+                Status::Closed => return Ok(Handshake::Closed),
+                _ => {}
+            }
+            let input = r.fill_buf().await?;
+            if input.is_empty() {
+                conn.input_closed();
+                return Ok(Handshake::Closed);
+            }
+            let n = conn.input(input).map_err(invalid_data)?;
+            r.consume(n);
+        }
+    }
+
+    /// Transmission: a reader feeds requests in while a writer sends the
+    /// replies as they complete.
+    async fn transmission<R, W>(&self, mut conn: ServeConnection, r: &mut BufReader<R>, w: &mut W) -> io::Result<()>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
         if self.options.verbose {
-            eprintln!(
-                "nbd-serve: client negotiated {}{}, export {:?} ({} bytes)",
-                mode_description(neg.mode),
-                if neg.tls { " over TLS" } else { "" },
-                neg.export_name,
-                neg.size
-            );
-        }
-        self.transmission(neg, export, r, w).await
-    }
-
-    async fn handshake<R, W>(
-        &self,
-        mut hs: ServerHandshake,
-        r: &mut BufReader<R>,
-        w: &mut W,
-    ) -> io::Result<HandshakeEnd>
-    where
-        R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
-    {
-        let mut buf = Vec::new();
-        let mut chosen: Option<usize> = None;
-        loop {
-            if self.shutting_down.load(Ordering::Relaxed) {
-                hs.shutdown();
-            }
-            match hs.step() {
-                ServerStep::Send(b) => {
-                    w.write_all(b).await?;
-                    w.flush().await?;
-                    hs.sent();
-                }
-                ServerStep::Receive(n) => {
-                    buf.resize(n, 0);
-                    r.read_exact(&mut buf).await?;
-                    hs.received(&buf).map_err(invalid_data)?;
-                }
-                ServerStep::Discard(n) => {
-                    discard(r, n as u64).await?;
-                    hs.discarded().map_err(invalid_data)?;
-                }
-                ServerStep::StartTls => return Ok(HandshakeEnd::StartTls(hs)),
-                ServerStep::LookupExport { name } => {
-                    let found = self.exports.lookup(name);
-                    chosen = found;
-                    let details = found.map(|i| self.exports.details(i));
-                    hs.answer_export(details).map_err(invalid_data)?;
-                }
-                ServerStep::ListExports => {
-                    let listing: Vec<ExportListing<'_>> = self.exports.listing();
-                    hs.answer_list(&listing).map_err(invalid_data)?;
-                }
-                ServerStep::Done => {
-                    let neg = hs.finish().map_err(invalid_data)?;
-                    let idx = self.exports.lookup(&neg.export_name).or(chosen).unwrap_or(0);
-                    return Ok(HandshakeEnd::Done(neg, idx));
-                }
-                ServerStep::Aborted | ServerStep::Closed => return Ok(HandshakeEnd::Closed),
+            if let (Some(neg), Some(export)) = (conn.negotiated(), conn.export()) {
+                eprintln!("nbd-serve: {}", nbd_storage::serve::describe(neg, export));
             }
         }
-    }
-
-    /// Transmission: requests are read and executed by one future while
-    /// a second one writes the replies of earlier requests, so storage work
-    /// and socket writes overlap (two reply buffers take turns). Replies are
-    /// handed to the writer when the client has nothing more buffered or a
-    /// buffer holds [`EAGER_FLUSH`] bytes; past [`HIGH_WATER`] bytes the
-    /// reader waits for the writer, so a client that stops reading its
-    /// replies stops being read (bounded memory).
-    async fn transmission<R, W>(
-        &self,
-        neg: ServerNegotiated,
-        export: usize,
-        r: &mut BufReader<R>,
-        w: &mut W,
-    ) -> io::Result<()>
-    where
-        R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
-    {
-        let mut conn = Connection::new(&neg, self.exports.get(export));
-        let (to_writer, from_reader) = smol::channel::bounded::<Vec<u8>>(1);
-        let (to_reader, from_writer) = smol::channel::bounded::<Vec<u8>>(1);
-        let writer = async {
-            while let Ok(mut buf) = from_reader.recv().await {
-                w.write_all(&buf).await?;
-                w.flush().await?;
-                Connection::recycle(&mut buf);
-                if to_reader.send(buf).await.is_err() {
-                    break;
-                }
-            }
-            let _ = w.close().await;
-            Ok::<(), io::Error>(())
-        };
+        let mut writer = conn.reply_writer();
         let reader = async {
-            // The reply buffer not lent to the writer (None while the
-            // writer holds both).
-            let mut spare: Option<Vec<u8>> = Some(Vec::new());
-            let r = self
-                .serve_requests(&mut conn, r, &to_writer, &from_writer, &mut spare)
-                .await;
-            // Whatever is left goes out before the writer closes.
-            if conn.has_output() {
-                let mut spare = match spare.take() {
-                    Some(b) => b,
-                    None => from_writer.recv().await.unwrap_or_default(),
-                };
-                conn.swap_output(&mut spare);
-                let _ = to_writer.send(spare).await;
+            let r = self.read_requests(&mut conn, r).await;
+            if r.is_err() {
+                conn.input_closed();
             }
-            drop(to_writer);
             r
         };
-        futures_lite::future::try_zip(reader, writer).await.map(|_| ())
+        let write = async {
+            let r = write_replies(&mut writer, w).await;
+            if r.is_err() {
+                writer.failed();
+            }
+            let _ = w.close().await;
+            r
+        };
+        futures_lite::future::try_zip(reader, write).await.map(|_| ())
     }
 
-    async fn serve_requests<R: AsyncRead + Unpin>(
+    async fn read_requests<R: AsyncRead + Unpin>(
         &self,
-        conn: &mut Connection,
+        conn: &mut ServeConnection,
         r: &mut BufReader<R>,
-        to_writer: &smol::channel::Sender<Vec<u8>>,
-        from_writer: &smol::channel::Receiver<Vec<u8>>,
-        spare: &mut Option<Vec<u8>>,
     ) -> io::Result<()> {
-        fn closed<E>(_: E) -> io::Error {
-            io::Error::new(io::ErrorKind::BrokenPipe, "reply writer stopped")
-        }
-        let mut header = Vec::with_capacity(32);
         // One listener for the whole connection: shutdown happens once.
         let mut stop = self.shutdown_event.listen();
         loop {
-            if conn.has_output() && (r.buffer().is_empty() || conn.output().len() >= EAGER_FLUSH) {
-                if spare.is_none() {
-                    *spare = from_writer.try_recv().ok();
-                }
-                if spare.is_none() && conn.output().len() >= HIGH_WATER {
-                    *spare = Some(from_writer.recv().await.map_err(closed)?);
-                }
-                if let Some(mut b) = spare.take() {
-                    conn.swap_output(&mut b);
-                    to_writer.send(b).await.map_err(closed)?;
-                }
+            // Wait while the connection must (budget, requests in flight,
+            // replies the client does not take).
+            futures_lite::future::poll_fn(|cx| match conn.status(Some(cx.waker())) {
+                Status::Blocked => Poll::Pending,
+                _ => Poll::Ready(()),
+            })
+            .await;
+            match conn.status(None) {
+                Status::Closed => return Ok(()),
+                Status::StartTls(_) => return Err(invalid_data("NBD_OPT_STARTTLS in transmission")),
+                _ => {}
             }
-            match conn.next() {
-                Next::Bytes(n) => {
-                    if r.buffer().is_empty() {
-                        if conn.has_output() {
-                            // Replies wait for the writer: take whichever
-                            // comes first, the writer's buffer or input.
-                            let back = async { Some(from_writer.recv().await) };
-                            let input = async {
-                                let _ = r.fill_buf().await;
-                                None
-                            };
-                            if let Some(b) = smol::future::or(back, input).await {
-                                *spare = Some(b.map_err(closed)?);
-                                continue;
-                            }
-                        } else if !self.wait_for_request(r, &mut stop).await? {
-                            // Every request so far is answered and sent:
-                            // on shutdown, hang up now instead of waiting
-                            // for the client (the spec's hard disconnect
-                            // after in-flight requests); requests already
-                            // buffered get NBD_ESHUTDOWN.
-                            return Ok(());
-                        }
-                    }
-                    if self.shutting_down.load(Ordering::SeqCst) {
-                        conn.shutdown();
-                    }
-                    header.resize(n, 0);
-                    match r.read_exact(&mut header).await {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-                        Err(e) => return Err(e),
-                    }
-                    conn.handle_bytes(&header).map_err(invalid_data)?;
-                }
-                Next::Payload(n) => {
-                    if r.buffer().len() >= n {
-                        // Already received: write it from where it is.
-                        conn.payload_from(&r.buffer()[..n]).map_err(invalid_data)?;
-                        r.consume(n);
-                    } else {
-                        let buf = conn.payload_buffer(n);
-                        r.read_exact(buf).await?;
-                        conn.payload_received().map_err(invalid_data)?;
-                    }
-                }
-                Next::Discard(n) => {
-                    discard(r, n).await?;
-                    conn.discarded().map_err(invalid_data)?;
-                }
-                Next::Close => return Ok(()),
+            if r.buffer().is_empty() && !self.wait_for_request(conn, r, &mut stop).await? {
+                // Shutting down with nothing buffered: stop reading;
+                // requests in flight are answered, then the connection
+                // closes (the spec's hard disconnect after them).
+                conn.input_closed();
+                return Ok(());
             }
+            if self.shutting_down.load(Ordering::SeqCst) {
+                conn.shutdown();
+            }
+            let input = r.fill_buf().await?;
+            if input.is_empty() {
+                conn.input_closed();
+                return Ok(());
+            }
+            let n = conn.input(input).map_err(invalid_data)?;
+            r.consume(n);
         }
     }
-}
 
-/// Replies are handed to the writer once this many bytes are pending, even
-/// if more requests are buffered.
-const EAGER_FLUSH: usize = 256 * 1024;
-/// With this many reply bytes pending and the writer still busy, stop
-/// reading requests until it is done.
-const HIGH_WATER: usize = 8 << 20;
-
-/// How [`ServerOptions::verbose`] names a negotiated mode.
-fn mode_description(mode: Mode) -> &'static str {
-    match mode {
-        Mode::Oldstyle => "oldstyle negotiation",
-        Mode::ExportNameOnly => "NBD_OPT_EXPORT_NAME (simple replies)",
-        Mode::Simple => "simple replies",
-        Mode::Structured => "structured replies",
-        Mode::Extended => "extended headers",
-    }
-}
-
-impl Server {
     /// Waits until the client sends something (or hangs up): `true`, or
-    /// until the server shuts down: `false`.
-    /// `stop` must have been created before the server's shutdown flag is
-    /// read, so that no notification is missed.
+    /// until the server shuts down while nothing is in flight: `false`. A
+    /// connection that waits long gives its buffers back.
     async fn wait_for_request<R: AsyncRead + Unpin>(
         &self,
+        conn: &ServeConnection,
         r: &mut BufReader<R>,
         stop: &mut event_listener::EventListener,
     ) -> io::Result<bool> {
-        if self.shutting_down.load(Ordering::SeqCst) {
-            return Ok(false);
+        loop {
+            if self.shutting_down.load(Ordering::SeqCst) && conn.in_flight() == 0 {
+                return Ok(false);
+            }
+            let readable = async { r.fill_buf().await.map(|_| Some(true)) };
+            let stopped = async {
+                (&mut *stop).await;
+                Ok(Some(false))
+            };
+            let idle = async {
+                smol::Timer::after(IDLE_RELEASE).await;
+                Ok(None)
+            };
+            match smol::future::or(readable, smol::future::or(stopped, idle)).await? {
+                Some(true) => return Ok(true),
+                Some(false) => {
+                    // Shutting down: requests in flight still get answers.
+                    *stop = self.shutdown_event.listen();
+                    if conn.in_flight() == 0 {
+                        return Ok(false);
+                    }
+                }
+                None => conn.release_idle(),
+            }
         }
-        let readable = async { r.fill_buf().await.map(|_| true) };
-        let stopped = async {
-            stop.await;
-            Ok(false)
-        };
-        smol::future::or(readable, stopped).await
+    }
+}
+
+/// The writer half: replies as they complete, in vectored writes.
+async fn write_replies<W: AsyncWrite + Unpin>(writer: &mut ReplyWriter, w: &mut W) -> io::Result<()> {
+    loop {
+        let more = futures_lite::future::poll_fn(|cx| writer.poll_batch(cx)).await;
+        if !more {
+            return w.flush().await;
+        }
+        while !writer.is_empty() {
+            let n = futures_lite::future::poll_fn(|cx| {
+                writer.with_slices(|s| Pin::new(&mut *w).poll_write_vectored(cx, s))
+            })
+            .await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            writer.advance(n);
+        }
+        w.flush().await?;
     }
 }
 
 fn invalid_data(e: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
-}
-
-async fn discard<R: AsyncRead + Unpin>(r: &mut BufReader<R>, mut n: u64) -> io::Result<()> {
-    while n > 0 {
-        let avail = r.fill_buf().await?;
-        if avail.is_empty() {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        let k = (avail.len() as u64).min(n) as usize;
-        r.consume(k);
-        n -= k as u64;
-    }
-    Ok(())
 }

@@ -48,6 +48,7 @@ pub mod serve;
 
 pub use file::FileStorage;
 pub use memory::MemoryStorage;
+pub use serve::Completion;
 
 /// What an export supports; the servers turn it into the NBD transmission
 /// flags and the `NBD_INFO_BLOCK_SIZE` reply.
@@ -220,6 +221,69 @@ pub trait Storage: Send + Sync {
         scratch.clear();
         self.block_status(offset, length, scratch)?;
         Ok(scratch.first().copied().unwrap_or(Extent::data(length)))
+    }
+
+    /// Whether every call returns without waiting on anything (no I/O, no
+    /// lock held across I/O): then the servers call it in place, on the
+    /// thread that reads the connection, instead of on the I/O pool. The
+    /// default, `false`, is right for anything that touches a disk or the
+    /// network.
+    fn never_blocks(&self) -> bool {
+        false
+    }
+}
+
+/// Storage that is asynchronous by nature (a network block store with its
+/// own completion callbacks, say): each operation is started and returns at
+/// once, and reports its end through the [`Completion`] it was given,
+/// from any thread. The servers never block a thread per request on it.
+///
+/// Buffers move into the storage and back through the completion, so the
+/// storage needs no copies and no lifetimes: a READ's `buf` has exactly the
+/// request's length and comes back filled
+/// ([`Completion::complete_read`]); a WRITE's comes back for reuse
+/// ([`Completion::complete_write`]).
+///
+/// Like [`Storage`], implementations must refuse out-of-range requests and
+/// modifications of read-only exports with an error rather than panic.
+pub trait AsyncStorage: Send + Sync {
+    /// Size of the export in bytes.
+    fn size(&self) -> u64;
+
+    /// What the export supports.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Reads `buf.len()` bytes at `offset` into `buf`; ends with
+    /// [`Completion::complete_read`].
+    fn read(&self, offset: u64, buf: Vec<u8>, done: Completion);
+
+    /// Writes all of `buf` at `offset` (durably before completing with
+    /// `fua`); ends with [`Completion::complete_write`].
+    fn write(&self, offset: u64, buf: Vec<u8>, fua: bool, done: Completion);
+
+    /// Makes every completed write durable; ends with
+    /// [`Completion::complete`].
+    fn flush(&self, done: Completion);
+
+    /// As [`Storage::trim`]; ends with [`Completion::complete`].
+    fn trim(&self, offset: u64, length: u64, fua: bool, done: Completion);
+
+    /// As [`Storage::write_zeroes`]; ends with [`Completion::complete`].
+    fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags, done: Completion);
+
+    /// As [`Storage::cache`]; the default completes at once.
+    fn cache(&self, offset: u64, length: u64, done: Completion) {
+        done.complete(check_range(self.size(), offset, length));
+    }
+
+    /// The allocation status (`base:allocation`) of the range, as
+    /// [`Storage::block_status`] describes it; ends with
+    /// [`Completion::complete_status`]. The default reports data.
+    fn block_status(&self, offset: u64, length: u64, done: Completion) {
+        match clamp_status_range(self.size(), offset, length) {
+            Ok(length) => done.complete_status(&[Extent::data(length)], Ok(())),
+            Err(e) => done.complete_status(&[], Err(e)),
+        }
     }
 }
 

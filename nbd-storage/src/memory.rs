@@ -249,6 +249,11 @@ impl fmt::Debug for MemoryStorage {
 }
 
 impl Storage for MemoryStorage {
+    fn never_blocks(&self) -> bool {
+        // Pages in memory, short per-shard locks: never waits on I/O.
+        true
+    }
+
     fn size(&self) -> u64 {
         self.size
     }

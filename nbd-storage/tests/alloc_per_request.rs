@@ -1,17 +1,21 @@
-//! Steady state allocates nothing: a counting allocator watches the client
-//! transmission machine and the server's request executor (over the memory
-//! export) exchange requests and replies in every header mode, after a
-//! warm-up that lets every reusable buffer reach its size.
+//! Steady state allocates nothing: a counting allocator watches a client
+//! session and a served connection (with its reply writer, over the memory
+//! export, which runs in place) exchange requests and replies in every
+//! header mode, after a warm-up that lets every reusable buffer reach its
+//! size.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::Arc;
 
-use nbd_proto::client::{ClientTransmission, MetaContext, Mode, Negotiated, ReceiveNext, ReplyEvent, Request};
-use nbd_proto::server::ServerNegotiated;
-use nbd_proto::wire::{Command, CommandFlags, TransmissionFlags};
+use std::task::{Context, Poll, Wake, Waker};
+
+use nbd_proto::client::{ClientConfig, ClientEvent, ClientSession, Request};
+use nbd_proto::common::Mode;
+use nbd_proto::server::ServerConfig;
+use nbd_proto::wire::{Command, CommandFlags};
 use nbd_storage::MemoryStorage;
-use nbd_storage::serve::{Connection, Export, Next};
+use nbd_storage::serve::{Export, Limits, ReplyWriter, ServeConnection, ServeContext};
 
 struct Counting;
 
@@ -45,116 +49,144 @@ fn allocations() -> u64 {
 }
 
 struct Pair {
-    client: ClientTransmission,
-    server: Connection,
-    wire: Vec<u8>,
+    client: ClientSession,
+    server: ServeConnection,
+    writer: ReplyWriter,
+    to_server: Vec<u8>,
+    to_client: Vec<u8>,
     buf: Vec<u8>,
-    scratch: Vec<u8>,
+    waker: Waker,
+    mode: Mode,
+}
+
+fn noop_waker() -> Waker {
+    struct Noop;
+    impl Wake for Noop {
+        fn wake(self: Arc<Self>) {}
+    }
+    Waker::from(Arc::new(Noop))
 }
 
 impl Pair {
+    /// A real handshake between a client session and a served connection
+    /// on a 64 MiB memory export, reaching `mode`.
     fn new(mode: Mode) -> Pair {
         let size = 64 << 20;
         let storage = Arc::new(MemoryStorage::new(size));
-        let export = Export::new("", "", storage);
-        let flags = export.flags() | TransmissionFlags::SEND_DF;
-        let contexts = vec![MetaContext {
-            id: 1,
-            name: "base:allocation".into(),
-        }];
-        let snego = ServerNegotiated {
-            mode,
-            export_name: String::new(),
-            requested_name: String::new(),
-            size,
-            flags,
-            block_size: None,
-            contexts: contexts.clone(),
-            tls: false,
-            client_requested_block_size: true,
-        };
-        let cnego = Negotiated {
-            mode,
-            tls: false,
-            export_name: String::new(),
-            description: None,
-            size,
-            flags,
-            block_size: None,
-            contexts,
-        };
-        Pair {
-            client: ClientTransmission::new(&cnego, 8),
-            server: Connection::new(&snego, &export),
-            wire: Vec::with_capacity(1 << 20),
-            buf: vec![0u8; 1 << 20],
-            scratch: Vec::with_capacity(1 << 20),
+        let mut server_config = ServerConfig::default();
+        let mut config = ClientConfig::default();
+        match mode {
+            Mode::ExportNameOnly => {
+                server_config.support_go = false;
+                config.structured_replies = false;
+                config.extended_headers = false;
+            }
+            Mode::Simple => {
+                config.structured_replies = false;
+                config.extended_headers = false;
+            }
+            Mode::Structured => config.extended_headers = false,
+            _ => {}
         }
+        let ctx = Arc::new(ServeContext::new(
+            vec![Export::new("", "", storage)],
+            server_config,
+            Limits::default(),
+        ));
+        let server = ServeConnection::new(&ctx);
+        let writer = server.reply_writer();
+        let mut p = Pair {
+            client: ClientSession::new(config),
+            server,
+            writer,
+            to_server: Vec::with_capacity(1 << 20),
+            to_client: Vec::with_capacity(1 << 20),
+            buf: vec![0u8; 1 << 20],
+            waker: noop_waker(),
+            mode,
+        };
+        for _ in 0..100 {
+            while p.server.poll_transmit(&mut p.to_client).is_some() {}
+            while p.client.poll_transmit(&mut p.to_server).is_some() {}
+            let input = std::mem::take(&mut p.to_server);
+            let mut used = 0;
+            while used < input.len() {
+                let n = p.server.input(&input[used..]).expect("server accepts");
+                assert!(n > 0, "the server takes the handshake");
+                used += n;
+            }
+            let input = std::mem::take(&mut p.to_client);
+            let mut rest = &input[..];
+            loop {
+                let (n, ev) = p.client.feed(rest).expect("client accepts");
+                rest = &rest[n..];
+                if ev.is_none() && n == 0 {
+                    break;
+                }
+            }
+            if p.client.is_connected() && p.server.is_transmitting() {
+                assert_eq!(p.client.mode(), Some(mode));
+                return p;
+            }
+        }
+        panic!("no transmission");
     }
 
-    /// One request through both machines; returns the number of extents seen.
+    /// One request through both sides; returns the number of extents seen.
     fn round_trip(&mut self, req: Request, payload: &[u8]) -> usize {
-        let (cookie, header) = self.client.start_request(req).expect("client accepts");
-        // Client -> server: the header, then the payload straight into the
-        // server's payload buffer.
-        let mut hdr = header.as_bytes();
-        let mut payload = payload;
-        loop {
-            match self.server.next() {
-                Next::Bytes(n) if !hdr.is_empty() => {
-                    self.server.handle_bytes(&hdr[..n]).expect("server accepts");
-                    hdr = &hdr[n..];
-                }
-                Next::Payload(n) => {
-                    self.server.payload_buffer(n).copy_from_slice(&payload[..n]);
-                    payload = &payload[n..];
-                    self.server.payload_received().expect("payload");
-                }
-                _ => break,
+        let cookie = self.client.start_request(req).expect("client accepts");
+        self.to_server.clear();
+        while let Some(t) = self.client.poll_transmit(&mut self.to_server) {
+            if t.payload.is_some() {
+                self.to_server.extend_from_slice(payload);
             }
         }
-        // Server -> client.
-        self.wire.clear();
-        self.wire.extend_from_slice(self.server.output());
-        self.server.output_sent();
-        let mut pos = 0;
+        let mut used = 0;
+        while used < self.to_server.len() {
+            used += self.server.input(&self.to_server[used..]).expect("server accepts");
+        }
+        // The writer side: everything the replies hold, as the runtime would
+        // write it.
+        self.to_client.clear();
+        let mut cx = Context::from_waker(&self.waker);
+        while let Poll::Ready(true) = self.writer.poll_batch(&mut cx) {
+            while !self.writer.is_empty() {
+                let n = self.writer.with_slices(|slices| {
+                    let mut n = 0;
+                    for s in slices {
+                        self.to_client.extend_from_slice(s);
+                        n += s.len();
+                    }
+                    n
+                });
+                self.writer.advance(n);
+            }
+        }
+        let mut rest = &self.to_client[..];
         let mut extents = 0;
+        let mut done = false;
         loop {
-            let ev = match self.client.next() {
-                ReceiveNext::Bytes(n) => {
-                    self.scratch.clear();
-                    self.scratch.extend_from_slice(&self.wire[pos..pos + n]);
-                    pos += n;
-                    match self.client.handle_bytes(&self.scratch).expect("valid reply") {
-                        ReplyEvent::BlockStatus { extents: e, .. } => {
-                            extents += e.count();
-                            continue;
-                        }
-                        ReplyEvent::Done { cookie: c, result, .. } => Some((c, result)),
-                        _ => None,
-                    }
+            let (n, ev) = self.client.feed(rest).expect("valid reply");
+            rest = &rest[n..];
+            match ev {
+                Some(ClientEvent::Data { buf_offset, data, .. }) => {
+                    let o = buf_offset as usize;
+                    self.buf[o..o + data.len()].copy_from_slice(data);
                 }
-                ReceiveNext::Data { buf_offset, length, .. } => {
-                    let (o, l) = (buf_offset as usize, length as usize);
-                    self.buf[o..o + l].copy_from_slice(&self.wire[pos..pos + l]);
-                    pos += l;
-                    match self.client.data_received().expect("valid data") {
-                        ReplyEvent::Done { cookie: c, result, .. } => Some((c, result)),
-                        _ => None,
-                    }
+                Some(ClientEvent::BlockStatus { extents: e, .. }) => extents += e.count(),
+                Some(ClientEvent::Done { cookie: c, result, .. }) => {
+                    assert_eq!(c, cookie);
+                    result.expect("request succeeds");
+                    done = true;
                 }
-                ReceiveNext::Complete => match self.client.complete_pending().expect("valid") {
-                    ReplyEvent::Done { cookie: c, result, .. } => Some((c, result)),
-                    _ => None,
-                },
-            };
-            if let Some((c, result)) = ev {
-                assert_eq!(c, cookie);
-                result.expect("request succeeds");
-                assert_eq!(pos, self.wire.len(), "every reply byte consumed");
-                return extents;
+                Some(_) => {}
+                None if n == 0 => break,
+                None => {}
             }
         }
+        assert!(done, "the request completed");
+        assert!(rest.is_empty(), "every reply byte consumed");
+        extents
     }
 
     /// Writes land on allocated pages (the warm-up fills the first 48 MiB),
@@ -166,7 +198,7 @@ impl Pair {
         let spare = (48 << 20) + (i % 200) * 65536;
         self.round_trip(Request::new(Command::WRITE, off, 4096), &data[..4096]);
         self.round_trip(Request::new(Command::READ, off, 4096), &[]);
-        if self.client.mode().structured() {
+        if self.mode.structured() {
             self.round_trip(Request::new(Command::READ, off, 4096).with_flags(CommandFlags::DF), &[]);
         }
         self.round_trip(
@@ -179,7 +211,7 @@ impl Pair {
         self.round_trip(Request::new(Command::TRIM, spare, 32768), &[]);
         self.round_trip(Request::new(Command::WRITE_ZEROES, spare + 32768, 4096), &[]);
         self.round_trip(Request::new(Command::CACHE, off, 4096), &[]);
-        if self.client.mode().structured() {
+        if self.mode.structured() {
             let n = self.round_trip(Request::new(Command::BLOCK_STATUS, 0, 64 << 20), &[]);
             assert!(n > 0);
         }
@@ -208,3 +240,4 @@ fn steady_state_allocates_nothing_in_any_mode() {
         assert_eq!(n, 0, "{mode:?}: {n} allocations in {requests} requests of steady state");
     }
 }
+

@@ -475,7 +475,10 @@ impl Target {
         let listener = UnixListener::bind(&socket).unwrap();
         let storage = Arc::new(MemoryStorage::with_options(SIZE, read_only));
         let options = ServerOptions {
-            handshake_timeout,
+            config: nbd_proto::server::ServerConfig {
+                handshake_timeout: Some(handshake_timeout),
+                ..Default::default()
+            },
             ..ServerOptions::default()
         };
         let server = BlockingServer::new(vec![Export::new("", "", storage)], options);

@@ -465,7 +465,10 @@ fn handshake_timeout_closes_silent_clients() {
     let blocking = InThread::start(
         &dir,
         ServerOptions {
-            handshake_timeout: Duration::from_secs(1),
+            config: ServerConfig {
+                handshake_timeout: Some(Duration::from_secs(1)),
+                ..ServerConfig::default()
+            },
             ..ServerOptions::default()
         },
     );

@@ -266,6 +266,8 @@ pub struct ServerSession<E: ExportLookup> {
     out: Vec<u8>,
     out_pos: usize,
     failed: Option<ServerSessionError>,
+    /// [`ServerEvent::Ready`] was handed out.
+    ready_reported: bool,
 }
 
 impl<E: ExportLookup> core::fmt::Debug for ServerSession<E> {
@@ -295,6 +297,7 @@ impl<E: ExportLookup> ServerSession<E> {
             out: Vec::with_capacity(64),
             out_pos: 0,
             failed: None,
+            ready_reported: false,
         };
         if let Err(e) = s.pump_handshake() {
             s.failed = Some(e);
@@ -353,6 +356,12 @@ impl<E: ExportLookup> ServerSession<E> {
                 Ok(x) => Ok(x),
                 Err(e) => Err(self.fail(e)),
             };
+        }
+        if !self.ready_reported {
+            // Transmission started without input (oldstyle: right after
+            // the greeting).
+            self.ready_reported = true;
+            return Ok((0, Some(ServerEvent::Ready)));
         }
         let ServerSession {
             state,
@@ -654,7 +663,10 @@ impl<E: ExportLookup> ServerSession<E> {
             self.pump_handshake()?;
             let hs = match &mut self.state {
                 State::Handshake(hs) => hs,
-                State::Transmission(..) => return Ok((consumed, Some(ServerEvent::Ready))),
+                State::Transmission(..) => {
+                    self.ready_reported = true;
+                    return Ok((consumed, Some(ServerEvent::Ready)));
+                }
                 State::Closed => return Ok((consumed, None)),
             };
             let rest = &input[consumed..];

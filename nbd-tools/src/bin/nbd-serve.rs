@@ -253,14 +253,15 @@ fn run(args: Args) -> Result<(), String> {
         structured_replies: !args.no_structured_replies,
         extended_headers: !args.no_extended_headers && !args.no_structured_replies,
         support_go: !args.no_go,
+        handshake_timeout: Some(Duration::from_secs(args.handshake_timeout)),
         ..ServerConfig::default()
     };
     let options = ServerOptions {
         config,
         max_connections: args.max_connections,
-        handshake_timeout: Duration::from_secs(args.handshake_timeout),
         verbose: args.verbose,
         tls,
+        ..ServerOptions::default()
     };
     let listeners = match Listener::from_systemd().map_err(|e| format!("socket activation: {e}"))? {
         Some(l) => l,

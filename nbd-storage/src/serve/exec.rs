@@ -1,0 +1,725 @@
+//! Executing requests against storage: in place for storage that never
+//! blocks, on the I/O pool for storage that may, through completions for
+//! asynchronous storage. Every path ends by queueing the reply in the
+//! connection's [`Shared`] state.
+
+use std::io;
+use std::sync::Arc;
+use std::task::Waker;
+
+use nbd_proto::common::MAX_HOLE_CHUNK;
+use nbd_proto::server::{ReplyEncoder, ServerRequest};
+use nbd_proto::wire::{AllocationFlags, CONTEXT_BASE_ALLOCATION, Command, CommandFlags, ErrorCode};
+
+use super::pool::IoPool;
+use super::replies::{Data, Reply, Shared};
+use crate::{AsyncStorage, Extent, Storage, ZeroFlags};
+
+/// Reads of at least this many bytes are sent sparsely (holes as
+/// `NBD_REPLY_TYPE_OFFSET_HOLE`) when structured replies are in use.
+pub const SPARSE_READ_THRESHOLD: u64 = 64 * 1024;
+
+/// WRITE payloads reach blocking or asynchronous storage in pieces of at
+/// most this many bytes, each taken from the payload budget only once its
+/// first bytes arrived.
+pub const WRITE_PIECE: usize = 1 << 20;
+
+/// Where an export's requests run.
+#[derive(Clone)]
+pub enum Backend {
+    /// Synchronous storage: run in place when it never blocks
+    /// ([`Storage::never_blocks`]), else on the I/O pool.
+    Sync(Arc<dyn Storage>),
+    /// Asynchronous storage: submitted, completed by the storage.
+    Async(Arc<dyn AsyncStorage>),
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backend::Sync(_) => f.write_str("Backend::Sync"),
+            Backend::Async(_) => f.write_str("Backend::Async"),
+        }
+    }
+}
+
+fn errno_of(e: &io::Error) -> ErrorCode {
+    ErrorCode::from_errno(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+/// What a connection's requests need to run.
+#[derive(Clone)]
+pub(crate) struct Env {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) enc: ReplyEncoder,
+    pub(crate) structured: bool,
+    /// The id of `base:allocation` if selected.
+    pub(crate) allocation_id: Option<u32>,
+    /// Every selected context: (id, name).
+    pub(crate) contexts: Arc<[(u32, String)]>,
+}
+
+/// One request (or WRITE piece) for the I/O pool.
+pub(crate) struct Job {
+    env: Env,
+    storage: Arc<dyn Storage>,
+    op: Op,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Job")
+    }
+}
+
+enum Op {
+    Read { req: ServerRequest, buf: Vec<u8>, budget: u64 },
+    WritePiece { req: ServerRequest, slot: usize, at: u64, buf: Vec<u8>, budget: u64 },
+    Other(ServerRequest),
+}
+
+impl Job {
+    pub(crate) fn run(self) {
+        let Job { env, storage, op } = self;
+        match op {
+            Op::Read { req, buf, budget } => read(&env, &*storage, &req, buf, budget),
+            Op::WritePiece {
+                req,
+                slot,
+                at,
+                buf,
+                budget,
+            } => {
+                let r = storage.write_at(&buf, at, req.fua());
+                piece_done(&env, &req, slot, buf, budget, r);
+            }
+            Op::Other(req) => other(&env, &*storage, &req),
+        }
+    }
+}
+
+/// Runs requests for one connection.
+pub(crate) struct Executor {
+    pub(crate) env: Env,
+    backend: Backend,
+    inline: bool,
+    pool: IoPool,
+    /// A READ waiting for payload budget.
+    parked: Option<ServerRequest>,
+    /// The WRITE whose payload is arriving (pieces path).
+    write: Option<PendingWrite>,
+}
+
+struct PendingWrite {
+    req: ServerRequest,
+    slot: usize,
+    /// The piece being filled: its first byte's offset in the payload.
+    piece_at: u64,
+    piece: Vec<u8>,
+    piece_budget: u64,
+    /// In place: the first error writing the payload.
+    error: Option<io::Error>,
+}
+
+impl Executor {
+    pub(crate) fn new(env: Env, backend: Backend, pool: IoPool) -> Executor {
+        let inline = match &backend {
+            Backend::Sync(s) => s.never_blocks(),
+            Backend::Async(_) => false,
+        };
+        Executor {
+            env,
+            backend,
+            inline,
+            pool,
+            parked: None,
+            write: None,
+        }
+    }
+
+    /// Whether the executor waits for payload budget (registering `waker`
+    /// with it when given).
+    pub(crate) fn parked(&mut self, waker: Option<&Waker>) -> bool {
+        let Some(req) = self.parked else {
+            return false;
+        };
+        let budget = &self.env.shared.budget;
+        let got = match waker {
+            Some(w) => budget.acquire_or_wait(req.length, w),
+            None => budget.try_acquire(req.length),
+        };
+        if !got {
+            return true;
+        }
+        self.parked = None;
+        self.dispatch_read(req, budget.cost(req.length));
+        false
+    }
+
+    /// A valid request (a WRITE's payload follows through
+    /// [`Executor::write_data`]).
+    pub(crate) fn request(&mut self, req: ServerRequest) {
+        self.env.shared.started();
+        match req.command {
+            Command::WRITE if req.length > 0 => {
+                let slot = if self.inline {
+                    usize::MAX
+                } else {
+                    Shared::new_write_slot(&mut self.env.shared.lock())
+                };
+                self.write = Some(PendingWrite {
+                    req,
+                    slot,
+                    piece_at: 0,
+                    piece: Vec::new(),
+                    piece_budget: 0,
+                    error: None,
+                });
+            }
+            Command::READ if req.length > 0 => {
+                let budget = &self.env.shared.budget;
+                if budget.try_acquire(req.length) {
+                    self.dispatch_read(req, budget.cost(req.length));
+                } else {
+                    self.parked = Some(req);
+                }
+            }
+            _ => match &self.backend {
+                Backend::Sync(s) if self.inline => other(&self.env, &**s, &req),
+                Backend::Sync(s) => self.pool.submit(Job {
+                    env: self.env.clone(),
+                    storage: s.clone(),
+                    op: Op::Other(req),
+                }),
+                Backend::Async(a) => submit_other(&self.env, &**a, req),
+            },
+        }
+    }
+
+    fn dispatch_read(&mut self, req: ServerRequest, budget: u64) {
+        let buf = self.env.shared.take_buf(req.length as usize);
+        match &self.backend {
+            Backend::Sync(s) if self.inline => read(&self.env, &**s, &req, buf, budget),
+            Backend::Sync(s) => self.pool.submit(Job {
+                env: self.env.clone(),
+                storage: s.clone(),
+                op: Op::Read { req, buf, budget },
+            }),
+            Backend::Async(a) => a.read(
+                req.offset,
+                buf,
+                Completion::new(self.env.clone(), Ticket::Read { req, budget }),
+            ),
+        }
+    }
+
+    /// A request refused by the protocol machine.
+    pub(crate) fn reject(&mut self, req: ServerRequest, error: ErrorCode, reason: &str) {
+        self.env.shared.started();
+        let enc = self.env.enc;
+        self.env
+            .shared
+            .reply_head(|out| enc.reply_error(&req, error, reason, out));
+    }
+
+    /// Whether the next `want` bytes of WRITE payload can be taken now (a
+    /// new piece needs budget); registers `waker` with the budget if not.
+    pub(crate) fn payload_ready(&mut self, waker: Option<&Waker>) -> bool {
+        let Some(w) = &mut self.write else {
+            return true;
+        };
+        if self.inline || w.piece_budget > 0 {
+            return true;
+        }
+        let left = w.req.length - w.piece_at;
+        let want = left.min(WRITE_PIECE as u64);
+        let budget = &self.env.shared.budget;
+        let got = match waker {
+            Some(k) => budget.acquire_or_wait(want, k),
+            None => budget.try_acquire(want),
+        };
+        if got {
+            w.piece_budget = budget.cost(want);
+            w.piece = self.env.shared.take_piece();
+        }
+        got
+    }
+
+    /// How many bytes of WRITE payload the executor takes next (the room
+    /// left in the current piece; unlimited in place).
+    pub(crate) fn payload_room(&self) -> usize {
+        match &self.write {
+            Some(w) if !self.inline => {
+                if w.piece_budget == 0 {
+                    0
+                } else {
+                    WRITE_PIECE - w.piece.len()
+                }
+            }
+            _ => usize::MAX,
+        }
+    }
+
+    /// Bytes of the announced WRITE's payload: `data` belongs `offset`
+    /// bytes into it; `last` when it completes the payload. Returns how
+    /// many bytes were taken (fewer when a piece is full and the next one
+    /// must wait for budget: call again with the rest).
+    pub(crate) fn write_data(&mut self, req: &ServerRequest, offset: u64, data: &[u8], last: bool) -> usize {
+        let Some(w) = &mut self.write else {
+            return data.len();
+        };
+        if w.req.cookie != req.cookie {
+            return data.len();
+        }
+        if self.inline {
+            // Straight from the receive buffer into storage.
+            if let Backend::Sync(s) = &self.backend {
+                if w.error.is_none() {
+                    if let Err(e) = s.write_at(data, req.offset + offset, req.fua()) {
+                        w.error = Some(e);
+                    }
+                }
+            }
+            if last {
+                let error = self.write.take().and_then(|w| w.error);
+                finish(&self.env, req, error.map_or(Ok(()), Err));
+            }
+            return data.len();
+        }
+        // Pieces: fill the current one, send it when full or last.
+        let room = WRITE_PIECE - w.piece.len();
+        let take = room.min(data.len());
+        w.piece.extend_from_slice(&data[..take]);
+        let whole = take == data.len();
+        let full = w.piece.len() == WRITE_PIECE;
+        let done = last && whole;
+        if full || done {
+            let buf = std::mem::take(&mut w.piece);
+            let at = req.offset + w.piece_at;
+            w.piece_at += buf.len() as u64;
+            let budget = std::mem::replace(&mut w.piece_budget, 0);
+            let slot = w.slot;
+            {
+                let mut g = self.env.shared.lock();
+                g.writes[slot].pieces += 1;
+                if done {
+                    g.writes[slot].complete = true;
+                }
+            }
+            if done {
+                self.write = None;
+            }
+            self.submit_piece(*req, slot, at, buf, budget);
+        }
+        take
+    }
+
+    fn submit_piece(&self, req: ServerRequest, slot: usize, at: u64, buf: Vec<u8>, budget: u64) {
+        match &self.backend {
+            Backend::Sync(s) => self.pool.submit(Job {
+                env: self.env.clone(),
+                storage: s.clone(),
+                op: Op::WritePiece {
+                    req,
+                    slot,
+                    at,
+                    buf,
+                    budget,
+                },
+            }),
+            Backend::Async(a) => a.write(
+                at,
+                buf,
+                req.fua(),
+                Completion::new(self.env.clone(), Ticket::WritePiece { req, slot, budget }),
+            ),
+        }
+    }
+
+    /// The connection ended with a WRITE's payload incomplete: its pieces
+    /// in flight finish, no reply goes out for it.
+    pub(crate) fn abandon(&mut self) {
+        // Neither the WRITE nor a parked READ will be answered: they are no
+        // longer in flight.
+        let mut unanswered = 0;
+        if let Some(w) = self.write.take() {
+            self.env.shared.budget.release(w.piece_budget);
+            let mut g = self.env.shared.lock();
+            if w.slot != usize::MAX {
+                // Pieces in flight finish; the slot is never answered.
+                let slot = &mut g.writes[w.slot];
+                slot.complete = false;
+            }
+            Shared::give_buf(&mut g, w.piece);
+            unanswered += 1;
+        }
+        if self.parked.take().is_some() {
+            unanswered += 1;
+        }
+        if unanswered > 0 {
+            let mut g = self.env.shared.lock();
+            g.in_flight = g.in_flight.saturating_sub(unanswered);
+        }
+        self.env.shared.wake_writer();
+    }
+}
+
+/// A piece of a WRITE finished: reply once every piece did and the payload
+/// was complete.
+fn piece_done(env: &Env, req: &ServerRequest, slot: usize, buf: Vec<u8>, budget: u64, r: io::Result<()>) {
+    let shared = &env.shared;
+    shared.budget.release(budget);
+    let finished = {
+        let mut g = shared.lock();
+        Shared::give_buf(&mut g, buf);
+        let w = &mut g.writes[slot];
+        w.pieces -= 1;
+        if let Err(e) = r {
+            w.error.get_or_insert(e);
+        }
+        if w.pieces == 0 && w.complete {
+            let e = w.error.take();
+            Shared::free_write_slot(&mut g, slot);
+            Some(e)
+        } else {
+            None
+        }
+    };
+    if let Some(e) = finished {
+        finish(env, req, e.map_or(Ok(()), Err));
+    }
+}
+
+fn finish(env: &Env, req: &ServerRequest, r: io::Result<()>) {
+    let enc = env.enc;
+    env.shared.reply_head(|out| match r {
+        Ok(()) => out.extend_from_slice(enc.reply_ok(req).as_bytes()),
+        Err(e) => enc.reply_error(req, errno_of(&e), &e.to_string(), out),
+    });
+}
+
+/// FLUSH, TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS, zero-length requests.
+fn other(env: &Env, st: &dyn Storage, req: &ServerRequest) {
+    let r = match req.command {
+        Command::FLUSH => st.flush(),
+        Command::TRIM => st.trim(req.offset, req.length, req.fua()),
+        Command::WRITE_ZEROES => st.write_zeroes(req.offset, req.length, zero_flags(req)),
+        Command::CACHE => st.cache(req.offset, req.length),
+        Command::BLOCK_STATUS => return block_status(env, st, req),
+        Command::READ | Command::WRITE => Ok(()), // length 0
+        _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+    };
+    finish(env, req, r);
+}
+
+fn zero_flags(req: &ServerRequest) -> ZeroFlags {
+    ZeroFlags {
+        no_hole: req.flags.contains(CommandFlags::NO_HOLE),
+        fast: req.flags.contains(CommandFlags::FAST_ZERO),
+        fua: req.fua(),
+    }
+}
+
+/// A READ into `buf` (exactly the request's length), sparse when
+/// structured replies allow.
+fn read(env: &Env, st: &dyn Storage, req: &ServerRequest, mut buf: Vec<u8>, budget: u64) {
+    let mut reply = env.shared.take_reply();
+    let r = if env.structured && !req.flags.contains(CommandFlags::DF) && req.length >= SPARSE_READ_THRESHOLD {
+        let mut extents = std::mem::take(&mut reply.extents);
+        let r = sparse_read(env, st, req, &mut buf, &mut reply, &mut extents);
+        reply.extents = extents;
+        r
+    } else {
+        plain_read(env, st, req, &mut buf, &mut reply)
+    };
+    match r {
+        Ok(()) => env.shared.reply(reply, Some(Data { buf, budget })),
+        Err(e) => {
+            // Nothing of this reply was sent: replace it by the error.
+            reply.head.clear();
+            reply_without_data(env, req, reply, buf, budget, &e);
+        }
+    }
+}
+
+fn reply_without_data(env: &Env, req: &ServerRequest, mut reply: Reply, buf: Vec<u8>, budget: u64, e: &io::Error) {
+    env.enc.reply_error(req, errno_of(e), &e.to_string(), &mut reply.head);
+    let shared = &env.shared;
+    shared.budget.release(budget);
+    Shared::give_buf(&mut shared.lock(), buf);
+    shared.reply(reply, None);
+}
+
+fn plain_read(env: &Env, st: &dyn Storage, req: &ServerRequest, buf: &mut [u8], reply: &mut Reply) -> io::Result<()> {
+    let header = env.enc.read_reply_header(req).map_err(invalid)?;
+    st.read_at(buf, req.offset)?;
+    reply.head.extend_from_slice(header.as_bytes());
+    reply.data(0, buf.len());
+    Ok(())
+}
+
+/// A structured READ that sends holes as `NBD_REPLY_TYPE_OFFSET_HOLE`; a
+/// long run of data is learnt once (one lookup) instead of per read.
+fn sparse_read(
+    env: &Env,
+    st: &dyn Storage,
+    req: &ServerRequest,
+    buf: &mut [u8],
+    reply: &mut Reply,
+    extents: &mut Vec<Extent>,
+) -> io::Result<()> {
+    let end = req.offset + req.length;
+    let (kd_start, kd_end) = env.shared.lock().known_data;
+    if req.offset >= kd_start && end <= kd_end {
+        // Inside a known run of data. (Had another client punched a hole
+        // here meanwhile, the zeroes read from it are still the right
+        // contents; data is never reported as a hole from this cache.)
+        return plain_read(env, st, req, buf, reply);
+    }
+    if let Ok(e) = st.extent_at(req.offset, extents) {
+        if !e.flags.contains(AllocationFlags::ZERO) {
+            let run = (req.offset, req.offset.saturating_add(e.length));
+            env.shared.lock().known_data = run;
+            if end <= run.1 {
+                return plain_read(env, st, req, buf, reply);
+            }
+        }
+    }
+    let mut off = req.offset;
+    while off < end {
+        extents.clear();
+        st.block_status(off, end - off, extents)?;
+        if extents.is_empty() {
+            // A storage that says nothing: the rest is data.
+            extents.push(Extent::data(end - off));
+        }
+        for e in extents.iter() {
+            if off >= end {
+                break;
+            }
+            let len = e.length.min(end - off);
+            if len == 0 {
+                break;
+            }
+            if e.flags.contains(AllocationFlags::ZERO) {
+                let mut o = off;
+                while o < off + len {
+                    let piece = (off + len - o).min(MAX_HOLE_CHUNK);
+                    let h = env.enc.hole_chunk(req, o, piece, false).map_err(invalid)?;
+                    reply.head.extend_from_slice(h.as_bytes());
+                    o += piece;
+                }
+            } else {
+                let h = env.enc.offset_data_header(req, off, len, false).map_err(invalid)?;
+                reply.head.extend_from_slice(h.as_bytes());
+                let a = (off - req.offset) as usize;
+                let b = a + len as usize;
+                st.read_at(&mut buf[a..b], off)?;
+                reply.data(a, b);
+            }
+            off += len;
+        }
+    }
+    reply.head.extend_from_slice(env.enc.reply_ok(req).as_bytes());
+    Ok(())
+}
+
+fn block_status(env: &Env, st: &dyn Storage, req: &ServerRequest) {
+    let enc = env.enc;
+    let mut reply = env.shared.take_reply();
+    let mut extents = std::mem::take(&mut reply.extents);
+    let n = env.contexts.len();
+    let limit = req.length.min(st.size().saturating_sub(req.offset));
+    let mut result = Ok(());
+    for (k, (id, name)) in env.contexts.iter().enumerate() {
+        let done = k + 1 == n;
+        let r = if name == CONTEXT_BASE_ALLOCATION && Some(*id) == env.allocation_id {
+            extents.clear();
+            match st.block_status(req.offset, limit, &mut extents) {
+                Ok(()) => {
+                    let iter = extents.iter().map(|e| (e.length, e.flags.bits() as u64));
+                    enc.block_status_chunk(req, *id, iter, done, &mut reply.head)
+                        .map_err(invalid)
+                }
+                Err(e) => Err(e),
+            }
+        } else {
+            // A context this storage does not compute: "no information"
+            // (0), which the spec says is always safe.
+            enc.block_status_chunk(req, *id, [(req.length, 0u64)], done, &mut reply.head)
+                .map_err(invalid)
+        };
+        if let Err(e) = r {
+            result = Err(e);
+            break;
+        }
+    }
+    if n == 0 {
+        result = Err(io::Error::new(io::ErrorKind::InvalidInput, "no metadata context selected"));
+    }
+    if let Err(e) = result {
+        reply.head.clear();
+        enc.reply_error(req, errno_of(&e), &e.to_string(), &mut reply.head);
+    }
+    extents.clear();
+    reply.extents = extents;
+    env.shared.reply(reply, None);
+}
+
+fn invalid(e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, e.to_string())
+}
+
+// ----- asynchronous storage ---------------------------------------------------
+
+fn submit_other(env: &Env, a: &dyn AsyncStorage, req: ServerRequest) {
+    if req.command == Command::BLOCK_STATUS {
+        let limit = req.length.min(a.size().saturating_sub(req.offset));
+        return a.block_status(req.offset, limit, Completion::new(env.clone(), Ticket::Status { req }));
+    }
+    let done = Completion::new(env.clone(), Ticket::Other { req });
+    match req.command {
+        Command::FLUSH => a.flush(done),
+        Command::TRIM => a.trim(req.offset, req.length, req.fua(), done),
+        Command::WRITE_ZEROES => a.write_zeroes(req.offset, req.length, zero_flags(&req), done),
+        Command::CACHE => a.cache(req.offset, req.length, done),
+        // Zero-length READ and WRITE.
+        _ => done.complete(Ok(())),
+    }
+}
+
+/// Which request an asynchronous completion belongs to.
+pub(crate) enum Ticket {
+    Read { req: ServerRequest, budget: u64 },
+    WritePiece { req: ServerRequest, slot: usize, budget: u64 },
+    Other { req: ServerRequest },
+    Status { req: ServerRequest },
+}
+
+/// How an [`AsyncStorage`] reports that an operation finished: each
+/// operation gets one, and calls the `complete*` method that matches it
+/// exactly once, from any thread. A completion dropped without being
+/// called answers its request with an error (it never hangs).
+pub struct Completion {
+    inner: Option<(Env, Ticket)>,
+}
+
+impl std::fmt::Debug for Completion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Completion")
+    }
+}
+
+impl Completion {
+    pub(crate) fn new(env: Env, ticket: Ticket) -> Completion {
+        Completion {
+            inner: Some((env, ticket)),
+        }
+    }
+
+    /// The operation finished (FLUSH, TRIM, WRITE_ZEROES, CACHE).
+    pub fn complete(mut self, result: io::Result<()>) {
+        let Some((env, ticket)) = self.inner.take() else {
+            return;
+        };
+        match ticket {
+            Ticket::Other { req } => finish(&env, &req, result),
+            Ticket::Read { req, budget } => {
+                // A read completed without its buffer: answer the error.
+                let e = result.err().unwrap_or_else(|| io::Error::other("read completed without data"));
+                let reply = env.shared.take_reply();
+                reply_without_data(&env, &req, reply, Vec::new(), budget, &e);
+            }
+            Ticket::WritePiece { req, slot, budget } => piece_done(&env, &req, slot, Vec::new(), budget, result),
+            Ticket::Status { req } => finish(&env, &req, result.and(Err(io::Error::other("no extents")))),
+        }
+    }
+
+    /// A read finished: `buf` is the buffer given to
+    /// [`AsyncStorage::read`], filled.
+    pub fn complete_read(mut self, buf: Vec<u8>, result: io::Result<()>) {
+        let Some((env, ticket)) = self.inner.take() else {
+            return;
+        };
+        let Ticket::Read { req, budget } = ticket else {
+            self.inner = Some((env, ticket));
+            return self.complete(result);
+        };
+        let mut reply = env.shared.take_reply();
+        let r = result.and_then(|()| {
+            if buf.len() as u64 != req.length {
+                return Err(io::Error::other("read completed with a buffer of the wrong size"));
+            }
+            let header = env.enc.read_reply_header(&req).map_err(invalid)?;
+            reply.head.extend_from_slice(header.as_bytes());
+            reply.data(0, buf.len());
+            Ok(())
+        });
+        match r {
+            Ok(()) => env.shared.reply(reply, Some(Data { buf, budget })),
+            Err(e) => {
+                reply.head.clear();
+                reply_without_data(&env, &req, reply, buf, budget, &e);
+            }
+        }
+    }
+
+    /// A write finished: `buf` is the buffer given to
+    /// [`AsyncStorage::write`], given back for reuse.
+    pub fn complete_write(mut self, buf: Vec<u8>, result: io::Result<()>) {
+        let Some((env, ticket)) = self.inner.take() else {
+            return;
+        };
+        match ticket {
+            Ticket::WritePiece { req, slot, budget } => piece_done(&env, &req, slot, buf, budget, result),
+            t => {
+                self.inner = Some((env, t));
+                self.complete(result)
+            }
+        }
+    }
+
+    /// Block status finished: `extents` describe `base:allocation` from the
+    /// request's offset on (other selected contexts get "no information").
+    pub fn complete_status(mut self, extents: &[Extent], result: io::Result<()>) {
+        let Some((env, ticket)) = self.inner.take() else {
+            return;
+        };
+        let Ticket::Status { req } = ticket else {
+            self.inner = Some((env, ticket));
+            return self.complete(result);
+        };
+        let enc = env.enc;
+        let mut reply = env.shared.take_reply();
+        let n = env.contexts.len();
+        let r = result.and_then(|()| {
+            for (k, (id, name)) in env.contexts.iter().enumerate() {
+                let done = k + 1 == n;
+                if name == CONTEXT_BASE_ALLOCATION && !extents.is_empty() {
+                    let iter = extents.iter().map(|e| (e.length, e.flags.bits() as u64));
+                    enc.block_status_chunk(&req, *id, iter, done, &mut reply.head)
+                } else {
+                    enc.block_status_chunk(&req, *id, [(req.length, 0u64)], done, &mut reply.head)
+                }
+                .map_err(invalid)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = r {
+            reply.head.clear();
+            enc.reply_error(&req, errno_of(&e), &e.to_string(), &mut reply.head);
+        }
+        env.shared.reply(reply, None);
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        if self.inner.is_some() {
+            // A storage that dropped a completion: the request fails rather
+            // than waiting forever.
+            let c = Completion { inner: self.inner.take() };
+            c.complete(Err(io::Error::other("the storage dropped the request")));
+        }
+    }
+}

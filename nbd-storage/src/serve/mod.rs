@@ -1,0 +1,595 @@
+//! Serving exports: everything of a server that does not depend on the
+//! runtime, shared by the blocking and the async servers.
+//!
+//! - [`Exports`]: the exports a server offers (it answers the handshake's
+//!   lookups through [`nbd_proto::server::ExportLookup`]).
+//! - [`ServeContext`]: what every connection of a server shares: the
+//!   exports, the negotiation settings, the [`IoPool`] that runs blocking
+//!   storage calls and the [`PayloadBudget`] that caps payload memory.
+//! - [`ServeConnection`]: one connection's whole life: the protocol
+//!   session (handshake, TLS upgrade, transmission), the export the client
+//!   chose, and the execution of its requests; the runtime only moves bytes.
+//! - [`ReplyWriter`]: the replies, for the runtime to write with vectored
+//!   writes.
+//!
+//! # Where requests run
+//!
+//! Storage that never blocks ([`Storage::never_blocks`], the memory export)
+//! runs in place, on the thread that reads the connection. Storage that may
+//! block (files, block devices, images) runs on the [`IoPool`], so a slow
+//! `fdatasync` delays neither other connections nor the reading of this
+//! one's next requests; replies leave in the order requests complete.
+//! [`AsyncStorage`] is started in place and completes on its own.
+//!
+//! # Memory
+//!
+//! No buffer is sized from a request header before its bytes arrive: a
+//! WRITE payload goes to storage straight from the receive buffer (storage
+//! that never blocks) or in pieces of at most [`WRITE_PIECE`] bytes that
+//! grow with the bytes received. READ buffers and WRITE pieces are taken
+//! from the server's [`PayloadBudget`]; a connection that cannot get budget,
+//! has [`Limits::max_in_flight`] requests in flight, or has more than
+//! [`Limits::reply_high_water`] bytes of replies waiting for its client,
+//! stops reading until that changes ([`Status::Blocked`]). A connection that
+//! stays idle gives its buffers back ([`ServeConnection::release_idle`]).
+//!
+//! # The loop a runtime runs
+//!
+//! ```text
+//! reader:                                   writer:
+//! loop {                                    loop {
+//!     send conn.poll_transmit() bytes           match writer.poll_batch(cx) {
+//!     match conn.status(Some(waker)) {              Ready(true) => write
+//!         Read       => read some bytes,                writer.with_slices(..),
+//!                       n = conn.input(bytes)?,         advance(n)
+//!                       drop n of them              Ready(false) => done
+//!         Blocked    => wait for the waker          Pending => wait
+//!         StartTls(t)=> TLS, t.established()    }
+//!         Closed     => stop                    }
+//!     }
+//! }
+//! on EOF: conn.input_closed()
+//! ```
+
+mod budget;
+mod exec;
+mod pool;
+mod replies;
+
+use std::sync::Arc;
+use std::task::Waker;
+
+use nbd_proto::common::{MetaContext, Mode};
+use nbd_proto::server::{
+    ExportDetails, ExportListing, ExportLookup, ServerConfig, ServerEvent, ServerNeed, ServerNegotiated,
+    ServerSession, ServerSessionError, ServerStartTls,
+};
+use nbd_proto::wire::{CONTEXT_BASE_ALLOCATION, TransmissionFlags};
+
+pub use budget::PayloadBudget;
+pub use exec::{Backend, Completion, SPARSE_READ_THRESHOLD, WRITE_PIECE};
+pub use pool::IoPool;
+pub use replies::ReplyWriter;
+
+use crate::{AsyncStorage, Capabilities, Storage};
+use exec::{Env, Executor};
+use replies::Shared;
+
+/// One export: a name, a description and its storage.
+#[derive(Clone)]
+pub struct Export {
+    /// The export name (`""` is the default export).
+    pub name: String,
+    /// A description shown by `NBD_OPT_LIST` and `NBD_INFO_DESCRIPTION`.
+    pub description: String,
+    /// Where its requests run.
+    pub backend: Backend,
+}
+
+impl std::fmt::Debug for Export {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Export")
+            .field("name", &self.name)
+            .field("description", &self.description)
+            .field("size", &self.size())
+            .field("backend", &self.backend)
+            .finish()
+    }
+}
+
+impl Export {
+    /// An export of synchronous storage.
+    pub fn new(name: impl Into<String>, description: impl Into<String>, storage: Arc<dyn Storage>) -> Export {
+        Export {
+            name: name.into(),
+            description: description.into(),
+            backend: Backend::Sync(storage),
+        }
+    }
+
+    /// An export of asynchronous storage.
+    pub fn new_async(
+        name: impl Into<String>,
+        description: impl Into<String>,
+        storage: Arc<dyn AsyncStorage>,
+    ) -> Export {
+        Export {
+            name: name.into(),
+            description: description.into(),
+            backend: Backend::Async(storage),
+        }
+    }
+
+    /// The export's size.
+    pub fn size(&self) -> u64 {
+        match &self.backend {
+            Backend::Sync(s) => s.size(),
+            Backend::Async(a) => a.size(),
+        }
+    }
+
+    /// What the storage supports.
+    pub fn capabilities(&self) -> Capabilities {
+        match &self.backend {
+            Backend::Sync(s) => s.capabilities(),
+            Backend::Async(a) => a.capabilities(),
+        }
+    }
+
+    /// The transmission flags this export's storage supports.
+    pub fn flags(&self) -> TransmissionFlags {
+        flags_of(&self.capabilities())
+    }
+
+    /// What the handshake tells clients about this export.
+    pub fn details(&self) -> ExportDetails {
+        let caps = self.capabilities();
+        let mut d = ExportDetails::new(self.name.clone(), self.size());
+        d.description = self.description.clone();
+        d.flags = flags_of(&caps);
+        d.block_size = caps.block_size;
+        d
+    }
+}
+
+/// The transmission flags a set of capabilities allows.
+pub fn flags_of(caps: &Capabilities) -> TransmissionFlags {
+    let mut f = TransmissionFlags::HAS_FLAGS;
+    let rw = !caps.read_only;
+    for (on, flag) in [
+        (caps.read_only, TransmissionFlags::READ_ONLY),
+        (caps.can_flush, TransmissionFlags::SEND_FLUSH),
+        (caps.can_fua && rw, TransmissionFlags::SEND_FUA),
+        (caps.rotational, TransmissionFlags::ROTATIONAL),
+        (caps.can_trim && rw, TransmissionFlags::SEND_TRIM),
+        (caps.can_zero && rw, TransmissionFlags::SEND_WRITE_ZEROES),
+        (
+            caps.can_zero && caps.can_fast_zero && rw,
+            TransmissionFlags::SEND_FAST_ZERO,
+        ),
+        (caps.can_multi_conn, TransmissionFlags::CAN_MULTI_CONN),
+        (caps.can_cache, TransmissionFlags::SEND_CACHE),
+        (true, TransmissionFlags::BLOCK_STATUS_PAYLOAD),
+    ] {
+        if on {
+            f |= flag;
+        }
+    }
+    f
+}
+
+/// One line about a connection that reached transmission, for logs:
+/// "client negotiated structured replies over TLS, export "x" (N bytes)".
+pub fn describe(negotiated: &ServerNegotiated, export: &Export) -> String {
+    let mode = match negotiated.mode {
+        Mode::Oldstyle => "oldstyle negotiation",
+        Mode::ExportNameOnly => "NBD_OPT_EXPORT_NAME (simple replies)",
+        Mode::Simple => "simple replies",
+        Mode::Structured => "structured replies",
+        Mode::Extended => "extended headers",
+    };
+    format!(
+        "client negotiated {mode}{}, export {:?} ({} bytes)",
+        if negotiated.tls { " over TLS" } else { "" },
+        export.name,
+        negotiated.size
+    )
+}
+
+/// The set of exports a server offers. The default export (what a client
+/// that names none gets) is the one named `""`, else the first.
+#[derive(Debug, Clone, Default)]
+pub struct Exports {
+    list: Vec<Export>,
+}
+
+impl Exports {
+    /// A set of exports.
+    pub fn new(list: Vec<Export>) -> Exports {
+        Exports { list }
+    }
+
+    /// Export `i`.
+    pub fn get(&self, i: usize) -> Option<&Export> {
+        self.list.get(i)
+    }
+
+    /// The exports, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &Export> {
+        self.list.iter()
+    }
+
+    /// Number of exports.
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// Whether there are no exports.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+}
+
+impl ExportLookup for Exports {
+    type Export = Export;
+
+    fn lookup(&self, name: &str) -> Option<(ExportDetails, Export)> {
+        let e = self.list.iter().find(|e| e.name == name)?;
+        Some((e.details(), e.clone()))
+    }
+
+    fn default_export(&self) -> Option<(ExportDetails, Export)> {
+        let e = self.list.first()?;
+        Some((e.details(), e.clone()))
+    }
+
+    fn list(&self, each: &mut dyn FnMut(ExportListing<'_>)) {
+        for e in &self.list {
+            each(ExportListing {
+                name: &e.name,
+                description: &e.description,
+                tls_only: false,
+            });
+        }
+    }
+}
+
+/// Limits of a server, beyond the protocol's (which are in
+/// [`ServerConfig`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Requests in flight per connection before it stops reading more
+    /// (default 128).
+    pub max_in_flight: usize,
+    /// Payload memory (READ replies waiting to be sent, WRITE pieces
+    /// waiting for storage) over all connections (default 1 GiB).
+    pub payload_budget: u64,
+    /// Threads that run blocking storage calls (default 16).
+    pub io_threads: usize,
+    /// Reply bytes a connection queues for a client that does not read
+    /// them before it stops reading requests (default 32 MiB).
+    pub reply_high_water: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_in_flight: 128,
+            payload_budget: 1 << 30,
+            io_threads: 16,
+            reply_high_water: 32 << 20,
+        }
+    }
+}
+
+/// What every connection of a server shares.
+#[derive(Debug)]
+pub struct ServeContext {
+    exports: Arc<Exports>,
+    config: ServerConfig,
+    limits: Limits,
+    pool: IoPool,
+    budget: Arc<PayloadBudget>,
+}
+
+impl ServeContext {
+    /// A server's shared state: its exports, how it negotiates, its limits.
+    pub fn new(exports: Vec<Export>, config: ServerConfig, limits: Limits) -> ServeContext {
+        ServeContext {
+            exports: Arc::new(Exports::new(exports)),
+            config,
+            pool: IoPool::new(limits.io_threads),
+            budget: Arc::new(PayloadBudget::new(limits.payload_budget)),
+            limits,
+        }
+    }
+
+    /// The exports.
+    pub fn exports(&self) -> &Exports {
+        &self.exports
+    }
+
+    /// How connections negotiate.
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
+    /// The limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The payload budget.
+    pub fn budget(&self) -> &PayloadBudget {
+        &self.budget
+    }
+}
+
+/// Why a connection ends with an error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The client broke the protocol, or the handshake could not reach
+    /// transmission.
+    #[error(transparent)]
+    Session(#[from] ServerSessionError),
+}
+
+/// What a connection needs from its runtime next.
+#[derive(Debug)]
+#[must_use]
+#[non_exhaustive]
+pub enum Status<'a> {
+    /// Read bytes from the client and pass them to
+    /// [`ServeConnection::input`].
+    Read,
+    /// Wait before reading more (budget, requests in flight, replies not
+    /// yet taken by the client): the waker given to
+    /// [`ServeConnection::status`] is woken when that changes.
+    Blocked,
+    /// Send everything [`ServeConnection::poll_transmit`] gives, run the
+    /// TLS server handshake, then call [`ServerStartTls::established`].
+    StartTls(ServerStartTls<'a>),
+    /// Nothing more is read: let the writer finish, then close.
+    Closed,
+}
+
+/// One connection, runtime-agnostic: see the [module docs](self).
+pub struct ServeConnection {
+    ctx: Arc<ServeContext>,
+    session: ServerSession<Arc<Exports>>,
+    shared: Arc<Shared>,
+    exec: Option<Executor>,
+    export: Option<Export>,
+    done: bool,
+}
+
+impl std::fmt::Debug for ServeConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeConnection")
+            .field("session", &self.session)
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
+impl ServeConnection {
+    /// A new connection of the server `ctx` describes: its first output is
+    /// the greeting.
+    pub fn new(ctx: &Arc<ServeContext>) -> ServeConnection {
+        ServeConnection {
+            session: ServerSession::new(ctx.config.clone(), ctx.exports.clone()),
+            shared: Arc::new(Shared::new(ctx.budget.clone())),
+            ctx: ctx.clone(),
+            exec: None,
+            export: None,
+            done: false,
+        }
+    }
+
+    /// The writer of this connection's replies (take it once).
+    pub fn reply_writer(&self) -> ReplyWriter {
+        ReplyWriter::new(self.shared.clone())
+    }
+
+    /// Appends handshake bytes to send to `buf`; `None` when there are
+    /// none. (Replies come from the [`ReplyWriter`].)
+    pub fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> Option<()> {
+        self.session.poll_transmit(buf)
+    }
+
+    /// Whether handshake bytes wait to be sent.
+    pub fn has_output(&self) -> bool {
+        self.session.has_output()
+    }
+
+    /// What the connection needs next. With a waker, a [`Status::Blocked`]
+    /// connection wakes it when it may go on.
+    pub fn status(&mut self, waker: Option<&Waker>) -> Status<'_> {
+        if self.done {
+            return Status::Closed;
+        }
+        let blocked = self.blocked(waker);
+        match self.session.need() {
+            ServerNeed::Closed => Status::Closed,
+            ServerNeed::StartTls(t) => Status::StartTls(t),
+            _ if blocked => Status::Blocked,
+            _ => Status::Read,
+        }
+    }
+
+    fn blocked(&mut self, waker: Option<&Waker>) -> bool {
+        let Some(exec) = &mut self.exec else {
+            return false;
+        };
+        if exec.parked(waker) {
+            return true;
+        }
+        {
+            let mut g = self.shared.lock();
+            if g.in_flight >= self.ctx.limits.max_in_flight || g.batch.bytes >= self.ctx.limits.reply_high_water {
+                if let Some(w) = waker {
+                    Shared::register_reader(&mut g, w);
+                }
+                return true;
+            }
+        }
+        if matches!(self.session.need(), ServerNeed::Payload { .. }) {
+            return !exec.payload_ready(waker);
+        }
+        false
+    }
+
+    /// Takes bytes from the client; returns how many it used. It stops
+    /// early when the connection must wait ([`Status::Blocked`]), at
+    /// STARTTLS, or when nothing more is read: call
+    /// [`ServeConnection::status`] and go on from there. An error means the
+    /// connection must be closed (once the writer is done).
+    pub fn input(&mut self, input: &[u8]) -> Result<usize, ServeError> {
+        let mut used = 0;
+        loop {
+            if self.done || self.blocked(None) {
+                return Ok(used);
+            }
+            let rest = &input[used..];
+            // A WRITE piece takes at most what fits in it.
+            let limit = match (&self.exec, self.session.need()) {
+                (Some(exec), ServerNeed::Payload { .. }) => exec.payload_room(),
+                (_, ServerNeed::StartTls(_) | ServerNeed::Closed) => return Ok(used),
+                _ => usize::MAX,
+            };
+            let rest = &rest[..rest.len().min(limit)];
+            let ServeConnection { session, exec, .. } = self;
+            let (n, event) = match session.feed(rest) {
+                Ok(x) => x,
+                Err(e) => {
+                    self.finish_reading();
+                    return Err(e.into());
+                }
+            };
+            used += n;
+            match event {
+                None if n == 0 => return Ok(used),
+                None => {}
+                Some(ServerEvent::WriteData {
+                    request,
+                    offset,
+                    data,
+                    last,
+                }) => {
+                    if let Some(exec) = exec {
+                        exec.write_data(&request, offset, data, last);
+                    }
+                }
+                Some(ServerEvent::Request(req)) => {
+                    if let Some(exec) = exec {
+                        exec.request(req);
+                    }
+                }
+                Some(ServerEvent::Reject { request, error, reason }) => {
+                    if let Some(exec) = exec {
+                        exec.reject(request, error, reason);
+                    }
+                }
+                Some(ServerEvent::Ready) => self.start_transmission(),
+                Some(ServerEvent::Disconnect | ServerEvent::Aborted) => self.finish_reading(),
+                Some(_) => {}
+            }
+        }
+    }
+
+    fn start_transmission(&mut self) {
+        let (Some(enc), Some(neg), Some(export)) = (
+            self.session.encoder(),
+            self.session.negotiated(),
+            self.session.export().cloned(),
+        ) else {
+            return;
+        };
+        let contexts: Arc<[(u32, String)]> = neg.contexts.iter().map(|c| (c.id, c.name.clone())).collect();
+        let env = Env {
+            shared: self.shared.clone(),
+            enc,
+            structured: neg.mode.structured(),
+            allocation_id: neg
+                .contexts
+                .iter()
+                .find(|c| c.name == CONTEXT_BASE_ALLOCATION)
+                .map(|c| c.id),
+            contexts,
+        };
+        self.exec = Some(Executor::new(env, export.backend.clone(), self.ctx.pool.clone()));
+        self.export = Some(export);
+    }
+
+    fn finish_reading(&mut self) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        if let Some(exec) = &mut self.exec {
+            exec.abandon();
+        }
+        self.shared.reader_finished();
+    }
+
+    /// The client closed its side (EOF) or the socket failed: nothing more
+    /// is read; requests in flight still finish and their replies go to the
+    /// writer (which may fail to send them).
+    pub fn input_closed(&mut self) {
+        self.session.connection_lost();
+        self.finish_reading();
+    }
+
+    /// The server is shutting down: options are refused with
+    /// `NBD_REP_ERR_SHUTDOWN`, new requests with `NBD_ESHUTDOWN`.
+    pub fn shutdown(&mut self) {
+        self.session.shutdown();
+    }
+
+    /// The connection has been idle for a while: give large buffers back.
+    pub fn release_idle(&self) {
+        self.shared.release_idle();
+    }
+
+    /// Requests received and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.shared.lock().in_flight
+    }
+
+    /// Whether transmission started.
+    pub fn is_transmitting(&self) -> bool {
+        self.exec.is_some()
+    }
+
+    /// How long the client may take to reach transmission (see
+    /// [`ServerConfig::handshake_timeout`]); `None` once transmitting.
+    pub fn handshake_timeout(&self) -> Option<std::time::Duration> {
+        self.session.handshake_timeout()
+    }
+
+    /// What was negotiated (once transmitting).
+    pub fn negotiated(&self) -> Option<&ServerNegotiated> {
+        self.session.negotiated()
+    }
+
+    /// The protocol flavour (once transmitting).
+    pub fn mode(&self) -> Option<Mode> {
+        self.session.mode()
+    }
+
+    /// The export the client chose (once transmitting).
+    pub fn export(&self) -> Option<&Export> {
+        self.export.as_ref()
+    }
+
+    /// The metadata contexts the client selected.
+    pub fn contexts(&self) -> &[MetaContext] {
+        self.session.contexts()
+    }
+
+    /// The largest READ or WRITE payload this connection accepts.
+    pub fn max_payload(&self) -> u64 {
+        self.session.max_payload()
+    }
+}
