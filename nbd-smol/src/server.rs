@@ -348,7 +348,12 @@ impl Server {
 
     /// Negotiation: until transmission starts, TLS is asked for, or the
     /// client leaves.
-    async fn handshake<R, W>(&self, conn: &mut ServeConnection, r: &mut BufReader<R>, w: &mut W) -> io::Result<Handshake>
+    async fn handshake<R, W>(
+        &self,
+        conn: &mut ServeConnection,
+        r: &mut BufReader<R>,
+        w: &mut W,
+    ) -> io::Result<Handshake>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,

@@ -240,4 +240,3 @@ fn steady_state_allocates_nothing_in_any_mode() {
         assert_eq!(n, 0, "{mode:?}: {n} allocations in {requests} requests of steady state");
     }
 }
-

@@ -58,6 +58,11 @@ pub struct ClientConfig {
     /// Check replies beyond what QEMU and libnbd enforce by default (see
     /// [`ClientTransmission::set_strict`](super::ClientTransmission::set_strict)).
     pub strict: bool,
+    /// The largest READ or WRITE payload sent when the server sent no block
+    /// sizes. Default: the spec's 2^25 (32 MiB), which every server must
+    /// accept; raise it for servers known to accept more (nbd-server,
+    /// nbdkit and nbd-serve take 50 MB and more).
+    pub unnegotiated_max_payload: u64,
 }
 
 impl Default for ClientConfig {
@@ -72,6 +77,7 @@ impl Default for ClientConfig {
             opt_mode: false,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             strict: true,
+            unnegotiated_max_payload: DEFAULT_MAX_PAYLOAD as u64,
         }
     }
 }

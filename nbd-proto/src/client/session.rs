@@ -255,6 +255,7 @@ pub struct ClientSession {
     max_in_flight: usize,
     strict: bool,
     manual_release: bool,
+    unnegotiated_max_payload: u64,
     /// Feed path: the bytes of the unit being assembled (a header, a
     /// chunk's metadata, an option reply).
     partial: Vec<u8>,
@@ -277,11 +278,13 @@ impl ClientSession {
     pub fn new(config: ClientConfig) -> ClientSession {
         let max_in_flight = config.max_in_flight.max(1);
         let strict = config.strict;
+        let unnegotiated_max_payload = config.unnegotiated_max_payload;
         let mut s = ClientSession {
             state: State::Handshake(ClientHandshake::new(config)),
             max_in_flight,
             strict,
             manual_release: false,
+            unnegotiated_max_payload,
             partial: Vec::new(),
             partial_used: false,
             data_done: 0,
@@ -772,6 +775,7 @@ impl ClientSession {
                     let mut tx = ClientTransmission::new(&negotiated, self.max_in_flight);
                     tx.set_strict(self.strict);
                     tx.set_manual_release(self.manual_release);
+                    tx.set_unnegotiated_max_payload(self.unnegotiated_max_payload);
                     self.state = State::Transmission(tx, negotiated);
                     return Ok((consumed, Some(ClientEvent::Connected)));
                 }

@@ -454,6 +454,8 @@ pub struct ClientTransmission {
     manual_release: bool,
     /// The cookie of the reply being received (from its header on).
     replying: u64,
+    /// The largest READ or WRITE sent when the server sent no block sizes.
+    unnegotiated_max_payload: u64,
 }
 
 /// Largest error chunk payload: the fixed fields, a 4096-byte message, an
@@ -499,6 +501,7 @@ impl ClientTransmission {
             pending_done: None,
             manual_release: false,
             replying: 0,
+            unnegotiated_max_payload: DEFAULT_MAX_PAYLOAD as u64,
         }
     }
 
@@ -507,6 +510,13 @@ impl ClientTransmission {
     /// requests of length 0). Protocol framing is always checked.
     pub fn set_strict(&mut self, strict: bool) {
         self.strict = strict;
+    }
+
+    /// The largest READ or WRITE payload to send when the server sent no
+    /// block sizes (default: the spec's 2^25, which every server must
+    /// accept). Raise it only for servers known to accept more.
+    pub fn set_unnegotiated_max_payload(&mut self, limit: u64) {
+        self.unnegotiated_max_payload = limit;
     }
 
     /// With manual release, a completed request keeps its slot (and so its
@@ -663,7 +673,11 @@ impl ClientTransmission {
                 });
             }
         }
-        let max_payload = self.constraints.maximum as u64;
+        let max_payload = if self.block_size_known {
+            self.constraints.maximum as u64
+        } else {
+            self.unnegotiated_max_payload
+        };
         let carries_payload = cmd == Command::WRITE || (cmd == Command::READ && !self.mode.structured());
         if cmd == Command::READ || cmd == Command::WRITE {
             // Reads are limited too: a structured read may exceed it only by

@@ -73,8 +73,18 @@ impl std::fmt::Debug for Job {
 }
 
 enum Op {
-    Read { req: ServerRequest, buf: Vec<u8>, budget: u64 },
-    WritePiece { req: ServerRequest, slot: usize, at: u64, buf: Vec<u8>, budget: u64 },
+    Read {
+        req: ServerRequest,
+        buf: Vec<u8>,
+        budget: u64,
+    },
+    WritePiece {
+        req: ServerRequest,
+        slot: usize,
+        at: u64,
+        buf: Vec<u8>,
+        budget: u64,
+    },
     Other(ServerRequest),
 }
 
@@ -555,7 +565,10 @@ fn block_status(env: &Env, st: &dyn Storage, req: &ServerRequest) {
         }
     }
     if n == 0 {
-        result = Err(io::Error::new(io::ErrorKind::InvalidInput, "no metadata context selected"));
+        result = Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "no metadata context selected",
+        ));
     }
     if let Err(e) = result {
         reply.head.clear();
@@ -590,10 +603,21 @@ fn submit_other(env: &Env, a: &dyn AsyncStorage, req: ServerRequest) {
 
 /// Which request an asynchronous completion belongs to.
 pub(crate) enum Ticket {
-    Read { req: ServerRequest, budget: u64 },
-    WritePiece { req: ServerRequest, slot: usize, budget: u64 },
-    Other { req: ServerRequest },
-    Status { req: ServerRequest },
+    Read {
+        req: ServerRequest,
+        budget: u64,
+    },
+    WritePiece {
+        req: ServerRequest,
+        slot: usize,
+        budget: u64,
+    },
+    Other {
+        req: ServerRequest,
+    },
+    Status {
+        req: ServerRequest,
+    },
 }
 
 /// How an [`AsyncStorage`] reports that an operation finished: each
@@ -626,7 +650,9 @@ impl Completion {
             Ticket::Other { req } => finish(&env, &req, result),
             Ticket::Read { req, budget } => {
                 // A read completed without its buffer: answer the error.
-                let e = result.err().unwrap_or_else(|| io::Error::other("read completed without data"));
+                let e = result
+                    .err()
+                    .unwrap_or_else(|| io::Error::other("read completed without data"));
                 let reply = env.shared.take_reply();
                 reply_without_data(&env, &req, reply, Vec::new(), budget, &e);
             }
@@ -718,7 +744,9 @@ impl Drop for Completion {
         if self.inner.is_some() {
             // A storage that dropped a completion: the request fails rather
             // than waiting forever.
-            let c = Completion { inner: self.inner.take() };
+            let c = Completion {
+                inner: self.inner.take(),
+            };
             c.complete(Err(io::Error::other("the storage dropped the request")));
         }
     }

@@ -61,8 +61,8 @@ use std::task::Waker;
 
 use nbd_proto::common::{MetaContext, Mode};
 use nbd_proto::server::{
-    ExportDetails, ExportListing, ExportLookup, ServerConfig, ServerEvent, ServerNeed, ServerNegotiated,
-    ServerSession, ServerSessionError, ServerStartTls,
+    ExportDetails, ExportListing, ExportLookup, ServerConfig, ServerEvent, ServerNeed, ServerNegotiated, ServerSession,
+    ServerSessionError, ServerStartTls,
 };
 use nbd_proto::wire::{CONTEXT_BASE_ALLOCATION, TransmissionFlags};
 

@@ -295,7 +295,23 @@ fn run(args: Args) -> Result<(), String> {
     r
 }
 
+/// Payload buffers (READ replies, WRITE pieces) are large and come and go
+/// with the load: with glibc's default, the threshold above which it maps
+/// them separately grows after the first ones are freed, and later ones
+/// come from heaps that are not given back to the system, so an idle
+/// server would keep the memory of its busiest moment. A fixed threshold
+/// keeps every large buffer mapped on its own: freed, it is returned.
+fn return_freed_buffers_to_the_system() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes a malloc tunable; it is called before
+    // any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 fn main() -> ExitCode {
+    return_freed_buffers_to_the_system();
     let args = Args::parse();
     // Connections are served by smol's global executor, with `--threads`
     // threads (SMOL_THREADS when the flag is not given). One thread runs the
