@@ -1,16 +1,23 @@
-//! Storage backends shared by the NBD servers.
+//! Storage backends shared by the NBD servers, and the part of a server
+//! that does not depend on the runtime ([`serve`]).
 //!
 //! Both NBD runtimes (the blocking one and the `smol` one) serve exports
-//! through the single object-safe [`Storage`] trait, normally held as an
-//! `Arc<dyn Storage>` that every connection to the export shares. The trait
-//! is deliberately synchronous and positional (`read_at`/`write_at` with an
-//! explicit offset, all methods taking `&self`):
+//! through one of two abstractions:
 //!
-//! * the blocking server calls it directly from its worker threads;
-//! * the async server runs it on a blocking thread pool (or inline for the
-//!   memory backend, whose operations never block on I/O).
+//! * [`Storage`]: synchronous and positional (`read_at`/`write_at` with an
+//!   explicit offset, all methods taking `&self`), normally held as an
+//!   `Arc<dyn Storage>` that every connection to the export shares. Storage
+//!   that says it never blocks ([`Storage::never_blocks`]: the memory
+//!   export) is called in place, on the thread that reads the connection;
+//!   any other is called on the server's I/O pool ([`serve::IoPool`]), so a
+//!   slow call (an `fdatasync` on a real disk) never delays other
+//!   connections' requests.
+//! * [`AsyncStorage`]: for storage that is asynchronous by nature (a
+//!   network block store with completion callbacks): every operation
+//!   returns at once and reports its end through a [`Completion`]; no
+//!   thread waits on it.
 //!
-//! Every backend therefore uses interior mutability and must tolerate many
+//! Every backend uses interior mutability and must tolerate many
 //! concurrent callers; [`Capabilities::can_multi_conn`] states whether writes
 //! made through one connection are visible (and flushed) through every other.
 //!

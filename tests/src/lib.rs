@@ -172,10 +172,28 @@ const BUILD_TIMEOUT: Duration = Duration::from_secs(900);
 /// is then `TARGET_DIR/PROFILE/NAME`.  Panics with cargo's output if the
 /// build fails.
 pub fn our_bin(name: &str) -> String {
+    build_target(name, &["--bin", name], "")
+}
+
+/// The path of example `name` of package `package` of this workspace (built
+/// the way [`our_bin`] builds binaries), e.g.
+/// `our_example("nbd-proto", "server")`.
+pub fn our_example(package: &str, name: &str) -> String {
+    build_target(
+        &format!("{package}/{name}"),
+        &["-p", package, "--example", name],
+        "examples",
+    )
+}
+
+/// Builds a target of the workspace once per process (`cargo build
+/// WHAT...` for the profile and target directory the running test was
+/// built in) and returns the path of `PROFILE/SUBDIR/NAME`.
+fn build_target(key: &str, what: &[&str], subdir: &str) -> String {
     static BUILT: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
     // Holding the lock while building serializes the builds of one process.
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, path)) = built.iter().find(|(n, _)| n == name) {
+    if let Some((_, path)) = built.iter().find(|(n, _)| n == key) {
         return path.clone();
     }
 
@@ -202,7 +220,7 @@ pub fn our_bin(name: &str) -> String {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_owned());
     let (manifest, target_dir) = (path_arg(&manifest), path_arg(target_dir));
-    let args = [
+    let mut args = vec![
         "build",
         "--quiet",
         "--manifest-path",
@@ -211,21 +229,21 @@ pub fn our_bin(name: &str) -> String {
         &target_dir,
         "--profile",
         profile,
-        "--bin",
-        name,
     ];
+    args.extend_from_slice(what);
     let output = run_timeout(&cargo, &args, BUILD_TIMEOUT);
     if !output.status.success() {
         panic!(
-            "cannot build our binary {name}: `{}` failed\n{}",
+            "cannot build {key}: `{}` failed\n{}",
             command_line(&cargo, &args),
             describe_output(&output)
         );
     }
-    let bin = profile_dir.join(name);
-    assert!(bin.is_file(), "cargo built {name} but {} does not exist", bin.display());
+    let name = key.rsplit('/').next().unwrap_or(key);
+    let bin = profile_dir.join(subdir).join(name);
+    assert!(bin.is_file(), "cargo built {key} but {} does not exist", bin.display());
     let bin = path_arg(&bin);
-    built.push((name.to_owned(), bin.clone()));
+    built.push((key.to_owned(), bin.clone()));
     bin
 }
 

@@ -347,7 +347,11 @@ impl<E: ExportLookup> ServerSession<E> {
     /// any. Call it again with what it did not consume until a call
     /// consumes nothing and returns no event. It never consumes past the
     /// `NBD_OPT_STARTTLS` that asks for TLS.
-    pub fn feed<'a>(&'a mut self, input: &'a [u8]) -> Result<(usize, Option<ServerEvent<'a>>), ServerSessionError> {
+    ///
+    /// An event borrows only `input` (WRITE data), never the session, so
+    /// the driver can ask the session ([`ServerSession::encoder`],
+    /// [`ServerSession::export`], ...) while it handles the event.
+    pub fn feed<'i>(&mut self, input: &'i [u8]) -> Result<(usize, Option<ServerEvent<'i>>), ServerSessionError> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
@@ -711,12 +715,12 @@ impl<E: ExportLookup> ServerSession<E> {
 }
 
 /// Transmission input: see [`ServerSession::feed`].
-fn feed_transmission<'a>(
-    tx: &'a mut ServerTransmission,
-    partial: &'a mut Vec<u8>,
-    progress: &'a mut u64,
-    input: &'a [u8],
-) -> Result<(usize, Option<ServerEvent<'a>>), ServerSessionError> {
+fn feed_transmission<'i>(
+    tx: &mut ServerTransmission,
+    partial: &mut Vec<u8>,
+    progress: &mut u64,
+    input: &'i [u8],
+) -> Result<(usize, Option<ServerEvent<'i>>), ServerSessionError> {
     let mut consumed = 0;
     loop {
         let rest = &input[consumed..];

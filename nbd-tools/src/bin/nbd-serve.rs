@@ -17,7 +17,7 @@ use clap::Parser;
 use nbd_proto::server::{ServerConfig, TlsPolicy};
 use nbd_smol::server::{Listener, Server, ServerOptions};
 use nbd_smol::tls::ServerTlsOptions;
-use nbd_storage::serve::Export;
+use nbd_storage::serve::{Export, Limits};
 use nbd_storage::{FileStorage, MemoryStorage, Storage};
 
 /// Serve files, block devices or memory over the Network Block Device protocol.
@@ -67,6 +67,20 @@ struct Args {
     /// Seconds a client has to finish the handshake.
     #[arg(long = "handshake-timeout", value_name = "SECS", default_value_t = 10)]
     handshake_timeout: u64,
+    /// Largest READ or WRITE accepted from a client that negotiated no block
+    /// sizes (the spec asks for at least 32M; clients that asked for block
+    /// sizes are held to the 32M maximum they were sent). WRITE payloads
+    /// reach storage in 1M pieces as they arrive, so this costs no memory
+    /// up front.
+    #[arg(long = "max-payload", value_name = "SIZE", value_parser = parse_size, default_value = "64M")]
+    max_payload: u64,
+    /// Payload memory (READ replies and WRITE pieces in flight) over all
+    /// clients; a client that would exceed it waits.
+    #[arg(long = "payload-memory", value_name = "SIZE", value_parser = parse_size, default_value = "1G")]
+    payload_memory: u64,
+    /// Threads that run blocking storage calls (file and block-device I/O).
+    #[arg(long = "io-threads", value_name = "N", default_value_t = 16)]
+    io_threads: usize,
     /// Use oldstyle negotiation (legacy clients only; default export only).
     #[arg(long)]
     oldstyle: bool,
@@ -254,6 +268,7 @@ fn run(args: Args) -> Result<(), String> {
         extended_headers: !args.no_extended_headers && !args.no_structured_replies,
         support_go: !args.no_go,
         handshake_timeout: Some(Duration::from_secs(args.handshake_timeout)),
+        unnegotiated_max_payload: args.max_payload,
         ..ServerConfig::default()
     };
     let options = ServerOptions {
@@ -261,7 +276,11 @@ fn run(args: Args) -> Result<(), String> {
         max_connections: args.max_connections,
         verbose: args.verbose,
         tls,
-        ..ServerOptions::default()
+        limits: Limits {
+            payload_budget: args.payload_memory.max(args.max_payload),
+            io_threads: args.io_threads.max(1),
+            ..Limits::default()
+        },
     };
     let listeners = match Listener::from_systemd().map_err(|e| format!("socket activation: {e}"))? {
         Some(l) => l,
