@@ -234,6 +234,53 @@ impl Storage for FileStorage {
         self.file.read_exact_at(buf, offset).map_err(with_errno)
     }
 
+    /// `preadv2(RWF_NOWAIT)`: only what the page cache holds.
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        if let Err(e) = check_range(self.size, offset, buf.len() as u64) {
+            return Some(Err(e));
+        }
+        if buf.is_empty() {
+            return Some(Ok(()));
+        }
+        let off = to_off(offset).ok()?;
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: `iov` describes `buf`, which is valid for writes of its
+        // length for the duration of the call; the descriptor is owned by
+        // `self.file`.
+        let n = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
+        // A short read (part of the range cached) or EAGAIN: let the pool
+        // read it all. Any other error is the pool's to report too.
+        (n >= 0 && n as usize == buf.len()).then_some(Ok(()))
+    }
+
+    /// `pwritev2(RWF_NOWAIT)`: only when the filesystem can take the write
+    /// into the page cache without waiting.
+    fn try_write_at(&self, buf: &[u8], offset: u64) -> Option<io::Result<()>> {
+        if let Err(e) = self.check_writable(offset, buf.len() as u64) {
+            return Some(Err(e));
+        }
+        if buf.is_empty() || self.block_device {
+            return None;
+        }
+        let off = to_off(offset).ok()?;
+        let iov = libc::iovec {
+            iov_base: buf.as_ptr().cast_mut().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: `iov` describes `buf`, valid for reads of its length for
+        // the duration of the call (pwritev2 does not write through it).
+        let n = unsafe { libc::pwritev2(self.file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
+        if n < 0 {
+            return None;
+        }
+        // Partly written: the pool writes it all again (the same bytes at
+        // the same place).
+        (n as usize == buf.len()).then_some(Ok(()))
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
         self.check_writable(offset, buf.len() as u64)?;
         self.file.write_all_at(buf, offset).map_err(with_errno)?;

@@ -230,6 +230,24 @@ pub trait Storage: Send + Sync {
         Ok(scratch.first().copied().unwrap_or(Extent::data(length)))
     }
 
+    /// Reads like [`Storage::read_at`] if that can be done without waiting
+    /// (the bytes are in memory, the page cache for a file); `None` means
+    /// it would have to wait, and the server then calls `read_at` on its
+    /// I/O pool. Servers try this in place first, which spares the pool's
+    /// thread hand-offs for reads that hit the cache. The default: `None`.
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        let _ = (buf, offset);
+        None
+    }
+
+    /// Writes like [`Storage::write_at`] (without FUA) if that can be done
+    /// without waiting; `None` means it would wait (and nothing was
+    /// written). The default: `None`.
+    fn try_write_at(&self, buf: &[u8], offset: u64) -> Option<io::Result<()>> {
+        let _ = (buf, offset);
+        None
+    }
+
     /// Whether every call returns without waiting on anything (no I/O, no
     /// lock held across I/O): then the servers call it in place, on the
     /// thread that reads the connection, instead of on the I/O pool. The

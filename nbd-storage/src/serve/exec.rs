@@ -207,9 +207,18 @@ impl Executor {
     }
 
     fn dispatch_read(&mut self, req: ServerRequest, budget: u64) {
-        let buf = self.env.shared.take_buf(req.length as usize);
+        let mut buf = self.env.shared.take_buf(req.length as usize);
         match &self.backend {
             Backend::Sync(s) if self.inline => read(&self.env, &**s, &req, buf, budget),
+            Backend::Sync(s) if !sparse(&self.env, &req) => match s.try_read_at(&mut buf, req.offset) {
+                // In the cache: answered here, without the pool's hand-offs.
+                Some(r) => plain_read_done(&self.env, &req, buf, budget, r),
+                None => self.pool.submit(Job {
+                    env: self.env.clone(),
+                    storage: s.clone(),
+                    op: Op::Read { req, buf, budget },
+                }),
+            },
             Backend::Sync(s) => self.pool.submit(Job {
                 env: self.env.clone(),
                 storage: s.clone(),
@@ -326,6 +335,21 @@ impl Executor {
 
     fn submit_piece(&self, req: ServerRequest, slot: usize, at: u64, buf: Vec<u8>, budget: u64) {
         match &self.backend {
+            Backend::Sync(s) if !req.fua() => match s.try_write_at(&buf, at) {
+                // Taken by the page cache without waiting: done here.
+                Some(r) => piece_done(&self.env, &req, slot, buf, budget, r),
+                None => self.pool.submit(Job {
+                    env: self.env.clone(),
+                    storage: s.clone(),
+                    op: Op::WritePiece {
+                        req,
+                        slot,
+                        at,
+                        buf,
+                        budget,
+                    },
+                }),
+            },
             Backend::Sync(s) => self.pool.submit(Job {
                 env: self.env.clone(),
                 storage: s.clone(),
@@ -430,11 +454,30 @@ fn zero_flags(req: &ServerRequest) -> ZeroFlags {
     }
 }
 
+/// Whether a READ is sent sparsely (holes as hole chunks).
+fn sparse(env: &Env, req: &ServerRequest) -> bool {
+    env.structured && !req.flags.contains(CommandFlags::DF) && req.length >= SPARSE_READ_THRESHOLD
+}
+
+/// Replies to a plain READ whose data `buf` holds (if `r` is a success).
+fn plain_read_done(env: &Env, req: &ServerRequest, buf: Vec<u8>, budget: u64, r: io::Result<()>) {
+    let mut reply = env.shared.take_reply();
+    let r = r.and_then(|()| env.enc.read_reply_header(req).map_err(invalid));
+    match r {
+        Ok(header) => {
+            reply.head.extend_from_slice(header.as_bytes());
+            reply.data(0, buf.len());
+            env.shared.reply(reply, Some(Data { buf, budget }));
+        }
+        Err(e) => reply_without_data(env, req, reply, buf, budget, &e),
+    }
+}
+
 /// A READ into `buf` (exactly the request's length), sparse when
 /// structured replies allow.
 fn read(env: &Env, st: &dyn Storage, req: &ServerRequest, mut buf: Vec<u8>, budget: u64) {
     let mut reply = env.shared.take_reply();
-    let r = if env.structured && !req.flags.contains(CommandFlags::DF) && req.length >= SPARSE_READ_THRESHOLD {
+    let r = if sparse(env, req) {
         let mut extents = std::mem::take(&mut reply.extents);
         let r = sparse_read(env, st, req, &mut buf, &mut reply, &mut extents);
         reply.extents = extents;

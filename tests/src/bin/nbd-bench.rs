@@ -4,6 +4,7 @@
 //!
 //! Run with `cargo run --release -p nbd-tests --bin nbd-bench` (add
 //! `-- --quick` for a shorter run, `-- --tls-only` for the TLS rows
+//! alone, `-- --flush-only` for the reader-next-to-a-flushing-writer rows
 //! alone). The machines are shared and noisy: each
 //! figure is the median of several alternating runs (ours, peer, ours,
 //! peer, ...), and only ratios measured in the same run mean anything.
@@ -200,6 +201,119 @@ fn server_rows(
             });
         }
     }
+}
+
+/// Reader IOPS and 99th percentile latency (µs) of 4 KiB random reads at
+/// queue depth 1, while a second client writes 64 KiB at random with an
+/// `fsync` (NBD_CMD_FLUSH) after each write, both on one server.
+fn reader_next_to_flushing_writer(uri: &str, cfg: &Config, dir: &TempDir) -> (f64, f64) {
+    let out = dir.join("fio-flush.json");
+    let args = [
+        "--ioengine=nbd".to_string(),
+        format!("--uri={uri}"),
+        "--size=256M".to_string(),
+        format!("--runtime={}", cfg.runtime.max(4)),
+        "--time_based".to_string(),
+        "--output-format=json".to_string(),
+        format!("--output={}", out.display()),
+        "--name=writer".to_string(),
+        "--rw=randwrite".to_string(),
+        "--bs=64k".to_string(),
+        "--iodepth=1".to_string(),
+        "--fsync=1".to_string(),
+        "--name=reader".to_string(),
+        "--rw=randread".to_string(),
+        "--bs=4k".to_string(),
+        "--iodepth=1".to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = run_timeout("fio", &args, Duration::from_secs(cfg.runtime as u64 + 90));
+    assert!(o.status.success(), "fio failed: {}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).expect("fio output")).expect("fio json");
+    let reader = j["jobs"]
+        .as_array()
+        .and_then(|jobs| jobs.iter().find(|job| job["jobname"] == "reader"))
+        .expect("the reader job");
+    let iops = reader["read"]["iops"].as_f64().unwrap_or(0.0);
+    let p99_ns = reader["read"]["clat_ns"]["percentile"]["99.000000"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
+    (iops, p99_ns / 1000.0)
+}
+
+/// nbd-serve and qemu-nbd (`--aio=threads`, its default) each on a file on
+/// the machine's disk (not tmpfs: `fdatasync` must reach a device), a reader
+/// beside a writer that flushes after every write.
+fn flushing_writer_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
+    let serve = our_bin("nbd-serve");
+    let f1 = dir.join("flush-ours.img");
+    let f2 = dir.join("flush-qemu.img");
+    for f in [&f1, &f2] {
+        std::fs::File::create(f)
+            .and_then(|h| h.set_len(256 << 20))
+            .expect("create image");
+    }
+    let s1 = dir.socket_path("flush-ours");
+    let s2 = dir.socket_path("flush-qemu");
+    let ours = Peer::start(
+        dir,
+        &serve,
+        &[
+            "--socket",
+            s1.to_str().unwrap_or_default(),
+            f1.to_str().unwrap_or_default(),
+        ],
+        Endpoint::Unix(s1.clone()),
+    );
+    let qemu = Peer::start(
+        dir,
+        "qemu-nbd",
+        &[
+            "--socket",
+            s2.to_str().unwrap_or_default(),
+            "--persistent",
+            "--shared=8",
+            "--aio=threads",
+            "-f",
+            "raw",
+            f2.to_str().unwrap_or_default(),
+        ],
+        Endpoint::Unix(s2.clone()),
+    );
+    prefill(&unix_uri(&s1), dir);
+    prefill(&unix_uri(&s2), dir);
+    let (mut a, mut b, mut a99, mut b99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..cfg.reps {
+        let (iops, p99) = reader_next_to_flushing_writer(&unix_uri(&s1), cfg, dir);
+        a.push(iops);
+        a99.push(p99);
+        let (iops, p99) = reader_next_to_flushing_writer(&unix_uri(&s2), cfg, dir);
+        b.push(iops);
+        b99.push(p99);
+    }
+    let what = "file on disk, 4 KiB reads QD1 next to 64 KiB writes with fsync";
+    rows.push(Row {
+        what: format!("{what}: reader IOPS"),
+        peer: "qemu-nbd".to_string(),
+        ours: median(a),
+        theirs: median(b),
+        unit: "IOPS",
+        better: Better::Higher,
+        target: 1.0,
+    });
+    rows.push(Row {
+        what: format!("{what}: reader p99 latency"),
+        peer: "qemu-nbd".to_string(),
+        ours: median(a99),
+        theirs: median(b99),
+        unit: "us",
+        better: Better::Lower,
+        target: 1.0,
+    });
+    drop(ours);
+    drop(qemu);
+    let _ = std::fs::remove_file(&f1);
+    let _ = std::fs::remove_file(&f2);
 }
 
 fn time_cmd(cmd: &str, args: &[&str]) -> f64 {
@@ -503,6 +617,11 @@ fn main() {
         print_rows(&rows);
         return;
     }
+    if std::env::args().any(|a| a == "--flush-only") {
+        flushing_writer_rows(&cfg, &dir, &mut rows);
+        print_rows(&rows);
+        return;
+    }
 
     // Memory: nbd-serve --memory against nbdkit's memory plugin.
     {
@@ -579,6 +698,7 @@ fn main() {
         let _ = std::fs::remove_file(&f1);
         let _ = std::fs::remove_file(&f2);
     }
+    flushing_writer_rows(&cfg, &dir, &mut rows);
     copy_rows(&cfg, &dir, &mut rows);
     idle_memory_rows(&dir, &mut rows);
     tls_rows(&cfg, &dir, &mut rows);
