@@ -1419,6 +1419,9 @@ impl ClientDriver {
                 }
             };
             self.inbox.consumed(n);
+            // Output queued before the event (an option sent before the
+            // handshake ended) is checked as what it was.
+            self.transmit();
             match ev {
                 Some(ev) => self.event(ev),
                 None if n == 0 => {
