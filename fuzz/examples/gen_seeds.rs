@@ -134,8 +134,7 @@ impl PeerServer {
             let input = std::mem::take(&mut self.inbox);
             let mut rest: &[u8] = &input;
             let mut events = Vec::new();
-            loop {
-                let Ok((n, ev)) = self.s.feed(rest) else { break };
+            while let Ok((n, ev)) = self.s.feed(rest) {
                 rest = &rest[n..];
                 match ev {
                     Some(ServerEvent::Request(r)) if !(r.command == Command::WRITE && r.length > 0) => events.push(r),

@@ -1894,7 +1894,10 @@ pub fn client_session(data: &[u8]) -> Summary {
                 true
             }
             client_op::DATA16 => match input.u16() {
-                Some(k) => d.move_data(&mut input, k as u64) || true,
+                Some(k) => {
+                    d.move_data(&mut input, k as u64);
+                    true
+                }
                 None => false,
             },
             client_op::MISUSE => {
@@ -2419,7 +2422,10 @@ pub fn server_session(data: &[u8]) -> Summary {
                 true
             }
             server_op::MOVE16 => match input.u16() {
-                Some(k) => d.move_bytes(&mut input, k as u64) || true,
+                Some(k) => {
+                    d.move_bytes(&mut input, k as u64);
+                    true
+                }
                 None => false,
             },
             _ => d.exact(&mut input) || input.left() > 0,
