@@ -1,26 +1,21 @@
-//! Writes starting inputs for the fuzz targets into `fuzz/corpus/TARGET/`:
-//! conversations between nbd-proto's own client and server machines, in
-//! the byte layout the targets read (see `src/drive.rs`), so fuzzing
-//! starts from deep states instead of rediscovering every magic number.
+//! Writes the starting inputs of the fuzz targets into `fuzz/seeds/TARGET/`
+//! (files `seed-*`; other files there, minimised corpora, are left alone):
+//! conversations between nbd-proto's own client and server sessions, in the
+//! byte layout each target reads (see `src/drive.rs`), so that fuzzing
+//! starts deep in every phase: transmission in every mode, TLS, option
+//! mode, READ data and WRITE payloads moved by the driver or fed.
 //!
-//! `cargo run --manifest-path fuzz/Cargo.toml --example gen_seeds`
-//! (from the repository root), then fuzz and `cargo fuzz cmin`.
-//!
-//! The configuration prefixes are `arbitrary` encodings, found by trying
-//! random byte strings until one decodes to a value with the wanted
-//! properties.
+//! `cargo run --release --manifest-path fuzz/Cargo.toml --example gen_seeds`
+//! (from the repository root). Every seed is run through its target, which
+//! must reach what the seed was made for.
 
-use std::collections::VecDeque;
 use std::fs;
 use std::path::Path;
 
-use arbitrary::{Arbitrary, Unstructured};
-use nbd_proto::client::{ClientHandshake, ClientTransmission, HandshakeStep, Negotiated, Request};
-use nbd_proto::server::{
-    ReplyEncoder, RequestEvent, ServerHandshake, ServerNegotiated, ServerReceive, ServerRequest, ServerStep,
-    ServerTransmission,
-};
-use nbd_proto::wire::*;
+use nbd_proto::client::{ClientConfig, ClientEvent, ClientNeed, ClientSession, Request};
+use nbd_proto::common::Mode;
+use nbd_proto::server::{ServerConfig, ServerEvent, ServerNeed, ServerRequest, ServerSession};
+use nbd_proto::wire::{Command, TransmissionFlags};
 use nbd_proto_fuzz::drive::*;
 
 struct Rng(u64);
@@ -36,590 +31,705 @@ impl Rng {
     }
 }
 
-/// Bytes that decode (with `arbitrary`) to a `T` satisfying `pred`, and
-/// the value. Only values decoded without running out of bytes count, so
-/// the bytes mean the same whatever follows them.
-fn find<T: for<'a> Arbitrary<'a>>(rng: &mut Rng, pred: impl Fn(&T) -> bool) -> (T, Vec<u8>) {
-    for _ in 0..50_000_000 {
-        let len = 1 + (rng.next() % 48) as usize;
-        let bytes: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
-        let mut u = Unstructured::new(&bytes);
-        if let Ok(v) = T::arbitrary(&mut u) {
-            if !u.is_empty() && pred(&v) {
-                let used = bytes.len() - u.len();
-                return (v, bytes[..used].to_vec());
-            }
-        }
-    }
-    panic!("no encoding found for {}", std::any::type_name::<T>());
+fn dir(target: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds").join(target)
 }
 
 fn write(target: &str, name: &str, data: &[u8]) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target);
-    fs::create_dir_all(&dir).expect("corpus dir");
-    fs::write(dir.join(format!("seed-{name}")), data).expect("write seed");
-    // Every seed must run cleanly.
-    run(target, data);
+    fs::write(dir(target).join(format!("seed-{name}")), data).expect("write seed");
 }
 
-fn export_ok(e: &Option<ExportSpec>) -> bool {
-    matches!(e, Some(e) if e.canonical.is_none()
-        && matches!(e.size, Size::Mega | Size::Blocks(64..))
-        && e.block % 7 < 3
-        && !e.block_size_required
-        && e.contexts & 0x10 == 0
-        && e.contexts & 1 != 0
-        && matches!(e.description, None | Some(Name::Disk | Name::Other | Name::Unicode))
-        && !e.tls_only)
+/// The export every peer offers: 1 MiB, writable, every command, four
+/// metadata contexts, block sizes 512/4096/64 KiB; the default export.
+/// (The layout of [`ExportSpec::decode`].)
+const DISK: [u8; 7] = {
+    let f = TransmissionFlags::HAS_FLAGS.bits()
+        | TransmissionFlags::SEND_FLUSH.bits()
+        | TransmissionFlags::SEND_FUA.bits()
+        | TransmissionFlags::SEND_TRIM.bits()
+        | TransmissionFlags::SEND_WRITE_ZEROES.bits()
+        | TransmissionFlags::SEND_CACHE.bits()
+        | TransmissionFlags::SEND_FAST_ZERO.bits()
+        | TransmissionFlags::BLOCK_STATUS_PAYLOAD.bits();
+    [1, 3, 1, (f >> 8) as u8, f as u8, 2, 0x8f]
+};
+
+/// A read-only export named "ro".
+const RO: [u8; 7] = [2, 7, 6, 0, 3, 0, 0x01];
+
+fn peer_exports() -> Exports {
+    Exports(vec![ExportSpec::decode(DISK), ExportSpec::decode(RO)])
 }
 
-/// A client handshake against our server: the seed is the client
-/// configuration, then exactly what the client reads, with the options of
-/// `opts` encoded where the client waits in option mode.
-fn client_handshake_seed(
-    rng: &mut Rng,
-    name: &str,
-    cpred: impl Fn(&ClientSpec) -> bool,
-    spred: impl Fn(&ServerSpec) -> bool,
-    opts: &[&str],
-) {
-    let (cspec, mut out) = find::<ClientSpec>(rng, cpred);
-    let (sspec, _) = find::<ServerSpec>(rng, spred);
-    let (export, _) = find::<Option<ExportSpec>>(rng, export_ok);
-    let mut client = ClientHandshake::new(cspec.config());
-    let mut server = ServerHandshake::new(sspec.config());
-    let (mut c2s, mut s2c) = (VecDeque::new(), VecDeque::new());
-    let mut opts = opts.iter();
-    for _ in 0..10_000 {
-        match client.step() {
-            HandshakeStep::Send(b) => {
-                c2s.extend(b.iter().copied());
-                client.sent();
-            }
-            HandshakeStep::Receive(n) => {
-                pump_server(&mut server, &mut c2s, &mut s2c, export.as_ref(), n);
-                if s2c.len() < n {
-                    break;
-                }
-                let d: Vec<u8> = s2c.drain(..n).collect();
-                out.extend_from_slice(&d);
-                if client.received(&d).is_err() {
-                    break;
-                }
-            }
-            HandshakeStep::StartTls => {
-                pump_server(&mut server, &mut c2s, &mut s2c, export.as_ref(), 0);
-                client.tls_established().expect("tls");
-            }
-            HandshakeStep::Negotiating => {
-                let Some(want) = opts.next() else { break };
-                let (opt, bytes) = find::<UserOpt>(rng, |o| format!("{o:?}") == *want);
-                out.extend_from_slice(&bytes);
-                issue(&mut client, &opt);
-            }
-            HandshakeStep::OptionDone => {
-                client.take_outcome();
-            }
-            HandshakeStep::Done | HandshakeStep::Aborted => break,
+/// What the scripted side does when its session waits for it.
+#[derive(Debug, Clone, Copy)]
+enum Act {
+    /// An option-mode call (client) — `OptCall::decode` bytes.
+    Opt(u8, u8, u8),
+    /// A request (client): command selector, flags, offset, length.
+    Req(u8, u8, u64, u32),
+    /// `disconnect` (client).
+    Disc,
+    /// A misuse probe.
+    Misuse,
+    /// Release completed requests' slots (client).
+    Release,
+    /// `shutdown` (server).
+    Shutdown,
+    /// New encoder arguments (server): so many random bytes.
+    Encoder(usize),
+}
+
+/// How the scripted side reads: `None` exact counts, else pieces of this size.
+type Feed = Option<usize>;
+
+// ---------------------------------------------------------------------------
+// The peer server (for client_session seeds)
+// ---------------------------------------------------------------------------
+
+/// Our server session with a simple executor: zeroes for READs, one
+/// extent per context for BLOCK_STATUS.
+struct PeerServer {
+    s: ServerSession<Exports>,
+    out: Vec<u8>,
+    inbox: Vec<u8>,
+}
+
+impl PeerServer {
+    fn new(config: ServerConfig) -> Self {
+        PeerServer {
+            s: ServerSession::new(config, peer_exports()),
+            out: Vec::new(),
+            inbox: Vec::new(),
         }
     }
-    write("client_handshake", name, &out);
+
+    fn reply(&mut self, r: &ServerRequest) {
+        let enc = self.s.encoder().expect("encoder");
+        match r.command {
+            Command::READ if r.length > 0 => {
+                let h = enc.read_reply_header(r).expect("read reply");
+                self.out.extend_from_slice(h.as_bytes());
+                self.out.extend((0..r.length).map(|i| i as u8));
+            }
+            Command::BLOCK_STATUS => {
+                let ids: Vec<u32> = self.s.selected_contexts(r).map(|(_, c)| c.id).collect();
+                for (k, id) in ids.iter().enumerate() {
+                    enc.block_status_chunk(r, *id, [(r.length, 0u64)], k + 1 == ids.len(), &mut self.out)
+                        .expect("status");
+                }
+            }
+            _ => self.out.extend_from_slice(enc.reply_ok(r).as_bytes()),
+        }
+    }
+
+    /// Takes what the client sent.
+    fn pump(&mut self) {
+        for _ in 0..100_000 {
+            while self.s.poll_transmit(&mut self.out).is_some() {}
+            if let ServerNeed::StartTls(t) = self.s.need() {
+                t.established().expect("tls");
+                continue;
+            }
+            let input = std::mem::take(&mut self.inbox);
+            let mut rest: &[u8] = &input;
+            let mut events = Vec::new();
+            while let Ok((n, ev)) = self.s.feed(rest) {
+                rest = &rest[n..];
+                match ev {
+                    Some(ServerEvent::Request(r)) if !(r.command == Command::WRITE && r.length > 0) => events.push(r),
+                    Some(ServerEvent::WriteData {
+                        request, last: true, ..
+                    }) => events.push(request),
+                    Some(_) => {}
+                    None if n == 0 => break,
+                    None => {}
+                }
+                while self.s.poll_transmit(&mut self.out).is_some() {}
+            }
+            self.inbox = rest.to_vec();
+            for r in &events {
+                self.reply(r);
+            }
+            if events.is_empty() && !matches!(self.s.need(), ServerNeed::StartTls(_)) {
+                return;
+            }
+        }
+    }
 }
 
-/// Issues a [`UserOpt`] on a bare client machine.
-fn issue(c: &mut ClientHandshake, opt: &UserOpt) {
-    let q = |q: &[Query]| q.iter().map(|q| q.get()).collect::<Vec<_>>();
-    let r = match opt {
-        UserOpt::List => c.opt_list(),
-        UserOpt::Info(n) => c.opt_info(&n.get()),
-        UserOpt::Go(n) => c.opt_go(n.map(Name::get).as_deref()),
-        UserOpt::ListMetaContext(n, qs) => c.opt_list_meta_context(&n.get(), &q(qs)),
-        UserOpt::SetMetaContext(n, qs) => c.opt_set_meta_context(&n.get(), &q(qs)),
-        UserOpt::StructuredReply => c.opt_structured_reply(),
-        UserOpt::ExtendedHeaders => c.opt_extended_headers(),
-        UserOpt::Abort => c.opt_abort(),
-    };
-    r.expect("option issued");
-}
-
-/// Runs the server until it has sent `want` bytes or needs more input.
-fn pump_server(
-    s: &mut ServerHandshake,
-    c2s: &mut VecDeque<u8>,
-    s2c: &mut VecDeque<u8>,
-    export: Option<&ExportSpec>,
-    want: usize,
-) {
+/// A client_session seed: the client (configured by `config`, the four
+/// bytes of `client_config`) against our server, reading as `feed` says;
+/// `acts` are done in turn whenever the client waits for its caller.
+fn client_seed(name: &str, config: [u8; 4], server: ServerConfig, feed: &[Feed], acts: &[Act]) -> Summary {
+    let (cfg, manual) = client_config(config);
+    let mut c = ClientSession::new(cfg);
+    c.set_manual_release(manual);
+    let mut p = PeerServer::new(server);
+    let mut seed = config.to_vec();
+    let mut inbox: Vec<u8> = Vec::new();
+    let mut wire: Vec<u8> = Vec::new();
+    let mut acts = acts.iter();
+    let mut round = 0;
+    let mut writes = std::collections::HashMap::new();
     for _ in 0..10_000 {
-        if want > 0 && s2c.len() >= want {
+        // Client output to the server, server output to the wire.
+        let mut out = Vec::new();
+        while let Some(t) = c.poll_transmit(&mut out) {
+            if let Some(pl) = t.payload {
+                out.extend_from_slice(&writes.remove(&pl.cookie).unwrap_or_else(|| vec![7; pl.length as usize]));
+            }
+        }
+        p.inbox.extend_from_slice(&out);
+        p.pump();
+        wire.append(&mut p.out);
+        // The client's turn, as the target's driver does it.
+        match c.need() {
+            ClientNeed::Pending => {
+                feed_client(&mut c, &mut inbox);
+                continue;
+            }
+            ClientNeed::StartTls(t) => {
+                t.established().expect("tls");
+                feed_client(&mut c, &mut inbox);
+                continue;
+            }
+            ClientNeed::Closed => break,
+            ClientNeed::Negotiating | ClientNeed::Idle => {
+                match acts.next() {
+                    None => break,
+                    Some(Act::Opt(w, n, q)) => {
+                        seed.extend_from_slice(&[client_op::OPT, *w, *n, *q]);
+                        let _ = OptCall::decode(*w, *n, *q);
+                        call_opt(&mut c, OptCall::decode(*w, *n, *q));
+                    }
+                    Some(Act::Req(cmd, flags, offset, length)) => {
+                        seed.push(client_op::REQUEST);
+                        seed.extend_from_slice(&[*cmd, *flags]);
+                        seed.extend_from_slice(&offset.to_be_bytes());
+                        seed.extend_from_slice(&length.to_be_bytes());
+                        let r = Request {
+                            command: command(*cmd),
+                            flags: nbd_proto::wire::CommandFlags::from_bits_retain(*flags as u16),
+                            offset: *offset,
+                            length: *length as u64,
+                        };
+                        if let Ok(cookie) = c.start_request(r) {
+                            writes.insert(cookie, (0..*length).map(|i| (i * 7) as u8).collect());
+                        }
+                    }
+                    Some(Act::Disc) => {
+                        seed.push(client_op::DISCONNECT);
+                        let _ = c.disconnect();
+                    }
+                    Some(Act::Misuse) => seed.push(client_op::MISUSE),
+                    Some(Act::Release) => seed.push(client_op::RELEASE),
+                    Some(_) => {}
+                }
+                continue;
+            }
+            _ => {}
+        }
+        if wire.is_empty() && inbox.is_empty() {
+            break;
+        }
+        round += 1;
+        let mode = feed[round % feed.len()];
+        if wire.is_empty() {
+            break;
+        }
+        match (c.need(), mode) {
+            (ClientNeed::Data { length, .. }, None) if inbox.is_empty() && wire.len() as u64 >= length => {
+                seed.push(client_op::EXACT);
+                seed.extend(wire.drain(..length as usize));
+                if let Ok(Some(ClientEvent::Done { cookie, .. })) = c.data_received(length) {
+                    c.release(cookie);
+                }
+            }
+            (ClientNeed::Bytes(n), None) if inbox.is_empty() && n > 0 && wire.len() >= n => {
+                seed.push(client_op::EXACT);
+                let unit: Vec<u8> = wire.drain(..n).collect();
+                seed.extend_from_slice(&unit);
+                inbox = unit;
+                feed_client(&mut c, &mut inbox);
+            }
+            (_, k) => {
+                let piece = piece(&mut seed, &mut wire, k);
+                inbox.extend_from_slice(&piece);
+                feed_client(&mut c, &mut inbox);
+            }
+        }
+    }
+    write("client_session", name, &seed);
+    client_session(&seed)
+}
+
+/// Records a piece of `k` bytes (at most what is on the wire) and returns it.
+fn piece(seed: &mut Vec<u8>, wire: &mut Vec<u8>, k: Feed) -> Vec<u8> {
+    let k = k.unwrap_or(1).clamp(1, wire.len());
+    if k <= 0x7f {
+        seed.push(k as u8);
+    } else {
+        let k = k.min(0xffff);
+        seed.push(client_op::CHUNK16);
+        seed.extend_from_slice(&(k as u16).to_be_bytes());
+    }
+    let piece: Vec<u8> = wire.drain(..k.min(0xffff)).collect();
+    seed.extend_from_slice(&piece);
+    piece
+}
+
+fn call_opt(c: &mut ClientSession, call: OptCall) {
+    let _ = call.call(c);
+}
+
+/// Feeds what was read until the session takes no more; releases the
+/// slots of completed requests (the target releases them on
+/// [`client_op::RELEASE`]; releasing early changes nothing it sees).
+fn feed_client(c: &mut ClientSession, inbox: &mut Vec<u8>) {
+    loop {
+        let Ok((n, ev)) = c.feed(inbox) else { return };
+        let event = ev.is_some();
+        let done = match ev {
+            Some(ClientEvent::Done { cookie, .. }) => Some(cookie),
+            _ => None,
+        };
+        inbox.drain(..n);
+        if let Some(cookie) = done {
+            c.release(cookie);
+        }
+        if n == 0 && !event {
             return;
         }
-        match s.step() {
-            ServerStep::Send(b) => {
-                s2c.extend(b.iter().copied());
-                s.sent();
-            }
-            ServerStep::Receive(n) | ServerStep::Discard(n) if c2s.len() < n => return,
-            ServerStep::Receive(n) => {
-                let d: Vec<u8> = c2s.drain(..n).collect();
-                if s.received(&d).is_err() {
-                    return;
-                }
-            }
-            ServerStep::Discard(n) => {
-                c2s.drain(..n);
-                s.discarded().expect("discard");
-            }
-            ServerStep::StartTls => {
-                s.tls_established().expect("tls");
-                if want == 0 {
-                    return;
-                }
-            }
-            ServerStep::LookupExport { name } => {
-                let d = export.map(|e| e.details(name));
-                if s.answer_export(d).is_err() {
-                    return;
-                }
-            }
-            ServerStep::ListExports => s.answer_list(&[]).expect("list"),
-            ServerStep::Done | ServerStep::Aborted | ServerStep::Closed => return,
-        }
     }
 }
 
-/// A server handshake against our client: the seed is the server
-/// configuration, then exactly what the server reads, with the driver's
-/// answers encoded where the server asks; then, after the handshake, a few
-/// requests for transmission.
-fn server_handshake_seed(
+// ---------------------------------------------------------------------------
+// The peer client (for server_session seeds)
+// ---------------------------------------------------------------------------
+
+/// A server_session seed: the server (its three configuration bytes and
+/// the exports [`DISK`] and [`RO`]) against our client configured by
+/// `client`, with `acts` for the client (options, requests) and the server
+/// (shutdown, encoder arguments) in turn.
+fn server_seed(
     rng: &mut Rng,
     name: &str,
-    spred: impl Fn(&ServerSpec) -> bool,
-    cpred: impl Fn(&ClientSpec) -> bool,
-) {
-    let (sspec, mut out) = find::<ServerSpec>(rng, spred);
-    let (cspec, _) = find::<ClientSpec>(rng, cpred);
-    let mut server = ServerHandshake::new(sspec.config());
-    let mut client = ClientHandshake::new(cspec.config());
-    let (mut c2s, mut s2c) = (VecDeque::<u8>::new(), VecDeque::<u8>::new());
-    let mut negotiated = None;
+    config: [u8; 3],
+    client: ClientConfig,
+    feed: &[Feed],
+    acts: &[Act],
+) -> Summary {
+    let mut s = ServerSession::new(server_config(config), peer_exports());
+    let mut c = ClientSession::new(client);
+    let mut seed = config.to_vec();
+    seed.push(2);
+    seed.extend_from_slice(&DISK);
+    seed.extend_from_slice(&RO);
+    let mut wire: Vec<u8> = Vec::new();
+    let mut inbox: Vec<u8> = Vec::new();
+    let mut to_client: Vec<u8> = Vec::new();
+    let mut acts = acts.iter();
+    let mut round = 0;
     for _ in 0..10_000 {
-        // Let the client run as far as it can.
+        // The client's side: take replies, then send.
+        let mut client_moved = false;
         loop {
-            match client.step() {
-                HandshakeStep::Send(b) => {
-                    c2s.extend(b.iter().copied());
-                    client.sent();
+            let mut progress = false;
+            match c.need() {
+                ClientNeed::Pending => {
+                    let _ = c.feed(&[]);
+                    progress = true;
                 }
-                HandshakeStep::Receive(n) if s2c.len() >= n => {
-                    let d: Vec<u8> = s2c.drain(..n).collect();
-                    if client.received(&d).is_err() {
-                        break;
+                ClientNeed::StartTls(t) => {
+                    t.established().expect("tls");
+                    progress = true;
+                }
+                ClientNeed::Data { length, .. } if !to_client.is_empty() => {
+                    let n = (length as usize).min(to_client.len());
+                    to_client.drain(..n);
+                    let _ = c.data_received(n as u64);
+                    progress = true;
+                }
+                ClientNeed::Bytes(n) if n > 0 && to_client.len() >= n => {
+                    let unit: Vec<u8> = to_client.drain(..n).collect();
+                    let _ = c.feed(&unit);
+                    progress = true;
+                }
+                ClientNeed::Negotiating | ClientNeed::Idle => match acts.next() {
+                    Some(Act::Opt(w, n, q)) => {
+                        call_opt(&mut c, OptCall::decode(*w, *n, *q));
+                        progress = true;
                     }
+                    Some(Act::Req(cmd, flags, offset, length)) => {
+                        let r = Request {
+                            command: command(*cmd),
+                            flags: nbd_proto::wire::CommandFlags::from_bits_retain(*flags as u16),
+                            offset: *offset,
+                            length: *length as u64,
+                        };
+                        let _ = c.start_request(r);
+                        progress = true;
+                    }
+                    Some(Act::Disc) => {
+                        let _ = c.disconnect();
+                        progress = true;
+                    }
+                    Some(Act::Shutdown) => {
+                        seed.push(server_op::SHUTDOWN);
+                        s.shutdown();
+                        progress = true;
+                    }
+                    Some(Act::Misuse) => {
+                        seed.push(server_op::MISUSE);
+                        progress = true;
+                    }
+                    Some(Act::Encoder(n)) => {
+                        seed.extend_from_slice(&[server_op::ENCODER, *n as u8, 1]);
+                        seed.extend((1..*n).map(|_| rng.next() as u8));
+                        progress = true;
+                    }
+                    Some(Act::Release) | None => {}
+                },
+                _ => {}
+            }
+            let mut out = Vec::new();
+            while let Some(t) = c.poll_transmit(&mut out) {
+                if let Some(p) = t.payload {
+                    out.extend((0..p.length).map(|i| (i * 13) as u8));
                 }
-                HandshakeStep::StartTls => {
-                    client.tls_established().expect("tls");
-                }
-                HandshakeStep::OptionDone => {
-                    client.take_outcome();
-                }
-                _ => break,
             }
-        }
-        match server.step() {
-            ServerStep::Send(b) => {
-                s2c.extend(b.iter().copied());
-                server.sent();
+            if !out.is_empty() {
+                progress = true;
             }
-            ServerStep::Receive(n) | ServerStep::Discard(n) if c2s.len() < n => break,
-            ServerStep::Receive(n) => {
-                let d: Vec<u8> = c2s.drain(..n).collect();
-                out.extend_from_slice(&d);
-                if server.received(&d).is_err() {
-                    break;
-                }
-            }
-            ServerStep::Discard(n) => {
-                out.extend(c2s.drain(..n));
-                server.discarded().expect("discard");
-            }
-            ServerStep::StartTls => server.tls_established().expect("tls"),
-            ServerStep::LookupExport { name } => {
-                let (e, bytes) = find::<Option<ExportSpec>>(rng, export_ok);
-                out.extend_from_slice(&bytes);
-                let d = e.as_ref().map(|e| e.details(name));
-                server.answer_export(d).expect("answer");
-            }
-            ServerStep::ListExports => {
-                let (l, bytes) = find::<Vec<ListEntry>>(rng, |l| {
-                    l.len() == 2 && l.iter().all(|e| matches!(e.name, Name::Disk | Name::Other))
-                });
-                out.extend_from_slice(&bytes);
-                let owned: Vec<String> = l.iter().map(|e| e.name.get()).collect();
-                let list: Vec<_> = owned
-                    .iter()
-                    .map(|n| nbd_proto::server::ExportListing {
-                        name: n,
-                        description: "",
-                        tls_only: false,
-                    })
-                    .collect();
-                server.answer_list(&list).expect("list");
-            }
-            ServerStep::Done => {
-                negotiated = Some(server.finish().expect("finish"));
+            wire.extend_from_slice(&out);
+            if !progress {
                 break;
             }
-            ServerStep::Aborted | ServerStep::Closed => break,
+            client_moved = true;
+        }
+        // The server's turn, as the target's driver does it.
+        while s.poll_transmit(&mut to_client).is_some() {}
+        if let ServerNeed::StartTls(t) = s.need() {
+            t.established().expect("tls");
+            feed_server(&mut s, &mut inbox, &mut to_client);
+            continue;
+        }
+        if matches!(s.need(), ServerNeed::Closed) {
+            break;
+        }
+        if wire.is_empty() {
+            if !client_moved && to_client.is_empty() {
+                break;
+            }
+            continue;
+        }
+        round += 1;
+        let mode = feed[round % feed.len()];
+        match (s.need(), mode) {
+            (ServerNeed::Payload { request, length, .. }, None) if inbox.is_empty() && wire.len() as u64 >= length => {
+                seed.push(server_op::EXACT);
+                seed.extend(wire.drain(..length as usize));
+                if s.payload_received(length) == Ok(true) {
+                    to_client.extend_from_slice(s.encoder().unwrap().reply_ok(&request).as_bytes());
+                }
+            }
+            (ServerNeed::Discard(length), None) if inbox.is_empty() && wire.len() as u64 >= length => {
+                seed.push(server_op::EXACT);
+                seed.extend(wire.drain(..length as usize));
+                let _ = s.discarded(length);
+            }
+            (ServerNeed::Bytes(n), None) if inbox.is_empty() && n > 0 && wire.len() >= n => {
+                seed.push(server_op::EXACT);
+                let unit: Vec<u8> = wire.drain(..n).collect();
+                seed.extend_from_slice(&unit);
+                inbox = unit;
+                feed_server(&mut s, &mut inbox, &mut to_client);
+            }
+            (_, k) => {
+                let piece = piece(&mut seed, &mut wire, k);
+                inbox.extend_from_slice(&piece);
+                feed_server(&mut s, &mut inbox, &mut to_client);
+            }
         }
     }
-    if let Some(sn) = negotiated {
-        // One set of encoder arguments, then requests.
-        let (_, bytes) = find::<u8>(rng, |c| c % 4 == 1 && *c < 0xf0);
-        out.extend_from_slice(&bytes);
-        let (_, bytes) = find::<EncSpec>(rng, |_| true);
-        out.extend_from_slice(&bytes);
-        out.extend_from_slice(&requests_for(&client_view(&sn)).1);
-    }
-    write("server_handshake", name, &out);
+    write("server_session", name, &seed);
+    server_session(&seed)
 }
 
-/// What the client would have negotiated for a server's result.
-fn client_view(sn: &ServerNegotiated) -> Negotiated {
-    Negotiated {
-        mode: sn.mode,
-        tls: sn.tls,
-        export_name: sn.export_name.clone(),
-        description: None,
-        size: sn.size,
-        flags: sn.flags,
-        block_size: sn.block_size,
-        contexts: sn.contexts.clone(),
-    }
-}
-
-/// Valid requests of every kind the export allows, as (request, header bytes).
-fn requests_for(n: &Negotiated) -> (Vec<Request>, Vec<u8>) {
-    let mut tx = ClientTransmission::new(n, 64);
-    let mut reqs = Vec::new();
-    let mut out = Vec::new();
-    let block = n.constraints().minimum.max(512) as u64;
-    let mut candidates = vec![
-        Request::new(Command::READ, 0, 4 * block),
-        Request::new(Command::READ, block, 2 * block).with_flags(CommandFlags::DF),
-        Request::new(Command::WRITE, 0, block).with_flags(CommandFlags::FUA),
-        Request::new(Command::FLUSH, 0, 0),
-        Request::new(Command::TRIM, block, block),
-        Request::new(Command::WRITE_ZEROES, 0, 2 * block).with_flags(CommandFlags::NO_HOLE),
-        Request::new(Command::CACHE, 0, block),
-        Request::new(Command::BLOCK_STATUS, 0, 8 * block),
-        Request::new(Command::BLOCK_STATUS, 0, 8 * block).with_flags(CommandFlags::REQ_ONE),
-    ];
-    for r in candidates.drain(..) {
-        if let Ok((_, h)) = tx.start_request(r) {
-            reqs.push(r);
-            out.extend_from_slice(h.as_bytes());
-        }
-    }
-    (reqs, out)
-}
-
-/// Replies to `headers` as our server would (READ data not on the wire).
-fn replies_for(sn: &ServerNegotiated, headers: &[u8]) -> Vec<u8> {
-    let mut st = ServerTransmission::new(sn);
-    let enc: ReplyEncoder = st.encoder();
-    let mut out = Vec::new();
-    let mut pos = 0;
+/// Feeds what was read until the session takes no more; answers requests.
+fn feed_server(s: &mut ServerSession<Exports>, inbox: &mut Vec<u8>, to_client: &mut Vec<u8>) {
     loop {
-        match st.next() {
-            ServerReceive::Bytes(n) => {
-                if pos + n > headers.len() {
-                    break;
-                }
-                let ev = st.handle_bytes(&headers[pos..pos + n]).expect("valid request");
-                pos += n;
-                match ev {
-                    RequestEvent::Request(r) => reply(&st, &enc, &r, &mut out),
-                    RequestEvent::Reject { request, error, reason } => {
-                        enc.reply_error(&request, error, reason, &mut out)
+        let Ok((n, ev)) = s.feed(inbox) else { return };
+        let event = ev.is_some();
+        let req = match ev {
+            Some(ServerEvent::Request(r)) if !(r.command == Command::WRITE && r.length > 0) => Some((r, None)),
+            Some(ServerEvent::WriteData {
+                request, last: true, ..
+            }) => Some((request, None)),
+            Some(ServerEvent::Reject { request, error, .. }) => Some((request, Some(error))),
+            _ => None,
+        };
+        inbox.drain(..n);
+        while s.poll_transmit(to_client).is_some() {}
+        if let Some((r, error)) = req {
+            let enc = s.encoder().expect("encoder");
+            match error {
+                Some(e) => enc.reply_error(&r, e, "refused", to_client),
+                None => match r.command {
+                    Command::READ if r.length > 0 => {
+                        let h = enc.read_reply_header(&r).expect("read reply");
+                        to_client.extend_from_slice(h.as_bytes());
+                        to_client.extend((0..r.length).map(|i| i as u8));
                     }
-                    _ => {}
-                }
-            }
-            ServerReceive::Payload { .. } => st.payload_received().expect("payload"),
-            ServerReceive::Discard(_) => st.discarded().expect("discard"),
-            ServerReceive::Closed => break,
-        }
-    }
-    out
-}
-
-fn reply(st: &ServerTransmission, enc: &ReplyEncoder, r: &ServerRequest, out: &mut Vec<u8>) {
-    match r.command {
-        Command::READ if enc.mode().structured() && !r.flags.contains(CommandFlags::DF) && r.length >= 2 => {
-            let half = r.length / 2;
-            out.extend_from_slice(enc.hole_chunk(r, r.offset, half, false).expect("hole").as_bytes());
-            out.extend_from_slice(
-                enc.offset_data_header(r, r.offset + half, r.length - half, true)
-                    .expect("data")
-                    .as_bytes(),
-            );
-        }
-        Command::READ => out.extend_from_slice(enc.read_reply_header(r).expect("read").as_bytes()),
-        Command::BLOCK_STATUS => {
-            let ctxs: Vec<u32> = st.selected_contexts(r).map(|c| c.id).collect();
-            for (i, id) in ctxs.iter().enumerate() {
-                let extents = [(r.length / 2, 1u64), (r.length / 2, 3), (r.length, 0)];
-                enc.block_status_chunk(r, *id, extents, i + 1 == ctxs.len(), out)
-                    .expect("status");
+                    Command::BLOCK_STATUS => {
+                        let ids: Vec<u32> = s.selected_contexts(&r).map(|(_, c)| c.id).collect();
+                        for (k, id) in ids.iter().enumerate() {
+                            enc.block_status_chunk(&r, *id, [(r.length, 0u64)], k + 1 == ids.len(), to_client)
+                                .expect("status");
+                        }
+                    }
+                    _ => to_client.extend_from_slice(enc.reply_ok(&r).as_bytes()),
+                },
             }
         }
-        Command::TRIM => enc.reply_error(r, ErrorCode::EIO, "disk on fire", out),
-        _ => out.extend_from_slice(enc.reply_ok(r).as_bytes()),
+        if n == 0 && !event {
+            return;
+        }
     }
 }
 
-/// The flags our server would send for this mode (everything the storage
-/// can do, never read-only).
-fn server_flags(mode: u8) -> u16 {
-    let mut f = TransmissionFlags::HAS_FLAGS
-        | TransmissionFlags::SEND_FLUSH
-        | TransmissionFlags::SEND_FUA
-        | TransmissionFlags::SEND_TRIM
-        | TransmissionFlags::SEND_WRITE_ZEROES
-        | TransmissionFlags::SEND_FAST_ZERO
-        | TransmissionFlags::SEND_CACHE;
-    if mode >= 3 {
-        f |= TransmissionFlags::SEND_DF;
-    }
-    f.bits()
-}
+// ---------------------------------------------------------------------------
+// The seeds
+// ---------------------------------------------------------------------------
 
-/// The fields shared by [`NegSpec`] and [`ServerNegSpec`], encoded one by
-/// one (the derive decodes fields in order, so encodings concatenate).
-struct Common {
-    mode: u8,
-    size: Size,
-    flags: u16,
-    block: u8,
-    contexts: u8,
-    ids: [u32; 4],
-    bytes: Vec<u8>,
-}
-
-fn common(rng: &mut Rng, mode: u8, block: u8) -> Common {
-    let mut bytes = Vec::new();
-    let (m, b) = find::<u8>(rng, |m| m % 5 == mode);
-    bytes.extend(b);
-    let (size, b) = find::<Size>(rng, |s| matches!(s, Size::Mega));
-    bytes.extend(b);
-    let want = server_flags(mode);
-    let (flags, b) = find::<u16>(rng, |f| *f == want);
-    bytes.extend(b);
-    let (bl, b) = find::<u8>(rng, |x| x % 7 == block);
-    bytes.extend(b);
-    let (contexts, b) = find::<u8>(rng, |c| c & 0xf == if mode >= 3 { 0b0011 } else { 0 });
-    bytes.extend(b);
-    let (ids, b) = find::<[u32; 4]>(rng, |i| i.iter().all(|x| *x != 0) && i[0] != i[1]);
-    bytes.extend(b);
-    Common {
-        mode: m,
-        size,
-        flags,
-        block: bl,
-        contexts,
-        ids,
-        bytes,
-    }
-}
-
-/// Encodes a [`ReqSpec`] that stands for exactly `r`.
-fn req_spec(rng: &mut Rng, r: &Request, size: u64, minimum: u32) -> Vec<u8> {
-    let block = (minimum as u64).max(512);
-    let mut bytes = Vec::new();
-    let (cmd, b) = find::<u8>(rng, |c| command(*c) == r.command);
-    bytes.extend(b);
-    bytes.push(r.flags.bits() as u8);
-    let (offset, b) = find::<Num>(rng, |n| n.get(size, block) == r.offset);
-    bytes.extend(b);
-    let (length, b) = find::<Num>(rng, |n| n.get(size, block) == r.length);
-    bytes.extend(b);
-    let spec = ReqSpec {
-        cmd,
-        flags: r.flags.bits() as u8,
-        offset,
-        length,
-    };
-    assert_eq!(spec.request(size, minimum), *r);
-    bytes
-}
-
-/// Client transmission: negotiation, set-up, requests, then our server's
-/// replies to them.
-fn client_transmission_seed(rng: &mut Rng, name: &str, mode: u8, block: u8) {
-    let c = common(rng, mode, block);
-    let mut out = c.bytes;
-    out.push(0); // tls: false
-    let neg = NegSpec {
-        mode: c.mode,
-        size: c.size,
-        flags: c.flags,
-        block: c.block,
-        contexts: c.contexts,
-        ids: c.ids,
-        tls: false,
-    };
-    let n = neg.negotiated();
-    let check = NegSpec::arbitrary(&mut Unstructured::new(&[&out[..], &[0xff; 8]].concat())).expect("decodes");
-    assert_eq!(format!("{check:?}"), format!("{neg:?}"));
-    let (_, bytes) = find::<TxSpec>(rng, |t| t.capacity % 8 == 7 && t.strict && !t.manual_release);
-    out.extend_from_slice(&bytes);
-    let (reqs, headers) = requests_for(&n);
-    let reqs = &reqs[..reqs.len().min(8)];
-    out.push(reqs.len() as u8);
-    let minimum = n.constraints().minimum;
-    for r in reqs {
-        out.extend(req_spec(rng, r, n.size, minimum));
-    }
-    let sn = ServerNegotiated {
-        mode: n.mode,
-        export_name: "disk".into(),
-        requested_name: String::new(),
-        size: n.size,
-        flags: n.flags,
-        block_size: n.block_size,
-        contexts: n.contexts.clone(),
-        tls: false,
-        client_requested_block_size: n.block_size.is_some(),
-    };
-    let header_len = if n.mode.extended() { 32 } else { 28 };
-    out.extend_from_slice(&replies_for(&sn, &headers[..reqs.len() * header_len]));
-    write("client_transmission", name, &out);
-}
-
-/// Server transmission: negotiation, encoder arguments, then requests from
-/// our client.
-fn server_transmission_seed(rng: &mut Rng, name: &str, mode: u8, block: u8) {
-    let c = common(rng, mode, block);
-    let mut out = c.bytes;
-    out.push(1); // client_requested_block_size
-    let neg = ServerNegSpec {
-        mode: c.mode,
-        size: c.size,
-        flags: c.flags,
-        block: c.block,
-        contexts: c.contexts,
-        ids: c.ids,
-        client_requested_block_size: true,
-    };
-    let sn = neg.negotiated();
-    let (_, bytes) = find::<u8>(rng, |c| c % 4 == 2 && *c < 0xf0);
-    out.extend_from_slice(&bytes);
-    for _ in 0..2 {
-        let (_, bytes) = find::<EncSpec>(rng, |_| true);
-        out.extend_from_slice(&bytes);
-    }
-    out.extend_from_slice(&requests_for(&client_view(&sn)).1);
-    write("server_transmission", name, &out);
+/// Requests of every kind within the first 1 MiB, 4 KiB aligned.
+fn requests() -> Vec<Act> {
+    vec![
+        Act::Req(2, 0, 0, 8192),       // WRITE
+        Act::Req(0, 0, 0, 8192),       // READ
+        Act::Req(0, 4, 4096, 4096),    // READ with DF
+        Act::Req(7, 0, 0, 65536),      // BLOCK_STATUS
+        Act::Req(7, 8, 0, 65536),      // BLOCK_STATUS, REQ_ONE
+        Act::Req(6, 0, 4096, 4096),    // WRITE_ZEROES
+        Act::Req(4, 0, 8192, 4096),    // TRIM
+        Act::Req(3, 0, 0, 0),          // FLUSH
+        Act::Req(5, 0, 0, 4096),       // CACHE
+        Act::Req(2, 1, 65536, 4096),   // WRITE with FUA
+        Act::Req(0, 0, 1 << 20, 4096), // READ past the end (refused)
+        Act::Misuse,
+        Act::Disc,
+    ]
 }
 
 fn main() {
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let r = &mut rng;
-    let auto = |tls: u8, ext: bool| {
-        move |c: &ClientSpec| {
-            c.tls % 3 == tls
-                && !c.opt_mode
-                && c.structured
-                && c.extended == ext
-                && c.request_block_size
-                && matches!(c.export, Name::Default)
-                && c.contexts.len() == 2
-                && matches!(c.contexts[0], Query::BaseAllocation)
-                && matches!(c.contexts[1], Query::QemuDepth)
+    let mut rng = Rng(0x5eed);
+    for t in TARGETS {
+        let d = dir(t);
+        fs::create_dir_all(&d).expect("seed dir");
+        for e in fs::read_dir(&d).expect("seed dir") {
+            let p = e.expect("entry").path();
+            if p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("seed-")) {
+                fs::remove_file(p).expect("remove old seed");
+            }
         }
-    };
-    let server = |tls: u8, go: bool, structured: bool| {
-        move |s: &ServerSpec| {
-            s.oldstyle % 8 != 7
-                && s.tls % 3 == tls
-                && s.allow_list
-                && s.max_options >= 16
-                && s.no_zeroes
-                && s.support_go == go
-                && s.structured == structured
-                && s.extended
-        }
-    };
-    client_handshake_seed(r, "extended", auto(0, true), server(0, true, true), &[]);
-    client_handshake_seed(r, "structured", auto(0, false), server(0, true, true), &[]);
-    client_handshake_seed(r, "tls", auto(2, true), server(1, true, true), &[]);
-    client_handshake_seed(r, "tls-allow-refused", auto(1, true), server(0, true, true), &[]);
-    client_handshake_seed(r, "export-name", auto(0, true), server(0, false, false), &[]);
-    client_handshake_seed(
-        r,
-        "oldstyle",
-        auto(0, true),
-        |s: &ServerSpec| s.oldstyle % 8 == 7 && s.tls % 3 == 0,
-        &[],
-    );
-    client_handshake_seed(
-        r,
-        "opt-mode",
-        |c: &ClientSpec| c.tls % 3 == 0 && c.opt_mode && c.structured && c.extended && c.contexts.is_empty(),
-        server(0, true, true),
-        &[
-            "List",
-            "Info(Disk)",
-            "ListMetaContext(Default, [Base])",
-            "SetMetaContext(Default, [BaseAllocation, QemuDepth])",
-            "Go(None)",
-        ],
-    );
-    client_handshake_seed(
-        r,
-        "opt-abort",
-        |c: &ClientSpec| c.tls % 3 == 0 && c.opt_mode && !c.structured && !c.extended,
-        server(0, true, true),
-        &["StructuredReply", "Info(Default)", "Abort"],
-    );
-
-    server_handshake_seed(r, "extended", server(0, true, true), auto(0, true));
-    server_handshake_seed(r, "structured", server(0, true, true), auto(0, false));
-    server_handshake_seed(r, "forced-tls", server(1, true, true), auto(2, true));
-    server_handshake_seed(r, "selective-tls", server(2, true, true), auto(1, false));
-    server_handshake_seed(r, "export-name", server(0, false, false), auto(0, true));
-    server_handshake_seed(
-        r,
-        "oldstyle",
-        |s: &ServerSpec| s.oldstyle % 8 == 7 && s.tls % 3 == 0,
-        auto(0, true),
-    );
-    server_handshake_seed(r, "simple", server(0, true, false), |c: &ClientSpec| {
-        c.tls % 3 == 0 && !c.opt_mode && !c.structured && !c.extended && c.contexts.is_empty()
-    });
-
-    for (mode, block, name) in [
-        (1, 0, "export-name"),
-        (2, 1, "simple"),
-        (3, 2, "structured"),
-        (4, 3, "extended"),
-        (4, 0, "extended-default-sizes"),
-    ] {
-        client_transmission_seed(r, name, mode, block);
-        server_transmission_seed(r, name, mode, block);
     }
 
+    // client_session: every mode, feeding exact and in pieces, TLS, option mode.
+    let newstyle = ServerConfig::default;
+    let base_alloc = 1; // QUERIES bit 0
+    let exact: &[Feed] = &[None];
+    let pieces: &[Feed] = &[Some(5), None, Some(0x7f), Some(1)];
+    for (name, c0, server, feed, want) in [
+        ("extended-exact", 0x18u8, newstyle(), exact, Mode::Extended),
+        ("extended-pieces", 0x18, newstyle(), pieces, Mode::Extended),
+        ("structured-exact", 0x08, newstyle(), exact, Mode::Structured),
+        ("structured-pieces", 0x48, newstyle(), pieces, Mode::Structured),
+        ("simple-exact", 0x00, newstyle(), exact, Mode::Simple),
+        ("simple-pieces", 0x00, newstyle(), pieces, Mode::Simple),
+        (
+            "oldstyle",
+            0x00,
+            ServerConfig {
+                oldstyle: true,
+                ..newstyle()
+            },
+            exact,
+            Mode::Oldstyle,
+        ),
+        (
+            "export-name-only",
+            0x00,
+            ServerConfig {
+                support_go: false,
+                structured_replies: false,
+                ..newstyle()
+            },
+            pieces,
+            Mode::ExportNameOnly,
+        ),
+        (
+            "tls-extended",
+            0x1a,
+            ServerConfig {
+                tls: nbd_proto::server::TlsPolicy::ForcedTls,
+                ..newstyle()
+            },
+            pieces,
+            Mode::Extended,
+        ),
+        ("manual-release", 0x98 | 0x20, newstyle(), exact, Mode::Extended),
+    ] {
+        // An oldstyle server has no names: ask for the default export.
+        let export = if name == "oldstyle" { 0 } else { 1 };
+        let mut acts = requests();
+        if name == "manual-release" {
+            acts = acts.into_iter().flat_map(|a| [a, Act::Release]).collect();
+        }
+        let s = client_seed(name, [c0, export, 3, base_alloc | 4], server, feed, &acts);
+        assert!(s.modes.contains(&want), "client_session {name}: {s:?}");
+        assert!(
+            s.ok >= if want.structured() { 8 } else { 6 },
+            "client_session {name}: {s:?}"
+        );
+        if name.starts_with("tls") {
+            assert!(s.tls, "client_session {name}: {s:?}");
+        }
+    }
+    // Option mode: list, info, meta contexts, GO, then requests; and abort.
+    let mut acts = vec![
+        Act::Opt(0, 0, 0),
+        Act::Opt(1, 1, 0),
+        Act::Opt(1, 3, 0),
+        Act::Opt(4, 1, 1),
+        Act::Opt(5, 1, 5),
+        Act::Opt(6, 0, 0),
+        Act::Opt(7, 0, 0),
+        Act::Opt(3, 1, 0),
+    ];
+    acts.extend(requests());
+    let s = client_seed("opt-mode", [0x1c, 1, 7, 1], newstyle(), pieces, &acts);
+    assert!(
+        s.opt_mode && s.options >= 5 && s.ok >= 8,
+        "client_session opt-mode: {s:?}"
+    );
+    let s = client_seed(
+        "opt-abort",
+        [0x04, 1, 0, 0],
+        newstyle(),
+        exact,
+        &[Act::Opt(0, 0, 0), Act::Opt(8, 0, 0)],
+    );
+    assert!(s.options >= 1, "client_session opt-abort: {s:?}");
+
+    // server_session: the same against our client.
+    let client = |structured: bool, extended: bool| ClientConfig {
+        structured_replies: structured,
+        extended_headers: extended,
+        meta_contexts: vec!["base:allocation".into(), "qemu:dirty-bitmap:b0".into()],
+        request_block_size: true,
+        ..ClientConfig::default()
+    };
+    // Byte 0: bit 3 LIST, 5 GO, 6 structured, 7 extended.
+    let all = 0x08 | 0x20 | 0x40 | 0x80;
+    for (name, b0, cc, feed, want) in [
+        ("extended-exact", all, client(true, true), exact, Mode::Extended),
+        ("extended-pieces", all, client(true, true), pieces, Mode::Extended),
+        ("structured-exact", all, client(true, false), exact, Mode::Structured),
+        ("structured-pieces", all, client(true, false), pieces, Mode::Structured),
+        ("simple-exact", all, client(false, false), exact, Mode::Simple),
+        ("simple-pieces", all, client(false, false), pieces, Mode::Simple),
+        ("oldstyle", all | 1, client(false, false), exact, Mode::Oldstyle),
+        (
+            "tls-extended",
+            all | 2,
+            ClientConfig {
+                tls: nbd_proto::client::TlsMode::Require,
+                ..client(true, true)
+            },
+            pieces,
+            Mode::Extended,
+        ),
+    ] {
+        let mut acts = vec![Act::Encoder(64)];
+        acts.extend(requests());
+        let s = server_seed(&mut rng, name, [b0, 0xff, 0], cc, feed, &acts);
+        assert!(s.modes.contains(&want), "server_session {name}: {s:?}");
+        assert!(
+            s.ok >= if want.structured() { 8 } else { 6 },
+            "server_session {name}: {s:?}"
+        );
+        if name.starts_with("tls") {
+            assert!(s.tls, "server_session {name}: {s:?}");
+        }
+    }
+    let mut acts = vec![
+        Act::Opt(0, 0, 0),
+        Act::Opt(1, 2, 0),
+        Act::Opt(4, 1, 1),
+        Act::Opt(5, 1, 1),
+        Act::Opt(3, 1, 0),
+        Act::Encoder(80),
+    ];
+    acts.extend(requests());
+    acts.insert(10, Act::Shutdown);
+    let s = server_seed(
+        &mut rng,
+        "opt-mode-shutdown",
+        [all, 0xff, 1],
+        ClientConfig {
+            opt_mode: true,
+            ..client(true, true)
+        },
+        pieces,
+        &acts,
+    );
+    assert!(s.ok >= 3 && s.failed >= 1, "server_session opt-mode-shutdown: {s:?}");
+
+    // conversation: random scenarios, kept when they reach something new.
+    let mut kept = 0;
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..40_000 {
+        let len = 64 + (rng.next() % 1500) as usize;
+        let bytes: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+        let s = conversation(&bytes);
+        if s.ok == 0 {
+            continue;
+        }
+        let mut key: Vec<String> = s.modes.iter().map(|m| format!("{m:?}")).collect();
+        key.sort();
+        let key = format!(
+            "{key:?} tls={} opt={} reads={} failed={} reconnect={}",
+            s.tls,
+            s.opt_mode && s.options > 0,
+            s.reads > 0,
+            s.failed > 0,
+            s.connections > 1
+        );
+        if seen.insert(key.clone()) {
+            write("conversation", &format!("{kept:02}"), &bytes);
+            println!("conversation seed {kept:02} (try {i}): {key}");
+            kept += 1;
+            if kept == 48 {
+                break;
+            }
+        }
+    }
+
+    // uri: a few of each form.
     for (i, u) in [
         "nbd://example.com/disk",
-        "nbds://[::1]:10810/e?tls-certificates=/etc/pki&tls-verify-peer=0",
-        "nbd+unix:///a%20b?socket=/tmp/x%20y.sock&tls=allow",
-        "nbds+unix://user@/?socket=%00abstract&tls-type=psk&tls-hostname=h&x-extra=1#frag",
+        "nbd://[::1]:10810/",
+        "nbds://host:1234/export?tls-certificates=/etc/pki&tls-verify-peer=false",
+        "nbd+unix:///disk?socket=/tmp/s.sock",
+        "nbds+unix://alice@/?socket=/run/nbd&tls-psk-file=/k",
+        "nbd+vsock://2:10809/x",
+        "nbd://h/%2Fabs%20path",
     ]
     .iter()
     .enumerate()
     {
-        write("uri", &i.to_string(), u.as_bytes());
+        write("uri", &format!("{i}"), u.as_bytes());
+        uri(u.as_bytes());
     }
 }

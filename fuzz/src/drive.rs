@@ -1,242 +1,163 @@
-//! Drives the real state machines of nbd-proto from fuzz input, checking
-//! invariants as it goes. Shared by the fuzz targets (`fuzz/fuzz_targets/`)
-//! and by `nbd-proto/tests/fuzz_corpus.rs`, which includes this file by
-//! path and replays `fuzz/seeds/*/` under `cargo test`; so nothing here may
-//! depend on libFuzzer.
+//! Drives nbd-proto's sessions ([`ClientSession`], [`ServerSession`]) from
+//! fuzz input exactly as a user's driver does, checking invariants as it
+//! goes. Shared by the fuzz targets (`fuzz/fuzz_targets/`) and by
+//! `nbd-proto/tests/fuzz_corpus.rs`, which includes this file by path and
+//! replays `fuzz/seeds/*/` under `cargo test`; so nothing here may depend
+//! on libFuzzer.
 //!
-//! Every target takes raw bytes. The byte targets read a little
-//! configuration with [`arbitrary`] and treat the rest as what the peer
-//! sends; the `structured` target builds a [`Scenario`] of legal-looking
-//! messages with corrupted fields and serialises them.
-//!
-//! The payload of READ replies and WRITE requests (and payloads the server
-//! discards) is not put on the simulated wire: the machines never see
-//! those bytes, they only announce them ([`ReceiveNext::Data`],
-//! [`ServerReceive::Payload`], [`ServerReceive::Discard`]), so the drivers
-//! acknowledge them at once.
+//! - `client_session`: a client configuration, then a script of driver
+//!   actions interleaved with the bytes the server sends (see
+//!   [`client_session`] for the layout): feeds of any size, exact counts,
+//!   READ data moved by the driver, option-mode calls, requests, misuse
+//!   probes, the loss of the connection.
+//! - `server_session`: the same for a server, its configuration and its
+//!   exports ([`ExportLookup`]) first, then the client's bytes.
+//! - `conversation`: an `arbitrary` [`Scenario`]: a client session talks to
+//!   a server session (both configured by the fuzzer) over an in-memory
+//!   connection, with requests, option-mode calls, cuts, reconnections and
+//!   injected storage errors; reads must return what a model of the disk
+//!   says.
+//! - `uri`: NBD URIs parse, format and parse back to the same value.
 
-use std::collections::{HashMap, HashSet};
-use std::ops::Range;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use arbitrary::{Arbitrary, Unstructured};
 use nbd_proto::client::{
-    ClientConfig, ClientHandshake, ClientTransmission, Cookie, Extent, HandshakeStep, MetaContext, Mode, Negotiated,
-    OptionOutcome, ReceiveNext, ReplyEvent, Request, ServerError, TlsMode,
+    ClientConfig, ClientEvent, ClientNeed, ClientSession, ClientSessionError, Cookie, Negotiated, OptionOutcome,
+    Request, RequestError, ServerError, TlsMode, Transmit,
 };
+use nbd_proto::common::Mode;
 use nbd_proto::server::{
-    ContextSelection, ExportDetails, ExportListing, MAX_OPTION_DATA, ReplyEncoder, RequestEvent, ServerConfig,
-    ServerHandshake, ServerHandshakeError, ServerNegotiated, ServerReceive, ServerRequest, ServerStep,
-    ServerTransmission, ServerTransmissionError, TlsPolicy,
+    ContextSelection, ExportDetails, ExportListing, ExportLookup, ReplyEncoder, ServerConfig, ServerEvent, ServerNeed,
+    ServerNegotiated, ServerRequest, ServerSession, ServerSessionError, TlsPolicy,
 };
 use nbd_proto::uri::NbdUri;
 use nbd_proto::wire::*;
 use zerocopy::FromBytes;
 
 /// The fuzz targets, by name (the directories of `fuzz/seeds/`).
-pub const TARGETS: &[&str] = &[
-    "client_handshake",
-    "server_handshake",
-    "client_transmission",
-    "server_transmission",
-    "uri",
-    "structured",
-];
+pub const TARGETS: &[&str] = &["client_session", "server_session", "conversation", "uri"];
 
 /// Runs the target called `name` on `data`; false for an unknown name.
 pub fn run(name: &str, data: &[u8]) -> bool {
     match name {
-        "client_handshake" => client_handshake(data),
-        "server_handshake" => server_handshake(data),
-        "client_transmission" => client_transmission(data),
-        "server_transmission" => server_transmission(data),
+        "client_session" => {
+            client_session(data);
+        }
+        "server_session" => {
+            server_session(data);
+        }
+        "conversation" => {
+            conversation(data);
+        }
         "uri" => uri(data),
-        "structured" => structured(data),
         _ => return false,
     }
     true
 }
 
-/// Iterations one pump may take without the input running out: more means
-/// the machine is going round in circles (a hang).
-const MAX_STEPS: usize = 1 << 20;
-
-/// The largest option reply payload the client accepts (a name and a
-/// description of 4096 bytes each in `NBD_REP_SERVER`, plus slack).
-const MAX_OPTION_REPLY: usize = 4 + 2 * MAX_STRING_LEN + 64;
+/// Calls a loop may make without running out of input: more means a
+/// session is going round in circles (a hang).
+const MAX_STEPS: usize = 1 << 16;
 
 // ---------------------------------------------------------------------------
-// The simulated wire
+// Input
 // ---------------------------------------------------------------------------
 
-/// Bytes sent by the peer and not read yet.
-#[derive(Debug, Default)]
-struct Wire {
-    buf: Vec<u8>,
+/// The fuzz input, read front to back.
+#[derive(Debug)]
+pub struct Input<'a> {
+    data: &'a [u8],
     pos: usize,
 }
 
-impl Wire {
-    fn push(&mut self, bytes: &[u8]) {
-        if self.pos == self.buf.len() {
-            self.buf.clear();
-            self.pos = 0;
-        }
-        self.buf.extend_from_slice(bytes);
+impl<'a> Input<'a> {
+    /// Reads `data`.
+    pub fn new(data: &'a [u8]) -> Self {
+        Input { data, pos: 0 }
     }
 
-    fn available(&self) -> usize {
-        self.buf.len() - self.pos
+    fn left(&self) -> usize {
+        self.data.len() - self.pos
     }
 
-    /// The range of the next `n` bytes, if they have arrived.
-    fn take(&mut self, n: usize) -> Option<Range<usize>> {
-        if self.available() < n {
-            return None;
-        }
-        let r = self.pos..self.pos + n;
+    /// Up to `n` bytes.
+    fn take(&mut self, n: usize) -> &'a [u8] {
+        let n = n.min(self.left());
+        let b = &self.data[self.pos..self.pos + n];
         self.pos += n;
-        Some(r)
+        b
     }
 
-    fn rest(&self) -> &[u8] {
-        &self.buf[self.pos..]
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).first().copied()
     }
-}
 
-/// Feeds what a machine asks for from the byte targets' input: exactly the
-/// `missing` bytes if there are enough, else nothing (the run is over).
-fn feed_from<'a>(u: &mut Unstructured<'a>, missing: usize) -> Option<&'a [u8]> {
-    if missing == 0 || u.len() < missing {
-        return None;
+    fn be<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let b = self.take(N);
+        b.try_into().ok()
     }
-    u.bytes(missing).ok()
+
+    fn u16(&mut self) -> Option<u16> {
+        self.be().map(u16::from_be_bytes)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        self.be().map(u32::from_be_bytes)
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        self.be().map(u64::from_be_bytes)
+    }
+
+    /// A length byte, then an `arbitrary` value decoded from so many bytes.
+    fn arbitrary<T: for<'b> Arbitrary<'b>>(&mut self) -> Option<T> {
+        let n = self.u8()?;
+        T::arbitrary_take_rest(Unstructured::new(self.take(n as usize))).ok()
+    }
 }
 
 // ---------------------------------------------------------------------------
 // Choices shared by the targets
 // ---------------------------------------------------------------------------
 
-/// A string the fuzzer can pick: export names, descriptions, messages.
-#[derive(Debug, Clone, Copy, Arbitrary)]
-pub enum Name {
-    /// `""`, the default export.
-    Default,
-    /// `disk`
-    Disk,
-    /// `other`
-    Other,
-    /// Multibyte UTF-8.
-    Unicode,
-    /// 4097 bytes: too long for an NBD string.
-    TooLong,
-    /// Exactly 4096 bytes.
-    Longest,
-    /// Contains a NUL.
-    WithNul,
-}
-
-impl Name {
-    /// The value this stands for.
-    pub fn get(self) -> String {
-        match self {
-            Name::Default => String::new(),
-            Name::Disk => "disk".into(),
-            Name::Other => "other".into(),
-            Name::Unicode => "d\u{e9}j\u{e0} vu \u{1f4be}".into(),
-            Name::TooLong => "x".repeat(MAX_STRING_LEN + 1),
-            Name::Longest => "y".repeat(MAX_STRING_LEN),
-            Name::WithNul => "a\0b".into(),
-        }
+/// A string the fuzzer picks by number: export names, descriptions.
+pub fn name(sel: u8) -> String {
+    match sel % 8 {
+        0 => String::new(),
+        1 => "disk".into(),
+        2 => "ro".into(),
+        3 => "other".into(),
+        4 => "d\u{e9}j\u{e0} vu \u{1f4be}".into(),
+        5 => "x".repeat(MAX_STRING_LEN + 1),
+        6 => "y".repeat(MAX_STRING_LEN),
+        _ => "a\0b".into(),
     }
 }
 
-/// A metadata context query or name.
-#[derive(Debug, Clone, Copy, Arbitrary)]
-pub enum Query {
-    /// `base:allocation`
-    BaseAllocation,
-    /// `base:` (a wildcard in list queries)
-    Base,
-    /// `qemu:allocation-depth`
-    QemuDepth,
-    /// `qemu:dirty-bitmap:` (a wildcard)
-    QemuBitmaps,
-    /// `qemu:dirty-bitmap:b0`
-    QemuBitmap,
-    /// `x-vendor:wide`, a context with 64-bit status values.
-    Vendor,
-    /// No namespace: invalid.
-    NoNamespace,
-    /// Contains a NUL: invalid.
-    WithNul,
-    /// Not valid UTF-8 on the wire (as a name sent by a peer).
-    NotUtf8,
+/// Metadata context queries and names, picked by the bits of a mask.
+pub const QUERIES: [&str; 8] = [
+    CONTEXT_BASE_ALLOCATION,
+    "base:",
+    CONTEXT_QEMU_ALLOCATION_DEPTH,
+    CONTEXT_QEMU_DIRTY_BITMAP_PREFIX,
+    "qemu:dirty-bitmap:b0",
+    "x-vendor:wide",
+    "nonamespace",
+    "a:\0",
+];
+
+fn queries(mask: u8) -> Vec<&'static str> {
+    QUERIES
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| mask & (1 << i) != 0)
+        .map(|(_, q)| *q)
+        .collect()
 }
 
-impl Query {
-    /// The value this stands for.
-    pub fn get(self) -> &'static str {
-        match self {
-            Query::BaseAllocation => CONTEXT_BASE_ALLOCATION,
-            Query::Base => "base:",
-            Query::QemuDepth => CONTEXT_QEMU_ALLOCATION_DEPTH,
-            Query::QemuBitmaps => CONTEXT_QEMU_DIRTY_BITMAP_PREFIX,
-            Query::QemuBitmap => "qemu:dirty-bitmap:b0",
-            Query::Vendor => "x-vendor:wide",
-            Query::NoNamespace => "nonamespace",
-            Query::WithNul => "a:\0",
-            Query::NotUtf8 => "base:\u{fffd}",
-        }
-    }
-
-    fn wire(self) -> Vec<u8> {
-        match self {
-            Query::NotUtf8 => b"base:\xff\xfe".to_vec(),
-            q => q.get().as_bytes().to_vec(),
-        }
-    }
-}
-
-fn queries(q: &[Query]) -> Vec<&'static str> {
-    q.iter().take(4).map(|q| q.get()).collect()
-}
-
-/// An export size.
-#[derive(Debug, Clone, Copy, Arbitrary)]
-pub enum Size {
-    /// 0
-    Zero,
-    /// A small size, not block aligned.
-    Small(u16),
-    /// Whole 4096-byte blocks.
-    Blocks(u16),
-    /// 1 MiB
-    Mega,
-    /// 1 TiB
-    Huge,
-    /// `u64::MAX`
-    Max,
-    /// Anything.
-    Raw(u64),
-}
-
-impl Size {
-    /// The value this stands for.
-    pub fn get(self) -> u64 {
-        match self {
-            Size::Zero => 0,
-            Size::Small(v) => v as u64,
-            Size::Blocks(v) => v as u64 * 4096,
-            Size::Mega => 1 << 20,
-            Size::Huge => 1 << 40,
-            Size::Max => u64::MAX,
-            Size::Raw(v) => v,
-        }
-    }
-}
-
-/// Valid block-size constraints, as a handshake would have validated them.
-fn block_size(sel: u8) -> Option<BlockSizeConstraints> {
+/// Valid block-size constraints (or none), picked by number.
+pub fn block_size(sel: u8) -> Option<BlockSizeConstraints> {
     let (minimum, preferred, maximum) = match sel % 7 {
         0 => return None,
         1 => (1, 4096, DEFAULT_MAX_PAYLOAD),
@@ -255,65 +176,6 @@ fn block_size(sel: u8) -> Option<BlockSizeConstraints> {
     Some(c)
 }
 
-/// The contexts a negotiation may have selected (bit `i` of `mask` picks
-/// the `i`th), with ids from `ids`, never twice the same id.
-fn contexts(mask: u8, ids: [u32; 4]) -> Vec<MetaContext> {
-    const NAMES: [&str; 4] = [
-        CONTEXT_BASE_ALLOCATION,
-        CONTEXT_QEMU_ALLOCATION_DEPTH,
-        "qemu:dirty-bitmap:b0",
-        "x-vendor:wide",
-    ];
-    let mut out: Vec<MetaContext> = Vec::new();
-    for (i, name) in NAMES.iter().enumerate() {
-        if mask & (1 << i) != 0 && !out.iter().any(|c| c.id == ids[i]) {
-            out.push(MetaContext {
-                id: ids[i],
-                name: (*name).into(),
-            });
-        }
-    }
-    out
-}
-
-fn mode(sel: u8) -> Mode {
-    match sel % 5 {
-        0 => Mode::Oldstyle,
-        1 => Mode::ExportNameOnly,
-        2 => Mode::Simple,
-        3 => Mode::Structured,
-        _ => Mode::Extended,
-    }
-}
-
-/// An offset or a length in a request or a reply.
-#[derive(Debug, Clone, Copy, Arbitrary)]
-pub enum Num {
-    /// 0
-    Zero,
-    /// A small value.
-    Small(u16),
-    /// Whole blocks of max(minimum block size, 512).
-    Blocks(u8),
-    /// So many bytes before the end of the export.
-    FromEnd(u16),
-    /// Anything.
-    Raw(u64),
-}
-
-impl Num {
-    /// The value this stands for, in an export of `size` with blocks of `block`.
-    pub fn get(self, size: u64, block: u64) -> u64 {
-        match self {
-            Num::Zero => 0,
-            Num::Small(v) => v as u64,
-            Num::Blocks(v) => v as u64 * block,
-            Num::FromEnd(v) => size.saturating_sub(v as u64),
-            Num::Raw(v) => v,
-        }
-    }
-}
-
 /// The command a selector byte stands for.
 pub fn command(sel: u8) -> Command {
     match sel % 12 {
@@ -330,226 +192,440 @@ pub fn command(sel: u8) -> Command {
     }
 }
 
-/// A request the client driver issues.
-#[derive(Debug, Clone, Copy, Arbitrary)]
-pub struct ReqSpec {
-    pub cmd: u8,
-    pub flags: u8,
-    pub offset: Num,
-    pub length: Num,
-}
-
-impl ReqSpec {
-    /// The value this stands for.
-    pub fn request(&self, size: u64, minimum: u32) -> Request {
-        let block = (minimum as u64).max(512);
-        let command = command(self.cmd);
-        let flags = CommandFlags::from_bits_retain(self.flags as u16);
-        let (offset, length) = if matches!(command, Command::FLUSH | Command::DISC) && self.flags & 0x80 == 0 {
-            (0, 0)
-        } else {
-            (self.offset.get(size, block), self.length.get(size, block))
-        };
-        Request {
-            command,
-            flags,
-            offset,
-            length,
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------
-// Client handshake
+// Client configuration and option-mode calls
 // ---------------------------------------------------------------------------
 
-/// How the client is configured.
-#[derive(Debug, Clone, Arbitrary)]
-pub struct ClientSpec {
-    pub tls: u8,
-    pub opt_mode: bool,
-    pub structured: bool,
-    pub extended: bool,
-    pub request_block_size: bool,
-    pub export: Name,
-    pub contexts: Vec<Query>,
+/// Four bytes: the client's configuration. Byte 0: bits 0-1 TLS (off,
+/// allow, require, require), 2 option mode, 3 structured replies, 4
+/// extended headers, 5 ask for block sizes, 6 strict, 7 manual release.
+/// Byte 1: the export name ([`name`]). Byte 2: requests in flight (1 to 8).
+/// Byte 3: the metadata contexts asked for ([`QUERIES`] by bit).
+pub fn client_config(b: [u8; 4]) -> (ClientConfig, bool) {
+    let config = ClientConfig {
+        export_name: name(b[1]),
+        tls: match b[0] & 3 {
+            0 => TlsMode::Off,
+            1 => TlsMode::Allow,
+            _ => TlsMode::Require,
+        },
+        opt_mode: b[0] & 4 != 0,
+        structured_replies: b[0] & 8 != 0,
+        extended_headers: b[0] & 16 != 0,
+        request_block_size: b[0] & 32 != 0,
+        strict: b[0] & 64 != 0,
+        meta_contexts: queries(b[3]).into_iter().map(String::from).collect(),
+        max_in_flight: b[2] as usize % 8 + 1,
+        ..ClientConfig::default()
+    };
+    (config, b[0] & 128 != 0)
 }
 
-impl ClientSpec {
-    /// The value this stands for.
-    pub fn config(&self) -> ClientConfig {
-        ClientConfig {
-            export_name: self.export.get(),
-            tls: match self.tls % 3 {
-                0 => TlsMode::Off,
-                1 => TlsMode::Allow,
-                _ => TlsMode::Require,
-            },
-            structured_replies: self.structured,
-            extended_headers: self.extended,
-            meta_contexts: queries(&self.contexts).into_iter().map(String::from).collect(),
-            request_block_size: self.request_block_size,
-            opt_mode: self.opt_mode,
-            ..ClientConfig::default()
-        }
-    }
-}
-
-/// An option the caller issues in option mode.
-#[derive(Debug, Clone, Arbitrary)]
-pub enum UserOpt {
+/// An option-mode call, from three bytes: which, a name ([`name`]), the
+/// queries of the meta-context options ([`QUERIES`] by bit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptCall {
     /// `opt_list`
     List,
     /// `opt_info`
-    Info(Name),
-    /// `opt_go`
-    Go(Option<Name>),
+    Info(u8),
+    /// `opt_go` with the configured export
+    Go,
+    /// `opt_go` with this one
+    GoNamed(u8),
     /// `opt_list_meta_context`
-    ListMetaContext(Name, Vec<Query>),
+    ListMeta(u8, u8),
     /// `opt_set_meta_context`
-    SetMetaContext(Name, Vec<Query>),
+    SetMeta(u8, u8),
     /// `opt_structured_reply`
-    StructuredReply,
+    Structured,
     /// `opt_extended_headers`
-    ExtendedHeaders,
+    Extended,
     /// `opt_abort`
     Abort,
 }
 
-/// Where the client handshake stopped.
-#[derive(Debug)]
-pub enum ClientHsStatus {
-    /// This many more bytes from the server are needed.
-    NeedBytes(usize),
-    /// Option mode: issue an option.
-    Negotiating,
-    /// The handshake is complete.
-    Done(Box<Negotiated>),
-    /// The handshake failed or was aborted.
-    Over,
-}
-
-/// Drives a [`ClientHandshake`].
-#[derive(Debug)]
-pub struct ClientHs {
-    hs: Option<ClientHandshake>,
-    wire: Wire,
-    config: ClientConfig,
-    /// The option the client sent last, from the bytes it sent.
-    last_option: Option<OptionType>,
-}
-
-impl ClientHs {
-    /// A client handshake with this configuration.
-    pub fn new(spec: &ClientSpec) -> Self {
-        let config = spec.config();
-        ClientHs {
-            hs: Some(ClientHandshake::new(config.clone())),
-            wire: Wire::default(),
-            config,
-            last_option: None,
+impl OptCall {
+    /// The call three bytes stand for.
+    pub fn decode(which: u8, n: u8, q: u8) -> OptCall {
+        match which % 9 {
+            0 => OptCall::List,
+            1 => OptCall::Info(n),
+            2 => OptCall::Go,
+            3 => OptCall::GoNamed(n),
+            4 => OptCall::ListMeta(n, q),
+            5 => OptCall::SetMeta(n, q),
+            6 => OptCall::Structured,
+            7 => OptCall::Extended,
+            _ => OptCall::Abort,
         }
     }
 
-    /// The server sent these bytes.
-    pub fn feed(&mut self, bytes: &[u8]) {
-        self.wire.push(bytes);
+    /// Makes the call on `s`.
+    pub fn call(self, s: &mut ClientSession) -> Result<(), ClientSessionError> {
+        match self {
+            OptCall::List => s.opt_list(),
+            OptCall::Info(n) => s.opt_info(&name(n)),
+            OptCall::Go => s.opt_go(None),
+            OptCall::GoNamed(n) => s.opt_go(Some(&name(n))),
+            OptCall::ListMeta(n, q) => s.opt_list_meta_context(&name(n), &queries(q)),
+            OptCall::SetMeta(n, q) => s.opt_set_meta_context(&name(n), &queries(q)),
+            OptCall::Structured => s.opt_structured_reply(),
+            OptCall::Extended => s.opt_extended_headers(),
+            OptCall::Abort => s.opt_abort(),
+        }
     }
+}
 
-    /// Runs the machine as far as it goes.
-    pub fn pump(&mut self) -> ClientHsStatus {
-        for _ in 0..MAX_STEPS {
-            let Some(hs) = self.hs.as_mut() else {
-                return ClientHsStatus::Over;
+// ---------------------------------------------------------------------------
+// Server configuration and exports
+// ---------------------------------------------------------------------------
+
+/// Three bytes: the server's configuration. Byte 0: bit 0 oldstyle, bits
+/// 1-2 TLS (none, forced, selective, selective), 3 allow `NBD_OPT_LIST`, 4
+/// no zeroes, 5 `NBD_OPT_GO`, 6 structured replies, 7 extended headers.
+/// Byte 1: most options (below 16, else the default). Byte 2: bit 0 a
+/// small payload limit for clients that negotiated no block sizes.
+pub fn server_config(b: [u8; 3]) -> ServerConfig {
+    ServerConfig {
+        oldstyle: b[0] & 1 != 0,
+        tls: match (b[0] >> 1) & 3 {
+            0 => TlsPolicy::NoTls,
+            1 => TlsPolicy::ForcedTls,
+            _ => TlsPolicy::SelectiveTls,
+        },
+        allow_list: b[0] & 8 != 0,
+        no_zeroes: b[0] & 16 != 0,
+        support_go: b[0] & 32 != 0,
+        structured_replies: b[0] & 64 != 0,
+        extended_headers: b[0] & 128 != 0,
+        max_options: if b[1] < 16 {
+            b[1] as u32
+        } else {
+            ServerConfig::default().max_options
+        },
+        unnegotiated_max_payload: if b[2] & 1 != 0 {
+            65536
+        } else {
+            ServerConfig::default().unnegotiated_max_payload
+        },
+        ..ServerConfig::default()
+    }
+}
+
+/// An export, from seven bytes: name ([`name`]), description ([`name`], 7
+/// for none), size (a table), flags (2 bytes), block sizes ([`block_size`],
+/// 255 for invalid ones, which the session must refuse), then bits 0-4 the
+/// contexts offered, 5 block sizes required, 6 TLS only, 7 the default.
+#[derive(Debug, Clone)]
+pub struct ExportSpec {
+    /// The name clients use.
+    pub name: String,
+    /// The details the handshake gives.
+    pub details: ExportDetails,
+    /// The export a client gets when it names none.
+    pub default: bool,
+}
+
+const EXPORT_CONTEXTS: [&str; 5] = [
+    CONTEXT_BASE_ALLOCATION,
+    CONTEXT_QEMU_ALLOCATION_DEPTH,
+    "qemu:dirty-bitmap:b0",
+    "x-vendor:wide",
+    "nonamespace",
+];
+
+impl ExportSpec {
+    /// The export seven bytes stand for.
+    pub fn decode(b: [u8; 7]) -> ExportSpec {
+        let name = name(b[0]);
+        let size = match b[2] % 8 {
+            0 => 0,
+            1 => 1 << 20,
+            2 => (1 << 20) + 1,
+            3 => 512,
+            4 => 1 << 40,
+            5 => u64::MAX,
+            6 => 255 * 4096,
+            _ => i64::MAX as u64,
+        };
+        let mut details = ExportDetails::new(name.clone(), size);
+        details.description = if b[1] % 8 == 7 { String::new() } else { self::name(b[1]) };
+        details.flags = TransmissionFlags::from_bits_retain(u16::from_be_bytes([b[3], b[4]]));
+        details.block_size = if b[5] == u8::MAX {
+            Some(BlockSizeConstraints {
+                minimum: 3,
+                preferred: 4096,
+                maximum: 4096,
+            })
+        } else {
+            block_size(b[5])
+        };
+        details.meta_contexts = EXPORT_CONTEXTS
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| b[6] & (1 << i) != 0)
+            .map(|(_, c)| (*c).to_owned())
+            .collect();
+        details.block_size_required = b[6] & 32 != 0;
+        details.tls_only = b[6] & 64 != 0;
+        ExportSpec {
+            name,
+            details,
+            default: b[6] & 128 != 0,
+        }
+    }
+}
+
+/// The exports of the `server_session` target; an export is known by its
+/// index.
+#[derive(Debug, Clone, Default)]
+pub struct Exports(pub Vec<ExportSpec>);
+
+impl Exports {
+    /// The export the session must choose for `name`.
+    pub fn resolve(&self, name: &str) -> Option<usize> {
+        self.0.iter().position(|e| e.name == name).or_else(|| {
+            if name.is_empty() {
+                self.0.iter().position(|e| e.default)
+            } else {
+                None
+            }
+        })
+    }
+}
+
+impl ExportLookup for Exports {
+    type Export = usize;
+    fn lookup(&self, name: &str) -> Option<(ExportDetails, usize)> {
+        let i = self.0.iter().position(|e| e.name == name)?;
+        Some((self.0[i].details.clone(), i))
+    }
+    fn default_export(&self) -> Option<(ExportDetails, usize)> {
+        let i = self.0.iter().position(|e| e.default)?;
+        Some((self.0[i].details.clone(), i))
+    }
+    fn list(&self, each: &mut dyn FnMut(ExportListing<'_>)) {
+        for e in &self.0 {
+            each(ExportListing {
+                name: &e.name,
+                description: &e.details.description,
+                tls_only: e.details.tls_only,
+            });
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// What a client sends
+// ---------------------------------------------------------------------------
+
+/// Checks the client session's output: the client flags and whole options
+/// during the handshake; in transmission, exactly the request headers the
+/// driver started, in order, with a WRITE's payload announced right after
+/// its header.
+#[derive(Debug, Default)]
+struct ClientOut {
+    transmission: bool,
+    extended: bool,
+    flags_seen: bool,
+    /// Options sent, by type.
+    options: Vec<OptionType>,
+    /// Headers queued and not sent yet: (cookie, request); no cookie for DISC.
+    expected: std::collections::VecDeque<(Option<u64>, Request)>,
+}
+
+impl ClientOut {
+    fn check(&mut self, bytes: &[u8], t: Transmit) {
+        assert!(!bytes.is_empty() || t.payload.is_some(), "poll_transmit gave nothing");
+        if !self.transmission {
+            assert!(t.payload.is_none(), "a payload in the handshake");
+            let mut rest = bytes;
+            if !self.flags_seen {
+                self.flags_seen = true;
+                let (flags, r) = rest.split_at(4.min(rest.len()));
+                assert_eq!(flags.len(), 4, "client flags");
+                let flags = u32::from_be_bytes([flags[0], flags[1], flags[2], flags[3]]);
+                assert!(ClientFlags::all().contains(ClientFlags::from_bits_retain(flags)));
+                rest = r;
+            }
+            while !rest.is_empty() {
+                let (h, data) = OptionHeader::read_from_prefix(rest).expect("a whole option header");
+                assert_eq!(h.magic.get(), IHAVEOPT);
+                let len = h.length.get() as usize;
+                assert!(len <= data.len(), "a partial option");
+                assert!(len <= 8 + 5 * (4 + MAX_STRING_LEN), "option of {len} bytes");
+                self.options.push(OptionType(h.option.get()));
+                rest = &data[len..];
+            }
+            return;
+        }
+        let hlen = if self.extended {
+            EXTENDED_REQUEST_HEADER_LEN
+        } else {
+            REQUEST_HEADER_LEN
+        };
+        assert_eq!(bytes.len() % hlen, 0, "whole request headers");
+        let mut last = None;
+        for h in bytes.chunks_exact(hlen) {
+            let (magic, flags, cmd, cookie, offset, length) = if self.extended {
+                let (h, _) = ExtendedRequestHeader::read_from_prefix(h).expect("header");
+                let (m, f, c, k, o, l) = (h.magic, h.flags, h.command, h.cookie, h.offset, h.length);
+                (m.get(), f.get(), c.get(), k.get(), o.get(), l.get())
+            } else {
+                let (h, _) = RequestHeader::read_from_prefix(h).expect("header");
+                let (m, f, c, k, o, l) = (h.magic, h.flags, h.command, h.cookie, h.offset, h.length);
+                (m.get(), f.get(), c.get(), k.get(), o.get(), l.get() as u64)
             };
-            match hs.step() {
-                HandshakeStep::Send(b) => {
-                    if let Some(o) = check_client_send(b) {
-                        self.last_option = Some(o);
-                    }
-                    hs.sent();
-                }
-                HandshakeStep::Receive(n) => {
-                    assert!(n > 0 && n <= MAX_OPTION_REPLY, "client asked for {n} bytes");
-                    let Some(r) = self.wire.take(n) else {
-                        return ClientHsStatus::NeedBytes(n - self.wire.available());
-                    };
-                    if hs.received(&self.wire.buf[r]).is_err() {
-                        assert_eq!(hs.step(), HandshakeStep::Aborted, "a failed handshake must stop");
-                        self.hs = None;
-                    }
-                }
-                HandshakeStep::StartTls => {
-                    // Pretend the TLS handshake succeeded.
-                    if hs.tls_established().is_err() {
-                        self.hs = None;
-                    }
-                }
-                HandshakeStep::Negotiating => return ClientHsStatus::Negotiating,
-                HandshakeStep::OptionDone => {
-                    let outcome = hs.take_outcome().expect("OptionDone without an outcome");
-                    check_outcome(&outcome);
-                    assert!(!matches!(hs.step(), HandshakeStep::OptionDone));
-                }
-                HandshakeStep::Done => {
-                    let hs = self.hs.take().expect("machine present");
-                    let n = hs.finish().expect("Done, yet finish() failed");
-                    check_negotiated(&n, &self.config);
-                    return ClientHsStatus::Done(Box::new(n));
-                }
-                HandshakeStep::Aborted => self.hs = None,
+            let want = if self.extended {
+                EXTENDED_REQUEST_MAGIC
+            } else {
+                REQUEST_MAGIC
+            };
+            assert_eq!(magic, want);
+            assert!(last.is_none(), "a header after a WRITE's, before its payload");
+            let (c, r) = self.expected.pop_front().expect("a header nobody started");
+            assert_eq!((cmd, offset, length), (r.command.0, r.offset, r.length));
+            if let Some(c) = c {
+                assert_eq!(cookie, c);
+            }
+            let mut f = r.flags;
+            if self.extended && r.command == Command::WRITE {
+                f |= CommandFlags::PAYLOAD_LEN;
+            }
+            assert_eq!(flags, f.bits());
+            if r.command == Command::WRITE && r.length > 0 {
+                last = Some((cookie, r.length));
             }
         }
-        panic!("client handshake makes no progress");
-    }
-
-    /// Issues an option (the machine must be [`ClientHsStatus::Negotiating`]).
-    pub fn issue(&mut self, opt: &UserOpt) {
-        let Some(hs) = self.hs.as_mut() else {
-            return;
-        };
-        let r = match opt {
-            UserOpt::List => hs.opt_list(),
-            UserOpt::Info(n) => hs.opt_info(&n.get()),
-            UserOpt::Go(n) => hs.opt_go(n.map(Name::get).as_deref()),
-            UserOpt::ListMetaContext(n, q) => hs.opt_list_meta_context(&n.get(), &queries(q)),
-            UserOpt::SetMetaContext(n, q) => hs.opt_set_meta_context(&n.get(), &queries(q)),
-            UserOpt::StructuredReply => hs.opt_structured_reply(),
-            UserOpt::ExtendedHeaders => hs.opt_extended_headers(),
-            UserOpt::Abort => hs.opt_abort(),
-        };
-        if r.is_err() {
-            // A refused call changes nothing.
-            assert_eq!(hs.step(), HandshakeStep::Negotiating, "{opt:?} refused: {r:?}");
+        match (last, t.payload) {
+            (Some((c, l)), Some(p)) => assert_eq!((c, l), (p.cookie.0, p.length), "payload of another WRITE"),
+            (None, None) => {}
+            (l, p) => panic!("WRITE header {l:?} and payload {p:?} disagree"),
         }
     }
 }
 
-/// Checks what the client sends: optionally the 4 client flags, then one
-/// option whose length field matches its data. Returns the option.
-fn check_client_send(b: &[u8]) -> Option<OptionType> {
-    assert!(!b.is_empty(), "empty Send");
-    assert!(
-        b.len() <= 4 + OPTION_HEADER_LEN + 8 + 5 * (4 + MAX_STRING_LEN),
-        "client sends {} bytes",
-        b.len()
-    );
-    let mut rest = b;
-    if rest.get(..8) != Some(&IHAVEOPT.to_be_bytes()[..]) {
-        let (flags, r) = rest.split_at(4.min(rest.len()));
-        assert_eq!(flags.len(), 4, "client flags");
-        let flags = u32::from_be_bytes([flags[0], flags[1], flags[2], flags[3]]);
-        assert!(ClientFlags::all().contains(ClientFlags::from_bits_retain(flags)));
-        rest = r;
-    }
-    if rest.is_empty() {
-        return None;
-    }
-    let (h, data) = OptionHeader::read_from_prefix(rest).expect("an option header");
-    assert_eq!(h.magic.get(), IHAVEOPT);
-    assert_eq!(h.length.get() as usize, data.len(), "option length field");
-    Some(OptionType(h.option.get()))
+// ---------------------------------------------------------------------------
+// What a server sends during the handshake
+// ---------------------------------------------------------------------------
+
+/// Checks the server session's handshake output: the greeting, then option
+/// replies (each well formed, one final reply ending each option's), then
+/// possibly the `NBD_OPT_EXPORT_NAME` answer.
+#[derive(Debug)]
+struct ServerOut {
+    config: ServerConfig,
+    greeted: bool,
+    /// The option of the last reply, and whether it was final.
+    last: Option<(u32, bool)>,
+    /// The handshake output is over.
+    done: bool,
 }
+
+impl ServerOut {
+    fn new(config: &ServerConfig) -> Self {
+        ServerOut {
+            config: config.clone(),
+            greeted: false,
+            last: None,
+            done: false,
+        }
+    }
+
+    /// Whether the server may wait for the client now.
+    fn at_rest(&self) -> bool {
+        self.last.is_none_or(|(_, fin)| fin)
+    }
+
+    fn check(&mut self, b: &[u8], negotiated: Option<&ServerNegotiated>) {
+        assert!(!b.is_empty(), "poll_transmit gave nothing");
+        assert!(!self.done, "handshake output after the handshake");
+        let mut rest = b;
+        if !self.greeted {
+            self.greeted = true;
+            assert_eq!(rest[..8], NBDMAGIC.to_be_bytes());
+            if self.config.oldstyle {
+                assert_eq!(rest.len(), 16 + 8 + 4 + ZERO_PAD_LEN, "oldstyle greeting");
+                assert_eq!(rest[8..16], CLISERV_MAGIC.to_be_bytes());
+                let flags = u16::from_be_bytes([rest[26], rest[27]]);
+                assert!(TransmissionFlags::from_bits_retain(flags).contains(TransmissionFlags::HAS_FLAGS));
+                self.done = true;
+                return;
+            }
+            assert!(rest.len() >= 18, "newstyle greeting");
+            assert_eq!(rest[8..16], IHAVEOPT.to_be_bytes());
+            let flags = HandshakeFlags::from_bits_retain(u16::from_be_bytes([rest[16], rest[17]]));
+            assert!(flags.contains(HandshakeFlags::FIXED_NEWSTYLE));
+            assert_eq!(flags.contains(HandshakeFlags::NO_ZEROES), self.config.no_zeroes);
+            rest = &rest[18..];
+        }
+        while !rest.is_empty() {
+            if let Some(n) = negotiated {
+                if rest.len() == 10 || rest.len() == 10 + ZERO_PAD_LEN {
+                    // The NBD_OPT_EXPORT_NAME answer ends the handshake.
+                    if rest[..8] == n.size.to_be_bytes() && rest[8..10] == n.flags.bits().to_be_bytes() {
+                        assert!(rest[10..].iter().all(|&z| z == 0));
+                        assert!(self.at_rest(), "export-name answer within an option's replies");
+                        self.done = true;
+                        return;
+                    }
+                }
+            }
+            let (h, r) = OptionReplyHeader::read_from_prefix(rest).expect("an option reply header");
+            assert_eq!(h.magic.get(), OPTION_REPLY_MAGIC);
+            let option = h.option.get();
+            if let Some((o, false)) = self.last {
+                assert_eq!(o, option, "replies of two options interleaved");
+            }
+            let len = h.length.get() as usize;
+            assert!(len <= r.len(), "reply length beyond what is sent");
+            let (payload, r) = r.split_at(len);
+            let reply = ReplyType(h.reply_type.get());
+            let fin = match reply {
+                ReplyType::ACK => {
+                    assert!(payload.is_empty());
+                    true
+                }
+                ReplyType::SERVER => {
+                    let n = u32::from_be_bytes(payload[..4].try_into().expect("4 bytes")) as usize;
+                    assert!(4 + n <= payload.len() && n <= MAX_STRING_LEN);
+                    assert!(payload.len() - 4 - n <= MAX_STRING_LEN);
+                    false
+                }
+                ReplyType::INFO => {
+                    assert!(payload.len() >= 2 && payload.len() <= 2 + MAX_STRING_LEN);
+                    false
+                }
+                ReplyType::META_CONTEXT => {
+                    assert!(payload.len() > 4 && payload.len() <= 4 + MAX_STRING_LEN);
+                    let name = std::str::from_utf8(&payload[4..]).expect("context name is UTF-8");
+                    assert!(name.contains(':'));
+                    false
+                }
+                e if e.is_error() => {
+                    assert!(e.name().is_some(), "unknown error reply {e}");
+                    assert!(payload.len() <= MAX_STRING_LEN);
+                    if e == ReplyType::ERR_TLS_REQD {
+                        assert_ne!(self.config.tls, TlsPolicy::NoTls, "NBD_REP_ERR_TLS_REQD without TLS");
+                    }
+                    true
+                }
+                other => panic!("unknown reply type {other}"),
+            };
+            self.last = Some((option, fin));
+            rest = r;
+        }
+        if negotiated.is_some() {
+            assert!(self.at_rest(), "transmission within an option's replies");
+            self.done = true;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Checks of what the sessions report
+// ---------------------------------------------------------------------------
 
 fn check_outcome(o: &OptionOutcome) {
     match o {
@@ -586,788 +662,15 @@ fn check_negotiated(n: &Negotiated, config: &ClientConfig) {
     if config.tls == TlsMode::Require {
         assert!(n.tls, "TLS required but not running");
     }
+    if config.tls == TlsMode::Off {
+        assert!(!n.tls, "TLS without being asked");
+    }
     if n.mode == Mode::Oldstyle {
         assert!(!n.tls && n.contexts.is_empty() && n.export_name.is_empty());
     }
-}
-
-/// The `client_handshake` target: the first bytes configure the client,
-/// the rest is what the server sends, with the options to issue in option
-/// mode read from the same stream when the machine asks. After a
-/// successful handshake the rest drives transmission.
-pub fn client_handshake(data: &[u8]) {
-    let mut u = Unstructured::new(data);
-    let Ok(spec) = ClientSpec::arbitrary(&mut u) else {
-        return;
-    };
-    let mut c = ClientHs::new(&spec);
-    let mut options = 0;
-    loop {
-        match c.pump() {
-            ClientHsStatus::NeedBytes(k) => match feed_from(&mut u, k) {
-                Some(b) => c.feed(b),
-                None => return,
-            },
-            ClientHsStatus::Negotiating => {
-                options += 1;
-                let Ok(opt) = UserOpt::arbitrary(&mut u) else {
-                    return;
-                };
-                if u.is_empty() || options > 64 {
-                    return;
-                }
-                c.issue(&opt);
-            }
-            ClientHsStatus::Done(n) => {
-                assert_eq!(c.wire.available(), 0, "the client read exactly the handshake");
-                return client_transmission_bytes(&n, &mut u);
-            }
-            ClientHsStatus::Over => return,
-        }
+    if !n.mode.structured() {
+        assert!(n.contexts.is_empty(), "contexts without structured replies");
     }
-}
-
-// ---------------------------------------------------------------------------
-// Client transmission
-// ---------------------------------------------------------------------------
-
-/// What a client handshake could have negotiated.
-#[derive(Debug, Clone, Arbitrary)]
-pub struct NegSpec {
-    pub mode: u8,
-    pub size: Size,
-    pub flags: u16,
-    pub block: u8,
-    pub contexts: u8,
-    pub ids: [u32; 4],
-    pub tls: bool,
-}
-
-impl NegSpec {
-    /// The value this stands for.
-    pub fn negotiated(&self) -> Negotiated {
-        Negotiated {
-            mode: mode(self.mode),
-            tls: self.tls,
-            export_name: "disk".into(),
-            description: None,
-            size: self.size.get(),
-            flags: TransmissionFlags::from_bits_retain(self.flags) | TransmissionFlags::HAS_FLAGS,
-            block_size: block_size(self.block),
-            contexts: contexts(self.contexts, self.ids),
-        }
-    }
-}
-
-/// How the client transmission machine is set up.
-#[derive(Debug, Clone, Copy, Arbitrary)]
-pub struct TxSpec {
-    pub capacity: u8,
-    pub strict: bool,
-    pub manual_release: bool,
-}
-
-/// A request in flight, as the driver tracks it.
-#[derive(Debug)]
-struct Live {
-    req: Request,
-    /// Bytes of data and holes received.
-    covered: u64,
-    /// Data and hole chunks received.
-    chunks: u32,
-    /// Block-status chunks received.
-    statuses: u32,
-}
-
-/// Drives a [`ClientTransmission`].
-#[derive(Debug)]
-pub struct ClientTx {
-    tx: ClientTransmission,
-    neg: Negotiated,
-    wire: Wire,
-    live: HashMap<u64, Live>,
-    /// Completed requests whose slot is held (manual release).
-    held: Vec<Cookie>,
-    manual_release: bool,
-    dead: bool,
-}
-
-impl ClientTx {
-    /// A transmission machine for `neg`.
-    pub fn new(neg: &Negotiated, spec: TxSpec) -> Self {
-        let mut tx = ClientTransmission::new(neg, spec.capacity as usize % 8 + 1);
-        tx.set_strict(spec.strict);
-        tx.set_manual_release(spec.manual_release);
-        ClientTx {
-            tx,
-            neg: neg.clone(),
-            wire: Wire::default(),
-            live: HashMap::new(),
-            held: Vec::new(),
-            manual_release: spec.manual_release,
-            dead: false,
-        }
-    }
-
-    /// The cookies in flight, in order.
-    fn cookies(&self) -> Vec<u64> {
-        let mut c: Vec<u64> = self.live.keys().copied().collect();
-        c.sort_unstable();
-        c
-    }
-
-    fn check_counts(&self) {
-        assert!(self.tx.in_flight() <= self.tx.capacity(), "in flight beyond capacity");
-        assert_eq!(self.tx.in_flight(), self.live.len(), "in-flight count");
-    }
-
-    /// Issues a request; returns its cookie if the machine accepted it.
-    pub fn request(&mut self, r: Request) -> Option<Cookie> {
-        let before = self.tx.in_flight();
-        let Ok((cookie, hdr)) = self.tx.start_request(r) else {
-            assert_eq!(self.tx.in_flight(), before, "a refused request takes no slot");
-            return None;
-        };
-        let b = hdr.as_bytes();
-        let extended = self.neg.mode.extended();
-        let (magic, flags, cmd, ck, offset, length) = if extended {
-            let (h, rest) = ExtendedRequestHeader::read_from_prefix(b).expect("extended header");
-            assert!(rest.is_empty());
-            let (m, f, c, k, o, l) = (h.magic, h.flags, h.command, h.cookie, h.offset, h.length);
-            (m.get(), f.get(), c.get(), k.get(), o.get(), l.get())
-        } else {
-            let (h, rest) = RequestHeader::read_from_prefix(b).expect("compact header");
-            assert!(rest.is_empty());
-            let (m, f, c, k, o, l) = (h.magic, h.flags, h.command, h.cookie, h.offset, h.length);
-            (m.get(), f.get(), c.get(), k.get(), o.get(), l.get() as u64)
-        };
-        assert_eq!(
-            magic,
-            if extended {
-                EXTENDED_REQUEST_MAGIC
-            } else {
-                REQUEST_MAGIC
-            }
-        );
-        assert_eq!((cmd, ck, offset, length), (r.command.0, cookie.0, r.offset, r.length));
-        let mut want = r.flags;
-        if extended && r.command == Command::WRITE {
-            want |= CommandFlags::PAYLOAD_LEN;
-        }
-        assert_eq!(flags, want.bits());
-        // What the client lets through, the server must be able to accept.
-        if matches!(r.command, Command::FLUSH | Command::DISC) {
-            assert_eq!((r.offset, r.length), (0, 0));
-        } else {
-            let end = r.offset.checked_add(r.length).expect("request end overflows");
-            assert!(end <= self.neg.size, "request past the end of the export");
-        }
-        if r.command == Command::BLOCK_STATUS {
-            assert!(self.neg.mode.structured() && !self.neg.contexts.is_empty());
-        }
-        if r.command == Command::DISC {
-            assert_eq!(self.tx.in_flight(), before, "NBD_CMD_DISC takes no slot");
-        } else {
-            assert!(cookie.slot() < self.tx.capacity());
-            let fresh = self.live.insert(
-                cookie.0,
-                Live {
-                    req: r,
-                    covered: 0,
-                    chunks: 0,
-                    statuses: 0,
-                },
-            );
-            assert!(fresh.is_none(), "cookie {cookie:?} issued twice");
-        }
-        self.check_counts();
-        Some(cookie)
-    }
-
-    /// Forgets the `which`th request in flight as if its header could not be sent.
-    pub fn cancel(&mut self, which: u8) {
-        let c = self.cookies();
-        if c.is_empty() {
-            return;
-        }
-        let cookie = c[which as usize % c.len()];
-        self.tx.cancel_unsent(Cookie(cookie));
-        self.live.remove(&cookie);
-        self.check_counts();
-    }
-
-    /// Releases the slots held after completion (manual release).
-    pub fn release(&mut self) {
-        for c in self.held.drain(..) {
-            self.tx.release(c);
-        }
-    }
-
-    /// The server sent these bytes.
-    pub fn feed(&mut self, bytes: &[u8]) {
-        self.wire.push(bytes);
-    }
-
-    fn die(&mut self) {
-        assert!(self.tx.is_failed(), "an error must fail the connection");
-        assert_eq!(self.tx.next(), ReceiveNext::Bytes(0));
-        self.dead = true;
-        let mut failed: Vec<u64> = self.tx.fail_all().map(|c| c.0).collect();
-        failed.sort_unstable();
-        assert_eq!(
-            failed,
-            self.cookies(),
-            "fail_all() returns exactly the requests in flight"
-        );
-        self.live.clear();
-        self.check_counts();
-    }
-
-    fn event(&mut self, ev: Event) {
-        match ev {
-            Event::Nothing => {}
-            Event::Hole {
-                cookie,
-                buf_offset,
-                length,
-            } => {
-                assert!(length > 0, "empty hole");
-                self.content(cookie, buf_offset, length);
-            }
-            Event::Status {
-                cookie,
-                context_id,
-                extents,
-            } => {
-                let l = self
-                    .live
-                    .get_mut(&cookie.0)
-                    .expect("block status for a request in flight");
-                assert_eq!(l.req.command, Command::BLOCK_STATUS);
-                assert!(self.neg.contexts.iter().any(|c| c.id == context_id), "unknown context");
-                l.statuses += 1;
-                assert!(
-                    l.statuses as usize <= self.neg.contexts.len(),
-                    "a context answered twice"
-                );
-                let mut n = 0u64;
-                let mut sum = 0u64;
-                for e in extents {
-                    assert!(e.length > 0, "extent of length 0");
-                    n += 1;
-                    sum = sum.saturating_add(e.length);
-                }
-                assert!(n > 0, "block status without extents");
-                if l.req.flags.contains(CommandFlags::REQ_ONE) {
-                    assert!(n == 1 && sum <= l.req.length, "REQ_ONE violated");
-                }
-            }
-            Event::Done {
-                cookie,
-                command,
-                result,
-            } => {
-                let l = self
-                    .live
-                    .remove(&cookie.0)
-                    .expect("Done for a request not in flight (or twice)");
-                assert_eq!(l.req.command, command);
-                if result.is_ok() {
-                    if command == Command::READ {
-                        assert_eq!(l.covered, l.req.length, "successful read not covered");
-                    }
-                    if command == Command::BLOCK_STATUS {
-                        assert!(l.statuses > 0, "successful block status without status");
-                    }
-                } else if let Err(e) = &result {
-                    if let Some(o) = e.offset {
-                        assert!(o >= l.req.offset && o < l.req.offset.saturating_add(l.req.length.max(1)));
-                    }
-                    assert!(e.message.len() <= 3 * MAX_STRING_LEN);
-                }
-                if self.manual_release {
-                    self.held.push(cookie);
-                }
-            }
-        }
-        self.check_counts();
-    }
-
-    /// Data or a hole for `cookie`: within the request's buffer.
-    fn content(&mut self, cookie: Cookie, buf_offset: u64, length: u64) {
-        let l = self.live.get_mut(&cookie.0).expect("content for a request in flight");
-        assert_eq!(l.req.command, Command::READ, "content for {:?}", l.req.command);
-        let end = buf_offset.checked_add(length).expect("span overflows");
-        assert!(
-            end <= l.req.length,
-            "span {buf_offset}+{length} beyond the buffer of {}",
-            l.req.length
-        );
-        l.chunks += 1;
-        // "At most one content chunk" (it may be short if an error follows).
-        assert!(
-            l.chunks == 1 || !l.req.flags.contains(CommandFlags::DF),
-            "DF read fragmented"
-        );
-        l.covered += length;
-        assert!(l.covered <= l.req.length, "content beyond the request");
-    }
-
-    /// Runs the machine over the bytes that arrived; returns how many more
-    /// bytes it needs (0: none, or the connection is dead).
-    pub fn pump(&mut self) -> usize {
-        for _ in 0..MAX_STEPS {
-            if self.dead {
-                return 0;
-            }
-            match self.tx.next() {
-                ReceiveNext::Bytes(0) => {
-                    self.die();
-                    return 0;
-                }
-                ReceiveNext::Bytes(k) => {
-                    assert!(k <= 8 + 16 * MAX_BLOCK_STATUS_EXTENTS, "asked for {k} bytes");
-                    let Some(r) = self.wire.take(k) else {
-                        return k - self.wire.available();
-                    };
-                    match self.tx.handle_bytes(&self.wire.buf[r]).map(own) {
-                        Ok(ev) => self.event(ev),
-                        Err(_) => self.die(),
-                    }
-                }
-                ReceiveNext::Data {
-                    cookie,
-                    buf_offset,
-                    length,
-                } => {
-                    // The payload itself is not on the simulated wire.
-                    self.content(cookie, buf_offset, length);
-                    match self.tx.data_received().map(own) {
-                        Ok(ev) => self.event(ev),
-                        Err(_) => self.die(),
-                    }
-                }
-                ReceiveNext::Complete => match self.tx.complete_pending().map(own) {
-                    Ok(ev) => {
-                        assert!(matches!(ev, Event::Done { .. }), "Complete must complete");
-                        self.event(ev);
-                    }
-                    Err(_) => self.die(),
-                },
-            }
-        }
-        panic!("client transmission makes no progress");
-    }
-}
-
-/// A [`ReplyEvent`] copied out of the driver's buffer.
-#[derive(Debug)]
-enum Event {
-    Nothing,
-    Hole {
-        cookie: Cookie,
-        buf_offset: u64,
-        length: u64,
-    },
-    Status {
-        cookie: Cookie,
-        context_id: u32,
-        extents: Vec<Extent>,
-    },
-    Done {
-        cookie: Cookie,
-        command: Command,
-        result: Result<(), ServerError>,
-    },
-}
-
-fn own(ev: ReplyEvent<'_>) -> Event {
-    match ev {
-        ReplyEvent::Nothing => Event::Nothing,
-        ReplyEvent::Hole {
-            cookie,
-            buf_offset,
-            length,
-        } => Event::Hole {
-            cookie,
-            buf_offset,
-            length,
-        },
-        ReplyEvent::BlockStatus {
-            cookie,
-            context_id,
-            extents,
-        } => Event::Status {
-            cookie,
-            context_id,
-            extents: extents.collect(),
-        },
-        ReplyEvent::Done {
-            cookie,
-            command,
-            result,
-        } => Event::Done {
-            cookie,
-            command,
-            result,
-        },
-    }
-}
-
-/// Runs client transmission for `neg` from the byte targets' input: the
-/// machine's set-up, a few requests, then the server's replies.
-fn client_transmission_bytes(neg: &Negotiated, u: &mut Unstructured<'_>) {
-    let Ok(spec) = TxSpec::arbitrary(u) else {
-        return;
-    };
-    let mut c = ClientTx::new(neg, spec);
-    let Ok(count) = u8::arbitrary(u) else {
-        return;
-    };
-    let minimum = neg.constraints().minimum;
-    for _ in 0..count % 9 {
-        let Ok(r) = ReqSpec::arbitrary(u) else {
-            return;
-        };
-        c.request(r.request(neg.size, minimum));
-    }
-    let Ok(rest) = u.bytes(u.len()) else {
-        return;
-    };
-    c.feed(rest);
-    c.pump();
-    c.release();
-}
-
-/// The `client_transmission` target: what was negotiated, the machine's
-/// set-up and the requests come first, the rest is the server's replies.
-pub fn client_transmission(data: &[u8]) {
-    let mut u = Unstructured::new(data);
-    let Ok(neg) = NegSpec::arbitrary(&mut u) else {
-        return;
-    };
-    client_transmission_bytes(&neg.negotiated(), &mut u);
-}
-
-// ---------------------------------------------------------------------------
-// Server handshake
-// ---------------------------------------------------------------------------
-
-/// How the server is configured.
-#[derive(Debug, Clone, Arbitrary)]
-pub struct ServerSpec {
-    pub oldstyle: u8,
-    pub tls: u8,
-    pub allow_list: bool,
-    pub max_options: u8,
-    pub no_zeroes: bool,
-    pub support_go: bool,
-    pub structured: bool,
-    pub extended: bool,
-}
-
-impl ServerSpec {
-    /// The value this stands for.
-    pub fn config(&self) -> ServerConfig {
-        ServerConfig {
-            oldstyle: self.oldstyle % 8 == 7,
-            tls: match self.tls % 3 {
-                0 => TlsPolicy::NoTls,
-                1 => TlsPolicy::ForcedTls,
-                _ => TlsPolicy::SelectiveTls,
-            },
-            allow_list: self.allow_list,
-            max_options: if self.max_options < 16 {
-                self.max_options as u32
-            } else {
-                ServerConfig::default().max_options
-            },
-            no_zeroes: self.no_zeroes,
-            support_go: self.support_go,
-            structured_replies: self.structured,
-            extended_headers: self.extended,
-            ..ServerConfig::default()
-        }
-    }
-}
-
-/// The driver's answer to a lookup.
-#[derive(Debug, Clone, Arbitrary)]
-pub struct ExportSpec {
-    pub canonical: Option<Name>,
-    pub description: Option<Name>,
-    pub size: Size,
-    pub flags: u16,
-    pub block: u8,
-    pub block_size_required: bool,
-    pub contexts: u8,
-    pub tls_only: bool,
-}
-
-impl ExportSpec {
-    /// The value this stands for.
-    pub fn details(&self, requested: &str) -> ExportDetails {
-        const CONTEXTS: [&str; 5] = [
-            CONTEXT_BASE_ALLOCATION,
-            CONTEXT_QEMU_ALLOCATION_DEPTH,
-            "qemu:dirty-bitmap:b0",
-            "x-vendor:wide",
-            "nonamespace",
-        ];
-        ExportDetails {
-            name: self.canonical.map_or_else(|| requested.to_owned(), Name::get),
-            description: self.description.map(Name::get).unwrap_or_default(),
-            size: self.size.get(),
-            flags: TransmissionFlags::from_bits_retain(self.flags),
-            block_size: if self.block == u8::MAX {
-                // Invalid constraints: the machine refuses them as misuse.
-                Some(BlockSizeConstraints {
-                    minimum: 3,
-                    preferred: 4096,
-                    maximum: 4096,
-                })
-            } else {
-                block_size(self.block)
-            },
-            block_size_required: self.block_size_required,
-            meta_contexts: CONTEXTS
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| self.contexts & (1 << i) != 0)
-                .map(|(_, c)| (*c).to_owned())
-                .collect(),
-            tls_only: self.tls_only,
-        }
-    }
-}
-
-fn default_export() -> ExportSpec {
-    ExportSpec {
-        canonical: None,
-        description: Some(Name::Other),
-        size: Size::Mega,
-        flags: 0xffff,
-        block: 2,
-        block_size_required: false,
-        contexts: 0x0f,
-        tls_only: false,
-    }
-}
-
-/// One export of the driver's answer to `NBD_OPT_LIST`.
-#[derive(Debug, Clone, Copy, Arbitrary)]
-pub struct ListEntry {
-    pub name: Name,
-    pub description: Option<Name>,
-    pub tls_only: bool,
-}
-
-/// Where the server handshake stopped.
-#[derive(Debug)]
-pub enum ServerHsStatus {
-    /// This many more bytes from the client are needed.
-    NeedBytes(usize),
-    /// Look this export up.
-    Lookup(String),
-    /// List the exports.
-    List,
-    /// The handshake is complete.
-    Done(Box<ServerNegotiated>),
-    /// The handshake failed or was aborted.
-    Over,
-}
-
-/// Drives a [`ServerHandshake`].
-#[derive(Debug)]
-pub struct ServerHs {
-    hs: Option<ServerHandshake>,
-    wire: Wire,
-    config: ServerConfig,
-}
-
-impl ServerHs {
-    /// A server handshake with this configuration.
-    pub fn new(spec: &ServerSpec) -> Self {
-        let config = spec.config();
-        ServerHs {
-            hs: Some(ServerHandshake::new(config.clone())),
-            wire: Wire::default(),
-            config,
-        }
-    }
-
-    /// The client sent these bytes.
-    pub fn feed(&mut self, bytes: &[u8]) {
-        self.wire.push(bytes);
-    }
-
-    /// Runs the machine as far as it goes.
-    pub fn pump(&mut self) -> ServerHsStatus {
-        for _ in 0..MAX_STEPS {
-            let Some(hs) = self.hs.as_mut() else {
-                return ServerHsStatus::Over;
-            };
-            match hs.step() {
-                ServerStep::Send(b) => {
-                    check_server_send(b, hs.current_option(), &self.config);
-                    hs.sent();
-                }
-                ServerStep::Receive(n) => {
-                    assert!(n > 0 && n <= MAX_OPTION_DATA as usize, "server asked for {n} bytes");
-                    let Some(r) = self.wire.take(n) else {
-                        return ServerHsStatus::NeedBytes(n - self.wire.available());
-                    };
-                    if let Err(e) = hs.received(&self.wire.buf[r]) {
-                        assert!(!matches!(e, ServerHandshakeError::Misuse(_)), "{e}");
-                        assert_eq!(hs.step(), ServerStep::Closed, "a failed handshake must close");
-                        self.hs = None;
-                    }
-                }
-                ServerStep::Discard(n) => {
-                    assert!(n > 0, "discard nothing");
-                    if self.wire.take(n).is_none() {
-                        return ServerHsStatus::NeedBytes(n - self.wire.available());
-                    }
-                    hs.discarded().expect("discarded() after Discard");
-                }
-                ServerStep::StartTls => {
-                    assert_ne!(self.config.tls, TlsPolicy::NoTls, "STARTTLS accepted without TLS");
-                    hs.tls_established().expect("tls_established() after StartTls");
-                }
-                ServerStep::LookupExport { name } => {
-                    assert!(name.len() <= MAX_STRING_LEN && !name.contains('\0'));
-                    return ServerHsStatus::Lookup(name.to_owned());
-                }
-                ServerStep::ListExports => return ServerHsStatus::List,
-                ServerStep::Done => {
-                    let hs = self.hs.take().expect("machine present");
-                    let n = hs.finish().expect("Done, yet finish() failed");
-                    check_server_negotiated(&n, &self.config);
-                    return ServerHsStatus::Done(Box::new(n));
-                }
-                ServerStep::Aborted | ServerStep::Closed => self.hs = None,
-            }
-        }
-        panic!("server handshake makes no progress");
-    }
-
-    /// Answers a lookup.
-    pub fn answer_export(&mut self, name: &str, spec: Option<&ExportSpec>) {
-        let Some(hs) = self.hs.as_mut() else {
-            return;
-        };
-        let mut r = hs.answer_export(spec.map(|s| s.details(name)));
-        if matches!(r, Err(ServerHandshakeError::Misuse(_))) {
-            // Invalid details change nothing: answer again.
-            assert!(matches!(hs.step(), ServerStep::LookupExport { .. }), "{r:?}");
-            r = hs.answer_export(None);
-        }
-        if let Err(e) = r {
-            assert!(!matches!(e, ServerHandshakeError::Misuse(_)), "{e}");
-            assert_eq!(hs.step(), ServerStep::Closed);
-            self.hs = None;
-        }
-    }
-
-    /// Answers `NBD_OPT_LIST`.
-    pub fn answer_list(&mut self, entries: &[ListEntry]) {
-        let Some(hs) = self.hs.as_mut() else {
-            return;
-        };
-        let owned: Vec<(String, String, bool)> = entries
-            .iter()
-            .take(4)
-            .map(|e| {
-                (
-                    e.name.get(),
-                    e.description.map(Name::get).unwrap_or_default(),
-                    e.tls_only,
-                )
-            })
-            .collect();
-        let list: Vec<ExportListing<'_>> = owned
-            .iter()
-            .map(|(name, description, tls_only)| ExportListing {
-                name,
-                description,
-                tls_only: *tls_only,
-            })
-            .collect();
-        if hs.answer_list(&list).is_err() {
-            assert_eq!(hs.step(), ServerStep::ListExports, "invalid listings change nothing");
-            hs.answer_list(&[]).expect("an empty list is valid");
-        }
-    }
-}
-
-/// Checks what the server sends: a greeting, an `NBD_OPT_EXPORT_NAME`
-/// answer, or the option replies to one option, ending with one final
-/// reply (an ACK or an error).
-fn check_server_send(b: &[u8], option: OptionType, config: &ServerConfig) {
-    if b.get(..8) == Some(&NBDMAGIC.to_be_bytes()[..]) {
-        if config.oldstyle {
-            assert_eq!(b.len(), 16 + 8 + 4 + ZERO_PAD_LEN, "oldstyle greeting");
-            assert_eq!(b[8..16], CLISERV_MAGIC.to_be_bytes());
-            let flags = u16::from_be_bytes([b[26], b[27]]);
-            assert!(TransmissionFlags::from_bits_retain(flags).contains(TransmissionFlags::HAS_FLAGS));
-        } else {
-            assert_eq!(b.len(), 18, "newstyle greeting");
-            assert_eq!(b[8..16], IHAVEOPT.to_be_bytes());
-            let flags = HandshakeFlags::from_bits_retain(u16::from_be_bytes([b[16], b[17]]));
-            assert!(flags.contains(HandshakeFlags::FIXED_NEWSTYLE));
-            assert_eq!(flags.contains(HandshakeFlags::NO_ZEROES), config.no_zeroes);
-        }
-        return;
-    }
-    if option == OptionType::EXPORT_NAME {
-        assert!(
-            b.len() == 10 || b.len() == 10 + ZERO_PAD_LEN,
-            "NBD_OPT_EXPORT_NAME answer"
-        );
-        let flags = u16::from_be_bytes([b[8], b[9]]);
-        assert!(TransmissionFlags::from_bits_retain(flags).contains(TransmissionFlags::HAS_FLAGS));
-        return;
-    }
-    let mut rest = b;
-    let mut finals = 0;
-    while !rest.is_empty() {
-        assert_eq!(finals, 0, "replies after the final reply");
-        let (h, r) = OptionReplyHeader::read_from_prefix(rest).expect("an option reply header");
-        assert_eq!(h.magic.get(), OPTION_REPLY_MAGIC);
-        assert_eq!(OptionType(h.option.get()), option, "reply for another option");
-        let len = h.length.get() as usize;
-        assert!(len <= r.len(), "reply length beyond what is sent");
-        let (payload, r) = r.split_at(len);
-        let reply = ReplyType(h.reply_type.get());
-        match reply {
-            ReplyType::ACK => {
-                assert!(payload.is_empty());
-                finals += 1;
-            }
-            ReplyType::SERVER => {
-                let n = u32::from_be_bytes(payload[..4].try_into().expect("4 bytes")) as usize;
-                assert!(4 + n <= payload.len() && n <= MAX_STRING_LEN);
-                assert!(payload.len() - 4 - n <= MAX_STRING_LEN);
-            }
-            ReplyType::INFO => assert!(payload.len() >= 2 && payload.len() <= 2 + MAX_STRING_LEN),
-            ReplyType::META_CONTEXT => {
-                assert!(payload.len() > 4 && payload.len() <= 4 + MAX_STRING_LEN);
-                let name = std::str::from_utf8(&payload[4..]).expect("context name is UTF-8");
-                assert!(name.contains(':'));
-            }
-            e if e.is_error() => {
-                assert!(e.name().is_some(), "unknown error reply {e}");
-                assert!(payload.len() <= MAX_STRING_LEN);
-                if e == ReplyType::ERR_TLS_REQD {
-                    assert_ne!(config.tls, TlsPolicy::NoTls, "NBD_REP_ERR_TLS_REQD in NOTLS mode");
-                }
-                finals += 1;
-            }
-            other => panic!("unknown reply type {other}"),
-        }
-        rest = r;
-    }
-    assert_eq!(finals, 1, "one final reply per option");
 }
 
 fn check_server_negotiated(n: &ServerNegotiated, config: &ServerConfig) {
@@ -1408,99 +711,106 @@ fn check_server_negotiated(n: &ServerNegotiated, config: &ServerConfig) {
     }
 }
 
-/// The `server_handshake` target: the first bytes configure the server,
-/// the rest is what the client sends, with the driver's answers to lookups
-/// and lists read from the same stream when the machine asks. After a
-/// successful handshake the rest drives transmission.
-pub fn server_handshake(data: &[u8]) {
-    let mut u = Unstructured::new(data);
-    let Ok(spec) = ServerSpec::arbitrary(&mut u) else {
-        return;
+/// Every request a server session lets through obeys the spec's rules.
+fn check_request<E: ExportLookup>(s: &ServerSession<E>, r: &ServerRequest) {
+    let n = s.negotiated().expect("requests in transmission only");
+    let f = n.flags;
+    let c = s.constraints();
+    let ext = n.mode.extended();
+    let mut allowed = CommandFlags::FUA;
+    match r.command {
+        Command::READ => allowed |= CommandFlags::DF,
+        Command::WRITE if ext => allowed |= CommandFlags::PAYLOAD_LEN,
+        Command::WRITE | Command::FLUSH | Command::TRIM | Command::CACHE => {}
+        Command::WRITE_ZEROES => allowed |= CommandFlags::NO_HOLE | CommandFlags::FAST_ZERO,
+        Command::BLOCK_STATUS => {
+            allowed |= CommandFlags::REQ_ONE;
+            if ext && f.contains(TransmissionFlags::BLOCK_STATUS_PAYLOAD) {
+                allowed |= CommandFlags::PAYLOAD_LEN;
+            }
+        }
+        other => panic!("accepted unknown command {other}"),
+    }
+    assert!(allowed.contains(r.flags), "flags {:?} for {}", r.flags, r.command);
+    for (flag, needs) in [
+        (CommandFlags::FUA, TransmissionFlags::SEND_FUA),
+        (CommandFlags::DF, TransmissionFlags::SEND_DF),
+        (CommandFlags::FAST_ZERO, TransmissionFlags::SEND_FAST_ZERO),
+    ] {
+        if r.flags.contains(flag) {
+            assert!(f.contains(needs));
+        }
+    }
+    let needs = match r.command {
+        Command::FLUSH => TransmissionFlags::SEND_FLUSH,
+        Command::TRIM => TransmissionFlags::SEND_TRIM,
+        Command::WRITE_ZEROES => TransmissionFlags::SEND_WRITE_ZEROES,
+        Command::CACHE => TransmissionFlags::SEND_CACHE,
+        _ => TransmissionFlags::HAS_FLAGS,
     };
-    let mut s = ServerHs::new(&spec);
-    loop {
-        match s.pump() {
-            ServerHsStatus::NeedBytes(k) => match feed_from(&mut u, k) {
-                Some(b) => s.feed(b),
-                None => return,
-            },
-            ServerHsStatus::Lookup(name) => {
-                let Ok(a) = Option::<ExportSpec>::arbitrary(&mut u) else {
-                    return;
-                };
-                s.answer_export(&name, a.as_ref());
-            }
-            ServerHsStatus::List => {
-                let Ok(l) = Vec::<ListEntry>::arbitrary(&mut u) else {
-                    return;
-                };
-                s.answer_list(&l);
-            }
-            ServerHsStatus::Done(n) => {
-                assert_eq!(s.wire.available(), 0, "the server read exactly the handshake");
-                return server_transmission_bytes(&n, &mut u);
-            }
-            ServerHsStatus::Over => return,
+    assert!(f.contains(needs), "{} not advertised", r.command);
+    if f.contains(TransmissionFlags::READ_ONLY) {
+        assert!(!matches!(
+            r.command,
+            Command::WRITE | Command::TRIM | Command::WRITE_ZEROES
+        ));
+    }
+    if r.command == Command::FLUSH {
+        assert_eq!((r.offset, r.length), (0, 0));
+        return;
+    }
+    if r.command == Command::BLOCK_STATUS {
+        assert!(n.mode.structured() && !n.contexts.is_empty() && r.length > 0);
+        if let ContextSelection::Only(mask) = r.contexts {
+            assert_ne!(mask, 0);
+            let count = n.contexts.len().min(64);
+            assert!(count == 64 || mask >> count == 0, "selection of unknown contexts");
         }
+    } else {
+        assert_eq!(r.contexts, ContextSelection::All);
+    }
+    let end = r.offset.checked_add(r.length).expect("offset + length overflows");
+    assert!(end <= n.size, "request past the end of the export");
+    let min = c.minimum.max(1) as u64;
+    assert_eq!(r.offset % min, 0, "unaligned offset");
+    assert!(r.length % min == 0 || end == n.size, "unaligned length");
+    if r.command == Command::WRITE {
+        assert!(r.length <= s.max_payload(), "write beyond the maximum payload");
+    }
+    if r.command == Command::READ {
+        assert!(r.length <= s.max_payload() || n.mode.structured());
+        assert!(ext || r.length <= u32::MAX as u64 - 8);
     }
 }
 
 // ---------------------------------------------------------------------------
-// Server transmission
+// The reply encoder
 // ---------------------------------------------------------------------------
 
-/// What a server handshake could have negotiated.
-#[derive(Debug, Clone, Arbitrary)]
-pub struct ServerNegSpec {
-    pub mode: u8,
-    pub size: Size,
-    pub flags: u16,
-    pub block: u8,
-    pub contexts: u8,
-    pub ids: [u32; 4],
-    pub client_requested_block_size: bool,
-}
-
-impl ServerNegSpec {
-    /// The value this stands for.
-    pub fn negotiated(&self) -> ServerNegotiated {
-        let mode = mode(self.mode);
-        let block_size = block_size(self.block);
-        ServerNegotiated {
-            mode,
-            export_name: "disk".into(),
-            requested_name: String::new(),
-            size: self.size.get(),
-            flags: TransmissionFlags::from_bits_retain(self.flags) | TransmissionFlags::HAS_FLAGS,
-            block_size,
-            contexts: contexts(self.contexts, self.ids),
-            tls: false,
-            client_requested_block_size: self.client_requested_block_size && block_size.is_some(),
-        }
-    }
-}
-
-/// A message for [`ReplyEncoder`] calls.
+/// An offset or a length relative to a request.
 #[derive(Debug, Clone, Copy, Arbitrary)]
-pub enum Msg {
-    /// Nothing.
-    Empty,
-    /// A short message.
-    Short,
-    /// Over 4096 bytes of 3-byte characters.
-    Long,
-    /// With a NUL.
-    Nul,
+pub enum Num {
+    /// 0
+    Zero,
+    /// A small value.
+    Small(u16),
+    /// Whole blocks of max(minimum block size, 512).
+    Blocks(u8),
+    /// So many bytes before the end.
+    FromEnd(u16),
+    /// Anything.
+    Raw(u64),
 }
 
-impl Msg {
-    /// The value this stands for.
-    pub fn get(self) -> String {
+impl Num {
+    /// The value this stands for, relative to `size` with blocks of `block`.
+    pub fn get(self, size: u64, block: u64) -> u64 {
         match self {
-            Msg::Empty => String::new(),
-            Msg::Short => "no such luck".into(),
-            Msg::Long => "\u{20ac}".repeat(1400),
-            Msg::Nul => "before\0after".into(),
+            Num::Zero => 0,
+            Num::Small(v) => v as u64,
+            Num::Blocks(v) => v as u64 * block,
+            Num::FromEnd(v) => size.saturating_sub(v as u64),
+            Num::Raw(v) => v,
         }
     }
 }
@@ -1516,11 +826,12 @@ pub struct RawRequest {
     mask: Option<u64>,
 }
 
-/// Arguments for the [`ReplyEncoder`] calls made for a request.
+/// Arguments of the [`ReplyEncoder`] calls a server driver makes for each
+/// request (the `server_session` target calls them all).
 #[derive(Debug, Clone, Arbitrary)]
 pub struct EncSpec {
     error: u32,
-    message: Msg,
+    message: u8,
     offset: Num,
     length: Num,
     done: bool,
@@ -1532,367 +843,175 @@ pub struct EncSpec {
     raw: Option<RawRequest>,
 }
 
-/// Drives a [`ServerTransmission`] and its [`ReplyEncoder`].
-#[derive(Debug)]
-pub struct ServerTx {
-    st: ServerTransmission,
-    neg: ServerNegotiated,
-    wire: Wire,
-    enc: Vec<EncSpec>,
-    next_enc: usize,
-    out: Vec<u8>,
-    shut: bool,
+fn message(sel: u8) -> String {
+    match sel % 4 {
+        0 => String::new(),
+        1 => "no such luck".into(),
+        2 => "\u{20ac}".repeat(1400),
+        _ => "before\0after".into(),
+    }
 }
 
-impl ServerTx {
-    /// A transmission machine for `neg`; `enc` gives the encoder calls'
-    /// arguments, used in turn for each request.
-    pub fn new(neg: &ServerNegotiated, enc: Vec<EncSpec>) -> Self {
-        ServerTx {
-            st: ServerTransmission::new(neg),
-            neg: neg.clone(),
-            wire: Wire::default(),
-            enc,
-            next_enc: 0,
-            out: Vec::new(),
-            shut: false,
-        }
-    }
-
-    /// The driver shuts down.
-    pub fn shutdown(&mut self) {
-        self.st.shutdown();
-        self.shut = true;
-    }
-
-    /// The client sent these bytes.
-    pub fn feed(&mut self, bytes: &[u8]) {
-        self.wire.push(bytes);
-    }
-
-    fn header_len(&self) -> usize {
-        if self.neg.mode.extended() {
-            EXTENDED_REQUEST_HEADER_LEN
-        } else {
-            REQUEST_HEADER_LEN
-        }
-    }
-
-    /// Runs the machine over the bytes that arrived; returns how many more
-    /// bytes it needs (0: none, or the connection is closed).
-    pub fn pump(&mut self) -> usize {
-        for _ in 0..MAX_STEPS {
-            match self.st.next() {
-                ServerReceive::Bytes(n) => {
-                    assert!(
-                        n == self.header_len() || (12..=8 + 4 * 64).contains(&n),
-                        "asked for {n} bytes"
-                    );
-                    let Some(r) = self.wire.take(n) else {
-                        return n - self.wire.available();
-                    };
-                    match self.st.handle_bytes(&self.wire.buf[r]) {
-                        Ok(ev) => self.event(ev),
-                        Err(ServerTransmissionError::Violation(_)) => {
-                            assert!(self.st.is_closed());
-                            assert_eq!(self.st.next(), ServerReceive::Closed);
-                            return 0;
-                        }
-                        Err(e) => panic!("driver followed next() yet: {e}"),
-                    }
-                }
-                ServerReceive::Payload { length, .. } => {
-                    assert!(length > 0 && length <= self.st.constraints().maximum as u64);
-                    self.st.payload_received().expect("payload_received() after Payload");
-                }
-                ServerReceive::Discard(n) => {
-                    assert!(n > 0);
-                    self.st.discarded().expect("discarded() after Discard");
-                }
-                ServerReceive::Closed => {
-                    assert!(self.st.is_closed());
-                    return 0;
-                }
-            }
-        }
-        panic!("server transmission makes no progress");
-    }
-
-    fn event(&mut self, ev: RequestEvent) {
-        match ev {
-            RequestEvent::Continue => {
-                assert!(matches!(self.st.next(), ServerReceive::Bytes(n) if n != self.header_len()));
-            }
-            RequestEvent::Request(r) => {
-                assert!(!self.shut, "a request accepted after shutdown");
-                self.check_request(&r);
-                let next = self.st.next();
-                if r.command == Command::WRITE && r.length > 0 {
-                    assert_eq!(
-                        next,
-                        ServerReceive::Payload {
-                            cookie: r.cookie,
-                            length: r.length
-                        }
-                    );
-                } else {
-                    assert_eq!(next, ServerReceive::Bytes(self.header_len()));
-                }
-                self.encode(&r);
-            }
-            RequestEvent::Reject { request, error, reason } => {
-                assert_ne!(error.0, 0, "rejected with error 0");
-                assert!(!reason.is_empty());
-                assert!(matches!(
-                    self.st.next(),
-                    ServerReceive::Discard(_) | ServerReceive::Bytes(_)
-                ));
-                self.encode(&request);
-            }
-            RequestEvent::Disconnect => assert_eq!(self.st.next(), ServerReceive::Closed),
-        }
-    }
-
-    /// Every request the machine lets through obeys the spec's rules.
-    fn check_request(&self, r: &ServerRequest) {
-        let n = &self.neg;
-        let f = n.flags;
-        let c = self.st.constraints();
-        let ext = n.mode.extended();
-        let mut allowed = CommandFlags::FUA;
-        match r.command {
-            Command::READ => allowed |= CommandFlags::DF,
-            Command::WRITE if ext => allowed |= CommandFlags::PAYLOAD_LEN,
-            Command::WRITE | Command::FLUSH | Command::TRIM | Command::CACHE => {}
-            Command::WRITE_ZEROES => allowed |= CommandFlags::NO_HOLE | CommandFlags::FAST_ZERO,
-            Command::BLOCK_STATUS => {
-                allowed |= CommandFlags::REQ_ONE;
-                if ext && f.contains(TransmissionFlags::BLOCK_STATUS_PAYLOAD) {
-                    allowed |= CommandFlags::PAYLOAD_LEN;
-                }
-            }
-            other => panic!("accepted unknown command {other}"),
-        }
-        assert!(allowed.contains(r.flags), "flags {:?} for {}", r.flags, r.command);
-        for (flag, needs) in [
-            (CommandFlags::FUA, TransmissionFlags::SEND_FUA),
-            (CommandFlags::DF, TransmissionFlags::SEND_DF),
-            (CommandFlags::FAST_ZERO, TransmissionFlags::SEND_FAST_ZERO),
-        ] {
-            if r.flags.contains(flag) {
-                assert!(f.contains(needs));
-            }
-        }
-        let needs = match r.command {
-            Command::FLUSH => TransmissionFlags::SEND_FLUSH,
-            Command::TRIM => TransmissionFlags::SEND_TRIM,
-            Command::WRITE_ZEROES => TransmissionFlags::SEND_WRITE_ZEROES,
-            Command::CACHE => TransmissionFlags::SEND_CACHE,
-            _ => TransmissionFlags::HAS_FLAGS,
+/// Calls every encoder function for `decoded` (and for a fuzzed request)
+/// and checks what they produce.
+fn encode_all(enc: ReplyEncoder, size: u64, minimum: u32, decoded: &ServerRequest, e: &EncSpec) {
+    encode_for(enc, size, minimum, decoded, e);
+    if let Some(raw) = e.raw {
+        let r = ServerRequest {
+            cookie: raw.cookie,
+            command: command(raw.cmd),
+            flags: CommandFlags::from_bits_retain(raw.flags),
+            offset: raw.offset,
+            length: raw.length,
+            contexts: raw.mask.map_or(ContextSelection::All, ContextSelection::Only),
         };
-        assert!(f.contains(needs), "{} not advertised", r.command);
-        if f.contains(TransmissionFlags::READ_ONLY) {
-            assert!(!matches!(
-                r.command,
-                Command::WRITE | Command::TRIM | Command::WRITE_ZEROES
-            ));
-        }
-        if r.command == Command::FLUSH {
-            assert_eq!((r.offset, r.length), (0, 0));
-            return;
-        }
-        if r.command == Command::BLOCK_STATUS {
-            assert!(n.mode.structured() && !n.contexts.is_empty() && r.length > 0);
-            if let ContextSelection::Only(mask) = r.contexts {
-                assert_ne!(mask, 0);
-                let count = n.contexts.len().min(64);
-                assert!(count == 64 || mask >> count == 0, "selection of unknown contexts");
-            }
-        } else {
-            assert_eq!(r.contexts, ContextSelection::All);
-        }
-        let end = r.offset.checked_add(r.length).expect("offset + length overflows");
-        assert!(end <= n.size, "request past the end of the export");
-        let min = c.minimum.max(1) as u64;
-        assert_eq!(r.offset % min, 0, "unaligned offset");
-        assert!(r.length % min == 0 || end == n.size, "unaligned length");
-        let maximum = c.maximum as u64;
-        if r.command == Command::WRITE {
-            assert!(r.length <= maximum, "write beyond the maximum payload");
-        }
-        if r.command == Command::READ {
-            assert!(r.length <= maximum || n.mode.structured());
-            assert!(ext || r.length <= u32::MAX as u64 - 8);
-        }
+        encode_for(enc, size, minimum, &r, e);
     }
+}
 
-    /// Calls every encoder function for this request (and for a fuzzed
-    /// one) and checks what they produce.
-    fn encode(&mut self, decoded: &ServerRequest) {
-        let Some(e) = (!self.enc.is_empty()).then(|| self.enc[self.next_enc % self.enc.len()].clone()) else {
-            return;
-        };
-        self.next_enc += 1;
-        self.encode_for(decoded, &e);
-        if let Some(raw) = e.raw {
-            let r = ServerRequest {
-                cookie: raw.cookie,
-                command: command(raw.cmd),
-                flags: CommandFlags::from_bits_retain(raw.flags),
-                offset: raw.offset,
-                length: raw.length,
-                contexts: raw.mask.map_or(ContextSelection::All, ContextSelection::Only),
-            };
-            self.encode_for(&r, &e);
-        }
-    }
+fn encode_for(enc: ReplyEncoder, size: u64, minimum: u32, r: &ServerRequest, e: &EncSpec) {
+    let mode = enc.mode();
+    let ext = mode.extended();
+    let block = (minimum as u64).max(512);
+    let message = message(e.message);
+    let code = ErrorCode(e.error);
+    let mut out = Vec::new();
 
-    fn encode_for(&mut self, r: &ServerRequest, e: &EncSpec) {
-        let enc: ReplyEncoder = self.st.encoder();
-        let mode = self.neg.mode;
-        let ext = mode.extended();
-        let block = (self.st.constraints().minimum as u64).max(512);
-        let message = e.message.get();
-        let code = ErrorCode(e.error);
+    let h = enc.encode_simple_reply(r.cookie, code);
+    let (s, _) = SimpleReplyHeader::read_from_prefix(h.as_bytes()).expect("simple reply");
+    assert_eq!((h.as_bytes().len(), s.magic.get()), (16, SIMPLE_REPLY_MAGIC));
 
-        let h = enc.encode_simple_reply(r.cookie, code);
-        let (s, _) = SimpleReplyHeader::read_from_prefix(h.as_bytes()).expect("simple reply");
-        assert_eq!((h.as_bytes().len(), s.magic.get()), (16, SIMPLE_REPLY_MAGIC));
-
-        let flags = ReplyFlags::from_bits_retain(e.flags);
-        match enc.encode_chunk_header(r.cookie, r.offset, flags, ReplyChunkType(e.chunk), e.payload_len) {
-            Ok(h) => {
-                assert!(mode.structured());
-                assert!(ext || e.payload_len <= u32::MAX as u64);
-                let c = parse_chunk(h.as_bytes(), ext, true);
-                assert_eq!((c.flags, c.chunk.0, c.cookie), (e.flags, e.chunk, r.cookie));
-            }
-            Err(_) => assert!(!mode.structured() || (!ext && e.payload_len > u32::MAX as u64)),
-        }
-
-        let h = enc.reply_ok(r);
-        if mode.structured() {
-            let c = parse_chunk(h.as_bytes(), ext, false);
-            assert_eq!((c.chunk, c.flags, c.payload.len()), (ReplyChunkType::NONE, 1, 0));
-        } else {
-            assert_eq!(h.as_bytes().len(), SIMPLE_REPLY_HEADER_LEN);
-        }
-
-        self.out.clear();
-        enc.reply_error(r, code, &message, &mut self.out);
-        if mode.structured() {
-            let c = parse_chunk(&self.out, ext, false);
-            assert_eq!(c.chunk, ReplyChunkType::ERROR);
-            check_error_payload(c.payload, false);
-        } else {
-            let (s, rest) = SimpleReplyHeader::read_from_prefix(&self.out).expect("simple reply");
-            assert!(rest.is_empty() && s.error.get() != 0);
-        }
-
-        let offset = r.offset.wrapping_add(e.offset.get(r.length, block));
-        let length = e.length.get(r.length, block);
-
-        self.out.clear();
-        match enc.reply_error_offset(r, code, &message, offset, e.done, &mut self.out) {
-            Ok(()) => {
-                assert!(mode.structured());
-                assert!(offset >= r.offset && offset < r.offset.saturating_add(r.length.max(1)));
-                let c = parse_chunk(&self.out, ext, false);
-                assert_eq!(c.chunk, ReplyChunkType::ERROR_OFFSET);
-                check_error_payload(c.payload, true);
-            }
-            Err(_) => assert!(self.out.is_empty()),
-        }
-
-        if let Ok(h) = enc.read_reply_header(r) {
-            assert_eq!(r.command, Command::READ);
-            if mode.structured() && r.length > 0 {
-                let c = parse_chunk(h.as_bytes(), ext, true);
-                assert_eq!(c.chunk, ReplyChunkType::OFFSET_DATA);
-                assert_eq!(c.length, r.length + 8);
-            }
-        }
-
-        let within = |offset: u64, length: u64| {
-            length > 0
-                && offset >= r.offset
-                && offset
-                    .checked_add(length)
-                    .is_some_and(|end| end <= r.offset.saturating_add(r.length))
-                && (!r.flags.contains(CommandFlags::DF) || (offset == r.offset && length == r.length))
-        };
-        if let Ok(h) = enc.offset_data_header(r, offset, length, e.done) {
-            assert!(mode.structured() && r.command == Command::READ && within(offset, length));
+    let flags = ReplyFlags::from_bits_retain(e.flags);
+    match enc.encode_chunk_header(r.cookie, r.offset, flags, ReplyChunkType(e.chunk), e.payload_len) {
+        Ok(h) => {
+            assert!(mode.structured());
+            assert!(ext || e.payload_len <= u32::MAX as u64);
             let c = parse_chunk(h.as_bytes(), ext, true);
-            assert_eq!((c.chunk, c.length), (ReplyChunkType::OFFSET_DATA, length + 8));
-            assert_eq!(c.payload, offset.to_be_bytes());
+            assert_eq!((c.flags, c.chunk.0, c.cookie), (e.flags, e.chunk, r.cookie));
         }
-        if let Ok(h) = enc.hole_chunk(r, offset, length, e.done) {
-            assert!(mode.structured() && r.command == Command::READ && within(offset, length));
-            assert!(length <= u32::MAX as u64);
-            let c = parse_chunk(h.as_bytes(), ext, false);
-            assert_eq!((c.chunk, c.payload.len()), (ReplyChunkType::OFFSET_HOLE, 12));
-        }
+        Err(_) => assert!(!mode.structured() || (!ext && e.payload_len > u32::MAX as u64)),
+    }
 
-        // Block status, appended after something already in `out`.
-        self.out.clear();
-        self.out.extend_from_slice(b"xyz");
-        let extents: Vec<(u64, u64)> = e
-            .extents
-            .iter()
-            .take(16)
-            .map(|(n, s)| (n.get(r.length, block), *s))
-            .collect();
-        match enc.block_status_chunk(r, e.context, extents.iter().copied(), e.done, &mut self.out) {
-            Ok(sum) => {
-                assert!(mode.structured() && r.command == Command::BLOCK_STATUS);
-                let c = parse_chunk(&self.out[3..], ext, false);
-                assert_eq!(c.flags & 1 != 0, e.done);
-                self.check_status(r, e.context, c, sum);
-            }
-            Err(_) => assert_eq!(self.out, b"xyz", "a refused chunk leaves out as it was"),
+    let h = enc.reply_ok(r);
+    if mode.structured() {
+        let c = parse_chunk(h.as_bytes(), ext, false);
+        assert_eq!((c.chunk, c.flags, c.payload.len()), (ReplyChunkType::NONE, 1, 0));
+    } else {
+        assert_eq!(h.as_bytes().len(), SIMPLE_REPLY_HEADER_LEN);
+    }
+
+    enc.reply_error(r, code, &message, &mut out);
+    if mode.structured() {
+        let c = parse_chunk(&out, ext, false);
+        assert_eq!(c.chunk, ReplyChunkType::ERROR);
+        check_error_payload(c.payload, false);
+    } else {
+        let (s, rest) = SimpleReplyHeader::read_from_prefix(&out).expect("simple reply");
+        assert!(rest.is_empty() && s.error.get() != 0);
+    }
+
+    let offset = r.offset.wrapping_add(e.offset.get(r.length, block));
+    let length = e.length.get(r.length, block);
+
+    out.clear();
+    match enc.reply_error_offset(r, code, &message, offset, e.done, &mut out) {
+        Ok(()) => {
+            assert!(mode.structured());
+            assert!(offset >= r.offset && offset < r.offset.saturating_add(r.length.max(1)));
+            let c = parse_chunk(&out, ext, false);
+            assert_eq!(c.chunk, ReplyChunkType::ERROR_OFFSET);
+            check_error_payload(c.payload, true);
+        }
+        Err(_) => assert!(out.is_empty()),
+    }
+
+    if let Ok(h) = enc.read_reply_header(r) {
+        assert_eq!(r.command, Command::READ);
+        if mode.structured() && r.length > 0 {
+            let c = parse_chunk(h.as_bytes(), ext, true);
+            assert_eq!(c.chunk, ReplyChunkType::OFFSET_DATA);
+            assert_eq!(c.length, r.length + 8);
         }
     }
 
-    fn check_status(&self, r: &ServerRequest, context: u32, c: Chunk<'_>, sum: u64) {
-        let ext = self.neg.mode.extended();
-        let p = c.payload;
-        assert!(p.len() >= 4 && p[..4] == context.to_be_bytes());
-        let (each, descriptors) = if ext {
-            assert_eq!(c.chunk, ReplyChunkType::BLOCK_STATUS_EXT);
-            let count = u32::from_be_bytes(p[4..8].try_into().expect("count"));
-            assert_eq!(count as usize * 16, p.len() - 8, "descriptor count");
-            (16, &p[8..])
-        } else {
-            assert_eq!(c.chunk, ReplyChunkType::BLOCK_STATUS);
-            (8, &p[4..])
-        };
-        assert_eq!(descriptors.len() % each, 0);
-        let lengths: Vec<u64> = descriptors
-            .chunks_exact(each)
-            .map(|d| {
-                if ext {
-                    u64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
-                } else {
-                    u32::from_be_bytes(d[..4].try_into().expect("4 bytes")) as u64
-                }
-            })
-            .collect();
-        assert!(!lengths.is_empty() && lengths.len() <= MAX_BLOCK_STATUS_EXTENTS);
-        assert!(lengths.iter().all(|l| *l > 0), "extent of length 0");
-        let total = lengths
-            .iter()
-            .try_fold(0u64, |a, l| a.checked_add(*l))
-            .expect("sum overflows");
-        assert_eq!(total, sum);
-        assert!(sum <= self.neg.size.saturating_sub(r.offset), "extents past the end");
-        if r.flags.contains(CommandFlags::REQ_ONE) {
-            assert!(lengths.len() == 1 && sum <= r.length, "REQ_ONE");
+    let within = |offset: u64, length: u64| {
+        length > 0
+            && offset >= r.offset
+            && offset
+                .checked_add(length)
+                .is_some_and(|end| end <= r.offset.saturating_add(r.length))
+            && (!r.flags.contains(CommandFlags::DF) || (offset == r.offset && length == r.length))
+    };
+    if let Ok(h) = enc.offset_data_header(r, offset, length, e.done) {
+        assert!(mode.structured() && r.command == Command::READ && within(offset, length));
+        let c = parse_chunk(h.as_bytes(), ext, true);
+        assert_eq!((c.chunk, c.length), (ReplyChunkType::OFFSET_DATA, length + 8));
+        assert_eq!(c.payload, offset.to_be_bytes());
+    }
+    if let Ok(h) = enc.hole_chunk(r, offset, length, e.done) {
+        assert!(mode.structured() && r.command == Command::READ && within(offset, length));
+        assert!(length <= u32::MAX as u64);
+        let c = parse_chunk(h.as_bytes(), ext, false);
+        assert_eq!((c.chunk, c.payload.len()), (ReplyChunkType::OFFSET_HOLE, 12));
+    }
+
+    // Block status, appended after something already in `out`.
+    out.clear();
+    out.extend_from_slice(b"xyz");
+    let extents: Vec<(u64, u64)> = e
+        .extents
+        .iter()
+        .take(16)
+        .map(|(n, s)| (n.get(r.length, block), *s))
+        .collect();
+    match enc.block_status_chunk(r, e.context, extents.iter().copied(), e.done, &mut out) {
+        Ok(sum) => {
+            assert!(mode.structured() && r.command == Command::BLOCK_STATUS);
+            let c = parse_chunk(&out[3..], ext, false);
+            assert_eq!(c.flags & 1 != 0, e.done);
+            check_status(r, ext, size, e.context, c, sum);
         }
-        if lengths.len() > 1 {
-            let last = lengths[lengths.len() - 1];
-            assert!(sum - last < r.length, "extents continue after the request is covered");
-        }
+        Err(_) => assert_eq!(out, b"xyz", "a refused chunk leaves out as it was"),
+    }
+}
+
+fn check_status(r: &ServerRequest, ext: bool, size: u64, context: u32, c: Chunk<'_>, sum: u64) {
+    let p = c.payload;
+    assert!(p.len() >= 4 && p[..4] == context.to_be_bytes());
+    let (each, descriptors) = if ext {
+        assert_eq!(c.chunk, ReplyChunkType::BLOCK_STATUS_EXT);
+        let count = u32::from_be_bytes(p[4..8].try_into().expect("count"));
+        assert_eq!(count as usize * 16, p.len() - 8, "descriptor count");
+        (16, &p[8..])
+    } else {
+        assert_eq!(c.chunk, ReplyChunkType::BLOCK_STATUS);
+        (8, &p[4..])
+    };
+    assert_eq!(descriptors.len() % each, 0);
+    let lengths: Vec<u64> = descriptors
+        .chunks_exact(each)
+        .map(|d| {
+            if ext {
+                u64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
+            } else {
+                u32::from_be_bytes(d[..4].try_into().expect("4 bytes")) as u64
+            }
+        })
+        .collect();
+    assert!(!lengths.is_empty() && lengths.len() <= MAX_BLOCK_STATUS_EXTENTS);
+    assert!(lengths.iter().all(|l| *l > 0), "extent of length 0");
+    let total = lengths
+        .iter()
+        .try_fold(0u64, |a, l| a.checked_add(*l))
+        .expect("sum overflows");
+    assert_eq!(total, sum);
+    assert!(sum <= size.saturating_sub(r.offset), "extents past the end");
+    if r.flags.contains(CommandFlags::REQ_ONE) {
+        assert!(lengths.len() == 1 && sum <= r.length, "REQ_ONE");
+    }
+    if lengths.len() > 1 {
+        let last = lengths[lengths.len() - 1];
+        assert!(sum - last < r.length, "extents continue after the request is covered");
     }
 }
 
@@ -1908,8 +1027,7 @@ struct Chunk<'a> {
 }
 
 /// Parses an encoded chunk; with `header_only` the payload that follows
-/// the header in `b` (if any) may be shorter than the length field says
-/// (the driver sends the data after it).
+/// the header in `b` (if any) may be shorter than the length field says.
 fn parse_chunk(b: &[u8], ext: bool, header_only: bool) -> Chunk<'_> {
     let (flags, chunk, cookie, length, rest) = if ext {
         let (h, rest) = ExtendedReplyHeader::read_from_prefix(b).expect("extended reply header");
@@ -1947,38 +1065,2221 @@ fn check_error_payload(p: &[u8], with_offset: bool) {
     assert!(m.len() <= MAX_STRING_LEN && !m.contains('\0'));
 }
 
-/// Runs server transmission for `neg` from the byte targets' input: the
-/// encoder calls' arguments, then the client's requests.
-fn server_transmission_bytes(neg: &ServerNegotiated, u: &mut Unstructured<'_>) {
-    let Ok(count) = u8::arbitrary(u) else {
-        return;
-    };
-    let mut enc = Vec::new();
-    for _ in 0..count % 4 {
-        let Ok(e) = EncSpec::arbitrary(u) else {
-            return;
-        };
-        enc.push(e);
-    }
-    let mut s = ServerTx::new(neg, enc);
-    if count >= 0xf0 {
-        s.shutdown();
-    }
-    let Ok(rest) = u.bytes(u.len()) else {
-        return;
-    };
-    s.feed(rest);
-    s.pump();
+// ---------------------------------------------------------------------------
+// Where a driver reads from
+// ---------------------------------------------------------------------------
+
+/// The bytes the peer sent that the driver has not read yet.
+pub trait Source {
+    /// Reads up to `n` bytes.
+    fn read(&mut self, n: usize) -> &[u8];
 }
 
-/// The `server_transmission` target: what was negotiated and the encoder
-/// arguments come first, the rest is the client's requests.
-pub fn server_transmission(data: &[u8]) {
-    let mut u = Unstructured::new(data);
-    let Ok(neg) = ServerNegSpec::arbitrary(&mut u) else {
-        return;
+impl Source for Input<'_> {
+    fn read(&mut self, n: usize) -> &[u8] {
+        self.take(n)
+    }
+}
+
+/// One direction of the in-memory connection of the `conversation` target.
+#[derive(Debug, Default)]
+pub struct Pipe {
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl Pipe {
+    fn push(&mut self, b: &[u8]) {
+        if self.pos == self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+        }
+        self.buf.extend_from_slice(b);
+    }
+
+    fn len(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+}
+
+impl Source for Pipe {
+    fn read(&mut self, n: usize) -> &[u8] {
+        let n = n.min(self.len());
+        let b = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        b
+    }
+}
+
+/// Bytes a driver read and its session has not consumed yet, with the
+/// STARTTLS check: before the driver's own TLS upgrade, the session must
+/// not consume bytes the peer sent after its upgrade.
+#[derive(Debug, Default)]
+struct Inbox {
+    buf: Vec<u8>,
+    pos: usize,
+    /// Bytes consumed by the session so far (including READ data and WRITE
+    /// payloads the driver moved itself).
+    total: u64,
+    /// Where in the stream the peer's TLS bytes start, while this side has
+    /// not started TLS: the session must not consume past it.
+    limit: Option<u64>,
+}
+
+impl Inbox {
+    fn rest(&self) -> &[u8] {
+        &self.buf[self.pos..]
+    }
+
+    fn len(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    fn push(&mut self, b: &[u8]) {
+        if self.pos == self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+        }
+        self.buf.extend_from_slice(b);
+    }
+
+    /// The session consumed `n` bytes of the inbox.
+    fn consumed(&mut self, n: usize) {
+        assert!(n <= self.len(), "consumed more than given");
+        self.pos += n;
+        self.moved(n as u64);
+    }
+
+    /// The session took `n` bytes (from the inbox, or moved by the driver
+    /// straight from the socket).
+    fn moved(&mut self, n: u64) {
+        self.total += n;
+        if let Some(l) = self.limit {
+            assert!(
+                self.total <= l,
+                "consumed bytes sent after STARTTLS before the TLS upgrade"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The client's driver
+// ---------------------------------------------------------------------------
+
+/// What [`ClientNeed`] says, without the borrow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CNeed {
+    Bytes(usize),
+    Data(u64, u64, u64),
+    Pending,
+    StartTls,
+    Negotiating,
+    Idle,
+    Closed,
+}
+
+/// A client event copied out of the session's borrow.
+#[derive(Debug)]
+enum Cli {
+    Connected,
+    OptionDone(OptionOutcome),
+    Aborted,
+    Data(Cookie, u64, u64, Option<Vec<u8>>),
+    Hole(Cookie, u64, u64),
+    Status(Cookie, u32, Vec<(u64, u64)>),
+    Done(Cookie, Command, Result<(), ServerError>),
+}
+
+/// Copies an event; READ data must be the last bytes consumed.
+fn own_client(ev: ClientEvent<'_>, consumed: &[u8], keep: bool) -> Cli {
+    match ev {
+        ClientEvent::Connected => Cli::Connected,
+        ClientEvent::OptionDone(o) => Cli::OptionDone(o),
+        ClientEvent::Aborted => Cli::Aborted,
+        ClientEvent::Data {
+            cookie,
+            buf_offset,
+            data,
+        } => {
+            assert!(!data.is_empty(), "empty READ data");
+            assert!(
+                consumed.ends_with(data),
+                "READ data are not the bytes the session consumed"
+            );
+            Cli::Data(cookie, buf_offset, data.len() as u64, keep.then(|| data.to_vec()))
+        }
+        ClientEvent::Hole {
+            cookie,
+            buf_offset,
+            length,
+        } => Cli::Hole(cookie, buf_offset, length),
+        ClientEvent::BlockStatus {
+            cookie,
+            context_id,
+            extents,
+        } => Cli::Status(cookie, context_id, extents.map(|e| (e.length, e.flags)).collect()),
+        ClientEvent::Done {
+            cookie,
+            command,
+            result,
+        } => Cli::Done(cookie, command, result),
+        other => panic!("unknown client event {other:?}"),
+    }
+}
+
+/// A request in flight, as the driver tracks it.
+#[derive(Debug)]
+struct Live {
+    req: Request,
+    /// Bytes of data and holes received.
+    covered: u64,
+    /// Content chunks received.
+    chunks: u32,
+    /// Block-status chunks received.
+    statuses: u32,
+    /// READ destination (`conversation` only).
+    buf: Option<Vec<u8>>,
+}
+
+/// A request that completed, for the `conversation` target's model.
+#[derive(Debug)]
+pub struct Completion {
+    /// Its cookie.
+    pub cookie: u64,
+    /// The request.
+    pub req: Request,
+    /// The outcome.
+    pub result: Result<(), ErrorCode>,
+    /// What a READ read.
+    pub data: Option<Vec<u8>>,
+}
+
+/// Drives a [`ClientSession`] as a user's driver does and checks what it
+/// does.
+#[derive(Debug)]
+pub struct ClientDriver {
+    s: ClientSession,
+    config: ClientConfig,
+    manual_release: bool,
+    /// Copy READ data and send WRITE payloads (`conversation`).
+    keep: bool,
+    inbox: Inbox,
+    check: ClientOut,
+    /// Bytes for the server (kept with `keep` only).
+    out: Vec<u8>,
+    /// Where in `out` the bytes sent over TLS start.
+    tls_mark: Option<usize>,
+    live: BTreeMap<u64, Live>,
+    writes: HashMap<u64, Vec<u8>>,
+    held: Vec<Cookie>,
+    /// READ data being received: (cookie, next buffer offset).
+    span: Option<(u64, u64)>,
+    opt_pending: Option<OptCall>,
+    connected: bool,
+    disconnecting: bool,
+    over: bool,
+    tls: bool,
+    error: Option<ClientSessionError>,
+    outcomes: Vec<OptionOutcome>,
+    completions: Vec<Completion>,
+    /// Requests failed by the loss of the connection, by cookie.
+    lost: Vec<(u64, Live)>,
+}
+
+impl ClientDriver {
+    /// A driver of a session with `config`.
+    pub fn new(config: ClientConfig, manual_release: bool, keep: bool) -> Self {
+        let mut s = ClientSession::new(config.clone());
+        s.set_manual_release(manual_release);
+        assert!(matches!(s.need(), ClientNeed::Bytes(16)), "the greeting comes first");
+        ClientDriver {
+            s,
+            config,
+            manual_release,
+            keep,
+            inbox: Inbox::default(),
+            check: ClientOut::default(),
+            out: Vec::new(),
+            tls_mark: None,
+            live: BTreeMap::new(),
+            writes: HashMap::new(),
+            held: Vec::new(),
+            span: None,
+            opt_pending: None,
+            connected: false,
+            disconnecting: false,
+            over: false,
+            tls: false,
+            error: None,
+            outcomes: Vec::new(),
+            completions: Vec::new(),
+            lost: Vec::new(),
+        }
+    }
+
+    fn need(&mut self) -> CNeed {
+        match self.s.need() {
+            ClientNeed::Bytes(n) => CNeed::Bytes(n),
+            ClientNeed::Data {
+                cookie,
+                buf_offset,
+                length,
+            } => CNeed::Data(cookie.0, buf_offset, length),
+            ClientNeed::Pending => CNeed::Pending,
+            ClientNeed::StartTls(_) => CNeed::StartTls,
+            ClientNeed::Negotiating => CNeed::Negotiating,
+            ClientNeed::Idle => CNeed::Idle,
+            ClientNeed::Closed => CNeed::Closed,
+            other => panic!("unknown need {other:?}"),
+        }
+    }
+
+    fn check_counts(&self) {
+        if self.over {
+            return;
+        }
+        assert_eq!(self.s.in_flight(), self.live.len(), "in-flight count");
+        assert!(self.s.in_flight() <= self.s.capacity(), "in flight beyond capacity");
+    }
+
+    /// Sends what the session has to send.
+    fn transmit(&mut self) {
+        let mut b = Vec::new();
+        while let Some(t) = self.s.poll_transmit(&mut b) {
+            self.check.check(&b, t);
+            if self.keep {
+                self.out.extend_from_slice(&b);
+                if let Some(p) = t.payload {
+                    let data = self.writes.remove(&p.cookie.0).expect("the WRITE's data");
+                    assert_eq!(data.len() as u64, p.length);
+                    self.out.extend_from_slice(&data);
+                }
+            }
+            b.clear();
+        }
+        assert!(!self.s.has_output());
+    }
+
+    /// Does what the session needs without a choice of the driver's:
+    /// sends, takes pending events, upgrades to TLS, closes.
+    fn settle(&mut self) {
+        for _ in 0..MAX_STEPS {
+            if self.over {
+                return;
+            }
+            self.transmit();
+            match self.s.need() {
+                ClientNeed::Pending => self.feed_inbox(),
+                ClientNeed::StartTls(_) => {
+                    assert!(self.check.options.last() == Some(&OptionType::STARTTLS));
+                    assert_ne!(self.config.tls, TlsMode::Off, "STARTTLS without TLS");
+                    assert!(!self.tls, "TLS twice");
+                    assert!(!self.s.has_output(), "output left at STARTTLS");
+                    if let ClientNeed::StartTls(t) = self.s.need() {
+                        if let Err(e) = t.established() {
+                            self.failed(e);
+                            return;
+                        }
+                    }
+                    self.tls = true;
+                    self.tls_mark = Some(self.out.len());
+                    self.inbox.limit = None;
+                    assert!(self.s.tls());
+                    // What was read past the acknowledgement is TLS's.
+                    self.feed_inbox();
+                }
+                ClientNeed::Closed => {
+                    self.lose();
+                    return;
+                }
+                ClientNeed::Bytes(n) if n > 0 && self.inbox.len() > 0 => self.feed_inbox(),
+                ClientNeed::Data { .. } if self.inbox.len() > 0 => self.feed_inbox(),
+                _ => return,
+            }
+        }
+        panic!("the client session makes no progress");
+    }
+
+    /// Feeds what was read, as [`ClientSession::feed`] says.
+    fn feed_inbox(&mut self) {
+        for _ in 0..1 << 22 {
+            if self.over {
+                return;
+            }
+            let input = self.inbox.rest();
+            let (n, ev) = match self.s.feed(input) {
+                Ok((n, ev)) => {
+                    assert!(n <= input.len());
+                    (n, ev.map(|e| own_client(e, &input[..n], self.keep)))
+                }
+                Err(e) => {
+                    self.failed(e);
+                    return;
+                }
+            };
+            self.inbox.consumed(n);
+            // Output queued before the event (an option sent before the
+            // handshake ended) is checked as what it was.
+            self.transmit();
+            match ev {
+                Some(ev) => self.event(ev),
+                None if n == 0 => {
+                    if self.inbox.len() > 0 {
+                        let need = self.need();
+                        assert!(
+                            matches!(need, CNeed::StartTls | CNeed::Negotiating | CNeed::Closed),
+                            "feed left {} bytes with {need:?}",
+                            self.inbox.len()
+                        );
+                    } else {
+                        assert_ne!(self.need(), CNeed::Pending, "an event left pending");
+                    }
+                    return;
+                }
+                None => {}
+            }
+            self.transmit();
+        }
+        panic!("feed makes no progress");
+    }
+
+    fn event(&mut self, ev: Cli) {
+        match ev {
+            Cli::Connected => {
+                assert!(!self.connected, "connected twice");
+                self.connected = true;
+                assert!(matches!(
+                    self.opt_pending.take(),
+                    None | Some(OptCall::Go | OptCall::GoNamed(_))
+                ));
+                assert!(self.s.is_connected());
+                let n = self.s.negotiated().expect("negotiated once connected");
+                check_negotiated(n, &self.config);
+                assert_eq!(self.s.size(), n.size);
+                assert_eq!(self.s.tls(), self.tls, "TLS as the driver upgraded");
+                self.check.transmission = true;
+                self.check.extended = n.mode.extended();
+                assert_eq!(self.s.capacity(), self.config.max_in_flight.max(1));
+            }
+            Cli::OptionDone(o) => {
+                let call = self.opt_pending.take().expect("an outcome without an option");
+                assert_ne!(call, OptCall::Abort);
+                check_outcome(&o);
+                self.outcomes.push(o);
+            }
+            Cli::Aborted => {
+                assert_eq!(self.opt_pending.take(), Some(OptCall::Abort));
+                assert!(self.s.is_closed());
+            }
+            Cli::Data(cookie, at, len, data) => {
+                self.content(cookie, at, len);
+                if let (Some(d), Some(l)) = (data, self.live.get_mut(&cookie.0)) {
+                    if let Some(b) = &mut l.buf {
+                        b[at as usize..at as usize + d.len()].copy_from_slice(&d);
+                    }
+                }
+            }
+            Cli::Hole(cookie, at, len) => {
+                assert!(len > 0, "empty hole");
+                self.content(cookie, at, len);
+                self.span = None;
+                if let Some(b) = self.live.get_mut(&cookie.0).and_then(|l| l.buf.as_mut()) {
+                    b[at as usize..(at + len) as usize].fill(0);
+                }
+            }
+            Cli::Status(cookie, context_id, extents) => {
+                let l = self
+                    .live
+                    .get_mut(&cookie.0)
+                    .expect("block status for a request in flight");
+                assert_eq!(l.req.command, Command::BLOCK_STATUS);
+                assert!(self.s.contexts().iter().any(|c| c.id == context_id), "unknown context");
+                l.statuses += 1;
+                assert!(
+                    l.statuses as usize <= self.s.contexts().len(),
+                    "a context answered twice"
+                );
+                assert!(!extents.is_empty(), "block status without extents");
+                assert!(extents.iter().all(|e| e.0 > 0), "extent of length 0");
+                if l.req.flags.contains(CommandFlags::REQ_ONE) {
+                    assert!(extents.len() == 1 && extents[0].0 <= l.req.length, "REQ_ONE violated");
+                }
+            }
+            Cli::Done(cookie, command, result) => {
+                if self.span.is_some_and(|(c, _)| c == cookie.0) {
+                    self.span = None;
+                }
+                let l = self
+                    .live
+                    .remove(&cookie.0)
+                    .expect("Done for a request not in flight (or twice)");
+                assert_eq!(l.req.command, command);
+                match &result {
+                    Ok(()) => {
+                        if command == Command::READ {
+                            assert_eq!(l.covered, l.req.length, "successful read not covered");
+                        }
+                        if command == Command::BLOCK_STATUS {
+                            assert!(l.statuses > 0, "successful block status without status");
+                        }
+                    }
+                    Err(e) => {
+                        if let Some(o) = e.offset {
+                            assert!(o >= l.req.offset && o < l.req.offset.saturating_add(l.req.length.max(1)));
+                        }
+                        assert!(e.message.len() <= 3 * MAX_STRING_LEN);
+                        assert_ne!(e.code.0, 0, "an error of 0");
+                    }
+                }
+                if self.manual_release {
+                    self.held.push(cookie);
+                }
+                self.completions.push(Completion {
+                    cookie: cookie.0,
+                    req: l.req,
+                    result: result.map_err(|e| e.code),
+                    data: l.buf,
+                });
+            }
+        }
+        self.check_counts();
+    }
+
+    /// READ data or a hole for `cookie`: within the request's buffer.
+    fn content(&mut self, cookie: Cookie, at: u64, length: u64) {
+        let l = self.live.get_mut(&cookie.0).expect("content for a request in flight");
+        assert_eq!(l.req.command, Command::READ, "content for {:?}", l.req.command);
+        let end = at.checked_add(length).expect("span overflows");
+        assert!(
+            end <= l.req.length,
+            "span {at}+{length} beyond the buffer of {}",
+            l.req.length
+        );
+        if self.span != Some((cookie.0, at)) {
+            l.chunks += 1;
+        }
+        self.span = Some((cookie.0, end));
+        // "At most one content chunk" (it may be short if an error follows).
+        assert!(
+            l.chunks == 1 || !l.req.flags.contains(CommandFlags::DF),
+            "DF read fragmented"
+        );
+        l.covered += length;
+        assert!(l.covered <= l.req.length, "content beyond the request");
+    }
+
+    /// The session failed: it must say so from now on, and the connection
+    /// is closed.
+    fn failed(&mut self, e: ClientSessionError) {
+        assert!(
+            !matches!(e, ClientSessionError::Misuse(_)),
+            "the driver followed need(), yet {e}"
+        );
+        assert!(matches!(self.s.need(), ClientNeed::Closed), "{e}, yet not closed");
+        assert!(self.s.is_closed());
+        assert!(!self.s.is_connected());
+        self.error = Some(e);
+        self.lose();
+    }
+
+    /// The connection is gone: every request in flight fails, once.
+    fn lose(&mut self) {
+        if self.over {
+            return;
+        }
+        let mut failed: Vec<u64> = self.s.connection_lost().iter().map(|c| c.0).collect();
+        failed.sort_unstable();
+        let live: Vec<u64> = self.live.keys().copied().collect();
+        assert_eq!(failed, live, "connection_lost() returns exactly the requests in flight");
+        self.lost.extend(std::mem::take(&mut self.live));
+        self.over = true;
+        assert!(matches!(self.s.need(), ClientNeed::Closed));
+        assert!(self.s.is_closed() && !self.s.has_output());
+        assert!(self.s.start_request(Request::new(Command::FLUSH, 0, 0)).is_err());
+        assert_eq!(self.s.in_flight(), 0);
+    }
+
+    /// Reads exactly what the session asks for (READ data moved by the
+    /// driver); false when there is nothing to read.
+    fn exact(&mut self, src: &mut dyn Source) -> bool {
+        match self.need() {
+            CNeed::Bytes(n) if n > 0 => {
+                let had = self.inbox.len();
+                let b = src.read(n);
+                if b.is_empty() {
+                    return false;
+                }
+                let whole = b.len() == n;
+                self.inbox.push(b);
+                let before = self.inbox.pos;
+                self.feed_inbox();
+                if whole && had == 0 && !self.over && self.inbox.limit.is_none() {
+                    assert_eq!(self.inbox.pos - before, n, "an exact count is consumed whole");
+                }
+                true
+            }
+            CNeed::Data(..) => self.move_data(src, u64::MAX),
+            _ => false,
+        }
+    }
+
+    /// Reads up to `k` bytes and feeds what was read.
+    fn chunk(&mut self, src: &mut dyn Source, k: usize) -> bool {
+        let b = src.read(k);
+        if b.is_empty() {
+            return false;
+        }
+        self.inbox.push(b);
+        self.feed_inbox();
+        true
+    }
+
+    /// Moves up to `k` bytes of announced READ data into the request's
+    /// buffer (what was read already first) and reports them.
+    fn move_data(&mut self, src: &mut dyn Source, k: u64) -> bool {
+        let CNeed::Data(cookie, at, length) = self.need() else {
+            return false;
+        };
+        assert!(length > 0, "READ data of length 0 announced");
+        let want = usize::try_from(k.min(length)).unwrap_or(usize::MAX);
+        let from_inbox = want.min(self.inbox.len());
+        let mut data = self.inbox.rest()[..from_inbox].to_vec();
+        self.inbox.consumed(from_inbox);
+        data.extend_from_slice(src.read(want - from_inbox));
+        if data.is_empty() {
+            return false;
+        }
+        self.inbox.moved((data.len() - from_inbox) as u64);
+        let n = data.len() as u64;
+        self.content(Cookie(cookie), at, n);
+        if let Some(b) = self.live.get_mut(&cookie).and_then(|l| l.buf.as_mut()) {
+            b[at as usize..(at + n) as usize].copy_from_slice(&data);
+        }
+        if n == length {
+            self.span = None;
+        }
+        match self.s.data_received(n) {
+            Ok(Some(ev)) => {
+                let ev = own_client(ev, &[], self.keep);
+                assert!(matches!(ev, Cli::Done(..)), "data_received() gave {ev:?}");
+                self.span = None;
+                self.event(ev);
+            }
+            Ok(None) => {}
+            Err(e) => self.failed(e),
+        }
+        true
+    }
+
+    /// Starts a request; its cookie if the session took it.
+    fn request(&mut self, r: Request, data: Option<Vec<u8>>) -> Option<Cookie> {
+        if self.over {
+            return None;
+        }
+        let before = self.s.in_flight();
+        let had_output = self.s.has_output();
+        let res = self.s.start_request(r);
+        let Ok(cookie) = res else {
+            assert_eq!(self.s.in_flight(), before, "a refused request takes no slot");
+            assert_eq!(self.s.has_output(), had_output, "a refused request sends nothing");
+            if !self.connected {
+                assert!(matches!(res, Err(RequestError::NotConnected | RequestError::Failed)));
+            }
+            if self.disconnecting {
+                assert!(matches!(res, Err(RequestError::Disconnecting)));
+            }
+            return None;
+        };
+        assert!(self.connected && !self.disconnecting);
+        if r.command == Command::DISC {
+            assert_eq!(self.s.in_flight(), before, "NBD_CMD_DISC takes no slot");
+            self.disconnecting = true;
+            self.check.expected.push_back((None, Request::new(Command::DISC, 0, 0)));
+            return None;
+        }
+        // What the client lets through, the server must be able to accept.
+        if r.command == Command::FLUSH {
+            assert_eq!((r.offset, r.length), (0, 0));
+        } else {
+            let end = r.offset.checked_add(r.length).expect("request end overflows");
+            assert!(end <= self.s.size(), "request past the end of the export");
+        }
+        if r.command == Command::BLOCK_STATUS {
+            assert!(self.s.structured_replies() && !self.s.contexts().is_empty());
+        }
+        assert!(cookie.slot() < self.s.capacity());
+        self.check.expected.push_back((Some(cookie.0), r));
+        let buf = (self.keep && r.command == Command::READ).then(|| vec![0xee; r.length as usize]);
+        let fresh = self.live.insert(
+            cookie.0,
+            Live {
+                req: r,
+                covered: 0,
+                chunks: 0,
+                statuses: 0,
+                buf,
+            },
+        );
+        assert!(fresh.is_none(), "cookie {cookie:?} issued twice");
+        if let Some(d) = data {
+            assert_eq!(d.len() as u64, r.length);
+            if r.length > 0 {
+                self.writes.insert(cookie.0, d);
+            }
+        }
+        self.check_counts();
+        Some(cookie)
+    }
+
+    /// An option-mode call.
+    fn opt(&mut self, call: OptCall) {
+        if self.over {
+            return;
+        }
+        let before = self.need();
+        match call.call(&mut self.s) {
+            Ok(()) => {
+                assert_eq!(before, CNeed::Negotiating, "{call:?} taken while not negotiating");
+                assert!(self.opt_pending.is_none());
+                self.opt_pending = Some(call);
+            }
+            Err(ClientSessionError::Misuse(_)) => {
+                assert_eq!(self.need(), before, "a refused call changes nothing");
+            }
+            Err(e) => self.failed(e),
+        }
+    }
+
+    /// Releases the slots of completed requests (manual release).
+    fn release(&mut self) {
+        for c in self.held.drain(..) {
+            self.s.release(c);
+        }
+        self.check_counts();
+    }
+
+    /// Calls that the session's state does not allow: refused, and nothing
+    /// changes.
+    fn misuse(&mut self) {
+        if self.over {
+            return;
+        }
+        let before = self.need();
+        let r = match before {
+            CNeed::Data(_, _, length) => self.s.data_received(length + 1),
+            _ => self.s.data_received(1),
+        };
+        assert!(matches!(r, Err(ClientSessionError::Misuse(_))), "{r:?}");
+        if before != CNeed::Negotiating {
+            assert!(matches!(self.s.opt_list(), Err(ClientSessionError::Misuse(_))));
+        }
+        if !self.connected {
+            assert_eq!(
+                self.s.start_request(Request::new(Command::READ, 0, 512)),
+                Err(RequestError::NotConnected)
+            );
+        }
+        assert_eq!(self.need(), before, "misuse changed the session");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The `client_session` target
+// ---------------------------------------------------------------------------
+
+/// Driver actions of the `client_session` target (the first byte of each
+/// step); a byte not listed reads exactly what the session needs.
+pub mod client_op {
+    /// Read exactly what `need()` asks for (READ data: moved by the driver).
+    pub const EXACT: u8 = 0x00;
+    /// 0x01 to 0x7f: read so many bytes and feed them.
+    pub const CHUNK_MAX: u8 = 0x7f;
+    /// Then a big-endian u16: read so many bytes and feed them.
+    pub const CHUNK16: u8 = 0x80;
+    /// Then command, flags (1 byte each), offset (u64), length (u32):
+    /// `start_request`.
+    pub const REQUEST: u8 = 0x81;
+    /// `disconnect`
+    pub const DISCONNECT: u8 = 0x82;
+    /// Then three bytes ([`super::OptCall::decode`]): an option-mode call.
+    pub const OPT: u8 = 0x83;
+    /// `connection_lost`: the end.
+    pub const LOST: u8 = 0x84;
+    /// Release the slots of completed requests.
+    pub const RELEASE: u8 = 0x85;
+    /// Then a u16: move up to so many bytes of READ data (`data_received`).
+    pub const DATA16: u8 = 0x86;
+    /// Calls the state does not allow.
+    pub const MISUSE: u8 = 0x87;
+}
+
+/// The `client_session` target. Layout: 4 bytes of configuration
+/// ([`client_config`]), then steps, each a [`client_op`] byte and its
+/// arguments; the bytes the driver reads from the server are taken from
+/// the input where a step reads them. At the end of the input the
+/// connection is lost. Returns what the session reached.
+pub fn client_session(data: &[u8]) -> Summary {
+    let mut input = Input::new(data);
+    let Some(b) = input.be::<4>() else {
+        return Summary::default();
     };
-    server_transmission_bytes(&neg.negotiated(), &mut u);
+    let (config, manual) = client_config(b);
+    let mut d = ClientDriver::new(config, manual, false);
+    let mut summary = Summary {
+        opt_mode: d.config.opt_mode,
+        connections: 1,
+        ..Summary::default()
+    };
+    for _ in 0..MAX_STEPS {
+        d.settle();
+        summary.options += d.outcomes.len();
+        d.outcomes.clear();
+        for c in d.completions.drain(..) {
+            if c.result.is_ok() {
+                summary.ok += 1;
+            } else {
+                summary.failed += 1;
+            }
+        }
+        if d.connected {
+            if let Some(m) = d.s.mode() {
+                if !summary.modes.contains(&m) {
+                    summary.modes.push(m);
+                }
+            }
+        }
+        summary.tls |= d.tls;
+        if d.over {
+            return summary;
+        }
+        let Some(op) = input.u8() else {
+            break;
+        };
+        let progress = match op {
+            client_op::CHUNK16 => match input.u16() {
+                Some(k) => d.chunk(&mut input, k as usize),
+                None => false,
+            },
+            1..=client_op::CHUNK_MAX => d.chunk(&mut input, op as usize),
+            client_op::REQUEST => {
+                let (Some(cmd), Some(flags), Some(offset), Some(length)) =
+                    (input.u8(), input.u8(), input.u64(), input.u32())
+                else {
+                    break;
+                };
+                let r = Request {
+                    command: command(cmd),
+                    flags: CommandFlags::from_bits_retain(flags as u16),
+                    offset,
+                    length: length as u64,
+                };
+                d.request(r, None);
+                true
+            }
+            client_op::DISCONNECT => {
+                d.request(Request::new(Command::DISC, 0, 0), None);
+                true
+            }
+            client_op::OPT => {
+                let (Some(w), Some(n), Some(q)) = (input.u8(), input.u8(), input.u8()) else {
+                    break;
+                };
+                d.opt(OptCall::decode(w, n, q));
+                true
+            }
+            client_op::LOST => break,
+            client_op::RELEASE => {
+                d.release();
+                true
+            }
+            client_op::DATA16 => match input.u16() {
+                Some(k) => {
+                    d.move_data(&mut input, k as u64);
+                    true
+                }
+                None => false,
+            },
+            client_op::MISUSE => {
+                d.misuse();
+                true
+            }
+            _ => d.exact(&mut input) || input.left() > 0,
+        };
+        if !progress {
+            break;
+        }
+    }
+    d.lose();
+    summary
+}
+
+// ---------------------------------------------------------------------------
+// The server's driver
+// ---------------------------------------------------------------------------
+
+/// What [`ServerNeed`] says, without the borrow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SNeed {
+    Bytes(usize),
+    Payload(ServerRequest, u64, u64),
+    Discard(u64),
+    StartTls,
+    Closed,
+}
+
+/// A server event copied out of the session's borrow.
+#[derive(Debug)]
+enum Srv {
+    Ready,
+    Aborted,
+    Request(ServerRequest),
+    WriteData(ServerRequest, u64, Vec<u8>, bool),
+    Reject(ServerRequest, ErrorCode, &'static str),
+    Disconnect,
+}
+
+fn own_server(ev: ServerEvent<'_>, consumed: &[u8]) -> Srv {
+    match ev {
+        ServerEvent::Ready => Srv::Ready,
+        ServerEvent::Aborted => Srv::Aborted,
+        ServerEvent::Request(r) => Srv::Request(r),
+        ServerEvent::WriteData {
+            request,
+            offset,
+            data,
+            last,
+        } => {
+            assert!(!data.is_empty(), "empty WRITE data");
+            assert!(
+                consumed.ends_with(data),
+                "WRITE data are not the bytes the session consumed"
+            );
+            Srv::WriteData(request, offset, data.to_vec(), last)
+        }
+        ServerEvent::Reject { request, error, reason } => Srv::Reject(request, error, reason),
+        ServerEvent::Disconnect => Srv::Disconnect,
+        other => panic!("unknown server event {other:?}"),
+    }
+}
+
+/// What the server driver does with requests.
+pub trait Executor {
+    /// A request to execute and reply to (a WRITE once its payload is in).
+    fn execute(&mut self, s: &ServerSession<Exports>, r: &ServerRequest, payload: &[u8], out: &mut Vec<u8>);
+    /// A request the session refused: reply with `error`.
+    fn reject(
+        &mut self,
+        s: &ServerSession<Exports>,
+        r: &ServerRequest,
+        error: ErrorCode,
+        reason: &str,
+        out: &mut Vec<u8>,
+    );
+}
+
+/// The `server_session` target's executor: calls every encoder function
+/// with fuzzed arguments.
+#[derive(Debug, Default)]
+struct EncoderCalls(Option<EncSpec>, usize);
+
+impl Executor for EncoderCalls {
+    fn execute(&mut self, s: &ServerSession<Exports>, r: &ServerRequest, _: &[u8], _: &mut Vec<u8>) {
+        self.1 += 1;
+        if let Some(e) = &self.0 {
+            let enc = s.encoder().expect("an encoder in transmission");
+            encode_all(enc, s.size(), s.constraints().minimum, r, e);
+        }
+    }
+    fn reject(
+        &mut self,
+        s: &ServerSession<Exports>,
+        r: &ServerRequest,
+        error: ErrorCode,
+        reason: &str,
+        out: &mut Vec<u8>,
+    ) {
+        assert_ne!(error.0, 0, "rejected with error 0");
+        assert!(!reason.is_empty());
+        let enc = s.encoder().expect("an encoder in transmission");
+        enc.reply_error(r, error, reason, out);
+        self.execute(s, r, &[], out);
+    }
+}
+
+/// Drives a [`ServerSession`] as a user's driver does and checks what it
+/// does.
+pub struct ServerDriver<X: Executor> {
+    s: ServerSession<Exports>,
+    config: ServerConfig,
+    x: X,
+    inbox: Inbox,
+    check: ServerOut,
+    /// Bytes for the client (replies included).
+    out: Vec<u8>,
+    tls_mark: Option<usize>,
+    /// The WRITE whose payload is coming, and what arrived of it.
+    write: Option<(ServerRequest, Vec<u8>)>,
+    ready: bool,
+    shut: bool,
+    disconnected: bool,
+    over: bool,
+    tls: bool,
+    error: Option<ServerSessionError>,
+    /// Requests the session refused (`conversation`: none may be).
+    rejects: Vec<(ServerRequest, &'static str)>,
+}
+
+impl<X: Executor> ServerDriver<X> {
+    /// A driver of a session with `config` offering `exports`.
+    pub fn new(config: ServerConfig, exports: Exports, x: X) -> Self {
+        let s = ServerSession::new(config.clone(), exports);
+        let mut d = ServerDriver {
+            check: ServerOut::new(&config),
+            s,
+            config,
+            x,
+            inbox: Inbox::default(),
+            out: Vec::new(),
+            tls_mark: None,
+            write: None,
+            ready: false,
+            shut: false,
+            disconnected: false,
+            over: false,
+            tls: false,
+            error: None,
+            rejects: Vec::new(),
+        };
+        assert!(d.s.is_closed() || d.s.handshake_timeout().is_some() != d.config.oldstyle);
+        d.transmit();
+        d
+    }
+
+    fn need(&mut self) -> SNeed {
+        match self.s.need() {
+            ServerNeed::Bytes(n) => SNeed::Bytes(n),
+            ServerNeed::Payload {
+                request,
+                offset,
+                length,
+            } => SNeed::Payload(request, offset, length),
+            ServerNeed::Discard(n) => SNeed::Discard(n),
+            ServerNeed::StartTls(_) => SNeed::StartTls,
+            ServerNeed::Closed => SNeed::Closed,
+            other => panic!("unknown need {other:?}"),
+        }
+    }
+
+    fn transmit(&mut self) {
+        let mut b = Vec::new();
+        while self.s.poll_transmit(&mut b).is_some() {
+            self.check.check(&b, self.s.negotiated());
+            self.out.extend_from_slice(&b);
+            b.clear();
+        }
+        assert!(!self.s.has_output());
+        if !self.ready && !self.over {
+            // The server never waits for the client within an option's replies.
+            if matches!(self.need(), SNeed::Bytes(_) | SNeed::Discard(_) | SNeed::StartTls)
+                && self.s.negotiated().is_none()
+            {
+                assert!(
+                    self.check.at_rest(),
+                    "waiting for the client within an option's replies"
+                );
+            }
+        }
+    }
+
+    fn settle(&mut self) {
+        for _ in 0..MAX_STEPS {
+            if self.over {
+                return;
+            }
+            self.transmit();
+            match self.s.need() {
+                ServerNeed::StartTls(t) => {
+                    assert_ne!(self.config.tls, TlsPolicy::NoTls, "STARTTLS accepted without TLS");
+                    assert!(!self.tls, "TLS twice");
+                    if let Err(e) = t.established() {
+                        self.failed(e);
+                        return;
+                    }
+                    self.tls = true;
+                    self.tls_mark = Some(self.out.len());
+                    self.inbox.limit = None;
+                    assert!(self.s.tls());
+                    self.feed_inbox();
+                }
+                ServerNeed::Closed => {
+                    self.lose();
+                    return;
+                }
+                _ if self.inbox.len() > 0 => {
+                    let before = self.inbox.pos;
+                    self.feed_inbox();
+                    if self.inbox.pos == before {
+                        return;
+                    }
+                }
+                _ => return,
+            }
+        }
+        panic!("the server session makes no progress");
+    }
+
+    fn feed_inbox(&mut self) {
+        for _ in 0..1 << 22 {
+            if self.over {
+                return;
+            }
+            let input = self.inbox.rest();
+            let (n, ev) = match self.s.feed(input) {
+                Ok((n, ev)) => {
+                    assert!(n <= input.len());
+                    (n, ev.map(|e| own_server(e, &input[..n])))
+                }
+                Err(e) => {
+                    self.failed(e);
+                    return;
+                }
+            };
+            self.inbox.consumed(n);
+            match ev {
+                Some(ev) => self.event(ev),
+                None if n == 0 => {
+                    if self.inbox.len() > 0 {
+                        let need = self.need();
+                        assert!(
+                            matches!(need, SNeed::StartTls | SNeed::Closed),
+                            "feed left {} bytes with {need:?}",
+                            self.inbox.len()
+                        );
+                    }
+                    return;
+                }
+                None => {}
+            }
+            self.transmit();
+        }
+        panic!("feed makes no progress");
+    }
+
+    fn event(&mut self, ev: Srv) {
+        match ev {
+            Srv::Ready => {
+                assert!(!self.ready, "ready twice");
+                self.ready = true;
+                let n = self.s.negotiated().expect("negotiated once ready").clone();
+                check_server_negotiated(&n, &self.config);
+                assert_eq!(n.tls, self.tls, "TLS as the driver upgraded");
+                assert!(self.s.encoder().is_some() && self.s.handshake_timeout().is_none());
+                let want = self.s.exports().resolve(&n.requested_name);
+                assert_eq!(self.s.export().copied(), want, "the export chosen");
+                let e = &self.s.exports().0[want.expect("an export")];
+                assert_eq!(n.size, e.details.size);
+                if e.details.tls_only && self.config.tls == TlsPolicy::SelectiveTls {
+                    assert!(n.tls, "a TLS-only export without TLS");
+                }
+                assert!(self.s.max_payload() > 0);
+            }
+            Srv::Aborted => assert!(matches!(self.s.need(), ServerNeed::Closed)),
+            Srv::Request(r) => {
+                assert!(self.ready && !self.shut, "a request accepted after shutdown");
+                assert!(self.write.is_none());
+                check_request(&self.s, &r);
+                if r.command == Command::WRITE && r.length > 0 {
+                    assert_eq!(self.need(), SNeed::Payload(r, 0, r.length));
+                    self.write = Some((r, Vec::new()));
+                } else {
+                    self.x.execute(&self.s, &r, &[], &mut self.out);
+                }
+            }
+            Srv::WriteData(r, offset, data, last) => self.payload(r, offset, &data, last),
+            Srv::Reject(r, error, reason) => {
+                assert!(self.write.is_none());
+                self.rejects.push((r, reason));
+                self.x.reject(&self.s, &r, error, reason, &mut self.out);
+            }
+            Srv::Disconnect => {
+                assert!(self.write.is_none());
+                self.disconnected = true;
+                assert!(matches!(self.s.need(), ServerNeed::Closed));
+            }
+        }
+    }
+
+    /// A piece of a WRITE payload.
+    fn payload(&mut self, r: ServerRequest, offset: u64, data: &[u8], last: bool) {
+        let (w, got) = self.write.as_mut().expect("payload without a WRITE");
+        assert_eq!(*w, r, "payload of another request");
+        assert_eq!(offset, got.len() as u64, "payload out of order");
+        got.extend_from_slice(data);
+        assert_eq!(last, got.len() as u64 == r.length, "last piece");
+        assert!(got.len() as u64 <= r.length);
+        if last {
+            let (r, got) = self.write.take().expect("the WRITE");
+            self.x.execute(&self.s, &r, &got, &mut self.out);
+        }
+    }
+
+    fn failed(&mut self, e: ServerSessionError) {
+        assert!(
+            !matches!(e, ServerSessionError::Misuse(_)),
+            "the driver followed need(), yet {e}"
+        );
+        assert!(matches!(self.s.need(), ServerNeed::Closed), "{e}, yet not closed");
+        assert!(self.s.is_closed());
+        assert_eq!(self.s.feed(&[1]).err(), Some(e.clone()), "the error is repeated");
+        self.error = Some(e);
+        self.lose();
+    }
+
+    fn lose(&mut self) {
+        if self.over {
+            return;
+        }
+        self.transmit();
+        self.s.connection_lost();
+        self.over = true;
+        assert!(matches!(self.s.need(), ServerNeed::Closed));
+        assert!(self.s.is_closed() && !self.s.has_output());
+    }
+
+    fn exact(&mut self, src: &mut dyn Source) -> bool {
+        match self.need() {
+            SNeed::Bytes(n) if n > 0 => {
+                let had = self.inbox.len();
+                let b = src.read(n);
+                if b.is_empty() {
+                    return false;
+                }
+                let whole = b.len() == n;
+                self.inbox.push(b);
+                let before = self.inbox.pos;
+                self.feed_inbox();
+                if whole && had == 0 && !self.over && self.inbox.limit.is_none() {
+                    assert_eq!(self.inbox.pos - before, n, "an exact count is consumed whole");
+                }
+                true
+            }
+            SNeed::Payload(..) | SNeed::Discard(_) => self.move_bytes(src, u64::MAX),
+            _ => false,
+        }
+    }
+
+    fn chunk(&mut self, src: &mut dyn Source, k: usize) -> bool {
+        let b = src.read(k);
+        if b.is_empty() {
+            return false;
+        }
+        self.inbox.push(b);
+        self.feed_inbox();
+        true
+    }
+
+    /// Moves up to `k` bytes of a WRITE payload into storage, or drops
+    /// them, as announced, and reports them.
+    fn move_bytes(&mut self, src: &mut dyn Source, k: u64) -> bool {
+        let need = self.need();
+        let length = match need {
+            SNeed::Payload(_, _, l) | SNeed::Discard(l) => l,
+            _ => return false,
+        };
+        assert!(length > 0, "an empty payload or discard announced");
+        let want = usize::try_from(k.min(length)).unwrap_or(usize::MAX);
+        let from_inbox = want.min(self.inbox.len());
+        let mut data = self.inbox.rest()[..from_inbox].to_vec();
+        self.inbox.consumed(from_inbox);
+        data.extend_from_slice(src.read(want - from_inbox));
+        if data.is_empty() {
+            return false;
+        }
+        self.inbox.moved((data.len() - from_inbox) as u64);
+        let n = data.len() as u64;
+        match need {
+            SNeed::Payload(r, offset, _) => match self.s.payload_received(n) {
+                Ok(last) => self.payload(r, offset, &data, last),
+                Err(e) => self.failed(e),
+            },
+            _ => {
+                if let Err(e) = self.s.discarded(n) {
+                    self.failed(e);
+                }
+            }
+        }
+        true
+    }
+
+    fn misuse(&mut self) {
+        if self.over {
+            return;
+        }
+        let before = self.need();
+        let r = match before {
+            SNeed::Payload(_, _, l) => self.s.payload_received(l + 1),
+            _ => self.s.payload_received(1),
+        };
+        assert!(matches!(r, Err(ServerSessionError::Misuse(_))), "{r:?}");
+        let r = match before {
+            SNeed::Discard(l) => self.s.discarded(l + 1),
+            _ => self.s.discarded(1),
+        };
+        assert!(matches!(r, Err(ServerSessionError::Misuse(_))), "{r:?}");
+        assert_eq!(self.need(), before, "misuse changed the session");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The `server_session` target
+// ---------------------------------------------------------------------------
+
+/// Driver actions of the `server_session` target (the first byte of each
+/// step); a byte not listed reads exactly what the session needs.
+pub mod server_op {
+    /// Read exactly what `need()` asks for (payloads moved by the driver).
+    pub const EXACT: u8 = 0x00;
+    /// 0x01 to 0x7f: read so many bytes and feed them.
+    pub const CHUNK_MAX: u8 = 0x7f;
+    /// Then a big-endian u16: read so many bytes and feed them.
+    pub const CHUNK16: u8 = 0x80;
+    /// `shutdown`
+    pub const SHUTDOWN: u8 = 0x81;
+    /// `connection_lost`: the end.
+    pub const LOST: u8 = 0x82;
+    /// Calls the state does not allow.
+    pub const MISUSE: u8 = 0x83;
+    /// Then a length byte and so many bytes decoded (`arbitrary`) as an
+    /// optional [`super::EncSpec`]: the encoder calls' arguments from now on.
+    pub const ENCODER: u8 = 0x84;
+    /// Then a u16: move up to so many payload bytes (or drop them).
+    pub const MOVE16: u8 = 0x85;
+}
+
+/// The `server_session` target. Layout: 3 bytes of configuration
+/// ([`server_config`]), a count (modulo 5) of exports and 7 bytes for each
+/// ([`ExportSpec::decode`]), then steps, each a [`server_op`] byte and its
+/// arguments; the bytes the driver reads from the client are taken from
+/// the input where a step reads them. Returns what the session reached.
+pub fn server_session(data: &[u8]) -> Summary {
+    let mut input = Input::new(data);
+    let mut summary = Summary {
+        connections: 1,
+        ..Summary::default()
+    };
+    let Some(b) = input.be::<3>() else {
+        return summary;
+    };
+    let config = server_config(b);
+    let Some(count) = input.u8() else {
+        return summary;
+    };
+    let mut exports = Exports::default();
+    for _ in 0..count % 5 {
+        let Some(e) = input.be::<7>() else {
+            return summary;
+        };
+        exports.0.push(ExportSpec::decode(e));
+    }
+    let mut d = ServerDriver::new(config, exports, EncoderCalls::default());
+    for _ in 0..MAX_STEPS {
+        d.settle();
+        summary.ok = d.x.1;
+        summary.failed = d.rejects.len();
+        if d.ready {
+            if let Some(m) = d.s.mode() {
+                if !summary.modes.contains(&m) {
+                    summary.modes.push(m);
+                }
+            }
+        }
+        summary.tls |= d.tls;
+        if d.over {
+            return summary;
+        }
+        let Some(op) = input.u8() else {
+            break;
+        };
+        let progress = match op {
+            server_op::CHUNK16 => match input.u16() {
+                Some(k) => d.chunk(&mut input, k as usize),
+                None => false,
+            },
+            1..=server_op::CHUNK_MAX => d.chunk(&mut input, op as usize),
+            server_op::SHUTDOWN => {
+                d.s.shutdown();
+                d.shut = true;
+                true
+            }
+            server_op::LOST => break,
+            server_op::MISUSE => {
+                d.misuse();
+                true
+            }
+            server_op::ENCODER => {
+                d.x.0 = input.arbitrary();
+                true
+            }
+            server_op::MOVE16 => match input.u16() {
+                Some(k) => {
+                    d.move_bytes(&mut input, k as u64);
+                    true
+                }
+                None => false,
+            },
+            _ => d.exact(&mut input) || input.left() > 0,
+        };
+        if !progress {
+            break;
+        }
+    }
+    d.lose();
+    summary
+}
+
+// ---------------------------------------------------------------------------
+// The `conversation` target
+// ---------------------------------------------------------------------------
+
+/// How a driver of the `conversation` target reads.
+#[derive(Debug, Clone, Copy, Arbitrary)]
+pub enum Feeding {
+    /// Exactly the counts `need()` gives; READ data and WRITE payloads
+    /// moved by the driver.
+    Exact,
+    /// Whatever arrived, in pieces of at most this many bytes (plus one).
+    Chunks(u16),
+    /// Exact counts and pieces of varying sizes, in turn.
+    Mixed(u8),
+}
+
+/// The disk both exports of the `conversation` target show.
+#[derive(Debug, Clone, Copy, Arbitrary)]
+pub struct DiskChoice {
+    /// Size (a table).
+    pub size: u8,
+    /// Block sizes ([`block_size`]).
+    pub block: u8,
+    /// Transmission flags offered.
+    pub flags: u16,
+    /// Contexts offered (bits of the export contexts), block sizes
+    /// required (bit 5), `ro` only over TLS (bit 6).
+    pub bits: u8,
+}
+
+/// A step of a [`Scenario`].
+#[derive(Debug, Clone, Copy)]
+pub enum Step {
+    /// An option-mode call ([`OptCall::decode`]), if the client negotiates.
+    Opt(u8, u8, u8),
+    /// A request (after `opt_go` in option mode): [`command`], flags, and
+    /// offset and length in 512-byte units (or bytes, when `raw`).
+    Request {
+        /// Command.
+        cmd: u8,
+        /// Flags.
+        flags: u8,
+        /// Offset.
+        at: u16,
+        /// Length.
+        len: u16,
+        /// Units of one byte.
+        raw: bool,
+        /// The WRITE's data.
+        seed: u8,
+    },
+    /// Move bytes until both sides wait.
+    Run,
+    /// Move bytes once each way.
+    Round,
+    /// The connection breaks: each side reads at most this many more
+    /// bytes, then both see it closed.
+    Cut(u16),
+    /// After a cut, a new connection to the same disk.
+    Reconnect,
+    /// The server shuts down.
+    Shutdown,
+    /// Release completed requests' slots.
+    Release,
+    /// `NBD_CMD_DISC`
+    Disconnect,
+}
+
+/// The `conversation` target's input: a client session talks to a server
+/// session over memory. (Built by [`Scenario::decode`].)
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// [`client_config`]
+    pub client: [u8; 4],
+    /// How the client reads.
+    pub client_feeding: Feeding,
+    /// [`server_config`] (oldstyle only with bit 1 of byte 2).
+    pub server: [u8; 3],
+    /// How the server reads.
+    pub server_feeding: Feeding,
+    /// Bit `i % 32` of `faults & faults >> 11 & faults >> 21` fails the
+    /// `i`th request the server executes.
+    pub faults: u32,
+    /// The disk.
+    pub disk: DiskChoice,
+    /// What happens.
+    pub steps: Vec<Step>,
+}
+
+impl Scenario {
+    /// The scenario `data` stands for: the fields with `arbitrary`, then
+    /// steps until the data runs out (at most 256).
+    pub fn decode(data: &[u8]) -> Option<Scenario> {
+        let mut u = Unstructured::new(data);
+        let mut sc = Scenario {
+            client: u.arbitrary().ok()?,
+            client_feeding: u.arbitrary().ok()?,
+            server: u.arbitrary().ok()?,
+            server_feeding: u.arbitrary().ok()?,
+            faults: u.arbitrary().ok()?,
+            disk: u.arbitrary().ok()?,
+            steps: Vec::new(),
+        };
+        while !u.is_empty() && sc.steps.len() < 256 {
+            sc.steps.push(Step::decode(&mut u)?);
+        }
+        Some(sc)
+    }
+}
+
+impl Step {
+    /// A step, requests the likeliest.
+    fn decode(u: &mut Unstructured<'_>) -> Option<Step> {
+        let k: u8 = u.arbitrary().ok()?;
+        Some(match k {
+            0..=127 => {
+                let (cmd, flags, at, len, raw, seed): (u8, u8, u16, u16, u8, u8) = u.arbitrary().ok()?;
+                Step::Request {
+                    cmd,
+                    flags,
+                    at,
+                    len,
+                    raw: raw & 7 == 0,
+                    seed,
+                }
+            }
+            128..=143 => Step::Round,
+            144..=175 => {
+                let (w, n, q) = u.arbitrary().ok()?;
+                Step::Opt(w, n, q)
+            }
+            176..=183 => Step::Cut(u.arbitrary().ok()?),
+            184..=191 => Step::Reconnect,
+            192..=193 => Step::Shutdown,
+            196..=203 => Step::Release,
+            204..=207 => Step::Disconnect,
+            _ => Step::Run,
+        })
+    }
+}
+
+/// What a `conversation` run reached (for choosing seeds).
+#[derive(Debug, Default, Clone)]
+pub struct Summary {
+    /// Modes of the connections that reached transmission.
+    pub modes: Vec<Mode>,
+    /// A connection upgraded to TLS.
+    pub tls: bool,
+    /// The client negotiated in option mode.
+    pub opt_mode: bool,
+    /// Option outcomes received.
+    pub options: usize,
+    /// Requests completed successfully.
+    pub ok: usize,
+    /// Requests that failed (by the server's error or a cut).
+    pub failed: usize,
+    /// READs whose data was checked against the model.
+    pub reads: usize,
+    /// Connections made.
+    pub connections: usize,
+    /// Connections whose handshake failed.
+    pub refused: usize,
+    /// Why sessions failed.
+    pub errors: Vec<String>,
+}
+
+const BLOCK: u64 = 4096;
+
+/// The server's storage: blocks never written read as holes.
+#[derive(Debug)]
+pub struct Disk {
+    data: Vec<u8>,
+    written: Vec<bool>,
+    faults: u32,
+    executed: u32,
+    /// Cookies of requests failed on purpose.
+    failed: HashSet<u64>,
+}
+
+impl Disk {
+    fn store(&mut self, offset: u64, bytes: &[u8]) {
+        let o = offset as usize;
+        self.data[o..o + bytes.len()].copy_from_slice(bytes);
+        for b in offset / BLOCK..(offset + bytes.len() as u64).div_ceil(BLOCK) {
+            self.written[b as usize] = true;
+        }
+    }
+}
+
+impl Executor for Disk {
+    fn execute(&mut self, s: &ServerSession<Exports>, r: &ServerRequest, payload: &[u8], out: &mut Vec<u8>) {
+        let enc = s.encoder().expect("an encoder in transmission");
+        let structured = enc.mode().structured();
+        let i = self.executed;
+        self.executed += 1;
+        let (o, l) = (r.offset as usize, r.length as usize);
+        if self.faults >> (i % 32) & 1 != 0 && r.command != Command::DISC {
+            self.failed.insert(r.cookie);
+            if structured && r.command == Command::READ && l > 512 && !r.flags.contains(CommandFlags::DF) {
+                // Some data, then an error at the offset where it stopped.
+                let h = enc.offset_data_header(r, r.offset, 512, false).expect("a data chunk");
+                out.extend_from_slice(h.as_bytes());
+                out.extend_from_slice(&self.data[o..o + 512]);
+                enc.reply_error_offset(r, ErrorCode::EIO, "injected", r.offset + 512, true, out)
+                    .expect("an error chunk");
+            } else {
+                enc.reply_error(r, ErrorCode::EIO, "injected", out);
+            }
+            return;
+        }
+        match r.command {
+            Command::READ if l == 0 => out.extend_from_slice(enc.reply_ok(r).as_bytes()),
+            Command::READ if structured && !r.flags.contains(CommandFlags::DF) => {
+                // Holes as OFFSET_HOLE and data as OFFSET_DATA, a block at a time.
+                let end = r.offset + r.length;
+                let mut off = r.offset;
+                while off < end {
+                    let n = (BLOCK - off % BLOCK).min(end - off);
+                    if self.written[(off / BLOCK) as usize] {
+                        let h = enc.offset_data_header(r, off, n, false).expect("a data chunk");
+                        out.extend_from_slice(h.as_bytes());
+                        out.extend_from_slice(&self.data[off as usize..(off + n) as usize]);
+                    } else {
+                        let h = enc.hole_chunk(r, off, n, false).expect("a hole chunk");
+                        out.extend_from_slice(h.as_bytes());
+                    }
+                    off += n;
+                }
+                out.extend_from_slice(enc.reply_ok(r).as_bytes());
+            }
+            Command::READ => {
+                let h = enc.read_reply_header(r).expect("a read reply");
+                out.extend_from_slice(h.as_bytes());
+                out.extend_from_slice(&self.data[o..o + l]);
+            }
+            Command::WRITE => {
+                assert_eq!(payload.len(), l, "the whole payload");
+                self.store(r.offset, payload);
+                out.extend_from_slice(enc.reply_ok(r).as_bytes());
+            }
+            Command::WRITE_ZEROES | Command::TRIM => {
+                self.data[o..o + l].fill(0);
+                out.extend_from_slice(enc.reply_ok(r).as_bytes());
+            }
+            Command::FLUSH | Command::CACHE => out.extend_from_slice(enc.reply_ok(r).as_bytes()),
+            Command::BLOCK_STATUS => {
+                let ids: Vec<(u32, bool)> = s
+                    .selected_contexts(r)
+                    .map(|(_, c)| (c.id, c.name == CONTEXT_BASE_ALLOCATION))
+                    .collect();
+                assert!(!ids.is_empty(), "block status for no context");
+                let size = s.size();
+                for (k, (id, alloc)) in ids.iter().enumerate() {
+                    let written = &self.written;
+                    let extents = (r.offset / BLOCK..size.div_ceil(BLOCK)).take(64).map(|b| {
+                        let start = (b * BLOCK).max(r.offset);
+                        let end = (b * BLOCK + BLOCK).min(size);
+                        let status = match (alloc, written[b as usize]) {
+                            (true, false) => 3,
+                            (false, true) => 1,
+                            _ => 0,
+                        };
+                        (end - start, status)
+                    });
+                    enc.block_status_chunk(r, *id, extents, k + 1 == ids.len(), out)
+                        .expect("a status chunk");
+                }
+            }
+            c => panic!("executing {c}"),
+        }
+    }
+
+    fn reject(
+        &mut self,
+        s: &ServerSession<Exports>,
+        r: &ServerRequest,
+        error: ErrorCode,
+        reason: &str,
+        out: &mut Vec<u8>,
+    ) {
+        let enc = s.encoder().expect("an encoder in transmission");
+        enc.reply_error(r, error, reason, out);
+    }
+}
+
+/// What the disk holds, as the completed requests say.
+#[derive(Debug)]
+struct Model {
+    data: Vec<u8>,
+    /// Bytes a request lost with the connection may have changed.
+    known: Vec<bool>,
+}
+
+impl Model {
+    fn forget(&mut self, r: &Request) {
+        if matches!(r.command, Command::WRITE | Command::WRITE_ZEROES | Command::TRIM) {
+            self.known[r.offset as usize..(r.offset + r.length) as usize].fill(false);
+        }
+    }
+}
+
+/// Both sides of one connection.
+struct Link {
+    c: ClientDriver,
+    s: ServerDriver<Disk>,
+    to_server: Pipe,
+    to_client: Pipe,
+    /// Bytes pushed into each pipe so far, and where TLS bytes start.
+    pushed: [u64; 2],
+    tls_at: [Option<u64>; 2],
+    rounds: usize,
+}
+
+struct Conversation<'a> {
+    sc: &'a Scenario,
+    link: Link,
+    model: Model,
+    /// Requests started, in order, with a WRITE's data.
+    issued: std::collections::VecDeque<(u64, Option<Vec<u8>>)>,
+    summary: Summary,
+}
+
+fn exports(disk: &DiskChoice, size: u64) -> Exports {
+    let mut d = ExportDetails::new("disk", size);
+    d.flags = TransmissionFlags::from_bits_retain(disk.flags) - TransmissionFlags::READ_ONLY;
+    d.block_size = block_size(disk.block);
+    d.block_size_required = disk.bits & 0xe0 == 0xe0;
+    d.meta_contexts = EXPORT_CONTEXTS
+        .iter()
+        .take(4)
+        .enumerate()
+        .filter(|(i, _)| disk.bits & (1 << i) != 0)
+        .map(|(_, c)| (*c).to_owned())
+        .collect();
+    let mut ro = d.clone();
+    ro.name = "ro".into();
+    ro.flags |= TransmissionFlags::READ_ONLY;
+    ro.tls_only = disk.bits & 64 != 0;
+    Exports(vec![
+        ExportSpec {
+            name: "disk".into(),
+            details: d,
+            default: true,
+        },
+        ExportSpec {
+            name: "ro".into(),
+            details: ro,
+            default: false,
+        },
+    ])
+}
+
+impl Link {
+    fn new(sc: &Scenario, disk: Disk) -> Link {
+        // Mostly names the server knows ("", "disk", "ro"), sometimes not.
+        let mut cb = sc.client;
+        cb[1] = [0, 1, 2, 1, 0, 1, 3, 5][cb[1] as usize % 8];
+        if cb[3] & 0x80 == 0 {
+            // Mostly valid queries.
+            cb[3] &= 0x3f;
+        }
+        let (config, manual) = client_config(cb);
+        let mut sconfig = server_config(sc.server);
+        if sc.server[2] & 2 == 0 {
+            sconfig.oldstyle = false;
+        }
+        let size = disk.data.len() as u64;
+        Link {
+            c: ClientDriver::new(config, manual, true),
+            s: ServerDriver::new(sconfig, exports(&sc.disk, size), disk),
+            to_server: Pipe::default(),
+            to_client: Pipe::default(),
+            pushed: [0; 2],
+            tls_at: [None; 2],
+            rounds: 0,
+        }
+    }
+
+    fn over(&self) -> bool {
+        self.c.over && self.s.over
+    }
+}
+
+/// Reads as `f` says, once; false when nothing was read.
+fn read_client(c: &mut ClientDriver, f: Feeding, round: usize, src: &mut Pipe) -> bool {
+    match feeding_step(f, round) {
+        None => c.exact(src),
+        Some(k) => c.chunk(src, k),
+    }
+}
+
+fn read_server(s: &mut ServerDriver<Disk>, f: Feeding, round: usize, src: &mut Pipe) -> bool {
+    match feeding_step(f, round) {
+        None => s.exact(src),
+        Some(k) => s.chunk(src, k),
+    }
+}
+
+/// `None`: an exact read; else a piece of this many bytes.
+fn feeding_step(f: Feeding, round: usize) -> Option<usize> {
+    match f {
+        Feeding::Exact => None,
+        Feeding::Chunks(k) => Some(k as usize + 1),
+        Feeding::Mixed(seed) => {
+            let v = (round as u64).wrapping_mul(seed as u64 | 1).wrapping_mul(0x9e37_79b9) >> 7;
+            match v % 4 {
+                0 => None,
+                1 => Some(1),
+                2 => Some((v % 97) as usize + 1),
+                _ => Some((v % 9000) as usize + 1),
+            }
+        }
+    }
+}
+
+impl Conversation<'_> {
+    /// Moves bytes once each way; whether anything moved.
+    fn round(&mut self) -> bool {
+        let l = &mut self.link;
+        l.rounds += 1;
+        let mut moved = false;
+        for _ in 0..4096 {
+            l.c.settle();
+            if l.c.over || !read_client(&mut l.c, self.sc.client_feeding, l.rounds, &mut l.to_client) {
+                break;
+            }
+            moved = true;
+            l.rounds += 1;
+        }
+        for _ in 0..4096 {
+            l.s.settle();
+            if l.s.over || !read_server(&mut l.s, self.sc.server_feeding, l.rounds, &mut l.to_server) {
+                break;
+            }
+            moved = true;
+            l.rounds += 1;
+        }
+        l.c.settle();
+        l.s.settle();
+        // Output goes on the wire; TLS bytes are marked.
+        for (i, out, mark, peer_tls, inbox) in [
+            (0, &mut l.c.out, &mut l.c.tls_mark, l.s.tls, &mut l.s.inbox),
+            (1, &mut l.s.out, &mut l.s.tls_mark, l.c.tls, &mut l.c.inbox),
+        ] {
+            if let Some(m) = mark.take() {
+                l.tls_at[i] = Some(l.pushed[i] + m as u64);
+            }
+            if !out.is_empty() {
+                moved = true;
+            }
+            l.pushed[i] += out.len() as u64;
+            if i == 0 {
+                l.to_server.push(out);
+            } else {
+                l.to_client.push(out);
+            }
+            out.clear();
+            if !peer_tls {
+                inbox.limit = l.tls_at[i];
+            }
+        }
+        // A side that closed: the other sees the end once it read everything.
+        if l.c.over && !l.s.over && l.to_server.len() == 0 {
+            l.s.lose();
+            moved = true;
+        }
+        if l.s.over && !l.c.over && l.to_client.len() == 0 {
+            l.c.lose();
+            moved = true;
+        }
+        self.account();
+        moved
+    }
+
+    /// Moves bytes until both sides wait; then neither may wait for the
+    /// other.
+    fn run(&mut self) {
+        for _ in 0..100_000 {
+            if !self.round() {
+                let l = &mut self.link;
+                if !l.c.over {
+                    let n = l.c.need();
+                    assert!(
+                        matches!(n, CNeed::Negotiating | CNeed::Idle),
+                        "deadlock: the client waits with {n:?}, the server with {:?}",
+                        l.s.need()
+                    );
+                }
+                if !l.s.over {
+                    let n = l.s.need();
+                    assert!(matches!(n, SNeed::Bytes(_)), "deadlock: the server waits with {n:?}");
+                }
+                if !l.c.over {
+                    assert_eq!(
+                        l.to_client.len() + l.c.inbox.len(),
+                        0,
+                        "bytes for the client nobody reads"
+                    );
+                }
+                if !l.s.over {
+                    assert_eq!(
+                        l.to_server.len() + l.s.inbox.len(),
+                        0,
+                        "bytes for the server nobody reads"
+                    );
+                }
+                return;
+            }
+        }
+        panic!("the conversation does not settle");
+    }
+
+    /// Checks what completed against the model and the server's errors.
+    fn account(&mut self) {
+        let l = &mut self.link;
+        let shut = l.s.shut;
+        for (r, reason) in l.s.rejects.drain(..) {
+            // The spec leaves requests of length 0 to the server.
+            assert!(
+                shut || r.length == 0,
+                "the server refused what the client sent ({r:?}: {reason})"
+            );
+        }
+        if let Some(e) = &l.c.error {
+            match e {
+                ClientSessionError::Handshake(h) if !l.c.connected => {
+                    assert!(
+                        !matches!(h, nbd_proto::client::HandshakeError::Violation(_)),
+                        "our server broke the handshake: {e}"
+                    );
+                }
+                e => panic!("client failed in transmission: {e}"),
+            }
+        }
+        if let Some(e) = &l.s.error {
+            match e {
+                ServerSessionError::Handshake(h) if !l.s.ready => {
+                    assert!(
+                        !matches!(h, nbd_proto::server::ServerHandshakeError::Violation(_)),
+                        "our client broke the handshake: {e}"
+                    );
+                }
+                e => panic!("server failed in transmission: {e}"),
+            }
+        }
+        for done in l.c.completions.drain(..) {
+            let (cookie, data) = self.issued.pop_front().expect("a completion nobody started");
+            assert_eq!(cookie, done.cookie, "completions in the order the server executed");
+            let r = done.req;
+            let (o, n) = (r.offset as usize, r.length as usize);
+            match done.result {
+                Ok(()) => {
+                    self.summary.ok += 1;
+                    match r.command {
+                        Command::WRITE => {
+                            self.model.data[o..o + n].copy_from_slice(&data.expect("the WRITE's data"));
+                            self.model.known[o..o + n].fill(true);
+                        }
+                        Command::WRITE_ZEROES | Command::TRIM => {
+                            self.model.data[o..o + n].fill(0);
+                            self.model.known[o..o + n].fill(true);
+                        }
+                        Command::READ => {
+                            let got = done.data.expect("a READ buffer");
+                            for (i, b) in got.iter().enumerate() {
+                                if self.model.known[o + i] {
+                                    assert_eq!(*b, self.model.data[o + i], "READ at {o} differs at byte {i}");
+                                }
+                            }
+                            self.summary.reads += 1;
+                        }
+                        _ => {}
+                    }
+                }
+                Err(code) => {
+                    self.summary.failed += 1;
+                    let injected = l.s.x_failed(cookie);
+                    assert!(
+                        injected || (shut && code == ErrorCode::ESHUTDOWN) || r.length == 0,
+                        "{r:?} failed with {code:?}, which nothing caused"
+                    );
+                }
+            }
+        }
+        for (cookie, lost) in l.c.lost.drain(..) {
+            self.summary.failed += 1;
+            self.model.forget(&lost.req);
+            let i = self
+                .issued
+                .iter()
+                .position(|(c, _)| *c == cookie)
+                .expect("a lost request was started");
+            self.issued.remove(i);
+        }
+        if l.c.over {
+            assert!(self.issued.is_empty(), "requests neither completed nor failed");
+        }
+        if let Some(n) = l.c.s.negotiated() {
+            if !self.summary.modes.contains(&n.mode) && l.c.connected {
+                self.summary.modes.push(n.mode);
+            }
+        }
+        self.summary.tls |= l.c.tls;
+        self.summary.options += l.c.outcomes.len();
+        l.c.outcomes.clear();
+    }
+
+    /// Both sessions connected: they agree on what was negotiated.
+    fn check_agreement(&self) {
+        let l = &self.link;
+        let (Some(c), Some(s)) = (l.c.s.negotiated(), l.s.s.negotiated()) else {
+            return;
+        };
+        if !(l.c.connected && l.s.ready) {
+            return;
+        }
+        assert_eq!(c.mode, s.mode, "mode");
+        assert_eq!(c.size, s.size, "size");
+        assert_eq!(c.flags, s.flags, "flags");
+        assert_eq!(c.tls, s.tls, "TLS");
+        assert_eq!(c.contexts, s.contexts, "contexts");
+        if s.client_requested_block_size {
+            assert_eq!(c.block_size, s.block_size, "block sizes");
+        }
+    }
+
+    /// In option mode, GO once the caller wants transmission.
+    fn go(&mut self) {
+        if self.link.c.over || self.link.c.connected {
+            return;
+        }
+        if self.link.c.need() == CNeed::Negotiating && self.link.c.opt_pending.is_none() {
+            self.link.c.opt(OptCall::Go);
+        }
+        self.run();
+        self.check_agreement();
+    }
+
+    fn request(&mut self, cmd: u8, flags: u8, at: u16, len: u16, raw: bool, seed: u8) {
+        self.go();
+        let l = &mut self.link;
+        if l.c.over || !l.c.connected {
+            return;
+        }
+        let size = l.c.s.size();
+        let (offset, length) = if raw {
+            (at as u64, len as u64)
+        } else {
+            let blocks = size / 512;
+            let o = (at as u64 % (blocks + 1)) * 512;
+            (o, ((len as u64 % 64) + 1) * 512)
+        };
+        let length = if raw {
+            length
+        } else {
+            length.min(size.saturating_sub(offset))
+        };
+        // Mostly no flags, else mostly known ones.
+        let flags = match flags >> 6 {
+            0 | 1 => 0,
+            2 => flags as u16 & 0x1f,
+            _ => flags as u16,
+        };
+        let r = Request {
+            command: command(cmd),
+            flags: CommandFlags::from_bits_retain(flags),
+            offset,
+            length,
+        };
+        let data = (r.command == Command::WRITE && length <= size).then(|| {
+            (0..length)
+                .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+                .collect::<Vec<u8>>()
+        });
+        if let Some(cookie) = l.c.request(r, data.clone()) {
+            self.issued.push_back((cookie.0, data));
+        }
+    }
+
+    fn cut(&mut self, deliver: u16) {
+        let l = &mut self.link;
+        if !l.c.over {
+            l.c.chunk(&mut l.to_client, deliver as usize);
+            l.c.settle();
+        }
+        if !l.s.over {
+            l.s.chunk(&mut l.to_server, deliver as usize);
+            l.s.settle();
+        }
+        l.c.lose();
+        l.s.lose();
+        self.account();
+    }
+
+    fn reconnect(&mut self) {
+        if !self.link.over() {
+            return;
+        }
+        if self.summary.connections >= 8 {
+            return;
+        }
+        self.count_refused();
+        let disk = std::mem::replace(
+            &mut self.link.s.x,
+            Disk {
+                data: Vec::new(),
+                written: Vec::new(),
+                faults: 0,
+                executed: 0,
+                failed: HashSet::new(),
+            },
+        );
+        self.link = Link::new(self.sc, disk);
+        self.summary.connections += 1;
+        self.summary.opt_mode |= self.link.c.config.opt_mode;
+    }
+
+    fn count_refused(&mut self) {
+        if !self.link.c.connected {
+            self.summary.refused += 1;
+        }
+        if let Some(e) = &self.link.c.error {
+            self.summary.errors.push(format!("client: {e}"));
+        }
+        if let Some(e) = &self.link.s.error {
+            self.summary.errors.push(format!("server: {e}"));
+        }
+    }
+}
+
+impl ServerDriver<Disk> {
+    /// Whether the server failed this request on purpose.
+    fn x_failed(&mut self, cookie: u64) -> bool {
+        self.x.failed.remove(&cookie)
+    }
+}
+
+/// The `conversation` target: a [`Scenario`] built with `arbitrary`.
+pub fn conversation(data: &[u8]) -> Summary {
+    let Some(sc) = Scenario::decode(data) else {
+        return Summary::default();
+    };
+    run_scenario(&sc)
+}
+
+/// Runs a scenario and says what it reached.
+pub fn run_scenario(sc: &Scenario) -> Summary {
+    let size: u64 = match sc.disk.size % 8 {
+        0 => 0,
+        1 => 512,
+        2 => 4096,
+        3 => 65536,
+        4 => 65536 + 512,
+        5 => 262_144,
+        6 => 1 << 20,
+        _ => 3 * 4096 + 100,
+    };
+    let disk = Disk {
+        data: vec![0; size as usize],
+        written: vec![false; size.div_ceil(BLOCK) as usize],
+        faults: sc.faults & sc.faults >> 11 & sc.faults >> 21,
+        executed: 0,
+        failed: HashSet::new(),
+    };
+    let mut conv = Conversation {
+        sc,
+        link: Link::new(sc, disk),
+        model: Model {
+            data: vec![0; size as usize],
+            known: vec![true; size as usize],
+        },
+        issued: Default::default(),
+        summary: Summary {
+            connections: 1,
+            ..Summary::default()
+        },
+    };
+    conv.summary.opt_mode = conv.link.c.config.opt_mode;
+    conv.run();
+    for step in sc.steps.iter().take(256) {
+        match *step {
+            Step::Opt(w, n, q) => {
+                let c = &mut conv.link.c;
+                if !c.over && c.need() == CNeed::Negotiating && c.opt_pending.is_none() {
+                    c.opt(OptCall::decode(w, n, q));
+                    conv.run();
+                }
+            }
+            Step::Request {
+                cmd,
+                flags,
+                at,
+                len,
+                raw,
+                seed,
+            } => conv.request(cmd, flags, at, len, raw, seed),
+            Step::Run => {
+                conv.run();
+                conv.check_agreement();
+            }
+            Step::Round => {
+                conv.round();
+            }
+            Step::Cut(deliver) => conv.cut(deliver),
+            Step::Reconnect => {
+                conv.reconnect();
+                conv.run();
+            }
+            Step::Shutdown => {
+                let s = &mut conv.link.s;
+                if !s.over {
+                    s.s.shutdown();
+                    s.shut = true;
+                }
+            }
+            Step::Release => conv.link.c.release(),
+            Step::Disconnect => {
+                conv.go();
+                conv.request(9, 0, 0, 0, true, 0);
+            }
+        }
+    }
+    conv.go();
+    conv.run();
+    conv.check_agreement();
+    // Every request was answered; then the client says goodbye.
+    let l = &mut conv.link;
+    if !l.c.over {
+        assert!(l.c.live.is_empty(), "requests left unanswered");
+        if l.c.connected && !l.c.disconnecting {
+            l.c.request(Request::new(Command::DISC, 0, 0), None);
+            conv.run();
+            assert!(conv.link.s.disconnected || conv.link.s.over);
+        }
+    }
+    let l = &mut conv.link;
+    l.c.lose();
+    l.s.lose();
+    conv.account();
+    conv.count_refused();
+    assert!(conv.issued.is_empty());
+    conv.summary
 }
 
 // ---------------------------------------------------------------------------
@@ -1995,920 +3296,4 @@ pub fn uri(data: &[u8]) {
     let again = parsed.to_uri_string();
     let back = NbdUri::parse(&again).unwrap_or_else(|e| panic!("{s:?} formats as {again:?}, which fails: {e}"));
     assert_eq!(back, parsed, "{s:?} formats as {again:?}");
-}
-
-// ---------------------------------------------------------------------------
-// Structured scenarios
-// ---------------------------------------------------------------------------
-
-/// A length field: right, a little off, or anything.
-#[derive(Debug, Clone, Copy, Arbitrary)]
-pub enum LenFix {
-    /// The true length.
-    Exact,
-    /// The true length plus or minus a little.
-    Delta(i8),
-    /// Anything.
-    Raw(u32),
-}
-
-impl LenFix {
-    fn apply(self, actual: u64) -> u64 {
-        match self {
-            LenFix::Exact => actual,
-            LenFix::Delta(d) => actual.saturating_add_signed(d as i64),
-            LenFix::Raw(v) => v as u64,
-        }
-    }
-}
-
-/// Which option an option reply names.
-#[derive(Debug, Clone, Copy, Arbitrary)]
-pub enum OptSel {
-    /// The option the client sent last.
-    Current,
-    /// Anything.
-    Raw(u32),
-}
-
-/// An option reply type.
-#[derive(Debug, Clone, Copy, Arbitrary)]
-pub enum RepSel {
-    /// `NBD_REP_ACK`
-    Ack,
-    /// `NBD_REP_SERVER`
-    Server,
-    /// `NBD_REP_INFO`
-    Info,
-    /// `NBD_REP_META_CONTEXT`
-    MetaContext,
-    /// One of the errors (or an unknown one).
-    Error(u8),
-    /// Anything.
-    Raw(u32),
-}
-
-impl RepSel {
-    fn get(self) -> ReplyType {
-        match self {
-            RepSel::Ack => ReplyType::ACK,
-            RepSel::Server => ReplyType::SERVER,
-            RepSel::Info => ReplyType::INFO,
-            RepSel::MetaContext => ReplyType::META_CONTEXT,
-            RepSel::Error(e) => ReplyType(REP_ERR_BIT + (e % 12) as u32),
-            RepSel::Raw(v) => ReplyType(v),
-        }
-    }
-}
-
-/// The payload of an option reply.
-#[derive(Debug, Clone, Arbitrary)]
-pub enum RepPayload {
-    /// Nothing.
-    Empty,
-    /// `NBD_REP_SERVER`
-    Server {
-        /// Export name.
-        name: Name,
-        /// Its description.
-        description: Option<Name>,
-        /// The name length field.
-        name_len: LenFix,
-    },
-    /// `NBD_INFO_EXPORT`
-    InfoExport {
-        /// Export size.
-        size: Size,
-        /// Transmission flags.
-        flags: u16,
-    },
-    /// `NBD_INFO_NAME`
-    InfoName(Name),
-    /// `NBD_INFO_DESCRIPTION`
-    InfoDescription(Name),
-    /// `NBD_INFO_BLOCK_SIZE`, valid or anything.
-    InfoBlockSize {
-        /// Valid constraints (index).
-        sel: u8,
-        /// Or these.
-        raw: Option<(u32, u32, u32)>,
-    },
-    /// An unknown information type.
-    InfoUnknown(u16),
-    /// `NBD_REP_META_CONTEXT`
-    MetaContext {
-        /// Context id.
-        id: u32,
-        /// Context name.
-        name: Query,
-    },
-    /// An error message.
-    Message(Name),
-    /// Anything.
-    Raw(Vec<u8>),
-}
-
-impl RepPayload {
-    fn bytes(&self) -> Vec<u8> {
-        let mut v = Vec::new();
-        match self {
-            RepPayload::Empty => {}
-            RepPayload::Server {
-                name,
-                description,
-                name_len,
-            } => {
-                let name = name.get();
-                v.extend_from_slice(&(name_len.apply(name.len() as u64) as u32).to_be_bytes());
-                v.extend_from_slice(name.as_bytes());
-                if let Some(d) = description {
-                    v.extend_from_slice(d.get().as_bytes());
-                }
-            }
-            RepPayload::InfoExport { size, flags } => {
-                v.extend_from_slice(&InfoType::EXPORT.0.to_be_bytes());
-                v.extend_from_slice(&size.get().to_be_bytes());
-                v.extend_from_slice(&flags.to_be_bytes());
-            }
-            RepPayload::InfoName(n) | RepPayload::InfoDescription(n) => {
-                let t = if matches!(self, RepPayload::InfoName(_)) {
-                    InfoType::NAME
-                } else {
-                    InfoType::DESCRIPTION
-                };
-                v.extend_from_slice(&t.0.to_be_bytes());
-                v.extend_from_slice(n.get().as_bytes());
-            }
-            RepPayload::InfoBlockSize { sel, raw } => {
-                let c = block_size(*sel).unwrap_or_default();
-                let (a, b, c) = raw.unwrap_or((c.minimum, c.preferred, c.maximum));
-                v.extend_from_slice(&InfoType::BLOCK_SIZE.0.to_be_bytes());
-                for x in [a, b, c] {
-                    v.extend_from_slice(&x.to_be_bytes());
-                }
-            }
-            RepPayload::InfoUnknown(t) => {
-                v.extend_from_slice(&t.saturating_add(4).to_be_bytes());
-                v.extend_from_slice(b"future");
-            }
-            RepPayload::MetaContext { id, name } => {
-                v.extend_from_slice(&id.to_be_bytes());
-                v.extend_from_slice(&name.wire());
-            }
-            RepPayload::Message(n) => v.extend_from_slice(n.get().as_bytes()),
-            RepPayload::Raw(r) => v.extend_from_slice(r),
-        }
-        v
-    }
-}
-
-/// Something a server sends during the handshake.
-#[derive(Debug, Clone, Arbitrary)]
-pub enum ServerMsg {
-    /// The newstyle greeting.
-    Greeting {
-        /// Handshake flags.
-        flags: u16,
-    },
-    /// The oldstyle greeting.
-    Oldstyle {
-        /// Export size.
-        size: Size,
-        /// Flags (the low 16 bits are the transmission flags).
-        flags: u32,
-    },
-    /// An option reply.
-    Reply {
-        /// The option named.
-        option: OptSel,
-        /// The reply type.
-        reply: RepSel,
-        /// The payload.
-        payload: RepPayload,
-        /// The length field.
-        len: LenFix,
-    },
-    /// The answer to `NBD_OPT_EXPORT_NAME`.
-    ExportName {
-        /// Export size.
-        size: Size,
-        /// Transmission flags.
-        flags: u16,
-        /// With the 124 zero bytes.
-        zeroes: bool,
-    },
-    /// Anything.
-    Raw(Vec<u8>),
-}
-
-impl ServerMsg {
-    fn bytes(&self, current: Option<OptionType>) -> Vec<u8> {
-        let mut v = Vec::new();
-        match self {
-            ServerMsg::Greeting { flags } => {
-                v.extend_from_slice(&NBDMAGIC.to_be_bytes());
-                v.extend_from_slice(&IHAVEOPT.to_be_bytes());
-                v.extend_from_slice(&flags.to_be_bytes());
-            }
-            ServerMsg::Oldstyle { size, flags } => {
-                v.extend_from_slice(&NBDMAGIC.to_be_bytes());
-                v.extend_from_slice(&CLISERV_MAGIC.to_be_bytes());
-                v.extend_from_slice(&size.get().to_be_bytes());
-                v.extend_from_slice(&flags.to_be_bytes());
-                v.extend_from_slice(&[0; ZERO_PAD_LEN]);
-            }
-            ServerMsg::Reply {
-                option,
-                reply,
-                payload,
-                len,
-            } => {
-                let option = match option {
-                    OptSel::Current => current.unwrap_or(OptionType::GO).0,
-                    OptSel::Raw(o) => *o,
-                };
-                let p = payload.bytes();
-                v.extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
-                v.extend_from_slice(&option.to_be_bytes());
-                v.extend_from_slice(&reply.get().0.to_be_bytes());
-                v.extend_from_slice(&(len.apply(p.len() as u64) as u32).to_be_bytes());
-                v.extend_from_slice(&p);
-            }
-            ServerMsg::ExportName { size, flags, zeroes } => {
-                v.extend_from_slice(&size.get().to_be_bytes());
-                v.extend_from_slice(&flags.to_be_bytes());
-                if *zeroes {
-                    v.extend_from_slice(&[0; ZERO_PAD_LEN]);
-                }
-            }
-            ServerMsg::Raw(r) => v.extend_from_slice(r),
-        }
-        v
-    }
-}
-
-/// An option type a client sends.
-#[derive(Debug, Clone, Copy, Arbitrary)]
-pub enum OptKind {
-    /// A known option (index into the `NBD_OPT_*` values 1 to 11).
-    Known(u8),
-    /// Anything.
-    Raw(u32),
-}
-
-/// The data of a client option.
-#[derive(Debug, Clone, Arbitrary)]
-pub enum OptData {
-    /// Nothing.
-    Empty,
-    /// A name (`NBD_OPT_EXPORT_NAME`).
-    Name(Name),
-    /// `NBD_OPT_INFO`/`NBD_OPT_GO` data.
-    InfoRequest {
-        /// Export name.
-        name: Name,
-        /// Information requests.
-        infos: Vec<u16>,
-        /// The name length field.
-        name_len: LenFix,
-        /// The request count field.
-        count: LenFix,
-    },
-    /// Meta-context option data.
-    MetaContext {
-        /// Export name.
-        name: Name,
-        /// Queries.
-        queries: Vec<Query>,
-        /// The query count field.
-        count: LenFix,
-        /// One query length field to corrupt.
-        query_len: LenFix,
-    },
-    /// Anything.
-    Raw(Vec<u8>),
-}
-
-impl OptData {
-    fn bytes(&self) -> Vec<u8> {
-        let mut v = Vec::new();
-        match self {
-            OptData::Empty => {}
-            OptData::Name(n) => v.extend_from_slice(n.get().as_bytes()),
-            OptData::InfoRequest {
-                name,
-                infos,
-                name_len,
-                count,
-            } => {
-                let name = name.get();
-                v.extend_from_slice(&(name_len.apply(name.len() as u64) as u32).to_be_bytes());
-                v.extend_from_slice(name.as_bytes());
-                let infos = &infos[..infos.len().min(8)];
-                v.extend_from_slice(&(count.apply(infos.len() as u64) as u16).to_be_bytes());
-                for i in infos {
-                    v.extend_from_slice(&(i % 6).to_be_bytes());
-                }
-            }
-            OptData::MetaContext {
-                name,
-                queries,
-                count,
-                query_len,
-            } => {
-                let name = name.get();
-                v.extend_from_slice(&(name.len() as u32).to_be_bytes());
-                v.extend_from_slice(name.as_bytes());
-                let queries = &queries[..queries.len().min(8)];
-                v.extend_from_slice(&(count.apply(queries.len() as u64) as u32).to_be_bytes());
-                for (i, q) in queries.iter().enumerate() {
-                    let q = q.wire();
-                    let len = if i == 0 {
-                        query_len.apply(q.len() as u64)
-                    } else {
-                        q.len() as u64
-                    };
-                    v.extend_from_slice(&(len as u32).to_be_bytes());
-                    v.extend_from_slice(&q);
-                }
-            }
-            OptData::Raw(r) => v.extend_from_slice(r),
-        }
-        v
-    }
-}
-
-/// Something a client sends during the handshake.
-#[derive(Debug, Clone, Arbitrary)]
-pub enum ClientMsg {
-    /// Client flags: bit 0 fixed newstyle, bit 1 no zeroes, bit 7 an unknown bit.
-    Flags(u8),
-    /// An option.
-    Option {
-        /// Its type.
-        option: OptKind,
-        /// Its data.
-        data: OptData,
-        /// The length field.
-        len: LenFix,
-        /// Keep the magic (else corrupt it).
-        magic: bool,
-    },
-    /// Anything.
-    Raw(Vec<u8>),
-}
-
-impl ClientMsg {
-    fn bytes(&self) -> Vec<u8> {
-        let mut v = Vec::new();
-        match self {
-            ClientMsg::Flags(f) => {
-                let bits = (f & 3) as u32 | if f & 0x80 != 0 { 1 << 7 } else { 0 };
-                v.extend_from_slice(&bits.to_be_bytes());
-            }
-            ClientMsg::Option {
-                option,
-                data,
-                len,
-                magic,
-            } => {
-                let option = match option {
-                    OptKind::Known(k) => (k % 11) as u32 + 1,
-                    OptKind::Raw(o) => *o,
-                };
-                let d = data.bytes();
-                let m = if *magic { IHAVEOPT } else { IHAVEOPT ^ 1 };
-                v.extend_from_slice(&m.to_be_bytes());
-                v.extend_from_slice(&option.to_be_bytes());
-                v.extend_from_slice(&(len.apply(d.len() as u64) as u32).to_be_bytes());
-                v.extend_from_slice(&d);
-            }
-            ClientMsg::Raw(r) => v.extend_from_slice(r),
-        }
-        v
-    }
-}
-
-/// Which cookie a reply names.
-#[derive(Debug, Clone, Copy, Arbitrary)]
-pub enum CookieSel {
-    /// The `n`th request in flight (by cookie order).
-    Live(u8),
-    /// Anything.
-    Raw(u64),
-}
-
-/// Which context a block-status chunk names.
-#[derive(Debug, Clone, Copy, Arbitrary)]
-pub enum CtxSel {
-    /// The `n`th negotiated context.
-    Nth(u8),
-    /// Anything.
-    Raw(u32),
-}
-
-impl CtxSel {
-    fn get(self, contexts: &[MetaContext]) -> u32 {
-        match self {
-            CtxSel::Nth(n) if !contexts.is_empty() => contexts[n as usize % contexts.len()].id,
-            CtxSel::Nth(n) => n as u32,
-            CtxSel::Raw(v) => v,
-        }
-    }
-}
-
-/// The body of a reply chunk.
-#[derive(Debug, Clone, Arbitrary)]
-pub enum ChunkBody {
-    /// `NBD_REPLY_TYPE_NONE`
-    None,
-    /// `NBD_REPLY_TYPE_OFFSET_DATA` (its data is not on the wire).
-    Data {
-        /// Offset from the request's offset.
-        at: Num,
-        /// Data length.
-        len: Num,
-    },
-    /// `NBD_REPLY_TYPE_OFFSET_HOLE`
-    Hole {
-        /// Offset from the request's offset.
-        at: Num,
-        /// Hole length.
-        len: Num,
-    },
-    /// `NBD_REPLY_TYPE_ERROR`, or `_ERROR_OFFSET` with an offset.
-    Error {
-        /// Error value.
-        code: u32,
-        /// Message.
-        message: Name,
-        /// The message length field.
-        message_len: LenFix,
-        /// The offset (from the request's offset).
-        offset: Option<Num>,
-    },
-    /// `NBD_REPLY_TYPE_BLOCK_STATUS`
-    Status {
-        /// Context.
-        ctx: CtxSel,
-        /// (length, status) descriptors.
-        extents: Vec<(u32, u32)>,
-    },
-    /// `NBD_REPLY_TYPE_BLOCK_STATUS_EXT`
-    StatusExt {
-        /// Context.
-        ctx: CtxSel,
-        /// The count field.
-        count: LenFix,
-        /// (length, status) descriptors.
-        extents: Vec<(u64, u64)>,
-    },
-    /// Another chunk type.
-    Other {
-        /// Chunk type.
-        chunk: u16,
-        /// Payload.
-        payload: Vec<u8>,
-    },
-}
-
-/// A reply a server sends.
-#[derive(Debug, Clone, Arbitrary)]
-pub enum ReplyMsg {
-    /// A simple reply (the data of a READ is not on the wire).
-    Simple {
-        /// Error value.
-        error: u32,
-    },
-    /// A structured or extended chunk, as the mode wants.
-    Chunk {
-        /// `NBD_REPLY_FLAG_DONE`
-        done: bool,
-        /// Other flag bits.
-        flags: u16,
-        /// The offset field of an extended header (default: the request's).
-        offset: Option<u64>,
-        /// The body.
-        body: ChunkBody,
-        /// The length field.
-        len: LenFix,
-    },
-}
-
-impl ReplyMsg {
-    fn bytes(&self, cookie: u64, req: Option<&Request>, neg: &Negotiated) -> Vec<u8> {
-        let (req_offset, req_length) = req.map_or((0, 0), |r| (r.offset, r.length));
-        let block = (neg.constraints().minimum as u64).max(512);
-        let mut v = Vec::new();
-        match self {
-            ReplyMsg::Simple { error } => {
-                v.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-                v.extend_from_slice(&error.to_be_bytes());
-                v.extend_from_slice(&cookie.to_be_bytes());
-            }
-            ReplyMsg::Chunk {
-                done,
-                flags,
-                offset,
-                body,
-                len,
-            } => {
-                let mut p = Vec::new();
-                // The length the payload claims (data is not on the wire).
-                let mut claimed = None;
-                let chunk = match body {
-                    ChunkBody::None => ReplyChunkType::NONE,
-                    ChunkBody::Data { at, len } => {
-                        let len = len.get(req_length, block);
-                        p.extend_from_slice(&req_offset.wrapping_add(at.get(req_length, block)).to_be_bytes());
-                        claimed = Some(len.saturating_add(8));
-                        ReplyChunkType::OFFSET_DATA
-                    }
-                    ChunkBody::Hole { at, len } => {
-                        p.extend_from_slice(&req_offset.wrapping_add(at.get(req_length, block)).to_be_bytes());
-                        p.extend_from_slice(&(len.get(req_length, block) as u32).to_be_bytes());
-                        ReplyChunkType::OFFSET_HOLE
-                    }
-                    ChunkBody::Error {
-                        code,
-                        message,
-                        message_len,
-                        offset,
-                    } => {
-                        let m = message.get();
-                        p.extend_from_slice(&code.to_be_bytes());
-                        p.extend_from_slice(&(message_len.apply(m.len() as u64) as u16).to_be_bytes());
-                        p.extend_from_slice(m.as_bytes());
-                        match offset {
-                            Some(o) => {
-                                p.extend_from_slice(&req_offset.wrapping_add(o.get(req_length, block)).to_be_bytes());
-                                ReplyChunkType::ERROR_OFFSET
-                            }
-                            None => ReplyChunkType::ERROR,
-                        }
-                    }
-                    ChunkBody::Status { ctx, extents } => {
-                        p.extend_from_slice(&ctx.get(&neg.contexts).to_be_bytes());
-                        for (l, s) in extents.iter().take(64) {
-                            p.extend_from_slice(&l.to_be_bytes());
-                            p.extend_from_slice(&s.to_be_bytes());
-                        }
-                        ReplyChunkType::BLOCK_STATUS
-                    }
-                    ChunkBody::StatusExt { ctx, count, extents } => {
-                        let extents = &extents[..extents.len().min(64)];
-                        p.extend_from_slice(&ctx.get(&neg.contexts).to_be_bytes());
-                        p.extend_from_slice(&(count.apply(extents.len() as u64) as u32).to_be_bytes());
-                        for (l, s) in extents {
-                            p.extend_from_slice(&l.to_be_bytes());
-                            p.extend_from_slice(&s.to_be_bytes());
-                        }
-                        ReplyChunkType::BLOCK_STATUS_EXT
-                    }
-                    ChunkBody::Other { chunk, payload } => {
-                        p.extend_from_slice(payload);
-                        ReplyChunkType(*chunk)
-                    }
-                };
-                let length = len.apply(claimed.unwrap_or(p.len() as u64));
-                let flags = (flags & !1) | *done as u16;
-                if neg.mode.extended() {
-                    v.extend_from_slice(&EXTENDED_REPLY_MAGIC.to_be_bytes());
-                    v.extend_from_slice(&flags.to_be_bytes());
-                    v.extend_from_slice(&chunk.0.to_be_bytes());
-                    v.extend_from_slice(&cookie.to_be_bytes());
-                    v.extend_from_slice(&offset.unwrap_or(req_offset).to_be_bytes());
-                    v.extend_from_slice(&length.to_be_bytes());
-                } else {
-                    v.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
-                    v.extend_from_slice(&flags.to_be_bytes());
-                    v.extend_from_slice(&chunk.0.to_be_bytes());
-                    v.extend_from_slice(&cookie.to_be_bytes());
-                    v.extend_from_slice(&(length as u32).to_be_bytes());
-                }
-                v.extend_from_slice(&p);
-            }
-        }
-        v
-    }
-}
-
-/// A step of a client transmission scenario.
-#[derive(Debug, Clone, Arbitrary)]
-pub enum ClientTxAction {
-    /// Issue a request.
-    Request(ReqSpec),
-    /// The server replies.
-    Reply {
-        /// For which request.
-        cookie: CookieSel,
-        /// The reply.
-        reply: ReplyMsg,
-    },
-    /// Cancel an unsent request.
-    Cancel(u8),
-    /// Release held slots.
-    Release,
-    /// The server sends anything.
-    Raw(Vec<u8>),
-}
-
-/// A request a client sends to the server.
-#[derive(Debug, Clone, Arbitrary)]
-pub enum ServerTxAction {
-    /// A request header (a WRITE's data is not on the wire).
-    Request {
-        /// Command (see [`command`]).
-        cmd: u8,
-        /// Command flags.
-        flags: u16,
-        /// Cookie.
-        cookie: u64,
-        /// Offset.
-        offset: Num,
-        /// Length.
-        length: Num,
-        /// Keep the magic (else corrupt it).
-        magic: bool,
-    },
-    /// A BLOCK_STATUS with a payload (`NBD_CMD_FLAG_PAYLOAD_LEN`).
-    StatusPayload {
-        /// Cookie.
-        cookie: u64,
-        /// Offset.
-        offset: Num,
-        /// Effect length.
-        effect: Num,
-        /// Context ids.
-        ids: Vec<CtxSel>,
-        /// The length field.
-        len: LenFix,
-    },
-    /// The driver shuts down.
-    Shutdown,
-    /// The client sends anything.
-    Raw(Vec<u8>),
-}
-
-impl ServerTxAction {
-    fn bytes(&self, neg: &ServerNegotiated) -> Vec<u8> {
-        let block = (neg.constraints().minimum as u64).max(512);
-        let size = neg.size;
-        let header = |flags: u16, cmd: Command, cookie: u64, offset: u64, length: u64, magic: bool| {
-            let mut v = Vec::new();
-            let ext = neg.mode.extended();
-            let m = if ext { EXTENDED_REQUEST_MAGIC } else { REQUEST_MAGIC };
-            v.extend_from_slice(&(if magic { m } else { m ^ 0x100 }).to_be_bytes());
-            v.extend_from_slice(&flags.to_be_bytes());
-            v.extend_from_slice(&cmd.0.to_be_bytes());
-            v.extend_from_slice(&cookie.to_be_bytes());
-            v.extend_from_slice(&offset.to_be_bytes());
-            if ext {
-                v.extend_from_slice(&length.to_be_bytes());
-            } else {
-                v.extend_from_slice(&(length as u32).to_be_bytes());
-            }
-            v
-        };
-        match self {
-            ServerTxAction::Request {
-                cmd,
-                flags,
-                cookie,
-                offset,
-                length,
-                magic,
-            } => header(
-                *flags,
-                command(*cmd),
-                *cookie,
-                offset.get(size, block),
-                length.get(size, block),
-                *magic,
-            ),
-            ServerTxAction::StatusPayload {
-                cookie,
-                offset,
-                effect,
-                ids,
-                len,
-            } => {
-                let ids = &ids[..ids.len().min(70)];
-                let mut p = effect.get(size, block).to_be_bytes().to_vec();
-                for id in ids {
-                    p.extend_from_slice(&id.get(&neg.contexts).to_be_bytes());
-                }
-                let flags = CommandFlags::PAYLOAD_LEN.bits();
-                let mut v = header(
-                    flags,
-                    Command::BLOCK_STATUS,
-                    *cookie,
-                    offset.get(size, block),
-                    len.apply(p.len() as u64),
-                    true,
-                );
-                v.extend_from_slice(&p);
-                v
-            }
-            ServerTxAction::Shutdown => Vec::new(),
-            ServerTxAction::Raw(r) => r.clone(),
-        }
-    }
-}
-
-/// A scenario of the `structured` target.
-#[derive(Debug, Clone, Arbitrary)]
-pub enum Scenario {
-    /// A client handshake against these server messages, then transmission.
-    ClientHandshake {
-        /// The client's configuration.
-        spec: ClientSpec,
-        /// Options to issue in option mode, in turn.
-        options: Vec<UserOpt>,
-        /// What the server sends.
-        script: Vec<ServerMsg>,
-        /// Transmission after a successful handshake.
-        after: Vec<ClientTxAction>,
-        /// Transmission set-up.
-        tx: TxSpec,
-    },
-    /// A server handshake against these client messages, then transmission.
-    ServerHandshake {
-        /// The server's configuration.
-        spec: ServerSpec,
-        /// Answers to lookups, in turn.
-        answers: Vec<Option<ExportSpec>>,
-        /// Answers to `NBD_OPT_LIST`, in turn.
-        lists: Vec<Vec<ListEntry>>,
-        /// What the client sends.
-        script: Vec<ClientMsg>,
-        /// Transmission after a successful handshake.
-        after: Vec<ServerTxAction>,
-        /// Encoder arguments.
-        enc: Vec<EncSpec>,
-    },
-    /// Client transmission.
-    ClientTransmission {
-        /// What was negotiated.
-        neg: NegSpec,
-        /// Set-up.
-        tx: TxSpec,
-        /// Requests and replies.
-        script: Vec<ClientTxAction>,
-    },
-    /// Server transmission.
-    ServerTransmission {
-        /// What was negotiated.
-        neg: ServerNegSpec,
-        /// Encoder arguments.
-        enc: Vec<EncSpec>,
-        /// Requests.
-        script: Vec<ServerTxAction>,
-    },
-}
-
-/// The `structured` target: a [`Scenario`] built with `arbitrary`.
-pub fn structured(data: &[u8]) {
-    let Ok(s) = Scenario::arbitrary_take_rest(Unstructured::new(data)) else {
-        return;
-    };
-    run_scenario(&s);
-}
-
-fn run_client_tx(c: &mut ClientTx, script: &[ClientTxAction]) {
-    for a in script {
-        if c.dead {
-            return;
-        }
-        match a {
-            ClientTxAction::Request(r) => {
-                let minimum = c.neg.constraints().minimum;
-                c.request(r.request(c.neg.size, minimum));
-            }
-            ClientTxAction::Reply { cookie, reply } => {
-                let cookie = match cookie {
-                    CookieSel::Live(n) => {
-                        let live = c.cookies();
-                        if live.is_empty() {
-                            1 << 32
-                        } else {
-                            live[*n as usize % live.len()]
-                        }
-                    }
-                    CookieSel::Raw(v) => *v,
-                };
-                let bytes = reply.bytes(cookie, c.live.get(&cookie).map(|l| &l.req), &c.neg);
-                c.feed(&bytes);
-            }
-            ClientTxAction::Cancel(n) => c.cancel(*n),
-            ClientTxAction::Release => c.release(),
-            ClientTxAction::Raw(r) => c.feed(r),
-        }
-        c.pump();
-    }
-}
-
-fn run_server_tx(s: &mut ServerTx, script: &[ServerTxAction]) {
-    for a in script {
-        if s.st.is_closed() {
-            return;
-        }
-        if let ServerTxAction::Shutdown = a {
-            s.shutdown();
-        }
-        let bytes = a.bytes(&s.neg);
-        s.feed(&bytes);
-        s.pump();
-    }
-}
-
-fn run_scenario(s: &Scenario) {
-    match s {
-        Scenario::ClientHandshake {
-            spec,
-            options,
-            script,
-            after,
-            tx,
-        } => {
-            let mut c = ClientHs::new(spec);
-            let mut options = options.iter();
-            let mut status = c.pump();
-            let mut script = script.iter();
-            loop {
-                match status {
-                    ClientHsStatus::NeedBytes(_) => {
-                        let Some(m) = script.next() else {
-                            return;
-                        };
-                        c.feed(&m.bytes(c.last_option));
-                    }
-                    ClientHsStatus::Negotiating => {
-                        let Some(o) = options.next() else {
-                            return;
-                        };
-                        c.issue(o);
-                    }
-                    ClientHsStatus::Done(n) => {
-                        let mut t = ClientTx::new(&n, *tx);
-                        t.feed(c.wire.rest());
-                        t.pump();
-                        return run_client_tx(&mut t, after);
-                    }
-                    ClientHsStatus::Over => return,
-                }
-                status = c.pump();
-            }
-        }
-        Scenario::ServerHandshake {
-            spec,
-            answers,
-            lists,
-            script,
-            after,
-            enc,
-        } => {
-            let mut s = ServerHs::new(spec);
-            let mut script = script.iter();
-            let (mut lookups, mut listed) = (0, 0);
-            loop {
-                match s.pump() {
-                    ServerHsStatus::NeedBytes(_) => {
-                        let Some(m) = script.next() else {
-                            return;
-                        };
-                        s.feed(&m.bytes());
-                    }
-                    ServerHsStatus::Lookup(name) => {
-                        let answer = match answers.get(lookups % answers.len().max(1)) {
-                            Some(a) => a.clone(),
-                            None => Some(default_export()),
-                        };
-                        lookups += 1;
-                        s.answer_export(&name, answer.as_ref());
-                    }
-                    ServerHsStatus::List => {
-                        let list = lists.get(listed % lists.len().max(1)).cloned().unwrap_or_default();
-                        listed += 1;
-                        s.answer_list(&list);
-                    }
-                    ServerHsStatus::Done(n) => {
-                        let mut t = ServerTx::new(&n, enc.clone());
-                        t.feed(s.wire.rest());
-                        t.pump();
-                        return run_server_tx(&mut t, after);
-                    }
-                    ServerHsStatus::Over => return,
-                }
-            }
-        }
-        Scenario::ClientTransmission { neg, tx, script } => {
-            let mut c = ClientTx::new(&neg.negotiated(), *tx);
-            run_client_tx(&mut c, script);
-        }
-        Scenario::ServerTransmission { neg, enc, script } => {
-            let mut s = ServerTx::new(&neg.negotiated(), enc.clone());
-            run_server_tx(&mut s, script);
-        }
-    }
 }

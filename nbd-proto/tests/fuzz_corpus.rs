@@ -1,8 +1,10 @@
-//! Replays the fuzz seeds (`fuzz/seeds/TARGET/*`, minimised corpora of the
+//! Replays the fuzz seeds (`fuzz/seeds/TARGET/*`: the conversations
+//! `fuzz/examples/gen_seeds.rs` writes and minimised corpora of the
 //! cargo-fuzz targets) through the targets' own driving code
-//! (`fuzz/src/drive.rs`, included here by path), so that every crash the
-//! fuzzers found stays fixed and the invariants they check keep holding.
-//! Needs no libFuzzer: plain `cargo test`.
+//! (`fuzz/src/drive.rs`, included here by path), which drives
+//! `ClientSession` and `ServerSession` as a user's driver does, so that
+//! every crash the fuzzers found stays fixed and the invariants they check
+//! keep holding. Needs no libFuzzer: plain `cargo test`.
 
 #[allow(dead_code)]
 #[path = "../../fuzz/src/drive.rs"]
@@ -41,31 +43,21 @@ fn every_target_has_seeds() {
 }
 
 #[test]
-fn client_handshake() {
-    replay("client_handshake");
+fn client_session() {
+    replay("client_session");
 }
 
 #[test]
-fn server_handshake() {
-    replay("server_handshake");
+fn server_session() {
+    replay("server_session");
 }
 
 #[test]
-fn client_transmission() {
-    replay("client_transmission");
-}
-
-#[test]
-fn server_transmission() {
-    replay("server_transmission");
+fn conversation() {
+    replay("conversation");
 }
 
 #[test]
 fn uri() {
     replay("uri");
-}
-
-#[test]
-fn structured() {
-    replay("structured");
 }

@@ -624,6 +624,9 @@ impl ClientHandshake {
     pub fn opt_go(&mut self, export: Option<&str>) -> Result<(), HandshakeError> {
         self.idle_check(OptionType::GO)?;
         if let Some(name) = export {
+            // Checked before it replaces the configured name: a refused
+            // call changes nothing.
+            check_string_len(name)?;
             self.config.export_name = name.to_owned();
         }
         let name = self.config.export_name.clone();

@@ -144,8 +144,16 @@ impl ClientStartTls<'_> {
         let State::Handshake(hs) = &mut self.session.state else {
             return Err(ClientSessionError::Misuse("no TLS upgrade is pending"));
         };
-        let r = hs.tls_established();
-        self.session.after_handshake_call(r)
+        // TLS is running whatever happens next: an error here (even a
+        // misuse, such as a configured name the machine cannot send) ends
+        // the session.
+        match hs.tls_established() {
+            Ok(()) => {
+                self.session.pump_handshake_output();
+                Ok(())
+            }
+            Err(e) => Err(self.session.fail(e.into())),
+        }
     }
 }
 
@@ -714,15 +722,17 @@ impl ClientSession {
         e
     }
 
-    /// After an option call or the TLS report: queue what the machine
-    /// wants sent.
+    /// After an option call: queue what the machine wants sent. A call
+    /// the machine refuses (the state or its arguments do not allow it)
+    /// changes nothing and is reported as [`ClientSessionError::Misuse`].
     fn after_handshake_call(&mut self, r: Result<(), HandshakeError>) -> Result<(), ClientSessionError> {
         match r {
             Ok(()) => {
                 self.pump_handshake_output();
                 Ok(())
             }
-            Err(e @ HandshakeError::Misuse(_)) => Err(e.into()),
+            // A call the state or its arguments do not allow changes nothing.
+            Err(HandshakeError::Misuse(m)) => Err(ClientSessionError::Misuse(m)),
             Err(e) => Err(self.fail(e.into())),
         }
     }

@@ -1057,7 +1057,10 @@ impl ClientTransmission {
             });
             return Ok(self.complete(slot));
         }
-        if s.command == Command::READ {
+        // The data of a READ follows (none for a READ of length 0, which
+        // completes now: announcing zero bytes would leave the driver
+        // waiting for nothing).
+        if s.command == Command::READ && s.length > 0 {
             let len = s.length;
             self.slots[slot].covered = len;
             self.state = RecvState::Data {
