@@ -44,6 +44,16 @@ impl Mode {
     pub fn extended(self) -> bool {
         matches!(self, Mode::Extended)
     }
+    /// What the flavour means, for logs: "structured replies", ...
+    pub fn description(self) -> &'static str {
+        match self {
+            Mode::Oldstyle => "oldstyle negotiation",
+            Mode::ExportNameOnly => "NBD_OPT_EXPORT_NAME (simple replies)",
+            Mode::Simple => "simple replies",
+            Mode::Structured => "structured replies",
+            Mode::Extended => "extended headers",
+        }
+    }
     /// The protocol name as nbdinfo prints it.
     pub fn protocol_name(self) -> &'static str {
         match self {

@@ -52,6 +52,7 @@ pub struct NbdUri {
 
 /// Why a string is not a valid NBD URI.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum UriError {
     /// The scheme is not one of the NBD schemes.
     #[error("unknown URI scheme {0:?} (expected nbd, nbds, nbd+unix or nbds+unix)")]

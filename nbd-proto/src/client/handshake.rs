@@ -36,27 +36,32 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
 /// What the client asks for during the handshake.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// The export to select (empty for the default export).
+    /// The export to select. Default: empty, the server's default export.
     pub export_name: String,
-    /// TLS policy.
+    /// TLS policy. Default: [`TlsMode::Off`] (an `nbds://` URI asks for
+    /// [`TlsMode::Require`]).
     pub tls: TlsMode,
-    /// Ask for structured replies.
+    /// Ask for structured replies. Default: yes.
     pub structured_replies: bool,
     /// Ask for extended headers (used whenever the server offers them).
+    /// Default: yes.
     pub extended_headers: bool,
     /// Metadata contexts to select with `NBD_OPT_SET_META_CONTEXT`.
+    /// Default: `base:allocation`.
     pub meta_contexts: Vec<String>,
     /// Ask for `NBD_INFO_BLOCK_SIZE` (and so promise to honour it).
+    /// Default: yes.
     pub request_block_size: bool,
     /// Stop in [`HandshakeStep::Negotiating`] and let the caller issue
-    /// options (libnbd's "opt mode").
+    /// options (libnbd's "opt mode"). Default: no.
     pub opt_mode: bool,
     /// Most requests in flight at once in transmission (the size of the
     /// in-flight table a [`ClientSession`](super::ClientSession) allocates
-    /// once; at least 1).
+    /// once; at least 1). Default: [`DEFAULT_MAX_IN_FLIGHT`] (64).
     pub max_in_flight: usize,
     /// Check replies beyond what QEMU and libnbd enforce by default (see
     /// [`ClientTransmission::set_strict`](super::ClientTransmission::set_strict)).
+    /// Default: yes.
     pub strict: bool,
     /// The largest READ or WRITE payload sent when the server sent no block
     /// sizes. Default: the spec's 2^25 (32 MiB), which every server must
@@ -178,6 +183,7 @@ fn fmt_message(m: &str) -> String {
 
 /// A rule of the handshake broken by the server.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum HandshakeViolation {
     /// The first 8 bytes were not `NBDMAGIC`.
     #[error("bad initial magic {0:#018x}, expected NBDMAGIC: not an NBD server")]
@@ -273,6 +279,7 @@ pub enum HandshakeViolation {
 
 /// Why a handshake failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum HandshakeError {
     /// The server broke a rule of the protocol.
     #[error("protocol violation by server: {0}")]

@@ -86,6 +86,7 @@ impl EncodedHeader {
 
 /// Why a request was refused before reaching the wire.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum RequestError {
     /// The export is read-only.
     #[error("{0} refused: the export is read-only")]
@@ -162,6 +163,7 @@ pub enum RequestError {
 /// A rule of transmission broken by the server. Every one of these is
 /// fatal: the connection cannot be trusted after it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ReplyViolation {
     /// A reply magic that is not valid in this mode.
     #[error("bad reply magic {0:#010x}")]

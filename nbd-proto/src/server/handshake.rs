@@ -90,26 +90,27 @@ pub enum TlsPolicy {
 pub struct ServerConfig {
     /// Use oldstyle negotiation (opt-in): the greeting carries the default
     /// export (looked up as `""` in the very first step) and there are no
-    /// options, no TLS and no export names.
+    /// options, no TLS and no export names. Default: no (fixed newstyle).
     pub oldstyle: bool,
-    /// TLS policy.
+    /// TLS policy. Default: [`TlsPolicy::NoTls`].
     pub tls: TlsPolicy,
     /// Answer `NBD_OPT_LIST`; when false it is refused with
-    /// `NBD_REP_ERR_POLICY`.
+    /// `NBD_REP_ERR_POLICY`. Default: yes.
     pub allow_list: bool,
     /// Options accepted per connection before the server closes it.
+    /// Default: [`DEFAULT_MAX_OPTIONS`] (1024).
     pub max_options: u32,
-    /// Advertise `NBD_FLAG_NO_ZEROES`.
+    /// Advertise `NBD_FLAG_NO_ZEROES`. Default: yes.
     pub no_zeroes: bool,
     /// Support `NBD_OPT_INFO` and `NBD_OPT_GO`. When false both are refused
     /// with `NBD_REP_ERR_UNSUP` (as an old server would), clients fall
     /// back to `NBD_OPT_EXPORT_NAME`, and `NBD_OPT_EXTENDED_HEADERS` is
-    /// refused too (the spec ties it to `NBD_OPT_GO`).
+    /// refused too (the spec ties it to `NBD_OPT_GO`). Default: yes.
     pub support_go: bool,
     /// Support `NBD_OPT_STRUCTURED_REPLY` (and the meta-context options,
-    /// which need it or extended headers).
+    /// which need it or extended headers). Default: yes.
     pub structured_replies: bool,
-    /// Support `NBD_OPT_EXTENDED_HEADERS`.
+    /// Support `NBD_OPT_EXTENDED_HEADERS`. Default: yes.
     pub extended_headers: bool,
     /// How long a client may take from connecting to transmission
     /// (`None`: no limit). The session only reports it
@@ -250,6 +251,7 @@ impl ServerNegotiated {
 /// A rule of the handshake broken by the client; the server closes the
 /// connection (a hard disconnect, as the spec allows).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ClientViolation {
     /// Client flags with bits the spec does not define.
     #[error("client flags {0:#010x} contain unknown bits")]
@@ -270,6 +272,7 @@ pub enum ClientViolation {
 
 /// Why the server handshake ended without reaching transmission.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ServerHandshakeError {
     /// The client broke a rule of the protocol.
     #[error("protocol violation by client: {0}")]

@@ -142,6 +142,7 @@ pub enum RequestEvent {
 /// A rule of transmission broken by the client that ends the connection
 /// (a hard disconnect).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum RequestViolation {
     /// A request magic that is not the one of the negotiated header style.
     #[error("bad request magic {0:#010x}")]
@@ -160,6 +161,7 @@ pub enum RequestViolation {
 
 /// Why [`ServerTransmission::handle_bytes`] failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ServerTransmissionError {
     /// The client broke the protocol: close the connection.
     #[error("protocol violation by client: {0}")]
@@ -659,6 +661,7 @@ impl Eq for ReplyHeader {}
 /// A reply the encoder refuses to produce because it would break the
 /// protocol (a driver bug, not a client's).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ReplyError {
     /// A chunk when neither structured replies nor extended headers are in use.
     #[error("structured reply chunks need structured replies or extended headers")]

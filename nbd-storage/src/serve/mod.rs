@@ -181,13 +181,7 @@ pub fn flags_of(caps: &Capabilities) -> TransmissionFlags {
 /// One line about a connection that reached transmission, for logs:
 /// "client negotiated structured replies over TLS, export "x" (N bytes)".
 pub fn describe(negotiated: &ServerNegotiated, export: &Export) -> String {
-    let mode = match negotiated.mode {
-        Mode::Oldstyle => "oldstyle negotiation",
-        Mode::ExportNameOnly => "NBD_OPT_EXPORT_NAME (simple replies)",
-        Mode::Simple => "simple replies",
-        Mode::Structured => "structured replies",
-        Mode::Extended => "extended headers",
-    };
+    let mode = negotiated.mode.description();
     format!(
         "client negotiated {mode}{}, export {:?} ({} bytes)",
         if negotiated.tls { " over TLS" } else { "" },
