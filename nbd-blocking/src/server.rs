@@ -279,7 +279,16 @@ impl Server {
                 conn.input_closed();
                 return Ok(Handshake::Closed);
             }
-            let n = conn.input(input).map_err(invalid_data)?;
+            let n = match conn.input(input) {
+                Ok(n) => n,
+                Err(e) => {
+                    // The replies to the options before the one that ended
+                    // the handshake still go out.
+                    while conn.poll_transmit(&mut out).is_some() {}
+                    let _ = w.write_all(&out).and_then(|()| w.flush());
+                    return Err(invalid_data(e));
+                }
+            };
             r.consume(n);
         }
     }
@@ -332,9 +341,10 @@ impl Server {
                 _ => {}
             }
             if r.buffer().is_empty() {
-                // The client has sent nothing more: answer everything in
-                // flight before waiting for it.
-                while conn.in_flight() > 0 {
+                // The client has sent nothing more: answer everything
+                // storage is working on before waiting for it (a WRITE
+                // whose payload is still coming needs the client first).
+                while conn.executing() > 0 {
                     if !write_replies(writer, waker, w, false)? {
                         std::thread::park_timeout(Duration::from_millis(100));
                     }

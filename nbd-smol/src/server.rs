@@ -382,7 +382,17 @@ impl Server {
                 conn.input_closed();
                 return Ok(Handshake::Closed);
             }
-            let n = conn.input(input).map_err(invalid_data)?;
+            let n = match conn.input(input) {
+                Ok(n) => n,
+                Err(e) => {
+                    // The replies to the options before the one that ended
+                    // the handshake still go out.
+                    while conn.poll_transmit(&mut out).is_some() {}
+                    let _ = w.write_all(&out).await;
+                    let _ = w.flush().await;
+                    return Err(invalid_data(e));
+                }
+            };
             r.consume(n);
         }
     }

@@ -147,6 +147,12 @@ impl Executor {
         }
     }
 
+    /// Requests received whose execution has not started: a WRITE whose
+    /// payload is still arriving, a READ waiting for budget.
+    pub(crate) fn not_started(&self) -> usize {
+        self.write.is_some() as usize + self.parked.is_some() as usize
+    }
+
     /// Whether the executor waits for payload budget (registering `waker`
     /// with it when given).
     pub(crate) fn parked(&mut self, waker: Option<&Waker>) -> bool {

@@ -551,6 +551,15 @@ impl ServeConnection {
         self.shared.lock().in_flight
     }
 
+    /// Requests being executed by storage: in flight, but neither a WRITE
+    /// whose payload is still arriving nor a READ waiting for budget. A
+    /// runtime that answers everything before it waits for the client
+    /// waits for these.
+    pub fn executing(&self) -> usize {
+        let not_started = self.exec.as_ref().map_or(0, Executor::not_started);
+        self.in_flight().saturating_sub(not_started)
+    }
+
     /// Whether transmission started.
     pub fn is_transmitting(&self) -> bool {
         self.exec.is_some()
