@@ -10,10 +10,12 @@
 #   fio                  fio
 #   qemu-img, qemu-nbd,  qemu-utils
 #   qemu-io
+#   openssl              openssl (makes the keys and certificates of the
+#                        TLS key tests, tests/tests/tls_keys.rs)
 set -euo pipefail
 
-commands=(nbdkit nbdinfo nbdcopy nbdsh nbd-server fio qemu-img qemu-nbd qemu-io)
-packages=(nbdkit libnbd-bin nbd-server fio qemu-utils python3-libnbd)
+commands=(nbdkit nbdinfo nbdcopy nbdsh nbd-server fio qemu-img qemu-nbd qemu-io openssl)
+packages=(nbdkit libnbd-bin nbd-server fio qemu-utils python3-libnbd openssl)
 
 # Prints each command that is missing (or, for nbdsh, does not work).
 missing_commands() {

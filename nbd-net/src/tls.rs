@@ -15,17 +15,46 @@
 //!   `tls-creds-x509,dir=DIR` take it: `server-cert.pem`,
 //!   `server-key.pem` and `ca-cert.pem`. See [`ServerTlsOptions`].
 //!
-//! The server's certificate is checked against the CA and, when a name is
-//! known (the URI's host or its `tls-hostname`), against that name. Over a
-//! Unix socket without `tls-hostname` there is no name to check, so only
-//! the chain is verified: a middle way between libnbd 1.14, which checks
-//! nothing there, and QEMU 10, which refuses to connect ("No hostname for
-//! certificate validation"). `tls-verify-peer=0` turns the check off
-//! altogether.
+//! # Keys
 //!
-//! The crypto provider is rustls' `ring` one (TLS 1.2 and 1.3, as the NBD
-//! spec asks: "MUST support TLS version 1.2, SHOULD support any later
-//! versions"). Private keys may be PKCS#8, PKCS#1 (RSA) or SEC1 (EC) PEM.
+//! The crypto provider is rustls' `aws-lc-rs` one (TLS 1.2 and 1.3, as the
+//! NBD spec asks: "MUST support TLS version 1.2, SHOULD support any later
+//! versions"). It takes the keys GnuTLS-based peers (nbd-server, nbdkit,
+//! qemu-nbd, libnbd) are set up with: RSA of any size from 2048 to 8192
+//! bits (such as the 2432-bit key of the reference NBD test suite, which
+//! rustls' `ring` provider refuses), ECDSA on P-256, P-384 and P-521, and
+//! Ed25519. A key file is PEM: PKCS#8 (`BEGIN PRIVATE KEY`), PKCS#1
+//! (`BEGIN RSA PRIVATE KEY`) or SEC1 (`BEGIN EC PRIVATE KEY`, with or
+//! without the `EC PARAMETERS` block `openssl ecparam -genkey` writes
+//! before it). Encrypted keys, RSA keys under 2048 bits, DSA and Ed448
+//! keys are refused with an error naming the file.
+//!
+//! # Checking the server's name
+//!
+//! The server's certificate must chain to the CA (webpki, strict: validity
+//! dates, basic constraints, the TLS server extended key usage) and, when
+//! a name is known (the URI's host or its `tls-hostname`), be valid for
+//! that name. The name is matched against the certificate's
+//! subjectAltName DNS names and IP addresses. A certificate with no DNS or
+//! IP entry there (as `certtool` makes from a template with only
+//! `cn = HOST`, like the reference NBD test suite's) is checked against its
+//! single subject common name instead, as RFC 6125 (section 6.4.4) and
+//! GnuTLS do: the CN is compared to the name without regard to case, a
+//! `*.` wildcard standing for exactly one leftmost label, and an IP
+//! address compared as an address. A certificate with several common names
+//! is refused then.
+//!
+//! Over a Unix socket without `tls-hostname` there is no name to check, so
+//! only the chain is verified: a middle way between libnbd 1.14, which
+//! checks nothing there, and QEMU 10, which refuses to connect ("No
+//! hostname for certificate validation"). `tls-verify-peer=0` turns the
+//! check off altogether.
+//!
+//! # Not supported
+//!
+//! TLS-PSK (nbdkit's `--tls-psk`, libnbd's `tls-psk-file`) and anonymous
+//! TLS: rustls implements neither external pre-shared keys nor anonymous
+//! key exchange, so `tls-type=psk` is refused with a clear error.
 
 use std::fmt;
 use std::io;
@@ -35,13 +64,18 @@ use std::sync::{Arc, Mutex};
 
 use nbd_proto::client::TlsMode;
 use nbd_proto::uri::{NbdUri, Transport};
-use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{verify_server_cert_signed_by_trust_anchor, verify_server_name};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::server::WebPkiClientVerifier;
-use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, OtherError, RootCertStore, SignatureScheme};
+use x509_cert::Certificate;
+use x509_cert::der::asn1::ObjectIdentifier;
+use x509_cert::der::{Decode, Tag, Tagged};
+use x509_cert::ext::pkix::SubjectAltName;
+use x509_cert::ext::pkix::name::GeneralName;
 
 pub use rustls;
 
@@ -82,6 +116,26 @@ pub enum TlsError {
     /// A key file holds no private key.
     #[error("{}: no private key in the file", .0.display())]
     NoPrivateKey(PathBuf),
+    /// A key file holds a private key the crypto provider cannot use
+    /// (encrypted, or of an unsupported type or size).
+    #[error("{}: {message}", path.display())]
+    UnusableKey {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with the key.
+        message: String,
+    },
+    /// A certificate and its key do not go together (or rustls refused the
+    /// pair for another reason).
+    #[error("{} with {}: {error}", cert.display(), key.display())]
+    CertKey {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+        /// rustls' reason.
+        error: rustls::Error,
+    },
     /// No CA certificate to verify the peer against was found.
     #[error("no CA certificate to verify the server against: {0}")]
     NoTrustAnchors(String),
@@ -89,7 +143,9 @@ pub enum TlsError {
     #[error("a TLS certificate needs its key and a key its certificate ({0})")]
     CertWithoutKey(String),
     /// The URI asks for a kind of TLS authentication rustls cannot do.
-    #[error("tls-type={0} is not supported (only X.509 certificates are)")]
+    #[error(
+        "tls-type={0} is not supported: only X.509 certificates are (rustls has neither TLS-PSK nor anonymous TLS)"
+    )]
     UnsupportedType(String),
     /// The name to check the server's certificate for is not a valid DNS
     /// name or IP address.
@@ -104,9 +160,11 @@ pub enum TlsError {
     Verifier(String),
 }
 
-/// The crypto provider used throughout: rustls' `ring` provider.
+/// The crypto provider used throughout: rustls' `aws-lc-rs` provider,
+/// which signs with RSA keys of 2048 to 8192 bits (any size, not only
+/// multiples of 512), ECDSA P-256, P-384 and P-521 keys and Ed25519 keys.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 fn pem_error(path: &Path, e: rustls::pki_types::pem::Error) -> TlsError {
@@ -131,11 +189,49 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
     Ok(certs)
 }
 
-/// Reads the first private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
+/// Reads the first private key of a PEM file (PKCS#8, PKCS#1 or SEC1) and
+/// checks that the crypto provider can sign with it, so that an unusable
+/// key is reported with its file's name.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| match e {
-        rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoPrivateKey(path.to_owned()),
-        e => pem_error(path, e),
+    let unusable = |message: String| TlsError::UnusableKey {
+        path: path.to_owned(),
+        message,
+    };
+    let key = match PrivateKeyDer::from_pem_file(path) {
+        Ok(key) => key,
+        Err(rustls::pki_types::pem::Error::NoItemsFound) => {
+            // Say why when the file has a key of a kind rustls skips.
+            return Err(if pem_has_section(path, "ENCRYPTED PRIVATE KEY") {
+                unusable(
+                    "the private key is encrypted; decrypt it first (e.g. `openssl pkey -in KEY -out PLAIN`)".into(),
+                )
+            } else if pem_has_section(path, "DSA PRIVATE KEY") {
+                unusable("DSA keys are not supported (use RSA, ECDSA or Ed25519)".into())
+            } else {
+                TlsError::NoPrivateKey(path.to_owned())
+            });
+        }
+        Err(e) => return Err(pem_error(path, e)),
+    };
+    if let Err(e) = provider().key_provider.load_private_key(key.clone_key()) {
+        return Err(unusable(format!(
+            "unusable {} private key ({e}); supported are RSA keys of 2048 to 8192 bits, \
+             ECDSA keys on P-256, P-384 or P-521, and Ed25519 keys",
+            match &key {
+                PrivateKeyDer::Pkcs1(_) => "PKCS#1",
+                PrivateKeyDer::Sec1(_) => "SEC1",
+                _ => "PKCS#8",
+            }
+        )));
+    }
+    Ok(key)
+}
+
+/// Whether a PEM file has a section with this label (`-----BEGIN LABEL-----`).
+fn pem_has_section(path: &Path, label: &str) -> bool {
+    std::fs::read(path).is_ok_and(|pem| {
+        let begin = format!("-----BEGIN {label}-----");
+        pem.windows(begin.len()).any(|w| w == begin.as_bytes())
     })
 }
 
@@ -264,11 +360,14 @@ impl ClientTlsOptions {
                 Some(ca) => load_roots(ca)?,
                 None => system_roots()?,
             };
-            let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .build()
-                .map_err(|e| TlsError::Verifier(e.to_string()))?;
+            if roots.is_empty() {
+                return Err(TlsError::NoTrustAnchors(
+                    "the CA file holds no usable certificate".into(),
+                ));
+            }
             Arc::new(NbdServerVerifier {
-                inner: webpki,
+                roots: Arc::new(roots),
+                provider: provider.clone(),
                 check_name: self.hostname.is_some(),
             })
         } else {
@@ -280,7 +379,9 @@ impl ClientTlsOptions {
             None => (PathBuf::new(), PathBuf::new()),
         };
         let config = if dir.is_some() && cert.is_file() && key.is_file() {
-            builder.with_client_auth_cert(load_certs(&cert)?, load_key(&key)?)?
+            builder
+                .with_client_auth_cert(load_certs(&cert)?, load_key(&key)?)
+                .map_err(|error| TlsError::CertKey { cert, key, error })?
         } else {
             builder.with_no_client_auth()
         };
@@ -404,11 +505,15 @@ impl LazyClientTls {
     }
 }
 
-/// webpki verification of the server, with the name check skipped when no
-/// name is known (a Unix socket without `tls-hostname`).
+/// The server's certificate check: the chain by webpki, then the name,
+/// by webpki against the subjectAltName and, for a certificate without
+/// DNS or IP entries there, against its common name ([`common_name_check`]).
+/// The name check is skipped when no name is known (a Unix socket without
+/// `tls-hostname`).
 #[derive(Debug)]
 struct NbdServerVerifier {
-    inner: Arc<WebPkiServerVerifier>,
+    roots: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
     check_name: bool,
 }
 
@@ -418,19 +523,32 @@ impl ServerCertVerifier for NbdServerVerifier {
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
+        _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .inner
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
-            // webpki checks the name last, after the chain: a name
-            // mismatch means everything else was fine.
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) if !self.check_name => Ok(ServerCertVerified::assertion()),
-            r => r,
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        if !self.check_name {
+            return Ok(ServerCertVerified::assertion());
+        }
+        match verify_server_name(&cert, server_name) {
+            Ok(()) => Ok(ServerCertVerified::assertion()),
+            Err(
+                e @ rustls::Error::InvalidCertificate(
+                    CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+                ),
+            ) => match common_name_check(end_entity, server_name) {
+                CommonName::NotApplicable => Err(e),
+                CommonName::Matches => Ok(ServerCertVerified::assertion()),
+                CommonName::Refused(e) => Err(e),
+            },
+            Err(e) => Err(e),
         }
     }
 
@@ -440,7 +558,7 @@ impl ServerCertVerifier for NbdServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -449,13 +567,164 @@ impl ServerCertVerifier for NbdServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
+
+/// The outcome of [`common_name_check`].
+#[derive(Debug)]
+enum CommonName {
+    /// The certificate names DNS names or IP addresses in its
+    /// subjectAltName (or cannot be read): those alone count, and webpki
+    /// has found none of them to match.
+    NotApplicable,
+    /// The certificate has no subjectAltName DNS or IP entry and its one
+    /// common name matches the name.
+    Matches,
+    /// The certificate has no subjectAltName DNS or IP entry and its
+    /// common name does not match (or it has none, or several).
+    Refused(rustls::Error),
+}
+
+/// `id-at-commonName` (2.5.4.3).
+const COMMON_NAME: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.4.3");
+
+/// The name check of a certificate without subjectAltName DNS or IP
+/// entries, as RFC 6125 (6.4.4) allows and GnuTLS does: the subject's
+/// common name, which must be the only one, is matched against the name
+/// ([`common_name_matches`]). Called only for a certificate webpki has
+/// verified up to its name.
+fn common_name_check(end_entity: &CertificateDer<'_>, server_name: &ServerName<'_>) -> CommonName {
+    // A certificate webpki took but x509-cert cannot read gets no leniency.
+    let Ok(cert) = Certificate::from_der(end_entity.as_ref()) else {
+        return CommonName::NotApplicable;
+    };
+    let tbs = cert.tbs_certificate();
+    match tbs.get_extension::<SubjectAltName>() {
+        Ok(None) => {}
+        Ok(Some((_, san))) => {
+            let names_hosts = san
+                .0
+                .iter()
+                .any(|n| matches!(n, GeneralName::DnsName(_) | GeneralName::IpAddress(_)));
+            if names_hosts {
+                return CommonName::NotApplicable;
+            }
+        }
+        // Malformed or repeated: not a certificate to be lenient with.
+        Err(_) => return CommonName::NotApplicable,
+    }
+    let cns: Vec<_> = tbs
+        .subject()
+        .as_ref()
+        .iter()
+        .flat_map(|rdn| rdn.iter())
+        .filter(|atv| atv.oid == COMMON_NAME)
+        .collect();
+    let refused = |why: String| {
+        CommonName::Refused(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(
+            Arc::new(NameCheckError(why)),
+        ))))
+    };
+    let expected = server_name.to_str();
+    let cn = match cns.as_slice() {
+        [] => {
+            return refused(format!(
+                "certificate not valid for name {expected:?}: it names no host (no subjectAltName DNS name or IP address, no common name)"
+            ));
+        }
+        [one] => one,
+        _ => {
+            return refused(format!(
+                "certificate not valid for name {expected:?}: it has no subjectAltName DNS name or IP address and {} common names, where RFC 6125 wants exactly one",
+                cns.len()
+            ));
+        }
+    };
+    let Some(cn) = directory_string(cn.value.tag(), cn.value.value()) else {
+        return refused(format!(
+            "certificate not valid for name {expected:?}: it has no subjectAltName DNS name or IP address and its common name is not a readable string"
+        ));
+    };
+    if common_name_matches(&cn, server_name) {
+        CommonName::Matches
+    } else {
+        CommonName::Refused(rustls::Error::InvalidCertificate(
+            CertificateError::NotValidForNameContext {
+                expected: server_name.to_owned(),
+                presented: vec![format!(
+                    "the common name {cn:?} (it has no subjectAltName DNS name or IP address)"
+                )],
+            },
+        ))
+    }
+}
+
+/// The text of an X.520 DirectoryString (or IA5String) attribute value;
+/// `None` for other types or text that is not valid in its encoding.
+fn directory_string(tag: Tag, bytes: &[u8]) -> Option<String> {
+    match tag {
+        Tag::Utf8String | Tag::PrintableString | Tag::Ia5String | Tag::VisibleString | Tag::TeletexString => {
+            std::str::from_utf8(bytes).ok().map(str::to_owned)
+        }
+        Tag::BmpString => {
+            if bytes.len() % 2 != 0 {
+                return None;
+            }
+            let units = bytes.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]]));
+            char::decode_utf16(units).collect::<Result<String, _>>().ok()
+        }
+        _ => None,
+    }
+}
+
+/// Whether a certificate's common name names the server: for a DNS name,
+/// equal without regard to ASCII case (a trailing dot ignored), or
+/// `*.REST` where the name is one label followed by `.REST` and `REST`
+/// has at least two labels; for an IP address, the same address.
+fn common_name_matches(cn: &str, server_name: &ServerName<'_>) -> bool {
+    if !cn.is_ascii() || cn.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+        return false;
+    }
+    match server_name {
+        ServerName::DnsName(name) => {
+            let name = name.as_ref();
+            let name = name.strip_suffix('.').unwrap_or(name);
+            let cn = cn.strip_suffix('.').unwrap_or(cn);
+            if cn.eq_ignore_ascii_case(name) {
+                return !cn.contains('*');
+            }
+            let Some(rest) = cn.strip_prefix("*.") else {
+                return false;
+            };
+            if rest.contains('*') || !rest.contains('.') || rest.split('.').any(str::is_empty) {
+                return false;
+            }
+            match name.split_once('.') {
+                Some((label, name_rest)) => !label.is_empty() && name_rest.eq_ignore_ascii_case(rest),
+                None => false,
+            }
+        }
+        ServerName::IpAddress(ip) => cn.parse::<IpAddr>().is_ok_and(|a| a == IpAddr::from(*ip)),
+        _ => false,
+    }
+}
+
+/// Why a certificate's common name could not stand for its host name.
+#[derive(Debug)]
+struct NameCheckError(String);
+
+impl fmt::Display for NameCheckError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NameCheckError {}
 
 /// `tls-verify-peer=0`: any certificate is accepted (the handshake's
 /// signatures are still checked, so the connection is encrypted to whoever
@@ -550,7 +819,13 @@ impl ServerTlsOptions {
             }
             None => builder.with_no_client_auth(),
         };
-        let config = builder.with_single_cert(load_certs(&self.cert)?, load_key(&self.key)?)?;
+        let config = builder
+            .with_single_cert(load_certs(&self.cert)?, load_key(&self.key)?)
+            .map_err(|error| TlsError::CertKey {
+                cert: self.cert.clone(),
+                key: self.key.clone(),
+                error,
+            })?;
         Ok(Arc::new(config))
     }
 }
@@ -669,5 +944,288 @@ mod tests {
         };
         let tls = o.build().unwrap();
         assert!(tls.connection().is_ok());
+    }
+
+    // -----------------------------------------------------------------
+    // Keys and certificates made by OpenSSL (testdata/make.sh)
+    // -----------------------------------------------------------------
+
+    fn testdata(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata").join(name)
+    }
+
+    /// A scratch directory, removed when dropped.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new() -> Scratch {
+            use std::sync::atomic::{AtomicU32, Ordering};
+            static NEXT: AtomicU32 = AtomicU32::new(0);
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let dir = std::env::temp_dir().join(format!("nbd-net-tls-{}-{n}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+
+        /// Copies a test file into the directory under another name.
+        fn put(&self, name: &str, from: &str) {
+            std::fs::copy(testdata(from), self.0.join(name)).unwrap();
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Moves what `from` has to send into `to`.
+    fn transfer(from: &mut rustls::Connection, to: &mut rustls::Connection) -> Result<(), rustls::Error> {
+        let mut buf = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut buf).unwrap();
+        }
+        let mut rest = &buf[..];
+        while !rest.is_empty() {
+            to.read_tls(&mut rest).unwrap();
+            to.process_new_packets()?;
+        }
+        Ok(())
+    }
+
+    /// A TLS handshake between a client and a server in memory, then a
+    /// message each way; the first error either side has.
+    fn handshake(client: &ClientTls, server: Arc<rustls::ServerConfig>) -> Result<(), rustls::Error> {
+        use std::io::{Read, Write};
+        let mut c = rustls::Connection::Client(client.connection().unwrap());
+        let mut s = rustls::Connection::Server(rustls::ServerConnection::new(server)?);
+        for _ in 0..10 {
+            transfer(&mut c, &mut s)?;
+            transfer(&mut s, &mut c)?;
+            if !c.is_handshaking() && !s.is_handshaking() {
+                break;
+            }
+        }
+        assert!(
+            !c.is_handshaking() && !s.is_handshaking(),
+            "the handshake did not finish"
+        );
+        c.writer().write_all(b"NBDMAGIC").unwrap();
+        transfer(&mut c, &mut s)?;
+        let mut got = [0; 8];
+        s.reader().read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"NBDMAGIC");
+        s.writer().write_all(b"IHAVEOPT").unwrap();
+        transfer(&mut s, &mut c)?;
+        c.reader().read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"IHAVEOPT");
+        Ok(())
+    }
+
+    fn client(dir: &Path, hostname: Option<&str>) -> ClientTls {
+        ClientTlsOptions {
+            certificates: Some(dir.to_owned()),
+            hostname: hostname.map(str::to_owned),
+            verify_peer: true,
+        }
+        .build()
+        .unwrap()
+    }
+
+    /// Every key type and PEM flavour GnuTLS peers are set up with loads,
+    /// in a server and as a client's certificate, and signs handshakes
+    /// both peers verify, over TLS 1.3 and 1.2.
+    #[test]
+    fn every_key_type_and_pem_flavour_loads_and_handshakes() {
+        let keys: &[(&str, &[&str])] = &[
+            ("rsa2048", &["pkcs1", "pkcs8"]),
+            ("rsa2432", &["pkcs1", "pkcs8"]),
+            ("rsa3072", &["pkcs1", "pkcs8"]),
+            ("rsa4096", &["pkcs1", "pkcs8"]),
+            ("p256", &["sec1", "pkcs8"]),
+            ("p384", &["sec1", "pkcs8"]),
+            ("p521", &["sec1", "pkcs8"]),
+            ("ed25519", &["pkcs8"]),
+        ];
+        for (kind, flavours) in keys {
+            for flavour in *flavours {
+                let what = format!("{kind}-{flavour}");
+                let key_file = format!("{what}.pem");
+                let key = load_key(&testdata(&key_file)).unwrap_or_else(|e| panic!("{e}"));
+                let expected = match *flavour {
+                    "pkcs1" => matches!(key, PrivateKeyDer::Pkcs1(_)),
+                    "sec1" => matches!(key, PrivateKeyDer::Sec1(_)),
+                    _ => matches!(key, PrivateKeyDer::Pkcs8(_)),
+                };
+                assert!(expected, "{what}: read as the wrong flavour");
+
+                // The same certificate and key for the server and the
+                // client; the server asks for the client's certificate.
+                let dir = Scratch::new();
+                dir.put(CA_CERT, "ca-cert.pem");
+                let cert_file = format!("{kind}-cert.pem");
+                for (cert, key) in [(SERVER_CERT, SERVER_KEY), (CLIENT_CERT, CLIENT_KEY)] {
+                    dir.put(cert, &cert_file);
+                    dir.put(key, &key_file);
+                }
+                let server = ServerTlsOptions::from_dir(&dir.0, true)
+                    .build()
+                    .unwrap_or_else(|e| panic!("{what}: server: {e}"));
+                let tls = client(&dir.0, Some("localhost"));
+                handshake(&tls, server).unwrap_or_else(|e| panic!("{what}: TLS 1.3 handshake: {e}"));
+
+                // TLS 1.2 signs differently (PKCS#1 v1.5 RSA signatures).
+                let tls12 = rustls::ServerConfig::builder_with_provider(provider())
+                    .with_protocol_versions(&[&rustls::version::TLS12])
+                    .unwrap()
+                    .with_no_client_auth()
+                    .with_single_cert(load_certs(&dir.0.join(SERVER_CERT)).unwrap(), key)
+                    .unwrap();
+                handshake(&tls, Arc::new(tls12)).unwrap_or_else(|e| panic!("{what}: TLS 1.2 handshake: {e}"));
+            }
+        }
+    }
+
+    #[test]
+    fn unusable_keys_are_refused_with_the_reason_and_file() {
+        for (file, says) in [
+            ("rsa1024-pkcs8.pem", "2048 to 8192 bits"),
+            ("ed448-pkcs8.pem", "Ed25519"),
+            ("encrypted-pkcs8.pem", "encrypted"),
+            ("dsa-traditional.pem", "DSA keys are not supported"),
+        ] {
+            let e = load_key(&testdata(file)).unwrap_err();
+            assert!(matches!(e, TlsError::UnusableKey { .. }), "{file}: {e:?}");
+            let e = e.to_string();
+            assert!(e.contains(file) && e.contains(says), "{file}: {e}");
+        }
+        // A certificate with another key's private key.
+        let e = ServerTlsOptions {
+            cert: testdata("rsa2048-cert.pem"),
+            key: testdata("p256-pkcs8.pem"),
+            client_ca: None,
+        }
+        .build()
+        .unwrap_err();
+        assert!(matches!(e, TlsError::CertKey { .. }), "{e:?}");
+        let e = e.to_string();
+        assert!(e.contains("rsa2048-cert.pem") && e.contains("p256-pkcs8.pem"), "{e}");
+    }
+
+    /// A server with `cert` (and the key of p256-cert.pem) for a client
+    /// trusting `ca` and checking `hostname`: the handshake's outcome.
+    fn name_check(cert: &str, ca: &str, hostname: Option<&str>) -> Result<(), String> {
+        let dir = Scratch::new();
+        dir.put(CA_CERT, ca);
+        dir.put(SERVER_CERT, cert);
+        dir.put(SERVER_KEY, "p256-pkcs8.pem");
+        let server = ServerTlsOptions::from_dir(&dir.0, false).build().unwrap();
+        handshake(&client(&dir.0, hostname), server).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn common_name_stands_for_the_host_only_without_subject_alt_names() {
+        let ok = |cert: &str, host: &str| {
+            name_check(cert, "ca-cert.pem", Some(host)).unwrap_or_else(|e| panic!("{cert} for {host}: {e}"))
+        };
+        let refused = |cert: &str, host: &str| {
+            name_check(cert, "ca-cert.pem", Some(host))
+                .err()
+                .unwrap_or_else(|| panic!("{cert} accepted for {host}"))
+        };
+
+        // CN=localhost and no subjectAltName, as certtool makes them.
+        ok("cn-only-cert.pem", "localhost");
+        ok("cn-only-cert.pem", "LocalHost");
+        let e = refused("cn-only-cert.pem", "other.example.test");
+        assert!(
+            e.contains("not valid for name") && e.contains("common name \"localhost\""),
+            "{e}"
+        );
+        // Over a Unix socket without tls-hostname no name is checked.
+        name_check("cn-only-cert.pem", "ca-cert.pem", None).unwrap();
+        // The chain is checked as strictly as ever.
+        let e = name_check("cn-only-cert.pem", "other-ca-cert.pem", Some("localhost")).unwrap_err();
+        assert!(e.contains("UnknownIssuer"), "{e}");
+
+        // A wildcard CN stands for one leftmost label.
+        ok("cn-wildcard-cert.pem", "nbd.example.test");
+        refused("cn-wildcard-cert.pem", "example.test");
+        refused("cn-wildcard-cert.pem", "a.b.example.test");
+        // An IP address CN for an IP address.
+        ok("cn-ip-cert.pem", "127.0.0.1");
+        refused("cn-ip-cert.pem", "127.0.0.2");
+        refused("cn-ip-cert.pem", "localhost");
+        // Two CNs: RFC 6125 wants exactly one.
+        let e = refused("cn-two-cert.pem", "localhost");
+        assert!(e.contains("2 common names"), "{e}");
+        // No CN at all.
+        let e = refused("no-name-cert.pem", "localhost");
+        assert!(e.contains("names no host"), "{e}");
+        // A subjectAltName without DNS or IP entries leaves the CN in use.
+        ok("san-email-cert.pem", "localhost");
+        // One with an IP address alone: that is the only name; the CN
+        // "localhost" does not count.
+        ok("san-ip-cert.pem", "127.0.0.2");
+        let e = refused("san-ip-cert.pem", "localhost");
+        assert!(e.contains("127.0.0.2") && !e.contains("common name"), "{e}");
+        // The usual certificate, DNS:localhost and IP:127.0.0.1: its CN
+        // (also localhost) never matters.
+        ok("p256-cert.pem", "localhost");
+        ok("p256-cert.pem", "127.0.0.1");
+        let e = refused("p256-cert.pem", "other.example.test");
+        assert!(e.contains("not valid for name") && !e.contains("common name"), "{e}");
+    }
+
+    #[test]
+    fn common_name_matching_rules() {
+        let dns = |s: &str| ServerName::try_from(s.to_owned()).unwrap();
+        let yes = [
+            ("localhost", "localhost"),
+            ("LOCALHOST", "localhost"),
+            ("server.foo.example.com", "Server.Foo.Example.Com"),
+            ("localhost.", "localhost"),
+            ("localhost", "localhost."),
+            ("*.example.com", "nbd.example.com"),
+            ("*.EXAMPLE.com", "nbd.example.COM"),
+            ("127.0.0.1", "127.0.0.1"),
+            ("::1", "::1"),
+            ("0:0:0:0:0:0:0:1", "::1"),
+        ];
+        for (cn, name) in yes {
+            assert!(common_name_matches(cn, &dns(name)), "{cn} vs {name}");
+        }
+        let no = [
+            ("localhost", "localhost2"),
+            ("", "localhost"),
+            ("*.example.com", "example.com"),
+            ("*.example.com", "a.b.example.com"),
+            ("*.com", "example.com"),
+            ("*", "localhost"),
+            ("nbd*.example.com", "nbd1.example.com"),
+            ("*.*.example.com", "a.b.example.com"),
+            ("*.example..com", "a.example..com"),
+            ("local host", "localhost"),
+            ("localhost\0.evil", "localhost"),
+            ("lоcalhost", "localhost"), // a Cyrillic o
+            ("127.0.0.1", "127.0.0.2"),
+            ("localhost", "127.0.0.1"),
+            ("*.0.0.1", "127.0.0.1"),
+            ("127.0.0.1", "::ffff:127.0.0.1"),
+        ];
+        for (cn, name) in no {
+            let name = ServerName::try_from(name.to_owned());
+            if let Ok(name) = name {
+                assert!(!common_name_matches(cn, &name), "{cn:?} vs {name:?}");
+            }
+        }
+        assert_eq!(
+            directory_string(Tag::BmpString, &[0, b'l', 0, b'o']).as_deref(),
+            Some("lo")
+        );
+        assert_eq!(directory_string(Tag::BmpString, &[0, b'l', 0]), None);
+        assert_eq!(directory_string(Tag::Utf8String, &[0xff]), None);
+        assert_eq!(directory_string(Tag::OctetString, b"localhost"), None);
     }
 }
