@@ -50,6 +50,7 @@ use std::io;
 pub use nbd_proto::wire::{AllocationFlags, BlockSizeConstraints};
 
 mod file;
+pub mod image;
 mod memory;
 pub mod serve;
 
@@ -130,6 +131,18 @@ impl Extent {
             flags: AllocationFlags::HOLE.union(AllocationFlags::ZERO),
         }
     }
+}
+
+/// One run of bytes with the same status in some metadata context, as
+/// reported by [`Storage::context_status`]: the 32-bit status value is the
+/// context's own (for `qemu:allocation-depth` the depth, for
+/// `qemu:dirty-bitmap:NAME` 1 for dirty).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusExtent {
+    /// Length of the run in bytes (never zero).
+    pub length: u64,
+    /// The status of the run.
+    pub status: u32,
 }
 
 /// The storage behind one NBD export.
@@ -213,6 +226,32 @@ pub trait Storage: Send + Sync {
         let length = clamp_status_range(self.size(), offset, length)?;
         out.push(Extent::data(length));
         Ok(())
+    }
+
+    /// The metadata contexts this export offers, by full name
+    /// (`base:allocation`, `qemu:allocation-depth`,
+    /// `qemu:dirty-bitmap:NAME`, ...). The servers offer exactly these in
+    /// `NBD_OPT_SET_META_CONTEXT`/`LIST_META_CONTEXT`, and answer
+    /// `NBD_CMD_BLOCK_STATUS` for each selected one:
+    /// `base:allocation` through [`Storage::block_status`], every other
+    /// context through [`Storage::context_status`].
+    ///
+    /// The default offers `base:allocation` only.
+    fn meta_contexts(&self) -> Vec<String> {
+        vec![nbd_proto::wire::CONTEXT_BASE_ALLOCATION.to_string()]
+    }
+
+    /// Appends to `out` the status of the range starting at `offset` in the
+    /// metadata context `context` (one of [`Storage::meta_contexts`]), with
+    /// the same rules as [`Storage::block_status`]: at least one byte and at
+    /// most `length` bytes (clamped to the end of the export), adjacent
+    /// runs with different statuses.
+    ///
+    /// The default answers `base:allocation` from
+    /// [`Storage::block_status`] and refuses every other context with
+    /// `EINVAL` (see [`default_context_status`]).
+    fn context_status(&self, context: &str, offset: u64, length: u64, out: &mut Vec<StatusExtent>) -> io::Result<()> {
+        default_context_status(self, context, offset, length, out)
     }
 
     /// The extent that starts at `offset`, as far as the backend can tell
@@ -310,6 +349,29 @@ pub trait AsyncStorage: Send + Sync {
             Err(e) => done.complete_status(&[], Err(e)),
         }
     }
+}
+
+/// What [`Storage::context_status`] does by default: `base:allocation`
+/// from [`Storage::block_status`] (its flags as the status), `EINVAL` for
+/// any other context.
+pub fn default_context_status<S: Storage + ?Sized>(
+    storage: &S,
+    context: &str,
+    offset: u64,
+    length: u64,
+    out: &mut Vec<StatusExtent>,
+) -> io::Result<()> {
+    if context != nbd_proto::wire::CONTEXT_BASE_ALLOCATION {
+        // Not offered by this export.
+        return Err(errno_error(libc::EINVAL));
+    }
+    let mut extents = Vec::new();
+    storage.block_status(offset, length, &mut extents)?;
+    out.extend(extents.iter().map(|e| StatusExtent {
+        length: e.length,
+        status: e.flags.bits(),
+    }));
+    Ok(())
 }
 
 /// Size of the zero buffer used when zeroes have to be written out

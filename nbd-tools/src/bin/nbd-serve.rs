@@ -17,8 +17,9 @@ use clap::Parser;
 use nbd_proto::server::{ServerConfig, TlsPolicy};
 use nbd_smol::server::{Listener, Server, ServerOptions};
 use nbd_smol::tls::ServerTlsOptions;
+use nbd_storage::image::{ImageFormat, ImageOptions};
 use nbd_storage::serve::{Export, Limits};
-use nbd_storage::{FileStorage, MemoryStorage, Storage};
+use nbd_storage::{MemoryStorage, Storage};
 
 /// Serve files, block devices or memory over the Network Block Device protocol.
 #[derive(Parser, Debug)]
@@ -40,7 +41,25 @@ struct Args {
     /// Description of the default export.
     #[arg(short = 'D', long, value_name = "TEXT")]
     description: Option<String>,
-    /// More exports: NAME=FILE or NAME=memory:SIZE (repeatable).
+    /// Image format of the files: raw or qcow2 (default: probed; an image
+    /// in a format nbd-serve does not serve is refused, never served as
+    /// raw).
+    #[arg(short = 'f', long = "format", value_name = "FORMAT")]
+    format: Option<ImageFormat>,
+    /// Snapshot mode: writes go to a temporary overlay; the image files
+    /// are left unchanged.
+    #[arg(short = 's', long = "snapshot")]
+    snapshot: bool,
+    /// Offer the qemu:allocation-depth metadata context.
+    #[arg(short = 'A', long = "allocation-depth")]
+    allocation_depth: bool,
+    /// Offer the qcow2 image's persistent dirty bitmap NAME as the
+    /// qemu:dirty-bitmap:NAME metadata context (repeatable; the default
+    /// export's FILE only).
+    #[arg(short = 'B', long = "bitmap", value_name = "NAME")]
+    bitmaps: Vec<String>,
+    /// More exports: NAME=FILE or NAME=memory:SIZE (repeatable; -f, -s, -A
+    /// and -r apply to them too).
     #[arg(long = "export", value_name = "NAME=FILE")]
     exports: Vec<String>,
     /// Serve every export read-only.
@@ -121,7 +140,7 @@ struct Args {
     #[arg(long = "tls-verify-peer")]
     tls_verify_peer: bool,
     /// Accepted for compatibility: nbd-serve always runs in the foreground.
-    #[arg(short = 'f', long, hide = true)]
+    #[arg(long, hide = true)]
     foreground: bool,
 }
 
@@ -214,13 +233,21 @@ fn parse_size(s: &str) -> Result<u64, String> {
     }
 }
 
-fn open_backend(spec: &str, read_only: bool) -> Result<Arc<dyn Storage>, String> {
+fn open_backend(spec: &str, args: &Args, bitmaps: &[String]) -> Result<Arc<dyn Storage>, String> {
     if let Some(size) = spec.strip_prefix("memory:") {
         let size = parse_size(size)?;
-        return Ok(Arc::new(MemoryStorage::with_options(size, read_only)));
+        return Ok(Arc::new(MemoryStorage::with_options(size, args.read_only)));
     }
-    let f = FileStorage::open(spec, read_only).map_err(|e| format!("{spec}: {e}"))?;
-    Ok(Arc::new(f))
+    let options = ImageOptions {
+        format: args.format,
+        read_only: args.read_only,
+        snapshot: args.snapshot,
+        allocation_depth: args.allocation_depth,
+        bitmaps: bitmaps.to_vec(),
+        temp_dir: None,
+    };
+    // The errors name the file themselves.
+    nbd_storage::image::open(std::path::Path::new(spec), &options).map_err(|e| e.to_string())
 }
 
 fn run(args: Args) -> Result<(), String> {
@@ -229,7 +256,8 @@ fn run(args: Args) -> Result<(), String> {
         (Some(_), Some(_)) => return Err("give either FILE or --memory, not both".into()),
         (Some(f), None) => Some(open_backend(
             f.to_str().ok_or("file name is not UTF-8")?,
-            args.read_only,
+            &args,
+            &args.bitmaps,
         )?),
         (None, Some(size)) => Some(Arc::new(MemoryStorage::with_options(size, args.read_only)) as Arc<dyn Storage>),
         (None, None) if args.exports.is_empty() => {
@@ -237,6 +265,9 @@ fn run(args: Args) -> Result<(), String> {
         }
         (None, None) => None,
     };
+    if !args.bitmaps.is_empty() && args.file.is_none() {
+        return Err("-B/--bitmap needs a FILE (the default export's image)".into());
+    }
     if let Some(storage) = default {
         exports.push(Export::new(
             args.export_name.clone(),
@@ -254,7 +285,7 @@ fn run(args: Args) -> Result<(), String> {
         exports.push(Export::new(
             name.to_string(),
             String::new(),
-            open_backend(backend, args.read_only)?,
+            open_backend(backend, &args, &[])?,
         ));
     }
     let (tls_policy, tls) = tls_setup(&args)?;
@@ -295,6 +326,8 @@ fn run(args: Args) -> Result<(), String> {
     if let Some(p) = &args.pidfile {
         std::fs::write(p, format!("{}\n", std::process::id())).map_err(|e| format!("{}: {e}", p.display()))?;
     }
+    // Image backends keep metadata in memory: flush them when serving ends.
+    let storages: Vec<Arc<dyn Storage>> = exports.iter().map(|e| e.storage.clone()).collect();
     let server = Server::new(exports, options);
     {
         let server = server.clone();
@@ -307,7 +340,12 @@ fn run(args: Args) -> Result<(), String> {
             }
         });
     }
-    let r = nbd_smol::block_on(server.serve(listeners)).map_err(|e| e.to_string());
+    let mut r = nbd_smol::block_on(server.serve(listeners)).map_err(|e| e.to_string());
+    for s in &storages {
+        if let Err(e) = s.flush() {
+            r = r.and(Err(format!("flushing an export on exit: {e}")));
+        }
+    }
     if let Some(p) = &args.pidfile {
         let _ = std::fs::remove_file(p);
     }

@@ -1,0 +1,451 @@
+//! Images served through `imago`: qcow2 (with its backing chain), and any
+//! image in snapshot mode (under a temporary qcow2 overlay).
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use imago::file::File as ImagoFile;
+use imago::qcow2::Qcow2;
+use imago::raw::Raw;
+use imago::{
+    DenyImplicitOpenGate, FormatAccess, FormatCreateBuilder, FormatDriverBuilder, Mapping, ShallowMapping,
+    StorageOpenOptions,
+};
+use nbd_proto::wire::{AllocationFlags, CONTEXT_QEMU_ALLOCATION_DEPTH, CONTEXT_QEMU_DIRTY_BITMAP_PREFIX};
+
+use super::bitmap::{DirtyBitmap, Qcow2Bitmaps};
+use super::lock::{LockPerms, lock_image};
+use super::{ImageFormat, ImageOptions, Probed, anonymous_temp_file, contexts, default_temp_dir, open_file, probe};
+use crate::{
+    Capabilities, Extent, StatusExtent, Storage, ZeroFlags, check_range, clamp_status_range, errno_error,
+    fast_zero_unsupported, push_extent,
+};
+
+/// Most runs one block-status call reports.
+const MAX_STATUS_RUNS: usize = 16 * 1024;
+/// Longest backing chain followed (a guard against loops).
+const MAX_CHAIN: usize = 64;
+
+type Access = FormatAccess<ImagoFile>;
+
+/// An image served through `imago`: a qcow2 image with its backing chain,
+/// or (in snapshot mode) a temporary qcow2 overlay on top of the image.
+///
+/// One instance is shared by every connection. Reads, writes, zeroing
+/// and flushes run concurrently under a shared lock; TRIM and
+/// deallocating WRITE_ZEROES, which `imago` lets invalidate other
+/// requests' mappings, run alone under the exclusive lock.
+pub struct ImageStorage {
+    access: RwLock<Access>,
+    size: u64,
+    read_only: bool,
+    description: String,
+    contexts: Vec<String>,
+    /// Loaded bitmaps with their context names, and the image file they
+    /// are read from.
+    bitmaps: Vec<(String, DirtyBitmap)>,
+    bitmap_file: Option<File>,
+}
+
+impl std::fmt::Debug for ImageStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageStorage")
+            .field("description", &self.description)
+            .field("size", &self.size)
+            .field("read_only", &self.read_only)
+            .field("contexts", &self.contexts)
+            .finish()
+    }
+}
+
+fn other(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+/// Opens one layer of a chain: `file` (already opened by the caller,
+/// read-write exactly when `writable`) in `format`, locking it as QEMU
+/// would, and its backing chain below it (read-only).
+fn open_layer(path: &Path, file: File, format: ImageFormat, writable: bool, level: usize) -> io::Result<Access> {
+    if level > MAX_CHAIN {
+        return Err(other(format!(
+            "{}: backing chain longer than {MAX_CHAIN} images (a loop?)",
+            path.display()
+        )));
+    }
+    let what = path.display().to_string();
+    let perms = match (format, writable, level) {
+        (ImageFormat::Qcow2, true, _) => LockPerms::QCOW2_WRITABLE,
+        (ImageFormat::Qcow2, false, _) => LockPerms::QCOW2_READ_ONLY,
+        (ImageFormat::Raw, false, _) => LockPerms::RAW_BACKING,
+        (ImageFormat::Raw, true, _) => LockPerms::RAW_WRITABLE,
+    };
+    lock_image(&file, perms, &what)?;
+    let opts = StorageOpenOptions::new().write(writable).filename(path);
+    let storage = ImagoFile::from_open_file(file, opts).map_err(|e| other(format!("{what}: {e}")))?;
+    match format {
+        ImageFormat::Raw => {
+            let raw = Raw::open_image(storage, writable).map_err(|e| other(format!("{what}: {e}")))?;
+            Ok(FormatAccess::new(raw))
+        }
+        ImageFormat::Qcow2 => {
+            let mut q = Qcow2::<ImagoFile>::open_image(storage, writable)
+                .map_err(|e| other(format!("{what}: not a usable qcow2 image: {e}")))?;
+            if q.requires_external_data_file() {
+                return Err(other(format!(
+                    "{what}: qcow2 images with an external data file are not supported"
+                )));
+            }
+            q.set_data_file(None);
+            let backing = match q.implicit_backing_file() {
+                None => None,
+                Some(name) => {
+                    let bpath = resolve_backing(path, name);
+                    let bfile = open_file(&bpath, false)?;
+                    let bformat = match q.implicit_backing_format().map(String::as_str) {
+                        Some("qcow2") => ImageFormat::Qcow2,
+                        Some("raw") | Some("file") => ImageFormat::Raw,
+                        Some(f) => {
+                            return Err(other(format!(
+                                "{what}: backing file {} has format {f:?}, which is not supported",
+                                bpath.display()
+                            )));
+                        }
+                        // No format recorded: probe, as QEMU does (the
+                        // backing file is only ever read).
+                        None => match probe(&super::read_head(&bfile)?) {
+                            Probed::Format(f) => f,
+                            Probed::Unsupported(n) => {
+                                return Err(other(format!(
+                                    "{what}: backing file {} looks like {n}, which is not supported",
+                                    bpath.display()
+                                )));
+                            }
+                        },
+                    };
+                    Some(open_layer(&bpath, bfile, bformat, false, level + 1)?)
+                }
+            };
+            q.set_backing(backing);
+            // Everything is set explicitly: nothing may be opened behind
+            // our back (unlocked).
+            q.open_implicit_dependencies_gated(DenyImplicitOpenGate::default())?;
+            Ok(FormatAccess::new(q))
+        }
+    }
+}
+
+/// A backing file name from an image header, resolved as QEMU does:
+/// absolute names as they are, relative ones against the image's directory.
+fn resolve_backing(image: &Path, name: &str) -> PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    image.parent().unwrap_or(Path::new("")).join(p)
+}
+
+/// Opens `file` (at `path`, already probed as `format`) as `options` say.
+pub(super) fn open_image(
+    path: &Path,
+    file: File,
+    format: ImageFormat,
+    options: &ImageOptions,
+) -> io::Result<ImageStorage> {
+    let what = path.display().to_string();
+    let writable_open = !options.read_only && !options.snapshot;
+    // Persistent bitmaps, read before anything else touches the image.
+    let mut bitmaps = Vec::new();
+    let mut bitmap_file = None;
+    if format == ImageFormat::Qcow2 {
+        let parsed = Qcow2Bitmaps::parse(&file).map_err(|e| other(format!("{what}: {e}")))?;
+        if writable_open && !parsed.bitmaps.is_empty() {
+            let names: Vec<&str> = parsed.bitmaps.iter().map(|b| b.name.as_str()).collect();
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{what}: the image has persistent dirty bitmaps ({}), which serving it writable would \
+                     invalidate; serve it read-only (-r) or in snapshot mode (-s), or remove the bitmaps \
+                     (qemu-img bitmap --remove)",
+                    names.join(", ")
+                ),
+            ));
+        }
+        for name in &options.bitmaps {
+            let info = parsed.get(name).ok_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, format!("{what}: no persistent bitmap named {name:?}"))
+            })?;
+            let loaded = parsed.load(&file, info).map_err(|e| other(format!("{what}: {e}")))?;
+            bitmaps.push((format!("{CONTEXT_QEMU_DIRTY_BITMAP_PREFIX}{name}"), loaded));
+        }
+        if !bitmaps.is_empty() {
+            bitmap_file = Some(file.try_clone()?);
+        }
+    } else if !options.bitmaps.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{what}: a raw image has no persistent dirty bitmaps (-B needs qcow2)"),
+        ));
+    }
+    let image = open_layer(path, file, format, writable_open, 0)?;
+    let size = image.size();
+    let (access, description) = if options.snapshot {
+        let dir = options.temp_dir.clone().unwrap_or_else(default_temp_dir);
+        let tmp = anonymous_temp_file(&dir)?;
+        let storage = ImagoFile::from_open_file(tmp, StorageOpenOptions::new().write(true))?;
+        let overlay = Qcow2::<ImagoFile>::create_builder(storage)
+            .size(size)
+            .create_open(DenyImplicitOpenGate::default(), |s| {
+                Ok(Qcow2::<ImagoFile>::builder(s).write(true).backing(Some(image)))
+            })
+            .map_err(|e| other(format!("creating the snapshot overlay in {}: {e}", dir.display())))?;
+        (
+            FormatAccess::new(overlay),
+            format!("{} ({}, snapshot)", path.display(), format.name()),
+        )
+    } else {
+        (image, format!("{} ({})", path.display(), format.name()))
+    };
+    let names: Vec<String> = options.bitmaps.clone();
+    Ok(ImageStorage {
+        access: RwLock::new(access),
+        size,
+        read_only: options.read_only,
+        description,
+        contexts: contexts(options.allocation_depth, &names),
+        bitmaps,
+        bitmap_file,
+    })
+}
+
+fn imago_err(e: io::Error) -> io::Error {
+    if e.raw_os_error().is_some() {
+        return e;
+    }
+    // imago's own errors carry no errno: keep the message, report EIO.
+    io::Error::other(e.to_string())
+}
+
+impl ImageStorage {
+    /// What is served, e.g. `disk.qcow2 (qcow2, snapshot)`.
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+
+    fn shared(&self) -> RwLockReadGuard<'_, Access> {
+        self.access.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn exclusive(&self) -> RwLockWriteGuard<'_, Access> {
+        self.access.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check_writable(&self, offset: u64, length: u64) -> io::Result<()> {
+        if self.read_only {
+            return Err(errno_error(libc::EPERM));
+        }
+        check_range(self.size, offset, length)
+    }
+
+    fn sync_all(&self, access: &Access) -> io::Result<()> {
+        access.flush().map_err(imago_err)?;
+        access.sync().map_err(imago_err)
+    }
+
+    /// `qemu:allocation-depth`: 0 unallocated in the whole chain, 1 the top
+    /// image, 2 and up the backing layers.
+    fn depth_status(&self, offset: u64, length: u64, out: &mut Vec<StatusExtent>) -> io::Result<()> {
+        let length = clamp_status_range(self.size, offset, length)?;
+        let top = self.shared();
+        let first = out.len();
+        let end = offset + length;
+        let mut off = offset;
+        while off < end && out.len() - first < MAX_STATUS_RUNS {
+            let mut layer: &Access = &top;
+            let mut depth = 1u32;
+            let mut lo = off;
+            let mut max = end - off;
+            let (status, len) = loop {
+                let (m, l) = layer.get_shallow_mapping(lo, max).map_err(imago_err)?;
+                let l = l.min(max);
+                match m {
+                    ShallowMapping::Indirect { layer: below, offset, .. } => {
+                        layer = below;
+                        lo = offset;
+                        max = l;
+                        depth += 1;
+                    }
+                    ShallowMapping::Zero { explicit: false, .. } => break (0, l),
+                    ShallowMapping::Eof { .. } if depth == 1 => break (0, 0),
+                    // Past the end of a backing file: QEMU counts the
+                    // zeroes read there as that layer's.
+                    ShallowMapping::Eof { .. } => break (depth, max),
+                    _ => break (depth, l),
+                }
+            };
+            if len == 0 {
+                break;
+            }
+            let n = out.len();
+            match out.last_mut() {
+                Some(last) if n > first && last.status == status => last.length += len,
+                _ => out.push(StatusExtent { length: len, status }),
+            }
+            off += len;
+        }
+        if out.len() == first {
+            return Err(io::Error::other("no mapping information at this offset"));
+        }
+        Ok(())
+    }
+}
+
+impl Storage for ImageStorage {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let rw = !self.read_only;
+        Capabilities {
+            read_only: self.read_only,
+            can_flush: true,
+            can_fua: rw,
+            can_trim: rw,
+            can_zero: rw,
+            can_fast_zero: false,
+            can_cache: false,
+            // One image instance behind every connection: writes are
+            // visible to all at once and a flush covers everything.
+            can_multi_conn: true,
+            rotational: false,
+            block_size: None,
+        }
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        check_range(self.size, offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.shared().read(buf, offset).map_err(imago_err)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        self.check_writable(offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let access = self.shared();
+        access.write(buf, offset).map_err(imago_err)?;
+        if fua {
+            self.sync_all(&access)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.sync_all(&self.shared())
+    }
+
+    fn trim(&self, offset: u64, length: u64, fua: bool) -> io::Result<()> {
+        self.check_writable(offset, length)?;
+        if length == 0 {
+            return Ok(());
+        }
+        let mut access = self.exclusive();
+        access.discard_to_any(offset, length).map_err(imago_err)?;
+        if fua {
+            self.sync_all(&access)?;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> io::Result<()> {
+        self.check_writable(offset, length)?;
+        if flags.fast {
+            return Err(fast_zero_unsupported());
+        }
+        if length == 0 {
+            return Ok(());
+        }
+        if flags.no_hole {
+            let access = self.shared();
+            access.write_zeroes(offset, length).map_err(imago_err)?;
+            if flags.fua {
+                self.sync_all(&access)?;
+            }
+        } else {
+            let mut access = self.exclusive();
+            access.discard_to_zero(offset, length).map_err(imago_err)?;
+            if flags.fua {
+                self.sync_all(&access)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn block_status(&self, offset: u64, length: u64, out: &mut Vec<Extent>) -> io::Result<()> {
+        let length = clamp_status_range(self.size, offset, length)?;
+        let access = self.shared();
+        let first = out.len();
+        let end = offset + length;
+        let mut off = offset;
+        while off < end && out.len() - first < MAX_STATUS_RUNS {
+            let (m, l) = access.get_mapping(off, end - off).map_err(imago_err)?;
+            let l = l.min(end - off);
+            let flags = match m {
+                Mapping::Eof { .. } => break,
+                Mapping::Zero { .. } => AllocationFlags::HOLE | AllocationFlags::ZERO,
+                _ => AllocationFlags::empty(),
+            };
+            if l == 0 {
+                break;
+            }
+            push_extent(out, first, Extent { length: l, flags });
+            off += l;
+        }
+        if out.len() == first {
+            return Err(io::Error::other("no mapping information at this offset"));
+        }
+        Ok(())
+    }
+
+    fn meta_contexts(&self) -> Vec<String> {
+        self.contexts.clone()
+    }
+
+    fn context_status(&self, context: &str, offset: u64, length: u64, out: &mut Vec<StatusExtent>) -> io::Result<()> {
+        if context == CONTEXT_QEMU_ALLOCATION_DEPTH && self.contexts.iter().any(|c| c == context) {
+            return self.depth_status(offset, length, out);
+        }
+        if let Some((_, bitmap)) = self.bitmaps.iter().find(|(name, _)| name == context) {
+            let file = self.bitmap_file.as_ref().ok_or_else(|| errno_error(libc::EIO))?;
+            let length = clamp_status_range(self.size, offset, length)?;
+            let mut runs = Vec::new();
+            bitmap.status(file, offset, length, MAX_STATUS_RUNS, &mut runs)?;
+            out.extend(runs.into_iter().map(|(length, dirty)| StatusExtent {
+                length,
+                status: dirty as u32,
+            }));
+            return Ok(());
+        }
+        crate::default_context_status(self, context, offset, length, out)
+    }
+}
+
+impl Drop for ImageStorage {
+    fn drop(&mut self) {
+        // imago flushes its metadata caches when the image is dropped;
+        // make that durable too.
+        if !self.read_only {
+            let access = self.access.get_mut().unwrap_or_else(|p| p.into_inner());
+            let _ = access.flush();
+            let _ = access.sync();
+        }
+    }
+}
