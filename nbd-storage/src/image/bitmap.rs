@@ -556,7 +556,7 @@ mod tests {
         let mut f = good.clone();
         f[120..128].copy_from_slice(&(1u64 << 40).to_be_bytes()); // directory size
         assert!(Qcow2Bitmaps::parse(&f[..]).is_err());
-        let f = image(1 << 20, &[7 << 9], "x", 0); // data past EOF
+        let f = image(1 << 20, &[8 << 9], "x", 0); // data past EOF
         let bm = Qcow2Bitmaps::parse(&f[..]).unwrap();
         assert!(bm.load(&f[..], &bm.bitmaps[0]).is_err());
         let f = image(1 << 20, &[0], "x", FLAG_IN_USE);

@@ -215,8 +215,19 @@ mod tests {
         lock_image(&c, LockPerms::QCOW2_READ_ONLY, "img").unwrap();
         let d = open(&path);
         let e = lock_image(&d, LockPerms::RAW_WRITABLE, "img").unwrap_err();
-        assert!(e.to_string().contains("shared \"write\" lock"), "{e}");
+        assert!(e.to_string().contains("Failed to get \"write\" lock"), "{e}");
         drop((b, c));
+        // A writer that shares everything (qemu-io on a raw file) still
+        // keeps out a writer that shares no writes.
+        let w = open(&path);
+        let all = LockPerms {
+            perm: PERM_CONSISTENT_READ | PERM_WRITE,
+            shared: PERM_ALL,
+        };
+        lock_image(&w, all, "img").unwrap();
+        let e = lock_image(&d, LockPerms::RAW_WRITABLE, "img").unwrap_err();
+        assert!(e.to_string().contains("shared \"write\" lock"), "{e}");
+        drop(w);
         lock_image(&d, LockPerms::RAW_WRITABLE, "img").unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }

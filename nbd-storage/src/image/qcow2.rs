@@ -20,7 +20,7 @@ use super::lock::{LockPerms, lock_image};
 use super::{ImageFormat, ImageOptions, Probed, anonymous_temp_file, contexts, default_temp_dir, open_file, probe};
 use crate::{
     Capabilities, Extent, StatusExtent, Storage, ZeroFlags, check_range, clamp_status_range, errno_error,
-    fast_zero_unsupported, push_extent,
+    fast_zero_unsupported, push_extent, write_zero_buffers,
 };
 
 /// Most runs one block-status call reports.
@@ -358,7 +358,15 @@ impl Storage for ImageStorage {
             return Ok(());
         }
         let mut access = self.exclusive();
-        access.discard_to_any(offset, length).map_err(imago_err)?;
+        match access.discard_to_any(offset, length) {
+            Ok(()) => {}
+            // qcow2 v2 has no zero clusters: drop the clusters instead
+            // (trimmed contents are unspecified; a backing file may show).
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                access.discard_to_backing(offset, length).map_err(imago_err)?
+            }
+            Err(e) => return Err(imago_err(e)),
+        }
         if fua {
             self.sync_all(&access)?;
         }
@@ -373,18 +381,22 @@ impl Storage for ImageStorage {
         if length == 0 {
             return Ok(());
         }
-        if flags.no_hole {
-            let access = self.shared();
-            access.write_zeroes(offset, length).map_err(imago_err)?;
-            if flags.fua {
-                self.sync_all(&access)?;
-            }
+        let r = if flags.no_hole {
+            self.shared().write_zeroes(offset, length)
         } else {
-            let mut access = self.exclusive();
-            access.discard_to_zero(offset, length).map_err(imago_err)?;
-            if flags.fua {
-                self.sync_all(&access)?;
+            self.exclusive().discard_to_zero(offset, length)
+        };
+        match r {
+            Ok(()) => {}
+            // qcow2 v2 has no zero clusters: write the zeroes out.
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                let access = self.shared();
+                write_zero_buffers(offset, length, |buf, off| access.write(buf, off).map_err(imago_err))?;
             }
+            Err(e) => return Err(imago_err(e)),
+        }
+        if flags.fua {
+            self.sync_all(&self.shared())?;
         }
         Ok(())
     }
