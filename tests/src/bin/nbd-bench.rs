@@ -5,7 +5,7 @@
 //! Run with `cargo run --release -p nbd-tests --bin nbd-bench` (add
 //! `-- --quick` for a shorter run, `-- --tls-only` for the TLS rows
 //! alone, `-- --flush-only` for the reader-next-to-a-flushing-writer rows
-//! alone). The machines are shared and noisy: each
+//! alone, `-- --qcow2-only` for the qcow2 rows alone). The machines are shared and noisy: each
 //! figure is the median of several alternating runs (ours, peer, ours,
 //! peer, ...), and only ratios measured in the same run mean anything.
 
@@ -316,6 +316,93 @@ fn flushing_writer_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
     let _ = std::fs::remove_file(&f2);
 }
 
+/// Stops a server with SIGTERM and waits for it to exit (a qcow2 server
+/// must write its metadata back before the next one opens the image).
+fn stop_gracefully(peer: &mut Peer) {
+    // SAFETY: kill(2) with the pid of a child we started.
+    unsafe { libc::kill(peer.pid() as libc::pid_t, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while peer.is_running() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    peer.kill();
+}
+
+/// qcow2: `nbd-serve IMG` against `qemu-nbd -f qcow2 IMG` on the same
+/// image (on tmpfs, 256 MiB of it allocated first), 4 KiB random reads and
+/// writes at queue depth 32. The image can be open in one server at a time
+/// (each takes QEMU's write lock), so every run starts its server afresh,
+/// alternating ours and qemu-nbd.
+fn qcow2_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
+    let img = shm_path(dir, "bench.qcow2");
+    let img_s = img.to_str().unwrap_or_default().to_string();
+    let o = run_timeout(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &img_s, "1G"],
+        Duration::from_secs(60),
+    );
+    assert!(o.status.success(), "qemu-img create failed");
+    let start = |ours: bool| -> (Peer, String) {
+        let sock = dir.socket_path(if ours { "ours-qcow2" } else { "qemu-qcow2" });
+        let sock_s = sock.to_str().unwrap_or_default().to_string();
+        let peer = if ours {
+            Peer::start(dir, &our_bin("nbd-serve"), &["--socket", &sock_s, &img_s], Endpoint::Unix(sock.clone()))
+        } else {
+            Peer::start(
+                dir,
+                "qemu-nbd",
+                &["--socket", &sock_s, "--persistent", "--shared=8", "-f", "qcow2", &img_s],
+                Endpoint::Unix(sock.clone()),
+            )
+        };
+        (peer, unix_uri(&sock))
+    };
+    {
+        let (mut q, uri) = start(false);
+        prefill(&uri, dir);
+        stop_gracefully(&mut q);
+    }
+    for (name, rw) in [
+        ("4 KiB random reads, iodepth 32", "randread"),
+        ("4 KiB random writes, iodepth 32", "randwrite"),
+    ] {
+        let (mut a, mut b, mut a_cpu, mut b_cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..cfg.reps {
+            for ours in [true, false] {
+                let (mut peer, uri) = start(ours);
+                let c0 = cpu_seconds(peer.pid());
+                let r = fio(&uri, rw, "4k", 32, cfg, dir);
+                let c1 = cpu_seconds(peer.pid());
+                stop_gracefully(&mut peer);
+                let (vals, cpus) = if ours { (&mut a, &mut a_cpu) } else { (&mut b, &mut b_cpu) };
+                vals.push(r.iops);
+                if r.ios > 0.0 {
+                    cpus.push((c1 - c0) * 1e6 / r.ios);
+                }
+            }
+        }
+        rows.push(Row {
+            what: format!("nbd-serve IMG.qcow2 (tmpfs), fio {name}: IOPS"),
+            peer: "qemu-nbd -f qcow2".to_string(),
+            ours: median(a),
+            theirs: median(b),
+            unit: "IOPS",
+            better: Better::Higher,
+            target: 1.0,
+        });
+        rows.push(Row {
+            what: format!("nbd-serve IMG.qcow2 (tmpfs), fio {name}: server CPU per request"),
+            peer: "qemu-nbd -f qcow2".to_string(),
+            ours: median(a_cpu),
+            theirs: median(b_cpu),
+            unit: "us",
+            better: Better::Lower,
+            target: 1.0,
+        });
+    }
+    let _ = std::fs::remove_file(&img);
+}
+
 fn time_cmd(cmd: &str, args: &[&str]) -> f64 {
     let t = Instant::now();
     let o = run_timeout(cmd, args, Duration::from_secs(600));
@@ -612,6 +699,11 @@ fn main() {
     let dir = TempDir::new();
     let serve = our_bin("nbd-serve");
     let mut rows = Vec::new();
+    if std::env::args().any(|a| a == "--qcow2-only") {
+        qcow2_rows(&cfg, &dir, &mut rows);
+        print_rows(&rows);
+        return;
+    }
     if std::env::args().any(|a| a == "--tls-only") {
         tls_rows(&cfg, &dir, &mut rows);
         print_rows(&rows);
@@ -699,6 +791,7 @@ fn main() {
         let _ = std::fs::remove_file(&f2);
     }
     flushing_writer_rows(&cfg, &dir, &mut rows);
+    qcow2_rows(&cfg, &dir, &mut rows);
     copy_rows(&cfg, &dir, &mut rows);
     idle_memory_rows(&dir, &mut rows);
     tls_rows(&cfg, &dir, &mut rows);
