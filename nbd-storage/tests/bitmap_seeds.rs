@@ -17,9 +17,15 @@ fn seeds_parse_and_load() {
             with_bitmaps += 1;
             let bitmap = parsed.load(&data[..], info).unwrap();
             let mut runs = Vec::new();
-            bitmap.status(&data[..], 0, parsed.disk_size, 10_000, &mut runs).unwrap();
+            bitmap
+                .status(&data[..], 0, parsed.disk_size, 10_000, &mut runs)
+                .unwrap();
             assert_eq!(runs.iter().map(|r| r.0).sum::<u64>(), parsed.disk_size);
-            assert!(runs.iter().any(|r| r.1) || info.name == "x", "{}: nothing dirty", info.name);
+            assert!(
+                runs.iter().any(|r| r.1) || info.name == "x",
+                "{}: nothing dirty",
+                info.name
+            );
         }
     }
     assert!(seen >= 4 && with_bitmaps >= 4, "{seen} seeds, {with_bitmaps} bitmaps");

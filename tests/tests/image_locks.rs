@@ -27,7 +27,11 @@ fn serve_refused(dir: &TempDir, args: &[&str]) -> String {
     let mut full = vec!["--socket", s(&socket)];
     full.extend_from_slice(args);
     let out = run(&our_bin("nbd-serve"), &full);
-    assert!(!out.status.success(), "nbd-serve {args:?} started:\n{}", describe_output(&out));
+    assert!(
+        !out.status.success(),
+        "nbd-serve {args:?} started:\n{}",
+        describe_output(&out)
+    );
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(err.contains("lock") && err.contains("using the image"), "{err}");
     err
@@ -51,7 +55,9 @@ fn locked(path: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     let ino = fs::metadata(path).unwrap().ino();
     let locks = fs::read_to_string("/proc/locks").unwrap_or_default();
-    locks.lines().any(|l| l.contains("OFDLCK") && l.contains(&format!(":{ino} ")))
+    locks
+        .lines()
+        .any(|l| l.contains("OFDLCK") && l.contains(&format!(":{ino} ")))
 }
 
 fn wait_locked(path: &Path, child: &mut Child) {
@@ -72,7 +78,11 @@ fn qemu_io_cannot_write_what_nbd_serve_has_open() {
     for (fmt, img) in images(&dir) {
         let mut ours = serve(&dir, &[s(&img)]);
         let out = qemu_io_write(fmt, &img);
-        assert!(!out.status.success(), "{fmt}: qemu-io wrote:\n{}", describe_output(&out));
+        assert!(
+            !out.status.success(),
+            "{fmt}: qemu-io wrote:\n{}",
+            describe_output(&out)
+        );
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("Failed to get \"write\" lock"), "{fmt}: {err}");
         // Neither can a second nbd-serve.
@@ -138,7 +148,17 @@ fn readers_share_and_backing_files_are_protected() {
     let top = dir.join("top.qcow2");
     run_ok(
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", s(&top)],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            s(&top),
+        ],
     );
     // Two read-only servers of one image, ours and QEMU's, at once.
     {

@@ -35,7 +35,11 @@ fn stop(peer: &mut Peer) {
     unsafe { libc::kill(peer.pid() as libc::pid_t, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(20);
     while peer.is_running() {
-        assert!(Instant::now() < deadline, "nbd-serve did not exit on SIGTERM:\n{}", peer.stderr());
+        assert!(
+            Instant::now() < deadline,
+            "nbd-serve did not exit on SIGTERM:\n{}",
+            peer.stderr()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -93,16 +97,43 @@ fn make_images(dir: &TempDir) -> Vec<(&'static str, PathBuf)> {
     qemu_img(&["create", "-q", "-f", "raw", s(&base), "4M"]);
     qemu_io(&["-f", "raw", s(&base)], &["write -P 0x01 0 4M"]);
     let mid = dir.join("mid.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", s(&mid), "4M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        s(&mid),
+        "4M",
+    ]);
     qemu_io(
         &["-f", "qcow2", s(&mid)],
         &["write -P 0x02 64k 256k", "write -z 1M 64k", "write -P 0x03 2M 10k"],
     );
     let top = dir.join("top.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", s(&top), "6M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        s(&top),
+        "6M",
+    ]);
     qemu_io(
         &["-f", "qcow2", s(&top)],
-        &["write -P 0x04 128k 64k", "write -P 0x05 1100k 8k", "write -z 2M 4k", "write -P 0x06 5M 64k"],
+        &[
+            "write -P 0x04 128k 64k",
+            "write -P 0x05 1100k 8k",
+            "write -z 2M 4k",
+            "write -P 0x06 5M 64k",
+        ],
     );
     v.push(("backing chain", top));
     // Compressed clusters (qemu-img convert -c).
@@ -110,7 +141,11 @@ fn make_images(dir: &TempDir) -> Vec<(&'static str, PathBuf)> {
     qemu_img(&["create", "-q", "-f", "raw", s(&src), "2M"]);
     qemu_io(
         &["-f", "raw", s(&src)],
-        &["write -P 0x77 0 512k", "write -P 0x78 700k 300k", "write -P 0x79 1536k 64k"],
+        &[
+            "write -P 0x77 0 512k",
+            "write -P 0x78 700k 300k",
+            "write -P 0x79 1536k 64k",
+        ],
     );
     let comp = dir.join("compressed.qcow2");
     qemu_img(&["convert", "-q", "-c", "-f", "raw", "-O", "qcow2", s(&src), s(&comp)]);
@@ -146,7 +181,10 @@ fn map(uri: &str, context: &str) -> Vec<(u64, u64, u64)> {
             _ => runs.push((o, l, t)),
         }
     }
-    assert!(!runs.is_empty(), "nbdinfo --map={context} {uri} printed nothing:\n{text}");
+    assert!(
+        !runs.is_empty(),
+        "nbdinfo --map={context} {uri} printed nothing:\n{text}"
+    );
     runs
 }
 
@@ -262,9 +300,17 @@ fn writes_through_nbd_leave_a_clean_equal_image() {
         stop(&mut qemu);
         stop(&mut ours);
         let check = run("qemu-img", &["check", s(img)]);
-        assert!(check.status.success(), "{name}: qemu-img check:\n{}", describe_output(&check));
+        assert!(
+            check.status.success(),
+            "{name}: qemu-img check:\n{}",
+            describe_output(&check)
+        );
         let cmp = run("qemu-img", &["compare", s(img), s(&expected)]);
-        assert!(cmp.status.success(), "{name}: qemu-img compare:\n{}", describe_output(&cmp));
+        assert!(
+            cmp.status.success(),
+            "{name}: qemu-img compare:\n{}",
+            describe_output(&cmp)
+        );
     }
 }
 
@@ -306,7 +352,10 @@ fn dirty_bitmaps_and_depth_match_qemu_nbd() {
         }
     }
     let list = run_ok("nbdinfo", &["--list", &ours.uri("")]);
-    assert!(list.contains("qemu:dirty-bitmap:b0") && list.contains("qemu:allocation-depth"), "{list}");
+    assert!(
+        list.contains("qemu:dirty-bitmap:b0") && list.contains("qemu:allocation-depth"),
+        "{list}"
+    );
     // Without -A/-B only base:allocation is offered.
     let plain = serve(&dir, &["-r", s(&img)]);
     let list = run_ok("nbdinfo", &["--list", &plain.uri("")]);
@@ -328,7 +377,10 @@ fn bitmaps_are_never_dropped_silently() {
     assert!(err.contains("persistent dirty bitmaps") && err.contains("b0"), "{err}");
     assert!(fs::read(&img).unwrap() == before, "refused open changed the image");
     // -B of a missing bitmap, and of a raw file: clear errors.
-    let out = run(&our_bin("nbd-serve"), &["-r", "-B", "nope", "--socket", s(&dir.join("y.sock")), s(&img)]);
+    let out = run(
+        &our_bin("nbd-serve"),
+        &["-r", "-B", "nope", "--socket", s(&dir.join("y.sock")), s(&img)],
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("no persistent bitmap named \"nope\""));
     // Snapshot mode serves them and leaves them alone.
     let mut ours = serve(&dir, &["-s", "-B", "b0", s(&img)]);
@@ -361,7 +413,10 @@ fn snapshot_mode_leaves_the_image_unchanged() {
             &["-f", "raw", &u],
             &["write -P 0xee 1000 100k", "write -z 2M 64k", "discard 0 512"],
         );
-        qemu_io(&["-r", "-f", "raw", &u], &["read -P 0xee 1000 100k", "read -P 0 2M 64k"]);
+        qemu_io(
+            &["-r", "-f", "raw", &u],
+            &["read -P 0xee 1000 100k", "read -P 0 2M 64k"],
+        );
         // Writes are visible to every client while it runs.
         let mut c = Client::connect(&u).unwrap();
         let mut b = vec![0u8; 512];
@@ -425,7 +480,10 @@ fn formats_are_probed_never_guessed_into_raw() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("vmdk") && err.contains("-f raw"), "{err}");
-    let out = run(&our_bin("nbd-serve"), &["-f", "vmdk", "--socket", s(&dir.join("w.sock")), s(&vmdk)]);
+    let out = run(
+        &our_bin("nbd-serve"),
+        &["-f", "vmdk", "--socket", s(&dir.join("w.sock")), s(&vmdk)],
+    );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unsupported image format"));
     let ours = serve(&dir, &["-r", "-f", "raw", s(&vmdk)]);

@@ -51,14 +51,14 @@ pub trait ReadAt {
     /// Fills `buf` from `offset`; short files are an error.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// The file's length in bytes.
-    fn len(&self) -> io::Result<u64>;
+    fn file_len(&self) -> io::Result<u64>;
 }
 
 impl ReadAt for std::fs::File {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         std::os::unix::fs::FileExt::read_exact_at(self, buf, offset)
     }
-    fn len(&self) -> io::Result<u64> {
+    fn file_len(&self) -> io::Result<u64> {
         Ok(self.metadata()?.len())
     }
 }
@@ -70,7 +70,7 @@ impl ReadAt for [u8] {
         buf.copy_from_slice(self.get(start..end).ok_or_else(eof)?);
         Ok(())
     }
-    fn len(&self) -> io::Result<u64> {
+    fn file_len(&self) -> io::Result<u64> {
         Ok(<[u8]>::len(self) as u64)
     }
 }
@@ -166,7 +166,7 @@ impl Qcow2Bitmaps {
     /// table location. Not a qcow2 image, or any field out of its bounds,
     /// is an error.
     pub fn parse<R: ReadAt + ?Sized>(file: &R) -> Result<Qcow2Bitmaps, BitmapError> {
-        let file_len = file.len()?;
+        let file_len = file.file_len()?;
         let mut h = [0u8; 104];
         if file_len < 72 {
             return invalid("file too short for a qcow2 header");
@@ -354,7 +354,7 @@ impl Qcow2Bitmaps {
                 bitmap.name
             ));
         }
-        let file_len = file.len()?;
+        let file_len = file.file_len()?;
         // Bounded by MAX_TABLE_ENTRIES and by the file size (checked in parse).
         let mut raw = vec![0u8; bitmap.table_entries as usize * 8];
         file.read_exact_at(&mut raw, bitmap.table_offset)?;
@@ -363,17 +363,30 @@ impl Qcow2Bitmaps {
             let e = be64(c, 0);
             let offset = e & 0x00ff_ffff_ffff_fe00;
             if e & !(0x00ff_ffff_ffff_fe00 | 1) != 0 {
-                return invalid(format!("bitmap {:?}: reserved bits set in table entry {i}", bitmap.name));
+                return invalid(format!(
+                    "bitmap {:?}: reserved bits set in table entry {i}",
+                    bitmap.name
+                ));
             }
             let entry = if offset == 0 {
-                if e & 1 != 0 { TableEntry::AllOnes } else { TableEntry::AllZeroes }
+                if e & 1 != 0 {
+                    TableEntry::AllOnes
+                } else {
+                    TableEntry::AllZeroes
+                }
             } else {
                 if e & 1 != 0 {
-                    return invalid(format!("bitmap {:?}: table entry {i} has both data and bit 0", bitmap.name));
+                    return invalid(format!(
+                        "bitmap {:?}: table entry {i} has both data and bit 0",
+                        bitmap.name
+                    ));
                 }
                 if offset % self.cluster_size != 0 || offset.checked_add(self.cluster_size).is_none_or(|e| e > file_len)
                 {
-                    return invalid(format!("bitmap {:?}: table entry {i} points outside the file", bitmap.name));
+                    return invalid(format!(
+                        "bitmap {:?}: table entry {i} points outside the file",
+                        bitmap.name
+                    ));
                 }
                 TableEntry::Data(offset)
             };
@@ -531,7 +544,10 @@ mod tests {
         let d = bm.load(&f[..], bm.get("b0").unwrap()).unwrap();
         let mut out = Vec::new();
         d.status(&f[..], 0, size, 100, &mut out).unwrap();
-        assert_eq!(out, vec![(512, false), (1024, true), ((2 << 20) - 1536, false), (1 << 20, true)]);
+        assert_eq!(
+            out,
+            vec![(512, false), (1024, true), ((2 << 20) - 1536, false), (1 << 20, true)]
+        );
         out.clear();
         d.status(&f[..], 700, 100, 100, &mut out).unwrap();
         assert_eq!(out, vec![(100, true)]);
@@ -551,7 +567,7 @@ mod tests {
         f[512 + 8..512 + 12].copy_from_slice(&5u32.to_be_bytes()); // table size
         assert!(Qcow2Bitmaps::parse(&f[..]).is_err());
         let mut f = good.clone();
-        f[128..136].copy_from_slice(&u64::MAX.to_be_bytes() ); // directory offset
+        f[128..136].copy_from_slice(&u64::MAX.to_be_bytes()); // directory offset
         assert!(Qcow2Bitmaps::parse(&f[..]).is_err());
         let mut f = good.clone();
         f[120..128].copy_from_slice(&(1u64 << 40).to_be_bytes()); // directory size

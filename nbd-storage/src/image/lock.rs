@@ -149,7 +149,11 @@ pub fn lock_image(file: &File, perms: LockPerms, what: &str) -> io::Result<()> {
                 return Ok(());
             }
             unlock(file, &bytes[..n]);
-            return Err(conflict(what, &format!("failed to lock byte {byte}: {e}"), e.raw_os_error()));
+            return Err(conflict(
+                what,
+                &format!("failed to lock byte {byte}: {e}"),
+                e.raw_os_error(),
+            ));
         }
     }
     for i in 0..4 {

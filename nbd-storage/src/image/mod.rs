@@ -310,7 +310,9 @@ fn anonymous_temp_file(dir: &Path) -> io::Result<File> {
             Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", p.display()))),
         }
     }
-    Err(io::Error::other("could not create a temporary file for the snapshot overlay"))
+    Err(io::Error::other(
+        "could not create a temporary file for the snapshot overlay",
+    ))
 }
 
 fn default_temp_dir() -> PathBuf {

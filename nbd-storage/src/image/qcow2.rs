@@ -174,7 +174,10 @@ pub(super) fn open_image(
         }
         for name in &options.bitmaps {
             let info = parsed.get(name).ok_or_else(|| {
-                io::Error::new(io::ErrorKind::NotFound, format!("{what}: no persistent bitmap named {name:?}"))
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{what}: no persistent bitmap named {name:?}"),
+                )
             })?;
             let loaded = parsed.load(&file, info).map_err(|e| other(format!("{what}: {e}")))?;
             bitmaps.push((format!("{CONTEXT_QEMU_DIRTY_BITMAP_PREFIX}{name}"), loaded));
@@ -270,7 +273,9 @@ impl ImageStorage {
                 let (m, l) = layer.get_shallow_mapping(lo, max).map_err(imago_err)?;
                 let l = l.min(max);
                 match m {
-                    ShallowMapping::Indirect { layer: below, offset, .. } => {
+                    ShallowMapping::Indirect {
+                        layer: below, offset, ..
+                    } => {
                         layer = below;
                         lo = offset;
                         max = l;

@@ -346,7 +346,12 @@ fn qcow2_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
         let sock = dir.socket_path(if ours { "ours-qcow2" } else { "qemu-qcow2" });
         let sock_s = sock.to_str().unwrap_or_default().to_string();
         let peer = if ours {
-            Peer::start(dir, &our_bin("nbd-serve"), &["--socket", &sock_s, &img_s], Endpoint::Unix(sock.clone()))
+            Peer::start(
+                dir,
+                &our_bin("nbd-serve"),
+                &["--socket", &sock_s, &img_s],
+                Endpoint::Unix(sock.clone()),
+            )
         } else {
             Peer::start(
                 dir,
@@ -374,7 +379,11 @@ fn qcow2_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
                 let r = fio(&uri, rw, "4k", 32, cfg, dir);
                 let c1 = cpu_seconds(peer.pid());
                 stop_gracefully(&mut peer);
-                let (vals, cpus) = if ours { (&mut a, &mut a_cpu) } else { (&mut b, &mut b_cpu) };
+                let (vals, cpus) = if ours {
+                    (&mut a, &mut a_cpu)
+                } else {
+                    (&mut b, &mut b_cpu)
+                };
                 vals.push(r.iops);
                 if r.ios > 0.0 {
                     cpus.push((c1 - c0) * 1e6 / r.ios);
