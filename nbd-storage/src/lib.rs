@@ -43,6 +43,18 @@
 //!   positional I/O on one shared file descriptor; holes are discovered with
 //!   `lseek(SEEK_DATA/SEEK_HOLE)`, TRIM and WRITE_ZEROES use `fallocate`, and
 //!   FLUSH/FUA use `fdatasync`. It is Linux-specific.
+//! * [`image`]: disk images as QEMU opens them: raw files and qcow2 images
+//!   (through the `imago` crate) with their backing chains, format probing
+//!   that never serves an image as raw by accident, QEMU's image locks,
+//!   snapshot mode, and the metadata contexts `qemu:allocation-depth` and
+//!   `qemu:dirty-bitmap:NAME`. [`image::open`] is the entry point.
+//!
+//! # Metadata contexts
+//!
+//! Every backend says which metadata contexts it offers
+//! ([`Storage::meta_contexts`], `base:allocation` by default) and answers
+//! block status for each: `base:allocation` through
+//! [`Storage::block_status`], any other through [`Storage::context_status`].
 #![warn(missing_docs)]
 
 use std::io;

@@ -95,7 +95,8 @@ fn make_images(dir: &TempDir) -> Vec<(&'static str, PathBuf)> {
     // A backing chain: raw base <- qcow2 middle <- qcow2 top (larger).
     let base = dir.join("base.raw");
     qemu_img(&["create", "-q", "-f", "raw", s(&base), "4M"]);
-    qemu_io(&["-f", "raw", s(&base)], &["write -P 0x01 0 4M"]);
+    // Sparse: its last MiB is a hole.
+    qemu_io(&["-f", "raw", s(&base)], &["write -P 0x01 0 3M"]);
     let mid = dir.join("mid.qcow2");
     qemu_img(&[
         "create",
@@ -248,7 +249,8 @@ fn qemu_io_patterns_through_nbd() {
             "read -P 0x05 1100k 8k",
             "read -P 0x00 2M 4k",
             "read -P 0x03 2052k 6k",
-            "read -P 0x01 3M 1M",
+            "read -P 0x01 2058k 100k",
+            "read -P 0x00 3M 1M",
             "read -P 0x00 4M 1M",
             "read -P 0x06 5M 64k",
         ],
@@ -495,4 +497,27 @@ fn formats_are_probed_never_guessed_into_raw() {
     let ours = serve(&dir, &["-r", "--export", &export, s(&raw)]);
     assert_eq!(Client::connect(&ours.uri("")).unwrap().size(), 4 * MIB);
     assert_eq!(Client::connect(&ours.uri("q")).unwrap().size(), 64 * MIB);
+}
+
+#[test]
+fn raw_images_map_like_qemu_nbd() {
+    if !peers() {
+        return;
+    }
+    let dir = TempDir::new();
+    let raw = dir.sparse_file("sparse.raw", 4 * MIB);
+    qemu_io(&["-f", "raw", s(&raw)], &["write -P 1 64k 64k", "write -P 2 1M 4k"]);
+    // Served in place, and in snapshot mode (under a qcow2 overlay).
+    for mode in ["-r", "-s"] {
+        let ours = serve(&dir, &[mode, "-A", s(&raw)]);
+        let qemu = qemu_nbd(&dir, &[mode, "-A", "-f", "raw", s(&raw)]);
+        for ctx in ["base:allocation", "qemu:allocation-depth"] {
+            assert_eq!(
+                map(&ours.uri(""), ctx),
+                map(&qemu.uri(""), ctx),
+                "{mode}: nbdinfo --map={ctx}"
+            );
+        }
+        assert!(nbdcopy_bytes(&dir, &ours.uri(""), "a") == nbdcopy_bytes(&dir, &qemu.uri(""), "b"));
+    }
 }

@@ -47,6 +47,7 @@ pub struct ImageStorage {
     /// are read from.
     bitmaps: Vec<(String, DirtyBitmap)>,
     bitmap_file: Option<File>,
+    raw_layers: RawLayers,
 }
 
 impl std::fmt::Debug for ImageStorage {
@@ -67,7 +68,19 @@ fn other(msg: String) -> io::Error {
 /// Opens one layer of a chain: `file` (already opened by the caller,
 /// read-write exactly when `writable`) in `format`, locking it as QEMU
 /// would, and its backing chain below it (read-only).
-fn open_layer(path: &Path, file: File, format: ImageFormat, writable: bool, level: usize) -> io::Result<Access> {
+/// The raw layers of a chain: the address of the imago storage object
+/// their mappings point into, and our own descriptor of the same file, to
+/// find its holes (`SEEK_DATA`/`SEEK_HOLE`) as QEMU's raw format does.
+type RawLayers = Vec<(usize, File)>;
+
+fn open_layer(
+    path: &Path,
+    file: File,
+    format: ImageFormat,
+    writable: bool,
+    level: usize,
+    raw_layers: &mut RawLayers,
+) -> io::Result<Access> {
     if level > MAX_CHAIN {
         return Err(other(format!(
             "{}: backing chain longer than {MAX_CHAIN} images (a loop?)",
@@ -82,12 +95,21 @@ fn open_layer(path: &Path, file: File, format: ImageFormat, writable: bool, leve
         (ImageFormat::Raw, true, _) => LockPerms::RAW_WRITABLE,
     };
     lock_image(&file, perms, &what)?;
+    let dup = file.try_clone()?;
     let opts = StorageOpenOptions::new().write(writable).filename(path);
     let storage = ImagoFile::from_open_file(file, opts).map_err(|e| other(format!("{what}: {e}")))?;
     match format {
         ImageFormat::Raw => {
             let raw = Raw::open_image(storage, writable).map_err(|e| other(format!("{what}: {e}")))?;
-            Ok(FormatAccess::new(raw))
+            let access = FormatAccess::new(raw);
+            // The storage object lives in the boxed driver, so its address
+            // stays put when the access object moves.
+            if access.size() > 0 {
+                if let (Mapping::Raw { storage, .. }, _) = access.get_mapping(0, 1).map_err(imago_err)? {
+                    raw_layers.push((storage as *const ImagoFile as usize, dup));
+                }
+            }
+            Ok(access)
         }
         ImageFormat::Qcow2 => {
             let mut q = Qcow2::<ImagoFile>::open_image(storage, writable)
@@ -124,7 +146,7 @@ fn open_layer(path: &Path, file: File, format: ImageFormat, writable: bool, leve
                             }
                         },
                     };
-                    Some(open_layer(&bpath, bfile, bformat, false, level + 1)?)
+                    Some(open_layer(&bpath, bfile, bformat, false, level + 1, raw_layers)?)
                 }
             };
             q.set_backing(backing);
@@ -191,7 +213,8 @@ pub(super) fn open_image(
             format!("{what}: a raw image has no persistent dirty bitmaps (-B needs qcow2)"),
         ));
     }
-    let image = open_layer(path, file, format, writable_open, 0)?;
+    let mut raw_layers = RawLayers::new();
+    let image = open_layer(path, file, format, writable_open, 0, &mut raw_layers)?;
     let size = image.size();
     let (access, description) = if options.snapshot {
         let dir = options.temp_dir.clone().unwrap_or_else(default_temp_dir);
@@ -219,7 +242,54 @@ pub(super) fn open_image(
         contexts: contexts(options.allocation_depth, &names),
         bitmaps,
         bitmap_file,
+        raw_layers,
     })
+}
+
+/// Reports `offset..offset + length` of a raw file as data and holes, by
+/// `lseek(SEEK_DATA/SEEK_HOLE)`; filesystems that cannot tell report data.
+fn file_extents(file: &File, offset: u64, length: u64, mut push: impl FnMut(Extent)) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let seek = |at: u64, whence: libc::c_int| -> io::Result<Option<u64>> {
+        let at = libc::off_t::try_from(at).map_err(|_| errno_error(libc::EINVAL))?;
+        // SAFETY: lseek only takes integers; the descriptor is owned by
+        // `file`, which outlives the call. All I/O on it is positional.
+        let r = unsafe { libc::lseek(file.as_raw_fd(), at, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    };
+    let end = offset + length;
+    let mut pos = offset;
+    let mut steps = 0;
+    while pos < end {
+        steps += 1;
+        let data = match seek(pos, libc::SEEK_DATA) {
+            Ok(d) => d.unwrap_or(u64::MAX),
+            // No hole support here: all data.
+            Err(_) => pos,
+        };
+        if data > pos {
+            let n = data.min(end) - pos;
+            push(Extent::hole(n));
+            pos += n;
+            continue;
+        }
+        let hole = match seek(pos, libc::SEEK_HOLE) {
+            Ok(Some(h)) if h > pos && steps < 1024 => h,
+            _ => end,
+        };
+        let n = hole.min(end) - pos;
+        push(Extent::data(n));
+        pos += n;
+    }
+    Ok(())
 }
 
 fn imago_err(e: io::Error) -> io::Error {
@@ -415,15 +485,23 @@ impl Storage for ImageStorage {
         while off < end && out.len() - first < MAX_STATUS_RUNS {
             let (m, l) = access.get_mapping(off, end - off).map_err(imago_err)?;
             let l = l.min(end - off);
-            let flags = match m {
-                Mapping::Eof { .. } => break,
-                Mapping::Zero { .. } => AllocationFlags::HOLE | AllocationFlags::ZERO,
-                _ => AllocationFlags::empty(),
-            };
             if l == 0 {
                 break;
             }
-            push_extent(out, first, Extent { length: l, flags });
+            let hole = AllocationFlags::HOLE | AllocationFlags::ZERO;
+            match m {
+                Mapping::Eof { .. } => break,
+                Mapping::Zero { .. } => push_extent(out, first, Extent { length: l, flags: hole }),
+                Mapping::Raw { storage, offset, .. } => {
+                    let key = storage as *const ImagoFile as usize;
+                    match self.raw_layers.iter().find(|(k, _)| *k == key) {
+                        // A raw layer: its file's holes are holes.
+                        Some((_, file)) => file_extents(file, offset, l, |e| push_extent(out, first, e))?,
+                        None => push_extent(out, first, Extent::data(l)),
+                    }
+                }
+                _ => push_extent(out, first, Extent::data(l)),
+            }
             off += l;
         }
         if out.len() == first {

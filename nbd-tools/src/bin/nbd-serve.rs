@@ -5,7 +5,12 @@
 //! expect; systemd socket activation (`LISTEN_FDS`) is honoured, so
 //! `nbdinfo -- [ nbd-serve FILE ]` works. TLS as nbdkit takes it:
 //! `--tls=off|on|require` with `--tls-certificates=DIR` (or
-//! `--tls-cert`, `--tls-key` and optionally `--tls-ca`).
+//! `--tls-cert`, `--tls-key` and optionally `--tls-ca`). Disk images as
+//! qemu-nbd serves them: `-f raw|qcow2` (probed when not given; a format
+//! nbd-serve does not serve is refused rather than served as raw), `-s`
+//! (snapshot: writes go to a temporary overlay), `-A`
+//! (`qemu:allocation-depth`), `-B NAME` (a qcow2 persistent dirty bitmap as
+//! `qemu:dirty-bitmap:NAME`), with QEMU's image locks taken on every file.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
