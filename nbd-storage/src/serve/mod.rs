@@ -148,6 +148,11 @@ impl Export {
         d.description = self.description.clone();
         d.flags = flags_of(&caps);
         d.block_size = caps.block_size;
+        if let Backend::Sync(s) = &self.backend {
+            // The contexts the storage offers (`base:allocation`, and e.g.
+            // `qemu:allocation-depth`, `qemu:dirty-bitmap:NAME` for images).
+            d.meta_contexts = s.meta_contexts();
+        }
         d
     }
 }

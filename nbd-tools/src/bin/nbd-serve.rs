@@ -332,7 +332,13 @@ fn run(args: Args) -> Result<(), String> {
         std::fs::write(p, format!("{}\n", std::process::id())).map_err(|e| format!("{}: {e}", p.display()))?;
     }
     // Image backends keep metadata in memory: flush them when serving ends.
-    let storages: Vec<Arc<dyn Storage>> = exports.iter().map(|e| e.storage.clone()).collect();
+    let storages: Vec<Arc<dyn Storage>> = exports
+        .iter()
+        .filter_map(|e| match &e.backend {
+            nbd_storage::serve::Backend::Sync(s) => Some(s.clone()),
+            _ => None,
+        })
+        .collect();
     let server = Server::new(exports, options);
     {
         let server = server.clone();
