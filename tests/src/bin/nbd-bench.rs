@@ -5,8 +5,8 @@
 //! Run with `cargo run --release -p nbd-tests --bin nbd-bench` (add
 //! `-- --quick` for a shorter run, `-- --tls-only` for the TLS rows
 //! alone, `-- --flush-only` for the reader-next-to-a-flushing-writer rows
-//! alone, `-- --qcow2-only` for the qcow2 rows alone). The machines are shared and noisy: each
-//! figure is the median of several alternating runs (ours, peer, ours,
+//! alone, `-- --qcow2-only` for the qcow2 rows alone). The machines are
+//! shared and noisy: each figure is the median of several alternating runs (ours, peer, ours,
 //! peer, ...), and only ratios measured in the same run mean anything.
 
 use std::path::{Path, PathBuf};
