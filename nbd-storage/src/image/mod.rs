@@ -225,6 +225,8 @@ fn contexts(depth: bool, bitmaps: &[String]) -> Vec<String> {
 }
 
 /// A raw image: [`FileStorage`] plus the metadata contexts of an image.
+/// Every [`Storage`] method is passed through (keep it so when the trait
+/// grows).
 #[derive(Debug)]
 struct RawImage {
     inner: FileStorage,
@@ -261,6 +263,15 @@ impl Storage for RawImage {
     }
     fn extent_at(&self, offset: u64, scratch: &mut Vec<Extent>) -> io::Result<Extent> {
         self.inner.extent_at(offset, scratch)
+    }
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        self.inner.try_read_at(buf, offset)
+    }
+    fn try_write_at(&self, buf: &[u8], offset: u64) -> Option<io::Result<()>> {
+        self.inner.try_write_at(buf, offset)
+    }
+    fn never_blocks(&self) -> bool {
+        self.inner.never_blocks()
     }
     fn meta_contexts(&self) -> Vec<String> {
         self.contexts.clone()
