@@ -561,15 +561,15 @@ impl ServerOut {
             rest = &rest[18..];
         }
         while !rest.is_empty() {
-            if let Some(n) = negotiated {
-                if rest.len() == 10 || rest.len() == 10 + ZERO_PAD_LEN {
-                    // The NBD_OPT_EXPORT_NAME answer ends the handshake.
-                    if rest[..8] == n.size.to_be_bytes() && rest[8..10] == n.flags.bits().to_be_bytes() {
-                        assert!(rest[10..].iter().all(|&z| z == 0));
-                        assert!(self.at_rest(), "export-name answer within an option's replies");
-                        self.done = true;
-                        return;
-                    }
+            if let Some(n) = negotiated
+                && (rest.len() == 10 || rest.len() == 10 + ZERO_PAD_LEN)
+            {
+                // The NBD_OPT_EXPORT_NAME answer ends the handshake.
+                if rest[..8] == n.size.to_be_bytes() && rest[8..10] == n.flags.bits().to_be_bytes() {
+                    assert!(rest[10..].iter().all(|&z| z == 0));
+                    assert!(self.at_rest(), "export-name answer within an option's replies");
+                    self.done = true;
+                    return;
                 }
             }
             let (h, r) = OptionReplyHeader::read_from_prefix(rest).expect("an option reply header");
@@ -773,7 +773,7 @@ fn check_request<E: ExportLookup>(s: &ServerSession<E>, r: &ServerRequest) {
     assert!(end <= n.size, "request past the end of the export");
     let min = c.minimum.max(1) as u64;
     assert_eq!(r.offset % min, 0, "unaligned offset");
-    assert!(r.length % min == 0 || end == n.size, "unaligned length");
+    assert!(r.length.is_multiple_of(min) || end == n.size, "unaligned length");
     if r.command == Command::WRITE {
         assert!(r.length <= s.max_payload(), "write beyond the maximum payload");
     }
@@ -1376,11 +1376,11 @@ impl ClientDriver {
                     assert_ne!(self.config.tls, TlsMode::Off, "STARTTLS without TLS");
                     assert!(!self.tls, "TLS twice");
                     assert!(!self.s.has_output(), "output left at STARTTLS");
-                    if let ClientNeed::StartTls(t) = self.s.need() {
-                        if let Err(e) = t.established() {
-                            self.failed(e);
-                            return;
-                        }
+                    if let ClientNeed::StartTls(t) = self.s.need()
+                        && let Err(e) = t.established()
+                    {
+                        self.failed(e);
+                        return;
                     }
                     self.tls = true;
                     self.tls_mark = Some(self.out.len());
@@ -1474,10 +1474,10 @@ impl ClientDriver {
             }
             Cli::Data(cookie, at, len, data) => {
                 self.content(cookie, at, len);
-                if let (Some(d), Some(l)) = (data, self.live.get_mut(&cookie.0)) {
-                    if let Some(b) = &mut l.buf {
-                        b[at as usize..at as usize + d.len()].copy_from_slice(&d);
-                    }
+                if let (Some(d), Some(l)) = (data, self.live.get_mut(&cookie.0))
+                    && let Some(b) = &mut l.buf
+                {
+                    b[at as usize..at as usize + d.len()].copy_from_slice(&d);
                 }
             }
             Cli::Hole(cookie, at, len) => {
@@ -1842,12 +1842,11 @@ pub fn client_session(data: &[u8]) -> Summary {
                 summary.failed += 1;
             }
         }
-        if d.connected {
-            if let Some(m) = d.s.mode() {
-                if !summary.modes.contains(&m) {
-                    summary.modes.push(m);
-                }
-            }
+        if d.connected
+            && let Some(m) = d.s.mode()
+            && !summary.modes.contains(&m)
+        {
+            summary.modes.push(m);
         }
         summary.tls |= d.tls;
         if d.over {
@@ -2387,12 +2386,11 @@ pub fn server_session(data: &[u8]) -> Summary {
         d.settle();
         summary.ok = d.x.1;
         summary.failed = d.rejects.len();
-        if d.ready {
-            if let Some(m) = d.s.mode() {
-                if !summary.modes.contains(&m) {
-                    summary.modes.push(m);
-                }
-            }
+        if d.ready
+            && let Some(m) = d.s.mode()
+            && !summary.modes.contains(&m)
+        {
+            summary.modes.push(m);
         }
         summary.tls |= d.tls;
         if d.over {
@@ -3035,10 +3033,11 @@ impl Conversation<'_> {
         if l.c.over {
             assert!(self.issued.is_empty(), "requests neither completed nor failed");
         }
-        if let Some(n) = l.c.s.negotiated() {
-            if !self.summary.modes.contains(&n.mode) && l.c.connected {
-                self.summary.modes.push(n.mode);
-            }
+        if let Some(n) = l.c.s.negotiated()
+            && !self.summary.modes.contains(&n.mode)
+            && l.c.connected
+        {
+            self.summary.modes.push(n.mode);
         }
         self.summary.tls |= l.c.tls;
         self.summary.options += l.c.outcomes.len();

@@ -573,10 +573,10 @@ impl Client {
                 }
                 ReceiveNext::Complete => self.tx.complete_pending()?,
             };
-            if let ReplyEvent::Done { cookie: c, result, .. } = ev {
-                if c == cookie {
-                    return result.map_err(Error::Server);
-                }
+            if let ReplyEvent::Done { cookie: c, result, .. } = ev
+                && c == cookie
+            {
+                return result.map_err(Error::Server);
             }
         }
     }

@@ -259,14 +259,14 @@ impl Server {
                 Status::Closed => return Ok(Handshake::Closed),
                 _ => {}
             }
-            if r.buffer().is_empty() {
-                if let Some(deadline) = deadline {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Err(io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"));
-                    }
-                    control.set_read_timeout_stream(Some(left.max(Duration::from_millis(1))))?;
+            if r.buffer().is_empty()
+                && let Some(deadline) = deadline
+            {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"));
                 }
+                control.set_read_timeout_stream(Some(left.max(Duration::from_millis(1))))?;
             }
             let input = match r.fill_buf() {
                 Ok(b) => b,
@@ -300,10 +300,10 @@ impl Server {
         w: &mut W,
         control: &S,
     ) -> io::Result<()> {
-        if self.options.verbose {
-            if let (Some(neg), Some(export)) = (conn.negotiated(), conn.export()) {
-                eprintln!("nbd server: {}", nbd_storage::serve::describe(neg, export));
-            }
+        if self.options.verbose
+            && let (Some(neg), Some(export)) = (conn.negotiated(), conn.export())
+        {
+            eprintln!("nbd server: {}", nbd_storage::serve::describe(neg, export));
         }
         let mut writer = conn.reply_writer();
         let waker = Waker::from(Arc::new(Unpark(std::thread::current())));

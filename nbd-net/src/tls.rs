@@ -320,10 +320,10 @@ impl ClientTlsOptions {
     /// `tls-type` other than `x509` is refused: rustls has neither
     /// anonymous nor PSK authentication.
     pub fn from_uri(uri: &NbdUri) -> Result<ClientTlsOptions, TlsError> {
-        if let Some(t) = &uri.tls_type {
-            if t != "x509" {
-                return Err(TlsError::UnsupportedType(t.clone()));
-            }
+        if let Some(t) = &uri.tls_type
+            && t != "x509"
+        {
+            return Err(TlsError::UnsupportedType(t.clone()));
         }
         let hostname = uri.tls_hostname.clone().or_else(|| match &uri.transport {
             Transport::Tcp { host, .. } => Some(host.clone()),
@@ -672,7 +672,7 @@ fn directory_string(tag: Tag, bytes: &[u8]) -> Option<String> {
             std::str::from_utf8(bytes).ok().map(str::to_owned)
         }
         Tag::BmpString => {
-            if bytes.len() % 2 != 0 {
+            if !bytes.len().is_multiple_of(2) {
                 return None;
             }
             let units = bytes.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]]));

@@ -43,30 +43,31 @@ fn exchange(c: &mut ClientSession, s: &mut ServerSession<One>) -> Vec<String> {
             t.established().unwrap();
             moved = true;
         }
-        if let ServerNeed::Bytes(n) = s.need() {
-            if n > 0 && to_s.len() >= n {
-                let unit: Vec<u8> = to_s.drain(..n).collect();
-                let mut rest: &[u8] = &unit;
-                loop {
-                    let (k, ev) = s.feed(rest).unwrap();
-                    rest = &rest[k..];
-                    match ev {
-                        Some(ServerEvent::Request(r)) => {
-                            let enc = s.encoder().unwrap();
-                            if r.command == Command::READ && r.length > 0 {
-                                to_c.extend_from_slice(enc.read_reply_header(&r).unwrap().as_bytes());
-                                to_c.resize(to_c.len() + r.length as usize, 0);
-                            } else {
-                                to_c.extend_from_slice(enc.reply_ok(&r).as_bytes());
-                            }
+        if let ServerNeed::Bytes(n) = s.need()
+            && n > 0
+            && to_s.len() >= n
+        {
+            let unit: Vec<u8> = to_s.drain(..n).collect();
+            let mut rest: &[u8] = &unit;
+            loop {
+                let (k, ev) = s.feed(rest).unwrap();
+                rest = &rest[k..];
+                match ev {
+                    Some(ServerEvent::Request(r)) => {
+                        let enc = s.encoder().unwrap();
+                        if r.command == Command::READ && r.length > 0 {
+                            to_c.extend_from_slice(enc.read_reply_header(&r).unwrap().as_bytes());
+                            to_c.resize(to_c.len() + r.length as usize, 0);
+                        } else {
+                            to_c.extend_from_slice(enc.reply_ok(&r).as_bytes());
                         }
-                        Some(_) => {}
-                        None if k == 0 => break,
-                        None => {}
                     }
+                    Some(_) => {}
+                    None if k == 0 => break,
+                    None => {}
                 }
-                moved = true;
             }
+            moved = true;
         }
         match c.need() {
             ClientNeed::Bytes(n) if n > 0 && to_c.len() >= n => {
@@ -184,11 +185,12 @@ fn failure_after_tls_upgrade_closes_the_session() {
         if let ServerNeed::StartTls(t) = s.need() {
             t.established().unwrap();
         }
-        if let ServerNeed::Bytes(n) = s.need() {
-            if n > 0 && to_s.len() >= n {
-                let unit: Vec<u8> = to_s.drain(..n).collect();
-                s.feed(&unit).unwrap();
-            }
+        if let ServerNeed::Bytes(n) = s.need()
+            && n > 0
+            && to_s.len() >= n
+        {
+            let unit: Vec<u8> = to_s.drain(..n).collect();
+            s.feed(&unit).unwrap();
         }
         match c.need() {
             ClientNeed::StartTls(t) => {

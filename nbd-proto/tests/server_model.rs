@@ -522,8 +522,9 @@ impl ServerSide {
                     return reply;
                 }
                 let data = self.disk[off..off + len].to_vec();
-                let sparse =
-                    self.enc.mode().structured() && !r.flags.contains(CommandFlags::DF) && self.rand() % 2 == 0;
+                let sparse = self.enc.mode().structured()
+                    && !r.flags.contains(CommandFlags::DF)
+                    && self.rand().is_multiple_of(2);
                 if !sparse || len == 0 {
                     reply.extend_from_slice(self.enc.read_reply_header(r).unwrap().as_bytes());
                     reply.extend_from_slice(&data);

@@ -951,14 +951,15 @@ fn default_and_unknown_exports() {
         s.pump();
         s.inbox.append(&mut c.out);
         c.inbox.append(&mut s.out);
-        if let ClientNeed::Bytes(n) = c.session.need() {
-            if n > 0 && c.inbox.len() >= n {
-                let unit: Vec<u8> = c.inbox.drain(..n).collect();
-                if let Err(e) = c.session.feed(&unit) {
-                    assert!(e.to_string().contains("refused"), "{e}");
-                    assert!(c.session.is_closed());
-                    return;
-                }
+        if let ClientNeed::Bytes(n) = c.session.need()
+            && n > 0
+            && c.inbox.len() >= n
+        {
+            let unit: Vec<u8> = c.inbox.drain(..n).collect();
+            if let Err(e) = c.session.feed(&unit) {
+                assert!(e.to_string().contains("refused"), "{e}");
+                assert!(c.session.is_closed());
+                return;
             }
         }
     }

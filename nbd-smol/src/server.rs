@@ -88,10 +88,10 @@ impl Listener {
         let Ok(fds) = std::env::var("LISTEN_FDS") else {
             return Ok(None);
         };
-        if let Ok(pid) = std::env::var("LISTEN_PID") {
-            if pid.parse::<u32>().ok() != Some(std::process::id()) {
-                return Ok(None);
-            }
+        if let Ok(pid) = std::env::var("LISTEN_PID")
+            && pid.parse::<u32>().ok() != Some(std::process::id())
+        {
+            return Ok(None);
         }
         let n: i32 = fds
             .parse()
@@ -404,10 +404,10 @@ impl Server {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        if self.options.verbose {
-            if let (Some(neg), Some(export)) = (conn.negotiated(), conn.export()) {
-                eprintln!("nbd-serve: {}", nbd_storage::serve::describe(neg, export));
-            }
+        if self.options.verbose
+            && let (Some(neg), Some(export)) = (conn.negotiated(), conn.export())
+        {
+            eprintln!("nbd-serve: {}", nbd_storage::serve::describe(neg, export));
         }
         let mut writer = conn.reply_writer();
         let reader = async {

@@ -435,13 +435,12 @@ pub(crate) fn push_extent(out: &mut Vec<Extent>, first: usize, extent: Extent) {
     if extent.length == 0 {
         return;
     }
-    if out.len() > first {
-        if let Some(last) = out.last_mut() {
-            if last.flags == extent.flags {
-                last.length = last.length.saturating_add(extent.length);
-                return;
-            }
-        }
+    if out.len() > first
+        && let Some(last) = out.last_mut()
+        && last.flags == extent.flags
+    {
+        last.length = last.length.saturating_add(extent.length);
+        return;
     }
     out.push(extent);
 }

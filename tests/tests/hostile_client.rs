@@ -392,10 +392,10 @@ impl Fake {
 
     /// Waits for the script to end; its panics fail the test.
     fn finish(mut self) {
-        if let Some(t) = self.thread.take() {
-            if let Err(p) = t.join() {
-                std::panic::resume_unwind(p);
-            }
+        if let Some(t) = self.thread.take()
+            && let Err(p) = t.join()
+        {
+            std::panic::resume_unwind(p);
         }
     }
 }

@@ -533,11 +533,12 @@ impl ClientTransmission {
     /// Gives a completed request's slot back (manual release only).
     pub fn release(&mut self, cookie: Cookie) {
         let slot = cookie.slot();
-        if let Some(s) = self.slots.get_mut(slot) {
-            if s.held && s.generation == (cookie.0 >> 32) as u32 {
-                s.held = false;
-                self.free.push(slot as u32);
-            }
+        if let Some(s) = self.slots.get_mut(slot)
+            && s.held
+            && s.generation == (cookie.0 >> 32) as u32
+        {
+            s.held = false;
+            self.free.push(slot as u32);
         }
     }
 
@@ -663,10 +664,10 @@ impl ClientTransmission {
             });
         }
         let min = self.constraints.minimum as u64;
-        if min > 1 && (req.offset % min != 0 || req.length % min != 0) {
+        if min > 1 && (!req.offset.is_multiple_of(min) || !req.length.is_multiple_of(min)) {
             // The last partial block of an export that is not a multiple of
             // the minimum is still addressable up to the end.
-            let tail_ok = end == Some(self.size) && req.offset % min == 0;
+            let tail_ok = end == Some(self.size) && req.offset.is_multiple_of(min);
             if !tail_ok {
                 return Err(RequestError::Unaligned {
                     offset: req.offset,
@@ -765,12 +766,13 @@ impl ClientTransmission {
     /// Forgets an in-flight request whose header could not be sent, so the
     /// slot is reused (the server never saw it).
     pub fn cancel_unsent(&mut self, cookie: Cookie) {
-        if let Some(s) = self.slots.get_mut(cookie.slot()) {
-            if s.busy && s.generation == (cookie.0 >> 32) as u32 {
-                s.busy = false;
-                self.free.push(cookie.slot() as u32);
-                self.in_flight -= 1;
-            }
+        if let Some(s) = self.slots.get_mut(cookie.slot())
+            && s.busy
+            && s.generation == (cookie.0 >> 32) as u32
+        {
+            s.busy = false;
+            self.free.push(cookie.slot() as u32);
+            self.in_flight -= 1;
         }
     }
 
@@ -1141,7 +1143,7 @@ impl ClientTransmission {
                     return Err(ReplyViolation::UnexpectedChunk { chunk, command });
                 }
                 let (fixed, each) = if wide { (8u64, 16u64) } else { (4, 8) };
-                if length < fixed + each || (length - fixed) % each != 0 {
+                if length < fixed + each || !(length - fixed).is_multiple_of(each) {
                     return Err(bad_len());
                 }
                 let limit = fixed + each * MAX_BLOCK_STATUS_EXTENTS as u64;

@@ -635,11 +635,11 @@ impl ServerHandshake {
     // ----- internals -------------------------------------------------------
 
     fn check(&mut self, r: Result<(), ServerHandshakeError>) -> Result<(), ServerHandshakeError> {
-        if let Err(e) = &r {
-            if !matches!(e, ServerHandshakeError::Misuse(_)) {
-                self.phase = Phase::Closed;
-                self.out.clear();
-            }
+        if let Err(e) = &r
+            && !matches!(e, ServerHandshakeError::Misuse(_))
+        {
+            self.phase = Phase::Closed;
+            self.out.clear();
         }
         r
     }

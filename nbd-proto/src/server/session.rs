@@ -378,10 +378,10 @@ impl<E: ExportLookup> ServerSession<E> {
             return Ok((0, None));
         };
         let r = feed_transmission(tx, partial, progress, input);
-        if let Err(e) = &r {
-            if !matches!(e, ServerSessionError::Misuse(_)) {
-                *failed = Some(e.clone());
-            }
+        if let Err(e) = &r
+            && !matches!(e, ServerSessionError::Misuse(_))
+        {
+            *failed = Some(e.clone());
         }
         r
     }

@@ -583,7 +583,7 @@ impl ServerTransmission {
             };
         }
         let min = self.constraints.minimum.max(1) as u64;
-        if req.offset % min != 0 || (req.length % min != 0 && end != Some(self.size)) {
+        if !req.offset.is_multiple_of(min) || (!req.length.is_multiple_of(min) && end != Some(self.size)) {
             // The last partial block of an export that is not a multiple
             // of the minimum block size stays addressable.
             return einval("request not aligned to the minimum block size");

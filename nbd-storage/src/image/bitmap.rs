@@ -190,7 +190,7 @@ impl Qcow2Bitmaps {
                     return invalid("file too short for a version 3 header");
                 }
                 let header_length = be32(&h, 100) as u64;
-                if header_length < 104 || header_length > cluster_size || header_length % 8 != 0 {
+                if header_length < 104 || header_length > cluster_size || !header_length.is_multiple_of(8) {
                     return invalid(format!("header_length {header_length} invalid"));
                 }
                 (be64(&h, 88), header_length)
@@ -261,7 +261,7 @@ impl Qcow2Bitmaps {
         if dir_size == 0 || dir_size > MAX_DIRECTORY_SIZE {
             return invalid(format!("bitmap directory size {dir_size} out of range"));
         }
-        if dir_offset % cluster_size != 0 {
+        if !dir_offset.is_multiple_of(cluster_size) {
             return invalid("bitmap directory offset not cluster-aligned");
         }
         if dir_offset.checked_add(dir_size).is_none_or(|e| e > file_len) {
@@ -314,7 +314,7 @@ impl Qcow2Bitmaps {
                     "bitmap {name:?}: table has {table_entries} entries, the disk needs {expect}"
                 ));
             }
-            if table_offset % cluster_size != 0 {
+            if !table_offset.is_multiple_of(cluster_size) {
                 return invalid(format!("bitmap {name:?}: table offset not cluster-aligned"));
             }
             if table_offset
@@ -381,7 +381,8 @@ impl Qcow2Bitmaps {
                         bitmap.name
                     ));
                 }
-                if offset % self.cluster_size != 0 || offset.checked_add(self.cluster_size).is_none_or(|e| e > file_len)
+                if !offset.is_multiple_of(self.cluster_size)
+                    || offset.checked_add(self.cluster_size).is_none_or(|e| e > file_len)
                 {
                     return invalid(format!(
                         "bitmap {:?}: table entry {i} points outside the file",

@@ -104,10 +104,10 @@ fn open_layer(
             let access = FormatAccess::new(raw);
             // The storage object lives in the boxed driver, so its address
             // stays put when the access object moves.
-            if access.size() > 0 {
-                if let (Mapping::Raw { storage, .. }, _) = access.get_mapping(0, 1).map_err(imago_err)? {
-                    raw_layers.push((storage as *const ImagoFile as usize, dup));
-                }
+            if access.size() > 0
+                && let (Mapping::Raw { storage, .. }, _) = access.get_mapping(0, 1).map_err(imago_err)?
+            {
+                raw_layers.push((storage as *const ImagoFile as usize, dup));
             }
             Ok(access)
         }

@@ -298,12 +298,11 @@ impl Executor {
         }
         if self.inline {
             // Straight from the receive buffer into storage.
-            if let Backend::Sync(s) = &self.backend {
-                if w.error.is_none() {
-                    if let Err(e) = s.write_at(data, req.offset + offset, req.fua()) {
-                        w.error = Some(e);
-                    }
-                }
+            if let Backend::Sync(s) = &self.backend
+                && w.error.is_none()
+                && let Err(e) = s.write_at(data, req.offset + offset, req.fua())
+            {
+                w.error = Some(e);
             }
             if last {
                 let error = self.write.take().and_then(|w| w.error);
@@ -535,13 +534,13 @@ fn sparse_read(
         // contents; data is never reported as a hole from this cache.)
         return plain_read(env, st, req, buf, reply);
     }
-    if let Ok(e) = st.extent_at(req.offset, extents) {
-        if !e.flags.contains(AllocationFlags::ZERO) {
-            let run = (req.offset, req.offset.saturating_add(e.length));
-            env.shared.lock().known_data = run;
-            if end <= run.1 {
-                return plain_read(env, st, req, buf, reply);
-            }
+    if let Ok(e) = st.extent_at(req.offset, extents)
+        && !e.flags.contains(AllocationFlags::ZERO)
+    {
+        let run = (req.offset, req.offset.saturating_add(e.length));
+        env.shared.lock().known_data = run;
+        if end <= run.1 {
+            return plain_read(env, st, req, buf, reply);
         }
     }
     let mut off = req.offset;
