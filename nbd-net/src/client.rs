@@ -18,6 +18,7 @@ use nbd_proto::client::{
 };
 use nbd_proto::common::MetaContext;
 use nbd_proto::uri::{NbdUri, UriError};
+use nbd_proto::wire::{BlockSizeConstraints, DEFAULT_MAX_PAYLOAD};
 
 use crate::tls::{LazyClientTls, TlsError};
 
@@ -155,6 +156,17 @@ pub fn prepare(uri: &NbdUri, config: ClientConfig, tls: Option<LazyClientTls>) -
     Ok((uri.client_config(config), tls))
 }
 
+/// The largest piece a client's `read`/`write` of any length sends as
+/// one request: the server's maximum payload, but at most the 32 MiB that
+/// every server accepts (a larger advertised maximum would only make the
+/// client hold more of a buffer per request), rounded down to the
+/// preferred block size so that pieces stay aligned.
+pub fn split_len(c: BlockSizeConstraints) -> usize {
+    let max = c.maximum.min(DEFAULT_MAX_PAYLOAD) as usize;
+    let pref = c.preferred.max(c.minimum).max(1) as usize;
+    (max / pref).max(1) * pref
+}
+
 /// Where the handshake stopped.
 #[derive(Debug)]
 pub enum Stop {
@@ -225,6 +237,11 @@ impl Handshake {
     /// The session (getters, and the `opt_*` methods in option mode).
     pub fn session(&mut self) -> &mut ClientSession {
         &mut self.session
+    }
+
+    /// The session, to read (what was negotiated so far).
+    pub fn session_ref(&self) -> &ClientSession {
+        &self.session
     }
 
     /// The session, once the handshake is over.
@@ -374,6 +391,23 @@ pub mod outcome {
         }
     }
 
+    /// `NBD_OPT_ABORT`: the spec lets the server close the connection
+    /// without replying (nbd-server even resets it), so that is success.
+    pub fn aborted(r: Result<Stop>) -> Result<()> {
+        match r {
+            Ok(_) | Err(Error::Disconnected(_)) => Ok(()),
+            Err(Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// `NBD_OPT_GO`: `Ok` once transmission started.
     pub fn go(stop: Stop) -> Result<()> {
         match stop {
@@ -506,6 +540,33 @@ fn deliver(ev: ClientEvent<'_>, replies: &mut impl Replies) {
         _ => {}
     }
 }
+
+/// The error each request in flight gets when the connection ends on
+/// `e`: a violation by the server as itself, anything else as
+/// [`Error::Disconnected`] with `why`.
+pub fn in_flight_error(e: &Error, why: &Arc<str>) -> Error {
+    match e {
+        Error::Protocol(v) => Error::Protocol(v.clone()),
+        _ => Error::Disconnected(why.clone()),
+    }
+}
+
+/// The error for a request the session refused: on a connection that
+/// ended ([`RequestError::Failed`]) it is [`Error::Disconnected`] with
+/// why it ended.
+pub fn request_error(e: RequestError, dead: Option<&Arc<str>>) -> Error {
+    match (e, dead) {
+        (RequestError::Failed, Some(why)) => Error::Disconnected(why.clone()),
+        (RequestError::Failed, None) => Error::disconnected("the connection failed earlier"),
+        (e, _) => Error::Request(e),
+    }
+}
+
+/// The shortest reply header there is (a simple reply's): what a runtime
+/// with nothing in flight may read to notice that the server closed the
+/// connection or broke the rules, without reading past a reply of any
+/// kind (the session keeps a partial header).
+pub const IDLE_READ: usize = nbd_proto::wire::SIMPLE_REPLY_HEADER_LEN;
 
 /// The reason given to requests when the connection ends on `e`.
 pub fn reason(e: &Error) -> Arc<str> {
