@@ -1,8 +1,10 @@
 //! The async multiplexed client against real servers: many tasks on one
-//! connection, replies in any order, typed errors, and a server that dies.
+//! connection, replies in any order, typed errors, a server that dies,
+//! option mode, and abstract Unix sockets (for both clients).
 
-use nbd_proto::wire::{CommandFlags, ErrorCode};
-use nbd_smol::client::{Client, Error};
+use nbd_proto::client::{ClientConfig, HandshakeError};
+use nbd_proto::wire::{CommandFlags, ErrorCode, ReplyType};
+use nbd_smol::client::{Client, Error, Negotiation};
 use nbd_tests::*;
 
 #[test]
@@ -106,5 +108,98 @@ fn a_dying_server_fails_outstanding_requests_at_once() {
         assert!(start.elapsed() < std::time::Duration::from_secs(2), "failed promptly");
         // New requests fail at once too.
         assert!(matches!(c.flush().await, Err(Error::Disconnected(_))));
+    });
+}
+
+/// Option mode in the async client, against nbdkit with two named
+/// exports: list, info, meta contexts, a typed refusal, then GO.
+#[test]
+fn option_mode_lists_and_asks_then_goes() {
+    if !require_peer("nbdkit") {
+        return;
+    }
+    let dir = TempDir::new();
+    let peer = nbdkit(
+        &dir,
+        &[
+            "--filter=exportname",
+            "memory",
+            "4M",
+            "exportname=alpha",
+            "exportname=beta",
+            "exportname-list=explicit",
+            "exportname-strict=true",
+            "exportdesc=fixed:a memory disk",
+        ],
+    );
+    let uri = nbd_proto::uri::NbdUri::parse(&peer.uri("")).unwrap();
+    smol::block_on(async {
+        let mut neg = Negotiation::connect(&uri, ClientConfig::default()).await.unwrap();
+        assert!(neg.session().fixed_newstyle() && neg.session().structured_replies());
+        let names: Vec<String> = neg.list().await.unwrap().into_iter().map(|e| e.name).collect();
+        assert_eq!(names, ["alpha", "beta"]);
+        let info = neg.info("beta").await.unwrap();
+        assert_eq!(info.size, 4 << 20);
+        assert_eq!(info.description.as_deref(), Some("a memory disk"));
+        let listed = neg.list_meta_contexts("beta", &[]).await.unwrap();
+        assert!(listed.iter().any(|c| c.name == "base:allocation"));
+        let refused = neg.try_info("gamma").await.unwrap().unwrap_err();
+        assert_eq!(refused.reply, ReplyType::ERR_UNKNOWN);
+        assert!(matches!(
+            neg.info("gamma").await,
+            Err(Error::Handshake(HandshakeError::Refused(_)))
+        ));
+        // (Last before GO: nbdkit forgets the selection at an INFO for
+        // another export.)
+        let set = neg.set_meta_contexts("alpha", &["base:allocation"]).await.unwrap();
+        assert_eq!(set.len(), 1);
+        let c = neg.go("alpha").await.unwrap();
+        assert_eq!(c.negotiated().export_name, "alpha");
+        let (r, _) = c.write(vec![9u8; 4096], 0).await;
+        r.unwrap();
+        let st = c.block_status(0, 8192, CommandFlags::empty()).await.unwrap();
+        assert_eq!(st[0].context, "base:allocation");
+        c.disconnect().await.unwrap();
+
+        // Abort ends a session politely.
+        let neg = Negotiation::connect(&uri, ClientConfig::default()).await.unwrap();
+        neg.abort().await.unwrap();
+    });
+}
+
+/// Both clients connect to an abstract Unix socket (`socket=%00NAME`):
+/// here a relay to nbdkit's socket listens on one.
+#[test]
+fn both_clients_connect_to_abstract_sockets() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+    if !require_peer("nbdkit") {
+        return;
+    }
+    let dir = TempDir::new();
+    let peer = nbdkit(&dir, &["memory", "8M"]);
+    let name = format!("nbd-rs-test-{}", std::process::id());
+    let listener = UnixListener::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
+    let target = peer.socket().to_path_buf();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(a) = conn else { return };
+            let Ok(b) = UnixStream::connect(&target) else { return };
+            let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+            std::thread::spawn(move || std::io::copy(&mut a2, &mut b2));
+            let (mut a, mut b) = (a, b);
+            std::thread::spawn(move || std::io::copy(&mut b, &mut a));
+        }
+    });
+    let uri = format!("nbd+unix:///?socket=%00{name}");
+    let mut c = nbd_blocking::Client::connect(&uri).unwrap();
+    c.write(&[7u8; 4096], 8192).unwrap();
+    c.disconnect().unwrap();
+    smol::block_on(async {
+        let c = Client::connect(&uri).await.unwrap();
+        let (r, back) = c.read(vec![0u8; 4096], 8192).await;
+        r.unwrap();
+        assert_eq!(back, vec![7u8; 4096]);
+        c.disconnect().await.unwrap();
     });
 }
