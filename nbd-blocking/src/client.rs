@@ -23,7 +23,8 @@ use std::io::{self, Read, Write};
 use std::sync::Arc;
 
 use nbd_net::client::{
-    HandshakeIo, Incoming, Replies, Stop, add_block_status, data_range, fill_hole, outcome, prepare, reason, split_len,
+    HandshakeIo, Incoming, Options, Replies, Stop, add_block_status, data_range, fill_hole, outcome, reason, split_len,
+    uri_tls,
 };
 use nbd_net::rustls;
 use nbd_net::{ClientTls, LazyClientTls};
@@ -45,6 +46,12 @@ impl<T: Read + Write + Send> Stream for T {}
 /// A TLS client session over the socket. Dropping it sends a
 /// `close_notify` alert (best effort), so that the server sees a clean end.
 struct TlsStream(rustls::StreamOwned<rustls::ClientConnection, Socket>);
+
+impl std::fmt::Debug for TlsStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("TlsStream").field(&self.0.sock).finish()
+    }
+}
 
 impl Read for TlsStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -69,6 +76,7 @@ impl Drop for TlsStream {
 }
 
 /// The connection: the socket until TLS starts, then TLS over it.
+#[derive(Debug)]
 enum Conn {
     Plain(Socket),
     Tls(Box<TlsStream>),
@@ -116,7 +124,9 @@ fn negotiate(hs: &mut Handshake, conn: &mut Conn, tls: &LazyClientTls) -> Result
         match hs.step()? {
             HandshakeIo::Send => {
                 let s = conn.stream();
-                s.write_all(hs.output()).and_then(|()| s.flush()).map_err(|e| hs.io_error(e))?;
+                s.write_all(hs.output())
+                    .and_then(|()| s.flush())
+                    .map_err(|e| hs.io_error(e))?;
                 hs.sent();
             }
             HandshakeIo::Receive => {
@@ -136,19 +146,22 @@ fn negotiate(hs: &mut Handshake, conn: &mut Conn, tls: &LazyClientTls) -> Result
 
 /// A connection in option mode: list exports, ask about them, then either
 /// [`Negotiation::go`] into a [`Client`] or [`Negotiation::abort`].
+///
+/// ```no_run
+/// use nbd_blocking::{ClientConfig, NbdUri, Negotiation};
+///
+/// let uri = NbdUri::parse("nbd://localhost")?;
+/// let mut neg = Negotiation::connect(&uri, ClientConfig::default())?;
+/// for export in neg.list()? {
+///     println!("{}: {} bytes", export.name, neg.info(&export.name)?.size);
+/// }
+/// let client = neg.go("disk")?;
+/// # Ok::<(), nbd_blocking::Error>(())
+/// ```
+#[derive(Debug)]
 pub struct Negotiation {
-    hs: Handshake,
+    options: Options,
     conn: Conn,
-    tls: LazyClientTls,
-    /// The server went straight to transmission (oldstyle, or newstyle
-    /// without fixed newstyle).
-    done: bool,
-}
-
-impl std::fmt::Debug for Negotiation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Negotiation").field("done", &self.done).finish()
-    }
 }
 
 impl Negotiation {
@@ -156,8 +169,7 @@ impl Negotiation {
     /// structured replies and extended headers as `config` asks; TLS as
     /// [`Client::connect_uri`] says).
     pub fn connect(uri: &NbdUri, config: ClientConfig) -> Result<Negotiation> {
-        let (config, tls) = prepare(uri, config, None)?;
-        Self::handshake_with_tls(connect(uri)?, config, tls)
+        Self::handshake_with_tls(connect(uri)?, uri.client_config(config), uri_tls(uri)?)
     }
 
     /// Negotiates over a connected socket (TLS, if `config` asks for it,
@@ -178,58 +190,29 @@ impl Negotiation {
         let mut conn = Conn::Plain(socket.into());
         let stop = negotiate(&mut hs, &mut conn, &tls)?;
         Ok(Negotiation {
-            hs,
+            options: Options::new(hs, tls, &stop),
             conn,
-            tls,
-            done: matches!(stop, Stop::Connected),
         })
     }
 
-    fn session(&self) -> &ClientSession {
-        self.hs.session_ref()
-    }
-
-    /// Whether the server speaks fixed newstyle (options can be used).
-    pub fn fixed_newstyle(&self) -> bool {
-        self.session().fixed_newstyle()
+    /// The session: what was negotiated so far (`fixed_newstyle()`,
+    /// `protocol_name()`, `tls()`, `structured_replies()`,
+    /// `extended_headers()`).
+    pub fn session(&self) -> &ClientSession {
+        self.options.session()
     }
 
     /// Whether the server already ended negotiation (an oldstyle server,
     /// or one that only knows `NBD_OPT_EXPORT_NAME`): only
     /// [`Negotiation::go`] is left.
     pub fn is_done(&self) -> bool {
-        self.done
+        self.options.is_done()
     }
 
-    /// The protocol name as libnbd reports it (`oldstyle`, `newstyle`,
-    /// `newstyle-fixed`).
-    pub fn protocol_name(&self) -> &'static str {
-        self.session().protocol_name()
-    }
-
-    /// Whether structured replies (or extended headers) were negotiated.
-    pub fn structured_replies(&self) -> bool {
-        self.session().structured_replies()
-    }
-
-    /// Whether extended headers were negotiated.
-    pub fn extended_headers(&self) -> bool {
-        self.session().extended_headers()
-    }
-
-    /// Whether TLS is in use.
-    pub fn tls(&self) -> bool {
-        self.session().tls()
-    }
-
-    fn option(&mut self, issue: impl FnOnce(&mut ClientSession) -> Result<(), ClientSessionError>) -> Result<Stop> {
-        if self.done {
-            return Err(Error::Misuse("no options after negotiation ended"));
-        }
-        issue(self.hs.session())?;
-        let stop = negotiate(&mut self.hs, &mut self.conn, &self.tls)?;
-        self.done = matches!(stop, Stop::Connected);
-        Ok(stop)
+    fn option(&mut self, option: impl FnOnce(&mut ClientSession) -> Result<(), ClientSessionError>) -> Result<Stop> {
+        let (hs, tls) = self.options.issue(option)?;
+        let stop = negotiate(hs, &mut self.conn, tls)?;
+        Ok(self.options.stopped(stop))
     }
 
     /// `NBD_OPT_LIST`: every export's name and description.
@@ -260,15 +243,15 @@ impl Negotiation {
     /// `NBD_OPT_GO` (falling back to `NBD_OPT_EXPORT_NAME` if the server
     /// does not know GO): enter transmission.
     pub fn go(mut self, export: &str) -> Result<Client> {
-        if !self.done {
+        if !self.is_done() {
             outcome::go(self.option(|s| s.opt_go(Some(export)))?)?;
         }
-        Client::from_parts(self.hs, self.conn)
+        Client::from_parts(self.options.into_session(), self.conn)
     }
 
     /// `NBD_OPT_ABORT`, then close.
     pub fn abort(mut self) -> Result<()> {
-        if self.done {
+        if self.is_done() {
             // Oldstyle or EXPORT_NAME-only: a hard close is all there is.
             return Ok(());
         }
@@ -277,6 +260,7 @@ impl Negotiation {
 }
 
 /// A connected client in transmission.
+#[derive(Debug)]
 pub struct Client {
     conn: Conn,
     session: ClientSession,
@@ -287,12 +271,6 @@ pub struct Client {
     input: Vec<u8>,
     /// Why the connection ended, once it did.
     dead: Option<Arc<str>>,
-}
-
-impl std::fmt::Debug for Client {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("negotiated", &self.negotiated).finish()
-    }
 }
 
 /// The one request in flight: where its data and extents go.
@@ -340,14 +318,12 @@ impl Client {
     /// `tls-hostname` and `tls-verify-peer` (see
     /// [`nbd_net::ClientTlsOptions::from_uri`]).
     pub fn connect_uri(uri: &NbdUri, config: ClientConfig) -> Result<Client> {
-        let (config, tls) = prepare(uri, config, None)?;
-        Self::handshake_with_tls(connect(uri)?, config, tls)
+        Self::connect_uri_with_tls(uri, config, uri_tls(uri)?)
     }
 
     /// [`Client::connect_uri`] with TLS credentials of the caller's.
     pub fn connect_uri_with_tls(uri: &NbdUri, config: ClientConfig, tls: LazyClientTls) -> Result<Client> {
-        let (config, tls) = prepare(uri, config, Some(tls))?;
-        Self::handshake_with_tls(connect(uri)?, config, tls)
+        Self::handshake_with_tls(connect(uri)?, uri.client_config(config), tls)
     }
 
     /// Negotiates over a connected socket (TLS, if `config` asks for it,
@@ -360,17 +336,20 @@ impl Client {
     /// (used if `config.tls` asks for TLS and the server accepts). One
     /// request is in flight at a time, whatever `config.max_in_flight`
     /// says.
-    pub fn handshake_with_tls(socket: impl Into<Socket>, mut config: ClientConfig, tls: LazyClientTls) -> Result<Client> {
+    pub fn handshake_with_tls(
+        socket: impl Into<Socket>,
+        mut config: ClientConfig,
+        tls: LazyClientTls,
+    ) -> Result<Client> {
         config.opt_mode = false;
         config.max_in_flight = 1;
         let mut hs = Handshake::new(config);
         let mut conn = Conn::Plain(socket.into());
         outcome::go(negotiate(&mut hs, &mut conn, &tls)?)?;
-        Self::from_parts(hs, conn)
+        Self::from_parts(hs.into_session(), conn)
     }
 
-    fn from_parts(hs: Handshake, conn: Conn) -> Result<Client> {
-        let session = hs.into_session();
+    fn from_parts(session: ClientSession, conn: Conn) -> Result<Client> {
         let negotiated = session
             .negotiated()
             .cloned()
@@ -429,7 +408,9 @@ impl Client {
     /// A socket error in the middle of a request.
     fn lost(&mut self, e: io::Error, during: &str) -> Error {
         let e = match e.kind() {
-            io::ErrorKind::UnexpectedEof => Error::Disconnected(format!("the server closed the connection {during}").into()),
+            io::ErrorKind::UnexpectedEof => {
+                Error::Disconnected(format!("the server closed the connection {during}").into())
+            }
             _ => Error::Io(e),
         };
         self.fail(e)
@@ -459,7 +440,10 @@ impl Client {
             // timeout set by the caller, say): the stream is out of step.
             r.map_err(|e| self.lost(e, "while a request was sent"))?;
         }
-        self.conn.stream().flush().map_err(|e| self.lost(e, "while a request was sent"))
+        self.conn
+            .stream()
+            .flush()
+            .map_err(|e| self.lost(e, "while a request was sent"))
     }
 
     fn receive(&mut self, one: &mut One<'_>) -> Result<()> {
@@ -475,9 +459,7 @@ impl Client {
                     let r = nbd_net::client::input_received(&mut self.session, &self.input, one);
                     r.map_err(|e| self.fail(e))?;
                 }
-                Incoming::Data {
-                    buf_offset, length, ..
-                } => {
+                Incoming::Data { buf_offset, length, .. } => {
                     let r = match data_range(one.buf.len(), buf_offset, length) {
                         Some(range) => self.conn.stream().read_exact(&mut one.buf[range]),
                         None => return Err(self.fail(Error::Misuse("READ data beyond the request's buffer"))),

@@ -19,7 +19,7 @@
 pub mod client;
 pub mod server;
 
-pub use client::{BlockStatus, Client, Error, Negotiation, Result, Socket};
+pub use client::{BlockStatus, Client, ClientIo, Error, Negotiation, Result, Socket};
 pub use nbd_net::LazyClientTls;
 pub use nbd_proto::client::{ClientConfig, TlsMode};
 pub use nbd_proto::uri::NbdUri;

@@ -13,8 +13,8 @@ use std::io;
 use std::sync::Arc;
 
 use nbd_proto::client::{
-    ClientConfig, ClientEvent, ClientNeed, ClientSession, ClientSessionError, Cookie, Extent, Extents,
-    HandshakeError, OptionOutcome, ReplyViolation, RequestError, ServerError,
+    ClientConfig, ClientEvent, ClientNeed, ClientSession, ClientSessionError, Cookie, Extent, Extents, HandshakeError,
+    OptionOutcome, ReplyViolation, RequestError, ServerError,
 };
 use nbd_proto::common::MetaContext;
 use nbd_proto::uri::{NbdUri, UriError};
@@ -142,18 +142,12 @@ pub fn add_block_status(out: &mut Vec<BlockStatus>, contexts: &[MetaContext], co
     }
 }
 
-/// The configuration and TLS credentials for connecting to `uri` (see
-/// [`NbdUri::client_config`]): the credentials come from the URI's
-/// `tls-certificates`, `tls-hostname` and `tls-verify-peer` and are read
-/// only if the server accepts TLS. `tls` overrides them (e.g. one value
-/// for every connection of a pool: the files are read once and the
-/// connections share a session cache).
-pub fn prepare(uri: &NbdUri, config: ClientConfig, tls: Option<LazyClientTls>) -> Result<(ClientConfig, LazyClientTls)> {
-    let tls = match tls {
-        Some(t) => t,
-        None => LazyClientTls::from_uri(uri)?,
-    };
-    Ok((uri.client_config(config), tls))
+/// The credentials for connecting to `uri`: from its `tls-certificates`,
+/// `tls-hostname` and `tls-verify-peer`, read only if the server accepts
+/// TLS (see [`LazyClientTls::from_uri`]). The configuration is
+/// [`NbdUri::client_config`].
+pub fn uri_tls(uri: &NbdUri) -> Result<LazyClientTls> {
+    Ok(LazyClientTls::from_uri(uri)?)
 }
 
 /// The largest piece a client's `read`/`write` of any length sends as
@@ -342,6 +336,65 @@ impl Handshake {
     }
 }
 
+/// Option mode's state, the same in both runtimes' `Negotiation`: the
+/// handshake, the TLS credentials for a later STARTTLS, and whether
+/// negotiation ended. A runtime issues an option with
+/// [`Options::issue`], pumps the handshake it gets back, and reports where
+/// it stopped with [`Options::stopped`].
+#[derive(Debug)]
+pub struct Options {
+    hs: Handshake,
+    tls: LazyClientTls,
+    done: bool,
+}
+
+impl Options {
+    /// The state after the handshake first stopped at `stop`.
+    pub fn new(hs: Handshake, tls: LazyClientTls, stop: &Stop) -> Options {
+        Options {
+            hs,
+            tls,
+            done: matches!(stop, Stop::Connected),
+        }
+    }
+
+    /// The session: what was negotiated so far (`fixed_newstyle()`,
+    /// `protocol_name()`, `tls()`, `structured_replies()`,
+    /// `extended_headers()`).
+    pub fn session(&self) -> &ClientSession {
+        self.hs.session_ref()
+    }
+
+    /// Whether the server ended negotiation (oldstyle, newstyle without
+    /// fixed newstyle, or after GO): no option can be issued.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// Issues an option: the handshake to pump (with the credentials).
+    pub fn issue(
+        &mut self,
+        option: impl FnOnce(&mut ClientSession) -> Result<(), ClientSessionError>,
+    ) -> Result<(&mut Handshake, &LazyClientTls)> {
+        if self.done {
+            return Err(Error::Misuse("no options after negotiation ended"));
+        }
+        option(self.hs.session())?;
+        Ok((&mut self.hs, &self.tls))
+    }
+
+    /// The handshake stopped at `stop` after an option.
+    pub fn stopped(&mut self, stop: Stop) -> Stop {
+        self.done = matches!(stop, Stop::Connected);
+        stop
+    }
+
+    /// The session, once negotiation is over.
+    pub fn into_session(self) -> ClientSession {
+        self.hs.into_session()
+    }
+}
+
 /// The answers of option mode, as both runtimes' `Negotiation` return
 /// them: a refusal of an option the caller needs is an error
 /// ([`HandshakeError::Refused`]); [`outcome::info_or_refusal`] keeps it a
@@ -385,7 +438,10 @@ pub mod outcome {
 
     /// `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT`.
     pub fn meta_contexts(stop: Stop) -> Result<Vec<MetaContext>> {
-        match option(stop, "the server ended negotiation without answering a meta context option")? {
+        match option(
+            stop,
+            "the server ended negotiation without answering a meta context option",
+        )? {
             OptionOutcome::MetaContexts(c) => Ok(c),
             _ => Ok(Vec::new()),
         }

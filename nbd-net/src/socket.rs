@@ -194,7 +194,10 @@ impl<'a> Gather<'a> {
     /// is an error (`WriteZero`): the peer stopped taking data.
     pub fn advance(&mut self, n: usize) -> io::Result<()> {
         if n == 0 && !self.is_done() {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "the connection took no more bytes"));
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "the connection took no more bytes",
+            ));
         }
         let h = n.min(self.head.len());
         self.head = &self.head[h..];

@@ -38,8 +38,8 @@ use std::task::{Context, Poll, Waker};
 
 use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use nbd_net::client::{
-    HandshakeIo, IDLE_READ, Incoming, Replies, Stop, add_block_status, data_range, fill_hole, in_flight_error,
-    outcome, prepare, reason, request_error, split_len,
+    HandshakeIo, IDLE_READ, Incoming, Options, Replies, Stop, add_block_status, data_range, fill_hole, in_flight_error,
+    outcome, reason, request_error, split_len, uri_tls,
 };
 use nbd_proto::client::{
     ClientConfig, ClientSession, ClientSessionError, Cookie, ExportEntry, ExportInfo, Extents, MetaContext, Mode,
@@ -113,17 +113,14 @@ async fn negotiate(hs: &mut Handshake, r: &mut BoxRead, w: &mut BoxWrite, tls: &
 /// A connection in option mode: list exports, ask about them, then either
 /// [`Negotiation::go`] into a [`Client`] or [`Negotiation::abort`].
 pub struct Negotiation {
-    hs: Handshake,
+    options: Options,
     r: BoxRead,
     w: BoxWrite,
-    tls: LazyClientTls,
-    /// The server went straight to transmission.
-    done: bool,
 }
 
 impl std::fmt::Debug for Negotiation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Negotiation").field("done", &self.done).finish()
+        f.debug_tuple("Negotiation").field(&self.options).finish()
     }
 }
 
@@ -146,8 +143,7 @@ impl Negotiation {
     /// # });
     /// ```
     pub async fn connect(uri: &NbdUri, config: ClientConfig) -> Result<Negotiation> {
-        let (config, tls) = prepare(uri, config, None)?;
-        Self::handshake_with_tls(open(uri).await?, config, tls).await
+        Self::handshake_with_tls(open(uri).await?, uri.client_config(config), uri_tls(uri)?).await
     }
 
     /// Negotiates over a connected socket (TLS, if `config` asks for it,
@@ -167,11 +163,9 @@ impl Negotiation {
         let (mut r, mut w) = halves(socket.into())?;
         let stop = negotiate(&mut hs, &mut r, &mut w, &tls).await?;
         Ok(Negotiation {
-            hs,
+            options: Options::new(hs, tls, &stop),
             r,
             w,
-            tls,
-            done: matches!(stop, Stop::Connected),
         })
     }
 
@@ -179,27 +173,23 @@ impl Negotiation {
     /// `protocol_name()`, `tls()`, `structured_replies()`,
     /// `extended_headers()`).
     pub fn session(&self) -> &ClientSession {
-        self.hs.session_ref()
+        self.options.session()
     }
 
     /// Whether the server already ended negotiation (an oldstyle server,
     /// or one that only knows `NBD_OPT_EXPORT_NAME`): only
     /// [`Negotiation::go`] is left.
     pub fn is_done(&self) -> bool {
-        self.done
+        self.options.is_done()
     }
 
     async fn option(
         &mut self,
-        issue: impl FnOnce(&mut ClientSession) -> Result<(), ClientSessionError>,
+        option: impl FnOnce(&mut ClientSession) -> Result<(), ClientSessionError>,
     ) -> Result<Stop> {
-        if self.done {
-            return Err(Error::Misuse("no options after negotiation ended"));
-        }
-        issue(self.hs.session())?;
-        let stop = negotiate(&mut self.hs, &mut self.r, &mut self.w, &self.tls).await?;
-        self.done = matches!(stop, Stop::Connected);
-        Ok(stop)
+        let (hs, tls) = self.options.issue(option)?;
+        let stop = negotiate(hs, &mut self.r, &mut self.w, tls).await?;
+        Ok(self.options.stopped(stop))
     }
 
     /// `NBD_OPT_LIST`: every export's name and description.
@@ -230,15 +220,15 @@ impl Negotiation {
     /// `NBD_OPT_GO` (falling back to `NBD_OPT_EXPORT_NAME` if the server
     /// does not know GO): enter transmission and start the tasks.
     pub async fn go(mut self, export: &str) -> Result<Client> {
-        if !self.done {
+        if !self.is_done() {
             outcome::go(self.option(|s| s.opt_go(Some(export))).await?)?;
         }
-        Client::start(self.hs.into_session(), self.r, self.w)
+        Client::start(self.options.into_session(), self.r, self.w)
     }
 
     /// `NBD_OPT_ABORT`, then close.
     pub async fn abort(mut self) -> Result<()> {
-        if self.done {
+        if self.is_done() {
             // Oldstyle or EXPORT_NAME-only: a hard close is all there is.
             return Ok(());
         }
@@ -367,7 +357,12 @@ impl Replies for SlotReplies<'_> {
         fill_hole(self.slots[cookie.slot()].bytes(), buf_offset, length);
     }
     fn block_status(&mut self, cookie: Cookie, context_id: u32, extents: Extents<'_>) {
-        add_block_status(&mut self.slots[cookie.slot()].status, self.contexts, context_id, extents);
+        add_block_status(
+            &mut self.slots[cookie.slot()].status,
+            self.contexts,
+            context_id,
+            extents,
+        );
     }
     fn done(&mut self, cookie: Cookie, result: Result<(), ServerError>) {
         let s = &mut self.slots[cookie.slot()];
@@ -422,7 +417,9 @@ pub struct Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("negotiated", &self.state.negotiated).finish()
+        f.debug_struct("Client")
+            .field("negotiated", &self.state.negotiated)
+            .finish()
     }
 }
 
@@ -455,16 +452,14 @@ impl Client {
     /// TLS credentials come from the URI's `tls-certificates`,
     /// `tls-hostname` and `tls-verify-peer`.
     pub async fn connect_uri(uri: &NbdUri, config: ClientConfig) -> Result<Client> {
-        let (config, tls) = prepare(uri, config, None)?;
-        Self::handshake_with_tls(open(uri).await?, config, tls).await
+        Self::connect_uri_with_tls(uri, config, uri_tls(uri)?).await
     }
 
     /// [`Client::connect_uri`] with TLS credentials of the caller's (e.g.
     /// one [`LazyClientTls`] for every connection of a pool: the files are
     /// read once and the connections share a TLS session cache).
     pub async fn connect_uri_with_tls(uri: &NbdUri, config: ClientConfig, tls: LazyClientTls) -> Result<Client> {
-        let (config, tls) = prepare(uri, config, Some(tls))?;
-        Self::handshake_with_tls(open(uri).await?, config, tls).await
+        Self::handshake_with_tls(open(uri).await?, uri.client_config(config), tls).await
     }
 
     /// Negotiates over a connected socket and starts the tasks (TLS, if
@@ -551,7 +546,12 @@ impl Client {
 
     /// Issues a request on `buf[start..start + req.length]` (READ
     /// destination or WRITE source) and waits for its reply.
-    async fn submit(&self, req: Request, buf: Option<Vec<u8>>, start: usize) -> (Result<Vec<BlockStatus>>, Option<Vec<u8>>) {
+    async fn submit(
+        &self,
+        req: Request,
+        buf: Option<Vec<u8>>,
+        start: usize,
+    ) -> (Result<Vec<BlockStatus>>, Option<Vec<u8>>) {
         let permit = self.state.permits.acquire_arc().await;
         let slot = {
             let mut g = self.state.lock();
@@ -626,7 +626,13 @@ impl Client {
         self.split(Command::WRITE, buf, offset, flags).await
     }
 
-    async fn split(&self, command: Command, mut buf: Vec<u8>, offset: u64, flags: CommandFlags) -> (Result<()>, Vec<u8>) {
+    async fn split(
+        &self,
+        command: Command,
+        mut buf: Vec<u8>,
+        offset: u64,
+        flags: CommandFlags,
+    ) -> (Result<()>, Vec<u8>) {
         let chunk = split_len(self.constraints());
         let mut at = 0;
         loop {
@@ -786,7 +792,9 @@ async fn reader_loop(state: &State, r: &mut BoxRead) -> Result<()> {
     let contexts = &state.negotiated.contexts;
     let mut scratch: Vec<u8> = Vec::with_capacity(64);
     let eof = |e: std::io::Error, during: &str| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => Error::Disconnected(format!("the server closed the connection {during}").into()),
+        std::io::ErrorKind::UnexpectedEof => {
+            Error::Disconnected(format!("the server closed the connection {during}").into())
+        }
         _ => Error::Io(e),
     };
     loop {
@@ -814,7 +822,9 @@ async fn reader_loop(state: &State, r: &mut BoxRead) -> Result<()> {
                     Some(Ok(0)) => return Err(Error::disconnected("the server closed the connection")),
                     Some(Ok(n)) => {
                         let mut g = state.lock();
-                        g.with_replies(contexts, |s, rep| nbd_net::client::input_received(s, &scratch[..n], rep))?;
+                        g.with_replies(contexts, |s, rep| {
+                            nbd_net::client::input_received(s, &scratch[..n], rep)
+                        })?;
                     }
                     Some(Err(e)) => return Err(Error::Io(e)),
                 }

@@ -23,11 +23,9 @@ pub mod server;
 pub mod tls;
 
 pub use client::{BlockStatus, Client, Error, Negotiation, Result, Socket};
-pub use nbd_net::LazyClientTls;
-pub use nbd_proto::client::{ClientConfig, TlsMode};
-pub use nbd_proto::uri::NbdUri;
-pub use nbd_proto::wire::CommandFlags;
+pub use nbd_proto::{client::ClientConfig, client::TlsMode, uri::NbdUri, wire::CommandFlags};
 pub use pool::Pool;
+pub use tls::LazyClientTls;
 
 /// Runs a future to completion on the current thread. Connections and
 /// client tasks run on smol's global executor, whose number of threads is

@@ -32,8 +32,7 @@ impl Pool {
         let mut clients = vec![first];
         let multi = clients[0].flags().contains(TransmissionFlags::CAN_MULTI_CONN);
         if multi {
-            let more = (1..connections.max(1))
-                .map(|_| Client::connect_uri_with_tls(uri, config.clone(), tls.clone()));
+            let more = (1..connections.max(1)).map(|_| Client::connect_uri_with_tls(uri, config.clone(), tls.clone()));
             for c in join_all(more).await {
                 clients.push(c?);
             }

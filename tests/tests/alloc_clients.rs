@@ -81,8 +81,14 @@ async fn streams(c: &nbd_smol::Client, bufs: &mut [(Vec<u8>, Vec<u8>); 8], round
     let [b0, b1, b2, b3, b4, b5, b6, b7] = bufs;
     let r = || rounds.clone();
     zip(
-        zip(zip(stream(c, b0, 0, r()), stream(c, b1, 1, r())), zip(stream(c, b2, 2, r()), stream(c, b3, 3, r()))),
-        zip(zip(stream(c, b4, 4, r()), stream(c, b5, 5, r())), zip(stream(c, b6, 6, r()), stream(c, b7, 7, r()))),
+        zip(
+            zip(stream(c, b0, 0, r()), stream(c, b1, 1, r())),
+            zip(stream(c, b2, 2, r()), stream(c, b3, 3, r())),
+        ),
+        zip(
+            zip(stream(c, b4, 4, r()), stream(c, b5, 5, r())),
+            zip(stream(c, b6, 6, r()), stream(c, b7, 7, r())),
+        ),
     )
     .await;
 }

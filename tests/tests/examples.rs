@@ -12,7 +12,9 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use nbd_tests::{TempDir, describe_output, nbdkit, nbdkit_tcp, our_example, pattern, qemu_nbd, require_peer, run_ok, run_timeout};
+use nbd_tests::{
+    TempDir, describe_output, nbdkit, nbdkit_tcp, our_example, pattern, qemu_nbd, require_peer, run_ok, run_timeout,
+};
 
 const SIZE: u64 = (8 << 20) + 4096 + 512;
 
