@@ -1,10 +1,11 @@
 //! What both client runtimes share around `nbd_proto`'s
-//! [`ClientSession`]: the one error type ([`Error`]), the connect step
-//! ([`prepare`]: URI to configuration and TLS credentials), the handshake
-//! pump ([`Handshake`]), the receive side of transmission ([`receive`],
-//! [`input_received`], [`data_received`], with the runtime's buffers
-//! behind the [`Replies`] trait), and the answers of option mode
-//! ([`outcome`]).
+//! [`ClientSession`]: the one error type ([`Error`]), the TLS credentials
+//! a URI names ([`uri_tls`]; its configuration is
+//! [`NbdUri::client_config`]), the handshake pump ([`Handshake`]), option
+//! mode's state and answers ([`Options`], [`outcome`]), and the receive
+//! side of transmission ([`receive`], [`input_received`],
+//! [`data_received`], with the runtime's buffers behind the [`Replies`]
+//! trait).
 //!
 //! Everything here is free of I/O: a runtime reads and writes its socket
 //! (blocking, or async) where these functions say, and nothing else.
@@ -53,9 +54,8 @@ pub enum Error {
     #[error("{0}")]
     Server(#[from] ServerError),
     /// The connection is gone (the server closed it, or an earlier error
-    /// or [`disconnect`](https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md#terminating-the-transmission-phase)
-    /// ended it): the request was not sent, or its reply never came. The
-    /// text says why.
+    /// or the client's `NBD_CMD_DISC` ended it): the request was not sent,
+    /// or its reply never came. The text says why.
     #[error("disconnected: {0}")]
     Disconnected(Arc<str>),
     /// The TLS credentials could not be set up (a certificate file is

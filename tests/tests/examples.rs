@@ -9,7 +9,7 @@
 //! examples meet data and hole chunks and short last requests.
 
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nbd_tests::{
@@ -36,7 +36,7 @@ fn image(dir: &TempDir) -> PathBuf {
 }
 
 /// `sha256sum`'s hash of the file.
-fn sha256sum(path: &PathBuf) -> String {
+fn sha256sum(path: &Path) -> String {
     let out = run_ok("sha256sum", &[path.to_str().unwrap()]);
     out.split_whitespace().next().unwrap().to_owned()
 }
