@@ -16,6 +16,22 @@ use crate::client::{BlockStatus, Client, Error, Result};
 use crate::tls::LazyClientTls;
 
 /// A pool of connections to one export.
+///
+/// ```no_run
+/// # smol::block_on(async {
+/// use nbd_smol::{ClientConfig, NbdUri, Pool};
+///
+/// let uri = NbdUri::parse("nbd://localhost/disk")?;
+/// // Four connections if the server allows multi-conn, 32 requests each.
+/// let config = ClientConfig { max_in_flight: 32, ..ClientConfig::default() };
+/// let pool = Pool::connect(&uri, config, 4).await?;
+/// let (r, buf) = pool.read(vec![0u8; 1 << 20], 0).await;
+/// r?;
+/// pool.flush().await?;
+/// pool.disconnect().await?;
+/// # Ok::<(), nbd_smol::Error>(())
+/// # });
+/// ```
 #[derive(Debug)]
 pub struct Pool {
     clients: Vec<Client>,
