@@ -1,371 +1,252 @@
-//! A blocking NBD client over std TCP and Unix sockets.
+//! A blocking NBD client over std sockets, pumping `nbd_proto`'s
+//! [`ClientSession`].
 //!
-//! One request at a time, driven by `nbd_proto`'s state machines: the
-//! client writes each request header and its WRITE data with one vectored
-//! write, and reads READ data straight from the socket into the caller's
-//! buffer.
+//! One request at a time: the client writes each request header and its
+//! WRITE data with one vectored write (the data straight from the
+//! caller's slice), reads exactly the header bytes the session asks for,
+//! and reads READ data straight from the socket into the caller's buffer.
+//! Nothing is copied and nothing is allocated per request.
+//!
+//! The API is the async client's (`nbd_smol::Client`): the same method
+//! names, argument order and [`Error`]; here buffers are borrowed slices,
+//! there they are owned `Vec`s given back with the result.
 //!
 //! The client has no timeouts of its own: against a server that stops
 //! answering, a call waits as long as the socket does. A caller who needs a
-//! bound connects the socket itself, sets `set_read_timeout` /
-//! `set_write_timeout` on it, and negotiates over it with
-//! [`Client::handshake`]; a call that times out then fails with that
-//! `io::Error` (`WouldBlock` or `TimedOut`), and every later call with
-//! `RequestError::Failed` (the stream is out of step): drop the client.
+//! bound connects the socket itself ([`nbd_net::connect`]), sets
+//! [`Socket::set_read_timeout`] / [`Socket::set_write_timeout`] on it, and
+//! negotiates over it with [`Client::handshake`]; a call that times out
+//! then fails with that `io::Error` (`WouldBlock` or `TimedOut`), and every
+//! later call with [`Error::Disconnected`] (the stream is out of step).
 
-use std::io::{self, IoSlice, Read, Write};
-use std::net::TcpStream;
-use std::os::unix::net::UnixStream;
+use std::io::{self, Read, Write};
+use std::sync::Arc;
 
-use nbd_net::rustls;
-use nbd_net::{ClientTls, LazyClientTls, TlsError};
-use nbd_proto::client::{
-    ClientConfig, ClientHandshake, ClientTransmission, Cookie, ExportEntry, ExportInfo, HandshakeError, HandshakeStep,
-    MetaContext, Mode, Negotiated, OptionOutcome, ReceiveNext, ReplyEvent, ReplyViolation, Request, RequestError,
-    ServerError, ServerOptionError, TlsMode,
+use nbd_net::client::{
+    HandshakeIo, Incoming, Options, Replies, Stop, add_block_status, data_range, fill_hole, outcome, reason, split_len,
+    uri_tls,
 };
-use nbd_proto::uri::{NbdUri, Transport, UriError};
-use nbd_proto::wire::{BlockSizeConstraints, Command, CommandFlags, TransmissionFlags};
+use nbd_net::rustls;
+use nbd_net::{ClientTls, LazyClientTls};
+use nbd_proto::client::{
+    ClientConfig, ClientSession, ClientSessionError, Cookie, ExportEntry, ExportInfo, Extents, MetaContext, Mode,
+    Negotiated, Request, ServerError, ServerOptionError,
+};
+use nbd_proto::uri::NbdUri;
+use nbd_proto::wire::{BlockSizeConstraints, Command, CommandFlags, ErrorCode, TransmissionFlags};
 
-/// Everything that can go wrong for a client.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// A socket error.
-    #[error("{0}")]
-    Io(#[from] io::Error),
-    /// The URI is not valid.
-    #[error("invalid NBD URI: {0}")]
-    Uri(#[from] UriError),
-    /// The handshake failed.
-    #[error("{0}")]
-    Handshake(#[from] HandshakeError),
-    /// The request was refused before reaching the wire.
-    #[error("{0}")]
-    Request(#[from] RequestError),
-    /// The server broke the protocol; the connection is closed.
-    #[error("protocol violation by server: {0}")]
-    Protocol(#[from] ReplyViolation),
-    /// The server answered the request with an error.
-    #[error("{0}")]
-    Server(#[from] ServerError),
-    /// The server closed the connection.
-    #[error("server closed the connection{0}")]
-    Closed(&'static str),
-    /// The TLS credentials could not be set up (a certificate file is
-    /// missing or unreadable, an unsupported `tls-type`, ...).
-    #[error("TLS: {0}")]
-    Tls(#[from] TlsError),
-    /// The TLS handshake after `NBD_OPT_STARTTLS` failed (the server's
-    /// certificate did not verify, the server refused ours, ...); the
-    /// connection is closed, as the spec requires.
-    #[error("TLS handshake failed: {0}")]
-    TlsHandshake(io::Error),
-}
+pub use nbd_net::client::{BlockStatus, Error, Handshake, Result};
+pub use nbd_net::{Socket, connect};
 
-impl Error {
-    /// The errno this error stands for, where it has one (server errors
-    /// give their NBD error; socket errors their OS error).
-    pub fn errno(&self) -> Option<i32> {
-        match self {
-            Error::Server(e) => Some(e.code.to_errno()),
-            Error::Io(e) => e.raw_os_error(),
-            _ => None,
-        }
-    }
-}
-
-/// Result alias for this module.
-pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// A bidirectional byte stream the client can run over.
-pub trait Stream: Read + Write + Send {}
+/// A bidirectional byte stream the client runs over (the socket, or TLS
+/// over it).
+trait Stream: Read + Write + Send {}
 impl<T: Read + Write + Send> Stream for T {}
 
-/// Opens the socket a URI names.
-pub fn connect_transport(uri: &NbdUri) -> Result<Box<dyn Stream>> {
-    match &uri.transport {
-        Transport::Tcp { host, port } => {
-            let s = TcpStream::connect((host.as_str(), *port))?;
-            s.set_nodelay(true)?;
-            Ok(Box::new(s))
-        }
-        Transport::Unix { socket } => {
-            if let Some(name) = socket.strip_prefix('\0') {
-                #[cfg(target_os = "linux")]
-                {
-                    use std::os::linux::net::SocketAddrExt;
-                    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
-                    return Ok(Box::new(UnixStream::connect_addr(&addr)?));
-                }
-                #[cfg(not(target_os = "linux"))]
-                {
-                    let _ = name;
-                    return Err(io::Error::new(io::ErrorKind::Unsupported, "abstract sockets need Linux").into());
-                }
-            }
-            Ok(Box::new(UnixStream::connect(socket)?))
-        }
-    }
-}
-
-fn eof_to_closed(e: io::Error, during: &'static str) -> Error {
-    if e.kind() == io::ErrorKind::UnexpectedEof {
-        Error::Closed(during)
-    } else {
-        Error::Io(e)
-    }
-}
-
-/// A TLS client session over a connected stream. Dropping it sends a
+/// A TLS client session over the socket. Dropping it sends a
 /// `close_notify` alert (best effort), so that the server sees a clean end.
-struct TlsClientStream {
-    tls: rustls::StreamOwned<rustls::ClientConnection, Box<dyn Stream>>,
-    /// Nothing was read over TLS yet.
-    fresh: bool,
+struct TlsStream(rustls::StreamOwned<rustls::ClientConnection, Socket>);
+
+impl std::fmt::Debug for TlsStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("TlsStream").field(&self.0.sock).finish()
+    }
 }
 
-impl Read for TlsClientStream {
+impl Read for TlsStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.tls.read(buf) {
-            Ok(0) if self.fresh && !buf.is_empty() => {
-                Err(nbd_net::refused_after_handshake(io::ErrorKind::UnexpectedEof.into()))
-            }
-            Ok(n) => {
-                self.fresh = false;
-                Ok(n)
-            }
-            Err(e) => self.hint(Err(e)),
-        }
+        self.0.read(buf)
     }
 }
 
-impl TlsClientStream {
-    fn hint<T>(&self, r: io::Result<T>) -> io::Result<T> {
-        match r {
-            Err(e) if self.fresh && e.kind() != io::ErrorKind::Interrupted => Err(nbd_net::refused_after_handshake(e)),
-            r => r,
-        }
-    }
-}
-
-impl Write for TlsClientStream {
+impl Write for TlsStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let r = self.tls.write(buf);
-        self.hint(r)
+        self.0.write(buf)
     }
     fn flush(&mut self) -> io::Result<()> {
-        let r = self.tls.flush();
-        self.hint(r)
+        self.0.flush()
     }
 }
 
-impl Drop for TlsClientStream {
+impl Drop for TlsStream {
     fn drop(&mut self) {
-        self.tls.conn.send_close_notify();
-        let _ = self.tls.conn.write_tls(&mut self.tls.sock);
+        self.0.conn.send_close_notify();
+        let _ = self.0.conn.write_tls(&mut self.0.sock);
     }
 }
 
-/// Upgrades `stream` to TLS in place (right after the server's ACK of
-/// `NBD_OPT_STARTTLS`): the whole TLS handshake happens here.
-fn start_tls(stream: &mut Box<dyn Stream>, tls: &ClientTls) -> Result<()> {
-    let conn = tls.connection()?;
-    let plain = std::mem::replace(stream, Box::new(io::empty()));
-    let mut s = rustls::StreamOwned::new(conn, plain);
-    let handshake = |s: &mut rustls::StreamOwned<rustls::ClientConnection, Box<dyn Stream>>| -> io::Result<()> {
-        while s.conn.is_handshaking() {
-            s.conn.complete_io(&mut s.sock)?;
-        }
-        // TLS 1.3: our Finished may still be queued.
-        while s.conn.wants_write() {
-            s.conn.write_tls(&mut s.sock)?;
-        }
-        s.sock.flush()
-    };
-    handshake(&mut s).map_err(Error::TlsHandshake)?;
-    *stream = Box::new(TlsClientStream { tls: s, fresh: true });
-    Ok(())
+/// The connection: the socket until TLS starts, then TLS over it.
+#[derive(Debug)]
+enum Conn {
+    Plain(Socket),
+    Tls(Box<TlsStream>),
+    /// Closed after a fatal error (the socket was dropped): reads and
+    /// writes nothing.
+    Closed(io::Empty),
 }
 
-/// Drives a handshake to the point it stops on its own (Done, an option
-/// outcome in option mode, Negotiating, or Aborted), upgrading to TLS
-/// when the server accepts `NBD_OPT_STARTTLS`.
-fn drive(hs: &mut ClientHandshake, stream: &mut Box<dyn Stream>, buf: &mut Vec<u8>, tls: &LazyClientTls) -> Result<()> {
+impl Conn {
+    fn stream(&mut self) -> &mut dyn Stream {
+        match self {
+            Conn::Plain(s) => s,
+            Conn::Tls(t) => &mut **t,
+            Conn::Closed(nothing) => nothing,
+        }
+    }
+
+    /// Runs the TLS client handshake over the socket (right after the
+    /// server's ACK of `NBD_OPT_STARTTLS`).
+    fn start_tls(&mut self, tls: &ClientTls) -> Result<()> {
+        let Conn::Plain(socket) = std::mem::replace(self, Conn::Closed(io::empty())) else {
+            return Err(Error::Misuse("TLS started twice"));
+        };
+        let mut s = rustls::StreamOwned::new(tls.connection()?, socket);
+        let handshake = |s: &mut rustls::StreamOwned<rustls::ClientConnection, Socket>| -> io::Result<()> {
+            while s.conn.is_handshaking() {
+                s.conn.complete_io(&mut s.sock)?;
+            }
+            // TLS 1.3: our Finished may still be queued.
+            while s.conn.wants_write() {
+                s.conn.write_tls(&mut s.sock)?;
+            }
+            Ok(())
+        };
+        handshake(&mut s).map_err(Error::TlsHandshake)?;
+        *self = Conn::Tls(Box::new(TlsStream(s)));
+        Ok(())
+    }
+}
+
+/// Pumps a handshake until it stops (transmission, an option's outcome,
+/// waiting for an option, or aborted).
+fn negotiate(hs: &mut Handshake, conn: &mut Conn, tls: &LazyClientTls) -> Result<Stop> {
     loop {
-        match hs.step() {
-            HandshakeStep::Send(bytes) => {
-                stream.write_all(bytes)?;
-                stream.flush()?;
+        match hs.step()? {
+            HandshakeIo::Send => {
+                let s = conn.stream();
+                s.write_all(hs.output())
+                    .and_then(|()| s.flush())
+                    .map_err(|e| hs.io_error(e))?;
                 hs.sent();
             }
-            HandshakeStep::Receive(n) => {
-                buf.resize(n, 0);
-                stream
-                    .read_exact(buf)
-                    .map_err(|e| eof_to_closed(e, " during the handshake"))?;
-                hs.received(buf)?;
+            HandshakeIo::Receive => {
+                if let Err(e) = conn.stream().read_exact(hs.input()) {
+                    return Err(hs.io_error(e));
+                }
+                hs.received()?;
             }
-            HandshakeStep::StartTls => {
-                start_tls(stream, &tls.get()?)?;
+            HandshakeIo::StartTls => {
+                conn.start_tls(&tls.get()?)?;
                 hs.tls_established()?;
             }
-            HandshakeStep::Negotiating | HandshakeStep::OptionDone | HandshakeStep::Done | HandshakeStep::Aborted => {
-                return Ok(());
-            }
+            HandshakeIo::Stopped(stop) => return Ok(stop),
         }
     }
 }
 
 /// A connection in option mode: list exports, ask about them, then either
 /// [`Negotiation::go`] into a [`Client`] or [`Negotiation::abort`].
+///
+/// ```no_run
+/// use nbd_blocking::{ClientConfig, NbdUri, Negotiation};
+///
+/// let uri = NbdUri::parse("nbd://localhost")?;
+/// let mut neg = Negotiation::connect(&uri, ClientConfig::default())?;
+/// for export in neg.list()? {
+///     println!("{}: {} bytes", export.name, neg.info(&export.name)?.size);
+/// }
+/// let client = neg.go("disk")?;
+/// # Ok::<(), nbd_blocking::Error>(())
+/// ```
+#[derive(Debug)]
 pub struct Negotiation {
-    hs: ClientHandshake,
-    stream: Box<dyn Stream>,
-    buf: Vec<u8>,
-    tls: LazyClientTls,
+    options: Options,
+    conn: Conn,
 }
 
 impl Negotiation {
-    /// Connects and negotiates up to option haggling (TLS, structured
-    /// replies and extended headers as `config` asks). TLS is used as
-    /// [`Client::connect_uri`] says.
-    pub fn connect(uri: &NbdUri, mut config: ClientConfig) -> Result<Negotiation> {
-        config.opt_mode = true;
-        if uri.tls != TlsMode::Off {
-            config.tls = uri.tls;
-        }
-        let tls = LazyClientTls::from_uri(uri)?;
-        let stream = connect_transport(uri)?;
-        Self::over_with_tls(stream, config, tls)
+    /// Connects to `uri` and negotiates up to option haggling (TLS,
+    /// structured replies and extended headers as `config` asks; TLS as
+    /// [`Client::connect_uri`] says).
+    pub fn connect(uri: &NbdUri, config: ClientConfig) -> Result<Negotiation> {
+        Self::handshake_with_tls(connect(uri)?, uri.client_config(config), uri_tls(uri)?)
     }
 
-    /// Negotiates over an already-connected stream (TLS, if `config` asks
-    /// for it, with libnbd's default credentials and no name check).
-    pub fn over(stream: Box<dyn Stream>, config: ClientConfig) -> Result<Negotiation> {
-        Self::over_with_tls(stream, config, LazyClientTls::default())
+    /// Negotiates over a connected socket (TLS, if `config` asks for it,
+    /// with libnbd's default credentials and no name check).
+    pub fn handshake(socket: impl Into<Socket>, config: ClientConfig) -> Result<Negotiation> {
+        Self::handshake_with_tls(socket, config, LazyClientTls::default())
     }
 
-    /// Negotiates over an already-connected stream with these TLS
-    /// credentials (used if `config.tls` asks for TLS and the server
-    /// accepts).
-    pub fn over_with_tls(
-        mut stream: Box<dyn Stream>,
+    /// Negotiates over a connected socket with these TLS credentials.
+    pub fn handshake_with_tls(
+        socket: impl Into<Socket>,
         mut config: ClientConfig,
         tls: LazyClientTls,
     ) -> Result<Negotiation> {
         config.opt_mode = true;
-        let mut hs = ClientHandshake::new(config);
-        let mut buf = Vec::new();
-        drive(&mut hs, &mut stream, &mut buf, &tls)?;
-        Ok(Negotiation { hs, stream, buf, tls })
+        config.max_in_flight = 1;
+        let mut hs = Handshake::new(config);
+        let mut conn = Conn::Plain(socket.into());
+        let stop = negotiate(&mut hs, &mut conn, &tls)?;
+        Ok(Negotiation {
+            options: Options::new(hs, tls, &stop),
+            conn,
+        })
     }
 
-    /// Whether the server speaks fixed newstyle (options can be used).
-    pub fn fixed_newstyle(&self) -> bool {
-        self.hs.fixed_newstyle()
+    /// The session: what was negotiated so far (`fixed_newstyle()`,
+    /// `protocol_name()`, `tls()`, `structured_replies()`,
+    /// `extended_headers()`).
+    pub fn session(&self) -> &ClientSession {
+        self.options.session()
     }
 
     /// Whether the server already ended negotiation (an oldstyle server,
-    /// or one that only knows `NBD_OPT_EXPORT_NAME`).
+    /// or one that only knows `NBD_OPT_EXPORT_NAME`): only
+    /// [`Negotiation::go`] is left.
     pub fn is_done(&self) -> bool {
-        matches!(self.hs.step(), HandshakeStep::Done)
+        self.options.is_done()
     }
 
-    /// The protocol name as libnbd reports it (`oldstyle`, `newstyle`,
-    /// `newstyle-fixed`).
-    pub fn protocol_name(&self) -> &'static str {
-        self.hs.protocol_name()
-    }
-
-    /// Whether structured replies (or extended headers) were negotiated.
-    pub fn structured_replies(&self) -> bool {
-        self.hs.structured_replies()
-    }
-
-    /// Whether extended headers were negotiated.
-    pub fn extended_headers(&self) -> bool {
-        self.hs.extended_headers()
-    }
-
-    /// Whether TLS is in use.
-    pub fn tls(&self) -> bool {
-        self.hs.tls()
-    }
-
-    fn run(&mut self) -> Result<OptionOutcome> {
-        drive(&mut self.hs, &mut self.stream, &mut self.buf, &self.tls)?;
-        match self.hs.step() {
-            HandshakeStep::OptionDone => Ok(self.hs.take_outcome().unwrap_or(OptionOutcome::Ack)),
-            _ => Ok(OptionOutcome::Ack),
-        }
-    }
-
-    fn refused(o: OptionOutcome) -> Result<OptionOutcome> {
-        match o {
-            OptionOutcome::Refused(e) => Err(Error::Handshake(HandshakeError::Refused(e))),
-            o => Ok(o),
-        }
+    fn option(&mut self, option: impl FnOnce(&mut ClientSession) -> Result<(), ClientSessionError>) -> Result<Stop> {
+        let (hs, tls) = self.options.issue(option)?;
+        let stop = negotiate(hs, &mut self.conn, tls)?;
+        Ok(self.options.stopped(stop))
     }
 
     /// `NBD_OPT_LIST`: every export's name and description.
     pub fn list(&mut self) -> Result<Vec<ExportEntry>> {
-        self.hs.opt_list()?;
-        match Self::refused(self.run()?)? {
-            OptionOutcome::List(l) => Ok(l),
-            _ => Ok(Vec::new()),
-        }
+        outcome::list(self.option(|s| s.opt_list())?)
     }
 
     /// `NBD_OPT_INFO` for one export.
-    pub fn info(&mut self, export: &str) -> Result<ExportInfo, Error> {
-        self.hs.opt_info(export)?;
-        match Self::refused(self.run()?)? {
-            OptionOutcome::Info(i) => Ok(i),
-            _ => Err(Error::Closed(" without answering NBD_OPT_INFO")),
-        }
+    pub fn info(&mut self, export: &str) -> Result<ExportInfo> {
+        outcome::info(self.option(|s| s.opt_info(export))?)
     }
 
     /// `NBD_OPT_INFO`, returning the server's refusal as a value.
     pub fn try_info(&mut self, export: &str) -> Result<Result<ExportInfo, ServerOptionError>> {
-        self.hs.opt_info(export)?;
-        match self.run()? {
-            OptionOutcome::Info(i) => Ok(Ok(i)),
-            OptionOutcome::Refused(e) => Ok(Err(e)),
-            _ => Err(Error::Closed(" without answering NBD_OPT_INFO")),
-        }
+        outcome::info_or_refusal(self.option(|s| s.opt_info(export))?)
     }
 
     /// `NBD_OPT_LIST_META_CONTEXT` (no queries: every context).
     pub fn list_meta_contexts(&mut self, export: &str, queries: &[&str]) -> Result<Vec<MetaContext>> {
-        self.hs.opt_list_meta_context(export, queries)?;
-        match Self::refused(self.run()?)? {
-            OptionOutcome::MetaContexts(c) => Ok(c),
-            _ => Ok(Vec::new()),
-        }
+        outcome::meta_contexts(self.option(|s| s.opt_list_meta_context(export, queries))?)
     }
 
     /// `NBD_OPT_SET_META_CONTEXT`.
     pub fn set_meta_contexts(&mut self, export: &str, queries: &[&str]) -> Result<Vec<MetaContext>> {
-        self.hs.opt_set_meta_context(export, queries)?;
-        match Self::refused(self.run()?)? {
-            OptionOutcome::MetaContexts(c) => Ok(c),
-            _ => Ok(Vec::new()),
-        }
+        outcome::meta_contexts(self.option(|s| s.opt_set_meta_context(export, queries))?)
     }
 
     /// `NBD_OPT_GO` (falling back to `NBD_OPT_EXPORT_NAME` if the server
     /// does not know GO): enter transmission.
     pub fn go(mut self, export: &str) -> Result<Client> {
         if !self.is_done() {
-            self.hs.opt_go(Some(export))?;
-            match self.run()? {
-                OptionOutcome::Refused(e) => return Err(Error::Handshake(HandshakeError::Refused(e))),
-                _ if !self.is_done() => return Err(Error::Closed(" without answering NBD_OPT_GO")),
-                _ => {}
-            }
+            outcome::go(self.option(|s| s.opt_go(Some(export)))?)?;
         }
-        let neg = self.hs.finish()?;
-        Ok(Client::from_parts(self.stream, neg))
+        Client::from_parts(self.options.into_session(), self.conn)
     }
 
     /// `NBD_OPT_ABORT`, then close.
@@ -374,265 +255,288 @@ impl Negotiation {
             // Oldstyle or EXPORT_NAME-only: a hard close is all there is.
             return Ok(());
         }
-        self.hs.opt_abort()?;
-        match drive(&mut self.hs, &mut self.stream, &mut self.buf, &self.tls) {
-            // The spec lets the server close without replying (nbd-server
-            // even resets the connection).
-            Ok(()) | Err(Error::Closed(_)) => Ok(()),
-            Err(Error::Io(e)) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) => {
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
+        outcome::aborted(self.option(|s| s.opt_abort()))
     }
 }
 
-/// The result of a block-status query for one context.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BlockStatus {
-    /// The context id.
-    pub context_id: u32,
-    /// The context name.
-    pub context: String,
-    /// Extents starting at the request offset.
-    pub extents: Vec<nbd_proto::client::Extent>,
-}
-
 /// A connected client in transmission.
+#[derive(Debug)]
 pub struct Client {
-    stream: Box<dyn Stream>,
-    tx: ClientTransmission,
-    neg: Negotiated,
-    hdr: Vec<u8>,
+    conn: Conn,
+    session: ClientSession,
+    negotiated: Negotiated,
+    /// Request headers on their way out.
+    out: Vec<u8>,
+    /// Reply headers and chunk metadata, read in exact counts.
+    input: Vec<u8>,
+    /// Why the connection ended, once it did.
+    dead: Option<Arc<str>>,
 }
 
-impl std::fmt::Debug for Client {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("negotiated", &self.neg).finish()
+/// The one request in flight: where its data and extents go.
+struct One<'a> {
+    buf: &'a mut [u8],
+    status: Option<&'a mut Vec<BlockStatus>>,
+    contexts: &'a [MetaContext],
+    result: Option<Result<(), ServerError>>,
+}
+
+impl Replies for One<'_> {
+    fn hole(&mut self, _: Cookie, buf_offset: u64, length: u64) {
+        fill_hole(self.buf, buf_offset, length);
+    }
+    fn block_status(&mut self, _: Cookie, context_id: u32, extents: Extents<'_>) {
+        if let Some(out) = self.status.as_deref_mut() {
+            add_block_status(out, self.contexts, context_id, extents);
+        }
+    }
+    fn done(&mut self, _: Cookie, result: Result<(), ServerError>) {
+        self.result = Some(result);
     }
 }
 
 impl Client {
     /// Connects to a URI and negotiates with the default configuration
     /// (extended headers, structured replies, `base:allocation`).
+    ///
+    /// ```no_run
+    /// let mut client = nbd_blocking::Client::connect("nbd+unix:///?socket=/tmp/nbd.sock")?;
+    /// let mut buf = vec![0u8; 4096];
+    /// client.read(&mut buf, 0)?;
+    /// client.write(&buf, 4096)?;
+    /// client.flush()?;
+    /// client.disconnect()?;
+    /// # Ok::<(), nbd_blocking::Error>(())
+    /// ```
     pub fn connect(uri: &str) -> Result<Client> {
-        let uri = NbdUri::parse(uri)?;
-        Self::connect_uri(&uri, ClientConfig::default())
+        Self::connect_uri(&NbdUri::parse(uri)?, ClientConfig::default())
     }
 
-    /// Connects to a parsed URI with a configuration (the URI's export
-    /// name overrides the configuration's, and so does its TLS policy
-    /// unless it is [`TlsMode::Off`]: `nbds://` and `nbds+unix://` require
-    /// TLS, `tls=allow|require` asks for it). The TLS credentials come
-    /// from the URI's `tls-certificates`, `tls-hostname` and
-    /// `tls-verify-peer` (see [`nbd_net::ClientTlsOptions::from_uri`]).
-    pub fn connect_uri(uri: &NbdUri, mut config: ClientConfig) -> Result<Client> {
-        config.export_name = uri.export.clone();
-        if uri.tls != TlsMode::Off {
-            config.tls = uri.tls;
-        }
-        let tls = LazyClientTls::from_uri(uri)?;
-        let stream = connect_transport(uri)?;
-        Self::handshake_with_tls(stream, config, tls)
+    /// Connects to a parsed URI with a configuration (see
+    /// [`NbdUri::client_config`]: the URI's export name and TLS policy
+    /// win). The TLS credentials come from the URI's `tls-certificates`,
+    /// `tls-hostname` and `tls-verify-peer` (see
+    /// [`nbd_net::ClientTlsOptions::from_uri`]).
+    pub fn connect_uri(uri: &NbdUri, config: ClientConfig) -> Result<Client> {
+        Self::connect_uri_with_tls(uri, config, uri_tls(uri)?)
     }
 
-    /// Negotiates over an already-connected stream (TLS, if `config` asks
-    /// for it, with libnbd's default credentials and no name check).
-    pub fn handshake(stream: Box<dyn Stream>, config: ClientConfig) -> Result<Client> {
-        Self::handshake_with_tls(stream, config, LazyClientTls::default())
+    /// [`Client::connect_uri`] with TLS credentials of the caller's.
+    pub fn connect_uri_with_tls(uri: &NbdUri, config: ClientConfig, tls: LazyClientTls) -> Result<Client> {
+        Self::handshake_with_tls(connect(uri)?, uri.client_config(config), tls)
     }
 
-    /// Negotiates over an already-connected stream with these TLS
-    /// credentials (used if `config.tls` asks for TLS and the server
-    /// accepts).
+    /// Negotiates over a connected socket (TLS, if `config` asks for it,
+    /// with libnbd's default credentials and no name check).
+    pub fn handshake(socket: impl Into<Socket>, config: ClientConfig) -> Result<Client> {
+        Self::handshake_with_tls(socket, config, LazyClientTls::default())
+    }
+
+    /// Negotiates over a connected socket with these TLS credentials
+    /// (used if `config.tls` asks for TLS and the server accepts). One
+    /// request is in flight at a time, whatever `config.max_in_flight`
+    /// says.
     pub fn handshake_with_tls(
-        mut stream: Box<dyn Stream>,
+        socket: impl Into<Socket>,
         mut config: ClientConfig,
         tls: LazyClientTls,
     ) -> Result<Client> {
         config.opt_mode = false;
-        let mut hs = ClientHandshake::new(config);
-        let mut buf = Vec::new();
-        drive(&mut hs, &mut stream, &mut buf, &tls)?;
-        let neg = hs.finish()?;
-        Ok(Client::from_parts(stream, neg))
+        config.max_in_flight = 1;
+        let mut hs = Handshake::new(config);
+        let mut conn = Conn::Plain(socket.into());
+        outcome::go(negotiate(&mut hs, &mut conn, &tls)?)?;
+        Self::from_parts(hs.into_session(), conn)
     }
 
-    fn from_parts(stream: Box<dyn Stream>, neg: Negotiated) -> Client {
-        let tx = ClientTransmission::new(&neg, 1);
-        Client {
-            stream,
-            tx,
-            neg,
-            hdr: Vec::with_capacity(64),
-        }
+    fn from_parts(session: ClientSession, conn: Conn) -> Result<Client> {
+        let negotiated = session
+            .negotiated()
+            .cloned()
+            .ok_or(Error::Misuse("transmission without a negotiated export"))?;
+        Ok(Client {
+            conn,
+            session,
+            negotiated,
+            out: Vec::with_capacity(64),
+            input: Vec::with_capacity(64),
+            dead: None,
+        })
     }
 
     /// What the handshake negotiated.
     pub fn negotiated(&self) -> &Negotiated {
-        &self.neg
+        &self.negotiated
     }
     /// The protocol flavour in use.
     pub fn mode(&self) -> Mode {
-        self.neg.mode
+        self.negotiated.mode
     }
     /// Export size in bytes.
     pub fn size(&self) -> u64 {
-        self.neg.size
+        self.negotiated.size
     }
     /// Transmission flags.
     pub fn flags(&self) -> TransmissionFlags {
-        self.neg.flags
+        self.negotiated.flags
     }
     /// Block-size constraints in force.
     pub fn constraints(&self) -> BlockSizeConstraints {
-        self.neg.constraints()
+        self.negotiated.constraints()
     }
     /// Whether the export is read-only.
     pub fn is_read_only(&self) -> bool {
-        self.neg.flags.contains(TransmissionFlags::READ_ONLY)
+        self.negotiated.flags.contains(TransmissionFlags::READ_ONLY)
+    }
+    /// Whether the connection is gone (after a socket error, a violation
+    /// by the server, or a disconnect): every request fails.
+    pub fn is_closed(&self) -> bool {
+        self.dead.is_some()
     }
 
-    /// Turns the stricter client-side checks on or off (see
-    /// [`ClientTransmission::set_strict`]).
-    pub fn set_strict(&mut self, strict: bool) {
-        self.tx.set_strict(strict);
-    }
-
-    fn send(&mut self, req: Request, payload: &[u8]) -> Result<Cookie> {
-        let (cookie, header) = self.tx.start_request(req)?;
-        let r = write_all_vectored(&mut *self.stream, header.as_bytes(), payload).and_then(|_| self.stream.flush());
-        if let Err(e) = r {
-            // Part of the request may be on the wire (after a write timeout
-            // set by the caller, say): the stream is out of step, so later
-            // requests must fail rather than follow it.
-            let _ = self.tx.fail_all().count();
-            return Err(e.into());
+    /// The connection is unusable: remember why, fail what was in flight
+    /// and close the socket.
+    fn fail(&mut self, e: Error) -> Error {
+        if self.dead.is_none() {
+            self.dead = Some(reason(&e));
         }
-        Ok(cookie)
+        let _ = self.session.connection_lost();
+        self.conn = Conn::Closed(io::empty());
+        e
     }
 
-    /// Waits for the reply to `cookie`, placing READ data into `buf` and
-    /// passing block-status extents to `on_status`.
-    fn wait(
-        &mut self,
-        cookie: Cookie,
-        mut buf: Option<&mut [u8]>,
-        on_status: &mut dyn FnMut(u32, nbd_proto::client::Extents<'_>),
-    ) -> Result<()> {
+    /// A socket error in the middle of a request.
+    fn lost(&mut self, e: io::Error, during: &str) -> Error {
+        let e = match e.kind() {
+            io::ErrorKind::UnexpectedEof => {
+                Error::Disconnected(format!("the server closed the connection {during}").into())
+            }
+            _ => Error::Io(e),
+        };
+        self.fail(e)
+    }
+
+    /// Sends one request (its WRITE data from `payload`) and waits for
+    /// its reply.
+    fn request(&mut self, req: Request, payload: &[u8], one: &mut One<'_>) -> Result<()> {
+        if let Some(why) = &self.dead {
+            return Err(Error::Disconnected(why.clone()));
+        }
+        self.session.start_request(req)?;
+        self.send(payload)?;
+        self.receive(one)?;
+        match one.result.take() {
+            Some(r) => r.map_err(Error::Server),
+            None => Err(Error::Misuse("the reply ended without a completion")),
+        }
+    }
+
+    fn send(&mut self, payload: &[u8]) -> Result<()> {
+        while let Some(t) = self.session.poll_transmit(&mut self.out) {
+            let data = if t.payload.is_some() { payload } else { &[] };
+            let r = write_all_gathered(self.conn.stream(), &self.out, data);
+            self.out.clear();
+            // Part of the request may be on the wire (after a write
+            // timeout set by the caller, say): the stream is out of step.
+            r.map_err(|e| self.lost(e, "while a request was sent"))?;
+        }
+        self.conn
+            .stream()
+            .flush()
+            .map_err(|e| self.lost(e, "while a request was sent"))
+    }
+
+    fn receive(&mut self, one: &mut One<'_>) -> Result<()> {
         loop {
-            let ev = match self.tx.next() {
-                ReceiveNext::Bytes(n) => {
-                    self.hdr.resize(n, 0);
-                    if let Err(e) = self.stream.read_exact(&mut self.hdr) {
-                        let _ = self.tx.fail_all().count();
-                        return Err(eof_to_closed(e, " while waiting for a reply"));
+            let next = nbd_net::client::receive(&mut self.session, one).map_err(|e| self.fail(e))?;
+            match next {
+                Incoming::Idle => return Ok(()),
+                Incoming::Header(n) => {
+                    self.input.resize(n, 0);
+                    if let Err(e) = self.conn.stream().read_exact(&mut self.input) {
+                        return Err(self.lost(e, "while a reply was expected"));
                     }
-                    match self.tx.handle_bytes(&self.hdr)? {
-                        ReplyEvent::BlockStatus {
-                            cookie: c,
-                            context_id,
-                            extents,
-                        } if c == cookie => {
-                            on_status(context_id, extents);
-                            continue;
-                        }
-                        ReplyEvent::Hole {
-                            cookie: c,
-                            buf_offset,
-                            length,
-                        } if c == cookie => {
-                            let start = buf_offset as usize;
-                            if let Some(piece) = buf
-                                .as_deref_mut()
-                                .and_then(|b| b.get_mut(start..start + length as usize))
-                            {
-                                piece.fill(0);
-                            }
-                            continue;
-                        }
-                        ev => ev.into_owned(),
-                    }
+                    let r = nbd_net::client::input_received(&mut self.session, &self.input, one);
+                    r.map_err(|e| self.fail(e))?;
                 }
-                ReceiveNext::Data {
-                    cookie: c,
-                    buf_offset,
-                    length,
-                } => {
-                    let start = buf_offset as usize;
-                    let end = start + length as usize;
-                    let r = match buf.as_deref_mut() {
-                        Some(b) if c == cookie && end <= b.len() => self.stream.read_exact(&mut b[start..end]),
-                        _ => io::copy(&mut (&mut *self.stream).take(length), &mut io::sink()).map(|_| ()),
+                Incoming::Data { buf_offset, length, .. } => {
+                    let r = match data_range(one.buf.len(), buf_offset, length) {
+                        Some(range) => self.conn.stream().read_exact(&mut one.buf[range]),
+                        None => return Err(self.fail(Error::Misuse("READ data beyond the request's buffer"))),
                     };
-                    if let Err(e) = r {
-                        let _ = self.tx.fail_all().count();
-                        return Err(eof_to_closed(e, " in the middle of a reply"));
-                    }
-                    self.tx.data_received()?
+                    r.map_err(|e| self.lost(e, "in the middle of a reply"))?;
+                    let r = nbd_net::client::data_received(&mut self.session, length, one);
+                    r.map_err(|e| self.fail(e))?;
                 }
-                ReceiveNext::Complete => self.tx.complete_pending()?,
-            };
-            if let ReplyEvent::Done { cookie: c, result, .. } = ev
-                && c == cookie
-            {
-                return result.map_err(Error::Server);
             }
         }
     }
 
     fn simple(&mut self, req: Request) -> Result<()> {
-        let c = self.send(req, &[])?;
-        self.wait(c, None, &mut |_, _| {})
+        let mut one = One {
+            buf: &mut [],
+            status: None,
+            contexts: &[],
+            result: None,
+        };
+        self.request(req, &[], &mut one)
     }
 
-    /// Reads `buf.len()` bytes at `offset` with one request.
+    /// Reads `buf.len()` bytes at `offset` with one request (holes arrive
+    /// as zeroes).
     pub fn pread(&mut self, buf: &mut [u8], offset: u64, flags: CommandFlags) -> Result<()> {
-        let c = self.send(
-            Request::new(Command::READ, offset, buf.len() as u64).with_flags(flags),
-            &[],
-        )?;
-        self.wait(c, Some(buf), &mut |_, _| {})
+        let req = Request::new(Command::READ, offset, buf.len() as u64).with_flags(flags);
+        let mut one = One {
+            buf,
+            status: None,
+            contexts: &[],
+            result: None,
+        };
+        self.request(req, &[], &mut one)
     }
 
-    /// Writes `data` at `offset` with one request.
-    pub fn pwrite(&mut self, data: &[u8], offset: u64, flags: CommandFlags) -> Result<()> {
-        let c = self.send(
-            Request::new(Command::WRITE, offset, data.len() as u64).with_flags(flags),
-            data,
-        )?;
-        self.wait(c, None, &mut |_, _| {})
+    /// Writes `buf` at `offset` with one request.
+    pub fn pwrite(&mut self, buf: &[u8], offset: u64, flags: CommandFlags) -> Result<()> {
+        let req = Request::new(Command::WRITE, offset, buf.len() as u64).with_flags(flags);
+        let mut one = One {
+            buf: &mut [],
+            status: None,
+            contexts: &[],
+            result: None,
+        };
+        self.request(req, buf, &mut one)
     }
 
-    fn chunk_len(&self) -> usize {
-        let c = self.constraints();
-        let max = (c.maximum.min(32 << 20)) as usize;
-        let pref = c.preferred.max(c.minimum) as usize;
-        // Keep requests aligned to the preferred size.
-        (max / pref).max(1) * pref
-    }
-
-    /// Reads `buf.len()` bytes at `offset`, split into requests no larger
-    /// than the maximum payload.
+    /// Reads `buf.len()` bytes at `offset`, in requests no larger than the
+    /// maximum payload (see [`nbd_net::client::split_len`]).
     pub fn read(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let chunk = self.chunk_len();
-        for (i, piece) in buf.chunks_mut(chunk).enumerate() {
-            self.pread(piece, offset + (i * chunk) as u64, CommandFlags::empty())?;
+        self.read_with(buf, offset, CommandFlags::empty())
+    }
+
+    /// As [`Client::read`], with command flags (e.g. DF) on every request.
+    pub fn read_with(&mut self, buf: &mut [u8], offset: u64, flags: CommandFlags) -> Result<()> {
+        let chunk = split_len(self.constraints());
+        let mut at = offset;
+        for piece in buf.chunks_mut(chunk) {
+            self.pread(piece, at, flags)?;
+            at += piece.len() as u64;
         }
         Ok(())
     }
 
-    /// Writes `data` at `offset`, split into requests no larger than the
-    /// maximum payload.
-    pub fn write(&mut self, data: &[u8], offset: u64) -> Result<()> {
-        self.write_with(data, offset, CommandFlags::empty())
+    /// Writes `buf` at `offset`, in requests no larger than the maximum
+    /// payload.
+    pub fn write(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_with(buf, offset, CommandFlags::empty())
     }
 
     /// As [`Client::write`], with command flags (e.g. FUA) on every request.
-    pub fn write_with(&mut self, data: &[u8], offset: u64, flags: CommandFlags) -> Result<()> {
-        let chunk = self.chunk_len();
-        for (i, piece) in data.chunks(chunk).enumerate() {
-            self.pwrite(piece, offset + (i * chunk) as u64, flags)?;
+    pub fn write_with(&mut self, buf: &[u8], offset: u64, flags: CommandFlags) -> Result<()> {
+        let chunk = split_len(self.constraints());
+        let mut at = offset;
+        for piece in buf.chunks(chunk) {
+            self.pwrite(piece, at, flags)?;
+            at += piece.len() as u64;
         }
         Ok(())
     }
@@ -642,7 +546,7 @@ impl Client {
         self.simple(Request::new(Command::FLUSH, 0, 0))
     }
 
-    /// `NBD_CMD_TRIM`.
+    /// `NBD_CMD_TRIM` (flags: FUA).
     pub fn trim(&mut self, offset: u64, length: u64, flags: CommandFlags) -> Result<()> {
         self.simple(Request::new(Command::TRIM, offset, length).with_flags(flags))
     }
@@ -658,35 +562,29 @@ impl Client {
     }
 
     /// `NBD_CMD_BLOCK_STATUS` for `length` bytes at `offset` (flags:
-    /// REQ_ONE): one entry per negotiated context.
+    /// REQ_ONE): one entry per negotiated context that answered.
     pub fn block_status(&mut self, offset: u64, length: u64, flags: CommandFlags) -> Result<Vec<BlockStatus>> {
-        let c = self.send(
-            Request::new(Command::BLOCK_STATUS, offset, length).with_flags(flags),
-            &[],
-        )?;
-        let mut out: Vec<BlockStatus> = Vec::new();
-        let contexts = self.neg.contexts.clone();
-        self.wait(c, None, &mut |id, extents| {
-            let name = contexts
-                .iter()
-                .find(|c| c.id == id)
-                .map(|c| c.name.clone())
-                .unwrap_or_default();
-            out.push(BlockStatus {
-                context_id: id,
-                context: name,
-                extents: extents.collect(),
-            });
-        })?;
+        let req = Request::new(Command::BLOCK_STATUS, offset, length).with_flags(flags);
+        let contexts = self.negotiated.contexts.clone();
+        let mut out = Vec::new();
+        let mut one = One {
+            buf: &mut [],
+            status: Some(&mut out),
+            contexts: &contexts,
+            result: None,
+        };
+        self.request(req, &[], &mut one)?;
         Ok(out)
     }
 
-    /// Politely ends the session with `NBD_CMD_DISC`.
+    /// Politely ends the session with `NBD_CMD_DISC` (the server then
+    /// closes the connection).
     pub fn disconnect(mut self) -> Result<()> {
-        let (_, header) = self.tx.start_request(Request::new(Command::DISC, 0, 0))?;
-        self.stream.write_all(header.as_bytes())?;
-        self.stream.flush()?;
-        Ok(())
+        if let Some(why) = &self.dead {
+            return Err(Error::Disconnected(why.clone()));
+        }
+        self.session.disconnect()?;
+        self.send(&[])
     }
 
     /// A `Read + Write + Seek` view of the export for simple tools.
@@ -695,47 +593,12 @@ impl Client {
     }
 }
 
-trait OwnedEvent {
-    fn into_owned(self) -> ReplyEvent<'static>;
-}
-
-impl OwnedEvent for ReplyEvent<'_> {
-    fn into_owned(self) -> ReplyEvent<'static> {
-        match self {
-            ReplyEvent::Done {
-                cookie,
-                command,
-                result,
-            } => ReplyEvent::Done {
-                cookie,
-                command,
-                result,
-            },
-            ReplyEvent::Hole {
-                cookie,
-                buf_offset,
-                length,
-            } => ReplyEvent::Hole {
-                cookie,
-                buf_offset,
-                length,
-            },
-            _ => ReplyEvent::Nothing,
-        }
-    }
-}
-
-/// Writes a header and a payload with vectored writes until both are out.
-pub fn write_all_vectored(w: &mut dyn Write, header: &[u8], payload: &[u8]) -> io::Result<()> {
-    let mut bufs = [IoSlice::new(header), IoSlice::new(payload)];
-    let mut slices: &mut [IoSlice<'_>] = &mut bufs;
-    if payload.is_empty() {
-        slices = &mut slices[..1];
-    }
-    while !slices.is_empty() {
-        match w.write_vectored(slices) {
-            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "failed to write the request")),
-            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+/// Writes `head` and `payload` with vectored writes until both are out.
+fn write_all_gathered(w: &mut dyn Stream, head: &[u8], payload: &[u8]) -> io::Result<()> {
+    let mut g = nbd_net::socket::Gather::new(head, payload);
+    while !g.is_done() {
+        match w.write_vectored(&g.slices()) {
+            Ok(n) => g.advance(n)?,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
@@ -760,27 +623,24 @@ impl ClientIo {
     pub fn into_inner(self) -> Client {
         self.client
     }
-}
 
-fn to_io(e: Error) -> io::Error {
-    match e {
-        Error::Io(e) => e,
-        Error::Server(s) => io::Error::from_raw_os_error(s.code.to_errno()),
-        other => io::Error::other(other),
+    /// How much of `len` fits before the end of the export and in one
+    /// request.
+    fn span(&self, len: usize) -> usize {
+        let left = self.client.size().saturating_sub(self.pos);
+        (len as u64).min(left).min(split_len(self.client.constraints()) as u64) as usize
     }
 }
 
 impl Read for ClientIo {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let size = self.client.size();
-        if self.pos >= size {
+        let n = self.span(buf.len());
+        if n == 0 {
             return Ok(0);
         }
-        let n = (buf.len() as u64).min(size - self.pos) as usize;
-        let n = n.min(self.client.chunk_len());
         self.client
             .pread(&mut buf[..n], self.pos, CommandFlags::empty())
-            .map_err(to_io)?;
+            .map_err(Error::into_io)?;
         self.pos += n as u64;
         Ok(n)
     }
@@ -788,21 +648,19 @@ impl Read for ClientIo {
 
 impl Write for ClientIo {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let size = self.client.size();
-        if self.pos >= size && !buf.is_empty() {
-            return Err(io::Error::from_raw_os_error(28)); // ENOSPC
+        let n = self.span(buf.len());
+        if n == 0 && !buf.is_empty() {
+            return Err(io::Error::from_raw_os_error(ErrorCode::ENOSPC.to_errno()));
         }
-        let n = (buf.len() as u64).min(size - self.pos) as usize;
-        let n = n.min(self.client.chunk_len());
         self.client
             .pwrite(&buf[..n], self.pos, CommandFlags::empty())
-            .map_err(to_io)?;
+            .map_err(Error::into_io)?;
         self.pos += n as u64;
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
         if self.client.flags().contains(TransmissionFlags::SEND_FLUSH) {
-            self.client.flush().map_err(to_io)?;
+            self.client.flush().map_err(Error::into_io)?;
         }
         Ok(())
     }

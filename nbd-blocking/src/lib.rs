@@ -2,7 +2,8 @@
 //!
 //! - [`client::Client`]: connect from an NBD URI, read, write, flush, trim,
 //!   write zeroes, cache, block status, disconnect; `std::io` traits via
-//!   [`client::Client::into_io`].
+//!   [`client::Client::into_io`]. The same API as `nbd_smol::Client`, with
+//!   borrowed buffers instead of owned ones.
 //! - [`client::Negotiation`]: option mode, to list exports and ask about
 //!   them before (or instead of) entering transmission.
 //! - [`server::Server`]: a thread-per-connection server on the same
@@ -11,10 +12,15 @@
 //! Both speak TLS (STARTTLS, rustls `StreamOwned`) with the credentials
 //! `nbd_net` builds: the client from the URI (`nbds://`,
 //! `tls-certificates=DIR`, ...), the server from
-//! [`server::ServerOptions::tls`].
+//! [`server::ServerOptions::tls`]. Errors are [`nbd_net::Error`], the
+//! async client's too.
 #![warn(missing_docs)]
 
 pub mod client;
 pub mod server;
 
-pub use client::{Client, Error, Negotiation};
+pub use client::{BlockStatus, Client, ClientIo, Error, Negotiation, Result, Socket};
+pub use nbd_net::LazyClientTls;
+pub use nbd_proto::client::{ClientConfig, TlsMode};
+pub use nbd_proto::uri::NbdUri;
+pub use nbd_proto::wire::CommandFlags;

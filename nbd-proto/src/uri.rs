@@ -7,6 +7,7 @@
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
+use crate::client::ClientConfig;
 use crate::common::TlsMode;
 use crate::wire::NBD_DEFAULT_PORT;
 
@@ -286,6 +287,29 @@ impl NbdUri {
             uri.transport = Transport::Tcp { host, port };
         }
         Ok(uri)
+    }
+
+    /// The client configuration for this URI: `config` with the URI's
+    /// export name, and with the URI's TLS policy unless that is
+    /// [`TlsMode::Off`] (`nbds://` and `nbds+unix://` require TLS,
+    /// `tls=allow|require` asks for it; a plain URI keeps what `config`
+    /// says). Every client connects through this one step.
+    ///
+    /// ```
+    /// use nbd_proto::client::{ClientConfig, TlsMode};
+    /// use nbd_proto::uri::NbdUri;
+    ///
+    /// let uri = NbdUri::parse("nbds+unix:///disk?socket=/run/nbd.sock").unwrap();
+    /// let config = uri.client_config(ClientConfig::default());
+    /// assert_eq!(config.export_name, "disk");
+    /// assert_eq!(config.tls, TlsMode::Require);
+    /// ```
+    pub fn client_config(&self, mut config: ClientConfig) -> ClientConfig {
+        config.export_name = self.export.clone();
+        if self.tls != TlsMode::Off {
+            config.tls = self.tls;
+        }
+        config
     }
 
     /// Formats the URI back, so that [`NbdUri::parse`] gives the same

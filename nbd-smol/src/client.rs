@@ -1,170 +1,100 @@
-//! An async, multiplexed NBD client over smol.
+//! An async, multiplexed NBD client over smol, pumping `nbd_proto`'s
+//! [`ClientSession`].
 //!
 //! Any number of tasks issue requests on one shared [`Client`] at once;
 //! requests are pipelined and replies are matched to their cookies in any
-//! order. Buffers are passed by value (`read(offset, buf)` gives `buf`
-//! back filled): a reader task moves READ data straight from the socket
-//! into the caller's buffer and a writer task sends WRITE data straight
-//! from it, so nothing is copied, nothing is allocated per request, and
-//! dropping a request's future never corrupts the connection (the tasks
-//! finish the request and drop the buffer).
+//! order. One session sits under a mutex between a reader task (which
+//! reads exactly the header bytes the session asks for, and READ data
+//! straight into the caller's buffer) and a writer task (which sends the
+//! queued headers with each WRITE's data beside them in one vectored
+//! write). Nothing is copied and nothing is allocated per request.
 //!
-//! When the server dies, every outstanding request fails at once with
-//! [`Error::Disconnected`]; nothing hangs.
+//! The API is the blocking client's (`nbd_blocking::Client`): the same
+//! method names, argument order and [`Error`]. The difference the
+//! ownership model forces: a request's buffer is an owned `Vec<u8>` that
+//! is given back with the result (`read(buf, offset)` returns
+//! `(Result<()>, Vec<u8>)`), because the reader and writer tasks use it
+//! while the caller's future may be dropped; dropping a request's future
+//! never corrupts the connection (the tasks finish the request and free
+//! the buffer). [`Client::disconnect`] takes `&self`, since clones share
+//! the connection.
+//!
+//! When the connection ends, every outstanding request fails at once
+//! (with [`Error::Protocol`] if the server broke the protocol, else
+//! [`Error::Disconnected`]); nothing hangs.
+//!
+//! # Threads
+//!
+//! The reader and writer tasks of every connection run on smol's global
+//! executor, which starts `SMOL_THREADS` threads (one by default) the
+//! first time it is used; async-io's reactor runs on its own thread
+//! (`async-io`) while no `block_on` drives it. Connecting to a host name
+//! or socket runs on smol's blocking pool (threads that exit when idle).
 
-use std::collections::VecDeque;
 use std::future::Future;
-use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use nbd_proto::client::{
-    ClientConfig, ClientHandshake, ClientTransmission, Cookie, EncodedHeader, Extent, HandshakeError, HandshakeStep,
-    Mode, Negotiated, ReceiveNext, ReplyEvent, ReplyViolation, Request, RequestError, ServerError, TlsMode,
+use nbd_net::client::{
+    HandshakeIo, IDLE_READ, Incoming, Options, Replies, Stop, add_block_status, data_range, fill_hole, in_flight_error,
+    outcome, reason, request_error, split_len, uri_tls,
 };
-use nbd_proto::uri::{NbdUri, Transport, UriError};
+use nbd_proto::client::{
+    ClientConfig, ClientSession, ClientSessionError, Cookie, ExportEntry, ExportInfo, Extents, MetaContext, Mode,
+    Negotiated, Request, ServerError, ServerOptionError,
+};
+use nbd_proto::uri::NbdUri;
 use nbd_proto::wire::{BlockSizeConstraints, Command, CommandFlags, TransmissionFlags};
 use smol::Async;
-use smol::lock::Semaphore;
+use smol::lock::{Semaphore, SemaphoreGuardArc};
 
 use crate::io::{SharedHalf, write_all_vectored};
-use crate::tls::{LazyClientTls, TlsError};
+use crate::tls::LazyClientTls;
 
-/// Everything that can go wrong for a client.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// A socket error.
-    #[error("{0}")]
-    Io(#[from] io::Error),
-    /// The URI is not valid.
-    #[error("invalid NBD URI: {0}")]
-    Uri(#[from] UriError),
-    /// The handshake failed.
-    #[error("{0}")]
-    Handshake(#[from] HandshakeError),
-    /// The request was refused before reaching the wire.
-    #[error("{0}")]
-    Request(#[from] RequestError),
-    /// The server broke the protocol; the connection is closed.
-    #[error("protocol violation by server: {0}")]
-    Protocol(#[from] ReplyViolation),
-    /// The server answered the request with an error.
-    #[error("{0}")]
-    Server(#[from] ServerError),
-    /// The connection is gone (server died, or a violation closed it).
-    #[error("disconnected from the server: {0}")]
-    Disconnected(String),
-    /// The TLS credentials could not be set up (a certificate file is
-    /// missing or unreadable, an unsupported `tls-type`, ...).
-    #[error("TLS: {0}")]
-    Tls(#[from] TlsError),
-    /// The TLS handshake after `NBD_OPT_STARTTLS` failed (the server's
-    /// certificate did not verify, the server refused ours, ...); the
-    /// connection is closed, as the spec requires.
-    #[error("TLS handshake failed: {0}")]
-    TlsHandshake(io::Error),
-}
-
-impl Error {
-    /// The errno this error stands for, where it has one.
-    pub fn errno(&self) -> Option<i32> {
-        match self {
-            Error::Server(e) => Some(e.code.to_errno()),
-            Error::Io(e) => e.raw_os_error(),
-            _ => None,
-        }
-    }
-}
-
-/// Result alias for this module.
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+pub use nbd_net::client::{BlockStatus, Error, Handshake, Result};
+pub use nbd_net::{Socket, connect};
 
 /// The reading half of a connection.
 pub type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
 /// The writing half of a connection.
 pub type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
 
-fn split_shared<T: Send + Sync + 'static>(s: Async<T>) -> (BoxRead, BoxWrite)
-where
-    for<'a> &'a T: io::Read + io::Write,
-{
-    let (r, w) = SharedHalf::pair(s);
-    (Box::new(r), Box::new(w))
+/// Connects to the server `uri` names (on smol's blocking pool: name
+/// resolution and `connect` block), and registers the socket with the
+/// reactor.
+async fn open(uri: &NbdUri) -> Result<Socket> {
+    let uri = uri.clone();
+    Ok(smol::unblock(move || connect(&uri)).await?)
 }
 
-/// Opens the socket a URI names, split into halves.
-pub async fn connect_transport(uri: &NbdUri) -> Result<(BoxRead, BoxWrite)> {
-    match &uri.transport {
-        Transport::Tcp { host, port } => {
-            let addrs = smol::net::resolve((host.as_str(), *port)).await?;
-            let mut last = io::Error::new(io::ErrorKind::NotFound, "host has no address");
-            for a in addrs {
-                match Async::<std::net::TcpStream>::connect(a).await {
-                    Ok(s) => {
-                        s.get_ref().set_nodelay(true)?;
-                        return Ok(split_shared(s));
-                    }
-                    Err(e) => last = e,
-                }
-            }
-            Err(last.into())
-        }
-        Transport::Unix { socket } => {
-            if socket.starts_with('\0') {
-                return Err(
-                    io::Error::new(io::ErrorKind::Unsupported, "abstract sockets are not supported here").into(),
-                );
-            }
-            let s = Async::<std::os::unix::net::UnixStream>::connect(socket).await?;
-            Ok(split_shared(s))
-        }
-    }
+/// The socket's two halves, for the reader and the writer.
+fn halves(socket: Socket) -> Result<(BoxRead, BoxWrite)> {
+    let (r, w) = SharedHalf::pair(Async::new(socket)?);
+    Ok((Box::new(r), Box::new(w)))
 }
 
-/// Drives a handshake to its end, upgrading the halves to TLS when the
+/// Pumps a handshake until it stops, upgrading the halves to TLS when the
 /// server accepts `NBD_OPT_STARTTLS`.
-async fn drive_handshake(
-    hs: &mut ClientHandshake,
-    r: &mut BoxRead,
-    w: &mut BoxWrite,
-    tls: &LazyClientTls,
-) -> Result<()> {
-    let mut buf = Vec::new();
-    // TLS just started and the server said nothing over it yet.
-    let mut fresh_tls = false;
+async fn negotiate(hs: &mut Handshake, r: &mut BoxRead, w: &mut BoxWrite, tls: &LazyClientTls) -> Result<Stop> {
     loop {
-        match hs.step() {
-            HandshakeStep::Send(b) => {
-                let sent = match w.write_all(b).await {
+        match hs.step()? {
+            HandshakeIo::Send => {
+                let sent = match w.write_all(hs.output()).await {
                     Ok(()) => w.flush().await,
                     Err(e) => Err(e),
                 };
-                match sent {
-                    Err(e) if fresh_tls => return Err(nbd_net::refused_after_handshake(e).into()),
-                    r => r?,
-                }
+                sent.map_err(|e| hs.io_error(e))?;
                 hs.sent();
             }
-            HandshakeStep::Receive(n) => {
-                buf.resize(n, 0);
-                let read = r.read_exact(&mut buf).await;
-                let read = match read {
-                    Err(e) if fresh_tls => Err(nbd_net::refused_after_handshake(e)),
-                    r => r,
-                };
-                fresh_tls = false;
-                read.map_err(|e| {
-                    if e.kind() == io::ErrorKind::UnexpectedEof {
-                        Error::Disconnected("server closed the connection during the handshake".into())
-                    } else {
-                        Error::Io(e)
-                    }
-                })?;
-                hs.received(&buf)?;
+            HandshakeIo::Receive => {
+                if let Err(e) = r.read_exact(hs.input()).await {
+                    return Err(hs.io_error(e));
+                }
+                hs.received()?;
             }
-            HandshakeStep::StartTls => {
+            HandshakeIo::StartTls => {
                 let creds = tls.get()?;
                 let plain_r = std::mem::replace(r, Box::new(futures_lite::io::empty()));
                 let plain_w = std::mem::replace(w, Box::new(futures_lite::io::sink()));
@@ -174,41 +104,163 @@ async fn drive_handshake(
                 *r = Box::new(tr);
                 *w = Box::new(tw);
                 hs.tls_established()?;
-                fresh_tls = true;
             }
-            _ => return Ok(()),
+            HandshakeIo::Stopped(stop) => return Ok(stop),
         }
     }
 }
 
-/// A request's buffer: owned by the connection while the request is in
-/// flight and given back with the reply (moving a `Vec` allocates nothing).
-type Buf = Vec<u8>;
+/// A connection in option mode: list exports, ask about them, then either
+/// [`Negotiation::go`] into a [`Client`] or [`Negotiation::abort`].
+pub struct Negotiation {
+    options: Options,
+    r: BoxRead,
+    w: BoxWrite,
+}
 
-/// Per-request state kept beside the protocol machine's in-flight table
-/// (same index). The machine runs with manual release, so a slot is reused
-/// only after its caller took the result (or gave up) and no task still
-/// holds its buffer.
+impl std::fmt::Debug for Negotiation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Negotiation").field(&self.options).finish()
+    }
+}
+
+impl Negotiation {
+    /// Connects to `uri` and negotiates up to option haggling (TLS as
+    /// [`Client::connect_uri`] says).
+    ///
+    /// ```no_run
+    /// # smol::block_on(async {
+    /// use nbd_smol::{ClientConfig, NbdUri, Negotiation};
+    ///
+    /// let uri = NbdUri::parse("nbd+unix:///?socket=/tmp/nbd.sock")?;
+    /// let mut neg = Negotiation::connect(&uri, ClientConfig::default()).await?;
+    /// for export in neg.list().await? {
+    ///     let info = neg.info(&export.name).await?;
+    ///     println!("{}: {} bytes", export.name, info.size);
+    /// }
+    /// neg.abort().await?;
+    /// # Ok::<(), nbd_smol::Error>(())
+    /// # });
+    /// ```
+    pub async fn connect(uri: &NbdUri, config: ClientConfig) -> Result<Negotiation> {
+        Self::handshake_with_tls(open(uri).await?, uri.client_config(config), uri_tls(uri)?).await
+    }
+
+    /// Negotiates over a connected socket (TLS, if `config` asks for it,
+    /// with libnbd's default credentials and no name check).
+    pub async fn handshake(socket: impl Into<Socket>, config: ClientConfig) -> Result<Negotiation> {
+        Self::handshake_with_tls(socket, config, LazyClientTls::default()).await
+    }
+
+    /// Negotiates over a connected socket with these TLS credentials.
+    pub async fn handshake_with_tls(
+        socket: impl Into<Socket>,
+        mut config: ClientConfig,
+        tls: LazyClientTls,
+    ) -> Result<Negotiation> {
+        config.opt_mode = true;
+        let mut hs = Handshake::new(config);
+        let (mut r, mut w) = halves(socket.into())?;
+        let stop = negotiate(&mut hs, &mut r, &mut w, &tls).await?;
+        Ok(Negotiation {
+            options: Options::new(hs, tls, &stop),
+            r,
+            w,
+        })
+    }
+
+    /// The session: what was negotiated so far (`fixed_newstyle()`,
+    /// `protocol_name()`, `tls()`, `structured_replies()`,
+    /// `extended_headers()`).
+    pub fn session(&self) -> &ClientSession {
+        self.options.session()
+    }
+
+    /// Whether the server already ended negotiation (an oldstyle server,
+    /// or one that only knows `NBD_OPT_EXPORT_NAME`): only
+    /// [`Negotiation::go`] is left.
+    pub fn is_done(&self) -> bool {
+        self.options.is_done()
+    }
+
+    async fn option(
+        &mut self,
+        option: impl FnOnce(&mut ClientSession) -> Result<(), ClientSessionError>,
+    ) -> Result<Stop> {
+        let (hs, tls) = self.options.issue(option)?;
+        let stop = negotiate(hs, &mut self.r, &mut self.w, tls).await?;
+        Ok(self.options.stopped(stop))
+    }
+
+    /// `NBD_OPT_LIST`: every export's name and description.
+    pub async fn list(&mut self) -> Result<Vec<ExportEntry>> {
+        outcome::list(self.option(|s| s.opt_list()).await?)
+    }
+
+    /// `NBD_OPT_INFO` for one export.
+    pub async fn info(&mut self, export: &str) -> Result<ExportInfo> {
+        outcome::info(self.option(|s| s.opt_info(export)).await?)
+    }
+
+    /// `NBD_OPT_INFO`, returning the server's refusal as a value.
+    pub async fn try_info(&mut self, export: &str) -> Result<Result<ExportInfo, ServerOptionError>> {
+        outcome::info_or_refusal(self.option(|s| s.opt_info(export)).await?)
+    }
+
+    /// `NBD_OPT_LIST_META_CONTEXT` (no queries: every context).
+    pub async fn list_meta_contexts(&mut self, export: &str, queries: &[&str]) -> Result<Vec<MetaContext>> {
+        outcome::meta_contexts(self.option(|s| s.opt_list_meta_context(export, queries)).await?)
+    }
+
+    /// `NBD_OPT_SET_META_CONTEXT`.
+    pub async fn set_meta_contexts(&mut self, export: &str, queries: &[&str]) -> Result<Vec<MetaContext>> {
+        outcome::meta_contexts(self.option(|s| s.opt_set_meta_context(export, queries)).await?)
+    }
+
+    /// `NBD_OPT_GO` (falling back to `NBD_OPT_EXPORT_NAME` if the server
+    /// does not know GO): enter transmission and start the tasks.
+    pub async fn go(mut self, export: &str) -> Result<Client> {
+        if !self.is_done() {
+            outcome::go(self.option(|s| s.opt_go(Some(export))).await?)?;
+        }
+        Client::start(self.options.into_session(), self.r, self.w)
+    }
+
+    /// `NBD_OPT_ABORT`, then close.
+    pub async fn abort(mut self) -> Result<()> {
+        if self.is_done() {
+            // Oldstyle or EXPORT_NAME-only: a hard close is all there is.
+            return Ok(());
+        }
+        outcome::aborted(self.option(|s| s.opt_abort()).await)
+    }
+}
+
+/// Per-request state kept beside the session's in-flight table (same
+/// index: [`Cookie::slot`]). The session runs with manual release, so a
+/// slot is reused only after its caller took the result (or gave up) and
+/// no task still holds its buffer.
 #[derive(Default)]
 struct Slot {
-    /// The request's buffer (READ destination or WRITE source).
-    buf: Option<Buf>,
+    /// The caller's buffer (READ destination or WRITE source).
+    buf: Option<Vec<u8>>,
+    /// Where this request's bytes start in `buf`.
+    start: usize,
+    /// How many bytes it covers there.
+    len: usize,
     /// The buffer is lent to the writer or reader task right now.
     lent: bool,
-    /// Where the request's bytes end in `buf`.
-    len: usize,
-    /// Header still to be written (writer queue holds the slot index).
-    header: Option<EncodedHeader>,
-    /// Extents received, per context.
-    extents: Vec<(u32, Vec<Extent>)>,
-    /// Result once complete.
-    result: Option<Result<(), Error>>,
+    /// Block status received, per context.
+    status: Vec<BlockStatus>,
+    /// The result, once complete.
+    result: Option<Result<()>>,
     waker: Option<Waker>,
     /// The caller dropped its future: free everything on completion.
     abandoned: bool,
-    /// A WRITE: the writer sends `buf[..len]` after the header.
-    is_write: bool,
     cookie: Option<Cookie>,
+    /// The request's place among `max_in_flight`, given back when the
+    /// slot is freed.
+    permit: Option<SemaphoreGuardArc>,
 }
 
 impl Slot {
@@ -216,22 +268,120 @@ impl Slot {
     fn ready(&self) -> bool {
         self.result.is_some() && !self.lent
     }
+
+    /// The request's part of its buffer.
+    fn bytes(&mut self) -> &mut [u8] {
+        let (start, len) = (self.start, self.len);
+        match &mut self.buf {
+            Some(b) => b.get_mut(start..start + len).unwrap_or_default(),
+            None => &mut [],
+        }
+    }
 }
 
 struct Inner {
-    tx: ClientTransmission,
+    session: ClientSession,
     slots: Vec<Slot>,
-    write_queue: VecDeque<usize>,
+    /// Completed requests whose caller is gone: their cookies go back to
+    /// the session after the call that completed them.
+    released: Vec<Cookie>,
     writer_waker: Option<Waker>,
-    dead: Option<String>,
-    disc_header: Option<EncodedHeader>,
+    reader_waker: Option<Waker>,
+    /// Why the connection ended, once it did.
+    dead: Option<Arc<str>>,
+    /// `NBD_CMD_DISC` is queued: the writer closes after sending it.
+    disconnecting: bool,
     disc_waker: Option<Waker>,
+}
+
+impl Inner {
+    /// Frees a completed slot whose caller is gone, or wakes its caller.
+    fn settle(&mut self, slot: usize) {
+        let s = &mut self.slots[slot];
+        if !s.ready() {
+            return;
+        }
+        if s.abandoned {
+            free(s, &mut self.released);
+        } else if let Some(w) = s.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Gives the cookies of freed slots back to the session.
+    fn release(&mut self) {
+        for c in self.released.drain(..) {
+            self.session.release(c);
+        }
+    }
+
+    /// Runs a receive-side call with the slots as the destination of
+    /// replies.
+    fn with_replies<T>(
+        &mut self,
+        contexts: &[MetaContext],
+        f: impl FnOnce(&mut ClientSession, &mut SlotReplies<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let mut replies = SlotReplies {
+            slots: &mut self.slots,
+            released: &mut self.released,
+            contexts,
+        };
+        let r = f(&mut self.session, &mut replies);
+        self.release();
+        r
+    }
+}
+
+/// Frees a slot: its buffer, its result, its cookie (to be released) and
+/// its permit.
+fn free(s: &mut Slot, released: &mut Vec<Cookie>) {
+    s.result = None;
+    s.buf = None;
+    s.abandoned = false;
+    s.permit = None;
+    if let Some(c) = s.cookie.take() {
+        released.push(c);
+    }
+}
+
+/// The slots as the receive side's [`Replies`].
+struct SlotReplies<'a> {
+    slots: &'a mut [Slot],
+    released: &'a mut Vec<Cookie>,
+    contexts: &'a [MetaContext],
+}
+
+impl Replies for SlotReplies<'_> {
+    fn hole(&mut self, cookie: Cookie, buf_offset: u64, length: u64) {
+        fill_hole(self.slots[cookie.slot()].bytes(), buf_offset, length);
+    }
+    fn block_status(&mut self, cookie: Cookie, context_id: u32, extents: Extents<'_>) {
+        add_block_status(
+            &mut self.slots[cookie.slot()].status,
+            self.contexts,
+            context_id,
+            extents,
+        );
+    }
+    fn done(&mut self, cookie: Cookie, result: Result<(), ServerError>) {
+        let s = &mut self.slots[cookie.slot()];
+        s.result = Some(result.map_err(Error::Server));
+        if !s.ready() {
+            return;
+        }
+        if s.abandoned {
+            free(s, self.released);
+        } else if let Some(w) = s.waker.take() {
+            w.wake();
+        }
+    }
 }
 
 struct State {
     inner: Mutex<Inner>,
-    permits: Semaphore,
-    neg: Negotiated,
+    permits: Arc<Semaphore>,
+    negotiated: Negotiated,
 }
 
 impl State {
@@ -239,22 +389,20 @@ impl State {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Marks the connection dead and fails every outstanding request.
-    fn kill(&self, why: String) {
+    /// The connection ended on `e`: every outstanding request fails.
+    fn kill(&self, e: &Error) {
         let mut g = self.lock();
-        if g.dead.is_none() {
-            g.dead = Some(why.clone());
+        let why = g.dead.get_or_insert_with(|| reason(e)).clone();
+        let g = &mut *g;
+        for c in g.session.connection_lost() {
+            let s = &mut g.slots[c.slot()];
+            s.result = Some(Err(in_flight_error(e, &why)));
+            g.settle(c.slot());
         }
-        let cookies: Vec<Cookie> = g.tx.fail_all().collect();
-        g.write_queue.clear();
-        for c in cookies {
-            g.slots[c.slot()].header = None;
-            finish_slot(&mut g, c, Err(Error::Disconnected(why.clone())));
-        }
-        if let Some(w) = g.writer_waker.take() {
-            w.wake();
-        }
-        if let Some(w) = g.disc_waker.take() {
+        for w in [g.writer_waker.take(), g.reader_waker.take(), g.disc_waker.take()]
+            .into_iter()
+            .flatten()
+        {
             w.wake();
         }
     }
@@ -269,83 +417,93 @@ pub struct Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("negotiated", &self.state.neg).finish()
+        f.debug_struct("Client")
+            .field("negotiated", &self.state.negotiated)
+            .finish()
     }
 }
 
-/// Default number of requests in flight per connection.
-pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
-
 impl Client {
-    /// Connects to a URI with the default configuration.
+    /// Connects to a URI with the default configuration (extended
+    /// headers, structured replies, `base:allocation`, 64 requests in
+    /// flight).
+    ///
+    /// ```no_run
+    /// # smol::block_on(async {
+    /// let client = nbd_smol::Client::connect("nbd+unix:///?socket=/tmp/nbd.sock").await?;
+    /// // Two reads in flight at once; each buffer comes back with its result.
+    /// let (a, b) = futures_lite::future::zip(
+    ///     client.read(vec![0u8; 65536], 0),
+    ///     client.read(vec![0u8; 65536], 65536),
+    /// )
+    /// .await;
+    /// let (first, second) = (a.0?, b.0?);
+    /// client.disconnect().await?;
+    /// # Ok::<(), nbd_smol::Error>(())
+    /// # });
+    /// ```
     pub async fn connect(uri: &str) -> Result<Client> {
-        let uri = NbdUri::parse(uri)?;
-        Self::connect_uri(&uri, ClientConfig::default(), DEFAULT_MAX_IN_FLIGHT).await
+        Self::connect_uri(&NbdUri::parse(uri)?, ClientConfig::default()).await
     }
 
-    /// Connects to a parsed URI, with a configuration and an in-flight
-    /// limit. The URI's export name overrides the configuration's, and so
-    /// does its TLS policy unless it is [`TlsMode::Off`] (`nbds://` and
-    /// `nbds+unix://` require TLS); the TLS credentials come from the
-    /// URI's `tls-certificates`, `tls-hostname` and `tls-verify-peer`.
-    pub async fn connect_uri(uri: &NbdUri, config: ClientConfig, max_in_flight: usize) -> Result<Client> {
-        let tls = LazyClientTls::from_uri(uri)?;
-        Self::connect_uri_with_tls(uri, config, max_in_flight, tls).await
+    /// Connects to a parsed URI with a configuration (see
+    /// [`NbdUri::client_config`]: the URI's export name and TLS policy
+    /// win; `config.max_in_flight` bounds the requests in flight). The
+    /// TLS credentials come from the URI's `tls-certificates`,
+    /// `tls-hostname` and `tls-verify-peer`.
+    pub async fn connect_uri(uri: &NbdUri, config: ClientConfig) -> Result<Client> {
+        Self::connect_uri_with_tls(uri, config, uri_tls(uri)?).await
     }
 
     /// [`Client::connect_uri`] with TLS credentials of the caller's (e.g.
     /// one [`LazyClientTls`] for every connection of a pool: the files are
     /// read once and the connections share a TLS session cache).
-    pub async fn connect_uri_with_tls(
-        uri: &NbdUri,
-        mut config: ClientConfig,
-        max_in_flight: usize,
-        tls: LazyClientTls,
-    ) -> Result<Client> {
-        config.export_name = uri.export.clone();
-        if uri.tls != TlsMode::Off {
-            config.tls = uri.tls;
-        }
-        let (r, w) = connect_transport(uri).await?;
-        Self::handshake_with_tls(r, w, config, max_in_flight, tls).await
+    pub async fn connect_uri_with_tls(uri: &NbdUri, config: ClientConfig, tls: LazyClientTls) -> Result<Client> {
+        Self::handshake_with_tls(open(uri).await?, uri.client_config(config), tls).await
     }
 
-    /// Negotiates over already-connected halves and starts the tasks (TLS,
-    /// if `config` asks for it, with libnbd's default credentials and no
+    /// Negotiates over a connected socket and starts the tasks (TLS, if
+    /// `config` asks for it, with libnbd's default credentials and no
     /// name check).
-    pub async fn handshake(r: BoxRead, w: BoxWrite, config: ClientConfig, max_in_flight: usize) -> Result<Client> {
-        Self::handshake_with_tls(r, w, config, max_in_flight, LazyClientTls::default()).await
+    pub async fn handshake(socket: impl Into<Socket>, config: ClientConfig) -> Result<Client> {
+        Self::handshake_with_tls(socket, config, LazyClientTls::default()).await
     }
 
-    /// Negotiates over already-connected halves with these TLS credentials
+    /// Negotiates over a connected socket with these TLS credentials
     /// (used if `config.tls` asks for TLS and the server accepts), then
     /// starts the tasks.
     pub async fn handshake_with_tls(
-        mut r: BoxRead,
-        mut w: BoxWrite,
+        socket: impl Into<Socket>,
         mut config: ClientConfig,
-        max_in_flight: usize,
         tls: LazyClientTls,
     ) -> Result<Client> {
         config.opt_mode = false;
-        let mut hs = ClientHandshake::new(config);
-        drive_handshake(&mut hs, &mut r, &mut w, &tls).await?;
-        let neg = hs.finish()?;
-        let max_in_flight = max_in_flight.max(1);
-        let mut tx = ClientTransmission::new(&neg, max_in_flight);
-        tx.set_manual_release(true);
+        let mut hs = Handshake::new(config);
+        let (mut r, mut w) = halves(socket.into())?;
+        outcome::go(negotiate(&mut hs, &mut r, &mut w, &tls).await?)?;
+        Self::start(hs.into_session(), r, w)
+    }
+
+    fn start(mut session: ClientSession, r: BoxRead, w: BoxWrite) -> Result<Client> {
+        let negotiated = session
+            .negotiated()
+            .cloned()
+            .ok_or(Error::Misuse("transmission without a negotiated export"))?;
+        session.set_manual_release(true);
+        let n = session.capacity();
         let state = Arc::new(State {
             inner: Mutex::new(Inner {
-                tx,
-                slots: (0..max_in_flight).map(|_| Slot::default()).collect(),
-                write_queue: VecDeque::with_capacity(max_in_flight),
+                session,
+                slots: (0..n).map(|_| Slot::default()).collect(),
+                released: Vec::with_capacity(n),
                 writer_waker: None,
+                reader_waker: None,
                 dead: None,
-                disc_header: None,
+                disconnecting: false,
                 disc_waker: None,
             }),
-            permits: Semaphore::new(max_in_flight),
-            neg,
+            permits: Arc::new(Semaphore::new(n)),
+            negotiated,
         });
         let reader = smol::spawn(reader_task(state.clone(), r));
         let writer = smol::spawn(writer_task(state.clone(), w));
@@ -357,157 +515,193 @@ impl Client {
 
     /// What the handshake negotiated.
     pub fn negotiated(&self) -> &Negotiated {
-        &self.state.neg
+        &self.state.negotiated
     }
-    /// Protocol flavour.
+    /// The protocol flavour in use.
     pub fn mode(&self) -> Mode {
-        self.state.neg.mode
+        self.state.negotiated.mode
     }
-    /// Export size.
+    /// Export size in bytes.
     pub fn size(&self) -> u64 {
-        self.state.neg.size
+        self.state.negotiated.size
     }
     /// Transmission flags.
     pub fn flags(&self) -> TransmissionFlags {
-        self.state.neg.flags
+        self.state.negotiated.flags
     }
     /// Block-size constraints in force.
     pub fn constraints(&self) -> BlockSizeConstraints {
-        self.state.neg.constraints()
+        self.state.negotiated.constraints()
     }
-    /// Whether the connection is gone.
-    pub fn is_dead(&self) -> bool {
+    /// Whether the export is read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.flags().contains(TransmissionFlags::READ_ONLY)
+    }
+    /// Whether the connection is gone (the server closed it, a violation
+    /// or a socket error ended it, or it was disconnected): every request
+    /// fails.
+    pub fn is_closed(&self) -> bool {
         self.state.lock().dead.is_some()
     }
 
-    /// Issues a request and waits for its reply. `buf` is the READ
-    /// destination or the WRITE source (its first `length` bytes).
-    async fn submit(&self, req: Request, buf: Option<Buf>) -> (Result<Vec<(u32, Vec<Extent>)>>, Option<Buf>) {
-        let permit = self.state.permits.acquire().await;
+    /// Issues a request on `buf[start..start + req.length]` (READ
+    /// destination or WRITE source) and waits for its reply.
+    async fn submit(
+        &self,
+        req: Request,
+        buf: Option<Vec<u8>>,
+        start: usize,
+    ) -> (Result<Vec<BlockStatus>>, Option<Vec<u8>>) {
+        let permit = self.state.permits.acquire_arc().await;
         let slot = {
             let mut g = self.state.lock();
+            let g = &mut *g;
             if let Some(why) = &g.dead {
                 return (Err(Error::Disconnected(why.clone())), buf);
             }
-            let (cookie, header) = match g.tx.start_request(req) {
-                Ok(x) => x,
-                Err(e) => return (Err(e.into()), buf),
+            let cookie = match g.session.start_request(req) {
+                Ok(c) => c,
+                Err(e) => return (Err(request_error(e, g.dead.as_ref())), buf),
             };
-            let i = cookie.slot();
-            let s = &mut g.slots[i];
+            let s = &mut g.slots[cookie.slot()];
             s.buf = buf;
+            s.start = start;
+            s.len = if req.command == Command::READ || req.command == Command::WRITE {
+                req.length as usize
+            } else {
+                0
+            };
             s.lent = false;
-            s.len = req.length as usize;
-            s.header = Some(header);
             s.result = None;
             s.abandoned = false;
-            s.is_write = req.command == Command::WRITE;
-            s.extents.clear();
             s.cookie = Some(cookie);
-            g.write_queue.push_back(i);
-            if let Some(w) = g.writer_waker.take() {
+            s.permit = Some(permit);
+            for w in [g.writer_waker.take(), g.reader_waker.take()].into_iter().flatten() {
                 w.wake();
             }
-            i
+            cookie.slot()
         };
         let mut guard = SlotGuard {
             state: &self.state,
             slot,
             done: false,
         };
-        let r = (&mut guard).await;
-        drop(permit);
-        r
+        (&mut guard).await
     }
 
-    /// Reads into `buf` (its whole length) at `offset` with one request,
-    /// giving the buffer back. Holes arrive as zeroes.
-    pub async fn read(&self, offset: u64, buf: Vec<u8>) -> (Result<()>, Vec<u8>) {
-        self.read_with(offset, buf, CommandFlags::empty()).await
-    }
-
-    /// As [`Client::read`], with command flags (e.g. DF).
-    pub async fn read_with(&self, offset: u64, buf: Vec<u8>, flags: CommandFlags) -> (Result<()>, Vec<u8>) {
-        let len = buf.len() as u64;
-        let (r, b) = self
-            .submit(Request::new(Command::READ, offset, len).with_flags(flags), Some(buf))
-            .await;
-        (r.map(|_| ()), b.unwrap_or_default())
+    /// Reads `buf.len()` bytes at `offset` with one request, giving the
+    /// buffer back (holes arrive as zeroes).
+    pub async fn pread(&self, buf: Vec<u8>, offset: u64, flags: CommandFlags) -> (Result<()>, Vec<u8>) {
+        let req = Request::new(Command::READ, offset, buf.len() as u64).with_flags(flags);
+        let (r, b) = self.submit(req, Some(buf), 0).await;
+        (r.map(drop), b.unwrap_or_default())
     }
 
     /// Writes all of `buf` at `offset` with one request, giving it back.
-    pub async fn write(&self, offset: u64, buf: Vec<u8>) -> (Result<()>, Vec<u8>) {
-        self.write_with(offset, buf, CommandFlags::empty()).await
+    pub async fn pwrite(&self, buf: Vec<u8>, offset: u64, flags: CommandFlags) -> (Result<()>, Vec<u8>) {
+        let req = Request::new(Command::WRITE, offset, buf.len() as u64).with_flags(flags);
+        let (r, b) = self.submit(req, Some(buf), 0).await;
+        (r.map(drop), b.unwrap_or_default())
     }
 
-    /// As [`Client::write`], with command flags (e.g. FUA).
-    pub async fn write_with(&self, offset: u64, buf: Vec<u8>, flags: CommandFlags) -> (Result<()>, Vec<u8>) {
-        let len = buf.len() as u64;
-        let (r, b) = self
-            .submit(Request::new(Command::WRITE, offset, len).with_flags(flags), Some(buf))
-            .await;
-        (r.map(|_| ()), b.unwrap_or_default())
+    /// Reads `buf.len()` bytes at `offset`, in requests no larger than the
+    /// maximum payload (sent one after the other), giving the buffer back.
+    pub async fn read(&self, buf: Vec<u8>, offset: u64) -> (Result<()>, Vec<u8>) {
+        self.read_with(buf, offset, CommandFlags::empty()).await
+    }
+
+    /// As [`Client::read`], with command flags (e.g. DF) on every request.
+    pub async fn read_with(&self, buf: Vec<u8>, offset: u64, flags: CommandFlags) -> (Result<()>, Vec<u8>) {
+        self.split(Command::READ, buf, offset, flags).await
+    }
+
+    /// Writes all of `buf` at `offset`, in requests no larger than the
+    /// maximum payload, giving it back.
+    pub async fn write(&self, buf: Vec<u8>, offset: u64) -> (Result<()>, Vec<u8>) {
+        self.write_with(buf, offset, CommandFlags::empty()).await
+    }
+
+    /// As [`Client::write`], with command flags (e.g. FUA) on every request.
+    pub async fn write_with(&self, buf: Vec<u8>, offset: u64, flags: CommandFlags) -> (Result<()>, Vec<u8>) {
+        self.split(Command::WRITE, buf, offset, flags).await
+    }
+
+    async fn split(
+        &self,
+        command: Command,
+        mut buf: Vec<u8>,
+        offset: u64,
+        flags: CommandFlags,
+    ) -> (Result<()>, Vec<u8>) {
+        let chunk = split_len(self.constraints());
+        let mut at = 0;
+        loop {
+            let len = (buf.len() - at).min(chunk);
+            let req = Request::new(command, offset + at as u64, len as u64).with_flags(flags);
+            let (r, b) = self.submit(req, Some(buf), at).await;
+            buf = b.unwrap_or_default();
+            at += len;
+            if r.is_err() || at >= buf.len() {
+                return (r.map(drop), buf);
+            }
+        }
     }
 
     async fn simple(&self, req: Request) -> Result<()> {
-        self.submit(req, None).await.0.map(|_| ())
+        self.submit(req, None, 0).await.0.map(drop)
     }
 
     /// `NBD_CMD_FLUSH`.
     pub async fn flush(&self) -> Result<()> {
         self.simple(Request::new(Command::FLUSH, 0, 0)).await
     }
-    /// `NBD_CMD_TRIM`.
+
+    /// `NBD_CMD_TRIM` (flags: FUA).
     pub async fn trim(&self, offset: u64, length: u64, flags: CommandFlags) -> Result<()> {
         self.simple(Request::new(Command::TRIM, offset, length).with_flags(flags))
             .await
     }
-    /// `NBD_CMD_WRITE_ZEROES` (FUA, NO_HOLE, FAST_ZERO).
+
+    /// `NBD_CMD_WRITE_ZEROES` (flags: FUA, NO_HOLE, FAST_ZERO).
     pub async fn write_zeroes(&self, offset: u64, length: u64, flags: CommandFlags) -> Result<()> {
         self.simple(Request::new(Command::WRITE_ZEROES, offset, length).with_flags(flags))
             .await
     }
+
     /// `NBD_CMD_CACHE`.
     pub async fn cache(&self, offset: u64, length: u64) -> Result<()> {
         self.simple(Request::new(Command::CACHE, offset, length)).await
     }
 
-    /// `NBD_CMD_BLOCK_STATUS`: extents per negotiated context id.
-    pub async fn block_status(&self, offset: u64, length: u64, flags: CommandFlags) -> Result<Vec<(u32, Vec<Extent>)>> {
-        self.submit(
-            Request::new(Command::BLOCK_STATUS, offset, length).with_flags(flags),
-            None,
-        )
-        .await
-        .0
+    /// `NBD_CMD_BLOCK_STATUS` for `length` bytes at `offset` (flags:
+    /// REQ_ONE): one entry per negotiated context that answered.
+    pub async fn block_status(&self, offset: u64, length: u64, flags: CommandFlags) -> Result<Vec<BlockStatus>> {
+        let req = Request::new(Command::BLOCK_STATUS, offset, length).with_flags(flags);
+        self.submit(req, None, 0).await.0
     }
 
     /// Sends `NBD_CMD_DISC` once every outstanding request of this client
-    /// has been answered. Later requests fail.
+    /// (and its clones) has been answered, and closes the connection.
+    /// Later requests fail.
     pub async fn disconnect(&self) -> Result<()> {
-        // Wait for every permit: nothing in flight.
+        // Every permit: nothing in flight.
         let n = self.state.lock().slots.len();
         let mut permits = Vec::with_capacity(n);
         for _ in 0..n {
-            permits.push(self.state.permits.acquire().await);
+            permits.push(self.state.permits.acquire_arc().await);
         }
-        let header = {
+        {
             let mut g = self.state.lock();
             if g.dead.is_some() {
                 return Ok(());
             }
-            let (_, h) = g.tx.start_request(Request::new(Command::DISC, 0, 0))?;
-            h
-        };
-        {
-            let mut g = self.state.lock();
-            g.disc_header = Some(header);
-            g.write_queue.push_back(usize::MAX);
+            g.session.disconnect()?;
+            g.disconnecting = true;
             if let Some(w) = g.writer_waker.take() {
                 w.wake();
             }
         }
-        // Wait until the writer sent it (or the connection died).
+        // Until the writer sent it (or the connection died).
         futures_lite::future::poll_fn(|cx| {
             let mut g = self.state.lock();
             if g.dead.is_some() {
@@ -518,7 +712,6 @@ impl Client {
             }
         })
         .await;
-        drop(permits);
         Ok(())
     }
 }
@@ -531,7 +724,7 @@ struct SlotGuard<'a> {
 }
 
 impl Future for &mut SlotGuard<'_> {
-    type Output = (Result<Vec<(u32, Vec<Extent>)>>, Option<Buf>);
+    type Output = (Result<Vec<BlockStatus>>, Option<Vec<u8>>);
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut **self.get_mut();
         let mut g = this.state.lock();
@@ -541,14 +734,12 @@ impl Future for &mut SlotGuard<'_> {
             this.done = true;
             s.waker = None;
             let buf = s.buf.take();
-            let r = s
-                .result
-                .take()
-                .unwrap_or(Ok(()))
-                .map(|()| std::mem::take(&mut s.extents));
-            if let Some(c) = s.cookie.take() {
-                g.tx.release(c);
-            }
+            let r = match s.result.take() {
+                Some(Ok(())) | None => Ok(std::mem::take(&mut s.status)),
+                Some(Err(e)) => Err(e),
+            };
+            free(s, &mut g.released);
+            g.release();
             return Poll::Ready((r, buf));
         }
         match &mut s.waker {
@@ -568,188 +759,147 @@ impl Drop for SlotGuard<'_> {
         let g = &mut *g;
         let s = &mut g.slots[self.slot];
         s.waker = None;
-        if s.ready() {
-            // Completed but never collected: free it now.
-            s.result = None;
-            s.buf = None;
-            if let Some(c) = s.cookie.take() {
-                g.tx.release(c);
-            }
-        } else {
-            // Still in flight: the tasks finish it and free it.
-            s.abandoned = true;
-        }
+        s.abandoned = true;
+        // Completed but never collected: free it now; else the tasks
+        // finish it and free it.
+        g.settle(self.slot);
+        g.release();
     }
-}
-
-/// Records a request's result; frees the slot at once if its caller is
-/// gone and no task holds its buffer, else wakes the caller.
-fn finish_slot(g: &mut Inner, cookie: Cookie, result: Result<(), Error>) {
-    let s = &mut g.slots[cookie.slot()];
-    s.result = Some(result);
-    settle(g, cookie.slot());
-}
-
-/// Called when a slot's result or buffer changes.
-fn settle(g: &mut Inner, slot: usize) {
-    let s = &mut g.slots[slot];
-    if !s.ready() {
-        return;
-    }
-    if s.abandoned {
-        s.result = None;
-        s.buf = None;
-        s.abandoned = false;
-        if let Some(c) = s.cookie.take() {
-            g.tx.release(c);
-        }
-    } else if let Some(w) = s.waker.take() {
-        w.wake();
-    }
-}
-
-fn complete(g: &mut Inner, cookie: Cookie, result: Result<(), ServerError>) {
-    finish_slot(g, cookie, result.map_err(Error::Server));
 }
 
 async fn reader_task(state: Arc<State>, mut r: BoxRead) {
-    let why = match reader_loop(&state, &mut r).await {
-        Ok(()) => "connection closed".to_string(),
-        Err(e) => e,
-    };
-    state.kill(why);
+    if let Err(e) = reader_loop(&state, &mut r).await {
+        state.kill(&e);
+    }
 }
 
-async fn reader_loop(state: &State, r: &mut BoxRead) -> std::result::Result<(), String> {
-    let mut scratch: Vec<u8> = Vec::with_capacity(64);
-    let eof = |e: io::Error| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            "server closed the connection".to_string()
-        } else {
-            e.to_string()
+/// Waits until the session expects a reply (or the connection died).
+struct WaitReader<'a>(&'a State);
+
+impl Future for WaitReader<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut g = self.0.lock();
+        if g.dead.is_some() || g.session.in_flight() > 0 {
+            return Poll::Ready(());
         }
+        g.reader_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+async fn reader_loop(state: &State, r: &mut BoxRead) -> Result<()> {
+    let contexts = &state.negotiated.contexts;
+    let mut scratch: Vec<u8> = Vec::with_capacity(64);
+    let eof = |e: std::io::Error, during: &str| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => {
+            Error::Disconnected(format!("the server closed the connection {during}").into())
+        }
+        _ => Error::Io(e),
     };
     loop {
         let next = {
-            let g = state.lock();
+            let mut g = state.lock();
             if g.dead.is_some() {
                 return Ok(());
             }
-            g.tx.next()
+            g.with_replies(contexts, |s, rep| nbd_net::client::receive(s, rep))?
         };
         match next {
-            ReceiveNext::Bytes(n) => {
-                scratch.resize(n, 0);
-                r.read_exact(&mut scratch).await.map_err(eof)?;
-                let mut g = state.lock();
-                let g = &mut *g;
-                match g.tx.handle_bytes(&scratch) {
-                    Ok(ReplyEvent::Done { cookie, result, .. }) => complete(g, cookie, result),
-                    Ok(ReplyEvent::Hole {
-                        cookie,
-                        buf_offset,
-                        length,
-                    }) => {
-                        let s = &mut g.slots[cookie.slot()];
-                        if let Some(b) = s.buf.as_mut() {
-                            let start = buf_offset as usize;
-                            if let Some(piece) = b.get_mut(start..start + length as usize) {
-                                piece.fill(0);
-                            }
-                        }
+            Incoming::Idle => {
+                // Nothing in flight: read the start of the next reply, so
+                // that a server that closes (or sends garbage) is noticed.
+                scratch.resize(IDLE_READ, 0);
+                let idle = async { Ok(Some(r.read(&mut scratch).await)) };
+                let woken = async {
+                    WaitReader(state).await;
+                    Ok(None)
+                };
+                let got: Result<Option<std::io::Result<usize>>> = futures_lite::future::or(idle, woken).await;
+                match got? {
+                    // A request started: go round.
+                    None => {}
+                    Some(Ok(0)) => return Err(Error::disconnected("the server closed the connection")),
+                    Some(Ok(n)) => {
+                        let mut g = state.lock();
+                        g.with_replies(contexts, |s, rep| {
+                            nbd_net::client::input_received(s, &scratch[..n], rep)
+                        })?;
                     }
-                    Ok(ReplyEvent::BlockStatus {
-                        cookie,
-                        context_id,
-                        extents,
-                    }) => {
-                        let s = &mut g.slots[cookie.slot()];
-                        match s.extents.iter_mut().find(|(id, v)| *id == context_id || v.is_empty()) {
-                            Some((id, v)) => {
-                                *id = context_id;
-                                v.extend(extents);
-                            }
-                            None => s.extents.push((context_id, extents.collect())),
-                        }
-                    }
-                    Ok(ReplyEvent::Nothing) => {}
-                    Err(v) => return Err(format!("protocol violation by server: {v}")),
+                    Some(Err(e)) => return Err(Error::Io(e)),
                 }
             }
-            ReceiveNext::Data {
+            Incoming::Header(n) => {
+                scratch.resize(n, 0);
+                r.read_exact(&mut scratch)
+                    .await
+                    .map_err(|e| eof(e, "while replies were expected"))?;
+                let mut g = state.lock();
+                g.with_replies(contexts, |s, rep| nbd_net::client::input_received(s, &scratch, rep))?;
+            }
+            Incoming::Data {
                 cookie,
                 buf_offset,
                 length,
             } => {
-                let mut buf = {
+                let (mut buf, start) = {
                     let mut g = state.lock();
                     let s = &mut g.slots[cookie.slot()];
                     s.lent = true;
-                    s.buf.take()
+                    (s.buf.take(), s.start)
                 };
-                let start = buf_offset as usize;
-                let end = start + length as usize;
-                let res = match buf.as_mut().and_then(|b| b.get_mut(start..end)) {
+                let res = match buf.as_mut().and_then(|b| {
+                    let range = data_range(b.len().saturating_sub(start), buf_offset, length)?;
+                    b.get_mut(start + range.start..start + range.end)
+                }) {
                     Some(piece) => r.read_exact(piece).await,
-                    None => {
-                        // Abandoned request: drain the bytes.
-                        let mut sink = [0u8; 4096];
-                        let mut left = length as usize;
-                        let mut res = Ok(());
-                        while left > 0 {
-                            let k = left.min(sink.len());
-                            if let Err(e) = r.read_exact(&mut sink[..k]).await {
-                                res = Err(e);
-                                break;
-                            }
-                            left -= k;
-                        }
-                        res
-                    }
+                    // Never announced by the session; keep the stream in
+                    // step anyway.
+                    None => drain(r, length).await,
                 };
                 let mut g = state.lock();
                 let g = &mut *g;
                 let s = &mut g.slots[cookie.slot()];
                 s.buf = buf;
                 s.lent = false;
-                settle(g, cookie.slot());
-                res.map_err(eof)?;
-                match g.tx.data_received() {
-                    Ok(ReplyEvent::Done { cookie, result, .. }) => complete(g, cookie, result),
-                    Ok(_) => {}
-                    Err(v) => return Err(format!("protocol violation by server: {v}")),
-                }
-            }
-            ReceiveNext::Complete => {
-                let mut g = state.lock();
-                let g = &mut *g;
-                match g.tx.complete_pending() {
-                    Ok(ReplyEvent::Done { cookie, result, .. }) => complete(g, cookie, result),
-                    Ok(_) => {}
-                    Err(v) => return Err(format!("protocol violation by server: {v}")),
-                }
+                // The request may have failed meanwhile (the writer's
+                // error): its caller can have the buffer now.
+                g.settle(cookie.slot());
+                g.release();
+                res.map_err(|e| eof(e, "in the middle of a reply"))?;
+                g.with_replies(contexts, |s, rep| nbd_net::client::data_received(s, length, rep))?;
             }
         }
     }
 }
 
+/// Reads and drops `length` bytes.
+async fn drain(r: &mut BoxRead, length: u64) -> std::io::Result<()> {
+    let n = futures_lite::io::copy(r.take(length), futures_lite::io::sink()).await?;
+    if n < length {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
 async fn writer_task(state: Arc<State>, mut w: BoxWrite) {
     if let Err(e) = writer_loop(&state, &mut w).await {
-        state.kill(format!("write to server failed: {e}"));
+        state.kill(&e);
     }
 }
 
-/// Waits until the write queue has something, then takes a batch.
-struct WaitQueue<'a>(&'a State);
+/// Waits until the session has something to send (or the connection
+/// died).
+struct WaitOutput<'a>(&'a State);
 
-impl Future for WaitQueue<'_> {
+impl Future for WaitOutput<'_> {
     type Output = bool;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {
         let mut g = self.0.lock();
         if g.dead.is_some() {
             return Poll::Ready(false);
         }
-        if !g.write_queue.is_empty() {
+        if g.session.has_output() {
             return Poll::Ready(true);
         }
         g.writer_waker = Some(cx.waker().clone());
@@ -757,61 +907,47 @@ impl Future for WaitQueue<'_> {
     }
 }
 
-async fn writer_loop(state: &State, w: &mut BoxWrite) -> io::Result<()> {
-    // Headers of a batch are gathered here and sent with one vectored
-    // write together with (at most one) payload.
-    let mut headers: Vec<u8> = Vec::with_capacity(32 * 64);
+async fn writer_loop(state: &State, w: &mut BoxWrite) -> Result<()> {
+    // The headers of a batch (up to and with the first WRITE), sent with
+    // that WRITE's data in one vectored write.
+    let mut out: Vec<u8> = Vec::with_capacity(64 * 32);
     loop {
-        if !WaitQueue(state).await {
+        if !WaitOutput(state).await {
             return Ok(());
         }
-        // Take requests until one carries a payload.
-        headers.clear();
-        let mut payload: Option<(usize, Buf, usize)> = None;
-        let mut disc = false;
-        {
+        out.clear();
+        let (payload, disc) = {
             let mut g = state.lock();
-            while let Some(i) = g.write_queue.pop_front() {
-                if i == usize::MAX {
-                    if let Some(h) = g.disc_header.take() {
-                        headers.extend_from_slice(h.as_bytes());
-                    }
-                    disc = true;
-                    break;
-                }
-                let s = &mut g.slots[i];
-                if let Some(h) = s.header.take() {
-                    headers.extend_from_slice(h.as_bytes());
-                }
-                if s.is_write {
-                    let len = s.len;
-                    if let Some(b) = s.buf.take() {
-                        s.lent = true;
-                        payload = Some((i, b, len));
-                    }
-                    break;
-                }
-            }
-        }
-        let res = match &payload {
-            Some((_, b, len)) => write_all_vectored(w, &headers, &b[..*len]).await,
-            None => w.write_all(&headers).await,
+            let Some(t) = g.session.poll_transmit(&mut out) else {
+                continue;
+            };
+            let payload = t.payload.map(|p| {
+                let s = &mut g.slots[p.cookie.slot()];
+                s.lent = true;
+                (p.cookie.slot(), s.buf.take(), s.start, s.len)
+            });
+            (payload, g.disconnecting && !g.session.has_output())
         };
-        if let Some((i, b, _)) = payload {
+        let data = match &payload {
+            Some((_, Some(b), start, len)) => b.get(*start..start + len).unwrap_or_default(),
+            _ => &[],
+        };
+        let res = write_all_vectored(w, &out, data).await;
+        if let Some((slot, buf, ..)) = payload {
             let mut g = state.lock();
-            let g = &mut *g;
-            let s = &mut g.slots[i];
-            s.buf = Some(b);
+            let s = &mut g.slots[slot];
+            s.buf = buf;
             s.lent = false;
-            settle(g, i);
+            g.settle(slot);
+            g.release();
         }
         res?;
         w.flush().await?;
         if disc {
             let _ = w.close().await;
             let mut g = state.lock();
-            g.dead.get_or_insert_with(|| "disconnected by the client".to_string());
-            if let Some(w) = g.disc_waker.take() {
+            g.dead.get_or_insert_with(|| "the client disconnected".into());
+            for w in [g.disc_waker.take(), g.reader_waker.take()].into_iter().flatten() {
                 w.wake();
             }
             return Ok(());

@@ -58,14 +58,10 @@ pub async fn write_all_vectored<W: AsyncWrite + Unpin + ?Sized>(
     header: &[u8],
     payload: &[u8],
 ) -> io::Result<()> {
-    let mut bufs = [IoSlice::new(header), IoSlice::new(payload)];
-    let mut slices: &mut [IoSlice<'_>] = &mut bufs;
-    while !slices.is_empty() {
-        let n = futures_lite::future::poll_fn(|cx| Pin::new(&mut *w).poll_write_vectored(cx, slices)).await?;
-        if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "failed to write the request"));
-        }
-        IoSlice::advance_slices(&mut slices, n);
+    let mut g = nbd_net::socket::Gather::new(header, payload);
+    while !g.is_done() {
+        let n = futures_lite::future::poll_fn(|cx| Pin::new(&mut *w).poll_write_vectored(cx, &g.slices())).await?;
+        g.advance(n)?;
     }
     Ok(())
 }

@@ -2,10 +2,18 @@
 //!
 //! - [`client::Client`]: a multiplexed client; many tasks share one
 //!   connection, requests are pipelined and replies matched by cookie.
+//!   The same API as `nbd_blocking::Client`, with owned buffers given
+//!   back with each result.
+//! - [`client::Negotiation`]: option mode (list exports, ask about them,
+//!   meta contexts, then go or abort).
+//! - [`pool::Pool`]: several connections to one export (multi-conn).
 //! - [`server::Server`]: an async server for many clients and several
 //!   exports, serving from `nbd_storage`.
 //! - [`tls`]: STARTTLS for both (futures-rustls over the connection's
 //!   halves; credentials from `nbd_net`).
+//!
+//! Errors are [`nbd_net::Error`], the blocking client's too. See
+//! [`client`] for the threads the client runs on.
 #![warn(missing_docs)]
 
 pub mod client;
@@ -14,7 +22,10 @@ pub mod pool;
 pub mod server;
 pub mod tls;
 
-pub use client::Client;
+pub use client::{BlockStatus, Client, Error, Negotiation, Result, Socket};
+pub use nbd_proto::{client::ClientConfig, client::TlsMode, uri::NbdUri, wire::CommandFlags};
+pub use pool::Pool;
+pub use tls::LazyClientTls;
 
 /// Runs a future to completion on the current thread. Connections and
 /// client tasks run on smol's global executor, whose number of threads is

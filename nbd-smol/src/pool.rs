@@ -8,14 +8,30 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use nbd_proto::client::{ClientConfig, Extent, Negotiated};
+use nbd_proto::client::{ClientConfig, Negotiated};
 use nbd_proto::uri::NbdUri;
 use nbd_proto::wire::{CommandFlags, TransmissionFlags};
 
-use crate::client::{Client, Error, Result};
+use crate::client::{BlockStatus, Client, Error, Result};
 use crate::tls::LazyClientTls;
 
 /// A pool of connections to one export.
+///
+/// ```no_run
+/// # smol::block_on(async {
+/// use nbd_smol::{ClientConfig, NbdUri, Pool};
+///
+/// let uri = NbdUri::parse("nbd://localhost/disk")?;
+/// // Four connections if the server allows multi-conn, 32 requests each.
+/// let config = ClientConfig { max_in_flight: 32, ..ClientConfig::default() };
+/// let pool = Pool::connect(&uri, config, 4).await?;
+/// let (r, buf) = pool.read(vec![0u8; 1 << 20], 0).await;
+/// r?;
+/// pool.flush().await?;
+/// pool.disconnect().await?;
+/// # Ok::<(), nbd_smol::Error>(())
+/// # });
+/// ```
 #[derive(Debug)]
 pub struct Pool {
     clients: Vec<Client>,
@@ -24,16 +40,15 @@ pub struct Pool {
 
 impl Pool {
     /// Opens `connections` connections (just one if the server does not
-    /// advertise multi-conn), each with `max_in_flight` requests.
-    pub async fn connect(uri: &NbdUri, config: ClientConfig, connections: usize, max_in_flight: usize) -> Result<Pool> {
+    /// advertise multi-conn), each with `config.max_in_flight` requests.
+    pub async fn connect(uri: &NbdUri, config: ClientConfig, connections: usize) -> Result<Pool> {
         // One set of TLS credentials: read once, one session cache.
         let tls = LazyClientTls::from_uri(uri)?;
-        let first = Client::connect_uri_with_tls(uri, config.clone(), max_in_flight, tls.clone()).await?;
+        let first = Client::connect_uri_with_tls(uri, config.clone(), tls.clone()).await?;
         let mut clients = vec![first];
         let multi = clients[0].flags().contains(TransmissionFlags::CAN_MULTI_CONN);
         if multi {
-            let more = (1..connections.max(1))
-                .map(|_| Client::connect_uri_with_tls(uri, config.clone(), max_in_flight, tls.clone()));
+            let more = (1..connections.max(1)).map(|_| Client::connect_uri_with_tls(uri, config.clone(), tls.clone()));
             for c in join_all(more).await {
                 clients.push(c?);
             }
@@ -82,14 +97,14 @@ impl Pool {
         &self.clients[i]
     }
 
-    /// Reads at `offset` into `buf` on one of the connections.
-    pub async fn read(&self, offset: u64, buf: Vec<u8>) -> (Result<()>, Vec<u8>) {
-        self.pick().read(offset, buf).await
+    /// Reads `buf.len()` bytes at `offset` on one of the connections.
+    pub async fn read(&self, buf: Vec<u8>, offset: u64) -> (Result<()>, Vec<u8>) {
+        self.pick().read(buf, offset).await
     }
 
     /// Writes `buf` at `offset` on one of the connections.
-    pub async fn write(&self, offset: u64, buf: Vec<u8>) -> (Result<()>, Vec<u8>) {
-        self.pick().write(offset, buf).await
+    pub async fn write(&self, buf: Vec<u8>, offset: u64) -> (Result<()>, Vec<u8>) {
+        self.pick().write(buf, offset).await
     }
 
     /// Writes zeroes on one of the connections.
@@ -103,7 +118,7 @@ impl Pool {
     }
 
     /// Block status on one of the connections.
-    pub async fn block_status(&self, offset: u64, length: u64, flags: CommandFlags) -> Result<Vec<(u32, Vec<Extent>)>> {
+    pub async fn block_status(&self, offset: u64, length: u64, flags: CommandFlags) -> Result<Vec<BlockStatus>> {
         self.pick().block_status(offset, length, flags).await
     }
 

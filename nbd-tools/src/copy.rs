@@ -112,9 +112,10 @@ async fn open_nbd(uri: &NbdUri, opts: &CopyOptions, want_status: bool) -> Result
         } else {
             Vec::new()
         },
+        max_in_flight: opts.requests.max(1),
         ..ClientConfig::default()
     };
-    Pool::connect(uri, config, opts.connections, opts.requests)
+    Pool::connect(uri, config, opts.connections)
         .await
         .map_err(|e| format!("{}: {e}", uri.to_uri_string()))
 }
@@ -164,10 +165,9 @@ impl Planner {
                     .block_status(start, window, CommandFlags::empty())
                     .await
                     .map_err(err)?;
-                for (ctx, ext) in st {
-                    if ctx == id {
-                        extents.extend(ext.iter().map(|e| (e.length, e.flags & 2 != 0)));
-                    }
+                let zero = u64::from(AllocationFlags::ZERO.bits());
+                for s in st.into_iter().filter(|s| s.context_id == id) {
+                    extents.extend(s.extents.iter().map(|e| (e.length, e.flags & zero != 0)));
                 }
             }
             Side::File(f, _) => {
@@ -400,7 +400,7 @@ async fn worker(s: &Shared, bufsize: usize) -> Result<(), String> {
 async fn read(src: &Side, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>, String> {
     match src {
         Side::Nbd(p) => {
-            let (r, b) = p.read(offset, buf).await;
+            let (r, b) = p.read(buf, offset).await;
             r.map_err(|e| format!("read at {offset}: {e}"))?;
             Ok(b)
         }
@@ -420,7 +420,7 @@ async fn read(src: &Side, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>, String> 
 async fn write(dst: &Side, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>, String> {
     match dst {
         Side::Nbd(p) => {
-            let (r, b) = p.write(offset, buf).await;
+            let (r, b) = p.write(buf, offset).await;
             r.map_err(|e| format!("write at {offset}: {e}"))?;
             Ok(b)
         }

@@ -39,10 +39,10 @@ impl ProtocolReport {
     /// From a connection in option mode.
     pub fn from_negotiation(n: &Negotiation) -> Self {
         ProtocolReport {
-            protocol: n.protocol_name(),
-            tls: n.tls(),
-            structured: n.structured_replies(),
-            extended: n.extended_headers(),
+            protocol: n.session().protocol_name(),
+            tls: n.session().tls(),
+            structured: n.session().structured_replies(),
+            extended: n.session().extended_headers(),
         }
     }
 }
@@ -79,13 +79,13 @@ impl ExportReport {
     /// `NBD_OPT_LIST_META_CONTEXT`), leaving the connection in option mode.
     pub fn from_option_mode(neg: &mut Negotiation, uri: &NbdUri, name: &str) -> Result<ExportReport, Error> {
         let info = neg.info(name)?;
-        let contexts = if neg.structured_replies() {
+        let contexts = if neg.session().structured_replies() {
             Some(neg.list_meta_contexts(name, &[])?.into_iter().map(|c| c.name).collect())
         } else {
             None
         };
         Ok(ExportReport {
-            protocol: neg.protocol_name(),
+            protocol: neg.session().protocol_name(),
             name: name.to_string(),
             description: info.description,
             uri: Self::uri_for(uri, name),
@@ -99,8 +99,8 @@ impl ExportReport {
     /// Gathers the facts of the URI's export by entering transmission
     /// (`NBD_OPT_GO`), then disconnects politely.
     pub fn single(mut neg: Negotiation, uri: &NbdUri) -> Result<ExportReport, Error> {
-        let protocol = neg.protocol_name();
-        let contexts = if !neg.is_done() && neg.structured_replies() {
+        let protocol = neg.session().protocol_name();
+        let contexts = if !neg.is_done() && neg.session().structured_replies() {
             Some(
                 neg.list_meta_contexts(&uri.export, &[])?
                     .into_iter()

@@ -118,7 +118,7 @@ fn injected_read_errors_are_typed_and_good_reads_are_right() {
         let writes: Vec<_> = (0..SIZE / MIB)
             .map(|i| {
                 let c = c.clone();
-                smol::spawn(async move { c.write(i * MIB, pattern_at(i * MIB, MIB as usize)).await.0 })
+                smol::spawn(async move { c.write(pattern_at(i * MIB, MIB as usize), i * MIB).await.0 })
             })
             .collect();
         for w in writes {
@@ -137,7 +137,7 @@ fn injected_read_errors_are_typed_and_good_reads_are_right() {
                         buf.clear();
                         // A dirty buffer: every byte must come from the server.
                         buf.resize(len, 0xee);
-                        let (r, back) = c.read(offset, std::mem::take(&mut buf)).await;
+                        let (r, back) = c.read(std::mem::take(&mut buf), offset).await;
                         match r {
                             Ok(()) => {
                                 assert!(
@@ -171,9 +171,9 @@ fn injected_read_errors_are_typed_and_good_reads_are_right() {
             "{failed} of {total} reads failed with a 30% error rate"
         );
         // The connection survived every error.
-        assert!(!c.is_dead());
+        assert!(!c.is_closed());
         c.flush().await.unwrap();
-        let (r, _) = c.write(0, pattern_at(0, 4096)).await;
+        let (r, _) = c.write(pattern_at(0, 4096), 0).await;
         r.unwrap();
         c.disconnect().await.unwrap();
         eprintln!("{ok} reads returned the right data, {failed} failed with EIO");
@@ -234,8 +234,8 @@ fn injected_errors_on_every_command() {
                         let offset = rng.below(60) * MIB + rng.below(1024) * 512;
                         let len = 512 * (1 + rng.below(256));
                         let r = match kind {
-                            0 => c.read(offset, vec![0u8; len as usize]).await.0,
-                            1 => c.write(offset, rng.bytes(len as usize)).await.0,
+                            0 => c.read(vec![0u8; len as usize], offset).await.0,
+                            1 => c.write(rng.bytes(len as usize), offset).await.0,
                             2 => c.write_zeroes(offset, len, CommandFlags::empty()).await,
                             3 => c.trim(offset, len, CommandFlags::empty()).await,
                             4 => c.block_status(offset, len, CommandFlags::empty()).await.map(|_| ()),
@@ -269,7 +269,7 @@ fn injected_errors_on_every_command() {
             assert!(*ok > 0 && *failed > 0, "{name}: {ok} succeeded, {failed} failed");
             eprintln!("{name}: {ok} succeeded, {failed} failed with {}", KINDS[kind].1);
         }
-        assert!(!c.is_dead());
+        assert!(!c.is_closed());
         c.flush().await.unwrap();
         c.disconnect().await.unwrap();
     });
@@ -378,7 +378,18 @@ fn async_pool_random_writes_match_a_model() {
     let peer = serve(&dir, &["--memory", "64M"]);
     let uri = NbdUri::parse(&peer.uri("")).unwrap();
     block_on_within("random writes over a pool", Duration::from_secs(120), async {
-        let pool = Arc::new(Pool::connect(&uri, ClientConfig::default(), 4, 32).await.unwrap());
+        let pool = Arc::new(
+            Pool::connect(
+                &uri,
+                ClientConfig {
+                    max_in_flight: 32,
+                    ..ClientConfig::default()
+                },
+                4,
+            )
+            .await
+            .unwrap(),
+        );
         assert_eq!(pool.clients().len(), 4, "nbd-serve advertises multi-conn");
         assert_eq!(pool.size(), SIZE);
         let tasks: Vec<_> = (0..TASKS)
@@ -396,7 +407,7 @@ fn async_pool_random_writes_match_a_model() {
                             0..=6 => {
                                 let data = rng.bytes(len);
                                 model[at..at + len].copy_from_slice(&data);
-                                let (r, _) = pool.write(offset, data).await;
+                                let (r, _) = pool.write(data, offset).await;
                                 r.unwrap_or_else(|e| panic!("task {t} op {i}: write: {e}"));
                             }
                             7 => {
@@ -411,7 +422,7 @@ fn async_pool_random_writes_match_a_model() {
                                     .unwrap_or_else(|e| panic!("task {t} op {i}: zero: {e}"));
                             }
                             _ => {
-                                let (r, back) = pool.read(offset, vec![0xee; len]).await;
+                                let (r, back) = pool.read(vec![0xee; len], offset).await;
                                 r.unwrap_or_else(|e| panic!("task {t} op {i}: read: {e}"));
                                 if back[..] != model[at..at + len] {
                                     let d = back.iter().zip(&model[at..]).position(|(a, b)| a != b).unwrap();
@@ -433,7 +444,7 @@ fn async_pool_random_writes_match_a_model() {
         for (n, c) in pool.clients().iter().enumerate() {
             for chunk in 0..SIZE / (8 * MIB) {
                 let offset = chunk * 8 * MIB;
-                let (r, back) = c.read(offset, vec![0xee; (8 * MIB) as usize]).await;
+                let (r, back) = c.read(vec![0xee; (8 * MIB) as usize], offset).await;
                 r.unwrap();
                 let want = &model[offset as usize..][..back.len()];
                 if back[..] != *want {
@@ -509,7 +520,7 @@ fn acknowledged_writes_survive_sigkill() {
                         .map(|(offset, data)| {
                             let c = c.clone();
                             let (offset, data) = (*offset, data.clone());
-                            smol::spawn(async move { c.write(offset, data).await.0 })
+                            smol::spawn(async move { c.write(data, offset).await.0 })
                         })
                         .collect();
                     for t in tasks {

@@ -24,7 +24,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use nbd_blocking::client::{Client, Error, Negotiation};
-use nbd_proto::client::{ClientConfig, HandshakeError, HandshakeViolation, ReplyViolation, RequestError};
+use nbd_proto::client::{ClientConfig, HandshakeError, HandshakeViolation, ReplyViolation};
 use nbd_proto::uri::NbdUri;
 use nbd_proto::wire::{
     BlockDescriptor, BlockDescriptorExt, BlockStatusExtHeader, CONTEXT_BASE_ALLOCATION, Command, CommandFlags,
@@ -456,7 +456,7 @@ fn against_both_clients(
         other => panic!("{label}: {other:?}"),
     }
     assert!(
-        matches!(second, Err(Error::Request(RequestError::Failed))),
+        matches!(&second, Err(Error::Disconnected(why)) if why.contains("protocol violation by server")),
         "{label}: a request after the violation: {second:?}"
     );
     fake.finish();
@@ -475,25 +475,36 @@ fn against_both_clients(
     let label = format!("async client, {what}");
     let uri = fake.uri.clone();
     block_on_within(&label, LIMIT, async {
-        let c = AsyncClient::connect_uri(&nbd_uri(&uri), config(offer), 8)
-            .await
-            .unwrap();
+        let c = AsyncClient::connect_uri(
+            &nbd_uri(&uri),
+            ClientConfig {
+                max_in_flight: 8,
+                ..config(offer)
+            },
+        )
+        .await
+        .unwrap();
         let first = smol::spawn(request_async(c.clone(), command));
         let second = smol::spawn(request_async(c.clone(), Command::READ));
         let (first, second) = (first.await, second.await);
-        match &first {
-            Err(AsyncError::Disconnected(why)) if why.contains("protocol violation by server") => {
-                eprintln!("{label}: {why}");
+        let violation = match &first {
+            Err(AsyncError::Protocol(v)) if check(v) => {
+                eprintln!("{label}: {v}");
+                v.clone()
             }
             other => panic!("{label}: first request: {other:?}"),
-        }
+        };
         assert!(
-            matches!(&second, Err(AsyncError::Disconnected(w)) if w == match &first { Err(AsyncError::Disconnected(w)) => w, _ => unreachable!() }),
+            matches!(&second, Err(AsyncError::Protocol(w)) if *w == violation),
             "{label}: the request in flight with it: {second:?}"
         );
-        // Later requests fail at once.
-        assert!(matches!(c.flush().await, Err(AsyncError::Disconnected(_))));
-        assert!(c.is_dead());
+        // Later requests fail at once, saying why.
+        let later = c.flush().await;
+        assert!(
+            matches!(&later, Err(AsyncError::Disconnected(why)) if why.contains("protocol violation by server")),
+            "{label}: a request after the violation: {later:?}"
+        );
+        assert!(c.is_closed());
         drop(c);
     });
     fake.finish();
@@ -512,8 +523,8 @@ fn request_blocking(c: &mut Client, command: Command) -> Result<(), Error> {
 
 async fn request_async(c: AsyncClient, command: Command) -> Result<(), AsyncError> {
     match command {
-        Command::READ => c.read(4096, vec![0u8; 4096]).await.0,
-        Command::WRITE => c.write(4096, vec![1u8; 4096]).await.0,
+        Command::READ => c.read(vec![0u8; 4096], 4096).await.0,
+        Command::WRITE => c.write(vec![1u8; 4096], 4096).await.0,
         Command::BLOCK_STATUS => c.block_status(4096, 4096, CommandFlags::empty()).await.map(|_| ()),
         Command::FLUSH => c.flush().await,
         other => panic!("{other}"),
@@ -1032,7 +1043,7 @@ fn a_server_that_never_answers_the_handshake() {
         let r = within(what, LIMIT, move || {
             let s = UnixStream::connect(&sock).unwrap();
             s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
-            Client::handshake(Box::new(s), ClientConfig::default()).map(|_| ())
+            Client::handshake(s, ClientConfig::default()).map(|_| ())
         });
         match r {
             Err(Error::Io(e)) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
@@ -1102,7 +1113,7 @@ fn a_server_that_dies_mid_reply() {
             (first, second)
         });
         match &first {
-            Err(e @ Error::Closed(_)) => assert!(e.to_string().contains("in the middle of a reply"), "{e}"),
+            Err(e @ Error::Disconnected(_)) => assert!(e.to_string().contains("in the middle of a reply"), "{e}"),
             other => panic!("blocking client, {offer:?}: {other:?}"),
         }
         assert!(second.is_err(), "{second:?}");
@@ -1132,13 +1143,19 @@ fn a_server_that_dies_mid_reply() {
         });
         let uri = fake.uri.clone();
         block_on_within("async, dies mid-reply", LIMIT, async {
-            let c = AsyncClient::connect_uri(&nbd_uri(&uri), config(offer), 16)
-                .await
-                .unwrap();
+            let c = AsyncClient::connect_uri(
+                &nbd_uri(&uri),
+                ClientConfig {
+                    max_in_flight: 16,
+                    ..config(offer)
+                },
+            )
+            .await
+            .unwrap();
             let tasks: Vec<_> = (0..8u64)
                 .map(|i| {
                     let c = c.clone();
-                    smol::spawn(async move { c.read(i * 65536, vec![0u8; 65536]).await })
+                    smol::spawn(async move { c.read(vec![0u8; 65536], i * 65536).await })
                 })
                 .collect();
             let mut ok = 0;
@@ -1179,23 +1196,29 @@ fn a_late_reply_to_an_abandoned_request_is_drained() {
         });
         let uri = fake.uri.clone();
         block_on_within("an abandoned request", LIMIT, async {
-            let c = AsyncClient::connect_uri(&nbd_uri(&uri), config(offer), 4)
-                .await
-                .unwrap();
-            let slow = async { Some(c.read(0, vec![0u8; 1 << 20]).await) };
+            let c = AsyncClient::connect_uri(
+                &nbd_uri(&uri),
+                ClientConfig {
+                    max_in_flight: 4,
+                    ..config(offer)
+                },
+            )
+            .await
+            .unwrap();
+            let slow = async { Some(c.read(vec![0u8; 1 << 20], 0).await) };
             let timeout = async {
                 smol::Timer::after(Duration::from_millis(200)).await;
                 None
             };
             assert!(smol::future::or(slow, timeout).await.is_none());
             late_tx.send(()).unwrap();
-            let (r, buf) = c.read(1 << 20, vec![0u8; 4096]).await;
+            let (r, buf) = c.read(vec![0u8; 4096], 1 << 20).await;
             r.unwrap();
             assert!(
                 buf.iter().all(|&b| b == 0xcd),
                 "{offer:?}: the answer to the second read"
             );
-            assert!(!c.is_dead());
+            assert!(!c.is_closed());
         });
         fake.finish();
     }
@@ -1218,16 +1241,22 @@ fn an_unsolicited_reply() {
     });
     let uri = fake.uri.clone();
     block_on_within("an unsolicited reply", LIMIT, async {
-        let c = AsyncClient::connect_uri(&nbd_uri(&uri), config(Offer::Structured), 4)
-            .await
-            .unwrap();
+        let c = AsyncClient::connect_uri(
+            &nbd_uri(&uri),
+            ClientConfig {
+                max_in_flight: 4,
+                ..config(Offer::Structured)
+            },
+        )
+        .await
+        .unwrap();
         // The reader task notices at once and the connection is dead.
         let deadline = Instant::now() + Duration::from_secs(2);
-        while !c.is_dead() {
+        while !c.is_closed() {
             assert!(Instant::now() < deadline, "the client did not notice");
             smol::Timer::after(Duration::from_millis(10)).await;
         }
-        match c.read(0, vec![0u8; 512]).await.0 {
+        match c.read(vec![0u8; 512], 0).await.0 {
             Err(AsyncError::Disconnected(why)) => assert!(why.contains("unknown cookie 0x3039"), "{why}"),
             other => panic!("{other:?}"),
         }
@@ -1251,13 +1280,19 @@ fn a_server_that_stops_reading_requests() {
     });
     let uri = fake.uri.clone();
     block_on_within("a server that stops reading", LIMIT, async {
-        let c = AsyncClient::connect_uri(&nbd_uri(&uri), config(Offer::Extended), 16)
-            .await
-            .unwrap();
+        let c = AsyncClient::connect_uri(
+            &nbd_uri(&uri),
+            ClientConfig {
+                max_in_flight: 16,
+                ..config(Offer::Extended)
+            },
+        )
+        .await
+        .unwrap();
         let writes: Vec<_> = (0..16u64)
             .map(|i| {
                 let c = c.clone();
-                smol::spawn(async move { c.write(i << 20, vec![i as u8; 1 << 20]).await.0 })
+                smol::spawn(async move { c.write(vec![i as u8; 1 << 20], i << 20).await.0 })
             })
             .collect();
         let all = async {
@@ -1274,7 +1309,7 @@ fn a_server_that_stops_reading_requests() {
             smol::future::or(all, timeout).await.is_none(),
             "16 MiB of writes completed although the server reads nothing"
         );
-        assert!(!c.is_dead());
+        assert!(!c.is_closed());
         drop(c);
     });
     dropped_tx.send(()).unwrap();
@@ -1361,7 +1396,7 @@ fn endless_option_replies() {
 /// The blocking client, with a write timeout set by its caller, against a
 /// server that reads nothing: a 16 MiB WRITE times out part-way through
 /// its payload. The stream is out of step from then on, so every later
-/// request must fail at once (`RequestError::Failed`) rather than send a
+/// request must fail at once (`Error::Disconnected`) rather than send a
 /// header into the middle of the old payload.
 #[test]
 fn blocking_client_fails_for_good_after_a_failed_send() {
@@ -1375,13 +1410,13 @@ fn blocking_client_fails_for_good_after_a_failed_send() {
     within("a send that times out", LIMIT, move || {
         let s = UnixStream::connect(&socket).unwrap();
         s.set_write_timeout(Some(Duration::from_millis(200))).unwrap();
-        let mut c = Client::handshake(Box::new(s), config(Offer::Simple)).unwrap();
+        let mut c = Client::handshake(s, config(Offer::Simple)).unwrap();
         match c.write(&vec![1u8; 16 << 20], 0) {
             Err(Error::Io(e)) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
             other => panic!("the write: {other:?}"),
         }
         match c.read(&mut [0u8; 512], 0) {
-            Err(Error::Request(RequestError::Failed)) => {}
+            Err(Error::Disconnected(_)) => {}
             other => panic!("a read after the failed write: {other:?}"),
         }
     });

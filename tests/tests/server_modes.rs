@@ -329,7 +329,7 @@ fn export_name_fallback_and_option_mode() {
             ..ClientConfig::default()
         };
         let mut n = Negotiation::connect(&uri, config).unwrap();
-        assert!(n.extended_headers() && n.structured_replies());
+        assert!(n.session().extended_headers() && n.session().structured_replies());
         let list = n.list().unwrap();
         assert_eq!(list.len(), 1, "{list:?}");
         let info = n.info("").unwrap();
@@ -369,10 +369,10 @@ fn twenty_async_clients_at_once() {
                     let offset = i * REGION as u64;
                     for round in 0..4u64 {
                         let data = pattern(REGION, i * 100 + round);
-                        let (r, data) = c.write(offset, data).await;
+                        let (r, data) = c.write(data, offset).await;
                         r.unwrap();
                         c.flush().await.unwrap();
-                        let (r, back) = c.read(offset, vec![0u8; REGION]).await;
+                        let (r, back) = c.read(vec![0u8; REGION], offset).await;
                         r.unwrap();
                         assert!(back == data, "client {i}, round {round}");
                     }
@@ -386,7 +386,7 @@ fn twenty_async_clients_at_once() {
         // One more connection sees every client's last write.
         let c = nbd_smol::client::Client::connect(&uri).await.unwrap();
         for i in 0..CLIENTS {
-            let (r, back) = c.read(i * REGION as u64, vec![0u8; REGION]).await;
+            let (r, back) = c.read(vec![0u8; REGION], i * REGION as u64).await;
             r.unwrap();
             assert!(back == pattern(REGION, i * 100 + 3), "region of client {i}");
         }

@@ -430,7 +430,7 @@ fn our_clients_against_gnutls_servers(dir: &TempDir, pki: &Path, data: &[u8], ki
         let c = nbd_smol::Client::connect(&kit_uri)
             .await
             .unwrap_or_else(|e| panic!("{}: async client to nbdkit: {e}", kind.name));
-        let (r, back) = c.read(0, vec![0; 128 * 1024]).await;
+        let (r, back) = c.read(vec![0; 128 * 1024], 0).await;
         r.unwrap();
         c.disconnect().await.unwrap();
         back

@@ -9,7 +9,7 @@ use clap::Parser;
 use nbd_blocking::client::{Client, Negotiation};
 use nbd_proto::client::{ClientConfig, TlsMode};
 use nbd_proto::uri::NbdUri;
-use nbd_proto::wire::{CONTEXT_BASE_ALLOCATION, CommandFlags};
+use nbd_proto::wire::{AllocationFlags, CONTEXT_BASE_ALLOCATION, CommandFlags};
 use nbd_tools::info::{ExportReport, human_size};
 
 /// Show information about an NBD server and its exports.
@@ -144,23 +144,20 @@ fn run(args: &Args) -> Result<String, String> {
 
 fn describe(context: &str, flags: u64) -> String {
     if context == CONTEXT_BASE_ALLOCATION {
-        return match flags {
-            0 => "data".into(),
-            1 => "hole".into(),
-            2 => "zero".into(),
-            3 => "hole,zero".into(),
-            _ => {
-                let mut parts = Vec::new();
-                if flags & 1 != 0 {
-                    parts.push("hole".to_string());
-                }
-                if flags & 2 != 0 {
-                    parts.push("zero".to_string());
-                }
-                parts.push(format!("unknown ({:#x})", flags & !3));
-                parts.join(",")
+        let known = u64::from(AllocationFlags::all().bits());
+        let mut parts = Vec::new();
+        for (flag, name) in [(AllocationFlags::HOLE, "hole"), (AllocationFlags::ZERO, "zero")] {
+            if flags & u64::from(flag.bits()) != 0 {
+                parts.push(name.to_string());
             }
-        };
+        }
+        if flags & !known != 0 {
+            parts.push(format!("unknown ({:#x})", flags & !known));
+        }
+        if parts.is_empty() {
+            return "data".into();
+        }
+        return parts.join(",");
     }
     if context.starts_with("qemu:dirty-bitmap:") {
         return if flags & 1 != 0 { "dirty".into() } else { "clean".into() };

@@ -5,8 +5,10 @@
 //! Run with `cargo run --release -p nbd-tests --bin nbd-bench` (add
 //! `-- --quick` for a shorter run, `-- --tls-only` for the TLS rows
 //! alone, `-- --flush-only` for the reader-next-to-a-flushing-writer rows
-//! alone, `-- --qcow2-only` for the qcow2 rows alone). The machines are
-//! shared and noisy: each figure is the median of several alternating runs (ours, peer, ours,
+//! alone, `-- --qcow2-only` for the qcow2 rows alone, `-- --copy-only` for
+//! the copy rows and the TLS rows, the ones that measure the client). The
+//! machines are shared and noisy: each figure is the median of several
+//! alternating runs (ours, peer, ours,
 //! peer, ...), and only ratios measured in the same run mean anything.
 
 use std::path::{Path, PathBuf};
@@ -720,6 +722,12 @@ fn main() {
     }
     if std::env::args().any(|a| a == "--flush-only") {
         flushing_writer_rows(&cfg, &dir, &mut rows);
+        print_rows(&rows);
+        return;
+    }
+    if std::env::args().any(|a| a == "--copy-only") {
+        copy_rows(&cfg, &dir, &mut rows);
+        tls_rows(&cfg, &dir, &mut rows);
         print_rows(&rows);
         return;
     }

@@ -1,0 +1,634 @@
+//! What both client runtimes share around `nbd_proto`'s
+//! [`ClientSession`]: the one error type ([`Error`]), the TLS credentials
+//! a URI names ([`uri_tls`]; its configuration is
+//! [`NbdUri::client_config`]), the handshake pump ([`Handshake`]), option
+//! mode's state and answers ([`Options`], [`outcome`]), and the receive
+//! side of transmission ([`receive`], [`input_received`],
+//! [`data_received`], with the runtime's buffers behind the [`Replies`]
+//! trait).
+//!
+//! Everything here is free of I/O: a runtime reads and writes its socket
+//! (blocking, or async) where these functions say, and nothing else.
+
+use std::io;
+use std::sync::Arc;
+
+use nbd_proto::client::{
+    ClientConfig, ClientEvent, ClientNeed, ClientSession, ClientSessionError, Cookie, Extent, Extents, HandshakeError,
+    OptionOutcome, ReplyViolation, RequestError, ServerError,
+};
+use nbd_proto::common::MetaContext;
+use nbd_proto::uri::{NbdUri, UriError};
+use nbd_proto::wire::{BlockSizeConstraints, DEFAULT_MAX_PAYLOAD};
+
+use crate::tls::{LazyClientTls, TlsError};
+
+/// Everything that can go wrong for a client, in both runtimes.
+///
+/// A rule broken by the server is a value ([`Error::Protocol`] in
+/// transmission, [`HandshakeError::Violation`] in the handshake), distinct
+/// from the server's answer to a request ([`Error::Server`]) and from a
+/// request refused before it reached the wire ([`Error::Request`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A socket error.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The URI is not valid.
+    #[error("invalid NBD URI: {0}")]
+    Uri(#[from] UriError),
+    /// The handshake failed (a violation by the server, a refusal the
+    /// client cannot do without, TLS unavailable, ...).
+    #[error("{0}")]
+    Handshake(#[from] HandshakeError),
+    /// The request was refused before reaching the wire (read-only
+    /// export, not advertised, out of range, unaligned, too large, ...).
+    #[error("{0}")]
+    Request(#[from] RequestError),
+    /// The server broke a rule of transmission; the connection is closed
+    /// and every request in flight on it failed with this.
+    #[error("protocol violation by server: {0}")]
+    Protocol(#[from] ReplyViolation),
+    /// The server answered the request with an error.
+    #[error("{0}")]
+    Server(#[from] ServerError),
+    /// The connection is gone (the server closed it, or an earlier error
+    /// or the client's `NBD_CMD_DISC` ended it): the request was not sent,
+    /// or its reply never came. The text says why.
+    #[error("disconnected: {0}")]
+    Disconnected(Arc<str>),
+    /// The TLS credentials could not be set up (a certificate file is
+    /// missing or unreadable, an unsupported `tls-type`, ...).
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    /// The TLS handshake after `NBD_OPT_STARTTLS` failed (the server's
+    /// certificate did not verify, the server refused ours, ...); the
+    /// connection is closed, as the spec requires.
+    #[error("TLS handshake failed: {0}")]
+    TlsHandshake(io::Error),
+    /// A bug in the client runtime: it drove the session out of order.
+    #[error("client misuse: {0}")]
+    Misuse(&'static str),
+}
+
+impl Error {
+    /// The errno this error stands for, where it has one: the server's
+    /// NBD error (unknown values as EINVAL, as the spec says), or the
+    /// socket's OS error.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Error::Server(e) => Some(e.code.to_errno()),
+            Error::Io(e) | Error::TlsHandshake(e) => e.raw_os_error(),
+            _ => None,
+        }
+    }
+
+    /// A [`Error::Disconnected`] with this reason.
+    pub fn disconnected(why: &str) -> Error {
+        Error::Disconnected(why.into())
+    }
+
+    /// This error as an `io::Error` (for `std::io` adapters): socket
+    /// errors as they are, server errors as their errno, the rest wrapped.
+    pub fn into_io(self) -> io::Error {
+        match self {
+            Error::Io(e) => e,
+            Error::Server(s) => io::Error::from_raw_os_error(s.code.to_errno()),
+            other => io::Error::other(other),
+        }
+    }
+}
+
+impl From<ClientSessionError> for Error {
+    fn from(e: ClientSessionError) -> Error {
+        match e {
+            ClientSessionError::Handshake(h) => Error::Handshake(h),
+            ClientSessionError::Violation(v) => Error::Protocol(v),
+            ClientSessionError::Misuse(m) => Error::Misuse(m),
+            _ => Error::disconnected("the session is closed"),
+        }
+    }
+}
+
+/// Result alias for the clients.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Block status for one metadata context, as both clients return it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockStatus {
+    /// The context's id.
+    pub context_id: u32,
+    /// The context's name (e.g. `base:allocation`).
+    pub context: String,
+    /// The extents, from the request's offset on.
+    pub extents: Vec<Extent>,
+}
+
+/// Adds a block-status chunk to the per-context list a request gathers
+/// (a context that sent several chunks gets one entry).
+pub fn add_block_status(out: &mut Vec<BlockStatus>, contexts: &[MetaContext], context_id: u32, extents: Extents<'_>) {
+    match out.iter_mut().find(|s| s.context_id == context_id) {
+        Some(s) => s.extents.extend(extents),
+        None => out.push(BlockStatus {
+            context_id,
+            context: contexts
+                .iter()
+                .find(|c| c.id == context_id)
+                .map(|c| c.name.clone())
+                .unwrap_or_default(),
+            extents: extents.collect(),
+        }),
+    }
+}
+
+/// The credentials for connecting to `uri`: from its `tls-certificates`,
+/// `tls-hostname` and `tls-verify-peer`, read only if the server accepts
+/// TLS (see [`LazyClientTls::from_uri`]). The configuration is
+/// [`NbdUri::client_config`].
+pub fn uri_tls(uri: &NbdUri) -> Result<LazyClientTls> {
+    Ok(LazyClientTls::from_uri(uri)?)
+}
+
+/// The largest piece a client's `read`/`write` of any length sends as
+/// one request: the server's maximum payload, but at most the 32 MiB that
+/// every server accepts (a larger advertised maximum would only make the
+/// client hold more of a buffer per request), rounded down to the
+/// preferred block size so that pieces stay aligned.
+pub fn split_len(c: BlockSizeConstraints) -> usize {
+    let max = c.maximum.min(DEFAULT_MAX_PAYLOAD) as usize;
+    let pref = c.preferred.max(c.minimum).max(1) as usize;
+    (max / pref).max(1) * pref
+}
+
+/// Where the handshake stopped.
+#[derive(Debug)]
+pub enum Stop {
+    /// Transmission started.
+    Connected,
+    /// Option mode: the option issued last finished so.
+    Option(OptionOutcome),
+    /// Option mode: waiting for an option.
+    Negotiating,
+    /// Option mode: `NBD_OPT_ABORT` acknowledged (or the server closed).
+    Aborted,
+}
+
+/// The I/O a runtime does next for the handshake.
+#[derive(Debug)]
+pub enum HandshakeIo {
+    /// Send all of [`Handshake::output`], then call [`Handshake::sent`].
+    Send,
+    /// Read exactly [`Handshake::input`]'s length into it, then call
+    /// [`Handshake::received`].
+    Receive,
+    /// Send nothing more in clear: run the TLS client handshake on the
+    /// socket, then call [`Handshake::tls_established`] (or fail with
+    /// [`Error::TlsHandshake`]).
+    StartTls,
+    /// The handshake stopped here.
+    Stopped(Stop),
+}
+
+/// A [`ClientSession`] in the handshake, with the buffers a runtime reads
+/// into and writes from. The runtime's loop:
+///
+/// ```text
+/// loop {
+///     match hs.step()? {
+///         Send => { write_all(hs.output()); hs.sent() }
+///         Receive => match read_exact(hs.input()) {
+///             Ok(()) => hs.received()?,
+///             Err(e) => return Err(hs.io_error(e)),
+///         },
+///         StartTls => { upgrade the socket; hs.tls_established()? }
+///         Stopped(stop) => break stop,
+///     }
+/// }
+/// ```
+#[derive(Debug)]
+pub struct Handshake {
+    session: ClientSession,
+    out: Vec<u8>,
+    input: Vec<u8>,
+    stopped: Option<Stop>,
+    /// TLS just started and the server has said nothing over it yet.
+    fresh_tls: bool,
+}
+
+impl Handshake {
+    /// A new session negotiating as `config` says.
+    pub fn new(config: ClientConfig) -> Handshake {
+        Handshake {
+            session: ClientSession::new(config),
+            out: Vec::new(),
+            input: Vec::new(),
+            stopped: None,
+            fresh_tls: false,
+        }
+    }
+
+    /// The session (getters, and the `opt_*` methods in option mode).
+    pub fn session(&mut self) -> &mut ClientSession {
+        &mut self.session
+    }
+
+    /// The session, to read (what was negotiated so far).
+    pub fn session_ref(&self) -> &ClientSession {
+        &self.session
+    }
+
+    /// The session, once the handshake is over.
+    pub fn into_session(self) -> ClientSession {
+        self.session
+    }
+
+    /// What the runtime does next.
+    pub fn step(&mut self) -> Result<HandshakeIo> {
+        loop {
+            if let Some(stop) = self.stopped.take() {
+                return Ok(HandshakeIo::Stopped(stop));
+            }
+            while self.session.poll_transmit(&mut self.out).is_some() {}
+            if !self.out.is_empty() {
+                return Ok(HandshakeIo::Send);
+            }
+            match self.session.need() {
+                ClientNeed::Bytes(0) | ClientNeed::Pending => self.feed(0)?,
+                ClientNeed::Bytes(n) => {
+                    self.input.resize(n, 0);
+                    return Ok(HandshakeIo::Receive);
+                }
+                ClientNeed::StartTls(_) => return Ok(HandshakeIo::StartTls),
+                ClientNeed::Negotiating => return Ok(HandshakeIo::Stopped(Stop::Negotiating)),
+                ClientNeed::Idle => return Ok(HandshakeIo::Stopped(Stop::Connected)),
+                ClientNeed::Closed => {
+                    // The session failed (feed repeats why), or option
+                    // mode ended with NBD_OPT_ABORT.
+                    self.feed(0)?;
+                    self.stopped = None;
+                    return Ok(HandshakeIo::Stopped(Stop::Aborted));
+                }
+                _ => return Err(Error::Misuse("READ data in the handshake")),
+            }
+        }
+    }
+
+    /// The bytes to send.
+    pub fn output(&self) -> &[u8] {
+        &self.out
+    }
+
+    /// The output was sent.
+    pub fn sent(&mut self) {
+        self.out.clear();
+    }
+
+    /// The buffer to read exactly into.
+    pub fn input(&mut self) -> &mut [u8] {
+        &mut self.input
+    }
+
+    /// The input buffer was filled.
+    pub fn received(&mut self) -> Result<()> {
+        self.fresh_tls = false;
+        self.feed(self.input.len())
+    }
+
+    /// The TLS handshake succeeded.
+    pub fn tls_established(&mut self) -> Result<()> {
+        match self.session.need() {
+            ClientNeed::StartTls(t) => t.established()?,
+            _ => return Err(Error::Misuse("no TLS upgrade is pending")),
+        }
+        self.fresh_tls = true;
+        Ok(())
+    }
+
+    /// The error for a failed read or write: the end of the connection
+    /// during the handshake is [`Error::Disconnected`]; right after the
+    /// TLS handshake it most likely means that the server refused our
+    /// certificate, and the error says so.
+    pub fn io_error(&self, e: io::Error) -> Error {
+        if self.fresh_tls && e.kind() != io::ErrorKind::Interrupted {
+            return Error::Io(crate::tls::refused_after_handshake(e));
+        }
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            return Error::disconnected("the server closed the connection during the handshake");
+        }
+        Error::Io(e)
+    }
+
+    fn feed(&mut self, n: usize) -> Result<()> {
+        let mut at = 0;
+        loop {
+            let (k, ev) = self.session.feed(&self.input[at..n])?;
+            at += k;
+            match ev {
+                Some(ClientEvent::Connected) => self.stopped = Some(Stop::Connected),
+                Some(ClientEvent::OptionDone(o)) => self.stopped = Some(Stop::Option(o)),
+                Some(ClientEvent::Aborted) => self.stopped = Some(Stop::Aborted),
+                Some(_) => return Err(Error::Misuse("a transmission event in the handshake")),
+                None if k == 0 => return Ok(()),
+                None => {}
+            }
+        }
+    }
+}
+
+/// Option mode's state, the same in both runtimes' `Negotiation`: the
+/// handshake, the TLS credentials for a later STARTTLS, and whether
+/// negotiation ended. A runtime issues an option with
+/// [`Options::issue`], pumps the handshake it gets back, and reports where
+/// it stopped with [`Options::stopped`].
+#[derive(Debug)]
+pub struct Options {
+    hs: Handshake,
+    tls: LazyClientTls,
+    done: bool,
+}
+
+impl Options {
+    /// The state after the handshake first stopped at `stop`.
+    pub fn new(hs: Handshake, tls: LazyClientTls, stop: &Stop) -> Options {
+        Options {
+            hs,
+            tls,
+            done: matches!(stop, Stop::Connected),
+        }
+    }
+
+    /// The session: what was negotiated so far (`fixed_newstyle()`,
+    /// `protocol_name()`, `tls()`, `structured_replies()`,
+    /// `extended_headers()`).
+    pub fn session(&self) -> &ClientSession {
+        self.hs.session_ref()
+    }
+
+    /// Whether the server ended negotiation (oldstyle, newstyle without
+    /// fixed newstyle, or after GO): no option can be issued.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// Issues an option: the handshake to pump (with the credentials).
+    pub fn issue(
+        &mut self,
+        option: impl FnOnce(&mut ClientSession) -> Result<(), ClientSessionError>,
+    ) -> Result<(&mut Handshake, &LazyClientTls)> {
+        if self.done {
+            return Err(Error::Misuse("no options after negotiation ended"));
+        }
+        option(self.hs.session())?;
+        Ok((&mut self.hs, &self.tls))
+    }
+
+    /// The handshake stopped at `stop` after an option.
+    pub fn stopped(&mut self, stop: Stop) -> Stop {
+        self.done = matches!(stop, Stop::Connected);
+        stop
+    }
+
+    /// The session, once negotiation is over.
+    pub fn into_session(self) -> ClientSession {
+        self.hs.into_session()
+    }
+}
+
+/// The answers of option mode, as both runtimes' `Negotiation` return
+/// them: a refusal of an option the caller needs is an error
+/// ([`HandshakeError::Refused`]); [`outcome::info_or_refusal`] keeps it a
+/// value.
+pub mod outcome {
+    use nbd_proto::client::{ExportEntry, ExportInfo, HandshakeError, MetaContext, OptionOutcome, ServerOptionError};
+
+    use super::{Error, Result, Stop};
+
+    fn option(stop: Stop, what: &'static str) -> Result<OptionOutcome> {
+        match stop {
+            Stop::Option(OptionOutcome::Refused(e)) => Err(Error::Handshake(HandshakeError::Refused(e))),
+            Stop::Option(o) => Ok(o),
+            _ => Err(Error::disconnected(what)),
+        }
+    }
+
+    /// `NBD_OPT_LIST`.
+    pub fn list(stop: Stop) -> Result<Vec<ExportEntry>> {
+        match option(stop, "the server ended negotiation without answering NBD_OPT_LIST")? {
+            OptionOutcome::List(l) => Ok(l),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// `NBD_OPT_INFO`.
+    pub fn info(stop: Stop) -> Result<ExportInfo> {
+        info_or_refusal(stop)?.map_err(|e| Error::Handshake(HandshakeError::Refused(e)))
+    }
+
+    /// `NBD_OPT_INFO`, with the server's refusal as a value.
+    pub fn info_or_refusal(stop: Stop) -> Result<Result<ExportInfo, ServerOptionError>> {
+        match stop {
+            Stop::Option(OptionOutcome::Info(i)) => Ok(Ok(i)),
+            Stop::Option(OptionOutcome::Refused(e)) => Ok(Err(e)),
+            _ => Err(Error::disconnected(
+                "the server ended negotiation without answering NBD_OPT_INFO",
+            )),
+        }
+    }
+
+    /// `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT`.
+    pub fn meta_contexts(stop: Stop) -> Result<Vec<MetaContext>> {
+        match option(
+            stop,
+            "the server ended negotiation without answering a meta context option",
+        )? {
+            OptionOutcome::MetaContexts(c) => Ok(c),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// `NBD_OPT_ABORT`: the spec lets the server close the connection
+    /// without replying (nbd-server even resets it), so that is success.
+    pub fn aborted(r: Result<Stop>) -> Result<()> {
+        match r {
+            Ok(_) | Err(Error::Disconnected(_)) => Ok(()),
+            Err(Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `NBD_OPT_GO`: `Ok` once transmission started.
+    pub fn go(stop: Stop) -> Result<()> {
+        match stop {
+            Stop::Connected => Ok(()),
+            Stop::Option(OptionOutcome::Refused(e)) => Err(Error::Handshake(HandshakeError::Refused(e))),
+            _ => Err(Error::disconnected(
+                "the server ended negotiation without answering NBD_OPT_GO",
+            )),
+        }
+    }
+}
+
+/// Where a runtime's per-request buffers and results live: the receive
+/// side of transmission tells it what arrived.
+pub trait Replies {
+    /// `length` bytes at `buf_offset` of the request's buffer read as
+    /// zeroes (fill them, e.g. with [`fill_hole`]).
+    fn hole(&mut self, cookie: Cookie, buf_offset: u64, length: u64);
+    /// Block-status extents for one context.
+    fn block_status(&mut self, cookie: Cookie, context_id: u32, extents: Extents<'_>);
+    /// The request is complete.
+    fn done(&mut self, cookie: Cookie, result: Result<(), ServerError>);
+}
+
+/// Fills a hole of a request's buffer with zeroes (a hole that does not
+/// fit the buffer, which the session never announces, is ignored).
+pub fn fill_hole(buf: &mut [u8], buf_offset: u64, length: u64) {
+    let start = usize::try_from(buf_offset).unwrap_or(usize::MAX);
+    let end = start.saturating_add(usize::try_from(length).unwrap_or(usize::MAX));
+    if let Some(piece) = buf.get_mut(start..end) {
+        piece.fill(0);
+    }
+}
+
+/// The range of a request's buffer that READ data goes to (`None` if it
+/// does not fit, which the session never announces).
+pub fn data_range(buf_len: usize, buf_offset: u64, length: u64) -> Option<std::ops::Range<usize>> {
+    let start = usize::try_from(buf_offset).ok()?;
+    let end = start.checked_add(usize::try_from(length).ok()?)?;
+    (end <= buf_len).then_some(start..end)
+}
+
+/// What to receive next in transmission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Incoming {
+    /// Read exactly this many bytes into a scratch buffer and pass them to
+    /// [`input_received`].
+    Header(usize),
+    /// Read up to `length` bytes of READ data into the request's buffer
+    /// at `buf_offset` and report the count with [`data_received`].
+    Data {
+        /// The request.
+        cookie: Cookie,
+        /// Where in its buffer.
+        buf_offset: u64,
+        /// How many bytes are left of this span.
+        length: u64,
+    },
+    /// Nothing is in flight.
+    Idle,
+}
+
+/// What the session wants received next (completions that need no input
+/// are delivered to `replies` first).
+pub fn receive(session: &mut ClientSession, replies: &mut impl Replies) -> Result<Incoming> {
+    loop {
+        match session.need() {
+            ClientNeed::Bytes(0) | ClientNeed::Pending => {
+                input_received(session, &[], replies)?;
+            }
+            ClientNeed::Bytes(n) => return Ok(Incoming::Header(n)),
+            ClientNeed::Data {
+                cookie,
+                buf_offset,
+                length,
+            } => {
+                return Ok(Incoming::Data {
+                    cookie,
+                    buf_offset,
+                    length,
+                });
+            }
+            ClientNeed::Idle => return Ok(Incoming::Idle),
+            ClientNeed::Closed => {
+                // Repeats the error that closed it, if any.
+                session.feed(&[])?;
+                return Err(Error::disconnected("the session is closed"));
+            }
+            _ => return Err(Error::Misuse("transmission is not running")),
+        }
+    }
+}
+
+/// Feeds the bytes [`Incoming::Header`] asked for.
+pub fn input_received(session: &mut ClientSession, mut input: &[u8], replies: &mut impl Replies) -> Result<()> {
+    loop {
+        let (n, ev) = session.feed(input)?;
+        input = &input[n..];
+        match ev {
+            Some(ev) => deliver(ev, replies),
+            None if n == 0 => return Ok(()),
+            None => {}
+        }
+    }
+}
+
+/// Reports `n` bytes of READ data moved into the request's buffer.
+pub fn data_received(session: &mut ClientSession, n: u64, replies: &mut impl Replies) -> Result<()> {
+    if let Some(ev) = session.data_received(n)? {
+        deliver(ev, replies);
+    }
+    Ok(())
+}
+
+fn deliver(ev: ClientEvent<'_>, replies: &mut impl Replies) {
+    match ev {
+        ClientEvent::Hole {
+            cookie,
+            buf_offset,
+            length,
+        } => replies.hole(cookie, buf_offset, length),
+        ClientEvent::BlockStatus {
+            cookie,
+            context_id,
+            extents,
+        } => replies.block_status(cookie, context_id, extents),
+        ClientEvent::Done { cookie, result, .. } => replies.done(cookie, result),
+        // Data only comes from feeding READ data, which the runtimes move
+        // themselves; handshake events cannot occur in transmission.
+        _ => {}
+    }
+}
+
+/// The error each request in flight gets when the connection ends on
+/// `e`: a violation by the server as itself, anything else as
+/// [`Error::Disconnected`] with `why`.
+pub fn in_flight_error(e: &Error, why: &Arc<str>) -> Error {
+    match e {
+        Error::Protocol(v) => Error::Protocol(v.clone()),
+        _ => Error::Disconnected(why.clone()),
+    }
+}
+
+/// The error for a request the session refused: on a connection that
+/// ended ([`RequestError::Failed`]) it is [`Error::Disconnected`] with
+/// why it ended.
+pub fn request_error(e: RequestError, dead: Option<&Arc<str>>) -> Error {
+    match (e, dead) {
+        (RequestError::Failed, Some(why)) => Error::Disconnected(why.clone()),
+        (RequestError::Failed, None) => Error::disconnected("the connection failed earlier"),
+        (e, _) => Error::Request(e),
+    }
+}
+
+/// The shortest reply header there is (a simple reply's): what a runtime
+/// with nothing in flight may read to notice that the server closed the
+/// connection or broke the rules, without reading past a reply of any
+/// kind (the session keeps a partial header).
+pub const IDLE_READ: usize = nbd_proto::wire::SIMPLE_REPLY_HEADER_LEN;
+
+/// The reason given to requests when the connection ends on `e`.
+pub fn reason(e: &Error) -> Arc<str> {
+    match e {
+        Error::Disconnected(why) => why.clone(),
+        Error::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => "the server closed the connection".into(),
+        e => e.to_string().into(),
+    }
+}
