@@ -13,14 +13,15 @@ use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 pub use nbd_net::ServerOptions;
 use nbd_net::rustls;
-use nbd_storage::serve::{Export, ReplyWriter, ServeConnection, ServeContext, Status};
+use nbd_storage::serve::{
+    Export, IDLE_RELEASE, Negotiation, ReplyWriter, ServeConnection, ServeContext, ServeError, Status,
+};
 
 /// One side of a TLS session that the reading and the writing half of a
 /// connection (both on the connection's thread) share.
@@ -50,8 +51,6 @@ impl<S: Read + Write> Write for TlsHalf<S> {
 pub struct Server {
     ctx: Arc<ServeContext>,
     options: Arc<ServerOptions>,
-    stop: Arc<AtomicBool>,
-    active: Arc<AtomicUsize>,
 }
 
 /// A stream the server can use: readable, writable, with timeouts.
@@ -86,13 +85,6 @@ fn invalid_data(e: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
 }
 
-/// How the handshake phase ended.
-enum Handshake {
-    Transmission,
-    StartTls,
-    Closed,
-}
-
 /// Wakes a parked thread.
 struct Unpark(Thread);
 
@@ -105,28 +97,26 @@ impl Wake for Unpark {
     }
 }
 
-/// A connection idle this long gives its large buffers back.
-const IDLE_RELEASE: Duration = Duration::from_secs(1);
-
 impl Server {
     /// A server for a set of exports.
     pub fn new(exports: Vec<Export>, options: ServerOptions) -> Server {
+        let ctx = ServeContext::new(exports, options.config.clone(), options.limits);
         Server {
-            ctx: Arc::new(ServeContext::new(exports, options.config.clone(), options.limits)),
             options: Arc::new(options),
-            stop: Arc::new(AtomicBool::new(false)),
-            active: Arc::new(AtomicUsize::new(0)),
+            ctx: Arc::new(ctx),
         }
     }
 
-    /// Stops accepting (the accept loop notices within 100 ms).
+    /// Stops accepting (the accept loop notices within 100 ms); open
+    /// connections refuse new options with `NBD_REP_ERR_SHUTDOWN` and new
+    /// requests with `NBD_ESHUTDOWN`, and end when their clients leave.
     pub fn shutdown(&self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.ctx.shutdown();
     }
 
     /// Number of connections being served.
     pub fn active_connections(&self) -> usize {
-        self.active.load(Ordering::SeqCst)
+        self.ctx.active_connections()
     }
 
     /// Accepts on a Unix listener until shutdown, a thread per connection.
@@ -147,10 +137,10 @@ impl Server {
     }
 
     fn accept_loop<S: ServerStream>(&self, mut accept: impl FnMut() -> io::Result<S>) -> io::Result<()> {
-        while !self.stop.load(Ordering::SeqCst) {
+        while !self.ctx.is_shutting_down() {
             match accept() {
                 Ok(s) => {
-                    if self.active.load(Ordering::SeqCst) >= self.options.max_connections {
+                    if self.ctx.active_connections() >= self.options.max_connections {
                         drop(s);
                         continue;
                     }
@@ -171,40 +161,30 @@ impl Server {
 
     fn spawn<S: ServerStream>(&self, s: S) {
         let this = self.clone();
-        this.active.fetch_add(1, Ordering::SeqCst);
+        // Counted from here (until the thread drops it).
+        let conn = ServeConnection::new(&self.ctx);
         std::thread::spawn(move || {
-            let _ = this.serve_connection(s);
-            this.active.fetch_sub(1, Ordering::SeqCst);
+            let _ = this.serve_accepted(conn, s);
         });
     }
 
     /// Serves one connection to its end: the handshake (upgrading to TLS
     /// when the client asks and the policy allows), then transmission.
     pub fn serve_connection<S: ServerStream>(&self, s: S) -> io::Result<()> {
+        self.serve_accepted(ServeConnection::new(&self.ctx), s)
+    }
+
+    fn serve_accepted<S: ServerStream>(&self, mut conn: ServeConnection, s: S) -> io::Result<()> {
         let control = s.try_clone_stream()?;
         let mut w = s.try_clone_stream()?;
-        let mut conn = ServeConnection::new(&self.ctx);
         let deadline = conn.handshake_timeout().map(|t| Instant::now() + t);
         let mut r = BufReader::with_capacity(64 * 1024, s);
-        match self.handshake(&mut conn, &mut r, &mut w, deadline, &control)? {
-            Handshake::Transmission => {
-                control.set_read_timeout_stream(None)?;
-                return self.transmission(conn, &mut r, &mut w, &control);
-            }
-            Handshake::Closed => return Ok(()),
-            Handshake::StartTls => {}
+        if self.negotiate(&mut conn, &mut r, &mut w, deadline, &control)? != Negotiation::StartTls {
+            return self.after_handshake(conn, &mut r, &mut w, &control);
         }
-        // The client must wait for the ACK before its TLS handshake, and
-        // the session read nothing past STARTTLS: buffered bytes here were
-        // sent too early.
-        if !r.buffer().is_empty() {
-            return Err(invalid_data(
-                "client sent data before the NBD_OPT_STARTTLS acknowledgement",
-            ));
-        }
-        let Some(config) = self.options.tls.clone() else {
-            return Err(io::Error::other("TLS requested but the server has no certificate"));
-        };
+        let config = conn
+            .starting_tls(r.buffer().len(), self.options.tls.clone())
+            .map_err(invalid_data)?;
         drop(w);
         let tls_conn = rustls::ServerConnection::new(config).map_err(io::Error::other)?;
         let mut tls = rustls::StreamOwned::new(tls_conn, r.into_inner());
@@ -212,17 +192,10 @@ impl Server {
         let tls = Rc::new(RefCell::new(tls));
         let mut r = BufReader::with_capacity(64 * 1024, TlsHalf(tls.clone()));
         let mut w = TlsHalf(tls.clone());
-        if let Status::StartTls(t) = conn.status(None) {
-            t.established().map_err(invalid_data)?;
-        }
-        let result = match self.handshake(&mut conn, &mut r, &mut w, deadline, &control)? {
-            Handshake::Transmission => {
-                control.set_read_timeout_stream(None)?;
-                self.transmission(conn, &mut r, &mut w, &control)
-            }
-            Handshake::Closed => Ok(()),
-            // The session refuses a second STARTTLS itself.
-            Handshake::StartTls => Err(invalid_data("second NBD_OPT_STARTTLS")),
+        conn.tls_established().map_err(invalid_data)?;
+        let result = match self.negotiate(&mut conn, &mut r, &mut w, deadline, &control)? {
+            Negotiation::StartTls => Err(invalid_data(ServeError::SecondStartTls)),
+            _ => self.after_handshake(conn, &mut r, &mut w, &control),
         };
         // Say goodbye properly (best effort).
         let mut t = tls.borrow_mut();
@@ -231,65 +204,46 @@ impl Server {
         result
     }
 
+    /// Serves transmission if the handshake reached it.
+    fn after_handshake<R: Read, W: Write, S: ServerStream>(
+        &self,
+        conn: ServeConnection,
+        r: &mut BufReader<R>,
+        w: &mut W,
+        control: &S,
+    ) -> io::Result<()> {
+        if !conn.is_transmitting() {
+            return Ok(());
+        }
+        control.set_read_timeout_stream(None)?;
+        self.transmission(conn, r, w, control)
+    }
+
     /// Negotiation, until transmission starts, TLS is asked for, or the
     /// client leaves. `control` is a handle on the socket used to keep the
     /// read timeout at the time left before `deadline`, so a client
     /// trickling bytes cannot stretch the handshake past it.
-    fn handshake<R: Read, W: Write, S: ServerStream>(
+    fn negotiate<R: Read, W: Write, S: ServerStream>(
         &self,
         conn: &mut ServeConnection,
         r: &mut BufReader<R>,
         w: &mut W,
         deadline: Option<Instant>,
         control: &S,
-    ) -> io::Result<Handshake> {
+    ) -> io::Result<Negotiation> {
         let mut out = Vec::new();
         loop {
-            while conn.poll_transmit(&mut out).is_some() {}
-            if !out.is_empty() {
-                w.write_all(&out)?;
-                w.flush()?;
-                out.clear();
+            send_handshake_output(conn, &mut out, w)?;
+            let next = conn.negotiation();
+            if next != Negotiation::Read {
+                return Ok(next);
             }
-            if conn.is_transmitting() {
-                return Ok(Handshake::Transmission);
+            let input = fill_before(r, deadline, control)?;
+            let used = conn.input(input);
+            if used.is_err() {
+                let _ = send_handshake_output(conn, &mut out, w);
             }
-            match conn.status(None) {
-                Status::StartTls(_) => return Ok(Handshake::StartTls),
-                Status::Closed => return Ok(Handshake::Closed),
-                _ => {}
-            }
-            if r.buffer().is_empty()
-                && let Some(deadline) = deadline
-            {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"));
-                }
-                control.set_read_timeout_stream(Some(left.max(Duration::from_millis(1))))?;
-            }
-            let input = match r.fill_buf() {
-                Ok(b) => b,
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"));
-                }
-                Err(e) => return Err(e),
-            };
-            if input.is_empty() {
-                conn.input_closed();
-                return Ok(Handshake::Closed);
-            }
-            let n = match conn.input(input) {
-                Ok(n) => n,
-                Err(e) => {
-                    // The replies to the options before the one that ended
-                    // the handshake still go out.
-                    while conn.poll_transmit(&mut out).is_some() {}
-                    let _ = w.write_all(&out).and_then(|()| w.flush());
-                    return Err(invalid_data(e));
-                }
-            };
-            r.consume(n);
+            r.consume(used.map_err(invalid_data)?);
         }
     }
 
@@ -351,9 +305,6 @@ impl Server {
                 }
                 write_replies(writer, waker, w, false)?;
                 w.flush()?;
-                if self.stop.load(Ordering::SeqCst) {
-                    conn.shutdown();
-                }
                 match wait_readable(r, control) {
                     Ok(true) => {}
                     Ok(false) => {
@@ -363,15 +314,45 @@ impl Server {
                     Err(e) => return Err(e),
                 }
             }
+            // (An empty input, EOF, closes the connection's input.)
             let input = r.fill_buf()?;
-            if input.is_empty() {
-                conn.input_closed();
-                return Ok(());
-            }
             let n = conn.input(input).map_err(invalid_data)?;
             r.consume(n);
         }
     }
+}
+
+/// Sends the handshake bytes the connection has queued.
+fn send_handshake_output<W: Write>(conn: &mut ServeConnection, out: &mut Vec<u8>, w: &mut W) -> io::Result<()> {
+    while conn.poll_transmit(out).is_some() {}
+    if !out.is_empty() {
+        w.write_all(out)?;
+        w.flush()?;
+        out.clear();
+    }
+    Ok(())
+}
+
+/// Fills the read buffer if it is empty, with the socket's read timeout set
+/// to what is left before `deadline` (`TimedOut` once it has passed).
+fn fill_before<'r, R: Read, S: ServerStream>(
+    r: &'r mut BufReader<R>,
+    deadline: Option<Instant>,
+    control: &S,
+) -> io::Result<&'r [u8]> {
+    if let Some(deadline) = deadline.filter(|_| r.buffer().is_empty()) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"));
+        }
+        control.set_read_timeout_stream(Some(left.max(Duration::from_millis(1))))?;
+    }
+    r.fill_buf().map_err(|e| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            io::Error::new(io::ErrorKind::TimedOut, "handshake timed out")
+        }
+        _ => e,
+    })
 }
 
 /// Waits for input for up to [`IDLE_RELEASE`]: `false` if none came.

@@ -14,21 +14,18 @@ use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures_lite::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 pub use nbd_net::ServerOptions;
-use nbd_storage::serve::{Export, ReplyWriter, ServeConnection, ServeContext, Status};
+use nbd_storage::serve::{
+    Export, IDLE_RELEASE, Negotiation, ReplyWriter, ServeConnection, ServeContext, ServeError, Status,
+};
 use smol::Async;
 use smol::lock::Semaphore;
 
 use crate::io::SharedHalf;
-
-/// A connection idle (no request in flight, nothing received) for this
-/// long gives its large buffers back.
-const IDLE_RELEASE: Duration = Duration::from_secs(1);
 
 /// Runs `fut`, failing with "handshake timed out" at `deadline`.
 async fn with_deadline<T>(
@@ -168,33 +165,23 @@ enum Conn {
 pub struct Server {
     ctx: Arc<ServeContext>,
     options: Arc<ServerOptions>,
-    shutting_down: Arc<AtomicBool>,
     shutdown_event: Arc<event_listener::Event>,
-    active: Arc<AtomicUsize>,
-}
-
-/// How the handshake phase ended.
-enum Handshake {
-    Transmission,
-    StartTls,
-    Closed,
 }
 
 impl Server {
     /// A server for a set of exports.
     pub fn new(exports: Vec<Export>, options: ServerOptions) -> Server {
+        let ctx = ServeContext::new(exports, options.config.clone(), options.limits);
         Server {
-            ctx: Arc::new(ServeContext::new(exports, options.config.clone(), options.limits)),
-            options: Arc::new(options),
-            shutting_down: Arc::new(AtomicBool::new(false)),
+            ctx: Arc::new(ctx),
             shutdown_event: Arc::new(event_listener::Event::new()),
-            active: Arc::new(AtomicUsize::new(0)),
+            options: Arc::new(options),
         }
     }
 
     /// Number of connections being served.
     pub fn active_connections(&self) -> usize {
-        self.active.load(Ordering::Relaxed)
+        self.ctx.active_connections()
     }
 
     /// Stops accepting, lets clients in transmission finish their
@@ -202,7 +189,7 @@ impl Server {
     /// `NBD_REP_ERR_SHUTDOWN`, and makes [`Server::serve`] return once
     /// every connection is gone.
     pub fn shutdown(&self) {
-        self.shutting_down.store(true, Ordering::SeqCst);
+        self.ctx.shutdown();
         self.shutdown_event.notify(usize::MAX);
     }
 
@@ -221,7 +208,7 @@ impl Server {
             t.await?;
         }
         // Wait for the connections to drain.
-        while self.active.load(Ordering::SeqCst) > 0 {
+        while self.ctx.active_connections() > 0 {
             smol::Timer::after(Duration::from_millis(10)).await;
         }
         Ok(())
@@ -229,7 +216,7 @@ impl Server {
 
     async fn accept_loop(&self, listener: Listener, limit: Arc<Semaphore>) -> io::Result<()> {
         loop {
-            if self.shutting_down.load(Ordering::SeqCst) {
+            if self.ctx.is_shutting_down() {
                 return Ok(());
             }
             let permit = {
@@ -263,16 +250,17 @@ impl Server {
                 }
             };
             let this = self.clone();
-            self.active.fetch_add(1, Ordering::SeqCst);
+            // Counted from here, so that serve() waits for it.
+            let served = ServeConnection::new(&self.ctx);
             smol::spawn(async move {
                 let r = match conn {
                     Conn::Tcp(s) => {
                         let s = Arc::new(s);
-                        this.serve_connection(SharedHalf(s.clone()), SharedHalf(s)).await
+                        this.serve_accepted(served, SharedHalf(s.clone()), SharedHalf(s)).await
                     }
                     Conn::Unix(s) => {
                         let s = Arc::new(s);
-                        this.serve_connection(SharedHalf(s.clone()), SharedHalf(s)).await
+                        this.serve_accepted(served, SharedHalf(s.clone()), SharedHalf(s)).await
                     }
                 };
                 if let Err(e) = r {
@@ -286,7 +274,6 @@ impl Server {
                         eprintln!("nbd-serve: connection: {e}");
                     }
                 }
-                this.active.fetch_sub(1, Ordering::SeqCst);
                 drop(permit);
             })
             .detach();
@@ -303,27 +290,24 @@ impl Server {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let mut conn = ServeConnection::new(&self.ctx);
+        self.serve_accepted(ServeConnection::new(&self.ctx), r, w).await
+    }
+
+    async fn serve_accepted<R, W>(&self, mut conn: ServeConnection, r: R, w: W) -> io::Result<()>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
         // One deadline for the whole handshake, TLS included.
         let deadline = conn.handshake_timeout().map(|t| Instant::now() + t);
         let mut r = BufReader::with_capacity(64 * 1024, r);
         let mut w = w;
-        match with_deadline(deadline, self.handshake(&mut conn, &mut r, &mut w)).await? {
-            Handshake::Transmission => return self.transmission(conn, &mut r, &mut w).await,
-            Handshake::Closed => return Ok(()),
-            Handshake::StartTls => {}
+        if with_deadline(deadline, self.negotiate(&mut conn, &mut r, &mut w)).await? != Negotiation::StartTls {
+            return self.after_handshake(conn, &mut r, &mut w).await;
         }
-        // The client must wait for the ACK before its TLS handshake, and
-        // the session read nothing past STARTTLS: buffered bytes here were
-        // sent too early (and would be lost to TLS).
-        if !r.buffer().is_empty() {
-            return Err(invalid_data(
-                "client sent data before the NBD_OPT_STARTTLS acknowledgement",
-            ));
-        }
-        let Some(config) = self.options.tls.clone() else {
-            return Err(io::Error::other("TLS requested but the server has no certificate"));
-        };
+        let config = conn
+            .starting_tls(r.buffer().len(), self.options.tls.clone())
+            .map_err(invalid_data)?;
         let accept = async {
             crate::tls::accept(r.into_inner(), w, config)
                 .await
@@ -331,69 +315,52 @@ impl Server {
         };
         let (tr, mut tw) = with_deadline(deadline, accept).await?;
         let mut tr = BufReader::with_capacity(64 * 1024, tr);
-        if let Status::StartTls(t) = conn.status(None) {
-            t.established().map_err(invalid_data)?;
+        conn.tls_established().map_err(invalid_data)?;
+        match with_deadline(deadline, self.negotiate(&mut conn, &mut tr, &mut tw)).await? {
+            Negotiation::StartTls => Err(invalid_data(ServeError::SecondStartTls)),
+            _ => self.after_handshake(conn, &mut tr, &mut tw).await,
         }
-        match with_deadline(deadline, self.handshake(&mut conn, &mut tr, &mut tw)).await? {
-            Handshake::Transmission => self.transmission(conn, &mut tr, &mut tw).await,
-            Handshake::Closed => {
-                // Sends close_notify.
-                let _ = tw.close().await;
-                Ok(())
-            }
-            // The session itself refuses a second STARTTLS.
-            Handshake::StartTls => Err(invalid_data("second NBD_OPT_STARTTLS")),
+    }
+
+    /// Serves transmission if the handshake reached it, else closes (over
+    /// TLS, with close_notify).
+    async fn after_handshake<R, W>(&self, conn: ServeConnection, r: &mut BufReader<R>, w: &mut W) -> io::Result<()>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        if conn.is_transmitting() {
+            return self.transmission(conn, r, w).await;
         }
+        let _ = w.close().await;
+        Ok(())
     }
 
     /// Negotiation: until transmission starts, TLS is asked for, or the
     /// client leaves.
-    async fn handshake<R, W>(
+    async fn negotiate<R, W>(
         &self,
         conn: &mut ServeConnection,
         r: &mut BufReader<R>,
         w: &mut W,
-    ) -> io::Result<Handshake>
+    ) -> io::Result<Negotiation>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
         let mut out = Vec::new();
         loop {
-            if self.shutting_down.load(Ordering::Relaxed) {
-                conn.shutdown();
-            }
-            while conn.poll_transmit(&mut out).is_some() {}
-            if !out.is_empty() {
-                w.write_all(&out).await?;
-                w.flush().await?;
-                out.clear();
-            }
-            if conn.is_transmitting() {
-                return Ok(Handshake::Transmission);
-            }
-            match conn.status(None) {
-                Status::StartTls(_) => return Ok(Handshake::StartTls),
-                Status::Closed => return Ok(Handshake::Closed),
-                _ => {}
+            send_handshake_output(conn, &mut out, w).await?;
+            let next = conn.negotiation();
+            if next != Negotiation::Read {
+                return Ok(next);
             }
             let input = r.fill_buf().await?;
-            if input.is_empty() {
-                conn.input_closed();
-                return Ok(Handshake::Closed);
+            let used = conn.input(input);
+            if used.is_err() {
+                let _ = send_handshake_output(conn, &mut out, w).await;
             }
-            let n = match conn.input(input) {
-                Ok(n) => n,
-                Err(e) => {
-                    // The replies to the options before the one that ended
-                    // the handshake still go out.
-                    while conn.poll_transmit(&mut out).is_some() {}
-                    let _ = w.write_all(&out).await;
-                    let _ = w.flush().await;
-                    return Err(invalid_data(e));
-                }
-            };
-            r.consume(n);
+            r.consume(used.map_err(invalid_data)?);
         }
     }
 
@@ -455,14 +422,8 @@ impl Server {
                 conn.input_closed();
                 return Ok(());
             }
-            if self.shutting_down.load(Ordering::SeqCst) {
-                conn.shutdown();
-            }
+            // (An empty input, EOF, closes the connection's input.)
             let input = r.fill_buf().await?;
-            if input.is_empty() {
-                conn.input_closed();
-                return Ok(());
-            }
             let n = conn.input(input).map_err(invalid_data)?;
             r.consume(n);
         }
@@ -478,7 +439,7 @@ impl Server {
         stop: &mut event_listener::EventListener,
     ) -> io::Result<bool> {
         loop {
-            if self.shutting_down.load(Ordering::SeqCst) && conn.in_flight() == 0 {
+            if conn.server_shutting_down() && conn.in_flight() == 0 {
                 return Ok(false);
             }
             let readable = async { r.fill_buf().await.map(|_| Some(true)) };
@@ -503,6 +464,21 @@ impl Server {
             }
         }
     }
+}
+
+/// Sends the handshake bytes the connection has queued.
+async fn send_handshake_output<W: AsyncWrite + Unpin>(
+    conn: &mut ServeConnection,
+    out: &mut Vec<u8>,
+    w: &mut W,
+) -> io::Result<()> {
+    while conn.poll_transmit(out).is_some() {}
+    if !out.is_empty() {
+        w.write_all(out).await?;
+        w.flush().await?;
+        out.clear();
+    }
+    Ok(())
 }
 
 /// The writer half: replies as they complete, in vectored writes.

@@ -57,7 +57,9 @@ mod pool;
 mod replies;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::Waker;
+use std::time::Duration;
 
 use nbd_proto::common::{MetaContext, Mode};
 use nbd_proto::server::{
@@ -281,6 +283,11 @@ impl Default for Limits {
     }
 }
 
+/// How long a connection waits with nothing to do (no request in flight,
+/// nothing received) before it gives its large buffers back
+/// ([`ServeConnection::release_idle`]).
+pub const IDLE_RELEASE: Duration = Duration::from_secs(1);
+
 /// What every connection of a server shares.
 #[derive(Debug)]
 pub struct ServeContext {
@@ -289,6 +296,8 @@ pub struct ServeContext {
     limits: Limits,
     pool: IoPool,
     budget: Arc<PayloadBudget>,
+    shutting_down: AtomicBool,
+    active: AtomicUsize,
 }
 
 impl ServeContext {
@@ -300,7 +309,27 @@ impl ServeContext {
             pool: IoPool::new(limits.io_threads),
             budget: Arc::new(PayloadBudget::new(limits.payload_budget)),
             limits,
+            shutting_down: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
         }
+    }
+
+    /// The server is shutting down: from now on every connection refuses
+    /// options with `NBD_REP_ERR_SHUTDOWN` and requests with
+    /// `NBD_ESHUTDOWN` (the runtime stops accepting and lets connections
+    /// finish what is in flight).
+    pub fn shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`ServeContext::shutdown`] was called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Connections that exist ([`ServeConnection`]s not yet dropped).
+    pub fn active_connections(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
     }
 
     /// The exports.
@@ -332,6 +361,36 @@ pub enum ServeError {
     /// transmission.
     #[error(transparent)]
     Session(#[from] ServerSessionError),
+    /// The client sent bytes after `NBD_OPT_STARTTLS` without waiting for
+    /// the acknowledgement (they would be lost to TLS).
+    #[error("client sent data before the NBD_OPT_STARTTLS acknowledgement")]
+    EarlyTlsData,
+    /// The policy let a client ask for TLS but the server has no
+    /// certificate.
+    #[error("TLS requested but the server has no certificate")]
+    NoTlsCertificate,
+    /// A second `NBD_OPT_STARTTLS` (the session refuses it itself; a
+    /// runtime that sees it has a bug).
+    #[error("second NBD_OPT_STARTTLS")]
+    SecondStartTls,
+}
+
+/// Where a connection's handshake stands, for the runtime's handshake loop
+/// ([`ServeConnection::negotiation`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Negotiation {
+    /// Read more from the client and pass it to [`ServeConnection::input`].
+    Read,
+    /// Transmission started: serve requests.
+    Transmission,
+    /// The client asked for TLS and its acknowledgement was sent: check
+    /// with [`ServeConnection::starting_tls`], run the TLS server
+    /// handshake, then [`ServeConnection::tls_established`].
+    StartTls,
+    /// The handshake ended without transmission (the client aborted or
+    /// left, or broke the protocol): close.
+    Closed,
 }
 
 /// What a connection needs from its runtime next.
@@ -361,6 +420,14 @@ pub struct ServeConnection {
     exec: Option<Executor>,
     export: Option<Export>,
     done: bool,
+    /// The server's shutdown reached the session.
+    shut_down: bool,
+}
+
+impl Drop for ServeConnection {
+    fn drop(&mut self) {
+        self.ctx.active.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl std::fmt::Debug for ServeConnection {
@@ -376,6 +443,7 @@ impl ServeConnection {
     /// A new connection of the server `ctx` describes: its first output is
     /// the greeting.
     pub fn new(ctx: &Arc<ServeContext>) -> ServeConnection {
+        ctx.active.fetch_add(1, Ordering::SeqCst);
         ServeConnection {
             session: ServerSession::new(ctx.config.clone(), ctx.exports.clone()),
             shared: Arc::new(Shared::new(ctx.budget.clone())),
@@ -383,6 +451,15 @@ impl ServeConnection {
             exec: None,
             export: None,
             done: false,
+            shut_down: false,
+        }
+    }
+
+    /// Passes the server's shutdown on to the session (once).
+    fn follow_shutdown(&mut self) {
+        if !self.shut_down && self.ctx.is_shutting_down() {
+            self.shut_down = true;
+            self.session.shutdown();
         }
     }
 
@@ -405,6 +482,7 @@ impl ServeConnection {
     /// What the connection needs next. With a waker, a [`Status::Blocked`]
     /// connection wakes it when it may go on.
     pub fn status(&mut self, waker: Option<&Waker>) -> Status<'_> {
+        self.follow_shutdown();
         if self.done {
             return Status::Closed;
         }
@@ -415,6 +493,45 @@ impl ServeConnection {
             _ if blocked => Status::Blocked,
             _ => Status::Read,
         }
+    }
+
+    /// What the handshake needs next; call it after sending what
+    /// [`ServeConnection::poll_transmit`] gave.
+    pub fn negotiation(&mut self) -> Negotiation {
+        if self.is_transmitting() {
+            return Negotiation::Transmission;
+        }
+        match self.status(None) {
+            Status::StartTls(_) => Negotiation::StartTls,
+            Status::Closed => Negotiation::Closed,
+            _ => Negotiation::Read,
+        }
+    }
+
+    /// Checks, before the TLS server handshake, that the client waited for
+    /// the acknowledgement (`buffered`: bytes the runtime read beyond what
+    /// [`ServeConnection::input`] took) and that the server has a
+    /// certificate (`certificate`, the runtime's TLS configuration, given
+    /// back). An error means: close the connection.
+    pub fn starting_tls<C>(&self, buffered: usize, certificate: Option<C>) -> Result<C, ServeError> {
+        if buffered > 0 {
+            return Err(ServeError::EarlyTlsData);
+        }
+        certificate.ok_or(ServeError::NoTlsCertificate)
+    }
+
+    /// The TLS server handshake succeeded: negotiation goes on over TLS.
+    pub fn tls_established(&mut self) -> Result<(), ServeError> {
+        match self.status(None) {
+            Status::StartTls(t) => t.established().map_err(Into::into),
+            _ => Err(ServeError::SecondStartTls),
+        }
+    }
+
+    /// One line about the connection once it reached transmission, for
+    /// logs (see [`describe`]).
+    pub fn log_line(&self) -> Option<String> {
+        Some(describe(self.negotiated()?, self.export()?))
     }
 
     fn blocked(&mut self, waker: Option<&Waker>) -> bool {
@@ -442,9 +559,18 @@ impl ServeConnection {
     /// Takes bytes from the client; returns how many it used. It stops
     /// early when the connection must wait ([`Status::Blocked`]), at
     /// STARTTLS, or when nothing more is read: call
-    /// [`ServeConnection::status`] and go on from there. An error means the
-    /// connection must be closed (once the writer is done).
+    /// [`ServeConnection::status`] and go on from there. An empty `input`
+    /// means the client closed its side (EOF, see
+    /// [`ServeConnection::input_closed`]). An error means the connection
+    /// must be closed (once the writer is done; during the handshake, after
+    /// sending what [`ServeConnection::poll_transmit`] still gives: the
+    /// replies to the options before the one that ended it).
     pub fn input(&mut self, input: &[u8]) -> Result<usize, ServeError> {
+        if input.is_empty() {
+            self.input_closed();
+            return Ok(0);
+        }
+        self.follow_shutdown();
         let mut used = 0;
         loop {
             if self.done || self.blocked(None) {
@@ -540,10 +666,17 @@ impl ServeConnection {
         self.finish_reading();
     }
 
-    /// The server is shutting down: options are refused with
+    /// This connection shuts down (as all do after
+    /// [`ServeContext::shutdown`]): options are refused with
     /// `NBD_REP_ERR_SHUTDOWN`, new requests with `NBD_ESHUTDOWN`.
     pub fn shutdown(&mut self) {
+        self.shut_down = true;
         self.session.shutdown();
+    }
+
+    /// Whether the server is shutting down.
+    pub fn server_shutting_down(&self) -> bool {
+        self.ctx.is_shutting_down()
     }
 
     /// The connection has been idle for a while: give large buffers back.
