@@ -46,7 +46,7 @@ use nbd_proto::client::{
     Negotiated, Request, ServerError, ServerOptionError,
 };
 use nbd_proto::uri::NbdUri;
-use nbd_proto::wire::{BlockSizeConstraints, Command, CommandFlags, TransmissionFlags};
+use nbd_proto::wire::{BlockSizeConstraints, Command, CommandFlags, EXTENDED_REQUEST_HEADER_LEN, TransmissionFlags};
 use smol::Async;
 use smol::lock::{Semaphore, SemaphoreGuardArc};
 
@@ -910,7 +910,7 @@ impl Future for WaitOutput<'_> {
 async fn writer_loop(state: &State, w: &mut BoxWrite) -> Result<()> {
     // The headers of a batch (up to and with the first WRITE), sent with
     // that WRITE's data in one vectored write.
-    let mut out: Vec<u8> = Vec::with_capacity(64 * 32);
+    let mut out: Vec<u8> = Vec::with_capacity(nbd_proto::client::DEFAULT_MAX_IN_FLIGHT * EXTENDED_REQUEST_HEADER_LEN);
     loop {
         if !WaitOutput(state).await {
             return Ok(());
