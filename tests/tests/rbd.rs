@@ -227,13 +227,10 @@ fn rbd_allocation(cluster: &Cluster, image: &str) -> Vec<(u64, u64)> {
 }
 
 fn push_range(out: &mut Vec<(u64, u64)>, off: u64, len: u64) {
-    if let Some(last) = out.last_mut() {
-        if last.0 + last.1 == off {
-            last.1 += len;
-            return;
-        }
+    match out.last_mut() {
+        Some(last) if last.0 + last.1 == off => last.1 += len,
+        _ => out.push((off, len)),
     }
-    out.push((off, len));
 }
 
 const MIB: usize = 1 << 20;

@@ -806,10 +806,11 @@ impl AsyncStorage for RbdStorage {
                 .is_some_and(|tx| tx.send(StatusJob { offset, length, key }).is_ok()),
             Err(_) => false,
         };
-        if !sent {
-            if let Some(done) = self.tracker.end(key) {
-                done.complete_status(&[], Err(io::Error::other("block-status threads are gone")));
-            }
+        if sent {
+            return;
+        }
+        if let Some(done) = self.tracker.end(key) {
+            done.complete_status(&[], Err(io::Error::other("block-status threads are gone")));
         }
     }
 }

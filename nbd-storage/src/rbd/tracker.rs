@@ -210,11 +210,9 @@ impl Tracker {
 fn take_where(g: &mut Slots, pred: impl Fn(Instant) -> bool) -> Vec<Completion> {
     let mut out = Vec::new();
     for (i, slot) in g.slots.iter_mut().enumerate() {
-        if slot.pending.as_ref().is_some_and(|p| pred(p.1)) {
-            if let Some((done, _)) = slot.pending.take() {
-                out.push(done);
-                g.free.push(i);
-            }
+        if let Some((done, _)) = slot.pending.take_if(|p| pred(p.1)) {
+            out.push(done);
+            g.free.push(i);
         }
     }
     g.abandoned += out.len();
