@@ -12,10 +12,57 @@
 #   qemu-io
 #   openssl              openssl (makes the keys and certificates of the
 #                        TLS key tests, tests/tests/tls_keys.rs)
+#   ceph-mon             ceph-mon     (the throwaway cluster of the RBD
+#   ceph-osd             ceph-osd      tests, scripts/ceph-cluster.sh)
+#   ceph, rbd, rados     ceph-common
+#   librbd.h, librbd.so  librbd-dev   (nbd-serve's cargo feature rbd)
+#
+# With --bench it also installs qemu-block-extra (qemu-nbd's rbd driver,
+# for nbd-bench's RBD rows) at exactly the version of the installed
+# qemu-utils; see install_qemu_rbd below.
 set -euo pipefail
 
-commands=(nbdkit nbdinfo nbdcopy nbdsh nbd-server fio qemu-img qemu-nbd qemu-io openssl)
-packages=(nbdkit libnbd-bin nbd-server fio qemu-utils python3-libnbd openssl)
+commands=(nbdkit nbdinfo nbdcopy nbdsh nbd-server fio qemu-img qemu-nbd qemu-io openssl ceph-mon ceph-osd ceph rbd rados)
+packages=(nbdkit libnbd-bin nbd-server fio qemu-utils python3-libnbd openssl ceph-mon ceph-osd ceph-common librbd-dev)
+bench=false
+[[ ${1:-} == --bench ]] && bench=true
+
+# qemu-nbd serves rbd: images only with qemu-block-extra of its own
+# version. Debian 12 machines may carry qemu-utils from bookworm-backports;
+# a plain `apt-get install qemu-block-extra` would then pick bookworm's
+# older one and replace qemu-utils with it. So: the exact version, from the
+# backports suite (added if needed), and apt may remove nothing.
+install_qemu_rbd() {
+    local version
+    version=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null) || {
+        echo "install-peers: qemu-utils is not installed" >&2
+        return 1
+    }
+    if [[ $(dpkg-query -W -f='${Version}' qemu-block-extra 2>/dev/null || true) == "$version" ]]; then
+        echo "install-peers: qemu-block-extra $version present"
+        return 0
+    fi
+    if ! apt-cache madison qemu-block-extra | grep -qF "$version"; then
+        if [[ $version == *bpo12* && ! -e /etc/apt/sources.list.d/bookworm-backports.sources ]]; then
+            echo "install-peers: adding the bookworm-backports suite for qemu-block-extra $version"
+            "${sudo[@]}" tee /etc/apt/sources.list.d/bookworm-backports.sources >/dev/null <<'EOS'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOS
+        fi
+        "${sudo[@]}" apt-get update
+    fi
+    local before
+    before=$(qemu-img --version | head -n 1)
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-remove "qemu-block-extra=$version"
+    if [[ $(qemu-img --version | head -n 1) != "$before" ]]; then
+        echo "install-peers: qemu-img changed version ($before)" >&2
+        return 1
+    fi
+}
 
 # Prints each command that is missing (or, for nbdsh, does not work).
 missing_commands() {
@@ -29,11 +76,18 @@ missing_commands() {
             printf '%s\n' "nbdsh(python3-cannot-import-nbd)"
         fi
     done
+    [[ -e /usr/include/rbd/librbd.h ]] || printf '%s\n' "librbd.h(librbd-dev)"
 }
+
+sudo=()
+if [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null 2>&1; then
+    sudo=(sudo)
+fi
 
 mapfile -t missing < <(missing_commands)
 if ((${#missing[@]} == 0)); then
     echo "install-peers: all peers present (${commands[*]})"
+    if $bench; then install_qemu_rbd; fi
     exit 0
 fi
 
@@ -42,14 +96,9 @@ if ! command -v apt-get >/dev/null 2>&1; then
     echo "install-peers: apt-get not found; install ${packages[*]} (or equivalents) by hand" >&2
     exit 1
 fi
-sudo=()
-if [[ $(id -u) -ne 0 ]]; then
-    if command -v sudo >/dev/null 2>&1; then
-        sudo=(sudo)
-    else
-        echo "install-peers: not root and sudo not found; cannot install ${packages[*]}" >&2
-        exit 1
-    fi
+if [[ $(id -u) -ne 0 && ${#sudo[@]} -eq 0 ]]; then
+    echo "install-peers: not root and sudo not found; cannot install ${packages[*]}" >&2
+    exit 1
 fi
 "${sudo[@]}" apt-get update
 "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y "${packages[@]}"
@@ -60,3 +109,4 @@ if ((${#missing[@]} != 0)); then
     exit 1
 fi
 echo "install-peers: all peers present (${commands[*]})"
+if $bench; then install_qemu_rbd; fi

@@ -48,6 +48,8 @@
 //!   that never serves an image as raw by accident, QEMU's image locks,
 //!   snapshot mode, and the metadata contexts `qemu:allocation-depth` and
 //!   `qemu:dirty-bitmap:NAME`. [`image::open`] is the entry point.
+//! * `rbd::RbdStorage` (feature `rbd`, off by default; links librbd): a
+//!   Ceph RBD image, an [`AsyncStorage`] on librbd's asynchronous API.
 //!
 //! # Metadata contexts
 //!
@@ -64,6 +66,8 @@ pub use nbd_proto::wire::{AllocationFlags, BlockSizeConstraints};
 mod file;
 pub mod image;
 mod memory;
+#[cfg(feature = "rbd")]
+pub mod rbd;
 pub mod serve;
 
 pub use file::FileStorage;

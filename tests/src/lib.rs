@@ -175,6 +175,32 @@ pub fn our_bin(name: &str) -> String {
     build_target(name, &["--bin", name], "")
 }
 
+/// Like [`our_bin`], for a binary built with cargo features of the
+/// workspace's packages, e.g.
+/// `our_bin_with_features("nbd-serve", &["nbd-tools/rbd"])`.
+///
+/// The binary is copied to `PROFILE/NAME+FEATURES` (features joined with
+/// `+`, `/` replaced by `-`), so that a later [`our_bin`] of the same name,
+/// which rebuilds `PROFILE/NAME` without the features, leaves it alone.
+pub fn our_bin_with_features(name: &str, features: &[&str]) -> String {
+    if features.is_empty() {
+        return our_bin(name);
+    }
+    let list = features.join(",");
+    let key = format!("{name}+{}", features.join("+").replace('/', "-"));
+    static COPIED: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+    let mut copied = COPIED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, path)) = copied.iter().find(|(k, _)| *k == key) {
+        return path.clone();
+    }
+    let built = build_target(&key, &["--bin", name, "--features", &list], "");
+    let copy = Path::new(&built).with_file_name(&key);
+    fs::copy(&built, &copy).unwrap_or_else(|e| panic!("cannot copy {built} to {}: {e}", copy.display()));
+    let copy = path_arg(&copy);
+    copied.push((key, copy.clone()));
+    copy
+}
+
 /// The path of example `name` of package `package` of this workspace (built
 /// the way [`our_bin`] builds binaries), e.g.
 /// `our_example("nbd-proto", "server")`.
@@ -240,6 +266,7 @@ fn build_target(key: &str, what: &[&str], subdir: &str) -> String {
         );
     }
     let name = key.rsplit('/').next().unwrap_or(key);
+    let name = name.split('+').next().unwrap_or(name);
     let bin = profile_dir.join(subdir).join(name);
     assert!(bin.is_file(), "cargo built {key} but {} does not exist", bin.display());
     let bin = path_arg(&bin);

@@ -11,6 +11,10 @@
 //! (snapshot: writes go to a temporary overlay), `-A`
 //! (`qemu:allocation-depth`), `-B NAME` (a qcow2 persistent dirty bitmap as
 //! `qemu:dirty-bitmap:NAME`), with QEMU's image locks taken on every file.
+//!
+//! Built with the cargo feature `rbd`, it also serves Ceph RBD images named
+//! as QEMU names them: `nbd-serve rbd:POOL/IMAGE[@SNAP][:conf=FILE][:id=USER]`
+//! or `--export NAME=rbd:...`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -23,7 +27,7 @@ use nbd_proto::server::{ServerConfig, TlsPolicy};
 use nbd_smol::server::{Listener, Server, ServerOptions};
 use nbd_smol::tls::ServerTlsOptions;
 use nbd_storage::image::{ImageFormat, ImageOptions};
-use nbd_storage::serve::{Export, Limits};
+use nbd_storage::serve::{Backend, Export, Limits};
 use nbd_storage::{MemoryStorage, Storage};
 
 /// Serve files, block devices or memory over the Network Block Device protocol.
@@ -35,7 +39,8 @@ use nbd_storage::{MemoryStorage, Storage};
     after_help = "With no FILE and no --memory, serves a sparse 1G in-memory export on 127.0.0.1:10809."
 )]
 struct Args {
-    /// File or block device to serve (the default export).
+    /// File or block device to serve (the default export); with RBD support
+    /// (cargo feature rbd) also `rbd:POOL/IMAGE[@SNAP][:conf=FILE][:id=USER]`.
     file: Option<PathBuf>,
     /// Serve a sparse in-memory export of this size (e.g. 1G, 512M).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
@@ -63,8 +68,8 @@ struct Args {
     /// export's FILE only).
     #[arg(short = 'B', long = "bitmap", value_name = "NAME")]
     bitmaps: Vec<String>,
-    /// More exports: NAME=FILE or NAME=memory:SIZE (repeatable; -f, -s, -A
-    /// and -r apply to them too).
+    /// More exports: NAME=FILE, NAME=memory:SIZE or NAME=rbd:POOL/IMAGE...
+    /// (repeatable; -f, -s, -A apply to files, -r to all).
     #[arg(long = "export", value_name = "NAME=FILE")]
     exports: Vec<String>,
     /// Serve every export read-only.
@@ -238,7 +243,77 @@ fn parse_size(s: &str) -> Result<u64, String> {
     }
 }
 
-fn open_backend(spec: &str, args: &Args, bitmaps: &[String]) -> Result<Arc<dyn Storage>, String> {
+/// The RBD images opened so far: their cluster connections are shared,
+/// and each is closed (flushed, its exclusive lock released) before
+/// nbd-serve exits.
+#[cfg(feature = "rbd")]
+#[derive(Default)]
+struct Rbd {
+    connections: nbd_storage::rbd::RbdConnections,
+    images: Vec<(String, std::sync::Weak<nbd_storage::rbd::RbdStorage>)>,
+}
+
+#[cfg(not(feature = "rbd"))]
+#[derive(Default)]
+struct Rbd {
+    _nothing: (),
+}
+
+impl Rbd {
+    /// Opens `rbd:POOL/IMAGE...`.
+    #[cfg(feature = "rbd")]
+    fn open(&mut self, spec: &str, read_only: bool) -> Result<Backend, String> {
+        let parsed = nbd_storage::rbd::RbdSpec::parse(spec).map_err(|e| e.to_string())?;
+        let image = Arc::new(self.connections.open(&parsed, read_only).map_err(|e| e.to_string())?);
+        self.images.push((image.name().to_string(), Arc::downgrade(&image)));
+        Ok(Backend::Async(image))
+    }
+
+    #[cfg(not(feature = "rbd"))]
+    fn open(&mut self, spec: &str, _read_only: bool) -> Result<Backend, String> {
+        Err(format!(
+            "{spec}: this nbd-serve was built without RBD support (cargo feature rbd)"
+        ))
+    }
+
+    /// Closes every image once the server let go of it: writes
+    /// acknowledged to clients are made durable (librbd's cache
+    /// acknowledges them before they reach the OSDs) and the exclusive
+    /// locks released. An image still held after a while is flushed.
+    #[cfg(feature = "rbd")]
+    fn close_all(self) -> Result<(), String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        for (name, image) in self.images {
+            while image.strong_count() > 0 && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if let Some(image) = image.upgrade() {
+                image
+                    .flush_blocking()
+                    .map_err(|e| format!("flushing RBD image {name}: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    #[cfg(not(feature = "rbd"))]
+    fn close_all(self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Opens what a FILE argument or an --export's right side names.
+fn open_backend(spec: &str, args: &Args, bitmaps: &[String], rbd: &mut Rbd) -> Result<Backend, String> {
+    if spec.starts_with("rbd:") {
+        if !bitmaps.is_empty() {
+            return Err("-B/--bitmap needs a qcow2 image, not an RBD image".into());
+        }
+        return rbd.open(spec, args.read_only);
+    }
+    open_storage(spec, args, bitmaps).map(Backend::Sync)
+}
+
+fn open_storage(spec: &str, args: &Args, bitmaps: &[String]) -> Result<Arc<dyn Storage>, String> {
     if let Some(size) = spec.strip_prefix("memory:") {
         let size = parse_size(size)?;
         return Ok(Arc::new(MemoryStorage::with_options(size, args.read_only)));
@@ -257,28 +332,29 @@ fn open_backend(spec: &str, args: &Args, bitmaps: &[String]) -> Result<Arc<dyn S
 
 fn run(args: Args) -> Result<(), String> {
     let mut exports = Vec::new();
+    let mut rbd = Rbd::default();
+    let memory = |size| Backend::Sync(Arc::new(MemoryStorage::with_options(size, args.read_only)) as Arc<dyn Storage>);
     let default = match (&args.file, args.memory) {
         (Some(_), Some(_)) => return Err("give either FILE or --memory, not both".into()),
         (Some(f), None) => Some(open_backend(
             f.to_str().ok_or("file name is not UTF-8")?,
             &args,
             &args.bitmaps,
+            &mut rbd,
         )?),
-        (None, Some(size)) => Some(Arc::new(MemoryStorage::with_options(size, args.read_only)) as Arc<dyn Storage>),
-        (None, None) if args.exports.is_empty() => {
-            Some(Arc::new(MemoryStorage::with_options(1 << 30, args.read_only)) as Arc<dyn Storage>)
-        }
+        (None, Some(size)) => Some(memory(size)),
+        (None, None) if args.exports.is_empty() => Some(memory(1 << 30)),
         (None, None) => None,
     };
     if !args.bitmaps.is_empty() && args.file.is_none() {
         return Err("-B/--bitmap needs a FILE (the default export's image)".into());
     }
-    if let Some(storage) = default {
-        exports.push(Export::new(
-            args.export_name.clone(),
-            args.description.clone().unwrap_or_default(),
-            storage,
-        ));
+    if let Some(backend) = default {
+        exports.push(Export {
+            name: args.export_name.clone(),
+            description: args.description.clone().unwrap_or_default(),
+            backend,
+        });
     }
     for spec in &args.exports {
         let (name, backend) = spec
@@ -287,11 +363,11 @@ fn run(args: Args) -> Result<(), String> {
         if exports.iter().any(|e| e.name == name) {
             return Err(format!("export {name:?} given twice"));
         }
-        exports.push(Export::new(
-            name.to_string(),
-            String::new(),
-            open_backend(backend, &args, &[])?,
-        ));
+        exports.push(Export {
+            name: name.to_string(),
+            description: String::new(),
+            backend: open_backend(backend, &args, &[], &mut rbd)?,
+        });
     }
     let (tls_policy, tls) = tls_setup(&args)?;
     if args.oldstyle && tls_policy == TlsPolicy::ForcedTls {
@@ -357,6 +433,8 @@ fn run(args: Args) -> Result<(), String> {
             r = r.and(Err(format!("flushing an export on exit: {e}")));
         }
     }
+    drop(server);
+    r = r.and(rbd.close_all());
     if let Some(p) = &args.pidfile {
         let _ = std::fs::remove_file(p);
     }

@@ -6,15 +6,17 @@
 //! `-- --quick` for a shorter run, `-- --tls-only` for the TLS rows
 //! alone, `-- --flush-only` for the reader-next-to-a-flushing-writer rows
 //! alone, `-- --qcow2-only` for the qcow2 rows alone, `-- --copy-only` for
-//! the copy rows and the TLS rows, the ones that measure the client). The
-//! machines are shared and noisy: each figure is the median of several
-//! alternating runs (ours, peer, ours,
+//! the copy rows and the TLS rows (the ones that measure the client),
+//! `-- --rbd-only` for the Ceph RBD rows alone. The RBD rows need Ceph and
+//! qemu-nbd's rbd driver (`scripts/install-peers.sh --bench`); without them
+//! they are left out with a note. The machines are shared and noisy: each
+//! figure is the median of several alternating runs (ours, peer, ours,
 //! peer, ...), and only ratios measured in the same run mean anything.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nbd_tests::{Endpoint, Peer, TempDir, our_bin, require_peers, run_timeout};
+use nbd_tests::{Endpoint, Peer, TempDir, find_program, our_bin, our_bin_with_features, require_peers, run_timeout};
 
 struct Config {
     reps: usize,
@@ -688,6 +690,214 @@ fn tls_rows_inner(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
     });
 }
 
+/// RBD rows: nbd-serve (feature rbd) against qemu-nbd's rbd driver, each
+/// serving its own 1 GiB image of one throwaway cluster
+/// (scripts/ceph-cluster.sh), 4 KiB random reads and writes at QD32. A
+/// failure prints a note and leaves the other rows alone.
+fn rbd_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
+    let missing: Vec<&str> = ["ceph-mon", "ceph-osd", "rbd"]
+        .into_iter()
+        .filter(|c| find_program(c).is_none())
+        .collect();
+    if !missing.is_empty() {
+        eprintln!(
+            "nbd-bench: note: the RBD rows are left out: {} missing (scripts/install-peers.sh)",
+            missing.join(", ")
+        );
+        return;
+    }
+    let run = std::panic::AssertUnwindSafe(|| {
+        let mut new = Vec::new();
+        rbd_rows_inner(cfg, dir, &mut new);
+        new
+    });
+    match std::panic::catch_unwind(run) {
+        Ok(new) => rows.extend(new),
+        Err(e) => {
+            let why = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            eprintln!("nbd-bench: note: the RBD rows failed and are left out: {why}");
+        }
+    }
+}
+
+/// A throwaway cluster, stopped on drop.
+struct Ceph {
+    dir: PathBuf,
+    script: PathBuf,
+}
+
+impl Drop for Ceph {
+    fn drop(&mut self) {
+        let (script, dir) = (
+            self.script.to_str().unwrap_or_default(),
+            self.dir.to_str().unwrap_or_default(),
+        );
+        let _ = run_timeout("bash", &[script, "stop", dir], Duration::from_secs(60));
+    }
+}
+
+fn rbd_rows_inner(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ceph-cluster.sh");
+    let ceph = Ceph {
+        dir: dir.join("ceph"),
+        script: script.clone(),
+    };
+    let pid = std::process::id().to_string();
+    let o = run_timeout(
+        "bash",
+        &[
+            script.to_str().unwrap_or_default(),
+            "start",
+            ceph.dir.to_str().unwrap_or_default(),
+            "--watch",
+            &pid,
+        ],
+        Duration::from_secs(180),
+    );
+    assert!(
+        o.status.success(),
+        "cannot start the Ceph cluster: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let conf = ceph.dir.join("ceph.conf");
+    let conf = conf.to_str().unwrap_or_default();
+    for image in ["ours", "qemu"] {
+        let o = run_timeout(
+            "rbd",
+            &["-c", conf, "create", "--size", "1G", &format!("rbd/{image}")],
+            Duration::from_secs(60),
+        );
+        assert!(o.status.success(), "rbd create: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let s1 = dir.socket_path("ours-rbd");
+    let s2 = dir.socket_path("qemu-rbd");
+    let ours = Peer::start(
+        dir,
+        &our_bin_with_features("nbd-serve", &["nbd-tools/rbd"]),
+        &[
+            "--socket",
+            s1.to_str().unwrap_or_default(),
+            &format!("rbd:rbd/ours:conf={conf}"),
+        ],
+        Endpoint::Unix(s1.clone()),
+    );
+    let qemu = Peer::try_start(
+        dir,
+        "qemu-nbd",
+        &[
+            "--socket",
+            s2.to_str().unwrap_or_default(),
+            "--persistent",
+            "--shared=8",
+            "-f",
+            "raw",
+            &format!("rbd:rbd/qemu:conf={conf}"),
+        ],
+        Endpoint::Unix(s2.clone()),
+    )
+    .unwrap_or_else(|e| {
+        panic!("qemu-nbd cannot serve rbd: (qemu-block-extra of qemu-utils' version: scripts/install-peers.sh --bench): {e}")
+    });
+    let (u1, u2) = (unix_uri(&s1), unix_uri(&s2));
+    prefill(&u1, dir);
+    prefill(&u2, dir);
+    let mut our_writes = Vec::new();
+    for (name, rw) in [
+        ("4 KiB random reads, iodepth 32", "randread"),
+        ("4 KiB random writes, iodepth 32", "randwrite"),
+    ] {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..cfg.reps {
+            a.push(fio(&u1, rw, "4k", 32, cfg, dir).iops);
+            b.push(fio(&u2, rw, "4k", 32, cfg, dir).iops);
+        }
+        if rw == "randwrite" {
+            our_writes = a.clone();
+        }
+        rows.push(Row {
+            what: format!("Ceph RBD (1 GiB image, one memstore OSD), fio {name}: IOPS"),
+            peer: "qemu-nbd rbd:".into(),
+            ours: median(a),
+            theirs: median(b),
+            unit: "IOPS",
+            better: Better::Higher,
+            target: 1.2,
+        });
+    }
+    drop(ours);
+    drop(qemu);
+    // What the cluster takes without NBD: `rbd bench` (librbd alone) with
+    // 32 random 4 KiB writes in flight over 256 MiB of written objects,
+    // the region fio writes.
+    let rbd = |args: &[&str]| {
+        let mut full = vec!["-c", conf];
+        full.extend_from_slice(args);
+        let o = run_timeout("rbd", &full, Duration::from_secs(300));
+        assert!(
+            o.status.success(),
+            "rbd {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    rbd(&["create", "--size", "256M", "rbd/alone"]);
+    rbd(&[
+        "bench",
+        "--io-type",
+        "write",
+        "--io-pattern",
+        "seq",
+        "--io-size",
+        "1M",
+        "--io-threads",
+        "8",
+        "--io-total",
+        "256M",
+        "rbd/alone",
+    ]);
+    let total = format!("{}", 4096 * 3000 * u64::from(cfg.runtime));
+    let mut alone = Vec::new();
+    for _ in 0..cfg.reps {
+        let out = rbd(&[
+            "bench",
+            "--io-type",
+            "write",
+            "--io-pattern",
+            "rand",
+            "--io-size",
+            "4K",
+            "--io-threads",
+            "32",
+            "--io-total",
+            &total,
+            "rbd/alone",
+        ]);
+        // The summary line: "elapsed: N  ops: N  ops/sec: X  bytes/sec: ...".
+        let ops = out
+            .lines()
+            .rev()
+            .find_map(|l| l.split("ops/sec:").nth(1))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN);
+        alone.push(ops);
+    }
+    rows.push(Row {
+        what: "Ceph RBD, 4 KiB random writes at 32 in flight: nbd-serve under fio vs librbd alone".into(),
+        peer: "rbd bench".into(),
+        ours: median(our_writes),
+        theirs: median(alone),
+        unit: "IOPS",
+        better: Better::Higher,
+        target: 0.9,
+    });
+    drop(ceph);
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let cfg = if quick {
@@ -728,6 +938,11 @@ fn main() {
     if std::env::args().any(|a| a == "--copy-only") {
         copy_rows(&cfg, &dir, &mut rows);
         tls_rows(&cfg, &dir, &mut rows);
+        print_rows(&rows);
+        return;
+    }
+    if std::env::args().any(|a| a == "--rbd-only") {
+        rbd_rows(&cfg, &dir, &mut rows);
         print_rows(&rows);
         return;
     }
@@ -812,6 +1027,7 @@ fn main() {
     copy_rows(&cfg, &dir, &mut rows);
     idle_memory_rows(&dir, &mut rows);
     tls_rows(&cfg, &dir, &mut rows);
+    rbd_rows(&cfg, &dir, &mut rows);
     print_rows(&rows);
 }
 
