@@ -7,10 +7,16 @@
 //! - `nbd-copy`: copy between NBD exports, files, block devices and
 //!   `null:` (like libnbd's nbdcopy); [`copy`] is the copying engine.
 //!
+//! `nbd-info` and `nbd-copy` also run a server as a subprocess, as
+//! `nbdinfo -- [ CMD ARGS ... ]` does ([`captive`]); [`cli`] holds what
+//! the three command lines share.
+//!
 //! The libraries (`nbd-proto`, `nbd-blocking`, `nbd-smol`) do not depend
 //! on this crate, so their users never compile clap, indicatif or
 //! signal-hook.
 #![warn(missing_docs)]
 
+pub mod captive;
+pub mod cli;
 pub mod copy;
 pub mod info;
