@@ -1,6 +1,25 @@
 //! An async NBD server over smol: many clients, several exports, a
 //! maximum number of connections, a handshake timeout, graceful shutdown.
 //!
+//! # Lifecycle
+//!
+//! - [`Server::shutdown`] stops accepting and drains: clients in
+//!   transmission get answers to what they sent, then the connection
+//!   closes; new options and requests are refused. It waits as long as
+//!   clients take. [`Server::shutdown_within`] bounds the drain: when the
+//!   grace period is over, [`Server::close_connections`] closes whatever
+//!   is still open (a client stalled in the middle of a WRITE payload, one
+//!   that does not read its replies).
+//! - [`Server::stop_after_last_client`]: once the last connection ends,
+//!   the server shuts down (qemu-nbd's lifetime without `--persistent`).
+//! - [`Listener::bind_unix`] leaves a live socket alone ("address in
+//!   use") and replaces a stale one; the socket file is removed when the
+//!   listener is dropped, if it is still the one it bound.
+//! - [`Listener::from_systemd`] takes only listening stream sockets; any
+//!   other descriptor is an error at start, not an accept loop that fails
+//!   forever. An accept error that retrying cannot fix (`EINVAL`,
+//!   `EBADF`, `ENOTSOCK`, ...) ends [`Server::serve`] with that error.
+//!
 //! Everything but the sockets, TLS and timers is
 //! [`nbd_storage::serve::ServeConnection`], shared with the blocking
 //! server: this module reads bytes into it and writes what it gives out.
@@ -14,6 +33,7 @@ use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -47,14 +67,40 @@ async fn with_deadline<T>(
 pub enum Listener {
     /// TCP.
     Tcp(Async<std::net::TcpListener>),
-    /// A Unix domain socket (removed on drop when `path` is set).
-    Unix(Async<UnixListener>, Option<PathBuf>),
+    /// A Unix domain socket; the socket file it bound (if any) is removed
+    /// on drop.
+    Unix(Async<UnixListener>, Option<SocketFile>),
+}
+
+/// The file of a Unix socket a [`Listener`] bound: its path, and which
+/// file it is, so that dropping the listener removes that file and never
+/// one another server put at the same path since.
+#[derive(Debug)]
+pub struct SocketFile {
+    path: PathBuf,
+    id: Option<(u64, u64)>,
+}
+
+impl SocketFile {
+    /// The socket's path.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+/// Device and inode of the file at `path` (not following symlinks).
+fn file_id(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Listener::Unix(_, Some(p)) = self {
-            let _ = std::fs::remove_file(p);
+        if let Listener::Unix(_, Some(f)) = self
+            && f.id.is_some()
+            && file_id(&f.path) == f.id
+        {
+            let _ = std::fs::remove_file(&f.path);
         }
     }
 }
@@ -65,22 +111,30 @@ impl Listener {
         Ok(Listener::Tcp(Async::<std::net::TcpListener>::bind(addr)?))
     }
 
-    /// Binds a Unix socket path (replacing a stale socket file).
+    /// Binds a Unix socket path. Something already at the path is left
+    /// alone ("address in use") unless it is a stale socket, one nobody
+    /// listens on any more (a server that was killed leaves one behind),
+    /// which is replaced.
     pub fn bind_unix(path: impl Into<PathBuf>) -> io::Result<Listener> {
         let path = path.into();
-        if let Ok(meta) = std::fs::symlink_metadata(&path) {
-            use std::os::unix::fs::FileTypeExt;
-            if meta.file_type().is_socket() {
-                std::fs::remove_file(&path)?;
+        let l = match UnixListener::bind(&path) {
+            Ok(l) => l,
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                replace_stale_socket(&path)?;
+                UnixListener::bind(&path)?
             }
-        }
-        let l = UnixListener::bind(&path)?;
-        Ok(Listener::Unix(Async::new(l)?, Some(path)))
+            Err(e) => return Err(e),
+        };
+        let id = file_id(&path);
+        Ok(Listener::Unix(Async::new(l)?, Some(SocketFile { path, id })))
     }
 
     /// Sockets passed by systemd socket activation (`LISTEN_FDS`,
-    /// `LISTEN_PID`), as nbdkit and qemu-nbd accept them. Returns `None`
-    /// when the environment does not ask for it.
+    /// `LISTEN_PID`, descriptors from 3 on), as nbdkit and qemu-nbd
+    /// accept them. Returns `None` when the environment does not ask for
+    /// it (no `LISTEN_FDS`, or a `LISTEN_PID` that is another process's).
+    /// A descriptor that is not a listening stream socket (a connected
+    /// socket, a pipe, a closed descriptor) is an error naming it.
     pub fn from_systemd() -> io::Result<Option<Vec<Listener>>> {
         let Ok(fds) = std::env::var("LISTEN_FDS") else {
             return Ok(None);
@@ -92,11 +146,12 @@ impl Listener {
         }
         let n: i32 = fds
             .parse()
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("invalid LISTEN_FDS={fds:?}")))?;
-        // SAFETY-free path: take ownership of fds 3.. as the protocol says.
+            .ok()
+            .filter(|n| (1..=1024).contains(n))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("invalid LISTEN_FDS={fds:?}")))?;
         let mut out = Vec::new();
         for fd in 3..3 + n {
-            out.push(listener_from_fd(fd)?);
+            out.push(listener_from_fd(fd).map_err(|e| io::Error::new(e.kind(), format!("descriptor {fd}: {e}")))?);
         }
         // SAFETY: environment mutation happens before any thread is
         // spawned by this program (called at startup).
@@ -122,9 +177,46 @@ impl Listener {
     pub fn describe(&self) -> String {
         match self {
             Listener::Tcp(l) => l.get_ref().local_addr().map(|a| a.to_string()).unwrap_or_default(),
-            Listener::Unix(_, Some(p)) => p.display().to_string(),
+            Listener::Unix(_, Some(f)) => f.path.display().to_string(),
             Listener::Unix(l, None) => format!("{:?}", l.get_ref().local_addr().ok()),
         }
+    }
+
+    /// The TCP address it listens on (`None` for a Unix socket).
+    pub fn tcp_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Listener::Tcp(l) => l.get_ref().local_addr().ok(),
+            Listener::Unix(..) => None,
+        }
+    }
+
+    /// The path of the Unix socket it listens on (`None` for TCP and for
+    /// unnamed or abstract sockets).
+    pub fn unix_path(&self) -> Option<PathBuf> {
+        match self {
+            Listener::Unix(_, Some(f)) => Some(f.path.clone()),
+            Listener::Unix(l, None) => l.get_ref().local_addr().ok()?.as_pathname().map(PathBuf::from),
+            Listener::Tcp(_) => None,
+        }
+    }
+}
+
+/// `path` is taken: remove it if it is a socket nobody listens on, else
+/// say why it cannot be used.
+fn replace_stale_socket(path: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let in_use = |why: &str| io::Error::new(io::ErrorKind::AddrInUse, format!("address in use: {why}"));
+    let meta = std::fs::symlink_metadata(path)?;
+    if !meta.file_type().is_socket() {
+        return Err(in_use("the path exists and is not a socket"));
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(in_use("another server is listening on this socket")),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path),
+        Err(e) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("address in use: cannot tell whether the socket is alive: {e}"),
+        )),
     }
 }
 
@@ -140,19 +232,88 @@ fn unsafe_env_remove() {
 }
 
 fn listener_from_fd(fd: i32) -> io::Result<Listener> {
-    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // A descriptor that is not open must not be taken (closing it later
+    // would close whatever gets that number next).
+    // SAFETY: F_GETFD only reads the descriptor's flags.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
     // SAFETY: systemd socket activation hands us these descriptors; we
-    // take ownership exactly once.
+    // take ownership exactly once, and checked above that it is open.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     let sock = socket2::Socket::from(owned);
+    let not_listening = |what: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("not a listening socket ({what}); socket activation passes sockets that listen"),
+        )
+    };
+    let kind = match sock.r#type() {
+        Ok(k) => k,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSOCK) => return Err(not_listening("not a socket")),
+        Err(e) => return Err(e),
+    };
+    if kind != socket2::Type::STREAM {
+        return Err(not_listening("not a stream socket"));
+    }
+    let mut listening: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `listening`.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut listening as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    if listening == 0 {
+        return Err(not_listening("a connected or unbound socket"));
+    }
     let domain = sock.local_addr()?.domain();
     if domain == socket2::Domain::UNIX {
         let l: UnixListener = UnixListener::from(OwnedFd::from(sock));
         Ok(Listener::Unix(Async::new(l)?, None))
-    } else {
+    } else if domain == socket2::Domain::IPV4 || domain == socket2::Domain::IPV6 {
         let l: std::net::TcpListener = std::net::TcpListener::from(OwnedFd::from(sock));
         Ok(Listener::Tcp(Async::new(l)?))
+    } else {
+        Err(not_listening("neither a Unix nor a TCP socket"))
     }
+}
+
+/// Whether an accept error passes: out of descriptors or memory, a client
+/// that left before it was accepted, and the network errors accept(2)
+/// says to treat like `EAGAIN`. Wait and accept again. Any other
+/// (`EINVAL`, `EBADF`, `ENOTSOCK`, ...) would repeat forever.
+fn accept_error_passes(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOBUFS
+                | libc::ENOMEM
+                | libc::ECONNABORTED
+                | libc::EINTR
+                | libc::EAGAIN
+                | libc::EPERM
+                | libc::ETIMEDOUT
+                | libc::EPROTO
+                | libc::ENOPROTOOPT
+                | libc::ENETDOWN
+                | libc::ENONET
+                | libc::EHOSTDOWN
+                | libc::EHOSTUNREACH
+                | libc::ENETUNREACH
+                | libc::EOPNOTSUPP
+        )
+    )
 }
 
 enum Conn {
@@ -160,12 +321,38 @@ enum Conn {
     Unix(Async<std::os::unix::net::UnixStream>),
 }
 
-/// A running server: cheap to clone, shut it down with [`Server::shutdown`].
+/// A running server: cheap to clone, shut it down with [`Server::shutdown`]
+/// or [`Server::shutdown_within`].
 #[derive(Clone)]
 pub struct Server {
     ctx: Arc<ServeContext>,
     options: Arc<ServerOptions>,
     shutdown_event: Arc<event_listener::Event>,
+    closing: Arc<Closing>,
+    stop_when_idle: Arc<AtomicBool>,
+}
+
+/// [`Server::close_connections`]: raised once, never lowered.
+#[derive(Default)]
+struct Closing {
+    now: AtomicBool,
+    event: event_listener::Event,
+}
+
+impl Closing {
+    /// Completes once connections must be closed.
+    async fn wait(&self) {
+        loop {
+            if self.now.load(Ordering::SeqCst) {
+                return;
+            }
+            let listener = self.event.listen();
+            if self.now.load(Ordering::SeqCst) {
+                return;
+            }
+            listener.await;
+        }
+    }
 }
 
 impl Server {
@@ -176,6 +363,8 @@ impl Server {
             ctx: Arc::new(ctx),
             shutdown_event: Arc::new(event_listener::Event::new()),
             options: Arc::new(options),
+            closing: Arc::new(Closing::default()),
+            stop_when_idle: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -187,13 +376,53 @@ impl Server {
     /// Stops accepting, lets clients in transmission finish their
     /// in-flight requests, refuses new options with
     /// `NBD_REP_ERR_SHUTDOWN`, and makes [`Server::serve`] return once
-    /// every connection is gone.
+    /// every connection is gone. A client that never lets its connection
+    /// finish (it stops in the middle of a WRITE payload, or does not read
+    /// its replies) keeps it open: see [`Server::shutdown_within`].
     pub fn shutdown(&self) {
         self.ctx.shutdown();
         self.shutdown_event.notify(usize::MAX);
     }
 
-    /// Serves connections from the listeners until shutdown.
+    /// [`Server::shutdown`], and after `grace`
+    /// [`Server::close_connections`] for whatever has not finished by then
+    /// (at once for a zero `grace`). The timer runs on smol's global
+    /// executor; call it from any thread.
+    pub fn shutdown_within(&self, grace: Duration) {
+        self.shutdown();
+        if grace.is_zero() {
+            self.close_connections();
+            return;
+        }
+        let this = self.clone();
+        smol::spawn(async move {
+            smol::Timer::after(grace).await;
+            this.close_connections();
+        })
+        .detach();
+    }
+
+    /// Closes every connection now, whatever it is doing: requests in
+    /// flight get no reply (so none of them was acknowledged) and storage
+    /// calls already running finish on their own. What a drain that takes
+    /// too long ends with.
+    pub fn close_connections(&self) {
+        self.closing.now.store(true, Ordering::SeqCst);
+        self.closing.event.notify(usize::MAX);
+    }
+
+    /// Once the last connection ends, shut down (qemu-nbd's lifetime
+    /// without `--persistent`): the first client comes, and when no
+    /// client is left the server stops. Off by default: a server serves
+    /// until [`Server::shutdown`].
+    pub fn stop_after_last_client(&self, stop: bool) {
+        self.stop_when_idle.store(stop, Ordering::SeqCst);
+    }
+
+    /// Serves connections from the listeners until shutdown, then waits
+    /// for the connections to drain. An accept error that cannot pass
+    /// (see the [module docs](self)) shuts the server down and is
+    /// returned once the connections are gone.
     pub async fn serve(&self, listeners: Vec<Listener>) -> io::Result<()> {
         let limit = Arc::new(Semaphore::new(self.options.max_connections.max(1)));
         let tasks: Vec<smol::Task<io::Result<()>>> = listeners
@@ -201,20 +430,31 @@ impl Server {
             .map(|l| {
                 let this = self.clone();
                 let limit = limit.clone();
-                smol::spawn(async move { this.accept_loop(l, limit).await })
+                smol::spawn(async move {
+                    let r = this.accept_loop(&l, limit).await;
+                    if let Err(e) = &r {
+                        eprintln!("nbd-serve: accept on {}: {e}", l.describe());
+                        this.shutdown();
+                    }
+                    r
+                })
             })
             .collect();
+        let mut result = Ok(());
         for t in tasks {
-            t.await?;
+            let r = t.await;
+            if result.is_ok() {
+                result = r;
+            }
         }
         // Wait for the connections to drain.
         while self.ctx.active_connections() > 0 {
             smol::Timer::after(Duration::from_millis(10)).await;
         }
-        Ok(())
+        result
     }
 
-    async fn accept_loop(&self, listener: Listener, limit: Arc<Semaphore>) -> io::Result<()> {
+    async fn accept_loop(&self, listener: &Listener, limit: Arc<Semaphore>) -> io::Result<()> {
         loop {
             if self.ctx.is_shutting_down() {
                 return Ok(());
@@ -240,15 +480,20 @@ impl Server {
                 };
                 match smol::future::or(accept, stop).await {
                     Some(Ok(c)) => c,
-                    Some(Err(e)) => {
+                    Some(Err(e)) if accept_error_passes(&e) => {
                         // Out of descriptors and the like: wait and retry.
                         eprintln!("nbd-serve: accept: {e}");
                         smol::Timer::after(Duration::from_millis(50)).await;
                         continue;
                     }
+                    Some(Err(e)) => return Err(e),
                     None => continue,
                 }
             };
+            if self.ctx.is_shutting_down() {
+                // Accepted as the server began to shut down: close it.
+                continue;
+            }
             let this = self.clone();
             // Counted from here, so that serve() waits for it.
             let served = ServeConnection::new(&self.ctx);
@@ -275,6 +520,10 @@ impl Server {
                     }
                 }
                 drop(permit);
+                // The connection was dropped inside serve_accepted.
+                if this.stop_when_idle.load(Ordering::SeqCst) && this.ctx.active_connections() == 0 {
+                    this.shutdown();
+                }
             })
             .detach();
         }
@@ -293,7 +542,24 @@ impl Server {
         self.serve_accepted(ServeConnection::new(&self.ctx), r, w).await
     }
 
-    async fn serve_accepted<R, W>(&self, mut conn: ServeConnection, r: R, w: W) -> io::Result<()>
+    /// Serves a connection until it ends or [`Server::close_connections`]
+    /// closes it (dropping the connection and its halves).
+    async fn serve_accepted<R, W>(&self, conn: ServeConnection, r: R, w: W) -> io::Result<()>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let closed = async {
+            self.closing.wait().await;
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "closed: the connection had not finished when the shutdown's grace period ended",
+            ))
+        };
+        smol::future::or(self.serve_halves(conn, r, w), closed).await
+    }
+
+    async fn serve_halves<R, W>(&self, mut conn: ServeConnection, r: R, w: W) -> io::Result<()>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,

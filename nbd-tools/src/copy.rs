@@ -1,12 +1,19 @@
 //! The copying engine behind `nbd-copy`: sparse-aware, parallel copies
-//! between NBD exports, local files or block devices, and `null:`.
+//! between NBD exports, local files or block devices, `null:`, and
+//! streams (stdin, stdout, pipes, sockets, character devices).
 //!
 //! The source is walked with block status (`base:allocation` over NBD,
-//! SEEK_DATA/SEEK_HOLE for files); holes and zero extents are never read
-//! and become WRITE_ZEROES (or holes, or nothing when the destination is
-//! known to be zero) on the destination. Data is copied by
+//! SEEK_DATA/SEEK_HOLE for files; not with [`CopyOptions::extents`]
+//! off); holes and zero extents are never read and become WRITE_ZEROES
+//! (or holes, or nothing when the destination is known to be zero) on the
+//! destination, as do requests whose data is all zeroes. Data is copied by
 //! `connections × requests` workers, each with one reusable buffer, so the
-//! copy allocates nothing per request.
+//! copy allocates nothing per request. With [`CopyOptions::allocated`]
+//! zeroes are written allocated instead of as holes.
+//!
+//! A stream is read or written in order, with reads of the other side
+//! running ahead in parallel (see the `stream` submodule); its size is
+//! what it holds when it ends.
 
 use std::collections::VecDeque;
 use std::io;
@@ -22,23 +29,37 @@ use smol::lock::Mutex;
 
 use nbd_smol::pool::Pool;
 
+mod stream;
+
+/// The error of a copy whose stream destination was closed by its reader
+/// (`EPIPE`, e.g. `nbd-copy URI - | head -c 512`): nbd-copy then ends as
+/// the other programs of a pipeline do, by SIGPIPE, without a message.
+pub const BROKEN_PIPE: &str = "the destination stream was closed by its reader (broken pipe)";
+
 /// One side of a copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Location {
     /// An NBD URI.
     Nbd(NbdUri),
-    /// A local file or block device.
+    /// A local file or block device; or anything else that can be opened
+    /// (a pipe, a FIFO, a character device), which is then a stream.
     File(PathBuf),
+    /// `-`: stdin as the source, stdout as the destination (random access
+    /// when it is a regular file, a stream otherwise).
+    Stdio,
     /// `null:`: discard everything (destination only).
     Null,
 }
 
 impl Location {
-    /// Parses a command-line argument: `null:`, an NBD URI (anything with
-    /// `://`), or a path.
+    /// Parses a command-line argument: `null:`, `-`, an NBD URI (anything
+    /// with `://`), or a path.
     pub fn parse(s: &str) -> Result<Location, String> {
         if s == "null:" {
             return Ok(Location::Null);
+        }
+        if s == "-" {
+            return Ok(Location::Stdio);
         }
         if s.contains("://") {
             return NbdUri::parse(s).map(Location::Nbd).map_err(|e| format!("{s}: {e}"));
@@ -60,6 +81,13 @@ pub struct CopyOptions {
     pub destination_is_zero: bool,
     /// Flush the destination at the end.
     pub flush: bool,
+    /// Write zeroes allocated (NBD_CMD_FLAG_NO_HOLE, zeroing a file's
+    /// range without punching a hole) rather than as holes; a fresh file
+    /// is then not taken to be zero already (nbdcopy's `--allocated`).
+    pub allocated: bool,
+    /// Walk the source's allocation map (default); off, everything is
+    /// read (nbdcopy's `--no-extents`).
+    pub extents: bool,
 }
 
 impl Default for CopyOptions {
@@ -70,6 +98,8 @@ impl Default for CopyOptions {
             request_size: 256 * 1024,
             destination_is_zero: false,
             flush: false,
+            allocated: false,
+            extents: true,
         }
     }
 }
@@ -133,6 +163,8 @@ struct Planner {
     size: u64,
     queue: VecDeque<Work>,
     request_size: u64,
+    /// Walk the allocation map ([`CopyOptions::extents`]).
+    extents: bool,
 }
 
 /// Zero extents are sent in pieces no larger than this.
@@ -159,6 +191,7 @@ impl Planner {
         let window = (self.size - start).min(limit);
         let mut extents: Vec<(u64, bool)> = Vec::new();
         match src {
+            _ if !self.extents => extents.push((window.min(STATUS_WINDOW), false)),
             Side::Nbd(p) if p.negotiated().context_id(CONTEXT_BASE_ALLOCATION).is_some() => {
                 let id = p.negotiated().context_id(CONTEXT_BASE_ALLOCATION).unwrap_or(0);
                 let st = p
@@ -219,44 +252,18 @@ impl Planner {
 
 /// Copies `src` to `dst`; returns the number of bytes copied.
 pub async fn copy(src: &Location, dst: &Location, opts: &CopyOptions, progress: Arc<Progress>) -> Result<u64, String> {
-    let src_side = match src {
-        Location::Nbd(u) => Side::Nbd(open_nbd(u, opts, true).await?),
-        Location::File(p) => {
-            let f = FileStorage::open(p, true).map_err(|e| format!("{}: {e}", p.display()))?;
-            Side::File(Arc::new(f), false)
-        }
-        Location::Null => return Err("null: can only be a destination".into()),
+    let src_side = match open_source(src, opts).await? {
+        Source::Random(side) => side,
+        Source::Stream(input) => return stream::from_stream(input, dst, opts, progress).await,
     };
+    if let Some(output) = stream::stream_destination(dst)? {
+        return stream::to_stream(src_side, output, opts, progress).await;
+    }
     let size = src_side.size().unwrap_or(0);
-    let dst_side = match dst {
-        Location::Nbd(u) => {
-            let p = open_nbd(u, opts, false).await?;
-            if p.flags().contains(TransmissionFlags::READ_ONLY) {
-                return Err(format!("{}: the destination export is read-only", u.to_uri_string()));
-            }
-            if p.size() < size {
-                return Err(format!(
-                    "{}: the destination ({} bytes) is smaller than the source ({size} bytes)",
-                    u.to_uri_string(),
-                    p.size()
-                ));
-            }
-            Side::Nbd(p)
-        }
-        Location::File(p) => {
-            let (f, fresh) = open_destination_file(p, size)?;
-            Side::File(Arc::new(f), fresh)
-        }
-        Location::Null => Side::Null,
-    };
-    let dst_is_zero = opts.destination_is_zero || matches!(dst_side, Side::File(_, true) | Side::Null);
+    let dst_side = open_destination(dst, opts, size).await?;
+    let dst_is_zero = destination_is_zero(&dst_side, opts);
     progress.total.store(size, Ordering::Relaxed);
-    let planner = Mutex::new(Planner {
-        next_offset: 0,
-        size,
-        queue: VecDeque::new(),
-        request_size: opts.request_size as u64,
-    });
+    let planner = Mutex::new(Planner::new(size, opts));
     let workers = match (&src_side, &dst_side) {
         (Side::Nbd(p), _) | (_, Side::Nbd(p)) => p.clients().len() * opts.requests.max(1),
         _ => opts.requests.max(1),
@@ -268,6 +275,7 @@ pub async fn copy(src: &Location, dst: &Location, opts: &CopyOptions, progress: 
         failed: AtomicBool::new(false),
         first_error: std::sync::Mutex::new(None),
         dst_is_zero,
+        allocated: opts.allocated,
         progress: progress.clone(),
     });
     // The workers run as tasks beside the connections' reader and writer
@@ -291,10 +299,112 @@ pub async fn copy(src: &Location, dst: &Location, opts: &CopyOptions, progress: 
     if let Some(e) = shared.first_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
         return Err(e);
     }
-    let src_side = &shared.src;
-    let dst_side = &shared.dst;
+    finish(&shared.src, &shared.dst, opts).await?;
+    Ok(progress.done.load(Ordering::Relaxed))
+}
+
+/// The source, opened: random access, or a stream.
+enum Source {
+    Random(Side),
+    Stream(stream::StreamIn),
+}
+
+async fn open_source(src: &Location, opts: &CopyOptions) -> Result<Source, String> {
+    Ok(match src {
+        Location::Nbd(u) => Source::Random(Side::Nbd(open_nbd(u, opts, opts.extents).await?)),
+        Location::File(p) => {
+            let name = p.display().to_string();
+            let f = std::fs::File::open(p).map_err(|e| format!("{name}: {e}"))?;
+            random_or_stream(f, name, true)?
+        }
+        Location::Stdio => random_or_stream(stream::dup_stdio(0, "stdin")?, "stdin".into(), true)?,
+        Location::Null => return Err("null: can only be a destination".into()),
+    })
+}
+
+/// A regular file or a block device is read at random; anything else in
+/// order.
+fn random_or_stream(f: std::fs::File, name: String, read_only: bool) -> Result<Source, String> {
+    let kind = f.metadata().map_err(|e| format!("{name}: {e}"))?.file_type();
+    use std::os::unix::fs::FileTypeExt;
+    if kind.is_file() || kind.is_block_device() {
+        let f = FileStorage::from_file(f, read_only).map_err(|e| format!("{name}: {e}"))?;
+        return Ok(Source::Random(Side::File(Arc::new(f), false)));
+    }
+    if kind.is_dir() {
+        return Err(format!("{name}: is a directory"));
+    }
+    Ok(Source::Stream(stream::StreamIn::new(f, name)))
+}
+
+/// Opens a random-access destination for a source of `size` bytes.
+async fn open_destination(dst: &Location, opts: &CopyOptions, size: u64) -> Result<Side, String> {
+    Ok(match dst {
+        Location::Nbd(u) => {
+            let p = open_nbd(u, opts, false).await?;
+            if p.flags().contains(TransmissionFlags::READ_ONLY) {
+                return Err(format!("{}: the destination export is read-only", u.to_uri_string()));
+            }
+            if p.size() < size {
+                return Err(format!(
+                    "{}: the destination ({} bytes) is smaller than the source ({size} bytes)",
+                    u.to_uri_string(),
+                    p.size()
+                ));
+            }
+            Side::Nbd(p)
+        }
+        Location::File(p) => {
+            let (f, fresh) = open_destination_file(p, size)?;
+            Side::File(Arc::new(f), fresh)
+        }
+        Location::Stdio => {
+            // stream_destination() took stdout unless it is a regular file
+            // (or a block device) opened for writing at any offset. A
+            // regular file takes the source's size, as a named one does.
+            let f = stream::dup_stdio(1, "stdout")?;
+            let ctx = |e: io::Error| format!("stdout: {e}");
+            let meta = f.metadata().map_err(ctx)?;
+            let was_empty = meta.file_type().is_file() && meta.len() == 0;
+            if meta.file_type().is_file() {
+                f.set_len(size).map_err(ctx)?;
+            }
+            let f = FileStorage::from_file(f, false).map_err(ctx)?;
+            if f.size() < size {
+                return Err(format!(
+                    "stdout: the destination ({} bytes) is smaller than the source ({size} bytes)",
+                    f.size()
+                ));
+            }
+            Side::File(Arc::new(f), was_empty)
+        }
+        Location::Null => Side::Null,
+    })
+}
+
+/// Whether zero extents can be skipped on the destination: it was said to
+/// be zero, or it is `null:`, or a file this copy created (unless zeroes
+/// are to be written allocated).
+fn destination_is_zero(dst: &Side, opts: &CopyOptions) -> bool {
+    opts.destination_is_zero || matches!(dst, Side::Null) || (matches!(dst, Side::File(_, true)) && !opts.allocated)
+}
+
+impl Planner {
+    fn new(size: u64, opts: &CopyOptions) -> Planner {
+        Planner {
+            next_offset: 0,
+            size,
+            queue: VecDeque::new(),
+            request_size: opts.request_size as u64,
+            extents: opts.extents,
+        }
+    }
+}
+
+/// The end of a copy: flush the destination if asked, disconnect.
+async fn finish(src: &Side, dst: &Side, opts: &CopyOptions) -> Result<(), String> {
     if opts.flush {
-        match dst_side {
+        match dst {
             Side::Nbd(p) if p.flags().contains(TransmissionFlags::SEND_FLUSH) => p.flush().await.map_err(err)?,
             Side::File(f, _) => {
                 let f = f.clone();
@@ -303,13 +413,19 @@ pub async fn copy(src: &Location, dst: &Location, opts: &CopyOptions, progress: 
             _ => {}
         }
     }
-    if let Side::Nbd(p) = src_side {
+    if let Side::Nbd(p) = src {
         let _ = p.disconnect().await;
     }
-    if let Side::Nbd(p) = dst_side {
+    if let Side::Nbd(p) = dst {
         p.disconnect().await.map_err(err)?;
     }
-    Ok(progress.done.load(Ordering::Relaxed))
+    Ok(())
+}
+
+/// Whether `buf` holds only zeroes.
+fn is_zero(buf: &[u8]) -> bool {
+    // Blocks of 4 KiB: vectorized comparisons, an early end on data.
+    buf.chunks(4096).all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
 }
 
 fn open_destination_file(p: &PathBuf, size: u64) -> Result<(FileStorage, bool), String> {
@@ -350,6 +466,7 @@ struct Shared {
     failed: AtomicBool,
     first_error: std::sync::Mutex<Option<String>>,
     dst_is_zero: bool,
+    allocated: bool,
     progress: Arc<Progress>,
 }
 
@@ -377,7 +494,7 @@ async fn worker(s: &Shared, bufsize: usize) -> Result<(), String> {
         match w {
             Work::Zero { offset, length } => {
                 if !s.dst_is_zero {
-                    write_zeroes(&s.dst, offset, length, &mut buf).await?;
+                    write_zeroes(&s.dst, offset, length, s.allocated, &mut buf).await?;
                 }
                 s.progress.done.fetch_add(length, Ordering::Relaxed);
             }
@@ -388,9 +505,16 @@ async fn worker(s: &Shared, bufsize: usize) -> Result<(), String> {
                 }
                 buf.resize(len, 0);
                 buf = read(&s.src, offset, buf).await?;
-                buf = write(&s.dst, offset, buf).await?;
+                if !s.allocated && is_zero(&buf) {
+                    // Data that reads as zeroes: a hole on the destination.
+                    if !s.dst_is_zero {
+                        write_zeroes(&s.dst, offset, length, false, &mut buf).await?;
+                    }
+                } else {
+                    buf = write(&s.dst, offset, buf).await?;
+                    s.progress.data.fetch_add(length, Ordering::Relaxed);
+                }
                 s.progress.done.fetch_add(length, Ordering::Relaxed);
-                s.progress.data.fetch_add(length, Ordering::Relaxed);
             }
         }
     }
@@ -434,10 +558,19 @@ async fn write(dst: &Side, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>, String>
     }
 }
 
-async fn write_zeroes(dst: &Side, offset: u64, length: u64, buf: &mut Vec<u8>) -> Result<(), String> {
+/// Zeroes a range of the destination: as a hole, or `allocated`.
+async fn write_zeroes(dst: &Side, offset: u64, length: u64, allocated: bool, buf: &mut Vec<u8>) -> Result<(), String> {
     match dst {
         Side::Nbd(p) if p.flags().contains(TransmissionFlags::SEND_WRITE_ZEROES) => p
-            .write_zeroes(offset, length, CommandFlags::empty())
+            .write_zeroes(
+                offset,
+                length,
+                if allocated {
+                    CommandFlags::NO_HOLE
+                } else {
+                    CommandFlags::empty()
+                },
+            )
             .await
             .map_err(|e| format!("zero at {offset}: {e}")),
         Side::Nbd(_) => {
@@ -457,7 +590,11 @@ async fn write_zeroes(dst: &Side, offset: u64, length: u64, buf: &mut Vec<u8>) -
         }
         Side::File(f, _) => {
             let f = f.clone();
-            smol::unblock(move || f.write_zeroes(offset, length, ZeroFlags::default()))
+            let flags = ZeroFlags {
+                no_hole: allocated,
+                ..ZeroFlags::default()
+            };
+            smol::unblock(move || f.write_zeroes(offset, length, flags))
                 .await
                 .map_err(|e| format!("zero at {offset}: {e}"))
         }

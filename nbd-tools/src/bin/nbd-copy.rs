@@ -1,41 +1,91 @@
 //! `nbd-copy`: copy between NBD exports, local files and block devices,
-//! in the manner of libnbd's `nbdcopy`.
+//! stdin and stdout, in the manner of libnbd's `nbdcopy`.
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use clap::Parser;
 use nbd_proto::client::TlsMode;
-use nbd_tools::copy::{CopyOptions, Location, Progress, copy};
+use nbd_tools::captive::{CaptiveServer, command_index, extract_commands};
+use nbd_tools::copy::{BROKEN_PIPE, CopyOptions, Location, Progress, copy};
+use nbd_tools::progress::{Reporter, Target};
 
-/// Copy between NBD exports (URIs), local files or block devices, and null:.
+/// Copy between NBD exports, local files or block devices, stdin and
+/// stdout, and null:, as libnbd's nbdcopy does.
+///
+/// SOURCE and DESTINATION are each an NBD URI (nbd://, nbds://,
+/// nbd+unix://, ...), a local file or block device, `-` (stdin as the
+/// source, stdout as the destination), a pipe or other stream, or
+/// `[ CMD ARGS ... ]`: an NBD server run as a subprocess with systemd
+/// socket activation (qemu-nbd, nbdkit, nbd-serve), stopped at the end
+/// (the flags inside are the command's; `--` before the first `[`, which
+/// nbdcopy needs, is taken too). DESTINATION may also be `null:`.
+///
+/// Exit status: 0 when everything was copied, 1 on any error (usage
+/// errors included); killed by SIGPIPE when the reader of a stream
+/// destination goes away, as the other programs of a pipeline are.
 #[derive(Parser, Debug)]
-#[command(name = "nbd-copy", version, about)]
+#[command(
+    name = "nbd-copy",
+    version,
+    after_help = "Examples:\n  \
+        nbd-copy nbd://example.com local.img\n  \
+        nbd-copy local.img nbd://example.com\n  \
+        nbd-copy nbd://example.com - | file -\n  \
+        cat disk1 disk2 | nbd-copy -- - [ qemu-nbd -f qcow2 output.qcow2 ]"
+)]
 struct Args {
-    /// Source: an NBD URI, or a local file or block device.
+    /// Source: an NBD URI, a file or block device, `-` for stdin, or
+    /// `[ CMD ARGS ... ]`.
+    #[arg(value_name = "SOURCE")]
     source: String,
-    /// Destination: an NBD URI, a local file or block device, or null:.
+    /// Destination: an NBD URI, a file or block device, `-` for stdout,
+    /// `[ CMD ARGS ... ]`, or null:.
+    #[arg(value_name = "DESTINATION")]
     destination: String,
-    /// Connections per NBD side (when the server allows multi-conn).
-    #[arg(short = 'C', long, default_value_t = 4)]
-    connections: usize,
+    /// Connections per NBD side (when the server allows multi-conn; one
+    /// to a server run as `[ CMD ARGS ... ]`).
+    #[arg(short = 'C', long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    connections: u32,
     /// Requests in flight per connection.
-    #[arg(short = 'R', long, default_value_t = 16)]
-    requests: usize,
-    /// Bytes per request (e.g. 256K, 1M).
-    #[arg(long = "request-size", value_parser = parse_size, default_value = "256K")]
+    #[arg(short = 'R', long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    requests: u32,
+    /// Bytes per request (e.g. 262144, 256K, 1M; at most 32M).
+    #[arg(long = "request-size", value_parser = parse_request_size, default_value = "256K")]
     request_size: u64,
+    /// At most this many bytes in flight per connection (e.g. 16M): fewer
+    /// requests than --requests when they would hold more.
+    #[arg(long = "queue-size", value_parser = parse_queue_size, value_name = "BYTES")]
+    queue_size: Option<u64>,
+    /// One connection and one request at a time, for servers that cannot
+    /// take more.
+    #[arg(long)]
+    synchronous: bool,
+    /// Write the destination fully allocated: zeroes are written, not
+    /// punched as holes, and runs of zeroes in the data are kept.
+    #[arg(long)]
+    allocated: bool,
+    /// Read everything instead of skipping the source's holes with its
+    /// allocation map (for a server whose map is wrong or slow).
+    #[arg(long = "no-extents")]
+    no_extents: bool,
     /// The destination already reads as zeroes: skip zeroing it.
     #[arg(long = "destination-is-zero", alias = "target-is-zero")]
     destination_is_zero: bool,
     /// Flush the destination at the end.
     #[arg(long)]
     flush: bool,
-    /// Show a progress bar.
-    #[arg(short = 'p', long)]
-    progress: bool,
+    /// Show a progress bar on stderr; with =FD, write nbdcopy's
+    /// machine-readable "N/100" lines to descriptor FD instead.
+    #[arg(
+        short = 'p',
+        long,
+        value_name = "FD",
+        num_args = 0..=1,
+        require_equals = true,
+        value_parser = clap::value_parser!(i32).range(0..)
+    )]
+    progress: Option<Option<i32>>,
     /// TLS on nbd:// URIs: off, allow (use it if the server offers it) or
     /// require. nbds:// URIs always require TLS.
     #[arg(long, value_enum, value_name = "MODE")]
@@ -67,6 +117,7 @@ fn location(s: &str, tls: Option<TlsFlag>) -> Result<Location, String> {
     Ok(l)
 }
 
+/// A size in bytes with an optional K, M or G suffix (powers of 1024).
 fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let (num, mult) = match t.chars().last() {
@@ -76,66 +127,139 @@ fn parse_size(s: &str) -> Result<u64, String> {
         _ => (t, 1),
     };
     let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
-    let v = n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))?;
+    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+fn parse_request_size(s: &str) -> Result<u64, String> {
+    let v = parse_size(s)?;
     if v == 0 || v > 32 << 20 {
         return Err(format!("request size {s:?} must be between 1 and 32M"));
     }
     Ok(v)
 }
 
-fn main() -> ExitCode {
-    let args = Args::parse();
-    let run = || -> Result<u64, String> {
-        let src = location(&args.source, args.tls)?;
-        let dst = location(&args.destination, args.tls)?;
-        let opts = CopyOptions {
-            connections: args.connections.max(1),
-            requests: args.requests.max(1),
-            request_size: args.request_size as usize,
-            destination_is_zero: args.destination_is_zero,
-            flush: args.flush,
-        };
-        let progress = Arc::new(Progress::default());
-        let bar = args.progress.then(|| {
-            let bar = indicatif::ProgressBar::new(0);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{bar:40} {percent:>3}% {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
-            let p = progress.clone();
-            let bar2 = bar.clone();
-            std::thread::spawn(move || {
-                loop {
-                    bar2.set_length(p.total.load(Ordering::Relaxed));
-                    bar2.set_position(p.done.load(Ordering::Relaxed));
-                    if bar2.is_finished() {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            });
-            bar
-        });
-        let p2 = progress.clone();
-        let r = nbd_smol::block_on(smol::spawn(async move { copy(&src, &dst, &opts, p2).await }));
-        if let Some(bar) = bar {
-            bar.set_length(progress.total.load(Ordering::Relaxed));
-            bar.set_position(progress.done.load(Ordering::Relaxed));
-            if r.is_ok() {
-                bar.finish();
-            } else {
-                bar.abandon();
-            }
+fn parse_queue_size(s: &str) -> Result<u64, String> {
+    let v = parse_size(s)?;
+    if v == 0 || v > 1 << 40 {
+        return Err(format!("queue size {s:?} must be between 1 and 1T"));
+    }
+    Ok(v)
+}
+
+impl Args {
+    /// The copy's options: --synchronous is one connection and one
+    /// request; --queue-size caps the requests in flight (never below
+    /// one, as nbdcopy raises a queue smaller than a request to one
+    /// request); a server run as `[ CMD ARGS ... ]` gets one connection,
+    /// as nbdcopy gives it (qemu-nbd takes one client by default).
+    fn options(&self, captive: bool) -> CopyOptions {
+        let mut connections = self.connections as usize;
+        let mut requests = self.requests as usize;
+        if let Some(q) = self.queue_size {
+            requests = requests.min((q / self.request_size).max(1) as usize);
         }
-        r
+        if self.synchronous {
+            connections = 1;
+            requests = 1;
+        }
+        if captive {
+            connections = 1;
+        }
+        CopyOptions {
+            connections,
+            requests,
+            request_size: self.request_size as usize,
+            destination_is_zero: self.destination_is_zero,
+            flush: self.flush,
+            allocated: self.allocated,
+            extents: !self.no_extents,
+        }
+    }
+}
+
+/// Ends the process as a pipeline's writer does when its reader went
+/// away: by SIGPIPE (nbdcopy's fate, and what `set -o pipefail` expects).
+fn die_of_sigpipe() -> ExitCode {
+    // SAFETY: resetting a signal to its default and raising it have no
+    // memory-safety preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::raise(libc::SIGPIPE);
+    }
+    ExitCode::FAILURE
+}
+
+fn main() -> ExitCode {
+    let (argv, commands) = match extract_commands(std::env::args()) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("nbd-copy: {e}");
+            return ExitCode::FAILURE;
+        }
     };
-    match run() {
+    let args: Args = match nbd_tools::cli::parse_args(argv) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    let mut captives: Vec<CaptiveServer> = Vec::new();
+    let r = run(&args, &commands, &mut captives);
+    // The servers stop before the message: theirs come first.
+    let explained = match &r {
+        Err(e) if e != BROKEN_PIPE && captives.len() == 1 => Err(captives[0].explain(e)),
+        _ => r,
+    };
+    drop(captives);
+    match explained {
         Ok(_) => ExitCode::SUCCESS,
+        Err(e) if e == BROKEN_PIPE => die_of_sigpipe(),
         Err(e) => {
             eprintln!("nbd-copy: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Opens a side: a URI, a path, `-`, or a `[ CMD ARGS ... ]` started
+/// here.
+fn side(
+    arg: &str,
+    args: &Args,
+    commands: &[Vec<String>],
+    captives: &mut Vec<CaptiveServer>,
+) -> Result<Location, String> {
+    match command_index(arg) {
+        Some(i) => {
+            let c = CaptiveServer::start(&commands[i]).map_err(|e| e.to_string())?;
+            let uri = c.uri().clone();
+            captives.push(c);
+            Ok(Location::Nbd(uri))
+        }
+        None => location(arg, args.tls),
+    }
+}
+
+fn run(args: &Args, commands: &[Vec<String>], captives: &mut Vec<CaptiveServer>) -> Result<u64, String> {
+    let captive = !commands.is_empty();
+    let src = side(&args.source, args, commands, captives)?;
+    let dst = side(&args.destination, args, commands, captives)?;
+    let opts = args.options(captive);
+    let progress = Arc::new(Progress::default());
+    let reporter = match args.progress {
+        None => None,
+        Some(None) => Some(Target::Stderr),
+        Some(Some(fd)) => Some(Target::Fd(fd)),
+    }
+    .map(|t| {
+        Reporter::start(t, progress.clone()).map_err(|e| match t {
+            Target::Fd(fd) => format!("--progress={fd}: {e}"),
+            Target::Stderr => format!("--progress: stderr: {e}"),
+        })
+    })
+    .transpose()?;
+    let p2 = progress.clone();
+    let r = nbd_smol::block_on(smol::spawn(async move { copy(&src, &dst, &opts, p2).await }));
+    if let Some(rep) = reporter {
+        rep.finish(r.is_ok());
+    }
+    r
 }

@@ -1,5 +1,9 @@
 //! `nbd-info`: show information about an NBD server and its exports, in
-//! the manner of libnbd's `nbdinfo`.
+//! the manner of libnbd's `nbdinfo`: the same modes (`--json`, `--list`,
+//! `--map [--totals]`, `--size`, `--can`/`--is`), the same exit codes
+//! (`--can` and `--is`: 0 true, 2 false, 1 error; 1 for every error and
+//! usage error), and a server run as a subprocess with
+//! `nbd-info -- [ CMD ARGS ... ]`.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -9,12 +13,20 @@ use clap::Parser;
 use nbd_blocking::client::{Client, Negotiation};
 use nbd_proto::client::{ClientConfig, TlsMode};
 use nbd_proto::uri::NbdUri;
-use nbd_proto::wire::{AllocationFlags, CONTEXT_BASE_ALLOCATION, CommandFlags};
+use nbd_proto::wire::{AllocationFlags, CONTEXT_BASE_ALLOCATION, CommandFlags, TransmissionFlags};
+use nbd_tools::captive::{CaptiveServer, command_index, extract_commands};
 use nbd_tools::info::{ExportReport, human_size};
 
 /// Show information about an NBD server and its exports.
 #[derive(Parser, Debug)]
-#[command(name = "nbd-info", version, about)]
+#[command(
+    name = "nbd-info",
+    version,
+    args_override_self = true,
+    after_help = "NBD is an NBD URI, or [ CMD ARGS ... ]: a server run as a subprocess with systemd socket \
+                  activation (qemu-nbd, nbdkit, nbd-serve), e.g. nbd-info -- [ qemu-nbd -r -f qcow2 disk.qcow2 ].\n\
+                  Exit status: 0, or 1 for an error; with --can and --is, 0 if true, 2 if false, 1 for an error."
+)]
 struct Args {
     /// Print JSON (the same keys and values as `nbdinfo --json`).
     #[arg(long)]
@@ -25,14 +37,27 @@ struct Args {
     /// Print the map of a metadata context (default `base:allocation`).
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = CONTEXT_BASE_ALLOCATION, value_name = "CONTEXT")]
     map: Option<String>,
+    /// With --map: print how much of the export each type covers, in bytes
+    /// and percent, instead of the map.
+    #[arg(long, alias = "total")]
+    totals: bool,
     /// Print only the export size in bytes.
     #[arg(long)]
     size: bool,
+    /// Test a feature and print nothing: exit 0 if true, 2 if false, 1 on
+    /// error. FEATURE: connect, read, write, read-only, rotational, tls,
+    /// structured-reply, extended-headers, cache, df, fast-zero, flush,
+    /// fua, multi-conn, trim, zero, block-status-payload. --is and --can
+    /// take the same features; the last one given counts.
+    #[arg(long = "can", visible_alias = "is", value_name = "FEATURE")]
+    can: Option<String>,
     /// TLS on an nbd:// URI: off, allow (use it if the server offers it)
     /// or require. nbds:// URIs always require TLS.
     #[arg(long, value_enum, value_name = "MODE")]
     tls: Option<TlsFlag>,
-    /// The NBD URI, e.g. `nbd://localhost/disk` or `nbd+unix:///?socket=/tmp/sock`.
+    /// The NBD URI, e.g. `nbd://localhost/disk` or
+    /// `nbd+unix:///?socket=/tmp/sock`, or `[ CMD ARGS ... ]`.
+    #[arg(value_name = "NBD")]
     uri: String,
 }
 
@@ -57,38 +82,194 @@ impl From<TlsFlag> for TlsMode {
     }
 }
 
-fn main() -> ExitCode {
-    let args = Args::parse();
-    match run(&args) {
-        Ok(out) => {
-            let mut stdout = std::io::stdout().lock();
-            if stdout.write_all(out.as_bytes()).and_then(|_| stdout.flush()).is_err() {
-                return ExitCode::FAILURE;
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("nbd-info: {e}");
-            ExitCode::FAILURE
-        }
-    }
+/// What a run of nbd-info ends with.
+enum Outcome {
+    /// Print this on stdout (all at once: on an error nothing is printed).
+    Print(String),
+    /// The answer of --can / --is.
+    Feature(bool),
 }
 
-fn run(args: &Args) -> Result<String, String> {
+/// Exit code of a `--can`/`--is` test that is false, as nbdinfo's.
+const FALSE: u8 = 2;
+
+fn main() -> ExitCode {
+    let (argv, commands) = match extract_commands(std::env::args()) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("nbd-info: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let args: Args = match nbd_tools::cli::parse_args(argv) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    if let Err(e) = check_modes(&args, commands.len()) {
+        eprintln!("nbd-info: {e}");
+        return ExitCode::FAILURE;
+    }
+    let mut captive = None;
+    let target = match command_index(&args.uri) {
+        Some(i) => match CaptiveServer::start(&commands[i]) {
+            Ok(c) => {
+                let uri = c.uri().clone();
+                captive = Some(c);
+                Ok(Target { uri, shown: None })
+            }
+            Err(e) => Err(e.to_string()),
+        },
+        None => target_uri(&args),
+    };
+    let outcome = target.and_then(|t| run(&args, &t));
+    let code = match outcome {
+        Ok(Outcome::Print(out)) => {
+            let mut stdout = std::io::stdout().lock();
+            if let Err(e) = stdout.write_all(out.as_bytes()).and_then(|_| stdout.flush()) {
+                eprintln!("nbd-info: stdout: {e}");
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Ok(Outcome::Feature(true)) => ExitCode::SUCCESS,
+        Ok(Outcome::Feature(false)) => ExitCode::from(FALSE),
+        Err(e) => {
+            match &mut captive {
+                Some(c) => eprintln!("nbd-info: {}", c.explain(e)),
+                None => eprintln!("nbd-info: {e}"),
+            }
+            ExitCode::FAILURE
+        }
+    };
+    drop(captive);
+    code
+}
+
+/// Refuses what nbdinfo refuses: more than one of --list, --map, --size,
+/// --can/--is; --totals without --map; a --can or --is feature nobody
+/// knows; more than one server.
+fn check_modes(args: &Args, commands: usize) -> Result<(), String> {
+    let modes = [args.list, args.map.is_some(), args.size, args.can.is_some()];
+    if modes.iter().filter(|m| **m).count() > 1 {
+        return Err("you cannot use --list, --map, --size and --can/--is together".into());
+    }
+    if args.totals && args.map.is_none() {
+        return Err("you must use --totals only with --map".into());
+    }
+    if let Some(f) = &args.can
+        && Feature::parse(f).is_none()
+    {
+        return Err(format!("unknown --can or --is feature: {f}"));
+    }
+    if commands > 1 {
+        return Err("give one server: a URI or one [ CMD ARGS ... ]".into());
+    }
+    Ok(())
+}
+
+/// Where to connect, and the URI reports show (`None` for a subprocess,
+/// whose socket is gone once nbd-info exits: nbdinfo leaves the field out
+/// then too).
+struct Target {
+    uri: NbdUri,
+    shown: Option<String>,
+}
+
+fn target_uri(args: &Args) -> Result<Target, String> {
     let mut uri = NbdUri::parse(&args.uri).map_err(|e| format!("{}: {e}", args.uri))?;
     if let Some(flag) = args.tls {
         nbd_net::apply_tls_flag(&mut uri, flag.into())?;
     }
-    let connect_err = |e: nbd_blocking::Error| format!("{}: {e}", args.uri);
+    Ok(Target {
+        uri,
+        shown: Some(args.uri.clone()),
+    })
+}
+
+/// A feature `--can` and `--is` test, under the names nbdinfo accepts
+/// (and the two later protocol extensions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Feature {
+    Connect,
+    ReadOnly,
+    Write,
+    Tls,
+    StructuredReply,
+    ExtendedHeaders,
+    Flag(TransmissionFlags),
+}
+
+impl Feature {
+    fn parse(s: &str) -> Option<Feature> {
+        let name = s.to_ascii_lowercase().replace(['_', ' '], "-");
+        Some(match name.as_str() {
+            "connect" | "read" => Feature::Connect,
+            "tls" => Feature::Tls,
+            "sr" | "structured" | "structured-reply" | "structured-replies" => Feature::StructuredReply,
+            "eh" | "extended" | "extended-headers" | "extended-header" => Feature::ExtendedHeaders,
+            "readonly" | "read-only" => Feature::ReadOnly,
+            "write" => Feature::Write,
+            "rotational" => Feature::Flag(TransmissionFlags::ROTATIONAL),
+            "cache" => Feature::Flag(TransmissionFlags::SEND_CACHE),
+            "df" => Feature::Flag(TransmissionFlags::SEND_DF),
+            "fastzero" | "fast-zero" => Feature::Flag(TransmissionFlags::SEND_FAST_ZERO),
+            "flush" => Feature::Flag(TransmissionFlags::SEND_FLUSH),
+            "fua" => Feature::Flag(TransmissionFlags::SEND_FUA),
+            "multiconn" | "multi-conn" => Feature::Flag(TransmissionFlags::CAN_MULTI_CONN),
+            "trim" => Feature::Flag(TransmissionFlags::SEND_TRIM),
+            "zero" => Feature::Flag(TransmissionFlags::SEND_WRITE_ZEROES),
+            "block-status-payload" => Feature::Flag(TransmissionFlags::BLOCK_STATUS_PAYLOAD),
+            _ => return None,
+        })
+    }
+}
+
+/// `--can FEATURE` / `--is FEATURE`: connects (NBD_OPT_GO) and answers
+/// from what was negotiated.
+fn can(uri: &NbdUri, feature: Feature) -> Result<bool, nbd_blocking::Error> {
+    let config = ClientConfig {
+        export_name: uri.export.clone(),
+        meta_contexts: Vec::new(),
+        ..ClientConfig::default()
+    };
+    let client = Client::connect_uri(uri, config)?;
+    let n = client.negotiated();
+    let answer = match feature {
+        Feature::Connect => true,
+        Feature::Tls => n.tls,
+        Feature::StructuredReply => n.mode.structured(),
+        Feature::ExtendedHeaders => n.mode.extended(),
+        Feature::ReadOnly => n.flags.contains(TransmissionFlags::READ_ONLY),
+        Feature::Write => !n.flags.contains(TransmissionFlags::READ_ONLY),
+        Feature::Flag(f) => n.flags.contains(f),
+    };
+    let _ = client.disconnect();
+    Ok(answer)
+}
+
+fn run(args: &Args, target: &Target) -> Result<Outcome, String> {
+    let uri = &target.uri;
+    let name = target.shown.clone().unwrap_or_else(|| uri.to_uri_string());
+    let connect_err = |e: nbd_blocking::Error| format!("{name}: {e}");
+    if let Some(f) = &args.can {
+        let feature = Feature::parse(f).ok_or_else(|| format!("unknown --can or --is feature: {f}"))?;
+        return can(uri, feature).map(Outcome::Feature).map_err(connect_err);
+    }
     if let Some(context) = &args.map {
-        return map(&uri, context, args.json).map_err(|e| match e {
+        let extents = map(uri, context).map_err(|e| match e {
             MapError::Nbd(e) => connect_err(e),
             MapError::NoContext(c) => format!("--map: server does not support metadata context {c:?}"),
-        });
+        })?;
+        return Ok(Outcome::Print(if args.totals {
+            render_totals(context, &extents, args.json)
+        } else {
+            render_map(context, &extents.extents, args.json)
+        }));
     }
     if args.size {
         let client = Client::connect_uri(
-            &uri,
+            uri,
             ClientConfig {
                 meta_contexts: Vec::new(),
                 ..ClientConfig::default()
@@ -97,24 +278,24 @@ fn run(args: &Args) -> Result<String, String> {
         .map_err(connect_err)?;
         let size = client.size();
         let _ = client.disconnect();
-        return Ok(format!("{size}\n"));
+        return Ok(Outcome::Print(format!("{size}\n")));
     }
     let config = ClientConfig {
         export_name: uri.export.clone(),
         ..ClientConfig::default()
     };
-    let mut neg = Negotiation::connect(&uri, config).map_err(connect_err)?;
+    let mut neg = Negotiation::connect(uri, config).map_err(connect_err)?;
     let mut reports = Vec::new();
+    let show_uri = target.shown.is_some();
     if args.list {
         if neg.is_done() {
             return Err(format!(
-                "{}: the server does not support listing exports (no fixed newstyle)",
-                args.uri
+                "{name}: the server does not support listing exports (no fixed newstyle)"
             ));
         }
         let exports = neg.list().map_err(connect_err)?;
         for e in exports {
-            let mut r = ExportReport::from_option_mode(&mut neg, &uri, &e.name).map_err(connect_err)?;
+            let mut r = ExportReport::from_option_mode(&mut neg, uri, &e.name).map_err(connect_err)?;
             if r.description.is_none() {
                 r.description = e.description.clone();
             }
@@ -122,24 +303,24 @@ fn run(args: &Args) -> Result<String, String> {
         }
         let header = nbd_tools::info::ProtocolReport::from_negotiation(&neg);
         let _ = neg.abort();
-        return Ok(if args.json {
-            render_json(&header, &reports)
+        return Ok(Outcome::Print(if args.json {
+            render_json(&header, &reports, show_uri)
         } else {
-            render_human(&header, &reports)
-        });
+            render_human(&header, &reports, show_uri)
+        }));
     }
     let header = nbd_tools::info::ProtocolReport::from_negotiation(&neg);
-    let r = ExportReport::single(neg, &uri).map_err(connect_err)?;
+    let r = ExportReport::single(neg, uri).map_err(connect_err)?;
     let header = nbd_tools::info::ProtocolReport {
         protocol: r.protocol,
         ..header
     };
     reports.push(r);
-    Ok(if args.json {
-        render_json(&header, &reports)
+    Ok(Outcome::Print(if args.json {
+        render_json(&header, &reports, show_uri)
     } else {
-        render_human(&header, &reports)
-    })
+        render_human(&header, &reports, show_uri)
+    }))
 }
 
 fn describe(context: &str, flags: u64) -> String {
@@ -183,7 +364,15 @@ impl From<nbd_blocking::Error> for MapError {
     }
 }
 
-fn map(uri: &NbdUri, context: &str, json: bool) -> Result<String, MapError> {
+/// A metadata context's map of the whole export.
+struct Map {
+    /// The export's size.
+    size: u64,
+    /// (offset, length, type), adjacent runs of one type merged.
+    extents: Vec<(u64, u64, u64)>,
+}
+
+fn map(uri: &NbdUri, context: &str) -> Result<Map, MapError> {
     let config = ClientConfig {
         export_name: uri.export.clone(),
         meta_contexts: vec![context.to_string()],
@@ -228,6 +417,11 @@ fn map(uri: &NbdUri, context: &str, json: bool) -> Result<String, MapError> {
         offset += advanced;
     }
     let _ = client.disconnect();
+    Ok(Map { size, extents: merged })
+}
+
+/// `--map`, as nbdinfo prints it.
+fn render_map(context: &str, merged: &[(u64, u64, u64)], json: bool) -> String {
     let mut out = String::new();
     if json {
         out.push_str("[\n");
@@ -241,11 +435,88 @@ fn map(uri: &NbdUri, context: &str, json: bool) -> Result<String, MapError> {
         }
         out.push_str("]\n");
     } else {
-        for (o, l, t) in &merged {
+        for (o, l, t) in merged {
             let _ = writeln!(out, "{o:>10}  {l:>10}  {t:>3}  {}", describe(context, *t));
         }
     }
-    Ok(out)
+    out
+}
+
+/// `--map --totals`, as nbdinfo prints it: one line per type, in
+/// ascending order of type, with the bytes it covers and their share of
+/// the export.
+fn render_totals(context: &str, map: &Map, json: bool) -> String {
+    let mut totals: Vec<(u64, u64)> = Vec::new();
+    for &(_, len, t) in &map.extents {
+        match totals.iter_mut().find(|(ty, _)| *ty == t) {
+            Some(e) => e.1 += len,
+            None => totals.push((t, len)),
+        }
+    }
+    totals.sort_unstable();
+    let mut out = String::new();
+    if map.size == 0 {
+        if json {
+            out.push_str("[]\n");
+        }
+        return out;
+    }
+    if json {
+        out.push_str("[\n");
+    }
+    for (i, &(t, bytes)) in totals.iter().enumerate() {
+        let percent = 100.0 * bytes as f64 / map.size as f64;
+        let description = describe(context, t);
+        if json {
+            let _ = write!(
+                out,
+                "{{ \"size\": {bytes}, \"percent\": {}, \"type\": {t}",
+                format_g(percent)
+            );
+            if !description.is_empty() {
+                let _ = write!(out, ", \"description\": {}", json_str(&description));
+            }
+            out.push_str(" }");
+            out.push_str(if i + 1 < totals.len() { ",\n" } else { "\n" });
+        } else {
+            let _ = write!(out, "{bytes:>10} {percent:>5.1}% {t:>3}");
+            if !description.is_empty() {
+                let _ = write!(out, " {description}");
+            }
+            out.push('\n');
+        }
+    }
+    if json {
+        out.push_str("]\n");
+    }
+    out
+}
+
+/// A number as C's `printf("%g")` writes it (six significant digits,
+/// trailing zeros dropped, an exponent for very small or large values),
+/// which is how nbdinfo writes the percentages of `--totals --json`.
+fn format_g(v: f64) -> String {
+    if v == 0.0 || !v.is_finite() {
+        return if v == 0.0 { "0".into() } else { v.to_string() };
+    }
+    // The exponent after rounding to six significant digits.
+    let sci = format!("{v:.5e}");
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let trim = |s: &str| -> String {
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        } else {
+            s.to_string()
+        }
+    };
+    if !(-4..6).contains(&exp) {
+        let sign = if exp < 0 { '-' } else { '+' };
+        format!("{}e{sign}{:02}", trim(mantissa), exp.abs())
+    } else {
+        let decimals = (5 - exp).max(0) as usize;
+        trim(&format!("{v:.decimals$}"))
+    }
 }
 
 fn json_str(s: &str) -> String {
@@ -268,7 +539,7 @@ fn json_str(s: &str) -> String {
     out
 }
 
-fn render_json(h: &nbd_tools::info::ProtocolReport, reports: &[ExportReport]) -> String {
+fn render_json(h: &nbd_tools::info::ProtocolReport, reports: &[ExportReport], show_uri: bool) -> String {
     let mut o = String::new();
     o.push_str("{\n");
     let _ = writeln!(o, "\"protocol\": {},", json_str(h.protocol));
@@ -282,7 +553,9 @@ fn render_json(h: &nbd_tools::info::ProtocolReport, reports: &[ExportReport]) ->
         if let Some(d) = &r.description {
             let _ = writeln!(o, "\t\"description\": {},", json_str(d));
         }
-        let _ = writeln!(o, "\t\"uri\": {},", json_str(&r.uri));
+        if show_uri {
+            let _ = writeln!(o, "\t\"uri\": {},", json_str(&r.uri));
+        }
         if let Some(ctxs) = &r.contexts {
             o.push_str("\t\"contexts\": [");
             for (j, c) in ctxs.iter().enumerate() {
@@ -311,7 +584,7 @@ fn render_json(h: &nbd_tools::info::ProtocolReport, reports: &[ExportReport]) ->
     o
 }
 
-fn render_human(h: &nbd_tools::info::ProtocolReport, reports: &[ExportReport]) -> String {
+fn render_human(h: &nbd_tools::info::ProtocolReport, reports: &[ExportReport], show_uri: bool) -> String {
     let mut o = String::new();
     let packets = if h.extended {
         "extended"
@@ -337,7 +610,9 @@ fn render_human(h: &nbd_tools::info::ProtocolReport, reports: &[ExportReport]) -
         } else {
             let _ = writeln!(o, "\texport-size: {} ({hs})", r.size);
         }
-        let _ = writeln!(o, "\turi: {}", r.uri);
+        if show_uri {
+            let _ = writeln!(o, "\turi: {}", r.uri);
+        }
         if let Some(ctxs) = &r.contexts {
             o.push_str("\tcontexts:\n");
             for c in ctxs {
@@ -354,4 +629,45 @@ fn render_human(h: &nbd_tools::info::ProtocolReport, reports: &[ExportReport]) -
         }
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentages_as_printf_g() {
+        for (v, s) in [
+            (100.0, "100"),
+            (50.0, "50"),
+            (100.0 / 3.0, "33.3333"),
+            (200.0 / 3.0, "66.6667"),
+            (0.5, "0.5"),
+            (0.001, "0.001"),
+            (0.0001, "0.0001"),
+            (0.00001, "1e-05"),
+            (1.0 / 7.0e5, "1.42857e-06"),
+            (99.99999, "100"),
+            (12.5, "12.5"),
+            (0.0, "0"),
+        ] {
+            assert_eq!(format_g(v), s, "{v}");
+        }
+    }
+
+    #[test]
+    fn features_by_nbdinfo_names() {
+        assert_eq!(Feature::parse("read-only"), Some(Feature::ReadOnly));
+        assert_eq!(Feature::parse("READONLY"), Some(Feature::ReadOnly));
+        assert_eq!(
+            Feature::parse("multi_conn"),
+            Some(Feature::Flag(TransmissionFlags::CAN_MULTI_CONN))
+        );
+        assert_eq!(Feature::parse("structured replies"), Some(Feature::StructuredReply));
+        assert_eq!(
+            Feature::parse("fastzero"),
+            Some(Feature::Flag(TransmissionFlags::SEND_FAST_ZERO))
+        );
+        assert_eq!(Feature::parse("extents"), None);
+    }
 }

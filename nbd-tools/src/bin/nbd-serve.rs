@@ -1,8 +1,12 @@
 //! `nbd-serve`: serve files, block devices or memory over NBD.
 //!
 //! With no backend it serves a sparse 1 GiB in-memory export on
-//! 127.0.0.1:10809. The flags follow what users of qemu-nbd and nbdkit
-//! expect; systemd socket activation (`LISTEN_FDS`) is honoured, so
+//! 127.0.0.1:10809 until it is stopped. The command line is qemu-nbd's
+//! where qemu-nbd has the option (`-t`, `-e`, `-f`, `-s`, `-k`, `-x`,
+//! `-D`, `-r`, `-b`, `-p`, `-A`, `-B`, `--fork`, `--pid-file`,
+//! `--handshake-limit`), so a qemu-nbd command line works unchanged, and
+//! nbdkit's for what qemu-nbd lacks (`--run`, `--print-uri`, `--single`,
+//! `--tls=...`). Systemd socket activation (`LISTEN_FDS`) is honoured, so
 //! `nbdinfo -- [ nbd-serve FILE ]` works. TLS as nbdkit takes it:
 //! `--tls=off|on|require` with `--tls-certificates=DIR` (or
 //! `--tls-cert`, `--tls-key` and optionally `--tls-ca`). Disk images as
@@ -15,28 +19,49 @@
 //! Built with the cargo feature `rbd`, it also serves Ceph RBD images named
 //! as QEMU names them: `nbd-serve rbd:POOL/IMAGE[@SNAP][:conf=FILE][:id=USER]`
 //! or `--export NAME=rbd:...`.
+//!
+//! Lifecycle: SIGTERM, SIGINT and SIGHUP stop it (as they stop qemu-nbd
+//! and nbdkit): it stops accepting, answers what clients sent, waits up
+//! to `--shutdown-timeout` seconds for them, closes what is still open,
+//! flushes the exports and removes its socket and pid file. A second
+//! signal closes every connection at once.
 
-use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::io::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use clap::Parser;
+use nbd_proto::common::TlsMode;
 use nbd_proto::server::{ServerConfig, TlsPolicy};
+use nbd_proto::uri::{NbdUri, Transport};
 use nbd_smol::server::{Listener, Server, ServerOptions};
 use nbd_smol::tls::ServerTlsOptions;
 use nbd_storage::image::{ImageFormat, ImageOptions};
 use nbd_storage::serve::{Backend, Export, Limits};
 use nbd_storage::{MemoryStorage, Storage};
+use nbd_tools::captive::describe_status;
+use nbd_tools::cli::{PrivateDir, shell_quote};
 
-/// Serve files, block devices or memory over the Network Block Device protocol.
+/// Serve files, block devices, disk images or memory over the Network
+/// Block Device protocol, with qemu-nbd's options (and nbdkit's --run,
+/// --print-uri, --single and --tls).
 #[derive(Parser, Debug)]
 #[command(
     name = "nbd-serve",
     version,
-    about,
-    after_help = "With no FILE and no --memory, serves a sparse 1G in-memory export on 127.0.0.1:10809."
+    after_help = "With no FILE and no --memory, serves a sparse 1G in-memory export on 127.0.0.1:10809.\n\
+                  It serves until stopped (SIGTERM, SIGINT or SIGHUP); --no-persistent exits after the last client, \
+                  as qemu-nbd does without -t.\n\
+                  Examples:\n  \
+                  nbd-serve -t -k /tmp/s disk.img                 (qemu-nbd's command line)\n  \
+                  nbd-serve --fork --persistent --shared=5 --socket=/tmp/s --read-only --format=qcow2 disk.qcow2\n  \
+                  nbd-serve disk.img --run 'nbdcopy \"$uri\" out.img'   (nbdkit's captive mode)\n  \
+                  nbdinfo -- [ nbd-serve -r disk.img ]            (socket activation)"
 )]
 struct Args {
     /// File or block device to serve (the default export); with RBD support
@@ -75,27 +100,78 @@ struct Args {
     /// Serve every export read-only.
     #[arg(short = 'r', long = "read-only", alias = "readonly")]
     read_only: bool,
-    /// Listen on a Unix socket instead of TCP.
-    #[arg(short = 'k', long = "socket", alias = "unix", value_name = "PATH")]
+    /// Listen on a Unix socket instead of TCP (-b and -p are then ignored,
+    /// as qemu-nbd ignores them). `-` makes a private socket in a new
+    /// temporary directory, as nbdkit's `-U -` (see --print-uri, --run).
+    #[arg(short = 'k', long = "socket", alias = "unix", short_alias = 'U', value_name = "PATH")]
     socket: Option<PathBuf>,
-    /// TCP address to listen on.
-    #[arg(short = 'b', long = "bind", value_name = "ADDR", default_value = "127.0.0.1")]
-    bind: IpAddr,
-    /// TCP port to listen on.
-    #[arg(short = 'p', long, default_value_t = 10809)]
-    port: u16,
+    /// TCP address to listen on [default: 127.0.0.1].
+    #[arg(short = 'b', long = "bind", value_name = "ADDR")]
+    bind: Option<IpAddr>,
+    /// TCP port to listen on (0: any free port, see --print-uri) [default:
+    /// 10809].
+    #[arg(short = 'p', long)]
+    port: Option<u16>,
+    /// Keep serving after the last client disconnects. This is the
+    /// default; the flag is accepted for qemu-nbd command lines.
+    #[arg(short = 't', long, overrides_with = "no_persistent")]
+    persistent: bool,
+    /// Exit when the last client disconnects, as qemu-nbd does without
+    /// -t (the server waits for a first client).
+    #[arg(long = "no-persistent", overrides_with = "persistent")]
+    no_persistent: bool,
+    /// Serve at most N clients at once; more wait in the listen queue
+    /// (0: no limit). qemu-nbd's default is 1.
+    #[arg(
+        short = 'e',
+        long = "shared",
+        alias = "max-connections",
+        value_name = "N",
+        default_value_t = 1024
+    )]
+    shared: usize,
     /// Threads serving connections (default 1, or SMOL_THREADS).
-    #[arg(short = 't', long, value_name = "N")]
+    #[arg(long, value_name = "N")]
     threads: Option<usize>,
-    /// Maximum number of connections served at once.
-    #[arg(short = 'e', long = "max-connections", alias = "shared", default_value_t = 1024)]
-    max_connections: usize,
-    /// Write the process id to this file once listening.
-    #[arg(long = "pidfile", alias = "pid-file", value_name = "PATH")]
-    pidfile: Option<PathBuf>,
-    /// Seconds a client has to finish the handshake.
-    #[arg(long = "handshake-timeout", value_name = "SECS", default_value_t = 10)]
-    handshake_timeout: u64,
+    /// Write the process id to this file once listening; it is removed
+    /// when nbd-serve exits.
+    #[arg(long = "pid-file", alias = "pidfile", short_alias = 'P', value_name = "PATH")]
+    pid_file: Option<PathBuf>,
+    /// Go to the background once serving; the command exits 0 then, or
+    /// with the server's error if it could not start (as qemu-nbd
+    /// --fork). Its output goes to /dev/null from then on (stderr too,
+    /// unless -v).
+    #[arg(long)]
+    fork: bool,
+    /// Seconds a client has to finish the handshake (0: no limit).
+    #[arg(
+        long = "handshake-limit",
+        alias = "handshake-timeout",
+        value_name = "SECS",
+        default_value_t = 10
+    )]
+    handshake_limit: u64,
+    /// Seconds to let clients finish what they sent when stopped
+    /// (SIGTERM, SIGINT, SIGHUP, the end of --run or of the last client
+    /// with --no-persistent); connections still open then are closed (0:
+    /// at once).
+    #[arg(long = "shutdown-timeout", value_name = "SECS", default_value_t = 5)]
+    shutdown_timeout: u64,
+    /// Run CMD with sh once serving, then stop when it exits and exit
+    /// with its status (nbdkit's captive mode). CMD sees the shell
+    /// variables $uri (and its old name $nbd), $unixsocket, $port,
+    /// $exportname and $tls. Without -k, -b or -p, the server listens on a
+    /// private Unix socket.
+    #[arg(long, value_name = "CMD")]
+    run: Option<String>,
+    /// Print the NBD URI of the default export on stdout once serving.
+    #[arg(long = "print-uri")]
+    print_uri: bool,
+    /// Serve one client on stdin/stdout (a socket, or a pair of pipes),
+    /// then exit: for inetd and for libnbd's nbd_connect_command (nbdkit's
+    /// -s; here -s is qemu-nbd's --snapshot).
+    #[arg(long = "single", alias = "stdin")]
+    single: bool,
     /// Largest READ or WRITE accepted from a client that negotiated no block
     /// sizes (the spec asks for at least 32M; clients that asked for block
     /// sizes are held to the 32M maximum they were sent). WRITE payloads
@@ -149,7 +225,8 @@ struct Args {
     /// (its ca-cert.pem), as nbdkit's --tls-verify-peer.
     #[arg(long = "tls-verify-peer")]
     tls_verify_peer: bool,
-    /// Accepted for compatibility: nbd-serve always runs in the foreground.
+    /// Accepted for compatibility: nbd-serve runs in the foreground unless
+    /// --fork is given.
     #[arg(long, hide = true)]
     foreground: bool,
 }
@@ -330,7 +407,8 @@ fn open_storage(spec: &str, args: &Args, bitmaps: &[String]) -> Result<Arc<dyn S
     nbd_storage::image::open(std::path::Path::new(spec), &options).map_err(|e| e.to_string())
 }
 
-fn run(args: Args) -> Result<(), String> {
+fn run(args: Args, forked: Option<Forked>) -> Result<u8, String> {
+    check_modes(&args)?;
     let mut exports = Vec::new();
     let mut rbd = Rbd::default();
     let memory = |size| Backend::Sync(Arc::new(MemoryStorage::with_options(size, args.read_only)) as Arc<dyn Storage>);
@@ -379,13 +457,13 @@ fn run(args: Args) -> Result<(), String> {
         structured_replies: !args.no_structured_replies,
         extended_headers: !args.no_extended_headers && !args.no_structured_replies,
         support_go: !args.no_go,
-        handshake_timeout: Some(Duration::from_secs(args.handshake_timeout)),
+        handshake_timeout: (args.handshake_limit > 0).then(|| Duration::from_secs(args.handshake_limit)),
         unnegotiated_max_payload: args.max_payload,
         ..ServerConfig::default()
     };
     let options = ServerOptions {
         config,
-        max_connections: args.max_connections,
+        max_connections: if args.shared == 0 { 1 << 30 } else { args.shared },
         verbose: args.verbose,
         tls,
         limits: Limits {
@@ -394,19 +472,6 @@ fn run(args: Args) -> Result<(), String> {
             ..Limits::default()
         },
     };
-    let listeners = match Listener::from_systemd().map_err(|e| format!("socket activation: {e}"))? {
-        Some(l) => l,
-        None => match &args.socket {
-            Some(p) => vec![Listener::bind_unix(p).map_err(|e| format!("{}: {e}", p.display()))?],
-            None => {
-                let addr = SocketAddr::new(args.bind, args.port);
-                vec![Listener::bind_tcp(addr).map_err(|e| format!("{addr}: {e}"))?]
-            }
-        },
-    };
-    if let Some(p) = &args.pidfile {
-        std::fs::write(p, format!("{}\n", std::process::id())).map_err(|e| format!("{}: {e}", p.display()))?;
-    }
     // Image backends keep metadata in memory: flush them when serving ends.
     let storages: Vec<Arc<dyn Storage>> = exports
         .iter()
@@ -416,29 +481,402 @@ fn run(args: Args) -> Result<(), String> {
         })
         .collect();
     let server = Server::new(exports, options);
+    server.stop_after_last_client(args.no_persistent);
+    let grace = Duration::from_secs(args.shutdown_timeout);
+    let signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ])
+    .map_err(|e| format!("signals: {e}"))?;
+    // The --run command, once started (0: none), gets the stop signal too.
+    let command_pid = Arc::new(AtomicU32::new(0));
     {
         let server = server.clone();
-        let mut signals =
-            signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
-                .map_err(|e| format!("signals: {e}"))?;
+        let command_pid = command_pid.clone();
+        let mut signals = signals;
         std::thread::spawn(move || {
-            if signals.forever().next().is_some() {
-                server.shutdown();
+            let mut first = true;
+            for signal in signals.forever() {
+                if first {
+                    server.shutdown_within(grace);
+                    let pid = command_pid.load(Ordering::SeqCst);
+                    if let Ok(pid) = libc::pid_t::try_from(pid)
+                        && pid > 0
+                    {
+                        // SAFETY: kill(2) has no memory-safety preconditions.
+                        unsafe { libc::kill(pid, signal) };
+                    }
+                    first = false;
+                } else {
+                    // A second signal: do not wait any longer.
+                    server.close_connections();
+                }
             }
         });
     }
-    let mut r = nbd_smol::block_on(server.serve(listeners)).map_err(|e| e.to_string());
+    let served = if args.single {
+        serve_stdio(&server).map(|()| 0)
+    } else {
+        serve_listening(&args, &server, forked, &command_pid, grace)
+    };
+    let mut r = served;
     for s in &storages {
         if let Err(e) = s.flush() {
             r = r.and(Err(format!("flushing an export on exit: {e}")));
         }
     }
     drop(server);
-    r = r.and(rbd.close_all());
-    if let Some(p) = &args.pidfile {
-        let _ = std::fs::remove_file(p);
+    if let Err(e) = rbd.close_all() {
+        r = r.and(Err(e));
     }
     r
+}
+
+/// Refuses flags that cannot go together.
+fn check_modes(args: &Args) -> Result<(), String> {
+    if args.single {
+        let with = [
+            (args.socket.is_some(), "-k/--socket"),
+            (args.bind.is_some(), "-b/--bind"),
+            (args.port.is_some(), "-p/--port"),
+            (args.run.is_some(), "--run"),
+            (args.print_uri, "--print-uri"),
+            (args.fork, "--fork"),
+            (args.no_persistent, "--no-persistent"),
+            (
+                std::env::var_os("LISTEN_FDS").is_some(),
+                "socket activation (LISTEN_FDS)",
+            ),
+        ];
+        if let Some((_, name)) = with.iter().find(|(on, _)| *on) {
+            return Err(format!(
+                "--single serves the client on stdin/stdout: it cannot be combined with {name}"
+            ));
+        }
+    }
+    if args.run.is_some() && args.fork {
+        return Err("--run waits for its command: it cannot be combined with --fork".into());
+    }
+    Ok(())
+}
+
+/// Serves the listening sockets (socket activation's, or the ones the
+/// flags ask for) until stopped; returns the exit code (the --run
+/// command's, else 0).
+fn serve_listening(
+    args: &Args,
+    server: &Server,
+    forked: Option<Forked>,
+    command_pid: &Arc<AtomicU32>,
+    grace: Duration,
+) -> Result<u8, String> {
+    let (listeners, private) = listen(args)?;
+    let uri = listeners.first().and_then(|l| uri_of(args, l));
+    // Removed when this function returns, whichever way.
+    let _pid_file = match &args.pid_file {
+        Some(p) => Some(PidFile::write(p)?),
+        None => None,
+    };
+    if args.print_uri {
+        let Some(uri) = &uri else {
+            return Err("--print-uri: the socket has no address to print".into());
+        };
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{}", uri.to_uri_string())
+            .and_then(|()| out.flush())
+            .map_err(|e| format!("--print-uri: {e}"))?;
+    }
+    if let Some(forked) = forked {
+        forked.ready(args.verbose);
+    }
+    let command = match &args.run {
+        Some(cmd) => Some(start_command(cmd, args, uri.as_ref(), server, command_pid, grace)?),
+        None => None,
+    };
+    let served = nbd_smol::block_on(server.serve(listeners)).map_err(|e| e.to_string());
+    let status = command.map(|c| c.join().unwrap_or(1));
+    drop(private);
+    served?;
+    Ok(status.unwrap_or(0))
+}
+
+/// The sockets to listen on, and the private directory of `-k -` (or of
+/// --run without an address), which must outlive them.
+fn listen(args: &Args) -> Result<(Vec<Listener>, Option<PrivateDir>), String> {
+    if let Some(l) = Listener::from_systemd().map_err(|e| format!("socket activation: {e}"))? {
+        return Ok((l, None));
+    }
+    let private_wanted = args.socket.as_deref() == Some(Path::new("-"))
+        || (args.run.is_some() && args.socket.is_none() && args.bind.is_none() && args.port.is_none());
+    if private_wanted {
+        let dir = PrivateDir::new("nbd-serve-").map_err(|e| format!("private socket directory: {e}"))?;
+        let path = dir.join("socket");
+        let l = Listener::bind_unix(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        return Ok((vec![l], Some(dir)));
+    }
+    if let Some(p) = &args.socket {
+        let l = Listener::bind_unix(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        return Ok((vec![l], None));
+    }
+    let addr = SocketAddr::new(
+        args.bind.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        args.port.unwrap_or(10809),
+    );
+    let l = Listener::bind_tcp(addr).map_err(|e| format!("{addr}: {e}"))?;
+    Ok((vec![l], None))
+}
+
+/// The URI of the default export on `listener`, as nbdkit's `$uri`
+/// (`nbds` when TLS is required; a wildcard address as `localhost`).
+fn uri_of(args: &Args, listener: &Listener) -> Option<NbdUri> {
+    let transport = if let Some(path) = listener.unix_path() {
+        Transport::Unix {
+            socket: path.to_str()?.to_string(),
+        }
+    } else {
+        let addr = listener.tcp_addr()?;
+        let host = if addr.ip().is_unspecified() {
+            "localhost".to_string()
+        } else {
+            addr.ip().to_string()
+        };
+        Transport::Tcp {
+            host,
+            port: addr.port(),
+        }
+    };
+    Some(NbdUri {
+        transport,
+        export: args.export_name.clone(),
+        tls: if tls_required(args) {
+            TlsMode::Require
+        } else {
+            TlsMode::Off
+        },
+        tls_certificates: None,
+        tls_hostname: None,
+        tls_verify_peer: true,
+        tls_type: None,
+        user: None,
+    })
+}
+
+/// The TLS mode the flags give: `--tls`, else require with a certificate.
+fn tls_mode(args: &Args) -> TlsArg {
+    args.tls
+        .unwrap_or(if args.tls_certificates.is_some() || args.tls_cert.is_some() {
+            TlsArg::Require
+        } else {
+            TlsArg::Off
+        })
+}
+
+fn tls_required(args: &Args) -> bool {
+    tls_mode(args) == TlsArg::Require
+}
+
+/// Starts the --run command with nbdkit's shell variables; a thread waits
+/// for it, then stops the server. Joining the thread gives the exit code
+/// (the command's, or 128 + the signal that killed it).
+fn start_command(
+    cmd: &str,
+    args: &Args,
+    uri: Option<&NbdUri>,
+    server: &Server,
+    command_pid: &Arc<AtomicU32>,
+    grace: Duration,
+) -> Result<std::thread::JoinHandle<u8>, String> {
+    let uri_string = uri.map(NbdUri::to_uri_string).unwrap_or_default();
+    let (port, unixsocket) = match uri.map(|u| &u.transport) {
+        Some(Transport::Tcp { port, .. }) => (port.to_string(), String::new()),
+        Some(Transport::Unix { socket }) => (String::new(), socket.clone()),
+        None => (String::new(), String::new()),
+    };
+    let mut script = format!(
+        "uri={}\nnbd=\"$uri\"\nexportname={}\nport={}\nunixsocket={}\n",
+        shell_quote(&uri_string),
+        shell_quote(&args.export_name),
+        shell_quote(&port),
+        shell_quote(&unixsocket)
+    );
+    match tls_mode(args) {
+        TlsArg::On => script.push_str("tls=1\n"),
+        TlsArg::Require => script.push_str("tls=2\n"),
+        TlsArg::Off => {}
+    }
+    script.push_str(cmd);
+    let mut child = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(script)
+        .spawn()
+        .map_err(|e| format!("--run: {e}"))?;
+    command_pid.store(child.id(), Ordering::SeqCst);
+    let server = server.clone();
+    let command_pid = command_pid.clone();
+    Ok(std::thread::spawn(move || {
+        let code = match child.wait() {
+            Ok(status) => match (status.code(), std::os::unix::process::ExitStatusExt::signal(&status)) {
+                (Some(c), _) => c.clamp(0, 255) as u8,
+                (None, Some(sig)) => {
+                    eprintln!("nbd-serve: the --run command {}", describe_status(status));
+                    (128 + sig).clamp(0, 255) as u8
+                }
+                _ => 1,
+            },
+            Err(e) => {
+                eprintln!("nbd-serve: --run: {e}");
+                1
+            }
+        };
+        command_pid.store(0, Ordering::SeqCst);
+        server.shutdown_within(grace);
+        code
+    }))
+}
+
+/// `--single`: one client on stdin (reading) and stdout (writing), which
+/// may be one socket (inetd, libnbd's nbd_connect_command) or two pipes.
+fn serve_stdio(server: &Server) -> Result<(), String> {
+    let half = |fd: i32, name: &str| -> Result<smol::Async<std::fs::File>, String> {
+        // SAFETY: dup only duplicates the descriptor; the copy is owned
+        // below, so stdin and stdout themselves stay open.
+        let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+        if copy == -1 {
+            return Err(format!("--single: {name}: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: `copy` is a descriptor we just made and own alone.
+        let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(copy) });
+        smol::Async::new(file)
+            .map_err(|e| format!("--single: {name} must be a socket or a pipe (not a file or a terminal): {e}"))
+    };
+    let r = half(libc::STDIN_FILENO, "stdin")?;
+    let w = half(libc::STDOUT_FILENO, "stdout")?;
+    let result = nbd_smol::block_on(server.serve_connection(r, w));
+    // The client may hang up without waiting for the last reply.
+    match result {
+        Err(e)
+            if !matches!(
+                e.kind(),
+                std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+            ) =>
+        {
+            Err(format!("--single: {e}"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The pid file: written (atomically: a reader never sees it half
+/// written) once the server listens, removed when dropped if it still
+/// holds this process's id.
+struct PidFile {
+    path: PathBuf,
+}
+
+impl PidFile {
+    fn write(path: &Path) -> Result<PidFile, String> {
+        let err = |e: std::io::Error| format!("{}: {e}", path.display());
+        let tmp = path.with_file_name(format!(
+            ".{}.{}.tmp",
+            path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+            std::process::id()
+        ));
+        std::fs::write(&tmp, format!("{}\n", std::process::id())).map_err(err)?;
+        std::fs::rename(&tmp, path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            err(e)
+        })?;
+        Ok(PidFile { path: path.to_owned() })
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let ours =
+            std::fs::read_to_string(&self.path).is_ok_and(|s| s.trim().parse::<u32>().ok() == Some(std::process::id()));
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// The server half of `--fork`: tells the waiting parent that the server
+/// is up.
+struct Forked {
+    pipe: OwnedFd,
+}
+
+impl Forked {
+    /// Serving: detach from the terminal's streams (stdin and stdout to
+    /// /dev/null, stderr too unless `verbose`, as qemu-nbd does) and let
+    /// the parent exit with success.
+    fn ready(self, verbose: bool) {
+        if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+            let mut fds = vec![libc::STDIN_FILENO, libc::STDOUT_FILENO];
+            if !verbose {
+                fds.push(libc::STDERR_FILENO);
+            }
+            for fd in fds {
+                // SAFETY: dup2 onto the standard descriptors, which this
+                // process owns for its whole life.
+                unsafe { libc::dup2(null.as_raw_fd(), fd) };
+            }
+        }
+        let mut pipe = std::fs::File::from(self.pipe);
+        let _ = pipe.write_all(b"R");
+    }
+}
+
+/// `--fork`: forks; the parent waits until the child is serving (exit 0)
+/// or has failed (its exit status), and never returns. The child goes on
+/// in a new session, with what it needs to tell the parent it is ready.
+/// Must run before any other thread exists.
+fn fork_into_background() -> Result<Forked, String> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two descriptors into `fds`.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } == -1 {
+        return Err(format!("--fork: pipe: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: both descriptors were just made and are owned here alone.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: no other thread exists yet (see the caller), so the child
+    // may go on running Rust code.
+    match unsafe { libc::fork() } {
+        -1 => Err(format!("--fork: {}", std::io::Error::last_os_error())),
+        0 => {
+            drop(read);
+            // SAFETY: setsid only changes the process's session.
+            unsafe { libc::setsid() };
+            Ok(Forked { pipe: write })
+        }
+        child => {
+            drop(write);
+            let mut byte = [0u8; 1];
+            let mut read = std::fs::File::from(read);
+            let got = loop {
+                match std::io::Read::read(&mut read, &mut byte) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    r => break r,
+                }
+            };
+            if matches!(got, Ok(1)) && byte[0] == b'R' {
+                std::process::exit(0);
+            }
+            // The child failed before serving (it said why on stderr).
+            let mut status = 0;
+            // SAFETY: waitpid writes the status of our own child.
+            let r = unsafe { libc::waitpid(child, &mut status, 0) };
+            let code = if r == child && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) != 0 {
+                libc::WEXITSTATUS(status)
+            } else {
+                1
+            };
+            std::process::exit(code);
+        }
+    }
 }
 
 /// Payload buffers (READ replies, WRITE pieces) are large and come and go
@@ -456,9 +894,43 @@ fn return_freed_buffers_to_the_system() {
     }
 }
 
+/// With socket activation for this process (`LISTEN_FDS`, and
+/// `LISTEN_PID` ours if set), checks before any file or socket is opened
+/// that the descriptors from 3 on are open: were one missing, the next
+/// file opened would get its number and be taken for the socket.
+fn check_activation_descriptors() -> Result<(), String> {
+    let Ok(fds) = std::env::var("LISTEN_FDS") else {
+        return Ok(());
+    };
+    if std::env::var("LISTEN_PID").is_ok_and(|pid| pid.parse::<u32>().ok() != Some(std::process::id())) {
+        return Ok(());
+    }
+    let Ok(n) = fds.parse::<i32>() else {
+        // Listener::from_systemd says what is wrong with it.
+        return Ok(());
+    };
+    for fd in 3..3 + n.clamp(0, 1024) {
+        // SAFETY: F_GETFD only reads the descriptor's flags.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+            return Err(format!(
+                "LISTEN_FDS={fds} but descriptor {fd} is not open: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     return_freed_buffers_to_the_system();
-    let args = Args::parse();
+    let args: Args = match nbd_tools::cli::parse_args(std::env::args()) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    if let Err(e) = check_activation_descriptors() {
+        eprintln!("nbd-serve: socket activation: {e}");
+        return ExitCode::FAILURE;
+    }
     // Connections are served by smol's global executor, with `--threads`
     // threads (SMOL_THREADS when the flag is not given). One thread runs the
     // socket reactor and the connections together without cross-thread
@@ -467,8 +939,23 @@ fn main() -> ExitCode {
         // SAFETY: no other thread exists yet.
         unsafe { std::env::set_var("SMOL_THREADS", n.max(1).to_string()) };
     }
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
+    let forked = if args.fork {
+        if let Err(e) = check_modes(&args) {
+            eprintln!("nbd-serve: {e}");
+            return ExitCode::FAILURE;
+        }
+        match fork_into_background() {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!("nbd-serve: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    match run(args, forked) {
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("nbd-serve: {e}");
             ExitCode::FAILURE
