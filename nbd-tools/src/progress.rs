@@ -14,14 +14,16 @@
 //! until it ends.
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle, TermLike};
 
 use crate::copy::Progress;
 
@@ -36,8 +38,9 @@ pub enum Target {
 
 /// The width of the bar in characters, as nbdcopy's.
 const BAR: usize = 40;
-/// The spinner nbdcopy turns at the head of its bar.
-const SPINNER: [&str; 8] = ["▝", "▐", "▗", "▃", "▖", "▍", "▘", "▀"];
+/// The spinner nbdcopy turns at the head of its bar; the last one is
+/// shown when the copy has finished.
+const SPINNER: [&str; 9] = ["▝", "▐", "▗", "▃", "▖", "▍", "▘", "▀", "█"];
 
 /// The whole percentage of `done` out of `total` (0 while the total is
 /// unknown), never 100 before the end.
@@ -54,20 +57,79 @@ pub fn fd_line(percent: u32) -> String {
     format!("{percent}/100\n")
 }
 
-/// The bar for `percent` (without the line's end), `spin` turning the
-/// spinner.
-pub fn bar_line(percent: u32, spin: usize) -> String {
-    let stars = (percent as usize * BAR).div_ceil(100).min(BAR);
-    let head = if percent >= 100 {
-        "█"
-    } else {
-        SPINNER[spin % SPINNER.len()]
-    };
-    format!(
-        "{head} {percent:>3}% [{}{}]",
-        "*".repeat(stars),
-        "-".repeat(BAR - stars)
-    )
+/// The bar: indicatif, styled as nbdcopy's bar (`▐  42% [****----]`),
+/// its position the whole percentage.
+fn bar(target: ProgressDrawTarget) -> ProgressBar {
+    let template = format!("{{spinner}} {{pos:>3}}% [{{bar:{BAR}}}]");
+    let style = ProgressStyle::with_template(&template)
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .tick_strings(&SPINNER)
+        .progress_chars("*--");
+    ProgressBar::with_draw_target(Some(100), target).with_style(style)
+}
+
+/// indicatif's draw target for a stderr that is not a terminal (a log
+/// file, a pipe): every drawing of the bar becomes one line of its own,
+/// with no cursor movement and no padding, so that it reads back in order.
+struct Lines {
+    /// The drawing under way, written out as a line on `flush`.
+    line: Mutex<String>,
+    /// Where the lines go (stderr).
+    sink: Mutex<Box<dyn Write + Send>>,
+}
+
+impl Lines {
+    fn new(sink: Box<dyn Write + Send>) -> Lines {
+        Lines {
+            line: Mutex::new(String::new()),
+            sink: Mutex::new(sink),
+        }
+    }
+}
+
+impl std::fmt::Debug for Lines {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lines").finish_non_exhaustive()
+    }
+}
+
+impl TermLike for Lines {
+    fn width(&self) -> u16 {
+        80
+    }
+    fn move_cursor_up(&self, _: usize) -> io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_down(&self, _: usize) -> io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_right(&self, _: usize) -> io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_left(&self, _: usize) -> io::Result<()> {
+        Ok(())
+    }
+    fn write_line(&self, s: &str) -> io::Result<()> {
+        self.write_str(s)?;
+        self.flush()
+    }
+    fn write_str(&self, s: &str) -> io::Result<()> {
+        lock(&self.line).push_str(s.trim_start_matches('\r'));
+        Ok(())
+    }
+    fn clear_line(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn flush(&self) -> io::Result<()> {
+        let line = std::mem::take(&mut *lock(&self.line));
+        let line = line.trim_end();
+        if line.is_empty() {
+            return Ok(());
+        }
+        let mut sink = lock(&self.sink);
+        sink.write_all(format!("{line}\n").as_bytes())?;
+        sink.flush()
+    }
 }
 
 /// A running report: a thread that looks at the counters ten times a
@@ -76,59 +138,54 @@ pub fn bar_line(percent: u32, spin: usize) -> String {
 pub struct Reporter {
     stop: mpsc::Sender<()>,
     thread: Option<JoinHandle<()>>,
-    state: Arc<Mutex<State>>,
+    out: Arc<Mutex<Out>>,
 }
 
+/// Where a [`Reporter`] writes.
 #[derive(Debug)]
-struct State {
-    out: ManuallyDrop<File>,
-    target: Target,
-    terminal: bool,
-    last: Option<u32>,
-    last_at: Instant,
-    spin: usize,
-    /// A bar is drawn on the terminal without its line's end yet.
-    open_line: bool,
-    /// Writing failed (the reader went away): report no more.
-    broken: bool,
+enum Out {
+    /// indicatif's bar on stderr; the spinner turns (on a terminal) when
+    /// the percentage stays.
+    Bar { bar: ProgressBar, spin: bool },
+    /// `N/100` lines on a descriptor.
+    Fd {
+        file: ManuallyDrop<File>,
+        last: Option<u32>,
+        /// Writing failed (the reader went away): report no more.
+        broken: bool,
+    },
 }
 
-impl State {
-    fn show(&mut self, p: u32, end: bool) {
-        if self.broken {
-            return;
-        }
-        let text = match self.target {
-            Target::Fd(_) => {
-                if self.last == Some(p) {
+impl Out {
+    fn show(&mut self, p: u32) {
+        match self {
+            Out::Bar { bar, spin } => {
+                if bar.position() != u64::from(p) {
+                    bar.set_position(u64::from(p));
+                } else if *spin {
+                    bar.tick();
+                }
+            }
+            Out::Fd { file, last, broken } => {
+                if *broken || *last == Some(p) {
                     return;
                 }
-                fd_line(p)
-            }
-            Target::Stderr if self.terminal => {
-                self.spin += 1;
-                self.open_line = !end;
-                format!("{}{}", bar_line(p, self.spin), if end { "\n" } else { "\r" })
-            }
-            Target::Stderr => {
-                let due = self.last_at.elapsed() >= Duration::from_secs(1);
-                if !end && (self.last == Some(p) || (self.last.is_some() && !due)) {
-                    return;
+                *last = Some(p);
+                if file.write_all(fd_line(p).as_bytes()).is_err() {
+                    *broken = true;
                 }
-                format!("{}\n", bar_line(p, 1))
             }
-        };
-        self.last = Some(p);
-        self.last_at = Instant::now();
-        if self.out.write_all(text.as_bytes()).is_err() {
-            self.broken = true;
         }
     }
 }
 
 impl Reporter {
-    /// Starts reporting `progress` to `target`; writes the 0% line at
-    /// once. A descriptor that is not open for writing is an error.
+    /// Starts reporting `progress` to `target`; reports 0% at once. A
+    /// descriptor that is not open for writing is an error.
+    ///
+    /// On stderr, the bar is indicatif's, redrawn in place ten times a
+    /// second on a terminal; anywhere else it is written as a line each
+    /// time the percentage changes, at most once a second.
     pub fn start(target: Target, progress: Arc<Progress>) -> io::Result<Reporter> {
         let fd = match target {
             Target::Stderr => io::stderr().as_raw_fd(),
@@ -142,25 +199,35 @@ impl Reporter {
         if flags & libc::O_ACCMODE == libc::O_RDONLY {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "not open for writing"));
         }
-        // SAFETY: isatty only queries the descriptor.
-        let terminal = unsafe { libc::isatty(fd) } == 1;
-        // SAFETY: the descriptor is open (checked above); ManuallyDrop
-        // keeps it from being closed, it stays the process's own.
-        let out = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
-        let state = Arc::new(Mutex::new(State {
-            out,
-            target,
-            terminal,
-            last: None,
-            last_at: Instant::now(),
-            spin: 0,
-            open_line: false,
-            broken: false,
-        }));
-        lock(&state).show(0, false);
+        let mut out = match target {
+            Target::Stderr if io::stderr().is_terminal() => Out::Bar {
+                bar: bar(ProgressDrawTarget::stderr_with_hz(10)),
+                spin: true,
+            },
+            Target::Stderr => {
+                let lines = Lines::new(Box::new(io::stderr()));
+                Out::Bar {
+                    bar: bar(ProgressDrawTarget::term_like_with_hz(Box::new(lines), 1)),
+                    spin: false,
+                }
+            }
+            Target::Fd(fd) => Out::Fd {
+                // SAFETY: the descriptor is open (checked above);
+                // ManuallyDrop keeps it from being closed, it stays the
+                // process's own.
+                file: ManuallyDrop::new(unsafe { File::from_raw_fd(fd) }),
+                last: None,
+                broken: false,
+            },
+        };
+        match &mut out {
+            Out::Bar { bar, .. } => bar.tick(),
+            fd => fd.show(0),
+        }
+        let out = Arc::new(Mutex::new(out));
         let (stop, stopped) = mpsc::channel();
         let thread = {
-            let state = state.clone();
+            let out = out.clone();
             std::thread::spawn(move || {
                 loop {
                     match stopped.recv_timeout(Duration::from_millis(100)) {
@@ -171,36 +238,37 @@ impl Reporter {
                         progress.done.load(Ordering::Relaxed),
                         progress.total.load(Ordering::Relaxed),
                     );
-                    lock(&state).show(p, false);
+                    lock(&out).show(p);
                 }
             })
         };
         Ok(Reporter {
             stop,
             thread: Some(thread),
-            state,
+            out,
         })
     }
 
-    /// Stops reporting: 100% if the copy `succeeded`; otherwise a bar left
-    /// open on the terminal gets its line's end, so that the error message
-    /// starts a line of its own.
+    /// Stops reporting: 100% if the copy `succeeded`; otherwise the bar is
+    /// left where it stopped and the cursor moved past it, so that the
+    /// error message starts a line of its own.
     pub fn finish(mut self, succeeded: bool) {
         let _ = self.stop.send(());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let mut s = lock(&self.state);
-        if succeeded {
-            s.show(100, true);
-        } else if s.open_line && !s.broken {
-            let _ = s.out.write_all(b"\n");
+        let mut out = lock(&self.out);
+        match &mut *out {
+            Out::Bar { bar, .. } if succeeded => bar.finish(),
+            Out::Bar { bar, .. } => bar.abandon(),
+            fd if succeeded => fd.show(100),
+            Out::Fd { .. } => {}
         }
     }
 }
 
-fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
-    state.lock().unwrap_or_else(|p| p.into_inner())
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
@@ -221,11 +289,45 @@ mod tests {
     fn lines() {
         assert_eq!(fd_line(0), "0/100\n");
         assert_eq!(fd_line(100), "100/100\n");
-        let b = bar_line(50, 1);
-        assert!(b.starts_with("▐  50% [********************-"), "{b}");
-        assert!(b.ends_with("-]"));
-        let full = bar_line(100, 3);
-        assert_eq!(full, format!("█ 100% [{}]", "*".repeat(BAR)));
+    }
+
+    /// A writer the test reads back.
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            lock(&self.0).extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Off a terminal the bar is nbdcopy's, a line per drawing, and the
+    /// last one full.
+    #[test]
+    fn bar_lines_look_like_nbdcopys() {
+        let sink = Shared::default();
+        let target = ProgressDrawTarget::term_like(Box::new(Lines::new(Box::new(sink.clone()))));
+        let b = bar(target);
+        b.tick();
+        b.set_position(50);
+        b.tick();
+        b.finish();
+        let text = String::from_utf8(lock(&sink.0).clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(text.ends_with('\n'), "{text:?}");
+        assert!(lines.len() >= 3, "{text:?}");
+        assert!(lines[0].ends_with(&format!("  0% [{}]", "-".repeat(BAR))), "{text:?}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.ends_with(&format!(" 50% [{}{}]", "*".repeat(20), "-".repeat(20)))),
+            "{text:?}"
+        );
+        assert_eq!(*lines.last().unwrap(), format!("█ 100% [{}]", "*".repeat(BAR)));
     }
 
     #[test]

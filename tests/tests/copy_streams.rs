@@ -308,7 +308,7 @@ fn progress_on_any_stderr_and_on_a_descriptor() {
 }
 
 /// The largest number of requests one connection of nbdkit's log filter
-/// had in flight at once, and the number of connections.
+/// had in flight at once, and the number of connections that read.
 fn in_flight(log: &str) -> (usize, usize) {
     let mut open: HashMap<String, usize> = HashMap::new();
     let mut most = 0;
@@ -316,12 +316,16 @@ fn in_flight(log: &str) -> (usize, usize) {
         let Some(conn) = line.split_whitespace().find(|w| w.starts_with("connection=")) else {
             continue;
         };
-        let count = open.entry(conn.to_string()).or_default();
+        // Only reads count: the previous run's connections may still log
+        // their disconnection after it ended.
         if line.contains(" Read id=") && line.ends_with("...") {
+            let count = open.entry(conn.to_string()).or_default();
             *count += 1;
             most = most.max(*count);
-        } else if line.contains(" ...Read id=") {
-            *count -= 1;
+        } else if line.contains(" ...Read id=")
+            && let Some(count) = open.get_mut(conn)
+        {
+            *count = count.saturating_sub(1);
         }
     }
     (most, open.len())
