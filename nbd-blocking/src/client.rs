@@ -11,16 +11,20 @@
 //! names, argument order and [`Error`]; here buffers are borrowed slices,
 //! there they are owned `Vec`s given back with the result.
 //!
-//! The client has no timeouts of its own: against a server that stops
-//! answering, a call waits as long as the socket does. A caller who needs a
-//! bound connects the socket itself ([`nbd_net::connect`]), sets
-//! [`Socket::set_read_timeout`] / [`Socket::set_write_timeout`] on it, and
-//! negotiates over it with [`Client::handshake`]; a call that times out
-//! then fails with that `io::Error` (`WouldBlock` or `TimedOut`), and every
-//! later call with [`Error::Disconnected`] (the stream is out of step).
+//! Deadlines and reconnection ([`Client::connect_with`], see
+//! [`nbd_net::resilience`]) are off unless asked for, as in libnbd: then
+//! a call waits as long as the server takes. With a request deadline, a
+//! call whose reply has not come when it expires fails with
+//! [`Error::TimedOut`] and the connection is closed (the stream is out of
+//! step); with reconnection, a call whose connection breaks (a socket
+//! error, the server's end, a deadline) reconnects, checks that the export
+//! is the same, and sends its request again, for up to the reconnect delay.
+//! The deadlines are socket timeouts set before each read and write (two
+//! system calls more per read, and none at all without deadlines).
 
 use std::io::{self, Read, Write};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use nbd_net::client::{
     HandshakeIo, Incoming, Options, Replies, Stop, add_block_status, data_range, fill_hole, outcome, reason, split_len,
@@ -36,6 +40,9 @@ use nbd_proto::uri::NbdUri;
 use nbd_proto::wire::{BlockSizeConstraints, Command, CommandFlags, ErrorCode, TransmissionFlags};
 
 pub use nbd_net::client::{BlockStatus, Error, Handshake, Result};
+use nbd_net::resilience::{Backoff, Stats, context_ids, same_export, transport_failure};
+pub use nbd_net::resilience::{ConnectOptions, Phase, Reconnect, StatsSnapshot, Timeouts};
+pub use nbd_net::socket::connect_timeout;
 pub use nbd_net::{Socket, connect};
 
 /// A bidirectional byte stream the client runs over (the socket, or TLS
@@ -85,7 +92,95 @@ enum Conn {
     Closed(io::Empty),
 }
 
+/// The deadline of one step (the handshake, a request).
+#[derive(Debug, Clone, Copy)]
+struct Due {
+    at: Instant,
+    phase: Phase,
+    after: Duration,
+}
+
+impl Due {
+    /// A deadline `after` from now (none without `after`), no later than
+    /// `cap`.
+    fn new(after: Option<Duration>, phase: Phase, cap: Option<Instant>) -> Option<Due> {
+        let at = nbd_net::resilience::deadline(after, cap)?;
+        let after = after.unwrap_or_else(|| at.saturating_duration_since(Instant::now()));
+        Some(Due { at, phase, after })
+    }
+
+    /// The error for an I/O error under this deadline: its expiry is
+    /// [`Error::TimedOut`].
+    fn expired(due: Option<Due>, e: &io::Error) -> Option<Error> {
+        let due = due?;
+        matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut).then_some(Error::TimedOut {
+            phase: due.phase,
+            after: due.after,
+        })
+    }
+}
+
 impl Conn {
+    fn socket(&self) -> Option<&Socket> {
+        match self {
+            Conn::Plain(s) => Some(s),
+            Conn::Tls(t) => Some(&t.0.sock),
+            Conn::Closed(_) => None,
+        }
+    }
+
+    /// Bounds the next reads and writes by `due` (nothing without one).
+    fn arm(&self, due: Option<Due>) -> io::Result<()> {
+        let (Some(due), Some(s)) = (due, self.socket()) else {
+            return Ok(());
+        };
+        let left = due.at.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        s.set_read_timeout(Some(left))?;
+        s.set_write_timeout(Some(left))
+    }
+
+    /// Takes the socket timeouts off again.
+    fn disarm(&self) {
+        if let Some(s) = self.socket() {
+            let _ = s.set_read_timeout(None);
+            let _ = s.set_write_timeout(None);
+        }
+    }
+
+    /// Reads exactly `buf.len()` bytes, by `due`.
+    fn read_full(&mut self, mut buf: &mut [u8], due: Option<Due>) -> io::Result<()> {
+        if due.is_none() {
+            return self.stream().read_exact(buf);
+        }
+        while !buf.is_empty() {
+            self.arm(due)?;
+            match self.stream().read(buf) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => buf = &mut std::mem::take(&mut buf)[n..],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `head` then `payload` with vectored writes, by `due`.
+    fn write_full(&mut self, head: &[u8], payload: &[u8], due: Option<Due>) -> io::Result<()> {
+        let mut g = nbd_net::socket::Gather::new(head, payload);
+        while !g.is_done() {
+            self.arm(due)?;
+            match self.stream().write_vectored(&g.slices()) {
+                Ok(n) => g.advance(n)?,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     fn stream(&mut self) -> &mut dyn Stream {
         match self {
             Conn::Plain(s) => s,
@@ -118,25 +213,37 @@ impl Conn {
 }
 
 /// Pumps a handshake until it stops (transmission, an option's outcome,
-/// waiting for an option, or aborted).
-fn negotiate(hs: &mut Handshake, conn: &mut Conn, tls: &LazyClientTls) -> Result<Stop> {
+/// waiting for an option, or aborted), by `due`.
+fn negotiate(hs: &mut Handshake, conn: &mut Conn, tls: &LazyClientTls, due: Option<Due>) -> Result<Stop> {
+    let r = negotiate_by(hs, conn, tls, due);
+    if due.is_some() {
+        conn.disarm();
+    }
+    r
+}
+
+fn negotiate_by(hs: &mut Handshake, conn: &mut Conn, tls: &LazyClientTls, due: Option<Due>) -> Result<Stop> {
+    let io_error = |hs: &Handshake, e: io::Error| Due::expired(due, &e).unwrap_or_else(|| hs.io_error(e));
     loop {
         match hs.step()? {
             HandshakeIo::Send => {
-                let s = conn.stream();
-                s.write_all(hs.output())
-                    .and_then(|()| s.flush())
-                    .map_err(|e| hs.io_error(e))?;
+                let out = hs.output();
+                let sent = conn.write_full(out, &[], due).and_then(|()| conn.stream().flush());
+                sent.map_err(|e| io_error(hs, e))?;
                 hs.sent();
             }
             HandshakeIo::Receive => {
-                if let Err(e) = conn.stream().read_exact(hs.input()) {
-                    return Err(hs.io_error(e));
+                if let Err(e) = conn.read_full(hs.input(), due) {
+                    return Err(io_error(hs, e));
                 }
                 hs.received()?;
             }
             HandshakeIo::StartTls => {
-                conn.start_tls(&tls.get()?)?;
+                conn.arm(due).map_err(|e| io_error(hs, e))?;
+                match conn.start_tls(&tls.get()?) {
+                    Err(Error::TlsHandshake(e)) => return Err(Due::expired(due, &e).unwrap_or(Error::TlsHandshake(e))),
+                    r => r?,
+                }
                 hs.tls_established()?;
             }
             HandshakeIo::Stopped(stop) => return Ok(stop),
@@ -162,6 +269,7 @@ fn negotiate(hs: &mut Handshake, conn: &mut Conn, tls: &LazyClientTls) -> Result
 pub struct Negotiation {
     options: Options,
     conn: Conn,
+    timeouts: Timeouts,
 }
 
 impl Negotiation {
@@ -169,7 +277,21 @@ impl Negotiation {
     /// structured replies and extended headers as `config` asks; TLS as
     /// [`Client::connect_uri`] says).
     pub fn connect(uri: &NbdUri, config: ClientConfig) -> Result<Negotiation> {
-        Self::handshake_with_tls(connect(uri)?, uri.client_config(config), uri_tls(uri)?)
+        Self::connect_with(uri, config, &ConnectOptions::default())
+    }
+
+    /// [`Negotiation::connect`] with deadlines (`opts.timeouts`: connect;
+    /// handshake, for the greeting and then for each option; requests,
+    /// once [`Negotiation::go`] made a client) and TLS credentials
+    /// (`opts.tls`, else the URI's). A client made by `go` does not
+    /// reconnect.
+    pub fn connect_with(uri: &NbdUri, config: ClientConfig, opts: &ConnectOptions) -> Result<Negotiation> {
+        let tls = match &opts.tls {
+            Some(t) => t.clone(),
+            None => uri_tls(uri)?,
+        };
+        let socket = open(uri, opts.timeouts.connect)?;
+        Self::start(socket, uri.client_config(config), tls, opts.timeouts)
     }
 
     /// Negotiates over a connected socket (TLS, if `config` asks for it,
@@ -181,17 +303,23 @@ impl Negotiation {
     /// Negotiates over a connected socket with these TLS credentials.
     pub fn handshake_with_tls(
         socket: impl Into<Socket>,
-        mut config: ClientConfig,
+        config: ClientConfig,
         tls: LazyClientTls,
     ) -> Result<Negotiation> {
+        Self::start(socket.into(), config, tls, Timeouts::default())
+    }
+
+    fn start(socket: Socket, mut config: ClientConfig, tls: LazyClientTls, timeouts: Timeouts) -> Result<Negotiation> {
         config.opt_mode = true;
         config.max_in_flight = 1;
         let mut hs = Handshake::new(config);
-        let mut conn = Conn::Plain(socket.into());
-        let stop = negotiate(&mut hs, &mut conn, &tls)?;
+        let mut conn = Conn::Plain(socket);
+        let due = Due::new(timeouts.handshake, Phase::Handshake, None);
+        let stop = negotiate(&mut hs, &mut conn, &tls, due)?;
         Ok(Negotiation {
             options: Options::new(hs, tls, &stop),
             conn,
+            timeouts,
         })
     }
 
@@ -211,7 +339,8 @@ impl Negotiation {
 
     fn option(&mut self, option: impl FnOnce(&mut ClientSession) -> Result<(), ClientSessionError>) -> Result<Stop> {
         let (hs, tls) = self.options.issue(option)?;
-        let stop = negotiate(hs, &mut self.conn, tls)?;
+        let due = Due::new(self.timeouts.handshake, Phase::Handshake, None);
+        let stop = negotiate(hs, &mut self.conn, tls, due)?;
         Ok(self.options.stopped(stop))
     }
 
@@ -246,7 +375,9 @@ impl Negotiation {
         if !self.is_done() {
             outcome::go(self.option(|s| s.opt_go(Some(export)))?)?;
         }
-        Client::from_parts(self.options.into_session(), self.conn)
+        let mut client = Client::from_parts(self.options.into_session(), self.conn)?;
+        client.timeouts = self.timeouts;
+        Ok(client)
     }
 
     /// `NBD_OPT_ABORT`, then close.
@@ -271,6 +402,59 @@ pub struct Client {
     input: Vec<u8>,
     /// Why the connection ended, once it did.
     dead: Option<Arc<str>>,
+    /// What later requests fail with, where that is not
+    /// [`Error::Disconnected`] with `dead`.
+    dead_error: Option<Error>,
+    timeouts: Timeouts,
+    redial: Option<Redial>,
+    stats: Stats,
+    /// Context ids of the current session that differ from the first's:
+    /// (now, first).
+    context_map: Vec<(u32, u32)>,
+}
+
+/// How a client made from a URI dials again.
+#[derive(Debug)]
+struct Redial {
+    uri: NbdUri,
+    config: ClientConfig,
+    tls: LazyClientTls,
+    policy: Reconnect,
+}
+
+/// Opens the socket `uri` names, by the connect deadline.
+fn open(uri: &NbdUri, timeout: Option<Duration>) -> Result<Socket> {
+    connect_timeout(uri, timeout).map_err(|e| match (e.kind(), timeout) {
+        (io::ErrorKind::TimedOut, Some(after)) => Error::TimedOut {
+            phase: Phase::Connect,
+            after,
+        },
+        _ => Error::Io(e),
+    })
+}
+
+/// Connects and negotiates transmission, by the deadlines (and `cap`).
+fn dial(
+    uri: &NbdUri,
+    mut config: ClientConfig,
+    tls: &LazyClientTls,
+    timeouts: &Timeouts,
+    cap: Option<Instant>,
+) -> Result<(ClientSession, Conn)> {
+    let connect = match (timeouts.connect, cap) {
+        (t, Some(cap)) => Some(t.map_or(cap.saturating_duration_since(Instant::now()), |t| {
+            t.min(cap.saturating_duration_since(Instant::now()))
+        })),
+        (t, None) => t,
+    };
+    let socket = open(uri, connect)?;
+    config.opt_mode = false;
+    config.max_in_flight = 1;
+    let mut hs = Handshake::new(config);
+    let mut conn = Conn::Plain(socket);
+    let due = Due::new(timeouts.handshake, Phase::Handshake, cap);
+    outcome::go(negotiate(&mut hs, &mut conn, tls, due)?)?;
+    Ok((hs.into_session(), conn))
 }
 
 /// The one request in flight: where its data and extents go.
@@ -323,7 +507,48 @@ impl Client {
 
     /// [`Client::connect_uri`] with TLS credentials of the caller's.
     pub fn connect_uri_with_tls(uri: &NbdUri, config: ClientConfig, tls: LazyClientTls) -> Result<Client> {
-        Self::handshake_with_tls(connect(uri)?, uri.client_config(config), tls)
+        let opts = ConnectOptions {
+            tls: Some(tls),
+            ..ConnectOptions::default()
+        };
+        Self::connect_with(uri, config, &opts)
+    }
+
+    /// [`Client::connect_uri`] with deadlines and reconnection (see
+    /// [`nbd_net::resilience`] for what they do and what is sent again).
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use nbd_blocking::{ClientConfig, NbdUri};
+    /// use nbd_blocking::client::{Client, ConnectOptions, Reconnect, Timeouts};
+    ///
+    /// let uri = NbdUri::parse("nbd+unix:///?socket=/tmp/nbd.sock")?;
+    /// let opts = ConnectOptions {
+    ///     timeouts: Timeouts::all(Duration::from_secs(30)),
+    ///     reconnect: Some(Reconnect::within(Duration::from_secs(60))),
+    ///     tls: None,
+    /// };
+    /// let mut client = Client::connect_with(&uri, ClientConfig::default(), &opts)?;
+    /// let mut buf = vec![0u8; 4096];
+    /// client.read(&mut buf, 0)?;
+    /// # Ok::<(), nbd_blocking::Error>(())
+    /// ```
+    pub fn connect_with(uri: &NbdUri, config: ClientConfig, opts: &ConnectOptions) -> Result<Client> {
+        let tls = match &opts.tls {
+            Some(t) => t.clone(),
+            None => uri_tls(uri)?,
+        };
+        let config = uri.client_config(config);
+        let (session, conn) = dial(uri, config.clone(), &tls, &opts.timeouts, None)?;
+        let mut client = Self::from_parts(session, conn)?;
+        client.timeouts = opts.timeouts;
+        client.redial = opts.reconnect.map(|policy| Redial {
+            uri: uri.clone(),
+            config,
+            tls,
+            policy,
+        });
+        Ok(client)
     }
 
     /// Negotiates over a connected socket (TLS, if `config` asks for it,
@@ -345,7 +570,7 @@ impl Client {
         config.max_in_flight = 1;
         let mut hs = Handshake::new(config);
         let mut conn = Conn::Plain(socket.into());
-        outcome::go(negotiate(&mut hs, &mut conn, &tls)?)?;
+        outcome::go(negotiate(&mut hs, &mut conn, &tls, None)?)?;
         Self::from_parts(hs.into_session(), conn)
     }
 
@@ -361,6 +586,11 @@ impl Client {
             out: Vec::with_capacity(64),
             input: Vec::with_capacity(64),
             dead: None,
+            dead_error: None,
+            timeouts: Timeouts::default(),
+            redial: None,
+            stats: Stats::default(),
+            context_map: Vec::new(),
         })
     }
 
@@ -393,6 +623,71 @@ impl Client {
     pub fn is_closed(&self) -> bool {
         self.dead.is_some()
     }
+    /// Disconnects, reconnects, requests sent again and deadlines expired
+    /// so far.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// The error a request gets from a client that ended.
+    fn dead_error(&self) -> Option<Error> {
+        match (&self.dead_error, &self.dead) {
+            (Some(e), _) => Some(e.duplicate()),
+            (None, Some(why)) => Some(Error::Disconnected(why.clone())),
+            (None, None) => None,
+        }
+    }
+
+    /// The client ends for good on `e`.
+    fn give_up(&mut self, e: Error) -> Error {
+        self.dead = Some(reason(&e));
+        self.dead_error = Some(e.duplicate());
+        self.conn = Conn::Closed(io::empty());
+        e
+    }
+
+    /// Reconnects after the connection broke on `e`, until the policy's
+    /// delay has passed.
+    fn reconnect(&mut self, e: &Error) -> Result<()> {
+        let Some(redial) = &self.redial else {
+            return Err(Error::Misuse("reconnect without a URI"));
+        };
+        self.stats.disconnected();
+        let mut backoff = Backoff::new(&redial.policy, Instant::now(), reason(e));
+        loop {
+            let Some(redial) = &self.redial else {
+                return Err(Error::Misuse("reconnect without a URI"));
+            };
+            if backoff.left().is_zero() {
+                let e = backoff.give_up(redial.policy.delay);
+                return Err(self.give_up(e));
+            }
+            match dial(
+                &redial.uri,
+                redial.config.clone(),
+                &redial.tls,
+                &self.timeouts,
+                Some(backoff.deadline),
+            ) {
+                Ok((session, conn)) => {
+                    let Some(n) = session.negotiated() else {
+                        return Err(Error::Misuse("transmission without a negotiated export"));
+                    };
+                    if let Err(e) = same_export(&self.negotiated, n) {
+                        return Err(self.give_up(e));
+                    }
+                    self.context_map = context_ids(&self.negotiated, n);
+                    self.session = session;
+                    self.conn = conn;
+                    self.dead = None;
+                    self.stats.reconnected(1);
+                    return Ok(());
+                }
+                Err(e) => backoff.last = reason(&e),
+            }
+            std::thread::sleep(backoff.wait());
+        }
+    }
 
     /// The connection is unusable: remember why, fail what was in flight
     /// and close the socket.
@@ -405,66 +700,102 @@ impl Client {
         e
     }
 
-    /// A socket error in the middle of a request.
-    fn lost(&mut self, e: io::Error, during: &str) -> Error {
-        let e = match e.kind() {
-            io::ErrorKind::UnexpectedEof => {
+    /// A socket error in the middle of a request (by `due`).
+    fn lost(&mut self, e: io::Error, during: &str, due: Option<Due>) -> Error {
+        let e = match (Due::expired(due, &e), e.kind()) {
+            (Some(timeout), _) => {
+                self.stats.timed_out();
+                timeout
+            }
+            (None, io::ErrorKind::UnexpectedEof) => {
                 Error::Disconnected(format!("the server closed the connection {during}").into())
             }
-            _ => Error::Io(e),
+            (None, _) => Error::Io(e),
         };
         self.fail(e)
     }
 
     /// Sends one request (its WRITE data from `payload`) and waits for
-    /// its reply.
+    /// its reply; with reconnection, again on a new connection when the
+    /// connection breaks.
     fn request(&mut self, req: Request, payload: &[u8], one: &mut One<'_>) -> Result<()> {
-        if let Some(why) = &self.dead {
-            return Err(Error::Disconnected(why.clone()));
+        if let Some(e) = self.dead_error() {
+            return Err(e);
         }
+        loop {
+            let r = match self.request_once(req, payload, one) {
+                // A server going away (a restart): send it again on the
+                // next connection.
+                Err(Error::Server(e)) if self.redial.is_some() && e.code == ErrorCode::ESHUTDOWN => {
+                    Err(self.fail(Error::disconnected("the server is shutting down (NBD_ESHUTDOWN)")))
+                }
+                r => r,
+            };
+            match r {
+                Err(e) if self.redial.is_some() && transport_failure(&e) => {
+                    self.reconnect(&e)?;
+                    one.result = None;
+                    if let Some(out) = one.status.as_deref_mut() {
+                        out.clear();
+                    }
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn request_once(&mut self, req: Request, payload: &[u8], one: &mut One<'_>) -> Result<()> {
+        let due = self.timeouts.request.map(|after| Due {
+            at: Instant::now() + after,
+            phase: Phase::Request,
+            after,
+        });
         self.session.start_request(req)?;
-        self.send(payload)?;
-        self.receive(one)?;
+        self.send(payload, due)?;
+        self.receive(one, due)?;
         match one.result.take() {
             Some(r) => r.map_err(Error::Server),
             None => Err(Error::Misuse("the reply ended without a completion")),
         }
     }
 
-    fn send(&mut self, payload: &[u8]) -> Result<()> {
+    fn send(&mut self, payload: &[u8], due: Option<Due>) -> Result<()> {
         while let Some(t) = self.session.poll_transmit(&mut self.out) {
             let data = if t.payload.is_some() { payload } else { &[] };
-            let r = write_all_gathered(self.conn.stream(), &self.out, data);
+            let r = match due {
+                None => write_all_gathered(self.conn.stream(), &self.out, data),
+                Some(_) => self.conn.write_full(&self.out, data, due),
+            };
             self.out.clear();
             // Part of the request may be on the wire (after a write
-            // timeout set by the caller, say): the stream is out of step.
-            r.map_err(|e| self.lost(e, "while a request was sent"))?;
+            // timeout, say): the stream is out of step.
+            r.map_err(|e| self.lost(e, "while a request was sent", due))?;
         }
         self.conn
             .stream()
             .flush()
-            .map_err(|e| self.lost(e, "while a request was sent"))
+            .map_err(|e| self.lost(e, "while a request was sent", due))
     }
 
-    fn receive(&mut self, one: &mut One<'_>) -> Result<()> {
+    fn receive(&mut self, one: &mut One<'_>, due: Option<Due>) -> Result<()> {
         loop {
             let next = nbd_net::client::receive(&mut self.session, one).map_err(|e| self.fail(e))?;
             match next {
                 Incoming::Idle => return Ok(()),
                 Incoming::Header(n) => {
                     self.input.resize(n, 0);
-                    if let Err(e) = self.conn.stream().read_exact(&mut self.input) {
-                        return Err(self.lost(e, "while a reply was expected"));
+                    if let Err(e) = self.conn.read_full(&mut self.input, due) {
+                        return Err(self.lost(e, "while a reply was expected", due));
                     }
                     let r = nbd_net::client::input_received(&mut self.session, &self.input, one);
                     r.map_err(|e| self.fail(e))?;
                 }
                 Incoming::Data { buf_offset, length, .. } => {
                     let r = match data_range(one.buf.len(), buf_offset, length) {
-                        Some(range) => self.conn.stream().read_exact(&mut one.buf[range]),
+                        Some(range) => self.conn.read_full(&mut one.buf[range], due),
                         None => return Err(self.fail(Error::Misuse("READ data beyond the request's buffer"))),
                     };
-                    r.map_err(|e| self.lost(e, "in the middle of a reply"))?;
+                    r.map_err(|e| self.lost(e, "in the middle of a reply", due))?;
                     let r = nbd_net::client::data_received(&mut self.session, length, one);
                     r.map_err(|e| self.fail(e))?;
                 }
@@ -565,26 +896,36 @@ impl Client {
     /// REQ_ONE): one entry per negotiated context that answered.
     pub fn block_status(&mut self, offset: u64, length: u64, flags: CommandFlags) -> Result<Vec<BlockStatus>> {
         let req = Request::new(Command::BLOCK_STATUS, offset, length).with_flags(flags);
-        let contexts = self.negotiated.contexts.clone();
         let mut out = Vec::new();
         let mut one = One {
             buf: &mut [],
             status: Some(&mut out),
-            contexts: &contexts,
+            contexts: &[],
             result: None,
         };
         self.request(req, &[], &mut one)?;
+        // The ids and names of the first connection's contexts (a
+        // reconnect may have renumbered them).
+        for s in &mut out {
+            if let Some(&(_, first)) = self.context_map.iter().find(|(now, _)| *now == s.context_id) {
+                s.context_id = first;
+            }
+            if let Some(c) = self.negotiated.contexts.iter().find(|c| c.id == s.context_id) {
+                s.context.clone_from(&c.name);
+            }
+        }
         Ok(out)
     }
 
     /// Politely ends the session with `NBD_CMD_DISC` (the server then
     /// closes the connection).
     pub fn disconnect(mut self) -> Result<()> {
-        if let Some(why) = &self.dead {
-            return Err(Error::Disconnected(why.clone()));
+        if let Some(e) = self.dead_error() {
+            return Err(e);
         }
         self.session.disconnect()?;
-        self.send(&[])
+        let due = Due::new(self.timeouts.request, Phase::Request, None);
+        self.send(&[], due)
     }
 
     /// A `Read + Write + Seek` view of the export for simple tools.

@@ -12,6 +12,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use nbd_proto::client::{
     ClientConfig, ClientEvent, ClientNeed, ClientSession, ClientSessionError, Cookie, Extent, Extents, HandshakeError,
@@ -21,7 +22,11 @@ use nbd_proto::common::MetaContext;
 use nbd_proto::uri::{NbdUri, UriError};
 use nbd_proto::wire::{BlockSizeConstraints, DEFAULT_MAX_PAYLOAD};
 
+use crate::resilience::Phase;
 use crate::tls::{LazyClientTls, TlsError};
+
+/// Linux's (and most Unixes') ETIMEDOUT.
+const ETIMEDOUT: i32 = 110;
 
 /// Everything that can go wrong for a client, in both runtimes.
 ///
@@ -70,17 +75,78 @@ pub enum Error {
     /// A bug in the client runtime: it drove the session out of order.
     #[error("client misuse: {0}")]
     Misuse(&'static str),
+    /// A deadline of [`Timeouts`](crate::resilience::Timeouts) expired:
+    /// the connection was closed (a request's deadline fails every
+    /// request in flight with it).
+    #[error("timed out after {after:?} {phase}")]
+    TimedOut {
+        /// Which deadline.
+        phase: Phase,
+        /// How long it was.
+        after: Duration,
+    },
+    /// The connection broke and no connection to the same export was made
+    /// within the reconnect delay: every outstanding and every later
+    /// request fails with this.
+    #[error("the connection was lost and not re-established within {delay:?}: {last}")]
+    ReconnectFailed {
+        /// The reconnect delay.
+        delay: Duration,
+        /// The error of the last attempt (or of the break).
+        last: Arc<str>,
+    },
+    /// After a reconnect the server offered a different export (size,
+    /// flags, ...): the client gave up rather than write to it.
+    #[error("the server offers a different export after reconnecting: {0}")]
+    ExportChanged(Arc<str>),
 }
 
 impl Error {
     /// The errno this error stands for, where it has one: the server's
-    /// NBD error (unknown values as EINVAL, as the spec says), or the
-    /// socket's OS error.
+    /// NBD error (unknown values as EINVAL, as the spec says), the
+    /// socket's OS error, or ETIMEDOUT for an expired deadline.
     pub fn errno(&self) -> Option<i32> {
         match self {
             Error::Server(e) => Some(e.code.to_errno()),
             Error::Io(e) | Error::TlsHandshake(e) => e.raw_os_error(),
+            Error::TimedOut { .. } => Some(ETIMEDOUT),
             _ => None,
+        }
+    }
+
+    /// Whether this is an expired deadline ([`Error::TimedOut`]).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::TimedOut { .. })
+    }
+
+    /// The same error again, for another request that fails for the same
+    /// reason (`io::Error` is not `Clone`: its kind, OS error and text are
+    /// kept; a server's error is the server's answer to one request and
+    /// becomes [`Error::Disconnected`] with its text).
+    pub fn duplicate(&self) -> Error {
+        let io = |e: &io::Error| match e.raw_os_error() {
+            Some(code) => io::Error::from_raw_os_error(code),
+            None => io::Error::new(e.kind(), e.to_string()),
+        };
+        match self {
+            Error::Io(e) => Error::Io(io(e)),
+            Error::TlsHandshake(e) => Error::TlsHandshake(io(e)),
+            Error::Uri(e) => Error::Uri(e.clone()),
+            Error::Handshake(e) => Error::Handshake(e.clone()),
+            Error::Request(e) => Error::Request(e.clone()),
+            Error::Protocol(v) => Error::Protocol(v.clone()),
+            Error::Disconnected(w) => Error::Disconnected(w.clone()),
+            Error::Misuse(m) => Error::Misuse(m),
+            Error::TimedOut { phase, after } => Error::TimedOut {
+                phase: *phase,
+                after: *after,
+            },
+            Error::ReconnectFailed { delay, last } => Error::ReconnectFailed {
+                delay: *delay,
+                last: last.clone(),
+            },
+            Error::ExportChanged(w) => Error::ExportChanged(w.clone()),
+            other => Error::Disconnected(other.to_string().into()),
         }
     }
 
@@ -94,6 +160,7 @@ impl Error {
     pub fn into_io(self) -> io::Error {
         match self {
             Error::Io(e) => e,
+            e @ Error::TimedOut { .. } => io::Error::new(io::ErrorKind::TimedOut, e),
             Error::Server(s) => io::Error::from_raw_os_error(s.code.to_errno()),
             other => io::Error::other(other),
         }
@@ -602,7 +669,9 @@ fn deliver(ev: ClientEvent<'_>, replies: &mut impl Replies) {
 /// [`Error::Disconnected`] with `why`.
 pub fn in_flight_error(e: &Error, why: &Arc<str>) -> Error {
     match e {
-        Error::Protocol(v) => Error::Protocol(v.clone()),
+        Error::Protocol(_) | Error::TimedOut { .. } | Error::ReconnectFailed { .. } | Error::ExportChanged(_) => {
+            e.duplicate()
+        }
         _ => Error::Disconnected(why.clone()),
     }
 }

@@ -4,9 +4,10 @@
 //! async one wraps the connected [`Socket`] in its reactor.
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
 
 use nbd_proto::uri::{NbdUri, Transport};
 
@@ -74,6 +75,69 @@ impl Socket {
 /// since NBD requests are small and latency-bound. A Unix `socket=` that
 /// starts with NUL names an abstract socket (Linux only).
 pub fn connect(uri: &NbdUri) -> io::Result<Socket> {
+    connect_timeout(uri, None)
+}
+
+/// [`connect`], giving up after `timeout` (`None`: as long as the system
+/// tries). The time covers every address a TCP host resolves to (name
+/// resolution itself is the system resolver's, with its own timeouts); a
+/// Unix socket whose server does not accept fails when its listen queue
+/// is full and `timeout` passes. An expired timeout is `ErrorKind::TimedOut`.
+pub fn connect_timeout(uri: &NbdUri, timeout: Option<Duration>) -> io::Result<Socket> {
+    let Some(timeout) = timeout else {
+        return connect_blocking(uri);
+    };
+    let deadline = Instant::now() + timeout;
+    let left = || {
+        let d = deadline.saturating_duration_since(Instant::now());
+        if d.is_zero() {
+            Err(io::Error::new(io::ErrorKind::TimedOut, "connection timed out"))
+        } else {
+            Ok(d)
+        }
+    };
+    match &uri.transport {
+        Transport::Tcp { host, port } => {
+            let mut last = None;
+            for addr in (host.as_str(), *port).to_socket_addrs()? {
+                match TcpStream::connect_timeout(&addr, left()?) {
+                    Ok(s) => {
+                        s.set_nodelay(true)?;
+                        return Ok(Socket::Tcp(s));
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "the host has no address")))
+        }
+        Transport::Unix { socket } => {
+            // socket2 reads a leading NUL as an abstract name, as we do.
+            let addr = socket2::SockAddr::unix(socket.as_str())?;
+            // A Unix stream connect completes at once or, when the
+            // server's listen queue is full, fails with EAGAIN (it never
+            // answers EINPROGRESS): try again until the deadline.
+            let mut wait = Duration::from_millis(1);
+            loop {
+                let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+                s.set_nonblocking(true)?;
+                match s.connect(&addr) {
+                    Ok(()) => {
+                        s.set_nonblocking(false)?;
+                        return Ok(Socket::Unix(UnixStream::from(std::os::fd::OwnedFd::from(s))));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(wait.min(left()?));
+                        wait = (wait * 2).min(Duration::from_millis(50));
+                        left()?;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+}
+
+fn connect_blocking(uri: &NbdUri) -> io::Result<Socket> {
     match &uri.transport {
         Transport::Tcp { host, port } => {
             let s = TcpStream::connect((host.as_str(), *port))?;

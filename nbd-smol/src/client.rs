@@ -35,18 +35,22 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
 use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use nbd_net::client::{
     HandshakeIo, IDLE_READ, Incoming, Options, Replies, Stop, add_block_status, data_range, fill_hole, in_flight_error,
     outcome, reason, request_error, split_len, uri_tls,
 };
+use nbd_net::resilience::{Backoff, Stats, context_ids, same_export, transport_failure};
 use nbd_proto::client::{
     ClientConfig, ClientSession, ClientSessionError, Cookie, ExportEntry, ExportInfo, Extents, MetaContext, Mode,
     Negotiated, Request, ServerError, ServerOptionError,
 };
 use nbd_proto::uri::NbdUri;
-use nbd_proto::wire::{BlockSizeConstraints, Command, CommandFlags, EXTENDED_REQUEST_HEADER_LEN, TransmissionFlags};
+use nbd_proto::wire::{
+    BlockSizeConstraints, Command, CommandFlags, EXTENDED_REQUEST_HEADER_LEN, ErrorCode, TransmissionFlags,
+};
 use smol::Async;
 use smol::lock::{Semaphore, SemaphoreGuardArc};
 
@@ -54,6 +58,8 @@ use crate::io::{SharedHalf, write_all_vectored};
 use crate::tls::LazyClientTls;
 
 pub use nbd_net::client::{BlockStatus, Error, Handshake, Result};
+pub use nbd_net::resilience::{ConnectOptions, Phase, Reconnect, StatsSnapshot, Timeouts};
+pub use nbd_net::socket::connect_timeout;
 pub use nbd_net::{Socket, connect};
 
 /// The reading half of a connection.
@@ -64,15 +70,62 @@ pub type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
 /// Connects to the server `uri` names (on smol's blocking pool: name
 /// resolution and `connect` block), and registers the socket with the
 /// reactor.
-async fn open(uri: &NbdUri) -> Result<Socket> {
+/// An expired connect timeout is [`Error::TimedOut`].
+async fn open(uri: &NbdUri, timeout: Option<Duration>) -> Result<Socket> {
     let uri = uri.clone();
-    Ok(smol::unblock(move || connect(&uri)).await?)
+    smol::unblock(move || connect_timeout(&uri, timeout))
+        .await
+        .map_err(|e| match (e.kind(), timeout) {
+            (std::io::ErrorKind::TimedOut, Some(after)) => Error::TimedOut {
+                phase: Phase::Connect,
+                after,
+            },
+            _ => Error::Io(e),
+        })
 }
 
-/// The socket's two halves, for the reader and the writer.
-fn halves(socket: Socket) -> Result<(BoxRead, BoxWrite)> {
+/// The socket's two halves, for the reader and the writer, and the socket
+/// itself (to shut it down when the connection must end).
+fn halves(socket: Socket) -> Result<(BoxRead, BoxWrite, Arc<Async<Socket>>)> {
     let (r, w) = SharedHalf::pair(Async::new(socket)?);
-    Ok((Box::new(r), Box::new(w)))
+    let socket = r.0.clone();
+    Ok((Box::new(r), Box::new(w), socket))
+}
+
+/// Runs `fut` (a handshake, or one option) until `deadline`: past it, the
+/// error is [`Error::TimedOut`] after `after`.
+async fn bounded<T>(
+    deadline: Option<Instant>,
+    phase: Phase,
+    after: Duration,
+    fut: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    let Some(deadline) = deadline else {
+        return fut.await;
+    };
+    let expired = async {
+        smol::Timer::at(deadline).await;
+        Err(Error::TimedOut { phase, after })
+    };
+    futures_lite::future::or(fut, expired).await
+}
+
+/// Pumps a handshake with the handshake deadline of `timeouts`.
+async fn negotiate_within(
+    hs: &mut Handshake,
+    r: &mut BoxRead,
+    w: &mut BoxWrite,
+    tls: &LazyClientTls,
+    timeout: Option<Duration>,
+) -> Result<Stop> {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    bounded(
+        deadline,
+        Phase::Handshake,
+        timeout.unwrap_or_default(),
+        negotiate(hs, r, w, tls),
+    )
+    .await
 }
 
 /// Pumps a handshake until it stops, upgrading the halves to TLS when the
@@ -116,6 +169,8 @@ pub struct Negotiation {
     options: Options,
     r: BoxRead,
     w: BoxWrite,
+    socket: Arc<Async<Socket>>,
+    timeouts: Timeouts,
 }
 
 impl std::fmt::Debug for Negotiation {
@@ -143,7 +198,21 @@ impl Negotiation {
     /// # });
     /// ```
     pub async fn connect(uri: &NbdUri, config: ClientConfig) -> Result<Negotiation> {
-        Self::handshake_with_tls(open(uri).await?, uri.client_config(config), uri_tls(uri)?).await
+        Self::connect_with(uri, config, &ConnectOptions::default()).await
+    }
+
+    /// [`Negotiation::connect`] with deadlines (`opts.timeouts`: connect;
+    /// handshake, for the greeting and then for each option; requests,
+    /// once [`Negotiation::go`] made a client) and TLS credentials
+    /// (`opts.tls`, else the URI's). A client made by `go` does not
+    /// reconnect.
+    pub async fn connect_with(uri: &NbdUri, config: ClientConfig, opts: &ConnectOptions) -> Result<Negotiation> {
+        let tls = match &opts.tls {
+            Some(t) => t.clone(),
+            None => uri_tls(uri)?,
+        };
+        let socket = open(uri, opts.timeouts.connect).await?;
+        Self::start(socket, uri.client_config(config), tls, opts.timeouts).await
     }
 
     /// Negotiates over a connected socket (TLS, if `config` asks for it,
@@ -155,17 +224,28 @@ impl Negotiation {
     /// Negotiates over a connected socket with these TLS credentials.
     pub async fn handshake_with_tls(
         socket: impl Into<Socket>,
+        config: ClientConfig,
+        tls: LazyClientTls,
+    ) -> Result<Negotiation> {
+        Self::start(socket.into(), config, tls, Timeouts::default()).await
+    }
+
+    async fn start(
+        socket: Socket,
         mut config: ClientConfig,
         tls: LazyClientTls,
+        timeouts: Timeouts,
     ) -> Result<Negotiation> {
         config.opt_mode = true;
         let mut hs = Handshake::new(config);
-        let (mut r, mut w) = halves(socket.into())?;
-        let stop = negotiate(&mut hs, &mut r, &mut w, &tls).await?;
+        let (mut r, mut w, socket) = halves(socket)?;
+        let stop = negotiate_within(&mut hs, &mut r, &mut w, &tls, timeouts.handshake).await?;
         Ok(Negotiation {
             options: Options::new(hs, tls, &stop),
             r,
             w,
+            socket,
+            timeouts,
         })
     }
 
@@ -188,7 +268,7 @@ impl Negotiation {
         option: impl FnOnce(&mut ClientSession) -> Result<(), ClientSessionError>,
     ) -> Result<Stop> {
         let (hs, tls) = self.options.issue(option)?;
-        let stop = negotiate(hs, &mut self.r, &mut self.w, tls).await?;
+        let stop = negotiate_within(hs, &mut self.r, &mut self.w, tls, self.timeouts.handshake).await?;
         Ok(self.options.stopped(stop))
     }
 
@@ -223,7 +303,13 @@ impl Negotiation {
         if !self.is_done() {
             outcome::go(self.option(|s| s.opt_go(Some(export))).await?)?;
         }
-        Client::start(self.options.into_session(), self.r, self.w)
+        let connected = Connected {
+            session: self.options.into_session(),
+            r: self.r,
+            w: self.w,
+            socket: self.socket,
+        };
+        Client::start(connected, self.timeouts, None)
     }
 
     /// `NBD_OPT_ABORT`, then close.
@@ -236,10 +322,11 @@ impl Negotiation {
     }
 }
 
-/// Per-request state kept beside the session's in-flight table (same
-/// index: [`Cookie::slot`]). The session runs with manual release, so a
-/// slot is reused only after its caller took the result (or gave up) and
-/// no task still holds its buffer.
+/// Per-request state. A request keeps its slot (and its buffer) from the
+/// call to the moment its caller takes the result (or, for a caller that
+/// gave up, to its completion), across reconnections; the session's
+/// cookies map to slots through [`Inner::route`], since a new session
+/// hands out cookies of its own.
 #[derive(Default)]
 struct Slot {
     /// The caller's buffer (READ destination or WRITE source).
@@ -257,7 +344,13 @@ struct Slot {
     waker: Option<Waker>,
     /// The caller dropped its future: free everything on completion.
     abandoned: bool,
-    cookie: Option<Cookie>,
+    /// The request, to send again on a new connection.
+    req: Option<Request>,
+    /// Waiting for a connection to be (re)started on.
+    pending: bool,
+    /// When it was handed to the current connection (with a request
+    /// deadline only).
+    since: Option<Instant>,
     /// The request's place among `max_in_flight`, given back when the
     /// slot is freed.
     permit: Option<SemaphoreGuardArc>,
@@ -279,42 +372,66 @@ impl Slot {
     }
 }
 
+/// Frees slot `i`: its buffer, its result, its permit.
+fn free(slots: &mut [Slot], i: usize, free_slots: &mut Vec<u32>) {
+    let s = &mut slots[i];
+    s.result = None;
+    s.buf = None;
+    s.abandoned = false;
+    s.req = None;
+    s.pending = false;
+    s.since = None;
+    s.status.clear();
+    s.permit = None;
+    free_slots.push(i as u32);
+}
+
+/// Frees a completed slot whose caller is gone, or wakes its caller.
+fn settle(slots: &mut [Slot], i: usize, free_slots: &mut Vec<u32>) {
+    let s = &mut slots[i];
+    if !s.ready() {
+        return;
+    }
+    if s.abandoned {
+        free(slots, i, free_slots);
+    } else if let Some(w) = s.waker.take() {
+        w.wake();
+    }
+}
+
 struct Inner {
     session: ClientSession,
     slots: Vec<Slot>,
-    /// Completed requests whose caller is gone: their cookies go back to
-    /// the session after the call that completed them.
-    released: Vec<Cookie>,
+    /// The session's slot (of a cookie) to ours.
+    route: Vec<u32>,
+    /// Our slots that are free.
+    free: Vec<u32>,
     writer_waker: Option<Waker>,
     reader_waker: Option<Waker>,
-    /// Why the connection ended, once it did.
+    /// The current connection runs: false from its break until a new one
+    /// is installed (requests made meanwhile wait, `pending`).
+    up: bool,
+    /// The error that broke the current connection.
+    fault: Option<Error>,
+    /// The current socket, shut down to break the connection.
+    socket: Option<Arc<Async<Socket>>>,
+    /// Why the client ended for good, once it did.
     dead: Option<Arc<str>>,
+    /// What later requests fail with, where that is not
+    /// [`Error::Disconnected`] with `dead`.
+    dead_error: Option<Error>,
     /// `NBD_CMD_DISC` is queued: the writer closes after sending it.
     disconnecting: bool,
     disc_waker: Option<Waker>,
+    /// Context ids of the current session that differ from the first's:
+    /// (now, first).
+    context_map: Vec<(u32, u32)>,
+    /// The client reconnects: a request refused with `NBD_ESHUTDOWN`
+    /// waits for the next connection rather than fail.
+    resend_shutdown: bool,
 }
 
 impl Inner {
-    /// Frees a completed slot whose caller is gone, or wakes its caller.
-    fn settle(&mut self, slot: usize) {
-        let s = &mut self.slots[slot];
-        if !s.ready() {
-            return;
-        }
-        if s.abandoned {
-            free(s, &mut self.released);
-        } else if let Some(w) = s.waker.take() {
-            w.wake();
-        }
-    }
-
-    /// Gives the cookies of freed slots back to the session.
-    fn release(&mut self) {
-        for c in self.released.drain(..) {
-            self.session.release(c);
-        }
-    }
-
     /// Runs a receive-side call with the slots as the destination of
     /// replies.
     fn with_replies<T>(
@@ -324,64 +441,124 @@ impl Inner {
     ) -> Result<T> {
         let mut replies = SlotReplies {
             slots: &mut self.slots,
-            released: &mut self.released,
+            route: &self.route,
+            free: &mut self.free,
             contexts,
+            context_map: &self.context_map,
+            resend_shutdown: self.resend_shutdown,
+            shutdown: false,
         };
-        let r = f(&mut self.session, &mut replies);
-        self.release();
-        r
+        let r = f(&mut self.session, &mut replies)?;
+        if replies.shutdown {
+            // Its requests wait for the next connection, as when a
+            // connection breaks.
+            return Err(Error::disconnected("the server is shutting down (NBD_ESHUTDOWN)"));
+        }
+        Ok(r)
     }
-}
 
-/// Frees a slot: its buffer, its result, its cookie (to be released) and
-/// its permit.
-fn free(s: &mut Slot, released: &mut Vec<Cookie>) {
-    s.result = None;
-    s.buf = None;
-    s.abandoned = false;
-    s.permit = None;
-    if let Some(c) = s.cookie.take() {
-        released.push(c);
+    /// Our slot of a session cookie.
+    fn slot_of(&self, cookie: Cookie) -> usize {
+        self.route[cookie.slot()] as usize
+    }
+
+    /// Hands slot `i`'s request to the session.
+    fn start(&mut self, i: usize, timed: bool) -> std::result::Result<(), Error> {
+        let Some(req) = self.slots[i].req else {
+            return Err(Error::Misuse("a slot without a request"));
+        };
+        match self.session.start_request(req) {
+            Ok(cookie) => {
+                self.route[cookie.slot()] = i as u32;
+                let s = &mut self.slots[i];
+                s.pending = false;
+                s.since = timed.then(Instant::now);
+                Ok(())
+            }
+            Err(e) => Err(request_error(e, self.dead.as_ref())),
+        }
+    }
+
+    fn wake_tasks(&mut self) {
+        for w in [self.writer_waker.take(), self.reader_waker.take()]
+            .into_iter()
+            .flatten()
+        {
+            w.wake();
+        }
+    }
+
+    /// The error a request gets from a client that ended.
+    fn dead_error(&self) -> Error {
+        match (&self.dead_error, &self.dead) {
+            (Some(e), _) => e.duplicate(),
+            (None, Some(why)) => Error::Disconnected(why.clone()),
+            (None, None) => Error::disconnected("the connection ended"),
+        }
     }
 }
 
 /// The slots as the receive side's [`Replies`].
 struct SlotReplies<'a> {
     slots: &'a mut [Slot],
-    released: &'a mut Vec<Cookie>,
+    route: &'a [u32],
+    free: &'a mut Vec<u32>,
     contexts: &'a [MetaContext],
+    context_map: &'a [(u32, u32)],
+    /// Requests the server refuses with `NBD_ESHUTDOWN` wait for the next
+    /// connection (with reconnection).
+    resend_shutdown: bool,
+    /// One was refused so: the connection is over.
+    shutdown: bool,
 }
 
 impl Replies for SlotReplies<'_> {
     fn hole(&mut self, cookie: Cookie, buf_offset: u64, length: u64) {
-        fill_hole(self.slots[cookie.slot()].bytes(), buf_offset, length);
+        let i = self.route[cookie.slot()] as usize;
+        fill_hole(self.slots[i].bytes(), buf_offset, length);
     }
     fn block_status(&mut self, cookie: Cookie, context_id: u32, extents: Extents<'_>) {
-        add_block_status(
-            &mut self.slots[cookie.slot()].status,
-            self.contexts,
-            context_id,
-            extents,
-        );
+        let i = self.route[cookie.slot()] as usize;
+        let id = match self.context_map.iter().find(|(now, _)| *now == context_id) {
+            Some(&(_, first)) => first,
+            None => context_id,
+        };
+        add_block_status(&mut self.slots[i].status, self.contexts, id, extents);
     }
     fn done(&mut self, cookie: Cookie, result: Result<(), ServerError>) {
-        let s = &mut self.slots[cookie.slot()];
-        s.result = Some(result.map_err(Error::Server));
-        if !s.ready() {
+        let i = self.route[cookie.slot()] as usize;
+        let s = &mut self.slots[i];
+        s.since = None;
+        if self.resend_shutdown && matches!(&result, Err(e) if e.code == ErrorCode::ESHUTDOWN) {
+            // A server going away (a restart): send it again on the next
+            // connection.
+            s.pending = true;
+            s.status.clear();
+            self.shutdown = true;
             return;
         }
-        if s.abandoned {
-            free(s, self.released);
-        } else if let Some(w) = s.waker.take() {
-            w.wake();
-        }
+        s.result = Some(result.map_err(Error::Server));
+        settle(self.slots, i, self.free);
     }
+}
+
+/// How a client made from a URI dials again.
+struct Redial {
+    uri: NbdUri,
+    config: ClientConfig,
+    tls: LazyClientTls,
+    policy: Reconnect,
 }
 
 struct State {
     inner: Mutex<Inner>,
     permits: Arc<Semaphore>,
+    /// What the first connection negotiated (every later one negotiates
+    /// the same).
     negotiated: Negotiated,
+    timeouts: Timeouts,
+    redial: Option<Redial>,
+    stats: Stats,
 }
 
 impl State {
@@ -389,21 +566,224 @@ impl State {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The connection ended on `e`: every outstanding request fails.
-    fn kill(&self, e: &Error) {
+    /// The current connection broke on `e` (the first call wins): its
+    /// requests wait for the next one (or the end), the socket is shut
+    /// down so that both tasks stop.
+    fn broken(&self, e: Error) {
         let mut g = self.lock();
-        let why = g.dead.get_or_insert_with(|| reason(e)).clone();
         let g = &mut *g;
-        for c in g.session.connection_lost() {
-            let s = &mut g.slots[c.slot()];
-            s.result = Some(Err(in_flight_error(e, &why)));
-            g.settle(c.slot());
+        if !g.up {
+            return;
         }
-        for w in [g.writer_waker.take(), g.reader_waker.take(), g.disc_waker.take()]
-            .into_iter()
-            .flatten()
-        {
+        g.up = false;
+        g.fault.get_or_insert(e);
+        for c in g.session.connection_lost() {
+            let i = g.route[c.slot()] as usize;
+            let s = &mut g.slots[i];
+            s.since = None;
+            s.pending = true;
+        }
+        if let Some(socket) = g.socket.take() {
+            let _ = socket.get_ref().shutdown(std::net::Shutdown::Both);
+        }
+        g.wake_tasks();
+    }
+
+    /// The client ends for good on `e`: every waiting request fails.
+    fn finish(&self, e: &Error) {
+        let mut g = self.lock();
+        let g = &mut *g;
+        let why = g.dead.get_or_insert_with(|| reason(e)).clone();
+        if matches!(e, Error::ReconnectFailed { .. } | Error::ExportChanged(_)) {
+            g.dead_error.get_or_insert_with(|| e.duplicate());
+        }
+        for i in 0..g.slots.len() {
+            if g.slots[i].pending {
+                g.slots[i].pending = false;
+                g.slots[i].result = Some(Err(in_flight_error(e, &why)));
+                settle(&mut g.slots, i, &mut g.free);
+            }
+        }
+        g.up = false;
+        if let Some(w) = g.disc_waker.take() {
             w.wake();
+        }
+        g.wake_tasks();
+    }
+
+    /// Installs a new connection: the requests that wait are sent again.
+    fn install(&self, mut c: Connected) -> Option<(BoxRead, BoxWrite)> {
+        let mut g = self.lock();
+        let g = &mut *g;
+        if g.dead.is_some() {
+            return None;
+        }
+        if let Some(n) = c.session.negotiated() {
+            g.context_map = context_ids(&self.negotiated, n);
+        }
+        c.session.set_manual_release(false);
+        g.session = c.session;
+        g.socket = Some(c.socket);
+        g.up = true;
+        g.fault = None;
+        let timed = self.timeouts.request.is_some();
+        let mut resent = 0;
+        for i in 0..g.slots.len() {
+            let s = &mut g.slots[i];
+            if !s.pending {
+                continue;
+            }
+            if s.abandoned {
+                // Nobody waits for it.
+                s.pending = false;
+                free(&mut g.slots, i, &mut g.free);
+                continue;
+            }
+            s.status.clear();
+            resent += 1;
+            if let Err(e) = g.start(i, timed) {
+                let s = &mut g.slots[i];
+                s.pending = false;
+                s.result = Some(Err(e));
+                settle(&mut g.slots, i, &mut g.free);
+            }
+        }
+        self.stats.reconnected(resent);
+        Some((c.r, c.w))
+    }
+}
+
+/// A negotiated connection, ready for transmission.
+struct Connected {
+    session: ClientSession,
+    r: BoxRead,
+    w: BoxWrite,
+    socket: Arc<Async<Socket>>,
+}
+
+/// Connects and negotiates once, for a reconnect that must be done by
+/// `deadline`.
+async fn dial(redial: &Redial, timeouts: &Timeouts, deadline: Instant) -> Result<Connected> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    let connect = timeouts.connect.map_or(left, |t| t.min(left));
+    let socket = open(&redial.uri, Some(connect)).await?;
+    let (mut r, mut w, socket) = halves(socket)?;
+    let mut config = redial.config.clone();
+    config.opt_mode = false;
+    let mut hs = Handshake::new(config);
+    let handshake = timeouts
+        .handshake
+        .map_or(left, |t| t.min(deadline.saturating_duration_since(Instant::now())));
+    let hs_deadline = Instant::now() + handshake;
+    outcome::go(
+        bounded(
+            Some(hs_deadline),
+            Phase::Handshake,
+            handshake,
+            negotiate(&mut hs, &mut r, &mut w, &redial.tls),
+        )
+        .await?,
+    )?;
+    Ok(Connected {
+        session: hs.into_session(),
+        r,
+        w,
+        socket,
+    })
+}
+
+/// Reconnects after a break on `e`, until the policy's delay has passed.
+async fn reconnect(state: &State, redial: &Redial, e: &Error) -> Result<(BoxRead, BoxWrite)> {
+    let mut backoff = Backoff::new(&redial.policy, Instant::now(), reason(e));
+    loop {
+        if state.lock().dead.is_some() {
+            return Err(state.lock().dead_error());
+        }
+        if backoff.left().is_zero() {
+            return Err(backoff.give_up(redial.policy.delay));
+        }
+        match dial(redial, &state.timeouts, backoff.deadline).await {
+            Ok(c) => {
+                let Some(n) = c.session.negotiated() else {
+                    return Err(Error::Misuse("transmission without a negotiated export"));
+                };
+                same_export(&state.negotiated, n)?;
+                return match state.install(c) {
+                    Some(halves) => Ok(halves),
+                    None => Err(state.lock().dead_error()),
+                };
+            }
+            Err(e) => backoff.last = reason(&e),
+        }
+        let wait = backoff.wait();
+        if !wait.is_zero() {
+            smol::Timer::after(wait).await;
+        }
+    }
+}
+
+/// Runs the client's connections: the reader and writer tasks of one,
+/// and when it breaks, a reconnect (or the end).
+async fn supervise(state: Arc<State>, mut r: BoxRead, mut w: BoxWrite) {
+    loop {
+        let reader = smol::spawn(reader_task(state.clone(), r));
+        let writer = smol::spawn(writer_task(state.clone(), w));
+        let both = async {
+            reader.await;
+            writer.await;
+        };
+        match state.timeouts.request {
+            Some(t) => futures_lite::future::or(both, watchdog(&state, t)).await,
+            None => both.await,
+        }
+        let e = {
+            let mut g = state.lock();
+            // A client that was disconnecting is not reconnected: its
+            // NBD_CMD_DISC is not sent again.
+            if g.dead.is_some() || g.disconnecting {
+                g.dead.get_or_insert_with(|| "the client disconnected".into());
+                drop(g);
+                state.finish(&Error::disconnected("the client disconnected"));
+                return;
+            }
+            g.fault
+                .take()
+                .unwrap_or_else(|| Error::disconnected("the connection ended"))
+        };
+        if transport_failure(&e) {
+            state.stats.disconnected();
+        }
+        let next = match &state.redial {
+            Some(redial) if transport_failure(&e) => reconnect(&state, redial, &e).await,
+            _ => Err(e),
+        };
+        match next {
+            Ok((nr, nw)) => (r, w) = (nr, nw),
+            Err(e) => {
+                state.finish(&e);
+                return;
+            }
+        }
+    }
+}
+
+/// Breaks the connection when a request has waited longer than `t` for
+/// its reply (never returns: the supervisor stops polling it).
+async fn watchdog(state: &State, t: Duration) {
+    let tick = (t / 8).clamp(Duration::from_millis(10), Duration::from_millis(250));
+    loop {
+        smol::Timer::after(tick).await;
+        let late = {
+            let g = state.lock();
+            let now = Instant::now();
+            g.up && g.slots.iter().any(|s| s.since.is_some_and(|at| now - at >= t))
+        };
+        if late {
+            state.stats.timed_out();
+            state.broken(Error::TimedOut {
+                phase: Phase::Request,
+                after: t,
+            });
         }
     }
 }
@@ -412,7 +792,7 @@ impl State {
 #[derive(Clone)]
 pub struct Client {
     state: Arc<State>,
-    _tasks: Arc<(smol::Task<()>, smol::Task<()>)>,
+    _task: Arc<smol::Task<()>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -452,14 +832,60 @@ impl Client {
     /// TLS credentials come from the URI's `tls-certificates`,
     /// `tls-hostname` and `tls-verify-peer`.
     pub async fn connect_uri(uri: &NbdUri, config: ClientConfig) -> Result<Client> {
-        Self::connect_uri_with_tls(uri, config, uri_tls(uri)?).await
+        Self::connect_with(uri, config, &ConnectOptions::default()).await
     }
 
     /// [`Client::connect_uri`] with TLS credentials of the caller's (e.g.
     /// one [`LazyClientTls`] for every connection of a pool: the files are
     /// read once and the connections share a TLS session cache).
     pub async fn connect_uri_with_tls(uri: &NbdUri, config: ClientConfig, tls: LazyClientTls) -> Result<Client> {
-        Self::handshake_with_tls(open(uri).await?, uri.client_config(config), tls).await
+        let opts = ConnectOptions {
+            tls: Some(tls),
+            ..ConnectOptions::default()
+        };
+        Self::connect_with(uri, config, &opts).await
+    }
+
+    /// [`Client::connect_uri`] with deadlines and reconnection (see
+    /// [`nbd_net::resilience`] for what they do and what is sent again).
+    ///
+    /// ```no_run
+    /// # smol::block_on(async {
+    /// use std::time::Duration;
+    /// use nbd_smol::{ClientConfig, NbdUri};
+    /// use nbd_smol::client::{Client, ConnectOptions, Reconnect, Timeouts};
+    ///
+    /// let uri = NbdUri::parse("nbd+unix:///?socket=/tmp/nbd.sock")?;
+    /// let opts = ConnectOptions {
+    ///     // Give up on a server that says nothing for 30 s.
+    ///     timeouts: Timeouts::all(Duration::from_secs(30)),
+    ///     // Ride out a restart of the server of up to a minute.
+    ///     reconnect: Some(Reconnect::within(Duration::from_secs(60))),
+    ///     tls: None,
+    /// };
+    /// let client = Client::connect_with(&uri, ClientConfig::default(), &opts).await?;
+    /// let (r, buf) = client.read(vec![0u8; 4096], 0).await;
+    /// r?;
+    /// println!("{} reconnects so far", client.stats().reconnects);
+    /// # Ok::<(), nbd_smol::Error>(())
+    /// # });
+    /// ```
+    pub async fn connect_with(uri: &NbdUri, config: ClientConfig, opts: &ConnectOptions) -> Result<Client> {
+        let tls = match &opts.tls {
+            Some(t) => t.clone(),
+            None => uri_tls(uri)?,
+        };
+        let mut config = uri.client_config(config);
+        config.opt_mode = false;
+        let socket = open(uri, opts.timeouts.connect).await?;
+        let connected = Self::negotiate_go(socket, config.clone(), &tls, opts.timeouts.handshake).await?;
+        let redial = opts.reconnect.map(|policy| Redial {
+            uri: uri.clone(),
+            config,
+            tls,
+            policy,
+        });
+        Self::start(connected, opts.timeouts, redial)
     }
 
     /// Negotiates over a connected socket and starts the tasks (TLS, if
@@ -478,38 +904,68 @@ impl Client {
         tls: LazyClientTls,
     ) -> Result<Client> {
         config.opt_mode = false;
-        let mut hs = Handshake::new(config);
-        let (mut r, mut w) = halves(socket.into())?;
-        outcome::go(negotiate(&mut hs, &mut r, &mut w, &tls).await?)?;
-        Self::start(hs.into_session(), r, w)
+        let connected = Self::negotiate_go(socket.into(), config, &tls, None).await?;
+        Self::start(connected, Timeouts::default(), None)
     }
 
-    fn start(mut session: ClientSession, r: BoxRead, w: BoxWrite) -> Result<Client> {
+    async fn negotiate_go(
+        socket: Socket,
+        config: ClientConfig,
+        tls: &LazyClientTls,
+        timeout: Option<Duration>,
+    ) -> Result<Connected> {
+        let mut hs = Handshake::new(config);
+        let (mut r, mut w, socket) = halves(socket)?;
+        outcome::go(negotiate_within(&mut hs, &mut r, &mut w, tls, timeout).await?)?;
+        Ok(Connected {
+            session: hs.into_session(),
+            r,
+            w,
+            socket,
+        })
+    }
+
+    fn start(c: Connected, timeouts: Timeouts, redial: Option<Redial>) -> Result<Client> {
+        let Connected {
+            mut session,
+            r,
+            w,
+            socket,
+        } = c;
         let negotiated = session
             .negotiated()
             .cloned()
             .ok_or(Error::Misuse("transmission without a negotiated export"))?;
-        session.set_manual_release(true);
+        session.set_manual_release(false);
         let n = session.capacity();
         let state = Arc::new(State {
             inner: Mutex::new(Inner {
                 session,
                 slots: (0..n).map(|_| Slot::default()).collect(),
-                released: Vec::with_capacity(n),
+                route: vec![0; n],
+                free: (0..n as u32).rev().collect(),
                 writer_waker: None,
                 reader_waker: None,
+                up: true,
+                fault: None,
+                socket: Some(socket),
                 dead: None,
+                dead_error: None,
                 disconnecting: false,
                 disc_waker: None,
+                context_map: Vec::new(),
+                resend_shutdown: redial.is_some(),
             }),
             permits: Arc::new(Semaphore::new(n)),
             negotiated,
+            timeouts,
+            redial,
+            stats: Stats::default(),
         });
-        let reader = smol::spawn(reader_task(state.clone(), r));
-        let writer = smol::spawn(writer_task(state.clone(), w));
+        let task = smol::spawn(supervise(state.clone(), r, w));
         Ok(Client {
             state,
-            _tasks: Arc::new((reader, writer)),
+            _task: Arc::new(task),
         })
     }
 
@@ -537,11 +993,23 @@ impl Client {
     pub fn is_read_only(&self) -> bool {
         self.flags().contains(TransmissionFlags::READ_ONLY)
     }
-    /// Whether the connection is gone (the server closed it, a violation
-    /// or a socket error ended it, or it was disconnected): every request
+    /// Whether the client is over (the server closed the connection, a
+    /// violation, a socket error or a deadline ended it and no reconnect
+    /// was asked for or it failed, or it was disconnected): every request
     /// fails.
     pub fn is_closed(&self) -> bool {
         self.state.lock().dead.is_some()
+    }
+    /// Whether a connection runs now (false while reconnecting, and once
+    /// closed).
+    pub fn is_connected(&self) -> bool {
+        let g = self.state.lock();
+        g.up && g.dead.is_none()
+    }
+    /// Disconnects, reconnects, requests sent again and deadlines expired
+    /// so far.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.state.stats.snapshot()
     }
 
     /// Issues a request on `buf[start..start + req.length]` (READ
@@ -556,14 +1024,14 @@ impl Client {
         let slot = {
             let mut g = self.state.lock();
             let g = &mut *g;
-            if let Some(why) = &g.dead {
-                return (Err(Error::Disconnected(why.clone())), buf);
+            if g.dead.is_some() {
+                return (Err(g.dead_error()), buf);
             }
-            let cookie = match g.session.start_request(req) {
-                Ok(c) => c,
-                Err(e) => return (Err(request_error(e, g.dead.as_ref())), buf),
+            let Some(i) = g.free.pop() else {
+                return (Err(Error::Misuse("no free slot under a permit")), buf);
             };
-            let s = &mut g.slots[cookie.slot()];
+            let i = i as usize;
+            let s = &mut g.slots[i];
             s.buf = buf;
             s.start = start;
             s.len = if req.command == Command::READ || req.command == Command::WRITE {
@@ -574,12 +1042,20 @@ impl Client {
             s.lent = false;
             s.result = None;
             s.abandoned = false;
-            s.cookie = Some(cookie);
+            s.req = Some(req);
             s.permit = Some(permit);
-            for w in [g.writer_waker.take(), g.reader_waker.take()].into_iter().flatten() {
-                w.wake();
+            if g.up {
+                if let Err(e) = g.start(i, self.state.timeouts.request.is_some()) {
+                    let buf = g.slots[i].buf.take();
+                    free(&mut g.slots, i, &mut g.free);
+                    return (Err(e), buf);
+                }
+                g.wake_tasks();
+            } else {
+                // Reconnecting: sent once connected (or failed).
+                g.slots[i].pending = true;
             }
-            cookie.slot()
+            i
         };
         let mut guard = SlotGuard {
             state: &self.state,
@@ -695,6 +1171,11 @@ impl Client {
             if g.dead.is_some() {
                 return Ok(());
             }
+            if !g.up {
+                // Reconnecting, with nothing outstanding: stop there.
+                g.dead = Some("the client disconnected".into());
+                return Ok(());
+            }
             g.session.disconnect()?;
             g.disconnecting = true;
             if let Some(w) = g.writer_waker.take() {
@@ -738,8 +1219,7 @@ impl Future for &mut SlotGuard<'_> {
                 Some(Ok(())) | None => Ok(std::mem::take(&mut s.status)),
                 Some(Err(e)) => Err(e),
             };
-            free(s, &mut g.released);
-            g.release();
+            free(&mut g.slots, this.slot, &mut g.free);
             return Poll::Ready((r, buf));
         }
         match &mut s.waker {
@@ -761,15 +1241,14 @@ impl Drop for SlotGuard<'_> {
         s.waker = None;
         s.abandoned = true;
         // Completed but never collected: free it now; else the tasks
-        // finish it and free it.
-        g.settle(self.slot);
-        g.release();
+        // finish it and free it (or a reconnect forgets it).
+        settle(&mut g.slots, self.slot, &mut g.free);
     }
 }
 
 async fn reader_task(state: Arc<State>, mut r: BoxRead) {
     if let Err(e) = reader_loop(&state, &mut r).await {
-        state.kill(&e);
+        state.broken(e);
     }
 }
 
@@ -780,7 +1259,7 @@ impl Future for WaitReader<'_> {
     type Output = ();
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut g = self.0.lock();
-        if g.dead.is_some() || g.session.in_flight() > 0 {
+        if g.dead.is_some() || !g.up || g.session.in_flight() > 0 {
             return Poll::Ready(());
         }
         g.reader_waker = Some(cx.waker().clone());
@@ -800,7 +1279,7 @@ async fn reader_loop(state: &State, r: &mut BoxRead) -> Result<()> {
     loop {
         let next = {
             let mut g = state.lock();
-            if g.dead.is_some() {
+            if g.dead.is_some() || !g.up {
                 return Ok(());
             }
             g.with_replies(contexts, |s, rep| nbd_net::client::receive(s, rep))?
@@ -842,11 +1321,12 @@ async fn reader_loop(state: &State, r: &mut BoxRead) -> Result<()> {
                 buf_offset,
                 length,
             } => {
-                let (mut buf, start) = {
+                let (slot, mut buf, start) = {
                     let mut g = state.lock();
-                    let s = &mut g.slots[cookie.slot()];
+                    let i = g.slot_of(cookie);
+                    let s = &mut g.slots[i];
                     s.lent = true;
-                    (s.buf.take(), s.start)
+                    (i, s.buf.take(), s.start)
                 };
                 let res = match buf.as_mut().and_then(|b| {
                     let range = data_range(b.len().saturating_sub(start), buf_offset, length)?;
@@ -859,13 +1339,15 @@ async fn reader_loop(state: &State, r: &mut BoxRead) -> Result<()> {
                 };
                 let mut g = state.lock();
                 let g = &mut *g;
-                let s = &mut g.slots[cookie.slot()];
+                let s = &mut g.slots[slot];
                 s.buf = buf;
                 s.lent = false;
-                // The request may have failed meanwhile (the writer's
-                // error): its caller can have the buffer now.
-                g.settle(cookie.slot());
-                g.release();
+                // The request may have failed meanwhile (the client
+                // ended): its caller can have the buffer now.
+                settle(&mut g.slots, slot, &mut g.free);
+                if !g.up {
+                    return Ok(());
+                }
                 res.map_err(|e| eof(e, "in the middle of a reply"))?;
                 g.with_replies(contexts, |s, rep| nbd_net::client::data_received(s, length, rep))?;
             }
@@ -884,7 +1366,7 @@ async fn drain(r: &mut BoxRead, length: u64) -> std::io::Result<()> {
 
 async fn writer_task(state: Arc<State>, mut w: BoxWrite) {
     if let Err(e) = writer_loop(&state, &mut w).await {
-        state.kill(&e);
+        state.broken(e);
     }
 }
 
@@ -896,7 +1378,7 @@ impl Future for WaitOutput<'_> {
     type Output = bool;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {
         let mut g = self.0.lock();
-        if g.dead.is_some() {
+        if g.dead.is_some() || !g.up {
             return Poll::Ready(false);
         }
         if g.session.has_output() {
@@ -922,9 +1404,10 @@ async fn writer_loop(state: &State, w: &mut BoxWrite) -> Result<()> {
                 continue;
             };
             let payload = t.payload.map(|p| {
-                let s = &mut g.slots[p.cookie.slot()];
+                let i = g.slot_of(p.cookie);
+                let s = &mut g.slots[i];
                 s.lent = true;
-                (p.cookie.slot(), s.buf.take(), s.start, s.len)
+                (i, s.buf.take(), s.start, s.len)
             });
             (payload, g.disconnecting && !g.session.has_output())
         };
@@ -935,11 +1418,11 @@ async fn writer_loop(state: &State, w: &mut BoxWrite) -> Result<()> {
         let res = write_all_vectored(w, &out, data).await;
         if let Some((slot, buf, ..)) = payload {
             let mut g = state.lock();
+            let g = &mut *g;
             let s = &mut g.slots[slot];
             s.buf = buf;
             s.lent = false;
-            g.settle(slot);
-            g.release();
+            settle(&mut g.slots, slot, &mut g.free);
         }
         res?;
         w.flush().await?;

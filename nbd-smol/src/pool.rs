@@ -12,7 +12,7 @@ use nbd_proto::client::{ClientConfig, Negotiated};
 use nbd_proto::uri::NbdUri;
 use nbd_proto::wire::{CommandFlags, TransmissionFlags};
 
-use crate::client::{BlockStatus, Client, Error, Result};
+use crate::client::{BlockStatus, Client, ConnectOptions, Error, Result, StatsSnapshot};
 use crate::tls::LazyClientTls;
 
 /// A pool of connections to one export.
@@ -42,13 +42,31 @@ impl Pool {
     /// Opens `connections` connections (just one if the server does not
     /// advertise multi-conn), each with `config.max_in_flight` requests.
     pub async fn connect(uri: &NbdUri, config: ClientConfig, connections: usize) -> Result<Pool> {
+        Self::connect_with(uri, config, connections, &ConnectOptions::default()).await
+    }
+
+    /// [`Pool::connect`] with deadlines and reconnection for every
+    /// connection (each reconnects on its own; see
+    /// [`nbd_net::resilience`]).
+    pub async fn connect_with(
+        uri: &NbdUri,
+        config: ClientConfig,
+        connections: usize,
+        opts: &ConnectOptions,
+    ) -> Result<Pool> {
         // One set of TLS credentials: read once, one session cache.
-        let tls = LazyClientTls::from_uri(uri)?;
-        let first = Client::connect_uri_with_tls(uri, config.clone(), tls.clone()).await?;
+        let opts = ConnectOptions {
+            tls: Some(match &opts.tls {
+                Some(t) => t.clone(),
+                None => LazyClientTls::from_uri(uri)?,
+            }),
+            ..opts.clone()
+        };
+        let first = Client::connect_with(uri, config.clone(), &opts).await?;
         let mut clients = vec![first];
         let multi = clients[0].flags().contains(TransmissionFlags::CAN_MULTI_CONN);
         if multi {
-            let more = (1..connections.max(1)).map(|_| Client::connect_uri_with_tls(uri, config.clone(), tls.clone()));
+            let more = (1..connections.max(1)).map(|_| Client::connect_with(uri, config.clone(), &opts));
             for c in join_all(more).await {
                 clients.push(c?);
             }
@@ -89,6 +107,13 @@ impl Pool {
     /// Transmission flags.
     pub fn flags(&self) -> TransmissionFlags {
         self.clients[0].flags()
+    }
+
+    /// The counters of every connection, added up.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.clients
+            .iter()
+            .fold(StatsSnapshot::default(), |sum, c| sum + c.stats())
     }
 
     /// The next connection, round robin.

@@ -27,6 +27,7 @@ use nbd_proto::wire::{AllocationFlags, CONTEXT_BASE_ALLOCATION, CommandFlags, Tr
 use nbd_storage::{FileStorage, Storage, ZeroFlags};
 use smol::lock::Mutex;
 
+use nbd_smol::client::{ConnectOptions, Reconnect, Timeouts};
 use nbd_smol::pool::Pool;
 
 mod stream;
@@ -88,6 +89,12 @@ pub struct CopyOptions {
     /// Walk the source's allocation map (default); off, everything is
     /// read (nbdcopy's `--no-extents`).
     pub extents: bool,
+    /// Deadlines of the NBD connections.
+    pub timeouts: Timeouts,
+    /// Reconnection of the NBD connections when they break (the copy goes
+    /// on across a restart of a server; see `nbd_net::resilience` for
+    /// what is sent again).
+    pub reconnect: Option<Reconnect>,
 }
 
 impl Default for CopyOptions {
@@ -100,6 +107,8 @@ impl Default for CopyOptions {
             flush: false,
             allocated: false,
             extents: true,
+            timeouts: Timeouts::default(),
+            reconnect: None,
         }
     }
 }
@@ -113,6 +122,11 @@ pub struct Progress {
     pub total: AtomicU64,
     /// Bytes actually read and written (data, not zeroes).
     pub data: AtomicU64,
+    /// Connections re-established after a break (both sides, once a copy
+    /// between random-access sides ended).
+    pub reconnects: AtomicU64,
+    /// Requests sent again after a reconnect (likewise).
+    pub resent: AtomicU64,
 }
 
 enum Side {
@@ -145,7 +159,12 @@ async fn open_nbd(uri: &NbdUri, opts: &CopyOptions, want_status: bool) -> Result
         max_in_flight: opts.requests.max(1),
         ..ClientConfig::default()
     };
-    Pool::connect(uri, config, opts.connections)
+    let connect = ConnectOptions {
+        timeouts: opts.timeouts,
+        reconnect: opts.reconnect,
+        tls: None,
+    };
+    Pool::connect_with(uri, config, opts.connections, &connect)
         .await
         .map_err(|e| format!("{}: {e}", uri.to_uri_string()))
 }
@@ -295,6 +314,13 @@ pub async fn copy(src: &Location, dst: &Location, opts: &CopyOptions, progress: 
         .collect();
     for t in tasks {
         t.await;
+    }
+    for side in [&shared.src, &shared.dst] {
+        if let Side::Nbd(p) = side {
+            let st = p.stats();
+            progress.reconnects.fetch_add(st.reconnects, Ordering::Relaxed);
+            progress.resent.fetch_add(st.resent, Ordering::Relaxed);
+        }
     }
     if let Some(e) = shared.first_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
         return Err(e);

@@ -21,3 +21,36 @@ pub mod cli;
 pub mod copy;
 pub mod info;
 pub mod progress;
+
+/// A command-line duration in seconds (`--timeout=SECS`,
+/// `--reconnect-delay=SECS`); 0 is `None`, no deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seconds(pub Option<std::time::Duration>);
+
+/// Parses [`Seconds`]: a non-negative number, fractions allowed.
+pub fn parse_seconds(s: &str) -> Result<Seconds, String> {
+    let secs: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid number of seconds {s:?}"))?;
+    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
+        return Err(format!("seconds must be between 0 and 1e9, not {s:?}"));
+    }
+    Ok(Seconds((secs > 0.0).then(|| std::time::Duration::from_secs_f64(secs))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn seconds() {
+        assert_eq!(parse_seconds("0"), Ok(Seconds(None)));
+        assert_eq!(parse_seconds("2"), Ok(Seconds(Some(Duration::from_secs(2)))));
+        assert_eq!(parse_seconds(" 0.5 "), Ok(Seconds(Some(Duration::from_millis(500)))));
+        for bad in ["", "-1", "NaN", "inf", "1e10", "5s"] {
+            assert!(parse_seconds(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -27,6 +27,7 @@
 
 #![warn(missing_docs)]
 
+pub mod stall;
 pub mod tls;
 
 use std::ffi::OsStr;

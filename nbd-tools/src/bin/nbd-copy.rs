@@ -3,12 +3,20 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use clap::Parser;
+use nbd_net::resilience::{Reconnect, Timeouts};
 use nbd_proto::client::TlsMode;
 use nbd_tools::captive::{CaptiveServer, command_index, extract_commands};
 use nbd_tools::copy::{BROKEN_PIPE, CopyOptions, Location, Progress, copy};
 use nbd_tools::progress::{Reporter, Target};
+
+/// The bound on connecting and on the handshake without `--timeout`: a
+/// handshake is a few round trips, which no healthy server takes a
+/// minute over.
+const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Copy between NBD exports, local files or block devices, stdin and
 /// stdout, and null:, as libnbd's nbdcopy does.
@@ -90,6 +98,18 @@ struct Args {
     /// require. nbds:// URIs always require TLS.
     #[arg(long, value_enum, value_name = "MODE")]
     tls: Option<TlsFlag>,
+    /// Give up on a server that does not answer within SECS seconds:
+    /// connecting, the handshake and each request (0: wait forever).
+    /// Without it, connecting and the handshake are bounded at 60 s and
+    /// requests wait as long as they take (a FLUSH, or zeroing a
+    /// gigabyte, can take a healthy server minutes).
+    #[arg(long, value_name = "SECS", value_parser = nbd_tools::parse_seconds)]
+    timeout: Option<nbd_tools::Seconds>,
+    /// When a connection breaks, reconnect for up to SECS seconds and send
+    /// the requests in flight again (QEMU's reconnect-delay); the copy
+    /// goes on across a restart of the server. 0 (the default): fail.
+    #[arg(long = "reconnect-delay", value_name = "SECS", value_parser = nbd_tools::parse_seconds, default_value = "0")]
+    reconnect_delay: nbd_tools::Seconds,
 }
 
 /// `--tls` values.
@@ -173,6 +193,15 @@ impl Args {
             flush: self.flush,
             allocated: self.allocated,
             extents: !self.no_extents,
+            timeouts: match self.timeout {
+                Some(t) => t.0.map(Timeouts::all).unwrap_or_default(),
+                None => Timeouts {
+                    connect: Some(DEFAULT_HANDSHAKE_TIMEOUT),
+                    handshake: Some(DEFAULT_HANDSHAKE_TIMEOUT),
+                    request: None,
+                },
+            },
+            reconnect: self.reconnect_delay.0.map(Reconnect::within),
         }
     }
 }
@@ -260,6 +289,13 @@ fn run(args: &Args, commands: &[Vec<String>], captives: &mut Vec<CaptiveServer>)
     let r = nbd_smol::block_on(smol::spawn(async move { copy(&src, &dst, &opts, p2).await }));
     if let Some(rep) = reporter {
         rep.finish(r.is_ok());
+    }
+    let reconnects = progress.reconnects.load(Ordering::Relaxed);
+    if reconnects > 0 {
+        eprintln!(
+            "nbd-copy: reconnected {reconnects} times, sent {} requests again",
+            progress.resent.load(Ordering::Relaxed)
+        );
     }
     r
 }

@@ -10,7 +10,7 @@ use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::Parser;
-use nbd_blocking::client::{Client, Negotiation};
+use nbd_blocking::client::{Client, ConnectOptions, Negotiation, Timeouts};
 use nbd_proto::client::{ClientConfig, TlsMode};
 use nbd_proto::uri::NbdUri;
 use nbd_proto::wire::{AllocationFlags, CONTEXT_BASE_ALLOCATION, CommandFlags, TransmissionFlags};
@@ -55,6 +55,11 @@ struct Args {
     /// or require. nbds:// URIs always require TLS.
     #[arg(long, value_enum, value_name = "MODE")]
     tls: Option<TlsFlag>,
+    /// Give up on a server that does not answer within SECS seconds:
+    /// connecting, the handshake and each request (0: wait forever).
+    /// Nothing nbd-info asks takes a healthy server a minute.
+    #[arg(long, value_name = "SECS", value_parser = nbd_tools::parse_seconds, default_value = "60")]
+    timeout: nbd_tools::Seconds,
     /// The NBD URI, e.g. `nbd://localhost/disk` or
     /// `nbd+unix:///?socket=/tmp/sock`, or `[ CMD ARGS ... ]`.
     #[arg(value_name = "NBD")]
@@ -227,13 +232,13 @@ impl Feature {
 
 /// `--can FEATURE` / `--is FEATURE`: connects (NBD_OPT_GO) and answers
 /// from what was negotiated.
-fn can(uri: &NbdUri, feature: Feature) -> Result<bool, nbd_blocking::Error> {
+fn can(uri: &NbdUri, feature: Feature, opts: &ConnectOptions) -> Result<bool, nbd_blocking::Error> {
     let config = ClientConfig {
         export_name: uri.export.clone(),
         meta_contexts: Vec::new(),
         ..ClientConfig::default()
     };
-    let client = Client::connect_uri(uri, config)?;
+    let client = Client::connect_with(uri, config, opts)?;
     let n = client.negotiated();
     let answer = match feature {
         Feature::Connect => true,
@@ -252,12 +257,16 @@ fn run(args: &Args, target: &Target) -> Result<Outcome, String> {
     let uri = &target.uri;
     let name = target.shown.clone().unwrap_or_else(|| uri.to_uri_string());
     let connect_err = |e: nbd_blocking::Error| format!("{name}: {e}");
+    let opts = ConnectOptions {
+        timeouts: args.timeout.0.map(Timeouts::all).unwrap_or_default(),
+        ..ConnectOptions::default()
+    };
     if let Some(f) = &args.can {
         let feature = Feature::parse(f).ok_or_else(|| format!("unknown --can or --is feature: {f}"))?;
-        return can(uri, feature).map(Outcome::Feature).map_err(connect_err);
+        return can(uri, feature, &opts).map(Outcome::Feature).map_err(connect_err);
     }
     if let Some(context) = &args.map {
-        let extents = map(uri, context).map_err(|e| match e {
+        let extents = map(uri, context, &opts).map_err(|e| match e {
             MapError::Nbd(e) => connect_err(e),
             MapError::NoContext(c) => format!("--map: server does not support metadata context {c:?}"),
         })?;
@@ -268,12 +277,13 @@ fn run(args: &Args, target: &Target) -> Result<Outcome, String> {
         }));
     }
     if args.size {
-        let client = Client::connect_uri(
+        let client = Client::connect_with(
             uri,
             ClientConfig {
                 meta_contexts: Vec::new(),
                 ..ClientConfig::default()
             },
+            &opts,
         )
         .map_err(connect_err)?;
         let size = client.size();
@@ -284,7 +294,7 @@ fn run(args: &Args, target: &Target) -> Result<Outcome, String> {
         export_name: uri.export.clone(),
         ..ClientConfig::default()
     };
-    let mut neg = Negotiation::connect(uri, config).map_err(connect_err)?;
+    let mut neg = Negotiation::connect_with(uri, config, &opts).map_err(connect_err)?;
     let mut reports = Vec::new();
     let show_uri = target.shown.is_some();
     if args.list {
@@ -372,13 +382,13 @@ struct Map {
     extents: Vec<(u64, u64, u64)>,
 }
 
-fn map(uri: &NbdUri, context: &str) -> Result<Map, MapError> {
+fn map(uri: &NbdUri, context: &str, opts: &ConnectOptions) -> Result<Map, MapError> {
     let config = ClientConfig {
         export_name: uri.export.clone(),
         meta_contexts: vec![context.to_string()],
         ..ClientConfig::default()
     };
-    let mut client = Client::connect_uri(uri, config)?;
+    let mut client = Client::connect_with(uri, config, opts)?;
     let Some(id) = client.negotiated().context_id(context) else {
         let _ = client.disconnect();
         return Err(MapError::NoContext(context.to_string()));
