@@ -394,10 +394,14 @@ impl Server {
             self.close_connections();
             return;
         }
-        let this = self.clone();
+        // The timer holds only what closing needs, not the server: the
+        // exports (and what their storage holds open) go when the server
+        // is dropped, whether the grace has run out or not.
+        let closing = self.closing.clone();
         smol::spawn(async move {
             smol::Timer::after(grace).await;
-            this.close_connections();
+            closing.now.store(true, Ordering::SeqCst);
+            closing.event.notify(usize::MAX);
         })
         .detach();
     }

@@ -491,13 +491,21 @@ fn run(args: Args, forked: Option<Forked>) -> Result<u8, String> {
     .map_err(|e| format!("signals: {e}"))?;
     // The --run command, once started (0: none), gets the stop signal too.
     let command_pid = Arc::new(AtomicU32::new(0));
+    // The signal thread reaches the server through this slot, emptied when
+    // serving ends: the server (and the images its exports hold) must not
+    // outlive serving, or RBD images would never be closed.
+    let for_signals = Arc::new(std::sync::Mutex::new(Some(server.clone())));
     {
-        let server = server.clone();
+        let slot = for_signals.clone();
         let command_pid = command_pid.clone();
         let mut signals = signals;
         std::thread::spawn(move || {
             let mut first = true;
             for signal in signals.forever() {
+                let guard = slot.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(server) = guard.as_ref() else {
+                    continue;
+                };
                 if first {
                     server.shutdown_within(grace);
                     let pid = command_pid.load(Ordering::SeqCst);
@@ -520,6 +528,7 @@ fn run(args: Args, forked: Option<Forked>) -> Result<u8, String> {
     } else {
         serve_listening(&args, &server, forked, &command_pid, grace)
     };
+    for_signals.lock().unwrap_or_else(|p| p.into_inner()).take();
     let mut r = served;
     for s in &storages {
         if let Err(e) = s.flush() {
