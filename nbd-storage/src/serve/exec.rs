@@ -221,17 +221,17 @@ impl Executor {
         let mut buf = self.env.shared.take_buf(req.length as usize);
         match &self.backend {
             Backend::Sync(s) if self.inline => read(&self.env, &**s, &req, buf, budget),
-            Backend::Sync(s) if !sparse(&self.env, &req) || s.sparse_reads() == SparseReads::Contents => match s
-                .try_read_at(&mut buf, req.offset)
-            {
-                // In the cache: answered here, without the pool's hand-offs.
-                Some(r) => read_done(&self.env, &req, buf, budget, r),
-                None => self.pool.submit(Job {
-                    env: self.env.clone(),
-                    storage: s.clone(),
-                    op: Op::Read { req, buf, budget },
-                }),
-            },
+            Backend::Sync(s) if !sparse(&self.env, &req) || s.sparse_reads() == SparseReads::Contents => {
+                match s.try_read_at(&mut buf, req.offset) {
+                    // In the cache: answered here, without the pool's hand-offs.
+                    Some(r) => read_done(&self.env, &req, buf, budget, r),
+                    None => self.pool.submit(Job {
+                        env: self.env.clone(),
+                        storage: s.clone(),
+                        op: Op::Read { req, buf, budget },
+                    }),
+                }
+            }
             Backend::Sync(s) => self.pool.submit(Job {
                 env: self.env.clone(),
                 storage: s.clone(),
