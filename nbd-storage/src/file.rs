@@ -234,6 +234,14 @@ impl Storage for FileStorage {
         self.file.read_exact_at(buf, offset).map_err(with_errno)
     }
 
+    /// Holes of sparse reads come from the bytes read: `lseek(SEEK_DATA)`
+    /// from a read's offset walks the page cache to the next data on
+    /// tmpfs (and over unwritten extents elsewhere), which in a fallocated
+    /// file is its end, whatever the read's size.
+    fn sparse_reads(&self) -> crate::SparseReads {
+        crate::SparseReads::Contents
+    }
+
     /// `preadv2(RWF_NOWAIT)`: only what the page cache holds.
     fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
         if let Err(e) = check_range(self.size, offset, buf.len() as u64) {

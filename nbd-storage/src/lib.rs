@@ -303,6 +303,15 @@ pub trait Storage: Send + Sync {
         None
     }
 
+    /// How a server finds the holes of a READ it sends sparsely (as
+    /// `NBD_REPLY_TYPE_OFFSET_HOLE` chunks). The default,
+    /// [`SparseReads::BlockStatus`], asks [`Storage::extent_at`] and
+    /// [`Storage::block_status`], which suits backends that keep their own
+    /// map of what is allocated (memory, images).
+    fn sparse_reads(&self) -> SparseReads {
+        SparseReads::BlockStatus
+    }
+
     /// Whether every call returns without waiting on anything (no I/O, no
     /// lock held across I/O): then the servers call it in place, on the
     /// thread that reads the connection, instead of on the I/O pool. The
@@ -311,6 +320,24 @@ pub trait Storage: Send + Sync {
     fn never_blocks(&self) -> bool {
         false
     }
+}
+
+/// How a server finds the holes of a READ it sends sparsely
+/// ([`Storage::sparse_reads`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SparseReads {
+    /// From the backend's allocation map ([`Storage::extent_at`],
+    /// [`Storage::block_status`]): holes are not read at all.
+    BlockStatus,
+    /// From the bytes read: the whole range is read and runs of all-zero
+    /// blocks ([`serve::HOLE_GRAIN`] bytes, aligned to the export's
+    /// offsets) are sent as holes. The cost is that of the read, whatever
+    /// the size of the export: for backends whose hole lookups can cost in
+    /// proportion to the file (on tmpfs, `lseek(SEEK_DATA)` walks the page
+    /// cache from the offset to the next data, which in a fallocated but
+    /// unwritten file is its end).
+    Contents,
 }
 
 /// Storage that is asynchronous by nature (a network block store with its

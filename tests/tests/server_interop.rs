@@ -787,3 +787,74 @@ fn socket_activation_by_nbdinfo_and_nbdcopy() {
     );
     assert_eq!(fs::read(&back).unwrap(), data, "nbdcopy read through nbd-serve");
 }
+
+/// A file export on tmpfs finds the holes of a structured READ from the
+/// bytes it reads (lseek over a fallocated tmpfs file costs in proportion
+/// to the file): zero blocks come back as hole chunks, at offsets not
+/// aligned to them too, fallocated but unwritten space reads as a hole,
+/// and the data read back is exact, with DF as one data chunk.
+#[test]
+fn tmpfs_file_export_sends_zero_blocks_of_structured_reads_as_holes() {
+    if !require_peer("nbdsh") {
+        return;
+    }
+    let shm = Path::new("/dev/shm");
+    if !shm.is_dir() {
+        eprintln!("skipping: no /dev/shm");
+        return;
+    }
+    let dir = TempDir::new();
+    let file = shm.join(format!("nbd-tests-{}-holes.img", std::process::id()));
+    struct Remove<'a>(&'a Path);
+    impl Drop for Remove<'_> {
+        fn drop(&mut self) {
+            let _ = fs::remove_file(self.0);
+        }
+    }
+    let _remove = Remove(&file);
+    {
+        use std::os::fd::AsRawFd;
+        let f = fs::File::create(&file).expect("create image");
+        // SAFETY: fallocate(2) on a file we own, integers only.
+        let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, 4 << 20) };
+        if r != 0 {
+            f.set_len(4 << 20).expect("size image");
+        }
+    }
+    let peer = serve(&dir, &[path_str(&file)]);
+    let script = r#"
+M = 1024 * 1024
+h.connect_uri(uri)
+assert h.get_structured_replies_negotiated()
+data = bytes((i * 7 + 3) % 251 + 1 for i in range(M))
+# From M: 1000 zero bytes, data, 8192 zero bytes written over data at
+# M + 40960, data up to 2 M; the rest never written.
+h.pwrite(data[:M], M)
+h.pwrite(bytes(8192), M + 40960)
+h.pwrite(bytes(1000), M)
+expect = bytes(M) + bytes(1000) + data[1000:40960] + bytes(8192) + data[49152:]
+def chunks(offset, length, flags):
+    got = []
+    def chunk(buf, off, status, err):
+        got.append((off, len(buf), status))
+        return 0
+    buf = h.pread_structured(length, offset, chunk, flags)
+    assert buf == expect[offset:offset + length], "pread_structured data"
+    return sorted(got)
+# Unwritten (fallocated) space: one hole.
+assert chunks(0, M, 0) == [(0, M, nbd.READ_HOLE)], chunks(0, M, 0)
+# A read starting off the 4 KiB grain: its first partial block is zero.
+got = chunks(M - 100, 200 * 1024, 0)
+assert got[0] == (M - 100, 100, nbd.READ_HOLE), got
+assert got[1] == (M, 40960, nbd.READ_DATA), got
+assert (M + 40960, 8192, nbd.READ_HOLE) in got, got
+assert sum(n for _, n, _ in got) == 200 * 1024, got
+assert chunks(M - 100, 200 * 1024, nbd.CMD_FLAG_DF) == [(M - 100, 200 * 1024, nbd.READ_DATA)]
+h.shutdown()
+print("nbdsh: holes ok")
+"#;
+    let uri_line = format!("uri = {:?}", peer.uri(""));
+    let out = run("nbdsh", &["-c", &uri_line, "-c", script]);
+    assert!(out.status.success(), "{}", describe_output(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nbdsh: holes ok"));
+}

@@ -273,6 +273,9 @@ impl Storage for RawImage {
     fn never_blocks(&self) -> bool {
         self.inner.never_blocks()
     }
+    fn sparse_reads(&self) -> crate::SparseReads {
+        self.inner.sparse_reads()
+    }
     fn meta_contexts(&self) -> Vec<String> {
         self.contexts.clone()
     }

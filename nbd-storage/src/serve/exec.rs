@@ -13,11 +13,16 @@ use nbd_proto::wire::{AllocationFlags, CONTEXT_BASE_ALLOCATION, Command, Command
 
 use super::pool::IoPool;
 use super::replies::{Data, Reply, Shared};
-use crate::{AsyncStorage, Extent, Storage, ZeroFlags};
+use crate::{AsyncStorage, Extent, SparseReads, Storage, ZeroFlags};
 
 /// Reads of at least this many bytes are sent sparsely (holes as
 /// `NBD_REPLY_TYPE_OFFSET_HOLE`) when structured replies are in use.
 pub const SPARSE_READ_THRESHOLD: u64 = 64 * 1024;
+
+/// Storage that finds holes by their contents ([`SparseReads::Contents`])
+/// is looked at in blocks of this many bytes, aligned to the export's
+/// offsets: a run of all-zero blocks goes as a hole chunk.
+pub const HOLE_GRAIN: u64 = 4096;
 
 /// WRITE payloads reach blocking or asynchronous storage in pieces of at
 /// most this many bytes, each taken from the payload budget only once its
@@ -216,15 +221,17 @@ impl Executor {
         let mut buf = self.env.shared.take_buf(req.length as usize);
         match &self.backend {
             Backend::Sync(s) if self.inline => read(&self.env, &**s, &req, buf, budget),
-            Backend::Sync(s) if !sparse(&self.env, &req) => match s.try_read_at(&mut buf, req.offset) {
-                // In the cache: answered here, without the pool's hand-offs.
-                Some(r) => plain_read_done(&self.env, &req, buf, budget, r),
-                None => self.pool.submit(Job {
-                    env: self.env.clone(),
-                    storage: s.clone(),
-                    op: Op::Read { req, buf, budget },
-                }),
-            },
+            Backend::Sync(s) if !sparse(&self.env, &req) || s.sparse_reads() == SparseReads::Contents => {
+                match s.try_read_at(&mut buf, req.offset) {
+                    // In the cache: answered here, without the pool's hand-offs.
+                    Some(r) => read_done(&self.env, &req, buf, budget, r),
+                    None => self.pool.submit(Job {
+                        env: self.env.clone(),
+                        storage: s.clone(),
+                        op: Op::Read { req, buf, budget },
+                    }),
+                }
+            }
             Backend::Sync(s) => self.pool.submit(Job {
                 env: self.env.clone(),
                 storage: s.clone(),
@@ -464,23 +471,103 @@ fn sparse(env: &Env, req: &ServerRequest) -> bool {
     env.structured && !req.flags.contains(CommandFlags::DF) && req.length >= SPARSE_READ_THRESHOLD
 }
 
-/// Replies to a plain READ whose data `buf` holds (if `r` is a success).
-fn plain_read_done(env: &Env, req: &ServerRequest, buf: Vec<u8>, budget: u64, r: io::Result<()>) {
+/// Replies to a READ whose data `buf` holds (if `r` is a success): plain,
+/// or sparse by its contents (the storage read it whole).
+fn read_done(env: &Env, req: &ServerRequest, buf: Vec<u8>, budget: u64, r: io::Result<()>) {
     let mut reply = env.shared.take_reply();
-    let r = r.and_then(|()| env.enc.read_reply_header(req).map_err(invalid));
-    match r {
-        Ok(header) => {
+    let r = r.and_then(|()| {
+        if sparse(env, req) {
+            contents_reply(env, req, &buf, &mut reply)
+        } else {
+            let header = env.enc.read_reply_header(req).map_err(invalid)?;
             reply.head.extend_from_slice(header.as_bytes());
             reply.data(0, buf.len());
-            env.shared.reply(reply, Some(Data { buf, budget }));
+            Ok(())
         }
-        Err(e) => reply_without_data(env, req, reply, buf, budget, &e),
+    });
+    match r {
+        Ok(()) => env.shared.reply(reply, Some(Data { buf, budget })),
+        Err(e) => {
+            reply.head.clear();
+            reply_without_data(env, req, reply, buf, budget, &e);
+        }
     }
+}
+
+/// The reply to a sparse READ whose bytes `buf` holds: runs of all-zero
+/// [`HOLE_GRAIN`] blocks as hole chunks, the rest as data chunks; a read
+/// without a zero block gets the plain one-chunk reply. Costs a look at
+/// each block (stopping at its first non-zero bytes), nothing more.
+fn contents_reply(env: &Env, req: &ServerRequest, buf: &[u8], reply: &mut Reply) -> io::Result<()> {
+    let blocks = || grain_blocks(req.offset, buf.len());
+    if !blocks().any(|(a, b)| crate::memory::is_zero(&buf[a..b])) {
+        let header = env.enc.read_reply_header(req).map_err(invalid)?;
+        reply.head.extend_from_slice(header.as_bytes());
+        reply.data(0, buf.len());
+        return Ok(());
+    }
+    let mut run: Option<(usize, bool)> = None;
+    for (a, b) in blocks() {
+        let zero = crate::memory::is_zero(&buf[a..b]);
+        match run {
+            Some((start, z)) if z != zero => {
+                content_chunk(env, req, reply, start, a, z)?;
+                run = Some((a, zero));
+            }
+            Some(_) => {}
+            None => run = Some((a, zero)),
+        }
+    }
+    if let Some((start, zero)) = run {
+        content_chunk(env, req, reply, start, buf.len(), zero)?;
+    }
+    reply.head.extend_from_slice(env.enc.reply_ok(req).as_bytes());
+    Ok(())
+}
+
+/// One chunk of [`contents_reply`]: bytes `a..b` of the read.
+fn content_chunk(env: &Env, req: &ServerRequest, reply: &mut Reply, a: usize, b: usize, zero: bool) -> io::Result<()> {
+    let off = req.offset + a as u64;
+    let len = (b - a) as u64;
+    if zero {
+        let mut o = off;
+        while o < off + len {
+            let piece = (off + len - o).min(MAX_HOLE_CHUNK);
+            let h = env.enc.hole_chunk(req, o, piece, false).map_err(invalid)?;
+            reply.head.extend_from_slice(h.as_bytes());
+            o += piece;
+        }
+    } else {
+        let h = env.enc.offset_data_header(req, off, len, false).map_err(invalid)?;
+        reply.head.extend_from_slice(h.as_bytes());
+        reply.data(a, b);
+    }
+    Ok(())
+}
+
+/// The [`HOLE_GRAIN`] blocks of a read of `len` bytes at `offset`, as
+/// ranges of its buffer (the first and last may be partial).
+fn grain_blocks(offset: u64, len: usize) -> impl Iterator<Item = (usize, usize)> {
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        if at >= len {
+            return None;
+        }
+        let into = ((offset + at as u64) % HOLE_GRAIN) as usize;
+        let end = (at + HOLE_GRAIN as usize - into).min(len);
+        let r = (at, end);
+        at = end;
+        Some(r)
+    })
 }
 
 /// A READ into `buf` (exactly the request's length), sparse when
 /// structured replies allow.
 fn read(env: &Env, st: &dyn Storage, req: &ServerRequest, mut buf: Vec<u8>, budget: u64) {
+    if sparse(env, req) && st.sparse_reads() == SparseReads::Contents {
+        let r = st.read_at(&mut buf, req.offset);
+        return read_done(env, req, buf, budget, r);
+    }
     let mut reply = env.shared.take_reply();
     let r = if sparse(env, req) {
         let mut extents = std::mem::take(&mut reply.extents);

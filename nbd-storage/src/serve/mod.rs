@@ -69,7 +69,7 @@ use nbd_proto::server::{
 use nbd_proto::wire::{CONTEXT_BASE_ALLOCATION, TransmissionFlags};
 
 pub use budget::PayloadBudget;
-pub use exec::{Backend, Completion, SPARSE_READ_THRESHOLD, WRITE_PIECE};
+pub use exec::{Backend, Completion, HOLE_GRAIN, SPARSE_READ_THRESHOLD, WRITE_PIECE};
 pub use pool::IoPool;
 pub use replies::ReplyWriter;
 

@@ -197,8 +197,14 @@ impl Shared {
                 None => Vec::new(),
             }
         };
-        b.clear();
-        b.resize(len, 0);
+        // Contents are unspecified: bytes a reused buffer already holds
+        // are not zeroed again (storage overwrites them all); only growth
+        // is.
+        if b.len() >= len {
+            b.truncate(len);
+        } else {
+            b.resize(len, 0);
+        }
         b
     }
 

@@ -6,12 +6,26 @@
 //! `-- --quick` for a shorter run, `-- --tls-only` for the TLS rows
 //! alone, `-- --flush-only` for the reader-next-to-a-flushing-writer rows
 //! alone, `-- --qcow2-only` for the qcow2 rows alone, `-- --copy-only` for
-//! the copy rows and the TLS rows (the ones that measure the client),
-//! `-- --rbd-only` for the Ceph RBD rows alone. The RBD rows need Ceph and
-//! qemu-nbd's rbd driver (`scripts/install-peers.sh --bench`); without them
-//! they are left out with a note. The machines are shared and noisy: each
-//! figure is the median of several alternating runs (ours, peer, ours,
-//! peer, ...), and only ratios measured in the same run mean anything.
+//! the copy rows and the TLS rows, the ones that measure the client,
+//! `-- --rbd-only` for the Ceph RBD rows alone (they need Ceph and
+//! qemu-nbd's rbd driver, `scripts/install-peers.sh --bench`; without them
+//! they are left out with a note),
+//! `-- --server-only` for every row that measures the server: memory,
+//! files on tmpfs and on the machine's disk, written and fallocated, the
+//! flushing writer, qcow2). `--group NAME` (repeatable: `memory`, `tmpfs`,
+//! `tmpfs-fallocated`, `disk`, `disk-fallocated`, `flush`, `qcow2`) picks
+//! server groups; `--reps N` and `--runtime SECS` override the defaults.
+//! `--rw NAME` (repeatable: `randread`, `read`, `randwrite`, `write`) picks
+//! the fio workloads of the server rows. `--baseline PATH` measures another build of nbd-serve in place of the
+//! peer in the memory and file groups: a change's before and after,
+//! alternating in the same run.
+//! The machines are shared and noisy: each figure is the median of several
+//! alternating runs (ours, peer, ours, peer, ...), and only ratios measured
+//! in the same run mean anything.
+//!
+//! Every run starts with a ceiling: what one Unix socket moves on this
+//! machine (1 MiB writes on one side, 1 MiB reads on the other, two
+//! threads), and prints every throughput row also as a fraction of it.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -22,6 +36,21 @@ struct Config {
     reps: usize,
     runtime: u32,
     copy_size: u64,
+    /// Server groups picked with `--group` (all when empty).
+    groups: Vec<String>,
+    /// `--baseline PATH`: another build of nbd-serve, measured in place of
+    /// the peer in the memory and file groups (a change's before and
+    /// after, alternating in the same run).
+    baseline: Option<String>,
+    /// fio workloads picked with `--rw` (all when empty): `randread`,
+    /// `read`, `randwrite`, `write`.
+    rws: Vec<String>,
+}
+
+impl Config {
+    fn wants(&self, group: &str) -> bool {
+        self.groups.is_empty() || self.groups.iter().any(|g| g == group)
+    }
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -38,6 +67,9 @@ struct Row {
     unit: &'static str,
     better: Better,
     target: f64,
+    /// Our bytes per second, for throughput rows (printed as a fraction of
+    /// the socket ceiling).
+    bytes_per_sec: Option<f64>,
 }
 
 impl Row {
@@ -146,33 +178,57 @@ fn unix_uri(sock: &Path) -> String {
     format!("nbd+unix:///?socket={}", sock.display())
 }
 
-/// Runs the four fio workloads against two servers, alternating.
+/// The fio workloads of the server rows: name, fio `rw`, block size, queue
+/// depth. Reads come first, so that the rows of a fallocated file read
+/// what no write touched yet.
+const WORKLOADS: [(&str, &str, &str, u32); 4] = [
+    ("4 KiB random reads, QD64", "randread", "4k", 64),
+    ("1 MiB sequential reads, QD16", "read", "1M", 16),
+    ("4 KiB random writes, QD64", "randwrite", "4k", 64),
+    ("1 MiB sequential writes, QD16", "write", "1M", 16),
+];
+
+/// What the server rows aim at against the peer: throughput, and server
+/// CPU time per request.
+const TARGET_THROUGHPUT: f64 = 1.5;
+const TARGET_CPU: f64 = 0.5;
+
+/// Runs the fio workloads against two servers, alternating, and adds a
+/// throughput row and a server-CPU-per-request row for each. With
+/// `prefill`, the first 256 MiB are written first (else what is read is
+/// whatever the export holds: holes, or fallocated space).
+#[allow(clippy::too_many_arguments)]
 fn server_rows(
     label: &str,
     peer_name: &str,
     ours: (&Peer, String),
     theirs: (&Peer, String),
+    prefill_first: bool,
     cfg: &Config,
     dir: &TempDir,
     rows: &mut Vec<Row>,
 ) {
-    prefill(&ours.1, dir);
-    prefill(&theirs.1, dir);
-    let workloads: [(&str, &str, &str, u32); 3] = [
-        ("4 KiB random reads, iodepth 64", "randread", "4k", 64),
-        ("4 KiB random writes, iodepth 64", "randwrite", "4k", 64),
-        ("1 MiB sequential reads, iodepth 16", "read", "1M", 16),
-    ];
-    for (name, rw, bs, depth) in workloads {
-        let (mut a, mut b, mut a_cpu, mut b_cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    if prefill_first {
+        prefill(&ours.1, dir);
+        prefill(&theirs.1, dir);
+    }
+    for (name, rw, bs, depth) in WORKLOADS {
+        if !cfg.rws.is_empty() && !cfg.rws.iter().any(|w| w == rw) {
+            continue;
+        }
+        let (mut a, mut b, mut a_cpu, mut b_cpu, mut a_bytes) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..cfg.reps {
-            for (peer, uri, vals, cpus) in [
-                (ours.0, &ours.1, &mut a, &mut a_cpu),
-                (theirs.0, &theirs.1, &mut b, &mut b_cpu),
-            ] {
+            for (ours_now, peer, uri) in [(true, ours.0, &ours.1), (false, theirs.0, &theirs.1)] {
                 let c0 = cpu_seconds(peer.pid());
                 let r = fio(uri, rw, bs, depth, cfg, dir);
                 let c1 = cpu_seconds(peer.pid());
+                let (vals, cpus) = if ours_now {
+                    a_bytes.push(r.bytes_per_sec);
+                    (&mut a, &mut a_cpu)
+                } else {
+                    (&mut b, &mut b_cpu)
+                };
                 vals.push(if bs == "1M" { r.bytes_per_sec / 1e6 } else { r.iops });
                 if r.ios > 0.0 {
                     cpus.push((c1 - c0) * 1e6 / r.ios);
@@ -185,26 +241,153 @@ fn server_rows(
             ("IOPS", "IOPS")
         };
         rows.push(Row {
-            what: format!("{label}, fio {name}: {what}"),
+            what: format!("{label}, {name}: {what}"),
             peer: peer_name.to_string(),
             ours: median(a),
             theirs: median(b),
             unit,
             better: Better::Higher,
-            target: 1.25,
+            target: TARGET_THROUGHPUT,
+            bytes_per_sec: Some(median(a_bytes)),
         });
-        if rw == "randread" {
-            rows.push(Row {
-                what: format!("{label}, fio {name}: server CPU per request"),
-                peer: peer_name.to_string(),
-                ours: median(a_cpu),
-                theirs: median(b_cpu),
-                unit: "us",
-                better: Better::Lower,
-                target: 0.6,
-            });
+        rows.push(Row {
+            what: format!("{label}, {name}: server CPU per request"),
+            peer: peer_name.to_string(),
+            ours: median(a_cpu),
+            theirs: median(b_cpu),
+            unit: "us",
+            better: Better::Lower,
+            target: TARGET_CPU,
+            bytes_per_sec: None,
+        });
+    }
+}
+
+/// What one Unix socket moves on this machine: one thread writes 1 MiB
+/// buffers, another reads them into a 1 MiB buffer, for `secs` seconds.
+/// Bytes per second.
+fn socket_ceiling(secs: f64) -> f64 {
+    use std::io::{Read, Write};
+    let (mut a, mut b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let buf = vec![0x5au8; 1 << 20];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if a.write_all(&buf).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let mut buf = vec![0u8; 1 << 20];
+    // Warm up, then measure.
+    let warm = Instant::now();
+    while warm.elapsed() < Duration::from_millis(200) {
+        let _ = b.read(&mut buf).expect("read");
+    }
+    let t = Instant::now();
+    let mut moved = 0u64;
+    while t.elapsed().as_secs_f64() < secs {
+        moved += b.read(&mut buf).expect("read") as u64;
+    }
+    let rate = moved as f64 / t.elapsed().as_secs_f64();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(b);
+    let _ = writer.join();
+    rate
+}
+
+/// Where a file export lives.
+#[derive(Clone, Copy, PartialEq)]
+enum FileKind {
+    /// tmpfs (`/dev/shm`): the protocol and the page cache, no device.
+    Tmpfs,
+    /// The machine's disk (the temporary directory).
+    Disk,
+}
+
+/// nbd-serve FILE against qemu-nbd on the same kind of 1 GiB file: on tmpfs
+/// or on the disk; written (the first 256 MiB, which fio uses, filled with
+/// data first) or fallocated (space reserved, never written: reads find
+/// unwritten extents, which tmpfs reports as holes).
+fn file_rows(kind: FileKind, fallocated: bool, cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
+    let serve = our_bin("nbd-serve");
+    let path = |name: &str| match kind {
+        FileKind::Tmpfs => shm_path(dir, name),
+        FileKind::Disk => dir.join(name),
+    };
+    let f1 = path("ours.img");
+    let f2 = path("qemu.img");
+    for f in [&f1, &f2] {
+        let h = std::fs::File::create(f).expect("create image");
+        if fallocated {
+            use std::os::fd::AsRawFd;
+            // SAFETY: fallocate(2) on a file we own, integers only.
+            let r = unsafe { libc::fallocate(h.as_raw_fd(), 0, 0, 1 << 30) };
+            assert_eq!(r, 0, "fallocate: {}", std::io::Error::last_os_error());
+        } else {
+            h.set_len(1 << 30).expect("size image");
         }
     }
+    let s1 = dir.socket_path("ours");
+    let s2 = dir.socket_path("qemu");
+    let ours = Peer::start(
+        dir,
+        &serve,
+        &[
+            "--socket",
+            s1.to_str().unwrap_or_default(),
+            f1.to_str().unwrap_or_default(),
+        ],
+        Endpoint::Unix(s1.clone()),
+    );
+    let qemu = match &cfg.baseline {
+        Some(base) => Peer::start(
+            dir,
+            base,
+            &[
+                "--socket",
+                s2.to_str().unwrap_or_default(),
+                f2.to_str().unwrap_or_default(),
+            ],
+            Endpoint::Unix(s2.clone()),
+        ),
+        None => Peer::start(
+            dir,
+            "qemu-nbd",
+            &[
+                "--socket",
+                s2.to_str().unwrap_or_default(),
+                "--persistent",
+                "--shared=8",
+                "-f",
+                "raw",
+                f2.to_str().unwrap_or_default(),
+            ],
+            Endpoint::Unix(s2.clone()),
+        ),
+    };
+    let label = format!(
+        "nbd-serve FILE ({}, {})",
+        if kind == FileKind::Tmpfs { "tmpfs" } else { "disk" },
+        if fallocated { "fallocated" } else { "written" }
+    );
+    server_rows(
+        &label,
+        if cfg.baseline.is_some() { "baseline" } else { "qemu-nbd" },
+        (&ours, unix_uri(&s1)),
+        (&qemu, unix_uri(&s2)),
+        !fallocated,
+        cfg,
+        dir,
+        rows,
+    );
+    drop(ours);
+    drop(qemu);
+    let _ = std::fs::remove_file(&f1);
+    let _ = std::fs::remove_file(&f2);
 }
 
 /// Reader IOPS and 99th percentile latency (µs) of 4 KiB random reads at
@@ -304,6 +487,7 @@ fn flushing_writer_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
         unit: "IOPS",
         better: Better::Higher,
         target: 1.0,
+        bytes_per_sec: None,
     });
     rows.push(Row {
         what: format!("{what}: reader p99 latency"),
@@ -313,6 +497,7 @@ fn flushing_writer_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
         unit: "us",
         better: Better::Lower,
         target: 1.0,
+        bytes_per_sec: None,
     });
     drop(ours);
     drop(qemu);
@@ -333,19 +518,24 @@ fn stop_gracefully(peer: &mut Peer) {
 }
 
 /// qcow2: `nbd-serve IMG` against `qemu-nbd -f qcow2 IMG` on the same
-/// image (on tmpfs, 256 MiB of it allocated first), 4 KiB random reads and
-/// writes at queue depth 32. The image can be open in one server at a time
-/// (each takes QEMU's write lock), so every run starts its server afresh,
-/// alternating ours and qemu-nbd.
+/// kind of image on tmpfs: allocated clusters (256 MiB written first; 4 KiB
+/// random reads and writes, QD32) and fresh ones (a new empty image for
+/// every run: 4 KiB random writes QD32 and 1 MiB sequential writes QD16
+/// that allocate clusters as they go). An image can be open in one server
+/// at a time (each takes QEMU's write lock), so every run starts its
+/// server afresh, alternating ours and qemu-nbd.
 fn qcow2_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
     let img = shm_path(dir, "bench.qcow2");
     let img_s = img.to_str().unwrap_or_default().to_string();
-    let o = run_timeout(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", &img_s, "1G"],
-        Duration::from_secs(60),
-    );
-    assert!(o.status.success(), "qemu-img create failed");
+    let create = || {
+        let _ = std::fs::remove_file(&img);
+        let o = run_timeout(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", &img_s, "1G"],
+            Duration::from_secs(60),
+        );
+        assert!(o.status.success(), "qemu-img create failed");
+    };
     let start = |ours: bool| -> (Peer, String) {
         let sock = dir.socket_path(if ours { "ours-qcow2" } else { "qemu-qcow2" });
         let sock_s = sock.to_str().unwrap_or_default().to_string();
@@ -366,51 +556,79 @@ fn qcow2_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
         };
         (peer, unix_uri(&sock))
     };
+    create();
     {
         let (mut q, uri) = start(false);
         prefill(&uri, dir);
         stop_gracefully(&mut q);
     }
-    for (name, rw) in [
-        ("4 KiB random reads, iodepth 32", "randread"),
-        ("4 KiB random writes, iodepth 32", "randwrite"),
-    ] {
-        let (mut a, mut b, mut a_cpu, mut b_cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let workloads: [(&str, &str, &str, u32, bool); 4] = [
+        (
+            "allocated clusters, 4 KiB random reads, QD32",
+            "randread",
+            "4k",
+            32,
+            false,
+        ),
+        (
+            "allocated clusters, 4 KiB random writes, QD32",
+            "randwrite",
+            "4k",
+            32,
+            false,
+        ),
+        ("fresh clusters, 4 KiB random writes, QD32", "randwrite", "4k", 32, true),
+        ("fresh clusters, 1 MiB sequential writes, QD16", "write", "1M", 16, true),
+    ];
+    for (name, rw, bs, depth, fresh) in workloads {
+        let (mut a, mut b, mut a_cpu, mut b_cpu, mut a_bytes) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..cfg.reps {
             for ours in [true, false] {
+                if fresh {
+                    create();
+                }
                 let (mut peer, uri) = start(ours);
                 let c0 = cpu_seconds(peer.pid());
-                let r = fio(&uri, rw, "4k", 32, cfg, dir);
+                let r = fio(&uri, rw, bs, depth, cfg, dir);
                 let c1 = cpu_seconds(peer.pid());
                 stop_gracefully(&mut peer);
                 let (vals, cpus) = if ours {
+                    a_bytes.push(r.bytes_per_sec);
                     (&mut a, &mut a_cpu)
                 } else {
                     (&mut b, &mut b_cpu)
                 };
-                vals.push(r.iops);
+                vals.push(if bs == "1M" { r.bytes_per_sec / 1e6 } else { r.iops });
                 if r.ios > 0.0 {
                     cpus.push((c1 - c0) * 1e6 / r.ios);
                 }
             }
         }
+        let (unit, what) = if bs == "1M" {
+            ("MB/s", "throughput")
+        } else {
+            ("IOPS", "IOPS")
+        };
         rows.push(Row {
-            what: format!("nbd-serve IMG.qcow2 (tmpfs), fio {name}: IOPS"),
+            what: format!("nbd-serve IMG.qcow2 (tmpfs), {name}: {what}"),
             peer: "qemu-nbd -f qcow2".to_string(),
             ours: median(a),
             theirs: median(b),
-            unit: "IOPS",
+            unit,
             better: Better::Higher,
-            target: 1.0,
+            target: 1.2,
+            bytes_per_sec: Some(median(a_bytes)),
         });
         rows.push(Row {
-            what: format!("nbd-serve IMG.qcow2 (tmpfs), fio {name}: server CPU per request"),
+            what: format!("nbd-serve IMG.qcow2 (tmpfs), {name}: server CPU per request"),
             peer: "qemu-nbd -f qcow2".to_string(),
             ours: median(a_cpu),
             theirs: median(b_cpu),
             unit: "us",
             better: Better::Lower,
             target: 1.0,
+            bytes_per_sec: None,
         });
     }
     let _ = std::fs::remove_file(&img);
@@ -446,6 +664,7 @@ fn copy_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
         Endpoint::Unix(sock.clone()),
     );
     let src = shm_path(dir, "random.img");
+    // Random data, so that no side can skip zeroes.
     {
         use std::io::Write;
         let mut f = std::fs::File::create(&src).expect("create random image");
@@ -462,23 +681,65 @@ fn copy_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
         }
     }
     let kit_uri = unix_uri(&sock);
-    time_cmd("nbdcopy", &[src.to_str().unwrap_or_default(), &kit_uri]);
-    let _ = std::fs::remove_file(&src);
-    let (mut a, mut b) = (Vec::new(), Vec::new());
-    for _ in 0..cfg.reps {
-        a.push(size as f64 / 1e6 / time_cmd(&ours, &[&kit_uri, "null:"]));
-        b.push(size as f64 / 1e6 / time_cmd("nbdcopy", &[&kit_uri, "null:"]));
+    // Two memory exports of nbd-serve: a source holding the same random
+    // data, and a destination.
+    let serve_src_sock = dir.socket_path("copy-src");
+    let serve_dst_sock = dir.socket_path("copy-dst");
+    let size_arg = size.to_string();
+    let serve_src = Peer::start(
+        dir,
+        &serve,
+        &[
+            "--socket",
+            serve_src_sock.to_str().unwrap_or_default(),
+            "--memory",
+            &size_arg,
+        ],
+        Endpoint::Unix(serve_src_sock.clone()),
+    );
+    let serve_dst = Peer::start(
+        dir,
+        &serve,
+        &[
+            "--socket",
+            serve_dst_sock.to_str().unwrap_or_default(),
+            "--memory",
+            &size_arg,
+        ],
+        Endpoint::Unix(serve_dst_sock.clone()),
+    );
+    let (src_uri, dst_uri) = (unix_uri(&serve_src_sock), unix_uri(&serve_dst_sock));
+    let src_file = src.to_str().unwrap_or_default().to_string();
+    time_cmd("nbdcopy", &[&src_file, &kit_uri]);
+    time_cmd("nbdcopy", &[&src_file, &src_uri]);
+    let cases: [(&str, &str, &str); 4] = [
+        ("nbdkit memory to null:", &kit_uri, "null:"),
+        ("nbd-serve memory to null:", &src_uri, "null:"),
+        ("nbd-serve memory to nbd-serve memory", &src_uri, &dst_uri),
+        ("a file on tmpfs to nbd-serve memory", &src_file, &dst_uri),
+    ];
+    for (what, from, to) in cases {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..cfg.reps {
+            a.push(size as f64 / time_cmd(&ours, &[from, to]));
+            b.push(size as f64 / time_cmd("nbdcopy", &[from, to]));
+        }
+        let (a, b) = (median(a), median(b));
+        rows.push(Row {
+            what: format!("copy {} MiB of random data, {what}", size >> 20),
+            peer: "nbdcopy".into(),
+            ours: a / 1e6,
+            theirs: b / 1e6,
+            unit: "MB/s",
+            better: Better::Higher,
+            target: 1.25,
+            bytes_per_sec: Some(a),
+        });
     }
-    rows.push(Row {
-        what: format!("copy {} MiB of random data, nbdkit memory to null:", size >> 20),
-        peer: "nbdcopy".into(),
-        ours: median(a),
-        theirs: median(b),
-        unit: "MB/s",
-        better: Better::Higher,
-        target: 1.25,
-    });
+    let _ = std::fs::remove_file(&src);
     drop(kit);
+    drop(serve_src);
+    drop(serve_dst);
 
     // 2. A sparse 4 GiB image served by nbd-serve, copied to a file.
     let img = shm_path(dir, "sparse.img");
@@ -537,6 +798,7 @@ fn copy_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
             unit: "MB/s",
             better: Better::Higher,
             target: 1.25,
+            bytes_per_sec: None,
         });
     }
 }
@@ -589,6 +851,7 @@ fn idle_memory_rows(dir: &TempDir, rows: &mut Vec<Row>) {
         unit: "KiB",
         better: Better::Lower,
         target: 1.0,
+        bytes_per_sec: None,
     });
 }
 
@@ -663,6 +926,7 @@ fn tls_rows_inner(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
         "nbdkit memory, TLS",
         (&ours, fio_uri(&s1)),
         (&kit, fio_uri(&s2)),
+        true,
         cfg,
         dir,
         rows,
@@ -687,6 +951,7 @@ fn tls_rows_inner(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
         unit: "MB/s",
         better: Better::Higher,
         target: 1.0,
+        bytes_per_sec: None,
     });
 }
 
@@ -826,6 +1091,7 @@ fn rbd_rows_inner(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
             unit: "IOPS",
             better: Better::Higher,
             target: 1.2,
+            bytes_per_sec: None,
         });
     }
     drop(ours);
@@ -894,61 +1160,95 @@ fn rbd_rows_inner(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
         unit: "IOPS",
         better: Better::Higher,
         target: 0.9,
+        bytes_per_sec: None,
     });
     drop(ceph);
 }
 
+fn arg_value(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let cfg = if quick {
+    let mut cfg = if quick {
         Config {
             reps: 1,
             runtime: 2,
             copy_size: 256 << 20,
+            groups: Vec::new(),
+            baseline: None,
+            rws: Vec::new(),
         }
     } else {
         Config {
             reps: 3,
             runtime: 4,
             copy_size: 1 << 30,
+            groups: Vec::new(),
+            baseline: None,
+            rws: Vec::new(),
         }
     };
+    if let Some(n) = arg_value("--reps").and_then(|v| v.parse().ok()) {
+        cfg.reps = n;
+    }
+    if let Some(n) = arg_value("--runtime").and_then(|v| v.parse().ok()) {
+        cfg.runtime = n;
+    }
+    cfg.baseline = arg_value("--baseline");
+    let args: Vec<String> = std::env::args().collect();
+    for w in args.windows(2) {
+        if w[0] == "--group" {
+            cfg.groups.push(w[1].clone());
+        }
+        if w[0] == "--rw" {
+            cfg.rws.push(w[1].clone());
+        }
+    }
     if !require_peers(&["nbdkit", "qemu-nbd", "qemu-img", "nbdcopy", "fio"]) {
         eprintln!("nbd-bench: peers missing; run scripts/install-peers.sh");
         std::process::exit(1);
     }
     let dir = TempDir::new();
-    let serve = our_bin("nbd-serve");
     let mut rows = Vec::new();
-    if std::env::args().any(|a| a == "--qcow2-only") {
+    // The ceiling: the median of three measurements.
+    let ceiling = median((0..3).map(|_| socket_ceiling(1.0)).collect());
+    let flag = |f: &str| std::env::args().any(|a| a == f);
+    if flag("--qcow2-only") {
         qcow2_rows(&cfg, &dir, &mut rows);
-        print_rows(&rows);
+        print_rows(&rows, ceiling);
         return;
     }
-    if std::env::args().any(|a| a == "--tls-only") {
+    if flag("--tls-only") {
         tls_rows(&cfg, &dir, &mut rows);
-        print_rows(&rows);
+        print_rows(&rows, ceiling);
         return;
     }
-    if std::env::args().any(|a| a == "--flush-only") {
+    if flag("--flush-only") {
         flushing_writer_rows(&cfg, &dir, &mut rows);
-        print_rows(&rows);
+        print_rows(&rows, ceiling);
         return;
     }
-    if std::env::args().any(|a| a == "--copy-only") {
+    if flag("--copy-only") {
         copy_rows(&cfg, &dir, &mut rows);
         tls_rows(&cfg, &dir, &mut rows);
-        print_rows(&rows);
+        print_rows(&rows, ceiling);
         return;
     }
     if std::env::args().any(|a| a == "--rbd-only") {
         rbd_rows(&cfg, &dir, &mut rows);
-        print_rows(&rows);
+        print_rows(&rows, ceiling);
         return;
     }
+    let server_only = flag("--server-only") || !cfg.groups.is_empty();
 
     // Memory: nbd-serve --memory against nbdkit's memory plugin.
-    {
+    if cfg.wants("memory") {
+        let serve = our_bin("nbd-serve");
         let s1 = dir.socket_path("ours");
         let s2 = dir.socket_path("kit");
         let ours = Peer::start(
@@ -957,93 +1257,82 @@ fn main() {
             &["--socket", s1.to_str().unwrap_or_default(), "--memory", "1G"],
             Endpoint::Unix(s1.clone()),
         );
-        let kit = Peer::start(
-            &dir,
-            "nbdkit",
-            &["-f", "-U", s2.to_str().unwrap_or_default(), "memory", "1G"],
-            Endpoint::Unix(s2.clone()),
-        );
+        let kit = match &cfg.baseline {
+            Some(base) => Peer::start(
+                &dir,
+                base,
+                &["--socket", s2.to_str().unwrap_or_default(), "--memory", "1G"],
+                Endpoint::Unix(s2.clone()),
+            ),
+            None => Peer::start(
+                &dir,
+                "nbdkit",
+                &["-f", "-U", s2.to_str().unwrap_or_default(), "memory", "1G"],
+                Endpoint::Unix(s2.clone()),
+            ),
+        };
         server_rows(
             "nbd-serve --memory",
-            "nbdkit memory",
+            if cfg.baseline.is_some() {
+                "baseline"
+            } else {
+                "nbdkit memory"
+            },
             (&ours, unix_uri(&s1)),
             (&kit, unix_uri(&s2)),
+            true,
             &cfg,
             &dir,
             &mut rows,
         );
     }
-    // Files on tmpfs: nbd-serve FILE against qemu-nbd on the same kind of file.
-    {
-        let f1 = shm_path(&dir, "ours.img");
-        let f2 = shm_path(&dir, "qemu.img");
-        for f in [&f1, &f2] {
-            std::fs::File::create(f)
-                .and_then(|h| h.set_len(1 << 30))
-                .expect("create image");
+    // Files: nbd-serve FILE against qemu-nbd on the same kind of file.
+    for (group, kind, fallocated) in [
+        ("tmpfs", FileKind::Tmpfs, false),
+        ("tmpfs-fallocated", FileKind::Tmpfs, true),
+        ("disk", FileKind::Disk, false),
+        ("disk-fallocated", FileKind::Disk, true),
+    ] {
+        if cfg.wants(group) {
+            file_rows(kind, fallocated, &cfg, &dir, &mut rows);
         }
-        let s1 = dir.socket_path("ours");
-        let s2 = dir.socket_path("qemu");
-        let ours = Peer::start(
-            &dir,
-            &serve,
-            &[
-                "--socket",
-                s1.to_str().unwrap_or_default(),
-                f1.to_str().unwrap_or_default(),
-            ],
-            Endpoint::Unix(s1.clone()),
-        );
-        let qemu = Peer::start(
-            &dir,
-            "qemu-nbd",
-            &[
-                "--socket",
-                s2.to_str().unwrap_or_default(),
-                "--persistent",
-                "--shared=8",
-                "-f",
-                "raw",
-                f2.to_str().unwrap_or_default(),
-            ],
-            Endpoint::Unix(s2.clone()),
-        );
-        server_rows(
-            "nbd-serve FILE (tmpfs)",
-            "qemu-nbd",
-            (&ours, unix_uri(&s1)),
-            (&qemu, unix_uri(&s2)),
-            &cfg,
-            &dir,
-            &mut rows,
-        );
-        drop(ours);
-        drop(qemu);
-        let _ = std::fs::remove_file(&f1);
-        let _ = std::fs::remove_file(&f2);
     }
-    flushing_writer_rows(&cfg, &dir, &mut rows);
-    qcow2_rows(&cfg, &dir, &mut rows);
-    copy_rows(&cfg, &dir, &mut rows);
-    idle_memory_rows(&dir, &mut rows);
-    tls_rows(&cfg, &dir, &mut rows);
-    rbd_rows(&cfg, &dir, &mut rows);
-    print_rows(&rows);
+    if cfg.wants("flush") {
+        flushing_writer_rows(&cfg, &dir, &mut rows);
+    }
+    if cfg.wants("qcow2") {
+        qcow2_rows(&cfg, &dir, &mut rows);
+    }
+    if !server_only {
+        copy_rows(&cfg, &dir, &mut rows);
+        idle_memory_rows(&dir, &mut rows);
+        tls_rows(&cfg, &dir, &mut rows);
+        rbd_rows(&cfg, &dir, &mut rows);
+    }
+    print_rows(&rows, ceiling);
 }
 
-fn print_rows(rows: &[Row]) {
+fn print_rows(rows: &[Row], ceiling: f64) {
     println!();
     println!(
-        "{:<72} {:<18} {:>12} {:>12} {:>8} {:>8}  met",
-        "what", "peer", "ours", "peer", "ratio", "target"
+        "ceiling: one Unix socket moves {:.1} MB/s on this machine (1 MiB writes, two threads)",
+        ceiling / 1e6
+    );
+    println!(
+        "{:<74} {:<18} {:>12} {:>12} {:>8} {:>8}  {:<3} {:>8}",
+        "what", "peer", "ours", "peer", "ratio", "target", "met", "ceiling"
     );
     for r in rows {
         let target = match r.better {
             Better::Higher => format!(">={:.2}", r.target),
             Better::Lower => format!("<={:.2}", r.target),
         };
+        let fraction = r
+            .bytes_per_sec
+            .map(|b| format!("{:.3}", b / ceiling))
+            .unwrap_or_default();
         println!(
-            "{:<72} {:<18} {:>9.1} {:<2} {:>9.1} {:<2} {:>8.3} {:>8}  {}",
+            "{:<74} {:<18} {:>9.1} {:<2} {:>9.1} {:<2} {:>8.3} {:>8}  {:<3} {:>8}",
             r.what,
             r.peer,
             r.ours,
@@ -1052,11 +1341,12 @@ fn print_rows(rows: &[Row]) {
             short_unit(r.unit),
             r.ratio(),
             target,
-            if r.met() { "yes" } else { "NO" }
+            if r.met() { "yes" } else { "NO" },
+            fraction
         );
     }
     println!(
-        "\nunits: IOPS = I/O per second, MB/s = 10^6 bytes per second, us = CPU microseconds per request, KiB = resident memory"
+        "\nunits: IOPS = I/O per second, MB/s = 10^6 bytes per second, us = CPU microseconds per request, KiB = resident memory; ceiling = our bytes per second as a fraction of the socket ceiling"
     );
 }
 
