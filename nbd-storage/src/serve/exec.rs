@@ -525,18 +525,25 @@ fn contents_reply(env: &Env, req: &ServerRequest, buf: &[u8], reply: &mut Reply)
     Ok(())
 }
 
+/// Hole chunks for `len` bytes at `off`, split at the protocol's largest
+/// hole ([`MAX_HOLE_CHUNK`]).
+fn hole_chunks(env: &Env, req: &ServerRequest, reply: &mut Reply, off: u64, len: u64) -> io::Result<()> {
+    let mut o = off;
+    while o < off + len {
+        let piece = (off + len - o).min(MAX_HOLE_CHUNK);
+        let h = env.enc.hole_chunk(req, o, piece, false).map_err(invalid)?;
+        reply.head.extend_from_slice(h.as_bytes());
+        o += piece;
+    }
+    Ok(())
+}
+
 /// One chunk of [`contents_reply`]: bytes `a..b` of the read.
 fn content_chunk(env: &Env, req: &ServerRequest, reply: &mut Reply, a: usize, b: usize, zero: bool) -> io::Result<()> {
     let off = req.offset + a as u64;
     let len = (b - a) as u64;
     if zero {
-        let mut o = off;
-        while o < off + len {
-            let piece = (off + len - o).min(MAX_HOLE_CHUNK);
-            let h = env.enc.hole_chunk(req, o, piece, false).map_err(invalid)?;
-            reply.head.extend_from_slice(h.as_bytes());
-            o += piece;
-        }
+        hole_chunks(env, req, reply, off, len)?;
     } else {
         let h = env.enc.offset_data_header(req, off, len, false).map_err(invalid)?;
         reply.head.extend_from_slice(h.as_bytes());
@@ -647,13 +654,7 @@ fn sparse_read(
                 break;
             }
             if e.flags.contains(AllocationFlags::ZERO) {
-                let mut o = off;
-                while o < off + len {
-                    let piece = (off + len - o).min(MAX_HOLE_CHUNK);
-                    let h = env.enc.hole_chunk(req, o, piece, false).map_err(invalid)?;
-                    reply.head.extend_from_slice(h.as_bytes());
-                    o += piece;
-                }
+                hole_chunks(env, req, reply, off, len)?;
             } else {
                 let h = env.enc.offset_data_header(req, off, len, false).map_err(invalid)?;
                 reply.head.extend_from_slice(h.as_bytes());
