@@ -34,7 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         let client = Client::connect_uri(&uri, config).await?;
         let size = client.size();
-        let image = Arc::new(Mutex::new(vec![0u8; usize::try_from(size)?]));
+        let image = Arc::new(Mutex::new(vec![0u8; in_memory(size)?]));
         let next = Arc::new(AtomicU64::new(0));
         let workers: Vec<smol::Task<nbd_smol::Result<()>>> = (0..tasks)
             .map(|_| {
@@ -64,4 +64,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("{hash:x}  {size}");
         Ok(())
     })
+}
+
+/// The export's size as a buffer length: the size comes from the server,
+/// so it is checked before anything is allocated from it.
+fn in_memory(size: u64) -> Result<usize, String> {
+    const LIMIT: u64 = 1 << 30;
+    if size > LIMIT {
+        return Err(format!(
+            "the export has {size} bytes; this example reads at most {LIMIT} into memory"
+        ));
+    }
+    usize::try_from(size).map_err(|e| e.to_string())
 }
