@@ -47,7 +47,10 @@
 //!   (through the `imago` crate) with their backing chains, format probing
 //!   that never serves an image as raw by accident, QEMU's image locks,
 //!   snapshot mode, and the metadata contexts `qemu:allocation-depth` and
-//!   `qemu:dirty-bitmap:NAME`. [`image::open`] is the entry point.
+//!   `qemu:dirty-bitmap:NAME`. [`image::open`] is the entry point, and
+//!   [`image::ImageSet`] opens one file once for several exports.
+//! * [`cow::CowStorage`]: copy-on-write over any other storage (writes go
+//!   to a temporary overlay), as nbdkit's `cow` filter.
 //! * `rbd::RbdStorage` (feature `rbd`, off by default; links librbd): a
 //!   Ceph RBD image, an [`AsyncStorage`] on librbd's asynchronous API.
 //!
@@ -63,6 +66,7 @@ use std::io;
 
 pub use nbd_proto::wire::{AllocationFlags, BlockSizeConstraints};
 
+pub mod cow;
 mod file;
 pub mod image;
 mod memory;

@@ -176,3 +176,108 @@ fn readers_share_and_backing_files_are_protected() {
     let out = run("qemu-io", &["-r", "-U", "-f", "qcow2", s(&base), "-c", "read 0 4k"]);
     assert!(out.status.success(), "{}", describe_output(&out));
 }
+
+/// Reads a whole export into bytes with nbdcopy.
+fn nbdcopy_bytes(dir: &TempDir, uri: &str, name: &str) -> Vec<u8> {
+    let out = dir.join(name);
+    run_ok("nbdcopy", &[uri, s(&out)]);
+    fs::read(&out).unwrap()
+}
+
+/// Writes `len` bytes of `byte` at `offset` of an export with qemu-io.
+fn qemu_io_write_uri(uri: &str, byte: u8, offset: u64, len: u64) {
+    let cmd = format!("write -P {byte:#x} {offset} {len}");
+    run_ok("qemu-io", &["-f", "raw", uri, "-c", &cmd]);
+}
+
+/// The image's guest-visible contents, read without taking locks.
+fn image_bytes(dir: &TempDir, fmt: &str, img: &Path) -> Vec<u8> {
+    let out = dir.join("image-contents.raw");
+    run_ok("qemu-img", &["convert", "-U", "-f", fmt, "-O", "raw", s(img), s(&out)]);
+    fs::read(&out).unwrap()
+}
+
+/// One file under several export names of one server, as nbd-server's
+/// `cfgmulti` test (a copy-on-write export and a read-only export of one
+/// file) and qemu-storage-daemon's several exports of one node: the file
+/// is opened and locked once; the read-only export sees the writable
+/// one's writes; a snapshot export's writes stay its own. A second server
+/// on the file is still refused.
+#[test]
+fn one_file_under_several_exports() {
+    if !require_peers(&["qemu-img", "qemu-io", "nbdcopy", "nbdinfo", "nbd-server"]) {
+        return;
+    }
+    let dir = TempDir::new();
+    for (fmt, img) in images(&dir) {
+        run_ok("qemu-io", &["-f", fmt, s(&img), "-c", "write -P 0x5a 0 4M"]);
+        let original = image_bytes(&dir, fmt, &img);
+        assert_eq!(original, vec![0x5a; 4 << 20]);
+
+        // cfgmulti: a copy-on-write export and a read-only export.
+        {
+            let cow = format!("cow=snapshot:{}", s(&img));
+            let ro = format!("ro=ro:{}", s(&img));
+            let ours = serve(&dir, &["--export", &cow, "--export", &ro]);
+            let info = run_ok("nbdinfo", &["--json", &ours.uri("ro")]);
+            assert!(info.contains("\"is_read_only\": true"), "{fmt}: {info}");
+            let info = run_ok("nbdinfo", &["--json", &ours.uri("cow")]);
+            assert!(info.contains("\"is_read_only\": false"), "{fmt}: {info}");
+            qemu_io_write_uri(&ours.uri("cow"), 0x11, 65536, 65536);
+            let ro_write = run("qemu-io", &["-f", "raw", &ours.uri("ro"), "-c", "write 0 4k"]);
+            assert!(!ro_write.status.success(), "{fmt}: wrote to the read-only export");
+            let cow_bytes = nbdcopy_bytes(&dir, &ours.uri("cow"), "cow.raw");
+            let mut want = original.clone();
+            want[65536..131072].fill(0x11);
+            assert!(cow_bytes == want, "{fmt}: the copy-on-write export lost its write");
+            assert!(
+                nbdcopy_bytes(&dir, &ours.uri("ro"), "ro.raw") == original,
+                "{fmt}: the read-only export sees the copy-on-write export's write"
+            );
+        }
+        assert!(image_bytes(&dir, fmt, &img) == original, "{fmt}: the image was written");
+
+        // A writable export, a read-only one and a snapshot of one file.
+        {
+            let ro = format!("ro=ro:{}", s(&img));
+            let snap = format!("snap=snapshot:{}", s(&img));
+            let ours = serve(&dir, &[s(&img), "--export", &ro, "--export", &snap]);
+            // Locked once, for the writer: qemu-io and another server are
+            // refused as before.
+            let out = qemu_io_write(fmt, &img);
+            assert!(!out.status.success(), "{fmt}: qemu-io wrote under nbd-serve");
+            serve_refused(&dir, &[s(&img)]);
+            qemu_io_write_uri(&ours.uri(""), 0x22, 0, 65536);
+            qemu_io_write_uri(&ours.uri("snap"), 0x33, 1 << 20, 65536);
+            let mut want = original.clone();
+            want[..65536].fill(0x22);
+            assert!(
+                nbdcopy_bytes(&dir, &ours.uri("ro"), "ro2.raw") == want,
+                "{fmt}: the read-only export does not see the writable export's write"
+            );
+            let mut snap_want = want.clone();
+            snap_want[1 << 20..(1 << 20) + 65536].fill(0x33);
+            assert!(
+                nbdcopy_bytes(&dir, &ours.uri("snap"), "snap.raw") == snap_want,
+                "{fmt}: the snapshot export does not show its own write over the image's"
+            );
+        }
+        let mut want = original.clone();
+        want[..65536].fill(0x22);
+        assert!(
+            image_bytes(&dir, fmt, &img) == want,
+            "{fmt}: the writable export's write is not in the image"
+        );
+    }
+
+    // nbd-server serves the same shape with the same results.
+    let img = dir.join("peer.raw");
+    fs::write(&img, vec![0x5a; 1 << 20]).unwrap();
+    let exports = format!(
+        "[cow]\nexportname = {0}\ncopyonwrite = true\n[ro]\nexportname = {0}\nreadonly = true\n",
+        s(&img)
+    );
+    let peer = nbd_server_config(&dir, "", &exports);
+    qemu_io_write_uri(&peer.uri("cow"), 0x11, 0, 4096);
+    assert!(nbdcopy_bytes(&dir, &peer.uri("ro"), "peer-ro.raw") == vec![0x5a; 1 << 20]);
+}

@@ -10,6 +10,10 @@
 //! [`ImageOptions::allocation_depth`], `qemu:dirty-bitmap:NAME` for each of
 //! [`ImageOptions::bitmaps`]).
 //!
+//! [`ImageSet`] opens the images of several exports, each file once
+//! however many exports name it (read-only and snapshot views of one
+//! image, as one node exported under several names in QEMU).
+//!
 //! # Safety rules
 //!
 //! * A file is served as raw only when it does not probe as a format: an
@@ -29,6 +33,7 @@
 pub mod bitmap;
 pub mod lock;
 mod qcow2;
+mod shared;
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -42,6 +47,7 @@ use crate::{Capabilities, Extent, FileStorage, StatusExtent, Storage, ZeroFlags,
 use lock::{LockPerms, lock_image};
 
 pub use qcow2::ImageStorage;
+pub use shared::ImageSet;
 
 /// An image format we can serve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,7 +300,7 @@ impl Storage for RawImage {
 /// Creates an anonymous temporary file in `dir` (`O_TMPFILE`; where the
 /// filesystem lacks it, a uniquely named file that is unlinked at once),
 /// so that nothing is left behind whatever happens to the process.
-fn anonymous_temp_file(dir: &Path) -> io::Result<File> {
+pub(crate) fn anonymous_temp_file(dir: &Path) -> io::Result<File> {
     match OpenOptions::new()
         .read(true)
         .write(true)
@@ -329,7 +335,7 @@ fn anonymous_temp_file(dir: &Path) -> io::Result<File> {
     ))
 }
 
-fn default_temp_dir() -> PathBuf {
+pub(crate) fn default_temp_dir() -> PathBuf {
     std::env::var_os("TMPDIR")
         .filter(|s| !s.is_empty())
         .map(PathBuf::from)

@@ -41,7 +41,7 @@ use nbd_proto::server::{ServerConfig, TlsPolicy};
 use nbd_proto::uri::{NbdUri, Transport};
 use nbd_smol::server::{Listener, Server, ServerOptions};
 use nbd_smol::tls::ServerTlsOptions;
-use nbd_storage::image::{ImageFormat, ImageOptions};
+use nbd_storage::image::{ImageFormat, ImageOptions, ImageSet};
 use nbd_storage::serve::{Backend, Export, Limits};
 use nbd_storage::{MemoryStorage, Storage};
 use nbd_tools::captive::describe_status;
@@ -94,7 +94,11 @@ struct Args {
     #[arg(short = 'B', long = "bitmap", value_name = "NAME")]
     bitmaps: Vec<String>,
     /// More exports: NAME=FILE, NAME=memory:SIZE or NAME=rbd:POOL/IMAGE...
-    /// (repeatable; -f, -s, -A apply to files, -r to all).
+    /// (repeatable; -f, -s, -A apply to files, -r to all). Prefixes make
+    /// one export read-only (`ro:`) or a snapshot (`snapshot:`), e.g.
+    /// `--export cow=snapshot:disk.img --export ro=ro:disk.img`. Exports
+    /// of one file share one open image: the read-only ones see the
+    /// writable one's writes.
     #[arg(long = "export", value_name = "NAME=FILE")]
     exports: Vec<String>,
     /// Serve every export read-only.
@@ -379,72 +383,134 @@ impl Rbd {
     }
 }
 
-/// Opens what a FILE argument or an --export's right side names.
-fn open_backend(spec: &str, args: &Args, bitmaps: &[String], rbd: &mut Rbd) -> Result<Backend, String> {
-    if spec.starts_with("rbd:") {
+/// What one export serves, before anything is opened.
+enum Source {
+    Memory {
+        size: u64,
+        read_only: bool,
+    },
+    Rbd {
+        spec: String,
+        read_only: bool,
+    },
+    /// An index into the [`ImageSet`] that opens every file once.
+    Image(usize),
+}
+
+/// Parses what a FILE argument or an --export's right side names: its
+/// per-export prefixes (`ro:`, `snapshot:`, in any order, before the rest),
+/// then `memory:SIZE`, `rbd:...` or a file, which goes into `images`.
+fn parse_source(spec: &str, args: &Args, bitmaps: &[String], images: &mut ImageSet) -> Result<Source, String> {
+    let mut rest = spec;
+    let (mut read_only, mut snapshot) = (args.read_only, args.snapshot);
+    loop {
+        if let Some(r) = rest.strip_prefix("ro:") {
+            read_only = true;
+            rest = r;
+        } else if let Some(r) = rest.strip_prefix("snapshot:") {
+            snapshot = true;
+            rest = r;
+        } else {
+            break;
+        }
+    }
+    if let Some(size) = rest.strip_prefix("memory:") {
+        if snapshot {
+            return Err(format!("{spec}: a memory export has no snapshot mode"));
+        }
+        return Ok(Source::Memory {
+            size: parse_size(size)?,
+            read_only,
+        });
+    }
+    if rest.starts_with("rbd:") {
         if !bitmaps.is_empty() {
             return Err("-B/--bitmap needs a qcow2 image, not an RBD image".into());
         }
-        return rbd.open(spec, args.read_only);
-    }
-    open_storage(spec, args, bitmaps).map(Backend::Sync)
-}
-
-fn open_storage(spec: &str, args: &Args, bitmaps: &[String]) -> Result<Arc<dyn Storage>, String> {
-    if let Some(size) = spec.strip_prefix("memory:") {
-        let size = parse_size(size)?;
-        return Ok(Arc::new(MemoryStorage::with_options(size, args.read_only)));
+        if snapshot {
+            return Err(format!("{spec}: an RBD export has no snapshot mode"));
+        }
+        return Ok(Source::Rbd {
+            spec: rest.to_string(),
+            read_only,
+        });
     }
     let options = ImageOptions {
         format: args.format,
-        read_only: args.read_only,
-        snapshot: args.snapshot,
+        read_only,
+        snapshot,
         allocation_depth: args.allocation_depth,
         bitmaps: bitmaps.to_vec(),
         temp_dir: None,
     };
-    // The errors name the file themselves.
-    nbd_storage::image::open(std::path::Path::new(spec), &options).map_err(|e| e.to_string())
+    Ok(Source::Image(images.add(rest, options)))
 }
 
 fn run(args: Args, forked: Option<Forked>) -> Result<u8, String> {
     check_modes(&args)?;
-    let mut exports = Vec::new();
-    let mut rbd = Rbd::default();
-    let memory = |size| Backend::Sync(Arc::new(MemoryStorage::with_options(size, args.read_only)) as Arc<dyn Storage>);
+    let mut images = ImageSet::new();
+    // (name, description, source) of every export, in order.
+    let mut wanted: Vec<(String, String, Source)> = Vec::new();
     let default = match (&args.file, args.memory) {
         (Some(_), Some(_)) => return Err("give either FILE or --memory, not both".into()),
-        (Some(f), None) => Some(open_backend(
+        (Some(f), None) => Some(parse_source(
             f.to_str().ok_or("file name is not UTF-8")?,
             &args,
             &args.bitmaps,
-            &mut rbd,
+            &mut images,
         )?),
-        (None, Some(size)) => Some(memory(size)),
-        (None, None) if args.exports.is_empty() => Some(memory(1 << 30)),
+        (None, Some(size)) => Some(Source::Memory {
+            size,
+            read_only: args.read_only,
+        }),
+        (None, None) if args.exports.is_empty() => Some(Source::Memory {
+            size: 1 << 30,
+            read_only: args.read_only,
+        }),
         (None, None) => None,
     };
     if !args.bitmaps.is_empty() && args.file.is_none() {
         return Err("-B/--bitmap needs a FILE (the default export's image)".into());
     }
-    if let Some(backend) = default {
-        exports.push(Export {
-            name: args.export_name.clone(),
-            description: args.description.clone().unwrap_or_default(),
-            backend,
-        });
+    if let Some(source) = default {
+        wanted.push((
+            args.export_name.clone(),
+            args.description.clone().unwrap_or_default(),
+            source,
+        ));
     }
     for spec in &args.exports {
-        let (name, backend) = spec
+        let (name, rest) = spec
             .split_once('=')
             .ok_or_else(|| format!("--export {spec:?}: expected NAME=FILE"))?;
-        if exports.iter().any(|e| e.name == name) {
+        if wanted.iter().any(|(n, _, _)| n == name) {
             return Err(format!("export {name:?} given twice"));
         }
+        let source = parse_source(rest, &args, &[], &mut images)?;
+        wanted.push((name.to_string(), String::new(), source));
+    }
+    // Every file once, however many exports name it. The errors name the
+    // file themselves.
+    let mut opened: Vec<Option<Arc<dyn Storage>>> = images
+        .open()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(Some)
+        .collect();
+    let mut rbd = Rbd::default();
+    let mut exports = Vec::with_capacity(wanted.len());
+    for (name, description, source) in wanted {
+        let backend = match source {
+            Source::Memory { size, read_only } => {
+                Backend::Sync(Arc::new(MemoryStorage::with_options(size, read_only)) as Arc<dyn Storage>)
+            }
+            Source::Rbd { spec, read_only } => rbd.open(&spec, read_only)?,
+            Source::Image(i) => Backend::Sync(opened[i].take().ok_or("an image was opened for two exports")?),
+        };
         exports.push(Export {
-            name: name.to_string(),
-            description: String::new(),
-            backend: open_backend(backend, &args, &[], &mut rbd)?,
+            name,
+            description,
+            backend,
         });
     }
     let (tls_policy, tls) = tls_setup(&args)?;
