@@ -108,7 +108,7 @@ impl Error {
     pub fn errno(&self) -> Option<i32> {
         match self {
             Error::Server(e) => Some(e.code.to_errno()),
-            Error::Io(e) | Error::TlsHandshake(e) => e.raw_os_error(),
+            Error::Io(e) | Error::TlsHandshake(e) => crate::socket::os_error(e),
             Error::TimedOut { .. } => Some(ETIMEDOUT),
             _ => None,
         }
@@ -683,6 +683,7 @@ pub fn request_error(e: RequestError, dead: Option<&Arc<str>>) -> Error {
     match (e, dead) {
         (RequestError::Failed, Some(why)) => Error::Disconnected(why.clone()),
         (RequestError::Failed, None) => Error::disconnected("the connection failed earlier"),
+        (RequestError::SessionFailed(why), _) => Error::Disconnected(why.to_string().into()),
         (e, _) => Error::Request(e),
     }
 }

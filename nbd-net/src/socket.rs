@@ -83,7 +83,62 @@ pub fn connect(uri: &NbdUri) -> io::Result<Socket> {
 /// resolution itself is the system resolver's, with its own timeouts); a
 /// Unix socket whose server does not accept fails when its listen queue
 /// is full and `timeout` passes. An expired timeout is `ErrorKind::TimedOut`.
+///
+/// Errors keep their kind and name what was being connected to
+/// (`Unix socket /run/nbd.sock: No such file or directory`,
+/// `host:10809: Connection refused`).
 pub fn connect_timeout(uri: &NbdUri, timeout: Option<Duration>) -> io::Result<Socket> {
+    connect_any(uri, timeout).map_err(|e| {
+        let what = match &uri.transport {
+            Transport::Tcp { host, port } if host.contains(':') => format!("[{host}]:{port}"),
+            Transport::Tcp { host, port } => format!("{host}:{port}"),
+            Transport::Unix { socket } => match socket.strip_prefix('\0') {
+                Some(name) => format!("abstract Unix socket @{name}"),
+                None => format!("Unix socket {socket}"),
+            },
+        };
+        io::Error::new(e.kind(), ConnectError { what, source: e })
+    })
+}
+
+/// A connect error with what was being connected to; its source is the
+/// system's error (whose OS error number [`os_error`] finds).
+#[derive(Debug)]
+struct ConnectError {
+    what: String,
+    source: io::Error,
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.what, self.source)
+    }
+}
+
+impl std::error::Error for ConnectError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// The OS error number of `e`, or of the system error it wraps (as the
+/// errors of [`connect_timeout`] wrap theirs).
+pub fn os_error(e: &io::Error) -> Option<i32> {
+    if let Some(code) = e.raw_os_error() {
+        return Some(code);
+    }
+    let mut inner: &(dyn std::error::Error + 'static) = e.get_ref()?;
+    loop {
+        if let Some(io) = inner.downcast_ref::<io::Error>()
+            && let Some(code) = io.raw_os_error()
+        {
+            return Some(code);
+        }
+        inner = inner.source()?;
+    }
+}
+
+fn connect_any(uri: &NbdUri, timeout: Option<Duration>) -> io::Result<Socket> {
     let Some(timeout) = timeout else {
         return connect_blocking(uri);
     };
@@ -268,5 +323,26 @@ impl<'a> Gather<'a> {
         let p = (n - h).min(self.payload.len());
         self.payload = &self.payload[p..];
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod connect_tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_what_was_connected_to() {
+        let uri: NbdUri = "nbd+unix:///?socket=/nonexistent/nbd.sock".parse().unwrap();
+        let Err(e) = connect(&uri) else {
+            panic!("connected to no socket")
+        };
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert!(e.to_string().starts_with("Unix socket /nonexistent/nbd.sock: "), "{e}");
+        assert_eq!(os_error(&e), Some(2), "ENOENT");
+        let Err(e) = connect_timeout(&uri, Some(Duration::from_secs(1))) else {
+            panic!("connected to no socket")
+        };
+        assert!(e.to_string().contains("/nonexistent/nbd.sock"), "{e}");
+        assert_eq!(os_error(&e), Some(2), "ENOENT");
     }
 }

@@ -11,6 +11,34 @@ use bitflags::bitflags;
 use zerocopy::byteorder::network_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
+/// A number that both `Debug` and `Display` print in hexadecimal, padded
+/// to its width (`0x25609513`, `0x49484156454f5054`), as the spec writes
+/// magic numbers: the field type of the magic numbers, flags and cookies
+/// that violations carry, so that `{:?}` of an error reads like the spec.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Hex<T>(pub T);
+
+impl core::fmt::Debug for Hex<u32> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{:#010x}", self.0)
+    }
+}
+
+impl core::fmt::Debug for Hex<u64> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{:#018x}", self.0)
+    }
+}
+
+impl<T> core::fmt::Display for Hex<T>
+where
+    Hex<T>: core::fmt::Debug,
+{
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        core::fmt::Debug::fmt(self, f)
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Magics
 // ---------------------------------------------------------------------------

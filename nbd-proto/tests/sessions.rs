@@ -965,3 +965,43 @@ fn default_and_unknown_exports() {
     }
     panic!("the unknown export was not refused");
 }
+
+/// After the session failed, requests answer with the failure that ended
+/// it, not "not connected": in the handshake (a bad greeting) and in
+/// transmission (a reply with a bad magic).
+#[test]
+fn requests_after_a_failure_name_it() {
+    let mut c = ClientSession::new(ClientConfig::default());
+    let greeting_err = c.feed(&[0xffu8; 16]).map(|_| ()).unwrap_err();
+    match c.start_request(Request::new(Command::READ, 0, 512)) {
+        Err(RequestError::SessionFailed(why)) => assert_eq!(*why, greeting_err),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(c.disconnect(), Err(RequestError::SessionFailed(_))));
+
+    let (mut c, _s) = connect(
+        ClientConfig::default(),
+        Feeding::Exact,
+        ServerConfig::default(),
+        Feeding::Exact,
+    );
+    c.session.start_request(Request::new(Command::READ, 0, 512)).unwrap();
+    let garbage = [0xeeu8; 32];
+    let mut at = 0;
+    let e = loop {
+        match c.session.feed(&garbage[at..]) {
+            Ok((n, _)) if n > 0 && at + n < garbage.len() => at += n,
+            Ok(r) => panic!("garbage accepted: {r:?}"),
+            Err(e) => break e,
+        }
+    };
+    assert!(e.to_string().contains("0xeeeeeeee"), "{e}");
+    // Debug prints the magic as the spec writes it too.
+    assert!(format!("{e:?}").contains("BadMagic(0xeeeeeeee)"), "{e:?}");
+    let r = c.session.start_request(Request::new(Command::READ, 0, 512));
+    match r {
+        Err(RequestError::SessionFailed(ref why)) => assert_eq!(**why, e),
+        other => panic!("{other:?}"),
+    }
+    assert!(r.unwrap_err().to_string().contains("0xeeeeeeee"));
+}

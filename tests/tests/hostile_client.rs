@@ -28,7 +28,7 @@ use nbd_proto::client::{ClientConfig, HandshakeError, HandshakeViolation, ReplyV
 use nbd_proto::uri::NbdUri;
 use nbd_proto::wire::{
     BlockDescriptor, BlockDescriptorExt, BlockStatusExtHeader, CONTEXT_BASE_ALLOCATION, Command, CommandFlags,
-    EXTENDED_REPLY_MAGIC, EXTENDED_REQUEST_MAGIC, ErrorCode, ExtendedReplyHeader, ExtendedRequestHeader, IHAVEOPT,
+    EXTENDED_REPLY_MAGIC, EXTENDED_REQUEST_MAGIC, ErrorCode, ExtendedReplyHeader, ExtendedRequestHeader, Hex, IHAVEOPT,
     NBDMAGIC, OPTION_REPLY_MAGIC, OptionHeader, OptionReplyHeader, OptionType, REQUEST_MAGIC, ReplyChunkType,
     ReplyFlags, ReplyType, RequestHeader, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, SimpleReplyHeader,
     StructuredReplyHeader, TransmissionFlags,
@@ -567,7 +567,7 @@ fn bad_reply_magic() {
                 h.resize(32, 0);
                 conn.send(&h);
             },
-            |v| matches!(v, ReplyViolation::BadMagic(0x1234_5678)),
+            |v| matches!(v, ReplyViolation::BadMagic(Hex(0x1234_5678))),
         );
     }
     // The magic of a reply style that was not negotiated.
@@ -579,7 +579,7 @@ fn bad_reply_magic() {
             conn.structured = true;
             conn.chunk(req, ReplyFlags::DONE, ReplyChunkType::NONE, &[]);
         },
-        |v| matches!(v, ReplyViolation::BadMagic(STRUCTURED_REPLY_MAGIC)),
+        |v| matches!(v, ReplyViolation::BadMagic(Hex(STRUCTURED_REPLY_MAGIC))),
     );
     against_both_clients(
         "simple reply with extended headers",
@@ -915,7 +915,7 @@ fn broken_greetings_and_option_replies() {
             g.extend_from_slice(&0x1234u64.to_be_bytes());
             conn.send(&g);
         },
-        |v| matches!(v, HandshakeViolation::BadMagic(0x1234)),
+        |v| matches!(v, HandshakeViolation::BadMagic(Hex(0x1234))),
     );
     handshake_against_both(
         "a bad option reply magic",

@@ -186,14 +186,14 @@ fn fmt_message(m: &str) -> String {
 #[non_exhaustive]
 pub enum HandshakeViolation {
     /// The first 8 bytes were not `NBDMAGIC`.
-    #[error("bad initial magic {0:#018x}, expected NBDMAGIC: not an NBD server")]
-    BadInitPasswd(u64),
+    #[error("bad initial magic {0}, expected NBDMAGIC: not an NBD server")]
+    BadInitPasswd(Hex<u64>),
     /// The second magic was neither `IHAVEOPT` nor `cliserv_magic`.
-    #[error("bad second magic {0:#018x}, expected IHAVEOPT or cliserv_magic")]
-    BadMagic(u64),
+    #[error("bad second magic {0}, expected IHAVEOPT or cliserv_magic")]
+    BadMagic(Hex<u64>),
     /// An option reply did not start with the option-reply magic.
-    #[error("bad option reply magic {0:#018x}")]
-    BadOptionReplyMagic(u64),
+    #[error("bad option reply magic {0}")]
+    BadOptionReplyMagic(Hex<u64>),
     /// An option reply named another option than the one sent.
     #[error("option reply for {got} while waiting for {expected}")]
     WrongOption {
@@ -770,7 +770,7 @@ impl ClientHandshake {
             Recv::Magic => {
                 let (g, _) = ServerGreeting::read_from_prefix(data).map_err(|_| HandshakeError::Misuse("short"))?;
                 if g.nbdmagic.get() != NBDMAGIC {
-                    return Err(HandshakeViolation::BadInitPasswd(g.nbdmagic.get()).into());
+                    return Err(HandshakeViolation::BadInitPasswd(Hex(g.nbdmagic.get())).into());
                 }
                 match g.magic.get() {
                     IHAVEOPT => self.expect(Recv::HandshakeFlags, 2),
@@ -784,7 +784,7 @@ impl ClientHandshake {
                         }
                         self.expect(Recv::OldstyleTail, 8 + 4 + ZERO_PAD_LEN)
                     }
-                    other => return Err(HandshakeViolation::BadMagic(other).into()),
+                    other => return Err(HandshakeViolation::BadMagic(Hex(other)).into()),
                 }
                 Ok(())
             }
@@ -831,7 +831,7 @@ impl ClientHandshake {
             Recv::OptReplyHeader => {
                 let (h, _) = OptionReplyHeader::read_from_prefix(data).map_err(|_| HandshakeError::Misuse("short"))?;
                 if h.magic.get() != OPTION_REPLY_MAGIC {
-                    return Err(HandshakeViolation::BadOptionReplyMagic(h.magic.get()).into());
+                    return Err(HandshakeViolation::BadOptionReplyMagic(Hex(h.magic.get())).into());
                 }
                 let option = OptionType(h.option.get());
                 if option != self.pending_option {

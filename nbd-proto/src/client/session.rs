@@ -515,6 +515,7 @@ impl ClientSession {
         if req.command == Command::DISC {
             return self.disconnect().map(|()| Cookie(u64::MAX));
         }
+        self.check_not_failed()?;
         let State::Transmission(tx, _) = &mut self.state else {
             return Err(match self.state {
                 State::Closed => RequestError::Failed,
@@ -539,8 +540,12 @@ impl ClientSession {
     /// arrive, nothing can be sent after it, and the server closes the
     /// connection. A driver sends it once it needs nothing more.
     pub fn disconnect(&mut self) -> Result<(), RequestError> {
+        self.check_not_failed()?;
         let State::Transmission(tx, _) = &mut self.state else {
-            return Err(RequestError::NotConnected);
+            return Err(match self.state {
+                State::Closed => RequestError::Failed,
+                _ => RequestError::NotConnected,
+            });
         };
         let (_, header) = tx.start_request(Request::new(Command::DISC, 0, 0))?;
         self.out.extend_from_slice(header.as_bytes());
@@ -714,6 +719,14 @@ impl ClientSession {
     }
 
     // ----- internals -------------------------------------------------------
+
+    /// A request after the session failed answers with the failure.
+    fn check_not_failed(&self) -> Result<(), RequestError> {
+        match &self.failed {
+            Some(e) => Err(RequestError::SessionFailed(alloc::boxed::Box::new(e.clone()))),
+            None => Ok(()),
+        }
+    }
 
     fn fail(&mut self, e: ClientSessionError) -> ClientSessionError {
         if !matches!(e, ClientSessionError::Misuse(_)) {

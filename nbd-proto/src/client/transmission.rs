@@ -149,9 +149,13 @@ pub enum RequestError {
     /// `NBD_CMD_DISC` was sent; nothing may follow it.
     #[error("the connection is disconnecting")]
     Disconnecting,
-    /// The connection failed earlier.
+    /// The connection failed earlier (the driver reported it lost).
     #[error("the connection failed earlier")]
     Failed,
+    /// The session failed earlier, for this reason: the server broke a
+    /// rule, or the handshake failed.
+    #[error("the connection failed earlier: {0}")]
+    SessionFailed(alloc::boxed::Box<super::ClientSessionError>),
     /// The handshake has not finished: there is no transmission yet.
     #[error("the handshake has not finished")]
     NotConnected,
@@ -166,8 +170,8 @@ pub enum RequestError {
 #[non_exhaustive]
 pub enum ReplyViolation {
     /// A reply magic that is not valid in this mode.
-    #[error("bad reply magic {0:#010x}")]
-    BadMagic(u32),
+    #[error("bad reply magic {0}")]
+    BadMagic(Hex<u32>),
     /// A simple reply where the spec forbids one.
     #[error("simple reply not allowed here ({0})")]
     SimpleReplyNotAllowed(&'static str),
@@ -931,10 +935,10 @@ impl ClientTransmission {
             }
         }
         match self.state {
-            RecvState::Failed => Err(ReplyViolation::BadMagic(0)),
+            RecvState::Failed => Err(ReplyViolation::BadMagic(Hex(0))),
             RecvState::Header => {
                 if bytes.len() < 4 {
-                    return Err(ReplyViolation::BadMagic(0));
+                    return Err(ReplyViolation::BadMagic(Hex(0)));
                 }
                 let magic = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
                 match (magic, self.mode) {
@@ -942,8 +946,8 @@ impl ClientTransmission {
                         "extended headers were negotiated",
                     )),
                     (SIMPLE_REPLY_MAGIC, _) => {
-                        let (h, _) =
-                            SimpleReplyHeader::read_from_prefix(bytes).map_err(|_| ReplyViolation::BadMagic(magic))?;
+                        let (h, _) = SimpleReplyHeader::read_from_prefix(bytes)
+                            .map_err(|_| ReplyViolation::BadMagic(Hex(magic)))?;
                         self.simple_reply(h.cookie.get(), h.error.get())
                     }
                     (STRUCTURED_REPLY_MAGIC, Mode::Structured) => {
@@ -953,7 +957,7 @@ impl ClientTransmission {
                     }
                     (EXTENDED_REPLY_MAGIC, Mode::Extended) => {
                         let (h, _) = ExtendedReplyHeader::read_from_prefix(bytes)
-                            .map_err(|_| ReplyViolation::BadMagic(magic))?;
+                            .map_err(|_| ReplyViolation::BadMagic(Hex(magic)))?;
                         let slot = self.lookup(h.cookie.get())?;
                         let req_offset = self.slots[slot].offset;
                         if h.offset.get() != req_offset {
@@ -969,13 +973,13 @@ impl ClientTransmission {
                             h.length.get(),
                         )
                     }
-                    _ => Err(ReplyViolation::BadMagic(magic)),
+                    _ => Err(ReplyViolation::BadMagic(Hex(magic))),
                 }
             }
             RecvState::HeaderRest => {
                 self.header[SIMPLE_REPLY_HEADER_LEN..STRUCTURED_REPLY_HEADER_LEN].copy_from_slice(&bytes[..4]);
                 let (h, _) = StructuredReplyHeader::read_from_prefix(&self.header[..])
-                    .map_err(|_| ReplyViolation::BadMagic(0))?;
+                    .map_err(|_| ReplyViolation::BadMagic(Hex(0)))?;
                 let slot = self.lookup(h.cookie.get())?;
                 self.chunk_header(
                     slot,
@@ -986,7 +990,7 @@ impl ClientTransmission {
             }
             RecvState::DataOffset { slot, flags, len } => {
                 self.still_replying()?;
-                let offset = u64::from_be_bytes(bytes[..8].try_into().map_err(|_| ReplyViolation::BadMagic(0))?);
+                let offset = u64::from_be_bytes(bytes[..8].try_into().map_err(|_| ReplyViolation::BadMagic(Hex(0)))?);
                 let data_len = len - 8;
                 self.content(slot, ReplyChunkType::OFFSET_DATA, offset, data_len)?;
                 let buf_offset = offset - self.slots[slot].offset;

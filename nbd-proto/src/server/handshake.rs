@@ -254,14 +254,14 @@ impl ServerNegotiated {
 #[non_exhaustive]
 pub enum ClientViolation {
     /// Client flags with bits the spec does not define.
-    #[error("client flags {0:#010x} contain unknown bits")]
-    UnknownClientFlags(u32),
+    #[error("client flags {0} contain unknown bits")]
+    UnknownClientFlags(Hex<u32>),
     /// `NBD_FLAG_C_NO_ZEROES` although the server did not advertise it.
     #[error("client set NBD_FLAG_C_NO_ZEROES which the server did not advertise")]
     NoZeroesNotAdvertised,
     /// An option that did not start with `IHAVEOPT`.
-    #[error("bad option magic {0:#018x}, expected IHAVEOPT")]
-    BadOptionMagic(u64),
+    #[error("bad option magic {0}, expected IHAVEOPT")]
+    BadOptionMagic(Hex<u64>),
     /// `NBD_OPT_EXPORT_NAME` after extended headers were negotiated.
     #[error("NBD_OPT_EXPORT_NAME after NBD_OPT_EXTENDED_HEADERS")]
     ExportNameWithExtendedHeaders,
@@ -727,7 +727,7 @@ impl ServerHandshake {
         let bits = read_u32(data, 0).ok_or(ServerHandshakeError::Misuse("short client flags"))?;
         let flags = ClientFlags::from_bits_retain(bits);
         if !ClientFlags::all().contains(flags) {
-            return Err(ClientViolation::UnknownClientFlags(bits).into());
+            return Err(ClientViolation::UnknownClientFlags(Hex(bits)).into());
         }
         if flags.contains(ClientFlags::NO_ZEROES) && !self.config.no_zeroes {
             return Err(ClientViolation::NoZeroesNotAdvertised.into());
@@ -740,7 +740,7 @@ impl ServerHandshake {
     fn on_option_header(&mut self, data: &[u8]) -> Result<(), ServerHandshakeError> {
         let (h, _) = OptionHeader::read_from_prefix(data).map_err(|_| ServerHandshakeError::Misuse("short header"))?;
         if h.magic.get() != IHAVEOPT {
-            return Err(ClientViolation::BadOptionMagic(h.magic.get()).into());
+            return Err(ClientViolation::BadOptionMagic(Hex(h.magic.get())).into());
         }
         self.options_received = self.options_received.saturating_add(1);
         if self.options_received > self.config.max_options {

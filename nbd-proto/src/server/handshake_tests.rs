@@ -174,7 +174,7 @@ fn unknown_client_flags_close() {
     let mut hs = ServerHandshake::new(ServerConfig::default());
     hs.sent();
     let e = hs.received(&0x0000_0007u32.to_be_bytes()).unwrap_err();
-    assert_eq!(e, ClientViolation::UnknownClientFlags(7).into());
+    assert_eq!(e, ClientViolation::UnknownClientFlags(Hex(7)).into());
     assert_eq!(hs.step(), ServerStep::Closed);
 }
 

@@ -145,8 +145,8 @@ pub enum RequestEvent {
 #[non_exhaustive]
 pub enum RequestViolation {
     /// A request magic that is not the one of the negotiated header style.
-    #[error("bad request magic {0:#010x}")]
-    BadMagic(u32),
+    #[error("bad request magic {0}")]
+    BadMagic(Hex<u32>),
     /// A payload larger than the server accepts.
     #[error("{command} payload of {length} bytes exceeds the limit of {limit}")]
     PayloadTooLarge {
@@ -372,9 +372,10 @@ impl ServerTransmission {
     fn decode_header(&mut self, bytes: &[u8]) -> Result<RequestEvent, RequestViolation> {
         let extended = self.mode.extended();
         let request = if extended {
-            let (h, _) = ExtendedRequestHeader::read_from_prefix(bytes).map_err(|_| RequestViolation::BadMagic(0))?;
+            let (h, _) =
+                ExtendedRequestHeader::read_from_prefix(bytes).map_err(|_| RequestViolation::BadMagic(Hex(0)))?;
             if h.magic.get() != EXTENDED_REQUEST_MAGIC {
-                return Err(RequestViolation::BadMagic(h.magic.get()));
+                return Err(RequestViolation::BadMagic(Hex(h.magic.get())));
             }
             ServerRequest {
                 cookie: h.cookie.get(),
@@ -385,9 +386,9 @@ impl ServerTransmission {
                 contexts: ContextSelection::All,
             }
         } else {
-            let (h, _) = RequestHeader::read_from_prefix(bytes).map_err(|_| RequestViolation::BadMagic(0))?;
+            let (h, _) = RequestHeader::read_from_prefix(bytes).map_err(|_| RequestViolation::BadMagic(Hex(0)))?;
             if h.magic.get() != REQUEST_MAGIC {
-                return Err(RequestViolation::BadMagic(h.magic.get()));
+                return Err(RequestViolation::BadMagic(Hex(h.magic.get())));
             }
             ServerRequest {
                 cookie: h.cookie.get(),

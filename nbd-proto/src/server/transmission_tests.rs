@@ -170,7 +170,7 @@ fn bad_magic_is_fatal() {
     let mut h = hdr(false, NONE, Command::READ, 1, 0, 1);
     h[3] ^= 1;
     let e = t.handle_bytes(&h).unwrap_err();
-    assert_eq!(e, RequestViolation::BadMagic(REQUEST_MAGIC ^ 1).into());
+    assert_eq!(e, RequestViolation::BadMagic(Hex(REQUEST_MAGIC ^ 1)).into());
     assert_eq!(t.next(), ServerReceive::Closed);
     assert!(t.is_closed());
     assert_eq!(t.handle_bytes(&h), Err(ServerTransmissionError::Closed));
@@ -181,7 +181,7 @@ fn bad_magic_is_fatal() {
     h.extend_from_slice(&[0; 4]);
     assert_eq!(
         t.handle_bytes(&h).unwrap_err(),
-        RequestViolation::BadMagic(REQUEST_MAGIC).into()
+        RequestViolation::BadMagic(Hex(REQUEST_MAGIC)).into()
     );
 }
 

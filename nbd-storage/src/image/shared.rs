@@ -364,7 +364,7 @@ mod tests {
                 ..ImageOptions::default()
             },
         );
-        let e = set.open().err().expect("formats differ");
+        let Err(e) = set.open() else { panic!("formats differ") };
         assert!(e.to_string().contains("agree on its format"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
