@@ -521,3 +521,96 @@ fn raw_images_map_like_qemu_nbd() {
         assert!(nbdcopy_bytes(&dir, &ours.uri(""), "a") == nbdcopy_bytes(&dir, &qemu.uri(""), "b"));
     }
 }
+
+/// Overwrites `bytes` at `offset` of the file at `path`.
+fn patch(path: &Path, offset: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, offset).unwrap();
+}
+
+/// `nbd-serve ARGS... IMAGE` refuses to start, naming `field` and the
+/// file at `culprit`; and `qemu-img info QEMU_ARGS... IMAGE` refuses it
+/// too.
+fn refused_like_qemu(dir: &TempDir, args: &[&str], image: &Path, culprit: &Path, field: &str, qemu_args: &[&str]) {
+    let before = fs::read(image).unwrap();
+    let socket = dir.join("refused.sock");
+    let mut full = vec!["--socket", s(&socket)];
+    full.extend_from_slice(args);
+    full.push(s(image));
+    let out = run_timeout(&our_bin("nbd-serve"), &full, Duration::from_secs(20));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "nbd-serve served {}: {err}", image.display());
+    assert!(
+        err.contains(s(culprit)) && err.contains(&format!("invalid qcow2 header: {field}:")),
+        "{}: expected a refusal of {field} naming {}:\n{err}",
+        image.display(),
+        culprit.display()
+    );
+    assert!(!err.contains("bitmap"), "{err}");
+    assert!(fs::read(image).unwrap() == before, "refused open changed the image");
+    let mut info = vec!["info"];
+    info.extend_from_slice(qemu_args);
+    info.push(s(image));
+    let q = run("qemu-img", &info);
+    assert!(
+        !q.status.success(),
+        "qemu-img opens what nbd-serve refused ({field}):\n{}",
+        describe_output(&q)
+    );
+}
+
+#[test]
+fn corrupt_headers_are_refused_as_qemu_refuses_them() {
+    if !peers() {
+        return;
+    }
+    let dir = TempDir::new();
+    let fresh = |name: &str| {
+        let p = dir.join(name);
+        qemu_img(&["create", "-q", "-f", "qcow2", s(&p), "64M"]);
+        p
+    };
+    // Header fields (docs/interop/qcow2.txt): cluster_bits at 20, size at
+    // 24, l1_size at 36, l1_table_offset at 40; backing_file_offset at 8,
+    // backing_file_size at 16.
+    let big = fresh("big.qcow2");
+    patch(&big, 24, &(1u64 << 62).to_be_bytes());
+    let cb8 = fresh("cb8.qcow2");
+    patch(&cb8, 20, &8u32.to_be_bytes());
+    let cb30 = fresh("cb30.qcow2");
+    patch(&cb30, 20, &30u32.to_be_bytes());
+    let l1off = fresh("l1off.qcow2");
+    patch(&l1off, 40, &0x30200u64.to_be_bytes());
+    let l1small = fresh("l1small.qcow2");
+    patch(&l1small, 36, &0u32.to_be_bytes());
+    for (img, field) in [
+        (&big, "size"),
+        (&cb8, "cluster_bits"),
+        (&cb30, "cluster_bits"),
+        (&l1off, "l1_table_offset"),
+        (&l1small, "l1_size"),
+    ] {
+        refused_like_qemu(&dir, &[], img, img, field, &[]);
+        refused_like_qemu(&dir, &["-r"], img, img, field, &[]);
+    }
+    // The backing file name: longer than 1023 bytes, or past the first
+    // cluster.
+    let base = fresh("base.qcow2");
+    for (name, offset, len) in [("long.qcow2", None, 2000u32), ("past.qcow2", Some(0xfff0u64), 100)] {
+        let over = dir.join(name);
+        qemu_img(&["create", "-q", "-f", "qcow2", "-b", s(&base), "-F", "qcow2", s(&over)]);
+        if let Some(offset) = offset {
+            patch(&over, 8, &offset.to_be_bytes());
+        }
+        patch(&over, 16, &len.to_be_bytes());
+        refused_like_qemu(&dir, &["-r"], &over, &over, "backing_file_size", &[]);
+    }
+    // A corrupt backing file is refused too, naming the backing file.
+    let low = fresh("low.qcow2");
+    let top = dir.join("top.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", s(&low), "-F", "qcow2", s(&top)]);
+    patch(&low, 20, &30u32.to_be_bytes());
+    refused_like_qemu(&dir, &["-r"], &top, &low, "cluster_bits", &["--backing-chain"]);
+    refused_like_qemu(&dir, &["-s"], &top, &low, "cluster_bits", &["--backing-chain"]);
+}

@@ -18,8 +18,9 @@
 use std::fmt;
 use std::io;
 
-/// The qcow2 magic, `QFI\xfb`.
-pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
+use super::header::{HeaderError, Qcow2Header};
+pub use super::header::{QCOW2_MAGIC, ReadAt};
+
 /// Header extension type of the bitmaps extension.
 const EXT_BITMAPS: u32 = 0x2385_2875;
 /// Autoclear feature bit: the bitmaps extension is consistent.
@@ -45,45 +46,14 @@ const FLAG_AUTO: u32 = 1 << 1;
 /// Bitmap directory entry flag: unknown extra data may be ignored.
 const FLAG_EXTRA_DATA_COMPATIBLE: u32 = 1 << 2;
 
-/// Positional reads from an image file (or a byte slice, for tests and
-/// fuzzing).
-pub trait ReadAt {
-    /// Fills `buf` from `offset`; short files are an error.
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
-    /// The file's length in bytes.
-    fn file_len(&self) -> io::Result<u64>;
-}
-
-impl ReadAt for std::fs::File {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        std::os::unix::fs::FileExt::read_exact_at(self, buf, offset)
-    }
-    fn file_len(&self) -> io::Result<u64> {
-        Ok(self.metadata()?.len())
-    }
-}
-
-impl ReadAt for [u8] {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let start = usize::try_from(offset).map_err(|_| eof())?;
-        let end = start.checked_add(buf.len()).ok_or_else(eof)?;
-        buf.copy_from_slice(self.get(start..end).ok_or_else(eof)?);
-        Ok(())
-    }
-    fn file_len(&self) -> io::Result<u64> {
-        Ok(<[u8]>::len(self) as u64)
-    }
-}
-
-fn eof() -> io::Error {
-    io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end of the image file")
-}
-
 /// What is wrong with an image's bitmaps.
 #[derive(Debug)]
 pub enum BitmapError {
     /// Reading the file failed.
     Io(io::Error),
+    /// The image's header is invalid (not a bitmap problem: the header
+    /// check refuses the image whether it has bitmaps or not).
+    Header(HeaderError),
     /// A field breaks the format's rules; the text says which.
     Invalid(String),
 }
@@ -92,6 +62,7 @@ impl fmt::Display for BitmapError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             BitmapError::Io(e) => write!(f, "reading the qcow2 bitmaps: {e}"),
+            BitmapError::Header(e) => e.fmt(f),
             BitmapError::Invalid(s) => write!(f, "invalid qcow2 bitmap metadata: {s}"),
         }
     }
@@ -105,10 +76,17 @@ impl From<io::Error> for BitmapError {
     }
 }
 
+impl From<HeaderError> for BitmapError {
+    fn from(e: HeaderError) -> Self {
+        BitmapError::Header(e)
+    }
+}
+
 impl From<BitmapError> for io::Error {
     fn from(e: BitmapError) -> Self {
         match e {
             BitmapError::Io(e) => e,
+            BitmapError::Header(e) => e.into(),
             BitmapError::Invalid(_) => io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
         }
     }
@@ -161,42 +139,24 @@ pub struct Qcow2Bitmaps {
 }
 
 impl Qcow2Bitmaps {
-    /// Reads and validates the header, the bitmaps extension and the
-    /// bitmap directory of the qcow2 image in `file`, and every bitmap's
-    /// table location. Not a qcow2 image, or any field out of its bounds,
-    /// is an error.
+    /// Reads and checks the header (as [`Qcow2Header::read`] does; its
+    /// errors are [`BitmapError::Header`]), then parses the bitmaps as
+    /// [`Qcow2Bitmaps::from_header`] does.
     pub fn parse<R: ReadAt + ?Sized>(file: &R) -> Result<Qcow2Bitmaps, BitmapError> {
+        let header = Qcow2Header::read(file)?;
+        Qcow2Bitmaps::from_header(file, &header)
+    }
+
+    /// Reads and validates the bitmaps extension and the bitmap directory
+    /// of the qcow2 image in `file`, whose checked header is `header`, and
+    /// every bitmap's table location. Any field out of its bounds is an
+    /// error.
+    pub fn from_header<R: ReadAt + ?Sized>(file: &R, header: &Qcow2Header) -> Result<Qcow2Bitmaps, BitmapError> {
         let file_len = file.file_len()?;
-        let mut h = [0u8; 104];
-        if file_len < 72 {
-            return invalid("file too short for a qcow2 header");
-        }
-        let hlen = if file_len >= 104 { 104 } else { 72 };
-        file.read_exact_at(&mut h[..hlen], 0)?;
-        if h[..4] != QCOW2_MAGIC {
-            return invalid("not a qcow2 image (bad magic)");
-        }
-        let version = be32(&h, 4);
-        let cluster_bits = be32(&h, 20);
-        if !(9..=21).contains(&cluster_bits) {
-            return invalid(format!("cluster_bits {cluster_bits} out of range 9..=21"));
-        }
-        let cluster_size = 1u64 << cluster_bits;
-        let disk_size = be64(&h, 24);
-        let (autoclear, ext_start) = match version {
-            2 => (0, 72u64),
-            3 => {
-                if hlen < 104 {
-                    return invalid("file too short for a version 3 header");
-                }
-                let header_length = be32(&h, 100) as u64;
-                if header_length < 104 || header_length > cluster_size || !header_length.is_multiple_of(8) {
-                    return invalid(format!("header_length {header_length} invalid"));
-                }
-                (be64(&h, 88), header_length)
-            }
-            v => return invalid(format!("unsupported qcow2 version {v}")),
-        };
+        let version = header.version;
+        let cluster_size = header.cluster_size();
+        let disk_size = header.size;
+        let (autoclear, ext_start) = (header.autoclear_features, u64::from(header.header_length));
         let mut out = Qcow2Bitmaps {
             bitmaps: Vec::new(),
             has_extension: false,
@@ -507,6 +467,12 @@ mod tests {
         f[4..8].copy_from_slice(&3u32.to_be_bytes());
         f[20..24].copy_from_slice(&9u32.to_be_bytes());
         f[24..32].copy_from_slice(&disk_size.to_be_bytes());
+        // An L1 table covering the disk (an L2 table of 64 entries maps
+        // 32 KiB) and a refcount table, both at offset 0: the header
+        // check only wants them aligned.
+        let l1 = disk_size.div_ceil(32 << 10) as u32;
+        f[36..40].copy_from_slice(&l1.to_be_bytes());
+        f[56..60].copy_from_slice(&1u32.to_be_bytes());
         f[88..96].copy_from_slice(&1u64.to_be_bytes());
         f[96..100].copy_from_slice(&4u32.to_be_bytes());
         f[100..104].copy_from_slice(&104u32.to_be_bytes());
@@ -584,6 +550,13 @@ mod tests {
         f[88..96].copy_from_slice(&0u64.to_be_bytes());
         let bm = Qcow2Bitmaps::parse(&f[..]).unwrap();
         assert!(bm.has_extension && bm.bitmaps.is_empty());
+        // Header errors are reported as such, not as bitmap errors.
+        let mut f = good.clone();
+        f[20..24].copy_from_slice(&8u32.to_be_bytes());
+        let e = Qcow2Bitmaps::parse(&f[..]).unwrap_err();
+        assert!(matches!(e, BitmapError::Header(_)), "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains("cluster_bits") && !msg.contains("bitmap"), "{msg}");
         // Every truncation is an error or a clean parse, never a panic.
         for n in 0..good.len() {
             let _ = Qcow2Bitmaps::parse(&good[..n]);

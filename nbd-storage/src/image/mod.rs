@@ -31,6 +31,7 @@
 //!   first (`qemu-img bitmap --remove`).
 
 pub mod bitmap;
+pub mod header;
 pub mod lock;
 mod qcow2;
 mod shared;

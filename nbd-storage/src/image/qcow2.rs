@@ -16,6 +16,7 @@ use imago::{
 use nbd_proto::wire::{AllocationFlags, CONTEXT_QEMU_ALLOCATION_DEPTH, CONTEXT_QEMU_DIRTY_BITMAP_PREFIX};
 
 use super::bitmap::{DirtyBitmap, Qcow2Bitmaps};
+use super::header::Qcow2Header;
 use super::lock::{LockPerms, lock_image};
 use super::{ImageFormat, ImageOptions, Probed, anonymous_temp_file, contexts, default_temp_dir, open_file, probe};
 use crate::{
@@ -65,6 +66,20 @@ fn other(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
 }
 
+/// Reads and checks the header of the qcow2 image `file` (at `path`) as
+/// QEMU does when it opens one; run first on every qcow2 layer, before
+/// the bitmap parser and `imago` look at it. The error names the file and
+/// the header field.
+fn checked_header(path: &Path, file: &File) -> io::Result<Qcow2Header> {
+    Qcow2Header::read(file).map_err(|e| {
+        let kind = match &e {
+            super::header::HeaderError::Io(e) => e.kind(),
+            super::header::HeaderError::Invalid { .. } => io::ErrorKind::InvalidData,
+        };
+        io::Error::new(kind, format!("{}: {e}", path.display()))
+    })
+}
+
 /// Opens one layer of a chain: `file` (already opened by the caller,
 /// read-write exactly when `writable`) in `format`, locking it as QEMU
 /// would, and its backing chain below it (read-only).
@@ -88,6 +103,9 @@ fn open_layer(
         )));
     }
     let what = path.display().to_string();
+    if format == ImageFormat::Qcow2 {
+        checked_header(path, &file)?;
+    }
     let perms = match (format, writable, level) {
         (ImageFormat::Qcow2, true, _) => LockPerms::QCOW2_WRITABLE,
         (ImageFormat::Qcow2, false, _) => LockPerms::QCOW2_READ_ONLY,
@@ -181,7 +199,10 @@ pub(super) fn open_image(
     let mut bitmaps = Vec::new();
     let mut bitmap_file = None;
     if format == ImageFormat::Qcow2 {
-        let parsed = Qcow2Bitmaps::parse(&file).map_err(|e| other(format!("{what}: {e}")))?;
+        // The header check comes first (open_layer repeats it, as it does
+        // for every layer of the chain).
+        let header = checked_header(path, &file)?;
+        let parsed = Qcow2Bitmaps::from_header(&file, &header).map_err(|e| other(format!("{what}: {e}")))?;
         if writable_open && !parsed.bitmaps.is_empty() {
             let names: Vec<&str> = parsed.bitmaps.iter().map(|b| b.name.as_str()).collect();
             return Err(io::Error::new(
