@@ -30,6 +30,7 @@ use nbd_net::client::{
     HandshakeIo, Incoming, Options, Replies, Stop, add_block_status, data_range, fill_hole, outcome, reason, split_len,
     uri_tls,
 };
+#[cfg(feature = "tls")]
 use nbd_net::rustls;
 use nbd_net::{ClientTls, LazyClientTls};
 use nbd_proto::client::{
@@ -50,22 +51,26 @@ pub use nbd_net::{Socket, connect};
 trait Stream: Read + Write + Send {}
 impl<T: Read + Write + Send> Stream for T {}
 
+#[cfg(feature = "tls")]
 /// A TLS client session over the socket. Dropping it sends a
 /// `close_notify` alert (best effort), so that the server sees a clean end.
 struct TlsStream(rustls::StreamOwned<rustls::ClientConnection, Socket>);
 
+#[cfg(feature = "tls")]
 impl std::fmt::Debug for TlsStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_tuple("TlsStream").field(&self.0.sock).finish()
     }
 }
 
+#[cfg(feature = "tls")]
 impl Read for TlsStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.0.read(buf)
     }
 }
 
+#[cfg(feature = "tls")]
 impl Write for TlsStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.0.write(buf)
@@ -75,6 +80,7 @@ impl Write for TlsStream {
     }
 }
 
+#[cfg(feature = "tls")]
 impl Drop for TlsStream {
     fn drop(&mut self) {
         self.0.conn.send_close_notify();
@@ -86,6 +92,7 @@ impl Drop for TlsStream {
 #[derive(Debug)]
 enum Conn {
     Plain(Socket),
+    #[cfg(feature = "tls")]
     Tls(Box<TlsStream>),
     /// Closed after a fatal error (the socket was dropped): reads and
     /// writes nothing.
@@ -124,6 +131,7 @@ impl Conn {
     fn socket(&self) -> Option<&Socket> {
         match self {
             Conn::Plain(s) => Some(s),
+            #[cfg(feature = "tls")]
             Conn::Tls(t) => Some(&t.0.sock),
             Conn::Closed(_) => None,
         }
@@ -184,6 +192,7 @@ impl Conn {
     fn stream(&mut self) -> &mut dyn Stream {
         match self {
             Conn::Plain(s) => s,
+            #[cfg(feature = "tls")]
             Conn::Tls(t) => &mut **t,
             Conn::Closed(nothing) => nothing,
         }
@@ -191,6 +200,7 @@ impl Conn {
 
     /// Runs the TLS client handshake over the socket (right after the
     /// server's ACK of `NBD_OPT_STARTTLS`).
+    #[cfg(feature = "tls")]
     fn start_tls(&mut self, tls: &ClientTls) -> Result<()> {
         let Conn::Plain(socket) = std::mem::replace(self, Conn::Closed(io::empty())) else {
             return Err(Error::Misuse("TLS started twice"));
@@ -209,6 +219,13 @@ impl Conn {
         handshake(&mut s).map_err(Error::TlsHandshake)?;
         *self = Conn::Tls(Box::new(TlsStream(s)));
         Ok(())
+    }
+
+    /// Without the `tls` feature there are no credentials to start TLS
+    /// with (`LazyClientTls::get` refuses first).
+    #[cfg(not(feature = "tls"))]
+    fn start_tls(&mut self, tls: &ClientTls) -> Result<()> {
+        match *tls {}
     }
 }
 

@@ -12,11 +12,21 @@
 //! Both speak TLS (STARTTLS, rustls `StreamOwned`) with the credentials
 //! `nbd_net` builds: the client from the URI (`nbds://`,
 //! `tls-certificates=DIR`, ...), the server from
-//! [`server::ServerOptions::tls`]. Errors are [`nbd_net::Error`], the
+//! `server::ServerOptions::tls`. Errors are [`nbd_net::Error`], the
 //! async client's too.
+//!
+//! Cargo features (both on by default): `tls` (STARTTLS with rustls) and
+//! `server` (the server, with nbd-storage's backends). A simple client
+//! tool turns both off and compiles nbd-proto, nbd-net and a handful of
+//! small crates:
+//!
+//! ```toml
+//! nbd-blocking = { version = "0.1", default-features = false }
+//! ```
 #![warn(missing_docs)]
 
 pub mod client;
+#[cfg(feature = "server")]
 pub mod server;
 
 pub use client::{BlockStatus, Client, ClientIo, Error, Negotiation, Result, Socket};

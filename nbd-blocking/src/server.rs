@@ -7,10 +7,12 @@
 //! buffered (or the connection must wait), so storage that runs on the I/O
 //! pool still overlaps with reading. TLS runs on the same thread.
 
+#[cfg(feature = "tls")]
 use std::cell::RefCell;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
+#[cfg(feature = "tls")]
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
@@ -18,21 +20,25 @@ use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 pub use nbd_net::ServerOptions;
+#[cfg(feature = "tls")]
 use nbd_net::rustls;
-use nbd_storage::serve::{
-    Export, IDLE_RELEASE, Negotiation, ReplyWriter, ServeConnection, ServeContext, ServeError, Status,
-};
+#[cfg(feature = "tls")]
+use nbd_storage::serve::ServeError;
+use nbd_storage::serve::{Export, IDLE_RELEASE, Negotiation, ReplyWriter, ServeConnection, ServeContext, Status};
 
+#[cfg(feature = "tls")]
 /// One side of a TLS session that the reading and the writing half of a
 /// connection (both on the connection's thread) share.
 struct TlsHalf<S: Read + Write>(Rc<RefCell<rustls::StreamOwned<rustls::ServerConnection, S>>>);
 
+#[cfg(feature = "tls")]
 impl<S: Read + Write> Read for TlsHalf<S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.0.borrow_mut().read(buf)
     }
 }
 
+#[cfg(feature = "tls")]
 impl<S: Read + Write> Write for TlsHalf<S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.0.borrow_mut().write(buf)
@@ -182,6 +188,36 @@ impl Server {
         if self.negotiate(&mut conn, &mut r, &mut w, deadline, &control)? != Negotiation::StartTls {
             return self.after_handshake(conn, &mut r, &mut w, &control);
         }
+        self.serve_tls(conn, r, w, deadline, control)
+    }
+
+    /// Without the `tls` feature there is no certificate: a client's
+    /// `NBD_OPT_STARTTLS` that the policy acknowledged ends the connection.
+    #[cfg(not(feature = "tls"))]
+    fn serve_tls<S: ServerStream>(
+        &self,
+        conn: ServeConnection,
+        r: BufReader<S>,
+        _w: S,
+        _deadline: Option<Instant>,
+        _control: S,
+    ) -> io::Result<()> {
+        match conn.starting_tls::<std::convert::Infallible>(r.buffer().len(), None) {
+            Ok(never) => match never {},
+            Err(e) => Err(invalid_data(e)),
+        }
+    }
+
+    /// Upgrades the connection to TLS and goes on negotiating over it.
+    #[cfg(feature = "tls")]
+    fn serve_tls<S: ServerStream>(
+        &self,
+        mut conn: ServeConnection,
+        r: BufReader<S>,
+        w: S,
+        deadline: Option<Instant>,
+        control: S,
+    ) -> io::Result<()> {
         let config = conn
             .starting_tls(r.buffer().len(), self.options.tls.clone())
             .map_err(invalid_data)?;
@@ -393,6 +429,7 @@ fn write_replies<W: Write>(writer: &mut ReplyWriter, waker: &Waker, w: &mut W, t
 }
 
 /// Runs the server side of a TLS handshake to its end.
+#[cfg(feature = "tls")]
 fn tls_handshake<S: Read + Write>(tls: &mut rustls::StreamOwned<rustls::ServerConnection, S>) -> io::Result<()> {
     while tls.conn.is_handshaking() {
         tls.conn.complete_io(&mut tls.sock)?;

@@ -3,18 +3,25 @@
 //! driving a client session ([`client`]), deadlines and reconnection
 //! ([`resilience`]), connecting to the server a URI
 //! names ([`socket`]), TLS credentials ([`tls`], re-exported here) and the
-//! servers' options ([`ServerOptions`]).
+//! servers' options (`ServerOptions`).
+//!
+//! Cargo features: `tls` (on by default) builds the TLS credentials with
+//! rustls; without it, TLS is refused with `TlsError::NotBuilt`
+//! errors and rustls is not compiled. `server` (off by default; the
+//! runtimes' own `server` features turn it on) adds `ServerOptions`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod client;
 pub mod resilience;
+#[cfg(feature = "server")]
 pub mod server;
 pub mod socket;
 pub mod tls;
 
 pub use client::{BlockStatus, Error, Result};
 pub use resilience::{ConnectOptions, Reconnect, Stats, StatsSnapshot, Timeouts};
+#[cfg(feature = "server")]
 pub use server::ServerOptions;
 pub use socket::{Socket, connect};
 pub use tls::*;

@@ -1,6 +1,7 @@
 //! What both servers (the blocking one and the async one) are configured
 //! with.
 
+#[cfg(feature = "tls")]
 use std::sync::Arc;
 
 use nbd_proto::server::ServerConfig;
@@ -24,6 +25,7 @@ pub struct ServerOptions {
     /// [`TlsPolicy::NoTls`](nbd_proto::server::TlsPolicy::NoTls): without
     /// them a client's `NBD_OPT_STARTTLS` is acknowledged by the policy but
     /// the connection is then closed.
+    #[cfg(feature = "tls")]
     pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
@@ -34,6 +36,7 @@ impl Default for ServerOptions {
             limits: Limits::default(),
             max_connections: 1024,
             verbose: false,
+            #[cfg(feature = "tls")]
             tls: None,
         }
     }

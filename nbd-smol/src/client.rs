@@ -128,6 +128,28 @@ async fn negotiate_within(
     .await
 }
 
+/// Runs the TLS client handshake over the connection's halves (right
+/// after the server's ACK of `NBD_OPT_STARTTLS`) and puts the TLS halves
+/// in their place.
+#[cfg(feature = "tls")]
+async fn start_tls(r: &mut BoxRead, w: &mut BoxWrite, creds: &crate::tls::ClientTls) -> Result<()> {
+    let plain_r = std::mem::replace(r, Box::new(futures_lite::io::empty()));
+    let plain_w = std::mem::replace(w, Box::new(futures_lite::io::sink()));
+    let (tr, tw) = crate::tls::connect(plain_r, plain_w, creds)
+        .await
+        .map_err(Error::TlsHandshake)?;
+    *r = Box::new(tr);
+    *w = Box::new(tw);
+    Ok(())
+}
+
+/// Without the `tls` feature there are no credentials to start TLS with
+/// (`LazyClientTls::get` refuses first).
+#[cfg(not(feature = "tls"))]
+async fn start_tls(_r: &mut BoxRead, _w: &mut BoxWrite, creds: &crate::tls::ClientTls) -> Result<()> {
+    match *creds {}
+}
+
 /// Pumps a handshake until it stops, upgrading the halves to TLS when the
 /// server accepts `NBD_OPT_STARTTLS`.
 async fn negotiate(hs: &mut Handshake, r: &mut BoxRead, w: &mut BoxWrite, tls: &LazyClientTls) -> Result<Stop> {
@@ -148,14 +170,7 @@ async fn negotiate(hs: &mut Handshake, r: &mut BoxRead, w: &mut BoxWrite, tls: &
                 hs.received()?;
             }
             HandshakeIo::StartTls => {
-                let creds = tls.get()?;
-                let plain_r = std::mem::replace(r, Box::new(futures_lite::io::empty()));
-                let plain_w = std::mem::replace(w, Box::new(futures_lite::io::sink()));
-                let (tr, tw) = crate::tls::connect(plain_r, plain_w, &creds)
-                    .await
-                    .map_err(Error::TlsHandshake)?;
-                *r = Box::new(tr);
-                *w = Box::new(tw);
+                start_tls(r, w, &tls.get()?).await?;
                 hs.tls_established()?;
             }
             HandshakeIo::Stopped(stop) => return Ok(stop),

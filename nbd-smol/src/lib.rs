@@ -7,18 +7,24 @@
 //! - [`client::Negotiation`]: option mode (list exports, ask about them,
 //!   meta contexts, then go or abort).
 //! - [`pool::Pool`]: several connections to one export (multi-conn).
-//! - [`server::Server`]: an async server for many clients and several
+//! - `server::Server` (feature `server`): an async server for many clients and several
 //!   exports, serving from `nbd_storage`.
-//! - [`tls`]: STARTTLS for both (futures-rustls over the connection's
+//! - [`tls`]: STARTTLS for both (feature `tls`) (futures-rustls over the connection's
 //!   halves; credentials from `nbd_net`).
 //!
 //! Errors are [`nbd_net::Error`], the blocking client's too. See
 //! [`client`] for the threads the client runs on.
+//!
+//! Cargo features (both on by default): `tls` (STARTTLS with
+//! futures-rustls) and `server` (the server, with nbd-storage's
+//! backends). An async client without TLS turns both off and compiles the
+//! smol stack, nbd-proto and nbd-net only.
 #![warn(missing_docs)]
 
 pub mod client;
 pub mod io;
 pub mod pool;
+#[cfg(feature = "server")]
 pub mod server;
 pub mod tls;
 

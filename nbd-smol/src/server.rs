@@ -39,9 +39,9 @@ use std::time::{Duration, Instant};
 
 use futures_lite::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 pub use nbd_net::ServerOptions;
-use nbd_storage::serve::{
-    Export, IDLE_RELEASE, Negotiation, ReplyWriter, ServeConnection, ServeContext, ServeError, Status,
-};
+#[cfg(feature = "tls")]
+use nbd_storage::serve::ServeError;
+use nbd_storage::serve::{Export, IDLE_RELEASE, Negotiation, ReplyWriter, ServeConnection, ServeContext, Status};
 use smol::Async;
 use smol::lock::Semaphore;
 
@@ -575,6 +575,42 @@ impl Server {
         if with_deadline(deadline, self.negotiate(&mut conn, &mut r, &mut w)).await? != Negotiation::StartTls {
             return self.after_handshake(conn, &mut r, &mut w).await;
         }
+        self.serve_tls(conn, r, w, deadline).await
+    }
+
+    /// Without the `tls` feature there is no certificate: a client's
+    /// `NBD_OPT_STARTTLS` that the policy acknowledged ends the connection.
+    #[cfg(not(feature = "tls"))]
+    async fn serve_tls<R, W>(
+        &self,
+        conn: ServeConnection,
+        r: BufReader<R>,
+        _w: W,
+        _deadline: Option<Instant>,
+    ) -> io::Result<()>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        match conn.starting_tls::<std::convert::Infallible>(r.buffer().len(), None) {
+            Ok(never) => match never {},
+            Err(e) => Err(invalid_data(e)),
+        }
+    }
+
+    /// Upgrades the connection to TLS and goes on negotiating over it.
+    #[cfg(feature = "tls")]
+    async fn serve_tls<R, W>(
+        &self,
+        mut conn: ServeConnection,
+        r: BufReader<R>,
+        w: W,
+        deadline: Option<Instant>,
+    ) -> io::Result<()>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
         let config = conn
             .starting_tls(r.buffer().len(), self.options.tls.clone())
             .map_err(invalid_data)?;

@@ -31,8 +31,18 @@ use super::{ImageFormat, ImageOptions, contexts, decide_format, open, open_file}
 use crate::cow::CowStorage;
 use crate::{Capabilities, Extent, StatusExtent, Storage, ZeroFlags, errno_error};
 
-/// Images to open for several exports, each file once; see the
-/// [module](self) documentation.
+/// Images to open for several exports, each file once.
+///
+/// Two exports that opened one file twice would take QEMU's image locks
+/// against each other (OFD locks conflict between two open file
+/// descriptions, even in one process). So the set opens every distinct
+/// file (by device and inode, whatever path names it) once, in the
+/// strongest mode any of its exports needs, takes the locks once, and
+/// gives each export a view of that one image: a writable export gets the
+/// image itself, a read-only one a read-only view that sees the writable
+/// one's writes, a snapshot one a copy-on-write overlay of its own
+/// ([`CowStorage`](crate::cow::CowStorage)). A file named by one export
+/// only is opened exactly as [`open`] opens it.
 ///
 /// ```no_run
 /// use nbd_storage::image::{ImageOptions, ImageSet};
