@@ -1,7 +1,7 @@
 //! A simple thread-per-connection NBD server over std sockets.
 //!
 //! Everything but the sockets, TLS and timeouts is
-//! [`nbd_storage::serve::ServeConnection`], shared with the async server.
+//! [`nbd_server::ServeConnection`], shared with the async server.
 //! Each connection is served by one thread: it feeds the requests the
 //! client has sent, and writes the replies whenever no more input is
 //! buffered (or the connection must wait), so storage that runs on the I/O
@@ -19,12 +19,12 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
-pub use nbd_net::ServerOptions;
 #[cfg(feature = "tls")]
 use nbd_net::rustls;
 #[cfg(feature = "tls")]
-use nbd_storage::serve::ServeError;
-use nbd_storage::serve::{Export, IDLE_RELEASE, Negotiation, ReplyWriter, ServeConnection, ServeContext, Status};
+use nbd_server::ServeError;
+pub use nbd_server::ServerOptions;
+use nbd_server::{Export, IDLE_RELEASE, Negotiation, ReplyWriter, ServeConnection, ServeContext, Status};
 
 #[cfg(feature = "tls")]
 /// One side of a TLS session that the reading and the writing half of a
@@ -293,7 +293,7 @@ impl Server {
         if self.options.verbose
             && let (Some(neg), Some(export)) = (conn.negotiated(), conn.export())
         {
-            eprintln!("nbd server: {}", nbd_storage::serve::describe(neg, export));
+            eprintln!("nbd server: {}", nbd_server::describe(neg, export));
         }
         let mut writer = conn.reply_writer();
         let waker = Waker::from(Arc::new(Unpark(std::thread::current())));

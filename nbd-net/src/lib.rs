@@ -2,26 +2,21 @@
 //! side of `nbd-proto`: the client's error type and the I/O-free parts of
 //! driving a client session ([`client`]), deadlines and reconnection
 //! ([`resilience`]), connecting to the server a URI
-//! names ([`socket`]), TLS credentials ([`tls`], re-exported here) and the
-//! servers' options (`ServerOptions`).
+//! names ([`socket`]) and TLS credentials ([`tls`], re-exported here).
+//! It knows nothing of storage or of serving (the `nbd-server` crate).
 //!
 //! Cargo features: `tls` (on by default) builds the TLS credentials with
 //! rustls; without it, TLS is refused with `TlsError::NotBuilt`
-//! errors and rustls is not compiled. `server` (off by default; the
-//! runtimes' own `server` features turn it on) adds `ServerOptions`.
+//! errors and rustls is not compiled.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod client;
 pub mod resilience;
-#[cfg(feature = "server")]
-pub mod server;
 pub mod socket;
 pub mod tls;
 
 pub use client::{BlockStatus, Error, Result};
 pub use resilience::{ConnectOptions, Reconnect, Stats, StatsSnapshot, Timeouts};
-#[cfg(feature = "server")]
-pub use server::ServerOptions;
 pub use socket::{Socket, connect};
 pub use tls::*;

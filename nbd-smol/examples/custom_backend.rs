@@ -14,8 +14,8 @@ use std::io;
 use std::sync::Arc;
 
 use nbd_proto::wire::ErrorCode;
+use nbd_server::Export;
 use nbd_smol::server::{Listener, Server, ServerOptions};
-use nbd_storage::serve::Export;
 use nbd_storage::{Capabilities, Storage, check_range};
 
 struct Pattern {

@@ -21,7 +21,7 @@
 //!   `EBADF`, `ENOTSOCK`, ...) ends [`Server::serve`] with that error.
 //!
 //! Everything but the sockets, TLS and timers is
-//! [`nbd_storage::serve::ServeConnection`], shared with the blocking
+//! [`nbd_server::ServeConnection`], shared with the blocking
 //! server: this module reads bytes into it and writes what it gives out.
 //! Each connection is one task with two halves that run at once: a reader
 //! that feeds requests in (waiting when the connection says it must) and a
@@ -38,10 +38,10 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures_lite::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
-pub use nbd_net::ServerOptions;
 #[cfg(feature = "tls")]
-use nbd_storage::serve::ServeError;
-use nbd_storage::serve::{Export, IDLE_RELEASE, Negotiation, ReplyWriter, ServeConnection, ServeContext, Status};
+use nbd_server::ServeError;
+pub use nbd_server::ServerOptions;
+use nbd_server::{Export, IDLE_RELEASE, Negotiation, ReplyWriter, ServeConnection, ServeContext, Status};
 use smol::Async;
 use smol::lock::Semaphore;
 
@@ -680,7 +680,7 @@ impl Server {
         if self.options.verbose
             && let (Some(neg), Some(export)) = (conn.negotiated(), conn.export())
         {
-            eprintln!("nbd-serve: {}", nbd_storage::serve::describe(neg, export));
+            eprintln!("nbd-serve: {}", nbd_server::describe(neg, export));
         }
         let mut writer = conn.reply_writer();
         let reader = async {

@@ -1,5 +1,5 @@
-//! Storage backends shared by the NBD servers, and the part of a server
-//! that does not depend on the runtime ([`serve`]).
+//! Storage backends shared by the NBD servers: what a server serves, and
+//! nothing of the server itself (that is the `nbd-server` crate).
 //!
 //! Both NBD runtimes (the blocking one and the `smol` one) serve exports
 //! through one of two abstractions:
@@ -9,7 +9,7 @@
 //!   `Arc<dyn Storage>` that every connection to the export shares. Storage
 //!   that says it never blocks ([`Storage::never_blocks`]: the memory
 //!   export) is called in place, on the thread that reads the connection;
-//!   any other is called on the server's I/O pool ([`serve::IoPool`]), so a
+//!   any other is called on the server's I/O pool (`nbd_server::IoPool`), so a
 //!   slow call (an `fdatasync` on a real disk) never delays other
 //!   connections' requests.
 //! * [`AsyncStorage`]: for storage that is asynchronous by nature (a
@@ -66,17 +66,17 @@ use std::io;
 
 pub use nbd_proto::wire::{AllocationFlags, BlockSizeConstraints};
 
+pub mod completion;
 pub mod cow;
 mod file;
 pub mod image;
 mod memory;
 #[cfg(feature = "rbd")]
 pub mod rbd;
-pub mod serve;
 
+pub use completion::{Completion, CompletionSink, Done};
 pub use file::FileStorage;
-pub use memory::MemoryStorage;
-pub use serve::Completion;
+pub use memory::{MemoryStorage, is_zero};
 
 /// What an export supports; the servers turn it into the NBD transmission
 /// flags and the `NBD_INFO_BLOCK_SIZE` reply.
@@ -335,7 +335,7 @@ pub enum SparseReads {
     /// [`Storage::block_status`]): holes are not read at all.
     BlockStatus,
     /// From the bytes read: the whole range is read and runs of all-zero
-    /// blocks ([`serve::HOLE_GRAIN`] bytes, aligned to the export's
+    /// blocks (`nbd_server::HOLE_GRAIN` bytes, aligned to the export's
     /// offsets) are sent as holes. The cost is that of the read, whatever
     /// the size of the export: for backends whose hole lookups can cost in
     /// proportion to the file (on tmpfs, `lseek(SEEK_DATA)` walks the page

@@ -386,8 +386,9 @@ fn new_page() -> io::Result<Box<[u8]>> {
     Ok(page.into_boxed_slice())
 }
 
-/// Whether `buf` is all zero; vectorises well.
-pub(crate) fn is_zero(buf: &[u8]) -> bool {
+/// Whether `buf` is all zero; vectorises well (servers use it to send
+/// the zero blocks of a READ as holes).
+pub fn is_zero(buf: &[u8]) -> bool {
     let mut chunks = buf.chunks_exact(128);
     for chunk in &mut chunks {
         if chunk.iter().fold(0u8, |acc, &b| acc | b) != 0 {

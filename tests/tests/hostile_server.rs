@@ -32,8 +32,8 @@ use nbd_proto::wire::{
     HandshakeFlags, IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC, OptionHeader, OptionType, REQUEST_MAGIC, ReplyChunkType,
     ReplyFlags, ReplyType, RequestHeader, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, TransmissionFlags,
 };
+use nbd_server::Export;
 use nbd_storage::MemoryStorage;
-use nbd_storage::serve::Export;
 use nbd_tests::*;
 use zerocopy::IntoBytes;
 

@@ -17,8 +17,8 @@ use nbd_proto::client::{ClientConfig, Mode, RequestError};
 use nbd_proto::server::ServerConfig;
 use nbd_proto::uri::NbdUri;
 use nbd_proto::wire::{CommandFlags, TransmissionFlags};
+use nbd_server::Export;
 use nbd_storage::MemoryStorage;
-use nbd_storage::serve::Export;
 use nbd_tests::*;
 
 const MIB: u64 = 1 << 20;

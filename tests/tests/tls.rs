@@ -28,8 +28,8 @@ use nbd_proto::client::{ClientConfig, HandshakeError, Mode};
 use nbd_proto::server::{ServerConfig, TlsPolicy};
 use nbd_proto::uri::NbdUri;
 use nbd_proto::wire::{OptionType, ReplyType};
+use nbd_server::Export;
 use nbd_storage::MemoryStorage;
-use nbd_storage::serve::Export;
 use nbd_tests::tls::{Certificates, make_certificates};
 use nbd_tests::*;
 

@@ -32,8 +32,8 @@ use nbd_blocking::server::{Server as BlockingServer, ServerOptions};
 use nbd_proto::client::ClientConfig;
 use nbd_proto::server::{ServerConfig, TlsPolicy};
 use nbd_proto::uri::NbdUri;
+use nbd_server::Export;
 use nbd_storage::FileStorage;
-use nbd_storage::serve::Export;
 use nbd_tests::*;
 
 /// The size of the disks served.

@@ -39,10 +39,10 @@ use clap::Parser;
 use nbd_proto::common::TlsMode;
 use nbd_proto::server::{ServerConfig, TlsPolicy};
 use nbd_proto::uri::{NbdUri, Transport};
+use nbd_server::{Backend, Export, Limits};
 use nbd_smol::server::{Listener, Server, ServerOptions};
 use nbd_smol::tls::ServerTlsOptions;
 use nbd_storage::image::{ImageFormat, ImageOptions, ImageSet};
-use nbd_storage::serve::{Backend, Export, Limits};
 use nbd_storage::{MemoryStorage, Storage};
 use nbd_tools::captive::describe_status;
 use nbd_tools::cli::{PrivateDir, shell_quote};
@@ -542,7 +542,7 @@ fn run(args: Args, forked: Option<Forked>) -> Result<u8, String> {
     let storages: Vec<Arc<dyn Storage>> = exports
         .iter()
         .filter_map(|e| match &e.backend {
-            nbd_storage::serve::Backend::Sync(s) => Some(s.clone()),
+            nbd_server::Backend::Sync(s) => Some(s.clone()),
             _ => None,
         })
         .collect();

@@ -91,7 +91,7 @@ pub(crate) struct Reply {
     segs: Vec<Seg>,
     sealed: usize,
     /// Working space for extents (reused with the reply).
-    pub(crate) extents: Vec<crate::Extent>,
+    pub(crate) extents: Vec<nbd_storage::Extent>,
 }
 
 impl Reply {

@@ -1,5 +1,6 @@
-//! Serving exports: everything of a server that does not depend on the
-//! runtime, shared by the blocking and the async servers.
+//! The NBD server engine: everything of a server that does not depend on
+//! the runtime, shared by the blocking and the async servers (which only
+//! move its bytes), serving the backends of `nbd-storage`.
 //!
 //! - [`Exports`]: the exports a server offers (it answers the handshake's
 //!   lookups through [`nbd_proto::server::ExportLookup`]).
@@ -51,8 +52,12 @@
 //! on EOF: conn.input_closed()
 //! ```
 
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
 mod budget;
 mod exec;
+mod options;
 mod pool;
 mod replies;
 
@@ -69,12 +74,13 @@ use nbd_proto::server::{
 use nbd_proto::wire::{CONTEXT_BASE_ALLOCATION, TransmissionFlags};
 
 pub use budget::PayloadBudget;
-pub use exec::{Backend, Completion, HOLE_GRAIN, SPARSE_READ_THRESHOLD, WRITE_PIECE};
+pub use exec::{Backend, HOLE_GRAIN, SPARSE_READ_THRESHOLD, WRITE_PIECE};
+pub use options::ServerOptions;
 pub use pool::IoPool;
 pub use replies::ReplyWriter;
 
-use crate::{AsyncStorage, Capabilities, Storage};
 use exec::{Env, Executor};
+use nbd_storage::{AsyncStorage, Capabilities, Storage};
 use replies::Shared;
 
 /// One export: a name, a description and its storage.

@@ -14,8 +14,8 @@ use nbd_proto::client::{ClientConfig, ClientEvent, ClientSession, Request};
 use nbd_proto::common::Mode;
 use nbd_proto::server::ServerConfig;
 use nbd_proto::wire::{Command, CommandFlags};
+use nbd_server::{Export, Limits, ReplyWriter, ServeConnection, ServeContext};
 use nbd_storage::MemoryStorage;
-use nbd_storage::serve::{Export, Limits, ReplyWriter, ServeConnection, ServeContext};
 
 struct Counting;
 

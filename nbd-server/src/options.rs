@@ -4,8 +4,8 @@
 #[cfg(feature = "tls")]
 use std::sync::Arc;
 
+use crate::Limits;
 use nbd_proto::server::ServerConfig;
-use nbd_storage::serve::Limits;
 
 /// How a server behaves: negotiation ([`ServerConfig`], which also holds
 /// the handshake timeout and the payload limit), resource limits, TLS.
@@ -20,7 +20,7 @@ pub struct ServerOptions {
     pub max_connections: usize,
     /// Log each connection's negotiated mode and export to stderr.
     pub verbose: bool,
-    /// The TLS certificate and key (see [`crate::ServerTlsOptions`]),
+    /// The TLS certificate and key (see `nbd_net::ServerTlsOptions`),
     /// needed unless `config.tls` is
     /// [`TlsPolicy::NoTls`](nbd_proto::server::TlsPolicy::NoTls): without
     /// them a client's `NBD_OPT_STARTTLS` is acknowledged by the policy but

@@ -4,16 +4,16 @@
 //! connection's [`Shared`] state.
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::Waker;
 
 use nbd_proto::common::MAX_HOLE_CHUNK;
 use nbd_proto::server::{ReplyEncoder, ServerRequest};
 use nbd_proto::wire::{AllocationFlags, CONTEXT_BASE_ALLOCATION, Command, CommandFlags, ErrorCode};
 
-use super::pool::IoPool;
-use super::replies::{Data, Reply, Shared};
-use crate::{AsyncStorage, Extent, SparseReads, Storage, ZeroFlags};
+use crate::pool::IoPool;
+use crate::replies::{Data, Reply, Shared};
+use nbd_storage::{AsyncStorage, Completion, CompletionSink, Done, Extent, SparseReads, Storage, ZeroFlags};
 
 /// Reads of at least this many bytes are sent sparsely (holes as
 /// `NBD_REPLY_TYPE_OFFSET_HOLE`) when structured replies are in use.
@@ -116,6 +116,8 @@ impl Job {
 /// Runs requests for one connection.
 pub(crate) struct Executor {
     pub(crate) env: Env,
+    /// Operations in flight on asynchronous storage.
+    ops: Arc<AsyncOps>,
     backend: Backend,
     inline: bool,
     pool: IoPool,
@@ -143,6 +145,7 @@ impl Executor {
             Backend::Async(_) => false,
         };
         Executor {
+            ops: AsyncOps::new(env.clone()),
             env,
             backend,
             inline,
@@ -212,7 +215,7 @@ impl Executor {
                     storage: s.clone(),
                     op: Op::Other(req),
                 }),
-                Backend::Async(a) => submit_other(&self.env, &**a, req),
+                Backend::Async(a) => submit_other(&self.ops, &**a, req),
             },
         }
     }
@@ -237,11 +240,7 @@ impl Executor {
                 storage: s.clone(),
                 op: Op::Read { req, buf, budget },
             }),
-            Backend::Async(a) => a.read(
-                req.offset,
-                buf,
-                Completion::new(self.env.clone(), Ticket::Read { req, budget }),
-            ),
+            Backend::Async(a) => a.read(req.offset, buf, self.ops.completion(Ticket::Read { req, budget })),
         }
     }
 
@@ -377,7 +376,7 @@ impl Executor {
                 at,
                 buf,
                 req.fua(),
-                Completion::new(self.env.clone(), Ticket::WritePiece { req, slot, budget }),
+                self.ops.completion(Ticket::WritePiece { req, slot, budget }),
             ),
         }
     }
@@ -500,7 +499,7 @@ fn read_done(env: &Env, req: &ServerRequest, buf: Vec<u8>, budget: u64, r: io::R
 /// each block (stopping at its first non-zero bytes), nothing more.
 fn contents_reply(env: &Env, req: &ServerRequest, buf: &[u8], reply: &mut Reply) -> io::Result<()> {
     let blocks = || grain_blocks(req.offset, buf.len());
-    if !blocks().any(|(a, b)| crate::memory::is_zero(&buf[a..b])) {
+    if !blocks().any(|(a, b)| nbd_storage::is_zero(&buf[a..b])) {
         let header = env.enc.read_reply_header(req).map_err(invalid)?;
         reply.head.extend_from_slice(header.as_bytes());
         reply.data(0, buf.len());
@@ -508,7 +507,7 @@ fn contents_reply(env: &Env, req: &ServerRequest, buf: &[u8], reply: &mut Reply)
     }
     let mut run: Option<(usize, bool)> = None;
     for (a, b) in blocks() {
-        let zero = crate::memory::is_zero(&buf[a..b]);
+        let zero = nbd_storage::is_zero(&buf[a..b]);
         match run {
             Some((start, z)) if z != zero => {
                 content_chunk(env, req, reply, start, a, z)?;
@@ -729,12 +728,12 @@ fn invalid(e: impl std::fmt::Display) -> io::Error {
 
 // ----- asynchronous storage ---------------------------------------------------
 
-fn submit_other(env: &Env, a: &dyn AsyncStorage, req: ServerRequest) {
+fn submit_other(ops: &Arc<AsyncOps>, a: &dyn AsyncStorage, req: ServerRequest) {
     if req.command == Command::BLOCK_STATUS {
         let limit = req.length.min(a.size().saturating_sub(req.offset));
-        return a.block_status(req.offset, limit, Completion::new(env.clone(), Ticket::Status { req }));
+        return a.block_status(req.offset, limit, ops.completion(Ticket::Status { req }));
     }
-    let done = Completion::new(env.clone(), Ticket::Other { req });
+    let done = ops.completion(Ticket::Other { req });
     match req.command {
         Command::FLUSH => a.flush(done),
         Command::TRIM => a.trim(req.offset, req.length, req.fua(), done),
@@ -764,134 +763,147 @@ pub(crate) enum Ticket {
     },
 }
 
-/// How an [`AsyncStorage`] reports that an operation finished: each
-/// operation gets one, and calls the `complete*` method that matches it
-/// exactly once, from any thread. A completion dropped without being
-/// called answers its request with an error (it never hangs).
-pub struct Completion {
-    inner: Option<(Env, Ticket)>,
+/// A connection's operations in flight on an [`AsyncStorage`]: what each
+/// needs to answer its request, under the token its [`Completion`]
+/// carries. Slots are reused, so steady state allocates nothing.
+pub(crate) struct AsyncOps {
+    env: Env,
+    tickets: Mutex<Tickets>,
 }
 
-impl std::fmt::Debug for Completion {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Completion")
-    }
+#[derive(Default)]
+struct Tickets {
+    slots: Vec<Option<Ticket>>,
+    free: Vec<usize>,
 }
 
-impl Completion {
-    pub(crate) fn new(env: Env, ticket: Ticket) -> Completion {
-        Completion {
-            inner: Some((env, ticket)),
-        }
+impl AsyncOps {
+    pub(crate) fn new(env: Env) -> Arc<AsyncOps> {
+        Arc::new(AsyncOps {
+            env,
+            tickets: Mutex::new(Tickets::default()),
+        })
     }
 
-    /// The operation finished (FLUSH, TRIM, WRITE_ZEROES, CACHE).
-    pub fn complete(mut self, result: io::Result<()>) {
-        let Some((env, ticket)) = self.inner.take() else {
-            return;
-        };
-        match ticket {
-            Ticket::Other { req } => finish(&env, &req, result),
-            Ticket::Read { req, budget } => {
-                // A read completed without its buffer: answer the error.
-                let e = result
-                    .err()
-                    .unwrap_or_else(|| io::Error::other("read completed without data"));
-                let reply = env.shared.take_reply();
-                reply_without_data(&env, &req, reply, Vec::new(), budget, &e);
-            }
-            Ticket::WritePiece { req, slot, budget } => piece_done(&env, &req, slot, Vec::new(), budget, result),
-            Ticket::Status { req } => finish(&env, &req, result.and(Err(io::Error::other("no extents")))),
-        }
+    fn lock(&self) -> std::sync::MutexGuard<'_, Tickets> {
+        // A panic elsewhere never leaves the table half-changed.
+        self.tickets.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A read finished: `buf` is the buffer given to
-    /// [`AsyncStorage::read`], filled.
-    pub fn complete_read(mut self, buf: Vec<u8>, result: io::Result<()>) {
-        let Some((env, ticket)) = self.inner.take() else {
-            return;
-        };
-        let Ticket::Read { req, budget } = ticket else {
-            self.inner = Some((env, ticket));
-            return self.complete(result);
-        };
-        let mut reply = env.shared.take_reply();
-        let r = result.and_then(|()| {
-            if buf.len() as u64 != req.length {
-                return Err(io::Error::other("read completed with a buffer of the wrong size"));
+    /// A completion for `ticket`'s operation.
+    fn completion(self: &Arc<Self>, ticket: Ticket) -> Completion {
+        let mut t = self.lock();
+        let slot = match t.free.pop() {
+            Some(i) => {
+                t.slots[i] = Some(ticket);
+                i
             }
-            let header = env.enc.read_reply_header(&req).map_err(invalid)?;
-            reply.head.extend_from_slice(header.as_bytes());
-            reply.data(0, buf.len());
-            Ok(())
-        });
-        match r {
-            Ok(()) => env.shared.reply(reply, Some(Data { buf, budget })),
-            Err(e) => {
-                reply.head.clear();
-                reply_without_data(&env, &req, reply, buf, budget, &e);
+            None => {
+                t.slots.push(Some(ticket));
+                t.slots.len() - 1
             }
-        }
-    }
-
-    /// A write finished: `buf` is the buffer given to
-    /// [`AsyncStorage::write`], given back for reuse.
-    pub fn complete_write(mut self, buf: Vec<u8>, result: io::Result<()>) {
-        let Some((env, ticket)) = self.inner.take() else {
-            return;
         };
-        match ticket {
-            Ticket::WritePiece { req, slot, budget } => piece_done(&env, &req, slot, buf, budget, result),
-            t => {
-                self.inner = Some((env, t));
-                self.complete(result)
-            }
-        }
-    }
-
-    /// Block status finished: `extents` describe `base:allocation` from the
-    /// request's offset on (other selected contexts get "no information").
-    pub fn complete_status(mut self, extents: &[Extent], result: io::Result<()>) {
-        let Some((env, ticket)) = self.inner.take() else {
-            return;
-        };
-        let Ticket::Status { req } = ticket else {
-            self.inner = Some((env, ticket));
-            return self.complete(result);
-        };
-        let enc = env.enc;
-        let mut reply = env.shared.take_reply();
-        let n = env.contexts.len();
-        let r = result.and_then(|()| {
-            for (k, (id, name)) in env.contexts.iter().enumerate() {
-                let done = k + 1 == n;
-                if name == CONTEXT_BASE_ALLOCATION && !extents.is_empty() {
-                    let iter = extents.iter().map(|e| (e.length, e.flags.bits() as u64));
-                    enc.block_status_chunk(&req, *id, iter, done, &mut reply.head)
-                } else {
-                    enc.block_status_chunk(&req, *id, [(req.length, 0u64)], done, &mut reply.head)
-                }
-                .map_err(invalid)?;
-            }
-            Ok(())
-        });
-        if let Err(e) = r {
-            reply.head.clear();
-            enc.reply_error(&req, errno_of(&e), &e.to_string(), &mut reply.head);
-        }
-        env.shared.reply(reply, None);
+        drop(t);
+        Completion::new(self.clone(), slot as u64)
     }
 }
 
-impl Drop for Completion {
-    fn drop(&mut self) {
-        if self.inner.is_some() {
-            // A storage that dropped a completion: the request fails rather
-            // than waiting forever.
-            let c = Completion {
-                inner: self.inner.take(),
+impl CompletionSink for AsyncOps {
+    fn finished(&self, token: u64, done: Done<'_>) {
+        let ticket = {
+            let mut t = self.lock();
+            let i = usize::try_from(token).unwrap_or(usize::MAX);
+            let ticket = t.slots.get_mut(i).and_then(Option::take);
+            if ticket.is_some() {
+                t.free.push(i);
+            }
+            ticket
+        };
+        if let Some(ticket) = ticket {
+            finish_ticket(&self.env, ticket, done);
+        }
+    }
+}
+
+/// Answers the request of `ticket` as its operation ended.
+fn finish_ticket(env: &Env, ticket: Ticket, done: Done<'_>) {
+    match (ticket, done) {
+        (Ticket::Read { req, budget }, Done::Read(buf, result)) => read_completed(env, req, budget, buf, result),
+        (Ticket::WritePiece { req, slot, budget }, Done::Written(buf, result)) => {
+            piece_done(env, &req, slot, buf, budget, result)
+        }
+        (Ticket::Status { req }, Done::Status(extents, result)) => status_completed(env, req, extents, result),
+        (ticket, done) => {
+            let result = match done {
+                Done::Finished(r) | Done::Read(_, r) | Done::Written(_, r) | Done::Status(_, r) => r,
+                Done::Dropped => Err(io::Error::other("the storage dropped the request")),
+                _ => Err(io::Error::other("the storage ended the request in an unknown way")),
             };
-            c.complete(Err(io::Error::other("the storage dropped the request")));
+            finished(env, ticket, result)
         }
     }
+}
+
+/// The operation of `ticket` finished without what its kind gives back
+/// (FLUSH, TRIM, WRITE_ZEROES, CACHE; or any that failed).
+fn finished(env: &Env, ticket: Ticket, result: io::Result<()>) {
+    match ticket {
+        Ticket::Other { req } => finish(env, &req, result),
+        Ticket::Read { req, budget } => {
+            // A read completed without its buffer: answer the error.
+            let e = result
+                .err()
+                .unwrap_or_else(|| io::Error::other("read completed without data"));
+            let reply = env.shared.take_reply();
+            reply_without_data(env, &req, reply, Vec::new(), budget, &e);
+        }
+        Ticket::WritePiece { req, slot, budget } => piece_done(env, &req, slot, Vec::new(), budget, result),
+        Ticket::Status { req } => finish(env, &req, result.and(Err(io::Error::other("no extents")))),
+    }
+}
+
+/// A read finished with its buffer.
+fn read_completed(env: &Env, req: ServerRequest, budget: u64, buf: Vec<u8>, result: io::Result<()>) {
+    let mut reply = env.shared.take_reply();
+    let r = result.and_then(|()| {
+        if buf.len() as u64 != req.length {
+            return Err(io::Error::other("read completed with a buffer of the wrong size"));
+        }
+        let header = env.enc.read_reply_header(&req).map_err(invalid)?;
+        reply.head.extend_from_slice(header.as_bytes());
+        reply.data(0, buf.len());
+        Ok(())
+    });
+    match r {
+        Ok(()) => env.shared.reply(reply, Some(Data { buf, budget })),
+        Err(e) => {
+            reply.head.clear();
+            reply_without_data(env, &req, reply, buf, budget, &e);
+        }
+    }
+}
+
+/// Block status finished with the extents of `base:allocation`.
+fn status_completed(env: &Env, req: ServerRequest, extents: &[Extent], result: io::Result<()>) {
+    let enc = env.enc;
+    let mut reply = env.shared.take_reply();
+    let n = env.contexts.len();
+    let r = result.and_then(|()| {
+        for (k, (id, name)) in env.contexts.iter().enumerate() {
+            let done = k + 1 == n;
+            if name == CONTEXT_BASE_ALLOCATION && !extents.is_empty() {
+                let iter = extents.iter().map(|e| (e.length, e.flags.bits() as u64));
+                enc.block_status_chunk(&req, *id, iter, done, &mut reply.head)
+            } else {
+                enc.block_status_chunk(&req, *id, [(req.length, 0u64)], done, &mut reply.head)
+            }
+            .map_err(invalid)?;
+        }
+        Ok(())
+    });
+    if let Err(e) = r {
+        reply.head.clear();
+        enc.reply_error(&req, errno_of(&e), &e.to_string(), &mut reply.head);
+    }
+    env.shared.reply(reply, None);
 }
