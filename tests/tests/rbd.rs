@@ -613,6 +613,17 @@ fn osd_killed_before_the_first_read_fails_it_within_the_bound() {
         "the first read with the OSD killed took {took:?} (bound {bound:?})\n{text}"
     );
 
+    // A first write must take the exclusive lock, which librbd waits for
+    // until its watch on the image is back, with no timeout: the server
+    // answers it at its own bound, and the flush qemu-io closes with fails
+    // at once instead of waiting for the same lock.
+    let (text, took) = qemu_io_fails(&peer.uri("rbd"), "write -P 0x44 0 64k");
+    eprintln!("first write with the OSD killed failed after {took:?}: {}", text.trim());
+    assert!(
+        took < bound,
+        "the first write with the OSD killed took {took:?} (bound {bound:?})\n{text}"
+    );
+
     // The server goes on: a new connection negotiates the export, and the
     // memory export serves data.
     let t = Instant::now();

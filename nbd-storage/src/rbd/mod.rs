@@ -60,9 +60,11 @@
 //! must first take the exclusive lock waits until librbd has registered its
 //! watch on the image again, which it retries forever. The server answers
 //! every request still unanswered after [`DEADLINE_FACTOR`] times
-//! `rados_osd_op_timeout` itself, with `ETIMEDOUT`. A FLUSH with nothing
-//! written since the last successful one is answered at once without
-//! librbd (which would take the lock for it).
+//! `rados_osd_op_timeout` itself, with `ETIMEDOUT`. A FLUSH with no write
+//! completed successfully since the last successful flush is answered at
+//! once without librbd (which would take the lock for it); one while
+//! librbd holds requests answered that way fails at once, as librbd's
+//! flush would wait for them.
 
 mod ffi;
 mod tracker;
@@ -425,9 +427,9 @@ struct Inner {
     info: ffi::ImageInfo,
     read_only: bool,
     name: String,
-    /// Counts writes (WRITE, TRIM, WRITE_ZEROES), once when sent to
-    /// librbd and once when librbd answers: it changes whenever the image
-    /// may have changed.
+    /// Counts the writes (WRITE, TRIM, WRITE_ZEROES) librbd finished
+    /// successfully, each before it is answered. Failed writes are not
+    /// counted: FLUSH makes no promise about their data.
     written: AtomicU64,
     /// The value of `written` when the last successful flush began: while
     /// `written` still has it, nothing was written since and a FLUSH has
@@ -436,7 +438,7 @@ struct Inner {
 }
 
 impl Inner {
-    /// Notes that a write was sent to librbd or answered by it.
+    /// Notes that librbd finished a write successfully.
     fn wrote(&self) {
         self.written.fetch_add(1, Ordering::SeqCst);
     }
@@ -543,14 +545,15 @@ impl RbdStorage {
         }
     }
 
-    /// [`RbdStorage::finisher`] for a request that changes the image, sent
-    /// to librbd right after this call: counted as a write (see
-    /// `Inner::written`) now and when librbd answers.
+    /// [`RbdStorage::finisher`] for a request that changes the image:
+    /// counted as a write (see `Inner::written`) if librbd finishes it
+    /// successfully.
     fn write_finisher(&self, key: tracker::Key) -> impl FnOnce(io::Result<()>) + Send + 'static {
         let (inner, finish) = (self.inner.clone(), self.finisher(key));
-        inner.wrote();
-        move |r| {
-            inner.wrote();
+        move |r: io::Result<()>| {
+            if r.is_ok() {
+                inner.wrote();
+            }
             finish(r);
         }
     }
@@ -780,9 +783,10 @@ impl AsyncStorage for RbdStorage {
             Err(done) => return done.complete_write(buf, Err(self.tracker.refusal())),
         };
         let (tracker, inner) = (self.tracker.clone(), self.inner.clone());
-        self.inner.wrote();
         self.inner.image.aio_write(offset, buf, fua, move |buf, r| {
-            inner.wrote();
+            if r.is_ok() {
+                inner.wrote();
+            }
             if let Some(done) = tracker.end(key) {
                 done.complete_write(buf, r);
             }
@@ -790,13 +794,26 @@ impl AsyncStorage for RbdStorage {
     }
 
     fn flush(&self, done: Completion) {
-        // Nothing written since the last successful flush (or since the
-        // image was opened): nothing to make durable. librbd would take
-        // the exclusive lock first, which with an OSD down waits until the
-        // server gives up on the request (twice the OSD timeout).
+        // Nothing written successfully since the last successful flush (or
+        // since the image was opened): nothing to make durable. librbd
+        // would take the exclusive lock first, which with an OSD down can
+        // wait until the server gives up on the request (twice the OSD
+        // timeout).
         let written = self.inner.written.load(Ordering::SeqCst);
         if self.inner.flushed.load(Ordering::SeqCst) == written {
             return done.complete(Ok(()));
+        }
+        if self.tracker.abandoned() {
+            // librbd's flush would wait for requests it has not finished
+            // within the deadline (with an OSD down, writes waiting for the
+            // exclusive lock): fail now rather than at the deadline again.
+            return done.complete(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "{}: not flushed: the Ceph cluster has not finished earlier requests",
+                    self.inner.name
+                ),
+            )));
         }
         if let Some(key) = self.begin(done) {
             let (inner, finish) = (self.inner.clone(), self.finisher(key));
