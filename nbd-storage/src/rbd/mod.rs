@@ -794,6 +794,10 @@ impl AsyncStorage for RbdStorage {
     }
 
     fn flush(&self, done: Completion) {
+        // Tracked like any request, so that a dead export refuses it.
+        let Some(key) = self.begin(done) else {
+            return;
+        };
         // Nothing written successfully since the last successful flush (or
         // since the image was opened): nothing to make durable. librbd
         // would take the exclusive lock first, which with an OSD down can
@@ -801,30 +805,34 @@ impl AsyncStorage for RbdStorage {
         // timeout).
         let written = self.inner.written.load(Ordering::SeqCst);
         if self.inner.flushed.load(Ordering::SeqCst) == written {
-            return done.complete(Ok(()));
+            if let Some(done) = self.tracker.end(key) {
+                done.complete(Ok(()));
+            }
+            return;
         }
         if self.tracker.abandoned() {
             // librbd's flush would wait for requests it has not finished
             // within the deadline (with an OSD down, writes waiting for the
             // exclusive lock): fail now rather than at the deadline again.
-            return done.complete(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "{}: not flushed: the Ceph cluster has not finished earlier requests",
-                    self.inner.name
-                ),
-            )));
+            if let Some(done) = self.tracker.end(key) {
+                done.complete(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "{}: not flushed: the Ceph cluster has not finished earlier requests",
+                        self.inner.name
+                    ),
+                )));
+            }
+            return;
         }
-        if let Some(key) = self.begin(done) {
-            let (inner, finish) = (self.inner.clone(), self.finisher(key));
-            self.inner.image.aio_flush(move |r| {
-                if r.is_ok() {
-                    // Flushes may finish out of order: keep the latest.
-                    inner.flushed.fetch_max(written, Ordering::SeqCst);
-                }
-                finish(r);
-            });
-        }
+        let (inner, finish) = (self.inner.clone(), self.finisher(key));
+        self.inner.image.aio_flush(move |r| {
+            if r.is_ok() {
+                // Flushes may finish out of order: keep the latest.
+                inner.flushed.fetch_max(written, Ordering::SeqCst);
+            }
+            finish(r);
+        });
     }
 
     fn trim(&self, offset: u64, length: u64, fua: bool, done: Completion) {
