@@ -565,3 +565,71 @@ fn stopped_osd_fails_requests_and_the_export_recovers() {
         &["write -P 0x33 64k 64k", "read -P 0x33 64k 64k", "flush"],
     );
 }
+
+#[test]
+fn osd_killed_before_the_first_read_fails_it_within_the_bound() {
+    if !require_peers(PEERS) {
+        return;
+    }
+    // Its own cluster: its OSD is killed.
+    let cluster = Cluster::start(true);
+    let dir = TempDir::new();
+    let data = pattern(8 * MIB, 11);
+    let src = dir.join("first.bin");
+    std::fs::write(&src, &data).expect("write data");
+    cluster.rbd(&[
+        "import",
+        "--no-progress",
+        "--object-size",
+        "1M",
+        src.to_str().expect("UTF-8 path"),
+        "rbd/first",
+    ]);
+    // A shorter OSD timeout than the default 30 s keeps the test short;
+    // the server answers what librbd has not after twice that.
+    let timeout = Duration::from_secs(10);
+    let extra = format!(":rados_osd_op_timeout={}", timeout.as_secs());
+    let rbd = format!("rbd={}", cluster.spec("first", &extra));
+    let peer = serve(&dir, &["--export", &rbd, "--export", "mem=memory:1M"]);
+
+    // No request has reached the image before the OSD dies (the image was
+    // opened, its exclusive lock not taken).
+    let osd = cluster.osd_pid();
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(osd, libc::SIGKILL) };
+    // Read-write, as a VM's disk is opened: qemu-io flushes when it
+    // closes the image, which must not wait for the exclusive lock.
+    let (text, took) = qemu_io_fails(&peer.uri("rbd"), "read 4M 1M");
+    eprintln!("first read with the OSD killed failed after {took:?}: {}", text.trim());
+    assert!(
+        !text.contains("read 1048576/1048576"),
+        "the read returned data with the OSD killed\n{text}"
+    );
+    // librbd fails the read after the OSD timeout; nothing in the session
+    // may take longer than the server's own bound (twice the timeout).
+    let bound = timeout * 2 + Duration::from_secs(5);
+    assert!(
+        took < bound,
+        "the first read with the OSD killed took {took:?} (bound {bound:?})\n{text}"
+    );
+
+    // A first write must take the exclusive lock, which librbd waits for
+    // until its watch on the image is back, with no timeout: the server
+    // answers it at its own bound, and the flush qemu-io closes with fails
+    // at once instead of waiting for the same lock.
+    let (text, took) = qemu_io_fails(&peer.uri("rbd"), "write -P 0x44 0 64k");
+    eprintln!("first write with the OSD killed failed after {took:?}: {}", text.trim());
+    assert!(
+        took < bound,
+        "the first write with the OSD killed took {took:?} (bound {bound:?})\n{text}"
+    );
+
+    // The server goes on: a new connection negotiates the export, and the
+    // memory export serves data.
+    let t = Instant::now();
+    let size = run_ok("nbdinfo", &["--size", &peer.uri("rbd")]);
+    assert_eq!(size.trim(), (8 * MIB).to_string());
+    qemu_io(&peer.uri("mem"), &["write -P 9 0 4k", "read -P 9 0 4k"]);
+    eprintln!("the server still answered in {:?}", t.elapsed());
+    assert!(t.elapsed() < timeout, "the server answered others slowly");
+}

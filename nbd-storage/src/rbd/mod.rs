@@ -54,15 +54,24 @@
 //! itself would wait forever for an OSD or monitor that does not answer;
 //! unless the configuration sets them, the connection's
 //! `rados_osd_op_timeout` and `rados_mon_op_timeout` are
-//! [`DEFAULT_OP_TIMEOUT_SECS`] seconds, so a request to a stopped OSD fails
-//! with `ETIMEDOUT` after that long instead of hanging.
+//! [`DEFAULT_OP_TIMEOUT_SECS`] seconds, so a read from a stopped OSD fails
+//! with `ETIMEDOUT` after that long instead of hanging. Some requests wait
+//! in librbd for longer than any Ceph timeout: a write, trim or flush that
+//! must first take the exclusive lock waits until librbd has registered its
+//! watch on the image again, which it retries forever. The server answers
+//! every request still unanswered after [`DEADLINE_FACTOR`] times
+//! `rados_osd_op_timeout` itself, with `ETIMEDOUT`. A FLUSH with no write
+//! completed successfully since the last successful flush is answered at
+//! once without librbd (which would take the lock for it); one while
+//! librbd holds requests answered that way fails at once, as librbd's
+//! flush would wait for them.
 
 mod ffi;
 mod tracker;
 
 use std::fmt;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -418,6 +427,21 @@ struct Inner {
     info: ffi::ImageInfo,
     read_only: bool,
     name: String,
+    /// Counts the writes (WRITE, TRIM, WRITE_ZEROES) librbd finished
+    /// successfully, each before it is answered. Failed writes are not
+    /// counted: FLUSH makes no promise about their data.
+    written: AtomicU64,
+    /// The value of `written` when the last successful flush began: while
+    /// `written` still has it, nothing was written since and a FLUSH has
+    /// nothing to do.
+    flushed: AtomicU64,
+}
+
+impl Inner {
+    /// Notes that librbd finished a write successfully.
+    fn wrote(&self) {
+        self.written.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 impl fmt::Debug for RbdStorage {
@@ -454,6 +478,8 @@ impl RbdStorage {
                 info,
                 read_only,
                 name,
+                written: AtomicU64::new(0),
+                flushed: AtomicU64::new(0),
             }),
             tracker,
             status: OnceLock::new(),
@@ -516,6 +542,19 @@ impl RbdStorage {
             if let Some(done) = tracker.end(key) {
                 done.complete(r);
             }
+        }
+    }
+
+    /// [`RbdStorage::finisher`] for a request that changes the image:
+    /// counted as a write (see `Inner::written`) if librbd finishes it
+    /// successfully.
+    fn write_finisher(&self, key: tracker::Key) -> impl FnOnce(io::Result<()>) + Send + 'static {
+        let (inner, finish) = (self.inner.clone(), self.finisher(key));
+        move |r: io::Result<()>| {
+            if r.is_ok() {
+                inner.wrote();
+            }
+            finish(r);
         }
     }
 
@@ -601,8 +640,10 @@ impl Drop for RbdStorage {
 }
 
 /// Requests unanswered for this many times `rados_osd_op_timeout` are
-/// answered with `ETIMEDOUT` by the server itself (librbd answers most
-/// of them with its own `ETIMEDOUT` before).
+/// answered with `ETIMEDOUT` by the server itself. librbd answers most of
+/// them with its own `ETIMEDOUT` before; not those waiting for the
+/// exclusive lock, which librbd takes only once its watch on the image is
+/// registered again, and retries that forever.
 pub const DEADLINE_FACTOR: u32 = 2;
 
 /// Starts the thread that watches the export's requests in flight and
@@ -741,8 +782,11 @@ impl AsyncStorage for RbdStorage {
             Ok(key) => key,
             Err(done) => return done.complete_write(buf, Err(self.tracker.refusal())),
         };
-        let tracker = self.tracker.clone();
+        let (tracker, inner) = (self.tracker.clone(), self.inner.clone());
         self.inner.image.aio_write(offset, buf, fua, move |buf, r| {
+            if r.is_ok() {
+                inner.wrote();
+            }
             if let Some(done) = tracker.end(key) {
                 done.complete_write(buf, r);
             }
@@ -750,9 +794,45 @@ impl AsyncStorage for RbdStorage {
     }
 
     fn flush(&self, done: Completion) {
-        if let Some(key) = self.begin(done) {
-            self.inner.image.aio_flush(self.finisher(key));
+        // Tracked like any request, so that a dead export refuses it.
+        let Some(key) = self.begin(done) else {
+            return;
+        };
+        // Nothing written successfully since the last successful flush (or
+        // since the image was opened): nothing to make durable. librbd
+        // would take the exclusive lock first, which with an OSD down can
+        // wait until the server gives up on the request (twice the OSD
+        // timeout).
+        let written = self.inner.written.load(Ordering::SeqCst);
+        if self.inner.flushed.load(Ordering::SeqCst) == written {
+            if let Some(done) = self.tracker.end(key) {
+                done.complete(Ok(()));
+            }
+            return;
         }
+        if self.tracker.abandoned() {
+            // librbd's flush would wait for requests it has not finished
+            // within the deadline (with an OSD down, writes waiting for the
+            // exclusive lock): fail now rather than at the deadline again.
+            if let Some(done) = self.tracker.end(key) {
+                done.complete(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "{}: not flushed: the Ceph cluster has not finished earlier requests",
+                        self.inner.name
+                    ),
+                )));
+            }
+            return;
+        }
+        let (inner, finish) = (self.inner.clone(), self.finisher(key));
+        self.inner.image.aio_flush(move |r| {
+            if r.is_ok() {
+                // Flushes may finish out of order: keep the latest.
+                inner.flushed.fetch_max(written, Ordering::SeqCst);
+            }
+            finish(r);
+        });
     }
 
     fn trim(&self, offset: u64, length: u64, fua: bool, done: Completion) {
@@ -763,7 +843,9 @@ impl AsyncStorage for RbdStorage {
             return done.complete(Ok(()));
         }
         if let Some(key) = self.begin(done) {
-            self.inner.image.aio_discard(offset, length, fua, self.finisher(key));
+            self.inner
+                .image
+                .aio_discard(offset, length, fua, self.write_finisher(key));
         }
     }
 
@@ -785,7 +867,7 @@ impl AsyncStorage for RbdStorage {
         if let Some(key) = self.begin(done) {
             self.inner
                 .image
-                .aio_write_zeroes(offset, len, flags.no_hole, flags.fua, self.finisher(key));
+                .aio_write_zeroes(offset, len, flags.no_hole, flags.fua, self.write_finisher(key));
         }
     }
 

@@ -127,6 +127,12 @@ impl Tracker {
         }
     }
 
+    /// Whether librbd holds requests that were answered here (past the
+    /// deadline) and has not finished yet.
+    pub(super) fn abandoned(&self) -> bool {
+        self.lock().abandoned > 0
+    }
+
     /// Whether librbd holds requests that were answered here and may never
     /// finish, or the image was removed: closing the image would wait for
     /// them forever.
