@@ -1201,6 +1201,7 @@ fn own_client(ev: ClientEvent<'_>, consumed: &[u8], keep: bool) -> Cli {
             cookie,
             buf_offset,
             data,
+            ..
         } => {
             assert!(!data.is_empty(), "empty READ data");
             assert!(
@@ -1213,6 +1214,7 @@ fn own_client(ev: ClientEvent<'_>, consumed: &[u8], keep: bool) -> Cli {
             cookie,
             buf_offset,
             length,
+            ..
         } => Cli::Hole(cookie, buf_offset, length),
         ClientEvent::BlockStatus {
             cookie,
@@ -1325,6 +1327,7 @@ impl ClientDriver {
                 cookie,
                 buf_offset,
                 length,
+                ..
             } => CNeed::Data(cookie.0, buf_offset, length),
             ClientNeed::Pending => CNeed::Pending,
             ClientNeed::StartTls(_) => CNeed::StartTls,

@@ -606,6 +606,7 @@ pub fn receive(session: &mut ClientSession, replies: &mut impl Replies) -> Resul
                 cookie,
                 buf_offset,
                 length,
+                ..
             } => {
                 return Ok(Incoming::Data {
                     cookie,
@@ -651,6 +652,7 @@ fn deliver(ev: ClientEvent<'_>, replies: &mut impl Replies) {
             cookie,
             buf_offset,
             length,
+            ..
         } => replies.hole(cookie, buf_offset, length),
         ClientEvent::BlockStatus {
             cookie,

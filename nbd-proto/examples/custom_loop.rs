@@ -1,12 +1,11 @@
 //! A client on an event loop of its own: one non-blocking socket under
 //! `mio`, a [`ClientSession`] driven directly, many READs in flight.
 //!
-//! The loop is the one the session's docs give: queue requests, send what
-//! `poll_transmit` gives, read whatever the socket has and `feed` all of
-//! it (the session keeps partial headers itself, and hands READ data back
-//! as events borrowing the input), then wait for the socket. It reads the
-//! whole export and prints its SHA-256 and size, as
-//! `sha256sum` would print the file's hash.
+//! [`Buffers`] keeps the input and output bookkeeping, the session says
+//! where each byte of READ data belongs in the export
+//! ([`ClientEvent::Data`]'s `offset`) and what to wait for
+//! ([`ClientSession::interest`]). It reads the whole export and prints its
+//! SHA-256 and size, as `sha256sum` would print the file's hash.
 //!
 //! ```text
 //! cargo run -p nbd-proto --example custom_loop -- 'nbd+unix:///?socket=/tmp/nbd.sock' [REQUESTS]
@@ -14,13 +13,14 @@
 //!
 //! REQUESTS (64 by default) is the number of requests kept in flight.
 //! TLS is left out (a real loop would run rustls' unbuffered API where the
-//! session says [`ClientNeed::StartTls`]), and so is a timeout.
+//! session says `ClientNeed::StartTls`), and so is a timeout.
 
 use std::io::{self, Read, Write};
 
 use mio::{Events, Interest, Poll, Token};
-use nbd_proto::client::{ClientConfig, ClientEvent, ClientNeed, ClientSession, Request};
+use nbd_proto::client::{ClientConfig, ClientEvent, ClientSession, Request};
 use nbd_proto::common::TlsMode;
+use nbd_proto::driver::Buffers;
 use nbd_proto::uri::{NbdUri, Transport};
 use nbd_proto::wire::Command;
 use sha2::{Digest, Sha256};
@@ -33,19 +33,13 @@ type BoxError = Box<dyn std::error::Error>;
 fn main() -> Result<(), BoxError> {
     let mut args = std::env::args().skip(1);
     let uri = NbdUri::parse(&args.next().ok_or("usage: custom_loop URI [REQUESTS]")?)?;
-    let requests: usize = match args.next() {
-        Some(n) => n.parse()?,
-        None => 64,
-    };
+    let requests: usize = args.next().map_or(Ok(64), |n| n.parse())?;
     if uri.tls != TlsMode::Off {
         return Err("this example does not do TLS".into());
     }
-    let config = ClientConfig {
-        max_in_flight: requests,
-        // Plain reads: no block status needed.
-        meta_contexts: Vec::new(),
-        ..uri.client_config(ClientConfig::default())
-    };
+    let mut config = uri.client_config(ClientConfig::default());
+    config.max_in_flight = requests;
+    config.meta_contexts.clear(); // plain reads: no block status needed
     let (hash, size) = match &uri.transport {
         Transport::Tcp { host, port } => {
             let s = std::net::TcpStream::connect((host.as_str(), *port))?;
@@ -65,118 +59,66 @@ fn main() -> Result<(), BoxError> {
 
 /// The event loop: returns the export's SHA-256 (hex) and size.
 fn run<S: Read + Write + mio::event::Source>(mut sock: S, config: ClientConfig) -> Result<(String, u64), BoxError> {
-    const SOCKET: Token = Token(0);
     let mut poll = Poll::new()?;
     let mut events = Events::with_capacity(8);
     poll.registry()
-        .register(&mut sock, SOCKET, Interest::READABLE | Interest::WRITABLE)?;
-
+        .register(&mut sock, Token(0), Interest::READABLE | Interest::WRITABLE)?;
     let mut session = ClientSession::new(config);
-    // Output: what poll_transmit gave and the socket has not taken yet.
-    let mut out: Vec<u8> = Vec::new();
-    let mut out_pos = 0;
-    // Input: what the socket gave and the session has not consumed yet.
-    let mut input = vec![0u8; 256 * 1024];
-    let (mut in_start, mut in_end) = (0, 0);
-    // The export, and the offset each in-flight request (by slot) reads.
-    let mut image: Vec<u8> = Vec::new();
-    let mut request_offset = vec![0u64; session.capacity()];
-    let mut next_offset = 0u64;
-    let mut disconnecting = false;
-
+    let mut bufs = Buffers::new(256 * 1024);
+    let (mut image, mut next) = (Vec::new(), 0u64);
     loop {
-        // 1. Queue requests while there is room.
-        if session.is_connected() && !disconnecting {
-            let size = session.size();
-            while session.in_flight() < session.capacity() && next_offset < size {
-                let len = CHUNK.min(size - next_offset);
-                let cookie = session.start_request(Request::new(Command::READ, next_offset, len))?;
-                request_offset[cookie.slot()] = next_offset;
-                next_offset += len;
-            }
-            if next_offset >= size && session.in_flight() == 0 {
-                session.disconnect()?;
-                disconnecting = true;
-            }
+        // Queue READs while there is room; disconnect once all are done.
+        let size = session.size();
+        if session.is_connected() && image.len() as u64 != size {
+            image = vec![0; usize::try_from(size)?];
         }
-
-        // 2. Send what the session has (READs carry no payload).
-        while session.poll_transmit(&mut out).is_some() {}
-        while out_pos < out.len() {
-            match sock.write(&out[out_pos..]) {
-                Ok(n) => out_pos += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.into()),
-            }
+        while session.can_start_request() && next < size {
+            let len = CHUNK.min(size - next);
+            session.start_request(Request::new(Command::READ, next, len))?;
+            next += len;
         }
-        if out_pos == out.len() {
-            out.clear();
-            out_pos = 0;
-            if disconnecting {
-                let size = image.len() as u64;
-                return Ok((format!("{:x}", Sha256::digest(&image)), size));
-            }
+        let all_read = session.is_connected() && next >= size && session.in_flight() == 0;
+        if all_read && session.can_start_request() {
+            session.disconnect()?;
         }
-
-        // 3. Feed everything received, until the session takes no more.
-        loop {
-            let (n, event) = session.feed(&input[in_start..in_end])?;
-            in_start += n;
-            match event {
-                Some(ClientEvent::Connected) => {
-                    let size = usize::try_from(session.size())?;
-                    image = vec![0; size];
-                }
-                Some(ClientEvent::Data {
-                    cookie,
-                    buf_offset,
-                    data,
-                }) => {
-                    let at = (request_offset[cookie.slot()] + buf_offset) as usize;
-                    image[at..at + data.len()].copy_from_slice(data);
-                }
-                Some(ClientEvent::Hole {
-                    cookie,
-                    buf_offset,
-                    length,
-                }) => {
-                    let at = (request_offset[cookie.slot()] + buf_offset) as usize;
-                    image[at..at + length as usize].fill(0);
-                }
-                Some(ClientEvent::Done { result, .. }) => result?,
-                Some(_) => {}
-                None if n == 0 => break,
-                None => {}
-            }
-        }
-        match session.need() {
-            ClientNeed::Closed => return Err("the session closed".into()),
-            ClientNeed::StartTls(_) | ClientNeed::Negotiating => return Err("unexpected handshake step".into()),
-            _ => {}
-        }
-        let room = session.is_connected()
-            && !disconnecting
-            && session.in_flight() < session.capacity()
-            && (next_offset < session.size() || session.in_flight() == 0);
-        if session.has_output() || room {
-            // More to queue or to send before waiting.
-            continue;
-        }
-
-        // 4. Read what the socket has; wait for it when it has nothing.
-        if in_start == in_end {
-            (in_start, in_end) = (0, 0);
-        } else if in_end == input.len() {
-            input.copy_within(in_start..in_end, 0);
-            (in_start, in_end) = (0, in_end - in_start);
-        }
-        match sock.read(&mut input[in_end..]) {
-            Ok(0) => return Err("the server closed the connection".into()),
-            Ok(n) => in_end += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => poll.poll(&mut events, None)?,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+        // Send what is queued (READs carry no payload).
+        bufs.queue_client(&mut session, |_, _| {});
+        match sock.write(bufs.output()) {
+            Ok(n) => bufs.written(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e.into()),
+        }
+        if all_read && !bufs.has_output() {
+            return Ok((format!("{:x}", Sha256::digest(&image)), size));
+        }
+        // Read what the socket has, then feed it all to the session.
+        let drained = match sock.read(bufs.read_buf()) {
+            Ok(0) => return Err("the server closed the connection".into()),
+            Ok(n) => {
+                bufs.filled(n);
+                false
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
+            Err(e) => return Err(e.into()),
+        };
+        bufs.feed_client(&mut session, |event| -> Result<(), BoxError> {
+            match event {
+                ClientEvent::Data { offset, data, .. } => {
+                    image[offset as usize..offset as usize + data.len()].copy_from_slice(data)
+                }
+                ClientEvent::Done { result, .. } => result?,
+                _ => {} // Connected; holes: the image starts zeroed
+            }
+            Ok(())
+        })?;
+        // Block only when the socket is drained and nothing else is to do.
+        let more = session.interest().write || (session.can_start_request() && next < session.size());
+        if drained && !more {
+            let want = bufs.interest(session.interest());
+            if !want.read && !want.write {
+                return Err("the session waits on a step this example does not do".into());
+            }
+            poll.poll(&mut events, None)?;
         }
     }
 }

@@ -1,7 +1,8 @@
 //! An NBD server written straight on `nbd_proto::ServerSession`: one
 //! thread per connection, an in-memory disk, std sockets. Everything about
 //! the protocol (options, TLS refusals, structured replies, validation of
-//! every request) is the session's; this file only moves bytes.
+//! every request) is the session's; [`Buffers`] keeps the input and output
+//! bookkeeping; this file only moves bytes and runs requests.
 //!
 //! ```sh
 //! cargo run -p nbd-proto --example server -- /tmp/nbd.sock 64M
@@ -9,13 +10,14 @@
 //! qemu-io -f raw -c 'write -P 7 0 1M' 'nbd+unix:///?socket=/tmp/nbd.sock'
 //! ```
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex};
 
+use nbd_proto::driver::Buffers;
 use nbd_proto::server::{
     ExportDetails, ExportListing, ExportLookup, ReplyEncoder, ServerConfig, ServerEvent, ServerNeed, ServerRequest,
-    ServerSession,
+    ServerSession, ServerSessionError,
 };
 use nbd_proto::wire::{Command, ErrorCode, TransmissionFlags};
 
@@ -65,56 +67,50 @@ fn execute(disk: &Disk, enc: &ReplyEncoder, req: &ServerRequest, out: &mut Vec<u
     }
 }
 
-fn serve(stream: UnixStream, disk: Disk) -> std::io::Result<()> {
+fn serve(mut stream: UnixStream, disk: Disk) -> std::io::Result<()> {
     let mut session = ServerSession::new(ServerConfig::default(), disk);
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut writer = stream;
-    let mut out = Vec::new();
+    let mut bufs = Buffers::new(256 * 1024);
     loop {
-        // Output first: handshake bytes and replies.
-        while session.poll_transmit(&mut out).is_some() {}
-        writer.write_all(&out)?;
-        out.clear();
+        let progress = bufs
+            .feed_server(&mut session, |session, event, out| {
+                let (Some(enc), Some(disk)) = (session.encoder(), session.export().cloned()) else {
+                    return Ok::<_, ServerSessionError>(()); // still negotiating: Aborted and the like
+                };
+                match event {
+                    ServerEvent::Request(req) if req.command == Command::WRITE && req.length > 0 => {}
+                    ServerEvent::Request(req) => execute(&disk, &enc, &req, out),
+                    ServerEvent::WriteData {
+                        request,
+                        offset,
+                        data,
+                        last,
+                    } => {
+                        let at = (request.offset + offset) as usize;
+                        disk.0.lock().unwrap()[at..at + data.len()].copy_from_slice(data);
+                        if last {
+                            out.extend_from_slice(enc.reply_ok(&request).as_bytes());
+                        }
+                    }
+                    ServerEvent::Reject { request, error, reason } => enc.reply_error(&request, error, reason, out),
+                    _ => {} // Ready, Disconnect (need() then says Closed)
+                }
+                Ok(())
+            })
+            .map_err(std::io::Error::other)?;
+        // Handshake bytes, then replies: the session keeps that order.
+        bufs.queue_server(&mut session);
+        stream.write_all(bufs.output())?;
+        bufs.written(bufs.output().len());
         if let ServerNeed::Closed = session.need() {
             return Ok(());
         }
-        let input = reader.fill_buf()?;
-        if input.is_empty() {
-            return Ok(()); // the client went away
+        if progress && !bufs.input().is_empty() {
+            continue; // requests held behind the handshake's last bytes
         }
-        let mut used = 0;
-        loop {
-            let (n, event) = session.feed(&input[used..]).map_err(std::io::Error::other)?;
-            used += n;
-            let Some(event) = event else {
-                if n == 0 {
-                    break;
-                }
-                continue;
-            };
-            let (Some(enc), Some(disk)) = (session.encoder(), session.export().cloned()) else {
-                continue; // still negotiating: ServerEvent::Aborted and the like
-            };
-            match event {
-                ServerEvent::Request(req) if req.command == Command::WRITE && req.length > 0 => {}
-                ServerEvent::Request(req) => execute(&disk, &enc, &req, &mut out),
-                ServerEvent::WriteData {
-                    request,
-                    offset,
-                    data,
-                    last,
-                } => {
-                    let at = (request.offset + offset) as usize;
-                    disk.0.lock().unwrap()[at..at + data.len()].copy_from_slice(data);
-                    if last {
-                        out.extend_from_slice(enc.reply_ok(&request).as_bytes());
-                    }
-                }
-                ServerEvent::Reject { request, error, reason } => enc.reply_error(&request, error, reason, &mut out),
-                _ => {} // Ready, Disconnect (need() then says Closed)
-            }
+        match stream.read(bufs.read_buf())? {
+            0 => return Ok(()), // the client went away
+            n => bufs.filled(n),
         }
-        reader.consume(used);
     }
 }
 

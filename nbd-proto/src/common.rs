@@ -78,3 +78,18 @@ pub struct MetaContext {
 /// holes into pieces of at most this size (2^31, a power of two so that
 /// pieces stay aligned to any block size).
 pub const MAX_HOLE_CHUNK: u64 = 1 << 31;
+
+/// What a session wants from its socket now, for a loop that registers
+/// interest with a reactor (mio, epoll, io_uring) and then blocks: wait
+/// for readability when `read`, for writability when `write`. When
+/// neither holds, the session waits on its driver (an event to collect
+/// with an empty `feed`, TLS to start, an option or a request to send), so
+/// the loop must not block on the socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Interest {
+    /// Bytes from the peer are wanted (or the end of the connection is to
+    /// be noticed).
+    pub read: bool,
+    /// Output is waiting in the session (`poll_transmit`).
+    pub write: bool,
+}

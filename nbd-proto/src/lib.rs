@@ -34,6 +34,7 @@ extern crate std;
 
 pub mod client;
 pub mod common;
+pub mod driver;
 pub mod server;
 pub mod uri;
 

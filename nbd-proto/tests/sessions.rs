@@ -123,11 +123,13 @@ fn own_client(ev: ClientEvent<'_>) -> Cli {
             cookie,
             buf_offset,
             data,
+            ..
         } => Cli::Data(cookie, buf_offset, data.to_vec()),
         ClientEvent::Hole {
             cookie,
             buf_offset,
             length,
+            ..
         } => Cli::Hole(cookie, buf_offset, length),
         ClientEvent::BlockStatus {
             cookie,
@@ -423,6 +425,7 @@ impl ClientSide {
                         cookie,
                         buf_offset,
                         length,
+                        ..
                     },
                     Feeding::Exact,
                 ) => {

@@ -64,7 +64,7 @@ use super::handshake::{ClientConfig, ClientHandshake, HandshakeError, HandshakeS
 use super::transmission::{
     ClientTransmission, Cookie, Extents, ReceiveNext, ReplyEvent, ReplyViolation, Request, RequestError, ServerError,
 };
-use crate::common::{MetaContext, Mode};
+use crate::common::{Interest, MetaContext, Mode};
 use crate::wire::{BlockSizeConstraints, Command, TransmissionFlags};
 
 /// Why the session cannot go on: the connection must be closed.
@@ -104,11 +104,15 @@ pub enum ClientNeed<'a> {
     /// [`ClientSession::data_received`] (or pass them to
     /// [`ClientSession::feed`], which hands them back as
     /// [`ClientEvent::Data`]).
+    #[non_exhaustive]
     Data {
         /// The request.
         cookie: Cookie,
         /// Where in the request's buffer the bytes go.
         buf_offset: u64,
+        /// Where in the export the bytes are from (the request's offset
+        /// plus `buf_offset`).
+        offset: u64,
         /// How many bytes of this request's data follow on the wire.
         length: u64,
     },
@@ -172,21 +176,28 @@ pub enum ClientEvent<'a> {
     Aborted,
     /// READ data (only from [`ClientSession::feed`]): copy `data` to
     /// `buf_offset` in the request's buffer.
+    #[non_exhaustive]
     Data {
         /// The request.
         cookie: Cookie,
         /// Where in the request's buffer.
         buf_offset: u64,
+        /// Where in the export the bytes are from (the request's offset
+        /// plus `buf_offset`), so a driver needs no table of its own.
+        offset: u64,
         /// The bytes.
         data: &'a [u8],
     },
     /// `length` bytes at `buf_offset` of the request's buffer read as
     /// zeroes (a structured hole chunk): fill them with zeroes.
+    #[non_exhaustive]
     Hole {
         /// The request.
         cookie: Cookie,
         /// Where in the request's buffer.
         buf_offset: u64,
+        /// Where in the export (the request's offset plus `buf_offset`).
+        offset: u64,
         /// How many bytes.
         length: u64,
     },
@@ -352,6 +363,7 @@ impl ClientSession {
                 } => ClientNeed::Data {
                     cookie,
                     buf_offset: buf_offset + self.data_done,
+                    offset: tx.request(cookie).map_or(0, |r| r.offset) + buf_offset + self.data_done,
                     length: length - self.data_done,
                 },
                 ReceiveNext::Bytes(_) if tx.is_failed() => ClientNeed::Closed,
@@ -452,7 +464,7 @@ impl ClientSession {
         }
         self.data_done = 0;
         match tx.data_received() {
-            Ok(ev) => Ok(owned_event(ev)),
+            Ok(ev) => Ok(owned_event(ev, tx)),
             Err(v) => Err(self.fail(v.into())),
         }
     }
@@ -626,6 +638,42 @@ impl ClientSession {
     /// Whether transmission is running.
     pub fn is_connected(&self) -> bool {
         matches!(self.state, State::Transmission(..)) && self.failed.is_none()
+    }
+
+    /// The request in flight under `cookie` (`None` if it is not in
+    /// flight): what a driver needs to place a reply, without a table of
+    /// its own.
+    pub fn request(&self, cookie: Cookie) -> Option<Request> {
+        match &self.state {
+            State::Transmission(tx, _) => tx.request(cookie),
+            _ => None,
+        }
+    }
+
+    /// Whether [`ClientSession::start_request`] would take a request now:
+    /// transmission is running, `NBD_CMD_DISC` was not sent and the
+    /// in-flight table has room.
+    pub fn can_start_request(&self) -> bool {
+        match &self.state {
+            State::Transmission(tx, _) => {
+                self.failed.is_none() && !tx.is_disconnecting() && !tx.is_failed() && tx.in_flight() < tx.capacity()
+            }
+            _ => false,
+        }
+    }
+
+    /// What the session wants from the socket now (see [`Interest`]).
+    pub fn interest(&self) -> Interest {
+        let open = !self.is_closed();
+        let waiting_on_driver = match &self.state {
+            State::Handshake(hs) => !matches!(hs.step(), HandshakeStep::Receive(_)),
+            State::Transmission(tx, _) => matches!(tx.next(), ReceiveNext::Complete),
+            State::Closed => true,
+        };
+        Interest {
+            read: open && !waiting_on_driver,
+            write: self.has_output(),
+        }
     }
 
     /// Whether the session is over.
@@ -833,7 +881,7 @@ fn feed_transmission<'a>(
         match tx.next() {
             ReceiveNext::Complete => {
                 let ev = tx.complete_pending()?;
-                return Ok((consumed, owned_event(ev)));
+                return Ok((consumed, owned_event(ev, tx)));
             }
             ReceiveNext::Data {
                 cookie,
@@ -848,6 +896,7 @@ fn feed_transmission<'a>(
                 }
                 let data = &rest[..take];
                 let at = buf_offset + *data_done;
+                let offset = tx.request(cookie).map_or(0, |r| r.offset) + at;
                 *data_done += take as u64;
                 consumed += take;
                 if *data_done == length {
@@ -862,6 +911,7 @@ fn feed_transmission<'a>(
                     Some(ClientEvent::Data {
                         cookie,
                         buf_offset: at,
+                        offset,
                         data,
                     }),
                 ));
@@ -871,7 +921,7 @@ fn feed_transmission<'a>(
                 if partial.is_empty() && rest.len() >= n {
                     consumed += n;
                     let ev = tx.handle_bytes(&rest[..n])?;
-                    if let Some(ev) = event(ev) {
+                    if let Some(ev) = event(ev, tx) {
                         return Ok((consumed, Some(ev)));
                     }
                     continue;
@@ -889,13 +939,15 @@ fn feed_transmission<'a>(
                 // call (the rest of the input is taken then, too).
                 *partial_used = true;
                 let ev = tx.handle_bytes(partial)?;
-                return Ok((consumed, event(ev)));
+                return Ok((consumed, event(ev, tx)));
             }
         }
     }
 }
 
-fn event(ev: ReplyEvent<'_>) -> Option<ClientEvent<'_>> {
+/// The event a driver sees for the machine's `ev` (`tx` tells where in
+/// the export a request's reply lands).
+fn event<'b>(ev: ReplyEvent<'b>, tx: &ClientTransmission) -> Option<ClientEvent<'b>> {
     match ev {
         ReplyEvent::Nothing => None,
         ReplyEvent::Hole {
@@ -905,6 +957,7 @@ fn event(ev: ReplyEvent<'_>) -> Option<ClientEvent<'_>> {
         } => Some(ClientEvent::Hole {
             cookie,
             buf_offset,
+            offset: tx.request(cookie).map_or(0, |r| r.offset) + buf_offset,
             length,
         }),
         ReplyEvent::BlockStatus {
@@ -928,6 +981,6 @@ fn event(ev: ReplyEvent<'_>) -> Option<ClientEvent<'_>> {
     }
 }
 
-fn owned_event(ev: ReplyEvent<'static>) -> Option<ClientEvent<'static>> {
-    event(ev)
+fn owned_event(ev: ReplyEvent<'static>, tx: &ClientTransmission) -> Option<ClientEvent<'static>> {
+    event(ev, tx)
 }

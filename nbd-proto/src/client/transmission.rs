@@ -574,6 +574,22 @@ impl ClientTransmission {
     pub fn capacity(&self) -> usize {
         self.slots.len()
     }
+    /// The request in flight under `cookie` (`None` for a cookie that is
+    /// not in flight), so that a driver needs no table of its own to
+    /// place a reply.
+    pub fn request(&self, cookie: Cookie) -> Option<Request> {
+        let s = self.slots.get(cookie.slot())?;
+        (s.busy && cookie == self.cookie_of(cookie.slot())).then_some(Request {
+            command: s.command,
+            flags: s.flags,
+            offset: s.offset,
+            length: s.length,
+        })
+    }
+    /// Whether `NBD_CMD_DISC` was queued (nothing may follow it).
+    pub fn is_disconnecting(&self) -> bool {
+        self.disconnecting
+    }
     /// Whether the connection failed (a violation was detected).
     pub fn is_failed(&self) -> bool {
         self.state == RecvState::Failed

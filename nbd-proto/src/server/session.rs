@@ -64,7 +64,7 @@ use super::handshake::{
 use super::transmission::{
     ReplyEncoder, RequestEvent, ServerReceive, ServerRequest, ServerTransmission, ServerTransmissionError,
 };
-use crate::common::{MetaContext, Mode};
+use crate::common::{Interest, MetaContext, Mode};
 use crate::wire::{BlockSizeConstraints, ErrorCode, TransmissionFlags};
 
 /// The exports a server offers, as the session asks about them.
@@ -325,6 +325,8 @@ impl<E: ExportLookup> ServerSession<E> {
                     ServerNeed::Bytes(0)
                 }
             },
+            // The handshake's last bytes first (see `feed`).
+            State::Transmission(..) if self.out_pos < self.out.len() => ServerNeed::Bytes(0),
             State::Transmission(tx, _) => match tx.next() {
                 ServerReceive::Bytes(n) => ServerNeed::Bytes(n.saturating_sub(partial)),
                 ServerReceive::Payload { length, .. } => match tx.pending_request() {
@@ -348,6 +350,14 @@ impl<E: ExportLookup> ServerSession<E> {
     /// consumes nothing and returns no event. It never consumes past the
     /// `NBD_OPT_STARTTLS` that asks for TLS.
     ///
+    /// **Output order.** Every handshake byte comes from
+    /// [`ServerSession::poll_transmit`]; replies are the driver's own
+    /// (made with [`ServerSession::encoder`]). So that no reply can go out
+    /// before the handshake's last bytes (a client may send its first
+    /// requests right behind `NBD_OPT_GO`), no request is decoded while
+    /// `poll_transmit` still has something to give: `feed` consumes
+    /// nothing until the driver took it.
+    ///
     /// An event borrows only `input` (WRITE data), never the session, so
     /// the driver can ask the session ([`ServerSession::encoder`],
     /// [`ServerSession::export`], ...) while it handles the event.
@@ -366,6 +376,12 @@ impl<E: ExportLookup> ServerSession<E> {
             // the greeting).
             self.ready_reported = true;
             return Ok((0, Some(ServerEvent::Ready)));
+        }
+        if self.has_output() {
+            // Output order: no request is decoded (so no reply can be
+            // made) while handshake bytes still wait in `poll_transmit`,
+            // whatever order the driver appends its replies in.
+            return Ok((0, None));
         }
         let ServerSession {
             state,
@@ -468,6 +484,25 @@ impl<E: ExportLookup> ServerSession<E> {
     /// Whether [`ServerSession::poll_transmit`] has something to give.
     pub fn has_output(&self) -> bool {
         self.out_pos < self.out.len()
+    }
+
+    /// What the session wants from the socket now (see [`Interest`]):
+    /// bytes from the client unless it waits on the driver (TLS to start)
+    /// or is closed, and writability while handshake bytes wait.
+    pub fn interest(&self) -> Interest {
+        let read = self.failed.is_none()
+            && match &self.state {
+                State::Handshake(hs) => !matches!(
+                    hs.step(),
+                    ServerStep::StartTls | ServerStep::Aborted | ServerStep::Closed
+                ),
+                State::Transmission(tx, _) => !matches!(tx.next(), ServerReceive::Closed),
+                State::Closed => false,
+            };
+        Interest {
+            read,
+            write: self.has_output(),
+        }
     }
 
     /// The encoder of this connection's replies (once [`ServerEvent::Ready`]).
