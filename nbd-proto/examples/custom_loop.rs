@@ -40,12 +40,10 @@ fn main() -> Result<(), BoxError> {
     if uri.tls != TlsMode::Off {
         return Err("this example does not do TLS".into());
     }
-    let config = ClientConfig {
-        max_in_flight: requests,
-        // Plain reads: no block status needed.
-        meta_contexts: Vec::new(),
-        ..uri.client_config(ClientConfig::default())
-    };
+    let mut config = uri.client_config(ClientConfig::default());
+    config.max_in_flight = requests;
+    // Plain reads: no block status needed.
+    config.meta_contexts = Vec::new();
     let (hash, size) = match &uri.transport {
         Transport::Tcp { host, port } => {
             let s = std::net::TcpStream::connect((host.as_str(), *port))?;

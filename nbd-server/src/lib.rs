@@ -264,6 +264,7 @@ impl ExportLookup for Exports {
 /// Limits of a server, beyond the protocol's (which are in
 /// [`ServerConfig`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Limits {
     /// Requests in flight per connection before it stops reading more
     /// (default 128).
@@ -286,6 +287,34 @@ impl Default for Limits {
             io_threads: 16,
             reply_high_water: 32 << 20,
         }
+    }
+}
+
+/// Chainable setters, one per field (the struct is `#[non_exhaustive]`:
+/// other crates build it from [`Limits::default`]).
+impl Limits {
+    /// Sets the requests in flight per connection before it stops reading.
+    pub const fn max_in_flight(mut self, v: usize) -> Self {
+        self.max_in_flight = v;
+        self
+    }
+
+    /// Sets the payload memory over all connections.
+    pub const fn payload_budget(mut self, v: u64) -> Self {
+        self.payload_budget = v;
+        self
+    }
+
+    /// Sets the threads that run blocking storage calls.
+    pub const fn io_threads(mut self, v: usize) -> Self {
+        self.io_threads = v;
+        self
+    }
+
+    /// Sets the reply bytes queued for a client before it stops reading requests.
+    pub const fn reply_high_water(mut self, v: usize) -> Self {
+        self.reply_high_water = v;
+        self
     }
 }
 
