@@ -1,9 +1,10 @@
 //! Drives nbd-proto's sessions ([`ClientSession`], [`ServerSession`]) from
 //! fuzz input exactly as a user's driver does, checking invariants as it
 //! goes. Shared by the fuzz targets (`fuzz/fuzz_targets/`) and by
-//! `nbd-proto/tests/fuzz_corpus.rs`, which includes this file by path and
-//! replays `fuzz/seeds/*/` under `cargo test`; so nothing here may depend
-//! on libFuzzer.
+//! the workspace's `tests/tests/fuzz_corpus.rs` (in the `nbd-tests` crate),
+//! which includes this file as a module by path and replays
+//! `fuzz/seeds/*/` under `cargo test`; so nothing here may depend on
+//! libFuzzer.
 //!
 //! - `client_session`: a client configuration, then a script of driver
 //!   actions interleaved with the bytes the server sends (see
