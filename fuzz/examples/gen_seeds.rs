@@ -547,34 +547,18 @@ fn main() {
         ("structured-pieces", 0x48, newstyle(), pieces, Mode::Structured),
         ("simple-exact", 0x00, newstyle(), exact, Mode::Simple),
         ("simple-pieces", 0x00, newstyle(), pieces, Mode::Simple),
-        (
-            "oldstyle",
-            0x00,
-            ServerConfig {
-                oldstyle: true,
-                ..newstyle()
-            },
-            exact,
-            Mode::Oldstyle,
-        ),
+        ("oldstyle", 0x00, newstyle().oldstyle(true), exact, Mode::Oldstyle),
         (
             "export-name-only",
             0x00,
-            ServerConfig {
-                support_go: false,
-                structured_replies: false,
-                ..newstyle()
-            },
+            newstyle().support_go(false).structured_replies(false),
             pieces,
             Mode::ExportNameOnly,
         ),
         (
             "tls-extended",
             0x1a,
-            ServerConfig {
-                tls: nbd_proto::server::TlsPolicy::ForcedTls,
-                ..newstyle()
-            },
+            newstyle().tls(nbd_proto::server::TlsPolicy::ForcedTls),
             pieces,
             Mode::Extended,
         ),
@@ -623,12 +607,12 @@ fn main() {
     assert!(s.options >= 1, "client_session opt-abort: {s:?}");
 
     // server_session: the same against our client.
-    let client = |structured: bool, extended: bool| ClientConfig {
-        structured_replies: structured,
-        extended_headers: extended,
-        meta_contexts: vec!["base:allocation".into(), "qemu:dirty-bitmap:b0".into()],
-        request_block_size: true,
-        ..ClientConfig::default()
+    let client = |structured: bool, extended: bool| {
+        ClientConfig::default()
+            .structured_replies(structured)
+            .extended_headers(extended)
+            .meta_contexts(vec!["base:allocation".into(), "qemu:dirty-bitmap:b0".into()])
+            .request_block_size(true)
     };
     // Byte 0: bit 3 LIST, 5 GO, 6 structured, 7 extended.
     let all = 0x08 | 0x20 | 0x40 | 0x80;
@@ -643,10 +627,7 @@ fn main() {
         (
             "tls-extended",
             all | 2,
-            ClientConfig {
-                tls: nbd_proto::client::TlsMode::Require,
-                ..client(true, true)
-            },
+            (client(true, true)).tls(nbd_proto::client::TlsMode::Require),
             pieces,
             Mode::Extended,
         ),
@@ -677,10 +658,7 @@ fn main() {
         &mut rng,
         "opt-mode-shutdown",
         [all, 0xff, 1],
-        ClientConfig {
-            opt_mode: true,
-            ..client(true, true)
-        },
+        (client(true, true)).opt_mode(true),
         pieces,
         &acts,
     );

@@ -1,9 +1,10 @@
 //! Drives nbd-proto's sessions ([`ClientSession`], [`ServerSession`]) from
 //! fuzz input exactly as a user's driver does, checking invariants as it
 //! goes. Shared by the fuzz targets (`fuzz/fuzz_targets/`) and by
-//! `nbd-proto/tests/fuzz_corpus.rs`, which includes this file by path and
-//! replays `fuzz/seeds/*/` under `cargo test`; so nothing here may depend
-//! on libFuzzer.
+//! the workspace's `tests/tests/fuzz_corpus.rs` (in the `nbd-tests` crate),
+//! which includes this file as a module by path and replays
+//! `fuzz/seeds/*/` under `cargo test`; so nothing here may depend on
+//! libFuzzer.
 //!
 //! - `client_session`: a client configuration, then a script of driver
 //!   actions interleaved with the bytes the server sends (see
@@ -202,22 +203,20 @@ pub fn command(sel: u8) -> Command {
 /// Byte 1: the export name ([`name`]). Byte 2: requests in flight (1 to 8).
 /// Byte 3: the metadata contexts asked for ([`QUERIES`] by bit).
 pub fn client_config(b: [u8; 4]) -> (ClientConfig, bool) {
-    let config = ClientConfig {
-        export_name: name(b[1]),
-        tls: match b[0] & 3 {
+    let config = ClientConfig::default()
+        .export_name(name(b[1]))
+        .tls(match b[0] & 3 {
             0 => TlsMode::Off,
             1 => TlsMode::Allow,
             _ => TlsMode::Require,
-        },
-        opt_mode: b[0] & 4 != 0,
-        structured_replies: b[0] & 8 != 0,
-        extended_headers: b[0] & 16 != 0,
-        request_block_size: b[0] & 32 != 0,
-        strict: b[0] & 64 != 0,
-        meta_contexts: queries(b[3]).into_iter().map(String::from).collect(),
-        max_in_flight: b[2] as usize % 8 + 1,
-        ..ClientConfig::default()
-    };
+        })
+        .opt_mode(b[0] & 4 != 0)
+        .structured_replies(b[0] & 8 != 0)
+        .extended_headers(b[0] & 16 != 0)
+        .request_block_size(b[0] & 32 != 0)
+        .strict(b[0] & 64 != 0)
+        .meta_contexts(queries(b[3]).into_iter().map(String::from).collect())
+        .max_in_flight(b[2] as usize % 8 + 1);
     (config, b[0] & 128 != 0)
 }
 
@@ -287,30 +286,28 @@ impl OptCall {
 /// Byte 1: most options (below 16, else the default). Byte 2: bit 0 a
 /// small payload limit for clients that negotiated no block sizes.
 pub fn server_config(b: [u8; 3]) -> ServerConfig {
-    ServerConfig {
-        oldstyle: b[0] & 1 != 0,
-        tls: match (b[0] >> 1) & 3 {
+    ServerConfig::default()
+        .oldstyle(b[0] & 1 != 0)
+        .tls(match (b[0] >> 1) & 3 {
             0 => TlsPolicy::NoTls,
             1 => TlsPolicy::ForcedTls,
             _ => TlsPolicy::SelectiveTls,
-        },
-        allow_list: b[0] & 8 != 0,
-        no_zeroes: b[0] & 16 != 0,
-        support_go: b[0] & 32 != 0,
-        structured_replies: b[0] & 64 != 0,
-        extended_headers: b[0] & 128 != 0,
-        max_options: if b[1] < 16 {
+        })
+        .allow_list(b[0] & 8 != 0)
+        .no_zeroes(b[0] & 16 != 0)
+        .support_go(b[0] & 32 != 0)
+        .structured_replies(b[0] & 64 != 0)
+        .extended_headers(b[0] & 128 != 0)
+        .max_options(if b[1] < 16 {
             b[1] as u32
         } else {
             ServerConfig::default().max_options
-        },
-        unnegotiated_max_payload: if b[2] & 1 != 0 {
+        })
+        .unnegotiated_max_payload(if b[2] & 1 != 0 {
             65536
         } else {
             ServerConfig::default().unnegotiated_max_payload
-        },
-        ..ServerConfig::default()
-    }
+        })
 }
 
 /// An export, from seven bytes: name ([`name`]), description ([`name`], 7

@@ -1,5 +1,6 @@
 //! The driving code of the fuzz targets, shared with
-//! `nbd-proto/tests/fuzz_corpus.rs` (which includes `drive.rs` by path and
-//! replays `fuzz/seeds/*/`), so it must not depend on libFuzzer.
+//! the workspace's `tests/tests/fuzz_corpus.rs` (in the `nbd-tests` crate,
+//! which includes `drive.rs` as a module by path and replays
+//! `fuzz/seeds/*/`), so it must not depend on libFuzzer.
 
 pub mod drive;

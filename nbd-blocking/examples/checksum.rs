@@ -15,10 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let uri = std::env::args().nth(1).ok_or("usage: checksum URI")?;
     let uri = NbdUri::parse(&uri)?;
     // Plain reads: no metadata context is needed.
-    let config = ClientConfig {
-        meta_contexts: Vec::new(),
-        ..ClientConfig::default()
-    };
+    let config = ClientConfig::default().meta_contexts(Vec::new());
     let mut client = Client::connect_uri(&uri, config)?;
     let size = client.size();
     let mut hasher = Sha256::new();

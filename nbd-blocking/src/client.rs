@@ -524,10 +524,7 @@ impl Client {
 
     /// [`Client::connect_uri`] with TLS credentials of the caller's.
     pub fn connect_uri_with_tls(uri: &NbdUri, config: ClientConfig, tls: LazyClientTls) -> Result<Client> {
-        let opts = ConnectOptions {
-            tls: Some(tls),
-            ..ConnectOptions::default()
-        };
+        let opts = ConnectOptions::default().tls(Some(tls));
         Self::connect_with(uri, config, &opts)
     }
 
@@ -540,11 +537,9 @@ impl Client {
     /// use nbd_blocking::client::{Client, ConnectOptions, Reconnect, Timeouts};
     ///
     /// let uri = NbdUri::parse("nbd+unix:///?socket=/tmp/nbd.sock")?;
-    /// let opts = ConnectOptions {
-    ///     timeouts: Timeouts::all(Duration::from_secs(30)),
-    ///     reconnect: Some(Reconnect::within(Duration::from_secs(60))),
-    ///     tls: None,
-    /// };
+    /// let opts = ConnectOptions::default()
+    ///     .timeouts(Timeouts::all(Duration::from_secs(30)))
+    ///     .reconnect(Some(Reconnect::within(Duration::from_secs(60))));
     /// let mut client = Client::connect_with(&uri, ClientConfig::default(), &opts)?;
     /// let mut buf = vec![0u8; 4096];
     /// client.read(&mut buf, 0)?;

@@ -93,6 +93,7 @@ use crate::tls::LazyClientTls;
 
 /// Deadlines of a client (each `None`, the default, waits forever).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Timeouts {
     /// Opening the socket (each attempt: every address of a TCP host
     /// shares it).
@@ -117,6 +118,24 @@ impl Timeouts {
             handshake: Some(t),
             request: Some(t),
         }
+    }
+
+    /// Sets the deadline of opening the socket.
+    pub const fn connect(mut self, v: Option<Duration>) -> Self {
+        self.connect = v;
+        self
+    }
+
+    /// Sets the deadline of the handshake.
+    pub const fn handshake(mut self, v: Option<Duration>) -> Self {
+        self.handshake = v;
+        self
+    }
+
+    /// Sets the deadline of each request.
+    pub const fn request(mut self, v: Option<Duration>) -> Self {
+        self.request = v;
+        self
     }
 }
 
@@ -158,6 +177,7 @@ impl Reconnect {
 
 /// How a client connects, beyond what `ClientConfig` negotiates.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct ConnectOptions {
     /// Deadlines.
     pub timeouts: Timeouts,
@@ -166,6 +186,28 @@ pub struct ConnectOptions {
     pub reconnect: Option<Reconnect>,
     /// TLS credentials; `None`: those the URI names.
     pub tls: Option<LazyClientTls>,
+}
+
+/// Chainable setters, one per field (the struct is `#[non_exhaustive]`:
+/// other crates build it from [`ConnectOptions::default`]).
+impl ConnectOptions {
+    /// Sets the deadlines.
+    pub fn timeouts(mut self, v: Timeouts) -> Self {
+        self.timeouts = v;
+        self
+    }
+
+    /// Sets the reconnection policy (`None`: none).
+    pub fn reconnect(mut self, v: Option<Reconnect>) -> Self {
+        self.reconnect = v;
+        self
+    }
+
+    /// Sets the TLS credentials (`None`: those the URI names).
+    pub fn tls(mut self, v: Option<LazyClientTls>) -> Self {
+        self.tls = v;
+        self
+    }
 }
 
 /// Which deadline expired.

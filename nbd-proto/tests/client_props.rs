@@ -401,7 +401,7 @@ proptest! {
         s.truncate(cut.min(s.len()));
         s.extend(tail);
         let _ = run_handshake(ClientConfig::default(), &s);
-        let _ = run_handshake(ClientConfig { opt_mode: true, ..ClientConfig::default() }, &s);
+        let _ = run_handshake(ClientConfig::default().opt_mode(true), &s);
     }
 
     #[test]

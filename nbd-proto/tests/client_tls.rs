@@ -116,11 +116,7 @@ impl Scripted {
 }
 
 fn config(tls: TlsMode) -> ClientConfig {
-    ClientConfig {
-        tls,
-        meta_contexts: Vec::new(),
-        ..ClientConfig::default()
-    }
+    ClientConfig::default().tls(tls).meta_contexts(Vec::new())
 }
 
 #[test]

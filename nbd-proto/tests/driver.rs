@@ -69,12 +69,12 @@ fn carry(from: &mut Buffers, to: &mut Buffers) {
 #[test]
 fn a_conversation_through_buffers() {
     for structured in [true, false] {
-        let mut client = ClientSession::new(ClientConfig {
-            structured_replies: structured,
-            extended_headers: false,
-            meta_contexts: Vec::new(),
-            ..ClientConfig::default()
-        });
+        let mut client = ClientSession::new(
+            ClientConfig::default()
+                .structured_replies(structured)
+                .extended_headers(false)
+                .meta_contexts(Vec::new()),
+        );
         let mut server = ServerSession::new(ServerConfig::default(), One);
         let (mut cb, mut sb) = (Buffers::new(4096), Buffers::new(4096));
         assert_eq!(

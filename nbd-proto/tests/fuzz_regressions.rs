@@ -108,12 +108,10 @@ fn exchange(c: &mut ClientSession, s: &mut ServerSession<One>) -> Vec<String> {
 /// bytes of READ data and waited for them forever. It completes now.
 #[test]
 fn zero_length_read_in_simple_mode_completes() {
-    let cfg = ClientConfig {
-        structured_replies: false,
-        extended_headers: false,
-        strict: false,
-        ..ClientConfig::default()
-    };
+    let cfg = ClientConfig::default()
+        .structured_replies(false)
+        .extended_headers(false)
+        .strict(false);
     let mut c = ClientSession::new(cfg);
     let mut s = ServerSession::new(ServerConfig::default(), One);
     let events = exchange(&mut c, &mut s);
@@ -136,10 +134,7 @@ fn zero_length_read_in_simple_mode_completes() {
 /// next `opt_go(None)` failed too.)
 #[test]
 fn refused_option_call_is_misuse_and_changes_nothing() {
-    let cfg = ClientConfig {
-        opt_mode: true,
-        ..ClientConfig::default()
-    };
+    let cfg = ClientConfig::default().opt_mode(true);
     let mut c = ClientSession::new(cfg);
     let mut s = ServerSession::new(ServerConfig::default(), One);
     exchange(&mut c, &mut s);
@@ -162,22 +157,14 @@ fn refused_option_call_is_misuse_and_changes_nothing() {
 #[test]
 fn failure_after_tls_upgrade_closes_the_session() {
     // Nothing to negotiate after TLS but the export: GO goes at once.
-    let cfg = ClientConfig {
-        tls: TlsMode::Require,
-        export_name: "x".repeat(5000),
-        structured_replies: false,
-        extended_headers: false,
-        meta_contexts: Vec::new(),
-        ..ClientConfig::default()
-    };
+    let cfg = ClientConfig::default()
+        .tls(TlsMode::Require)
+        .export_name("x".repeat(5000))
+        .structured_replies(false)
+        .extended_headers(false)
+        .meta_contexts(Vec::new());
     let mut c = ClientSession::new(cfg);
-    let mut s = ServerSession::new(
-        ServerConfig {
-            tls: TlsPolicy::ForcedTls,
-            ..ServerConfig::default()
-        },
-        One,
-    );
+    let mut s = ServerSession::new(ServerConfig::default().tls(TlsPolicy::ForcedTls), One);
     let (mut to_s, mut to_c) = (Vec::new(), Vec::new());
     for _ in 0..100 {
         while c.poll_transmit(&mut to_s).is_some() {}

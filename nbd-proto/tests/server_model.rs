@@ -270,14 +270,8 @@ impl Setup {
     }
 
     fn configs(&self) -> (ServerConfig, ClientConfig) {
-        let mut s = ServerConfig {
-            no_zeroes: self.no_zeroes,
-            ..ServerConfig::default()
-        };
-        let mut c = ClientConfig {
-            request_block_size: self.request_block_size,
-            ..ClientConfig::default()
-        };
+        let mut s = ServerConfig::default().no_zeroes(self.no_zeroes);
+        let mut c = ClientConfig::default().request_block_size(self.request_block_size);
         if self.tls && self.flavour != Flavour::Oldstyle {
             s.tls = TlsPolicy::ForcedTls;
             c.tls = TlsMode::Require;
@@ -1054,10 +1048,7 @@ fn every_flavour_negotiates() {
 #[test]
 fn option_mode_interop() {
     let export = disk();
-    let ccfg = ClientConfig {
-        opt_mode: true,
-        ..ClientConfig::default()
-    };
+    let ccfg = ClientConfig::default().opt_mode(true);
     let mut sides = Sides::new(ServerConfig::default(), ccfg);
     sides.pump(&export);
     let outcome = |sides: &mut Sides| {
@@ -1151,13 +1142,7 @@ fn option_mode_interop() {
 #[test]
 fn option_mode_abort() {
     let export = disk();
-    let mut sides = Sides::new(
-        ServerConfig::default(),
-        ClientConfig {
-            opt_mode: true,
-            ..ClientConfig::default()
-        },
-    );
+    let mut sides = Sides::new(ServerConfig::default(), ClientConfig::default().opt_mode(true));
     sides.pump(&export);
     sides.client.as_mut().unwrap().opt_abort().unwrap();
     sides.pump(&export);
@@ -1168,10 +1153,7 @@ fn option_mode_abort() {
 
 #[test]
 fn forced_tls_refuses_clear_clients() {
-    let scfg = ServerConfig {
-        tls: TlsPolicy::ForcedTls,
-        ..ServerConfig::default()
-    };
+    let scfg = ServerConfig::default().tls(TlsPolicy::ForcedTls);
     let (client, server) = handshake(scfg, ClientConfig::default(), &disk());
     assert!(
         matches!(client, Some(Err(HandshakeError::TlsRequired(_)))),
@@ -1180,14 +1162,8 @@ fn forced_tls_refuses_clear_clients() {
     assert!(server.is_none());
 
     // A client that merely allows TLS gets it.
-    let scfg = ServerConfig {
-        tls: TlsPolicy::ForcedTls,
-        ..ServerConfig::default()
-    };
-    let ccfg = ClientConfig {
-        tls: TlsMode::Allow,
-        ..ClientConfig::default()
-    };
+    let scfg = ServerConfig::default().tls(TlsPolicy::ForcedTls);
+    let ccfg = ClientConfig::default().tls(TlsMode::Allow);
     let (client, server) = handshake(scfg, ccfg, &disk());
     assert!(client.unwrap().unwrap().tls);
     assert!(server.unwrap().unwrap().tls);
@@ -1195,10 +1171,7 @@ fn forced_tls_refuses_clear_clients() {
 
 #[test]
 fn tls_required_by_client_but_unavailable() {
-    let ccfg = ClientConfig {
-        tls: TlsMode::Require,
-        ..ClientConfig::default()
-    };
+    let ccfg = ClientConfig::default().tls(TlsMode::Require);
     let (client, server) = handshake(ServerConfig::default(), ccfg, &disk());
     assert!(
         matches!(client, Some(Err(HandshakeError::TlsUnavailable(_)))),
@@ -1209,26 +1182,18 @@ fn tls_required_by_client_but_unavailable() {
 
 #[test]
 fn unknown_export_is_refused() {
-    let ccfg = ClientConfig {
-        export_name: "missing".to_string(),
-        ..ClientConfig::default()
-    };
+    let ccfg = ClientConfig::default().export_name("missing");
     let (client, _) = handshake(ServerConfig::default(), ccfg, &disk());
     match client {
         Some(Err(HandshakeError::Refused(e))) => assert_eq!(e.reply, ReplyType::ERR_UNKNOWN),
         other => panic!("{other:?}"),
     }
     // With EXPORT_NAME the server can only hang up.
-    let ccfg = ClientConfig {
-        export_name: "missing".to_string(),
-        structured_replies: false,
-        extended_headers: false,
-        ..ClientConfig::default()
-    };
-    let scfg = ServerConfig {
-        support_go: false,
-        ..ServerConfig::default()
-    };
+    let ccfg = ClientConfig::default()
+        .export_name("missing")
+        .structured_replies(false)
+        .extended_headers(false);
+    let scfg = ServerConfig::default().support_go(false);
     let (client, server) = handshake(scfg, ccfg, &disk());
     assert!(client.is_none(), "client still waiting for a reply that never comes");
     assert_eq!(
@@ -1243,15 +1208,10 @@ fn unknown_export_is_refused() {
 /// spec). See the report: `client/handshake.rs`, `Recv::ExportNameReply`.
 #[test]
 fn export_name_fallback_keeps_structured_replies() {
-    let scfg = ServerConfig {
-        support_go: false,
-        ..ServerConfig::default()
-    };
-    let ccfg = ClientConfig {
-        extended_headers: false,
-        meta_contexts: Vec::new(),
-        ..ClientConfig::default()
-    };
+    let scfg = ServerConfig::default().support_go(false);
+    let ccfg = ClientConfig::default()
+        .extended_headers(false)
+        .meta_contexts(Vec::new());
     let (client, server) = handshake(scfg, ccfg, &disk());
     let client = client.unwrap().unwrap();
     let server = server.unwrap().unwrap();

@@ -556,12 +556,7 @@ proptest! {
         (structured, extended) in modes(),
         batch in 1usize..8,
     ) {
-        let cfg = ClientConfig {
-            export_name: String::new(),
-            structured_replies: structured,
-            extended_headers: extended,
-            ..ClientConfig::default()
-        };
+        let cfg = ClientConfig::default().export_name(String::new()).structured_replies(structured).extended_headers(extended);
         let (mut c, mut s) = connect(cfg, cf, ServerConfig::default(), sf);
         prop_assert!(c.connected, "client connected");
         prop_assert_eq!(s.session.export(), Some(&"disk"));
@@ -665,7 +660,7 @@ proptest! {
         chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..200), 0..20),
         opt_mode in any::<bool>(),
     ) {
-        let mut c = ClientSession::new(ClientConfig { opt_mode, ..ClientConfig::default() });
+        let mut c = ClientSession::new(ClientConfig::default().opt_mode(opt_mode));
         let mut out = Vec::new();
         for chunk in chunks {
             let _ = c.poll_transmit(&mut out);
@@ -740,10 +735,7 @@ fn reads_see_earlier_writes_and_holes() {
 /// it before the wire) and an error reply travel as values.
 #[test]
 fn refusals_are_values() {
-    let cfg = ClientConfig {
-        export_name: "ro".into(),
-        ..ClientConfig::default()
-    };
+    let cfg = ClientConfig::default().export_name("ro");
     let (mut c, mut s) = connect(cfg, Feeding::Chunks(3), ServerConfig::default(), Feeding::Exact);
     assert_eq!(s.session.export(), Some(&"ro"));
     assert!(c.session.flags().contains(TransmissionFlags::READ_ONLY));
@@ -791,14 +783,8 @@ impl BeforeConnect for ClientSession {
 #[test]
 fn starttls_is_never_over_read() {
     for feeding in [Feeding::Chunks(100_000), Feeding::Chunks(1), Feeding::Exact] {
-        let cfg = ClientConfig {
-            tls: TlsMode::Require,
-            ..ClientConfig::default()
-        };
-        let scfg = ServerConfig {
-            tls: TlsPolicy::ForcedTls,
-            ..ServerConfig::default()
-        };
+        let cfg = ClientConfig::default().tls(TlsMode::Require);
+        let scfg = ServerConfig::default().tls(TlsPolicy::ForcedTls);
         let (c, s) = connect(cfg, feeding, scfg, feeding);
         assert!(c.tls_started && s.tls_started, "{feeding:?}: both sides upgraded");
         assert!(c.connected, "{feeding:?}: connected after TLS");
@@ -807,13 +793,7 @@ fn starttls_is_never_over_read() {
     }
 
     // By hand: the client's STARTTLS plus bytes that follow it at once.
-    let mut s = ServerSession::new(
-        ServerConfig {
-            tls: TlsPolicy::ForcedTls,
-            ..ServerConfig::default()
-        },
-        Exports,
-    );
+    let mut s = ServerSession::new(ServerConfig::default().tls(TlsPolicy::ForcedTls), Exports);
     let mut out = Vec::new();
     assert!(s.poll_transmit(&mut out).is_some());
     let mut input = Vec::new();
@@ -843,10 +823,7 @@ fn starttls_is_never_over_read() {
 #[test]
 fn option_mode() {
     for feeding in [Feeding::Exact, Feeding::Chunks(5)] {
-        let cfg = ClientConfig {
-            opt_mode: true,
-            ..ClientConfig::default()
-        };
+        let cfg = ClientConfig::default().opt_mode(true);
         let (mut c, mut s) = connect(cfg, feeding, ServerConfig::default(), feeding);
         assert!(matches!(c.session.need(), ClientNeed::Negotiating));
         c.session.opt_list().unwrap();
@@ -894,10 +871,7 @@ fn option_mode() {
 /// NBD_OPT_ABORT ends both sessions.
 #[test]
 fn abort() {
-    let cfg = ClientConfig {
-        opt_mode: true,
-        ..ClientConfig::default()
-    };
+    let cfg = ClientConfig::default().opt_mode(true);
     let (mut c, mut s) = connect(cfg, Feeding::Exact, ServerConfig::default(), Feeding::Chunks(2));
     c.session.opt_abort().unwrap();
     run(&mut c, &mut s);
@@ -911,10 +885,7 @@ fn abort() {
 #[test]
 fn oldstyle() {
     for feeding in [Feeding::Exact, Feeding::Chunks(3)] {
-        let scfg = ServerConfig {
-            oldstyle: true,
-            ..ServerConfig::default()
-        };
+        let scfg = ServerConfig::default().oldstyle(true);
         let (mut c, mut s) = connect(ClientConfig::default(), feeding, scfg, feeding);
         assert!(c.connected);
         assert_eq!(c.session.mode(), Some(Mode::Oldstyle));
@@ -940,13 +911,7 @@ fn default_and_unknown_exports() {
     assert_eq!(s.session.export(), Some(&"disk"));
     assert_eq!(c.session.size(), SIZE);
 
-    let mut c = ClientSide::new(
-        ClientConfig {
-            export_name: "nope".into(),
-            ..ClientConfig::default()
-        },
-        Feeding::Exact,
-    );
+    let mut c = ClientSide::new(ClientConfig::default().export_name("nope"), Feeding::Exact);
     let mut s = ServerSide::new(ServerConfig::default(), Feeding::Exact);
     // The client gives up on the refusal: its feed returns the error.
     for _ in 0..20 {

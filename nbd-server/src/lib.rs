@@ -264,6 +264,7 @@ impl ExportLookup for Exports {
 /// Limits of a server, beyond the protocol's (which are in
 /// [`ServerConfig`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Limits {
     /// Requests in flight per connection before it stops reading more
     /// (default 128).
@@ -286,6 +287,34 @@ impl Default for Limits {
             io_threads: 16,
             reply_high_water: 32 << 20,
         }
+    }
+}
+
+/// Chainable setters, one per field (the struct is `#[non_exhaustive]`:
+/// other crates build it from [`Limits::default`]).
+impl Limits {
+    /// Sets the requests in flight per connection before it stops reading.
+    pub const fn max_in_flight(mut self, v: usize) -> Self {
+        self.max_in_flight = v;
+        self
+    }
+
+    /// Sets the payload memory over all connections.
+    pub const fn payload_budget(mut self, v: u64) -> Self {
+        self.payload_budget = v;
+        self
+    }
+
+    /// Sets the threads that run blocking storage calls.
+    pub const fn io_threads(mut self, v: usize) -> Self {
+        self.io_threads = v;
+        self
+    }
+
+    /// Sets the reply bytes queued for a client before it stops reading requests.
+    pub const fn reply_high_water(mut self, v: usize) -> Self {
+        self.reply_high_water = v;
+        self
     }
 }
 
@@ -470,12 +499,14 @@ impl ServeConnection {
     }
 
     /// The writer of this connection's replies (take it once).
+    #[must_use = "without its writer the connection's replies are never sent"]
     pub fn reply_writer(&self) -> ReplyWriter {
         ReplyWriter::new(self.shared.clone())
     }
 
     /// Appends handshake bytes to send to `buf`; `None` when there are
     /// none. (Replies come from the [`ReplyWriter`].)
+    #[must_use = "the appended bytes must be sent"]
     pub fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> Option<()> {
         self.session.poll_transmit(buf)
     }
@@ -487,6 +518,7 @@ impl ServeConnection {
 
     /// What the connection needs next. With a waker, a [`Status::Blocked`]
     /// connection wakes it when it may go on.
+    #[must_use = "the driver must do what the connection needs next"]
     pub fn status(&mut self, waker: Option<&Waker>) -> Status<'_> {
         self.follow_shutdown();
         if self.done {
@@ -503,6 +535,7 @@ impl ServeConnection {
 
     /// What the handshake needs next; call it after sending what
     /// [`ServeConnection::poll_transmit`] gave.
+    #[must_use = "the driver must do what the handshake needs next"]
     pub fn negotiation(&mut self) -> Negotiation {
         if self.is_transmitting() {
             return Negotiation::Transmission;
@@ -571,6 +604,7 @@ impl ServeConnection {
     /// must be closed (once the writer is done; during the handshake, after
     /// sending what [`ServeConnection::poll_transmit`] still gives: the
     /// replies to the options before the one that ended it).
+    #[must_use = "the bytes not used must be passed again"]
     pub fn input(&mut self, input: &[u8]) -> Result<usize, ServeError> {
         if input.is_empty() {
             self.input_closed();

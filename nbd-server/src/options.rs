@@ -10,6 +10,7 @@ use nbd_proto::server::ServerConfig;
 /// How a server behaves: negotiation ([`ServerConfig`], which also holds
 /// the handshake timeout and the payload limit), resource limits, TLS.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ServerOptions {
     /// Negotiation settings.
     pub config: ServerConfig,
@@ -39,5 +40,40 @@ impl Default for ServerOptions {
             #[cfg(feature = "tls")]
             tls: None,
         }
+    }
+}
+
+/// Chainable setters, one per field (the struct is `#[non_exhaustive]`:
+/// other crates build it from [`ServerOptions::default`]).
+impl ServerOptions {
+    /// Sets the negotiation settings.
+    pub fn config(mut self, v: ServerConfig) -> Self {
+        self.config = v;
+        self
+    }
+
+    /// Sets the resource limits.
+    pub fn limits(mut self, v: Limits) -> Self {
+        self.limits = v;
+        self
+    }
+
+    /// Sets the connections served at once.
+    pub fn max_connections(mut self, v: usize) -> Self {
+        self.max_connections = v;
+        self
+    }
+
+    /// Sets whether to log each connection to stderr.
+    pub fn verbose(mut self, v: bool) -> Self {
+        self.verbose = v;
+        self
+    }
+
+    /// Sets the TLS certificate and key.
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, v: Option<Arc<rustls::ServerConfig>>) -> Self {
+        self.tls = v;
+        self
     }
 }

@@ -392,6 +392,7 @@ impl ReplyWriter {
     /// Takes the replies ready to be written: `Ready(true)` when there are
     /// some, `Ready(false)` when the connection is over (no request can be
     /// answered any more), `Pending` (with the waker registered) otherwise.
+    #[must_use = "the replies taken must be written"]
     pub fn poll_batch(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
         if !self.is_empty() {
             return Poll::Ready(true);

@@ -28,12 +28,10 @@ impl Storage for Pattern {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            read_only: true,
-            can_multi_conn: true, // nothing changes, so every connection agrees
-            can_cache: true,
-            ..Capabilities::default()
-        }
+        Capabilities::default()
+            .read_only(true)
+            .can_multi_conn(true) // nothing changes, so every connection agrees
+            .can_cache(true)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

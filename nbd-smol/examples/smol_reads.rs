@@ -28,10 +28,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let uri = NbdUri::parse(&args.next().ok_or("usage: smol_reads URI [TASKS]")?)?;
     let tasks: usize = args.next().map_or(Ok(16), |n| n.parse())?;
     smol::block_on(async {
-        let config = ClientConfig {
-            meta_contexts: Vec::new(),
-            ..ClientConfig::default()
-        };
+        let config = ClientConfig::default().meta_contexts(Vec::new());
         let client = Client::connect_uri(&uri, config).await?;
         let size = client.size();
         let image = Arc::new(Mutex::new(vec![0u8; in_memory(size)?]));

@@ -854,10 +854,7 @@ impl Client {
     /// one [`LazyClientTls`] for every connection of a pool: the files are
     /// read once and the connections share a TLS session cache).
     pub async fn connect_uri_with_tls(uri: &NbdUri, config: ClientConfig, tls: LazyClientTls) -> Result<Client> {
-        let opts = ConnectOptions {
-            tls: Some(tls),
-            ..ConnectOptions::default()
-        };
+        let opts = ConnectOptions::default().tls(Some(tls));
         Self::connect_with(uri, config, &opts).await
     }
 
@@ -871,13 +868,11 @@ impl Client {
     /// use nbd_smol::client::{Client, ConnectOptions, Reconnect, Timeouts};
     ///
     /// let uri = NbdUri::parse("nbd+unix:///?socket=/tmp/nbd.sock")?;
-    /// let opts = ConnectOptions {
+    /// let opts = ConnectOptions::default()
     ///     // Give up on a server that says nothing for 30 s.
-    ///     timeouts: Timeouts::all(Duration::from_secs(30)),
+    ///     .timeouts(Timeouts::all(Duration::from_secs(30)))
     ///     // Ride out a restart of the server of up to a minute.
-    ///     reconnect: Some(Reconnect::within(Duration::from_secs(60))),
-    ///     tls: None,
-    /// };
+    ///     .reconnect(Some(Reconnect::within(Duration::from_secs(60))));
     /// let client = Client::connect_with(&uri, ClientConfig::default(), &opts).await?;
     /// let (r, buf) = client.read(vec![0u8; 4096], 0).await;
     /// r?;

@@ -35,7 +35,8 @@ pub use tls::LazyClientTls;
 
 /// Runs a future to completion on the current thread. Connections and
 /// client tasks run on smol's global executor, whose number of threads is
-/// set by `SMOL_THREADS` (one by default; `nbd-serve` sets one per CPU).
+/// set by `SMOL_THREADS` (one by default; `nbd-serve --threads N` sets it
+/// to N, and without the flag keeps the environment's value).
 pub fn block_on<T>(fut: impl std::future::Future<Output = T>) -> T {
     smol::block_on(fut)
 }

@@ -23,7 +23,7 @@ use crate::tls::LazyClientTls;
 ///
 /// let uri = NbdUri::parse("nbd://localhost/disk")?;
 /// // Four connections if the server allows multi-conn, 32 requests each.
-/// let config = ClientConfig { max_in_flight: 32, ..ClientConfig::default() };
+/// let config = ClientConfig::default().max_in_flight(32);
 /// let pool = Pool::connect(&uri, config, 4).await?;
 /// let (r, buf) = pool.read(vec![0u8; 1 << 20], 0).await;
 /// r?;
@@ -55,13 +55,10 @@ impl Pool {
         opts: &ConnectOptions,
     ) -> Result<Pool> {
         // One set of TLS credentials: read once, one session cache.
-        let opts = ConnectOptions {
-            tls: Some(match &opts.tls {
-                Some(t) => t.clone(),
-                None => LazyClientTls::from_uri(uri)?,
-            }),
-            ..opts.clone()
-        };
+        let opts = opts.clone().tls(Some(match &opts.tls {
+            Some(t) => t.clone(),
+            None => LazyClientTls::from_uri(uri)?,
+        }));
         let first = Client::connect_with(uri, config.clone(), &opts).await?;
         let mut clients = vec![first];
         let multi = clients[0].flags().contains(TransmissionFlags::CAN_MULTI_CONN);

@@ -84,6 +84,7 @@ pub use memory::{MemoryStorage, is_zero};
 /// `Default` gives the most conservative set: a writable export that
 /// supports nothing beyond READ and WRITE.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct Capabilities {
     /// The export refuses every modifying command (`NBD_FLAG_READ_ONLY`).
     pub read_only: bool,
@@ -108,6 +109,70 @@ pub struct Capabilities {
     /// Block-size constraints to advertise; `None` means the protocol
     /// defaults (no alignment requirement).
     pub block_size: Option<BlockSizeConstraints>,
+}
+
+/// Chainable setters, one per field (the struct is `#[non_exhaustive]`:
+/// other crates build it from [`Capabilities::default`]).
+impl Capabilities {
+    /// Sets whether the export refuses every modifying command.
+    pub const fn read_only(mut self, v: bool) -> Self {
+        self.read_only = v;
+        self
+    }
+
+    /// Sets whether [`Storage::flush`] does something useful.
+    pub const fn can_flush(mut self, v: bool) -> Self {
+        self.can_flush = v;
+        self
+    }
+
+    /// Sets whether writes honour the `fua` argument.
+    pub const fn can_fua(mut self, v: bool) -> Self {
+        self.can_fua = v;
+        self
+    }
+
+    /// Sets whether [`Storage::trim`] may release storage.
+    pub const fn can_trim(mut self, v: bool) -> Self {
+        self.can_trim = v;
+        self
+    }
+
+    /// Sets whether [`Storage::write_zeroes`] is efficient.
+    pub const fn can_zero(mut self, v: bool) -> Self {
+        self.can_zero = v;
+        self
+    }
+
+    /// Sets whether [`Storage::write_zeroes`] honours [`ZeroFlags::fast`].
+    pub const fn can_fast_zero(mut self, v: bool) -> Self {
+        self.can_fast_zero = v;
+        self
+    }
+
+    /// Sets whether [`Storage::cache`] does something useful.
+    pub const fn can_cache(mut self, v: bool) -> Self {
+        self.can_cache = v;
+        self
+    }
+
+    /// Sets whether several connections may safely share the export.
+    pub const fn can_multi_conn(mut self, v: bool) -> Self {
+        self.can_multi_conn = v;
+        self
+    }
+
+    /// Sets whether the export is backed by a rotational medium.
+    pub const fn rotational(mut self, v: bool) -> Self {
+        self.rotational = v;
+        self
+    }
+
+    /// Sets the block-size constraints to advertise (`None`: the defaults).
+    pub const fn block_size(mut self, v: Option<BlockSizeConstraints>) -> Self {
+        self.block_size = v;
+        self
+    }
 }
 
 /// Flags of a [`Storage::write_zeroes`] request.

@@ -150,20 +150,17 @@ fn err(e: impl std::fmt::Display) -> String {
 }
 
 async fn open_nbd(uri: &NbdUri, opts: &CopyOptions, want_status: bool) -> Result<Pool, String> {
-    let config = ClientConfig {
-        meta_contexts: if want_status {
+    let config = ClientConfig::default()
+        .meta_contexts(if want_status {
             vec![CONTEXT_BASE_ALLOCATION.to_string()]
         } else {
             Vec::new()
-        },
-        max_in_flight: opts.requests.max(1),
-        ..ClientConfig::default()
-    };
-    let connect = ConnectOptions {
-        timeouts: opts.timeouts,
-        reconnect: opts.reconnect,
-        tls: None,
-    };
+        })
+        .max_in_flight(opts.requests.max(1));
+    let connect = ConnectOptions::default()
+        .timeouts(opts.timeouts)
+        .reconnect(opts.reconnect)
+        .tls(None);
     Pool::connect_with(uri, config, opts.connections, &connect)
         .await
         .map_err(|e| format!("{}: {e}", uri.to_uri_string()))

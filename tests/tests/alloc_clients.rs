@@ -100,10 +100,7 @@ fn steady_state_allocates_nothing_in_either_client() {
     }
     let dir = TempDir::new();
     let peer = nbdkit(&dir, &["memory", "64M"]);
-    let config = ClientConfig {
-        max_in_flight: 16,
-        ..ClientConfig::default()
-    };
+    let config = ClientConfig::default().max_in_flight(16);
     let uri = NbdUri::parse(&peer.uri("")).unwrap();
 
     // The blocking client.

@@ -379,16 +379,9 @@ fn async_pool_random_writes_match_a_model() {
     let uri = NbdUri::parse(&peer.uri("")).unwrap();
     block_on_within("random writes over a pool", Duration::from_secs(120), async {
         let pool = Arc::new(
-            Pool::connect(
-                &uri,
-                ClientConfig {
-                    max_in_flight: 32,
-                    ..ClientConfig::default()
-                },
-                4,
-            )
-            .await
-            .unwrap(),
+            Pool::connect(&uri, ClientConfig::default().max_in_flight(32), 4)
+                .await
+                .unwrap(),
         );
         assert_eq!(pool.clients().len(), 4, "nbd-serve advertises multi-conn");
         assert_eq!(pool.size(), SIZE);

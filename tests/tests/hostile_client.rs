@@ -475,15 +475,9 @@ fn against_both_clients(
     let label = format!("async client, {what}");
     let uri = fake.uri.clone();
     block_on_within(&label, LIMIT, async {
-        let c = AsyncClient::connect_uri(
-            &nbd_uri(&uri),
-            ClientConfig {
-                max_in_flight: 8,
-                ..config(offer)
-            },
-        )
-        .await
-        .unwrap();
+        let c = AsyncClient::connect_uri(&nbd_uri(&uri), config(offer).max_in_flight(8))
+            .await
+            .unwrap();
         let first = smol::spawn(request_async(c.clone(), command));
         let second = smol::spawn(request_async(c.clone(), Command::READ));
         let (first, second) = (first.await, second.await);
@@ -1143,15 +1137,9 @@ fn a_server_that_dies_mid_reply() {
         });
         let uri = fake.uri.clone();
         block_on_within("async, dies mid-reply", LIMIT, async {
-            let c = AsyncClient::connect_uri(
-                &nbd_uri(&uri),
-                ClientConfig {
-                    max_in_flight: 16,
-                    ..config(offer)
-                },
-            )
-            .await
-            .unwrap();
+            let c = AsyncClient::connect_uri(&nbd_uri(&uri), config(offer).max_in_flight(16))
+                .await
+                .unwrap();
             let tasks: Vec<_> = (0..8u64)
                 .map(|i| {
                     let c = c.clone();
@@ -1196,15 +1184,9 @@ fn a_late_reply_to_an_abandoned_request_is_drained() {
         });
         let uri = fake.uri.clone();
         block_on_within("an abandoned request", LIMIT, async {
-            let c = AsyncClient::connect_uri(
-                &nbd_uri(&uri),
-                ClientConfig {
-                    max_in_flight: 4,
-                    ..config(offer)
-                },
-            )
-            .await
-            .unwrap();
+            let c = AsyncClient::connect_uri(&nbd_uri(&uri), config(offer).max_in_flight(4))
+                .await
+                .unwrap();
             let slow = async { Some(c.read(vec![0u8; 1 << 20], 0).await) };
             let timeout = async {
                 smol::Timer::after(Duration::from_millis(200)).await;
@@ -1241,15 +1223,9 @@ fn an_unsolicited_reply() {
     });
     let uri = fake.uri.clone();
     block_on_within("an unsolicited reply", LIMIT, async {
-        let c = AsyncClient::connect_uri(
-            &nbd_uri(&uri),
-            ClientConfig {
-                max_in_flight: 4,
-                ..config(Offer::Structured)
-            },
-        )
-        .await
-        .unwrap();
+        let c = AsyncClient::connect_uri(&nbd_uri(&uri), config(Offer::Structured).max_in_flight(4))
+            .await
+            .unwrap();
         // The reader task notices at once and the connection is dead.
         let deadline = Instant::now() + Duration::from_secs(2);
         while !c.is_closed() {
@@ -1280,15 +1256,9 @@ fn a_server_that_stops_reading_requests() {
     });
     let uri = fake.uri.clone();
     block_on_within("a server that stops reading", LIMIT, async {
-        let c = AsyncClient::connect_uri(
-            &nbd_uri(&uri),
-            ClientConfig {
-                max_in_flight: 16,
-                ..config(Offer::Extended)
-            },
-        )
-        .await
-        .unwrap();
+        let c = AsyncClient::connect_uri(&nbd_uri(&uri), config(Offer::Extended).max_in_flight(16))
+            .await
+            .unwrap();
         let writes: Vec<_> = (0..16u64)
             .map(|i| {
                 let c = c.clone();

@@ -474,13 +474,8 @@ impl Target {
         let socket = dir.socket_path("blocking");
         let listener = UnixListener::bind(&socket).unwrap();
         let storage = Arc::new(MemoryStorage::with_options(SIZE, read_only));
-        let options = ServerOptions {
-            config: nbd_proto::server::ServerConfig {
-                handshake_timeout: Some(handshake_timeout),
-                ..Default::default()
-            },
-            ..ServerOptions::default()
-        };
+        let options = ServerOptions::default()
+            .config(nbd_proto::server::ServerConfig::default().handshake_timeout(Some(handshake_timeout)));
         let server = BlockingServer::new(vec![Export::new("", "", storage)], options);
         let thread = {
             let server = server.clone();

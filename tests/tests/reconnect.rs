@@ -243,14 +243,10 @@ impl Rng {
 }
 
 fn resilient(delay: Duration) -> ConnectOptions {
-    ConnectOptions {
-        timeouts: Timeouts {
-            request: Some(Duration::from_secs(30)),
-            ..Timeouts::default()
-        },
-        reconnect: Some(Reconnect::within(delay)),
-        tls: None,
-    }
+    ConnectOptions::default()
+        .timeouts(Timeouts::default().request(Some(Duration::from_secs(30))))
+        .reconnect(Some(Reconnect::within(delay)))
+        .tls(None)
 }
 
 /// Size of the export the pool works on.
@@ -292,10 +288,7 @@ fn pool_against_model(kind: Kind, dir: &TempDir) {
     let mut model = vec![0u8; MODEL_SIZE as usize];
     let mut rng = Rng(0x1234_5678_9abc_def1 ^ kind as u64);
     smol::block_on(async {
-        let config = ClientConfig {
-            max_in_flight: 8,
-            ..ClientConfig::default()
-        };
+        let config = ClientConfig::default().max_in_flight(8);
         let mut clients = Vec::new();
         for _ in 0..4 {
             clients.push(

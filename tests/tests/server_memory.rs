@@ -257,11 +257,9 @@ fn idle_connections_give_their_buffers_back() {
 #[test]
 fn large_requests_from_clients_that_negotiated_no_block_size() {
     let dir = TempDir::new();
-    let no_block_size = ClientConfig {
-        request_block_size: false,
-        unnegotiated_max_payload: 64 * MIB,
-        ..ClientConfig::default()
-    };
+    let no_block_size = ClientConfig::default()
+        .request_block_size(false)
+        .unnegotiated_max_payload(64 * MIB);
     for (what, peer) in both_backends(&dir, 128 * MIB) {
         for (structured, len) in [
             (true, 50_000_000usize),
@@ -269,11 +267,10 @@ fn large_requests_from_clients_that_negotiated_no_block_size() {
             (true, 33_554_944),
             (false, 33_554_944),
         ] {
-            let config = ClientConfig {
-                structured_replies: structured,
-                extended_headers: structured,
-                ..no_block_size.clone()
-            };
+            let config = no_block_size
+                .clone()
+                .structured_replies(structured)
+                .extended_headers(structured);
             let mut c = Conn::connect(peer.socket(), config);
             assert!(
                 c.session.negotiated().unwrap().block_size.is_none(),

@@ -247,10 +247,7 @@ fn start(which: &Which, dir: &TempDir, offer: Offer) -> Running {
                 }
                 Offer::NoExtendedHeaders => config.extended_headers = false,
             }
-            let options = ServerOptions {
-                config,
-                ..ServerOptions::default()
-            };
+            let options = ServerOptions::default().config(config);
             let t = InThread::start(dir, options);
             let uri = t.uri();
             Running {
@@ -324,10 +321,7 @@ fn export_name_fallback_and_option_mode() {
 
         let server = start(&which, &dir, Offer::Everything);
         let uri = NbdUri::parse(&server.uri).unwrap();
-        let config = ClientConfig {
-            opt_mode: true,
-            ..ClientConfig::default()
-        };
+        let config = ClientConfig::default().opt_mode(true);
         let mut n = Negotiation::connect(&uri, config).unwrap();
         assert!(n.session().extended_headers() && n.session().structured_replies());
         let list = n.list().unwrap();
@@ -464,13 +458,7 @@ fn handshake_timeout_closes_silent_clients() {
     let peer = serve(&dir, &["--memory", "1M", "--handshake-timeout", "1"]);
     let blocking = InThread::start(
         &dir,
-        ServerOptions {
-            config: ServerConfig {
-                handshake_timeout: Some(Duration::from_secs(1)),
-                ..ServerConfig::default()
-            },
-            ..ServerOptions::default()
-        },
+        ServerOptions::default().config(ServerConfig::default().handshake_timeout(Some(Duration::from_secs(1)))),
     );
     for socket in [peer.socket().to_owned(), socket_of(&blocking.endpoint)] {
         let (got, took) = silent_client(&socket);

@@ -30,10 +30,7 @@ const SLACK: Duration = Duration::from_secs(2);
 const HUNG: Duration = Duration::from_secs(15);
 
 fn opts() -> ConnectOptions {
-    ConnectOptions {
-        timeouts: Timeouts::all(DEADLINE),
-        ..ConnectOptions::default()
-    }
+    ConnectOptions::default().timeouts(Timeouts::all(DEADLINE))
 }
 
 /// Checks how long a deadline took to fire and prints it.

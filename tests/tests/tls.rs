@@ -246,14 +246,9 @@ fn blocking_tls_server(dir: &TempDir, certs: &Certificates, policy: TlsPolicy) -
     let tls = nbd_net::ServerTlsOptions::from_dir(&certs.dir, false).build().unwrap();
     InThread::start(
         dir,
-        ServerOptions {
-            config: ServerConfig {
-                tls: policy,
-                ..ServerConfig::default()
-            },
-            tls: Some(tls),
-            ..ServerOptions::default()
-        },
+        ServerOptions::default()
+            .config(ServerConfig::default().tls(policy))
+            .tls(Some(tls)),
     )
 }
 

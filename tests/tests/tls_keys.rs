@@ -257,14 +257,9 @@ impl InThread {
         let socket = dir.socket_path("blocking");
         let listener = UnixListener::bind(&socket).unwrap();
         let storage = Arc::new(FileStorage::open(file, false).unwrap());
-        let options = ServerOptions {
-            config: ServerConfig {
-                tls: TlsPolicy::ForcedTls,
-                ..ServerConfig::default()
-            },
-            tls: Some(tls),
-            ..ServerOptions::default()
-        };
+        let options = ServerOptions::default()
+            .config(ServerConfig::default().tls(TlsPolicy::ForcedTls))
+            .tls(Some(tls));
         let server = BlockingServer::new(vec![Export::new("", "TLS keys", storage)], options);
         let thread = {
             let server = server.clone();

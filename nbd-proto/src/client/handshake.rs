@@ -35,6 +35,7 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
 
 /// What the client asks for during the handshake.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ClientConfig {
     /// The export to select. Default: empty, the server's default export.
     pub export_name: String,
@@ -84,6 +85,70 @@ impl Default for ClientConfig {
             strict: true,
             unnegotiated_max_payload: DEFAULT_MAX_PAYLOAD as u64,
         }
+    }
+}
+
+/// Chainable setters, one per field (the struct is `#[non_exhaustive]`:
+/// other crates build it from [`ClientConfig::default`]).
+impl ClientConfig {
+    /// Sets the export to select.
+    pub fn export_name(mut self, v: impl Into<String>) -> Self {
+        self.export_name = v.into();
+        self
+    }
+
+    /// Sets the TLS policy.
+    pub fn tls(mut self, v: TlsMode) -> Self {
+        self.tls = v;
+        self
+    }
+
+    /// Sets whether to ask for structured replies.
+    pub fn structured_replies(mut self, v: bool) -> Self {
+        self.structured_replies = v;
+        self
+    }
+
+    /// Sets whether to ask for extended headers.
+    pub fn extended_headers(mut self, v: bool) -> Self {
+        self.extended_headers = v;
+        self
+    }
+
+    /// Sets the metadata contexts to select.
+    pub fn meta_contexts(mut self, v: Vec<String>) -> Self {
+        self.meta_contexts = v;
+        self
+    }
+
+    /// Sets whether to ask for `NBD_INFO_BLOCK_SIZE`.
+    pub fn request_block_size(mut self, v: bool) -> Self {
+        self.request_block_size = v;
+        self
+    }
+
+    /// Sets whether to stop in [`HandshakeStep::Negotiating`] (option mode).
+    pub fn opt_mode(mut self, v: bool) -> Self {
+        self.opt_mode = v;
+        self
+    }
+
+    /// Sets the most requests in flight at once in transmission.
+    pub fn max_in_flight(mut self, v: usize) -> Self {
+        self.max_in_flight = v;
+        self
+    }
+
+    /// Sets whether to check replies strictly.
+    pub fn strict(mut self, v: bool) -> Self {
+        self.strict = v;
+        self
+    }
+
+    /// Sets the largest payload sent when the server sent no block sizes.
+    pub fn unnegotiated_max_payload(mut self, v: u64) -> Self {
+        self.unnegotiated_max_payload = v;
+        self
     }
 }
 

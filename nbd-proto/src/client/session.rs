@@ -338,6 +338,7 @@ impl ClientSession {
     // ----- input -----------------------------------------------------------
 
     /// What the session needs next.
+    #[must_use = "the driver must do what the session needs next"]
     pub fn need(&mut self) -> ClientNeed<'_> {
         if self.failed.is_some() {
             return ClientNeed::Closed;
@@ -404,6 +405,7 @@ impl ClientSession {
     /// READ data fed here comes back as [`ClientEvent::Data`] (borrowing
     /// `input`); a driver that moves it into the caller's buffer itself
     /// uses [`ClientSession::data_received`] instead.
+    #[must_use = "the bytes used must be dropped from the input and the event handled"]
     pub fn feed<'a>(&'a mut self, input: &'a [u8]) -> Result<(usize, Option<ClientEvent<'a>>), ClientSessionError> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
@@ -441,6 +443,7 @@ impl ClientSession {
     /// [`ClientNeed::Data`] into the request's buffer (at the announced
     /// `buf_offset`). Returns the request's completion when these were the
     /// last bytes of its reply.
+    #[must_use = "the completed request must be reported to its owner"]
     pub fn data_received(&mut self, n: u64) -> Result<Option<ClientEvent<'static>>, ClientSessionError> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
@@ -473,6 +476,7 @@ impl ClientSession {
     /// is closed and every request in flight has failed. Returns their
     /// cookies, so the driver can tell their owners (or send them again
     /// on a new connection).
+    #[must_use = "the requests that failed must be reported to their owners"]
     pub fn connection_lost(&mut self) -> Vec<Cookie> {
         let cookies = match &mut self.state {
             State::Transmission(tx, _) => tx.fail_all().collect(),
@@ -494,6 +498,7 @@ impl ClientSession {
     /// the next call. Headers of several requests are appended by one call
     /// up to the first WRITE, so a driver sends a batch with one (vectored)
     /// write.
+    #[must_use = "the appended bytes (and a WRITE's payload) must be sent"]
     pub fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> Option<Transmit> {
         if self.out_pos >= self.out.len() {
             return None;

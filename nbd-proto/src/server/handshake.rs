@@ -87,6 +87,7 @@ pub enum TlsPolicy {
 
 /// How the server negotiates.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ServerConfig {
     /// Use oldstyle negotiation (opt-in): the greeting carries the default
     /// export (looked up as `""` in the very first step) and there are no
@@ -141,6 +142,70 @@ impl Default for ServerConfig {
             handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
             unnegotiated_max_payload: DEFAULT_UNNEGOTIATED_MAX_PAYLOAD,
         }
+    }
+}
+
+/// Chainable setters, one per field (the struct is `#[non_exhaustive]`:
+/// other crates build it from [`ServerConfig::default`]).
+impl ServerConfig {
+    /// Sets whether to use oldstyle negotiation.
+    pub fn oldstyle(mut self, v: bool) -> Self {
+        self.oldstyle = v;
+        self
+    }
+
+    /// Sets the TLS policy.
+    pub fn tls(mut self, v: TlsPolicy) -> Self {
+        self.tls = v;
+        self
+    }
+
+    /// Sets whether to answer `NBD_OPT_LIST`.
+    pub fn allow_list(mut self, v: bool) -> Self {
+        self.allow_list = v;
+        self
+    }
+
+    /// Sets the options accepted per connection before closing it.
+    pub fn max_options(mut self, v: u32) -> Self {
+        self.max_options = v;
+        self
+    }
+
+    /// Sets whether to advertise `NBD_FLAG_NO_ZEROES`.
+    pub fn no_zeroes(mut self, v: bool) -> Self {
+        self.no_zeroes = v;
+        self
+    }
+
+    /// Sets whether to support `NBD_OPT_INFO` and `NBD_OPT_GO`.
+    pub fn support_go(mut self, v: bool) -> Self {
+        self.support_go = v;
+        self
+    }
+
+    /// Sets whether to support `NBD_OPT_STRUCTURED_REPLY`.
+    pub fn structured_replies(mut self, v: bool) -> Self {
+        self.structured_replies = v;
+        self
+    }
+
+    /// Sets whether to support `NBD_OPT_EXTENDED_HEADERS`.
+    pub fn extended_headers(mut self, v: bool) -> Self {
+        self.extended_headers = v;
+        self
+    }
+
+    /// Sets how long a client may take to reach transmission (`None`: no limit).
+    pub fn handshake_timeout(mut self, v: Option<core::time::Duration>) -> Self {
+        self.handshake_timeout = v;
+        self
+    }
+
+    /// Sets the largest payload accepted from a client sent no block sizes.
+    pub fn unnegotiated_max_payload(mut self, v: u64) -> Self {
+        self.unnegotiated_max_payload = v;
+        self
     }
 }
 

@@ -308,6 +308,7 @@ impl<E: ExportLookup> ServerSession<E> {
     // ----- input -----------------------------------------------------------
 
     /// What the session needs next.
+    #[must_use = "the driver must do what the session needs next"]
     pub fn need(&mut self) -> ServerNeed<'_> {
         if self.failed.is_some() {
             return ServerNeed::Closed;
@@ -361,6 +362,7 @@ impl<E: ExportLookup> ServerSession<E> {
     /// An event borrows only `input` (WRITE data), never the session, so
     /// the driver can ask the session ([`ServerSession::encoder`],
     /// [`ServerSession::export`], ...) while it handles the event.
+    #[must_use = "the bytes used must be dropped from the input and the event handled"]
     pub fn feed<'i>(&mut self, input: &'i [u8]) -> Result<(usize, Option<ServerEvent<'i>>), ServerSessionError> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
@@ -405,6 +407,7 @@ impl<E: ExportLookup> ServerSession<E> {
     /// The driver moved `n` bytes of the WRITE payload announced by
     /// [`ServerNeed::Payload`] into storage. Returns `true` when the payload
     /// is complete (the WRITE can be acknowledged once storage has it).
+    #[must_use = "a complete WRITE must be acknowledged once storage has it"]
     pub fn payload_received(&mut self, n: u64) -> Result<bool, ServerSessionError> {
         let State::Transmission(tx, _) = &mut self.state else {
             return Err(ServerSessionError::Misuse("payload_received() outside transmission"));
@@ -471,6 +474,7 @@ impl<E: ExportLookup> ServerSession<E> {
     /// Appends the next handshake bytes to send to `buf` (the driver's own
     /// buffer); `None` when there is nothing to send. Replies in
     /// transmission come from [`ServerSession::encoder`] instead.
+    #[must_use = "the appended bytes must be sent"]
     pub fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> Option<()> {
         if self.out_pos >= self.out.len() {
             return None;

@@ -195,11 +195,10 @@ impl Args {
             extents: !self.no_extents,
             timeouts: match self.timeout {
                 Some(t) => t.0.map(Timeouts::all).unwrap_or_default(),
-                None => Timeouts {
-                    connect: Some(DEFAULT_HANDSHAKE_TIMEOUT),
-                    handshake: Some(DEFAULT_HANDSHAKE_TIMEOUT),
-                    request: None,
-                },
+                None => Timeouts::default()
+                    .connect(Some(DEFAULT_HANDSHAKE_TIMEOUT))
+                    .handshake(Some(DEFAULT_HANDSHAKE_TIMEOUT))
+                    .request(None),
             },
             reconnect: self.reconnect_delay.0.map(Reconnect::within),
         }

@@ -233,11 +233,9 @@ impl Feature {
 /// `--can FEATURE` / `--is FEATURE`: connects (NBD_OPT_GO) and answers
 /// from what was negotiated.
 fn can(uri: &NbdUri, feature: Feature, opts: &ConnectOptions) -> Result<bool, nbd_blocking::Error> {
-    let config = ClientConfig {
-        export_name: uri.export.clone(),
-        meta_contexts: Vec::new(),
-        ..ClientConfig::default()
-    };
+    let config = ClientConfig::default()
+        .export_name(uri.export.clone())
+        .meta_contexts(Vec::new());
     let client = Client::connect_with(uri, config, opts)?;
     let n = client.negotiated();
     let answer = match feature {
@@ -257,10 +255,7 @@ fn run(args: &Args, target: &Target) -> Result<Outcome, String> {
     let uri = &target.uri;
     let name = target.shown.clone().unwrap_or_else(|| uri.to_uri_string());
     let connect_err = |e: nbd_blocking::Error| format!("{name}: {e}");
-    let opts = ConnectOptions {
-        timeouts: args.timeout.0.map(Timeouts::all).unwrap_or_default(),
-        ..ConnectOptions::default()
-    };
+    let opts = ConnectOptions::default().timeouts(args.timeout.0.map(Timeouts::all).unwrap_or_default());
     if let Some(f) = &args.can {
         let feature = Feature::parse(f).ok_or_else(|| format!("unknown --can or --is feature: {f}"))?;
         return can(uri, feature, &opts).map(Outcome::Feature).map_err(connect_err);
@@ -277,23 +272,13 @@ fn run(args: &Args, target: &Target) -> Result<Outcome, String> {
         }));
     }
     if args.size {
-        let client = Client::connect_with(
-            uri,
-            ClientConfig {
-                meta_contexts: Vec::new(),
-                ..ClientConfig::default()
-            },
-            &opts,
-        )
-        .map_err(connect_err)?;
+        let client =
+            Client::connect_with(uri, ClientConfig::default().meta_contexts(Vec::new()), &opts).map_err(connect_err)?;
         let size = client.size();
         let _ = client.disconnect();
         return Ok(Outcome::Print(format!("{size}\n")));
     }
-    let config = ClientConfig {
-        export_name: uri.export.clone(),
-        ..ClientConfig::default()
-    };
+    let config = ClientConfig::default().export_name(uri.export.clone());
     let mut neg = Negotiation::connect_with(uri, config, &opts).map_err(connect_err)?;
     let mut reports = Vec::new();
     let show_uri = target.shown.is_some();
@@ -383,11 +368,9 @@ struct Map {
 }
 
 fn map(uri: &NbdUri, context: &str, opts: &ConnectOptions) -> Result<Map, MapError> {
-    let config = ClientConfig {
-        export_name: uri.export.clone(),
-        meta_contexts: vec![context.to_string()],
-        ..ClientConfig::default()
-    };
+    let config = ClientConfig::default()
+        .export_name(uri.export.clone())
+        .meta_contexts(vec![context.to_string()]);
     let mut client = Client::connect_with(uri, config, opts)?;
     let Some(id) = client.negotiated().context_id(context) else {
         let _ = client.disconnect();

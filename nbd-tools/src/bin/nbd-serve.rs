@@ -517,27 +517,24 @@ fn run(args: Args, forked: Option<Forked>) -> Result<u8, String> {
     if args.oldstyle && tls_policy == TlsPolicy::ForcedTls {
         return Err("--oldstyle cannot do TLS: it would refuse every client".into());
     }
-    let config = ServerConfig {
-        tls: tls_policy,
-        oldstyle: args.oldstyle,
-        structured_replies: !args.no_structured_replies,
-        extended_headers: !args.no_extended_headers && !args.no_structured_replies,
-        support_go: !args.no_go,
-        handshake_timeout: (args.handshake_limit > 0).then(|| Duration::from_secs(args.handshake_limit)),
-        unnegotiated_max_payload: args.max_payload,
-        ..ServerConfig::default()
-    };
-    let options = ServerOptions {
-        config,
-        max_connections: if args.shared == 0 { 1 << 30 } else { args.shared },
-        verbose: args.verbose,
-        tls,
-        limits: Limits {
-            payload_budget: args.payload_memory.max(args.max_payload),
-            io_threads: args.io_threads.max(1),
-            ..Limits::default()
-        },
-    };
+    let config = ServerConfig::default()
+        .tls(tls_policy)
+        .oldstyle(args.oldstyle)
+        .structured_replies(!args.no_structured_replies)
+        .extended_headers(!args.no_extended_headers && !args.no_structured_replies)
+        .support_go(!args.no_go)
+        .handshake_timeout((args.handshake_limit > 0).then(|| Duration::from_secs(args.handshake_limit)))
+        .unnegotiated_max_payload(args.max_payload);
+    let options = ServerOptions::default()
+        .config(config)
+        .max_connections(if args.shared == 0 { 1 << 30 } else { args.shared })
+        .verbose(args.verbose)
+        .tls(tls)
+        .limits(
+            Limits::default()
+                .payload_budget(args.payload_memory.max(args.max_payload))
+                .io_threads(args.io_threads.max(1)),
+        );
     // Image backends keep metadata in memory: flush them when serving ends.
     let storages: Vec<Arc<dyn Storage>> = exports
         .iter()
