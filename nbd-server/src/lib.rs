@@ -580,16 +580,22 @@ impl ServeConnection {
         if exec.parked(waker) {
             return true;
         }
+        // In the middle of a WRITE payload the request is already counted
+        // in flight: the limit on requests must not stop its payload (with
+        // `max_in_flight` 1 nothing else could ever free it).
+        let mid_payload = matches!(self.session.need(), ServerNeed::Payload { .. });
         {
             let mut g = self.shared.lock();
-            if g.in_flight >= self.ctx.limits.max_in_flight || g.batch.bytes >= self.ctx.limits.reply_high_water {
+            if (!mid_payload && g.in_flight >= self.ctx.limits.max_in_flight)
+                || g.batch.bytes >= self.ctx.limits.reply_high_water
+            {
                 if let Some(w) = waker {
                     Shared::register_reader(&mut g, w);
                 }
                 return true;
             }
         }
-        if matches!(self.session.need(), ServerNeed::Payload { .. }) {
+        if mid_payload {
             return !exec.payload_ready(waker);
         }
         false

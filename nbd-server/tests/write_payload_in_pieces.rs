@@ -1,0 +1,117 @@
+//! A WRITE whose payload arrives in several reads, on a connection that
+//! allows one request in flight: the WRITE itself is that request, so the
+//! limit must not stop the reading of its payload (it did: the connection
+//! said Blocked forever, found by the `serve_connection` fuzz target).
+
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+
+use nbd_proto::client::{ClientConfig, ClientEvent, ClientSession, Request};
+use nbd_proto::server::ServerConfig;
+use nbd_proto::wire::Command;
+use nbd_server::{Export, Limits, ReplyWriter, ServeConnection, ServeContext, Status};
+use nbd_storage::MemoryStorage;
+
+struct Noop;
+
+impl Wake for Noop {
+    fn wake(self: Arc<Self>) {}
+}
+
+/// Everything the writer holds, as a runtime writes it.
+fn drain(writer: &mut ReplyWriter, waker: &Waker) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut cx = Context::from_waker(waker);
+    while let Poll::Ready(true) = writer.poll_batch(&mut cx) {
+        while !writer.is_empty() {
+            let n = writer.with_slices(|slices| {
+                slices
+                    .iter()
+                    .map(|s| {
+                        out.extend_from_slice(s);
+                        s.len()
+                    })
+                    .sum()
+            });
+            writer.advance(n);
+        }
+    }
+    out
+}
+
+#[test]
+fn write_payload_in_pieces_with_one_request_in_flight() {
+    let storage = Arc::new(MemoryStorage::new(1 << 20));
+    let ctx = Arc::new(ServeContext::new(
+        vec![Export::new("", "", storage)],
+        ServerConfig::default(),
+        Limits::default().max_in_flight(1),
+    ));
+    let mut server = ServeConnection::new(&ctx);
+    let mut writer = server.reply_writer();
+    let waker = Waker::from(Arc::new(Noop));
+    let mut client = ClientSession::new(ClientConfig::default());
+
+    // The handshake.
+    for _ in 0..100 {
+        let mut to_client = Vec::new();
+        while server.poll_transmit(&mut to_client).is_some() {}
+        let mut rest = &to_client[..];
+        loop {
+            let (n, ev) = client.feed(rest).expect("client accepts");
+            rest = &rest[n..];
+            if ev.is_none() && n == 0 {
+                break;
+            }
+        }
+        let mut to_server = Vec::new();
+        while client.poll_transmit(&mut to_server).is_some() {}
+        let mut used = 0;
+        while used < to_server.len() {
+            used += server.input(&to_server[used..]).expect("server accepts");
+        }
+        if client.is_connected() && server.is_transmitting() {
+            break;
+        }
+    }
+    assert!(client.is_connected() && server.is_transmitting());
+
+    // The WRITE header, then its payload in three reads.
+    let len = 3 * 4096;
+    let cookie = client
+        .start_request(Request::new(Command::WRITE, 0, len))
+        .expect("client accepts");
+    let mut header = Vec::new();
+    let t = client.poll_transmit(&mut header).expect("the request");
+    assert!(t.payload.is_some());
+    assert_eq!(server.input(&header).expect("header"), header.len());
+    let payload = vec![0x5a; len as usize];
+    for piece in payload.chunks(4096) {
+        assert!(
+            matches!(server.status(Some(&waker)), Status::Read),
+            "the WRITE's own payload must be read"
+        );
+        assert_eq!(server.input(piece).expect("payload"), piece.len());
+    }
+
+    // Its reply.
+    let replies = drain(&mut writer, &waker);
+    let mut rest = &replies[..];
+    let mut done = false;
+    loop {
+        let (n, ev) = client.feed(rest).expect("valid reply");
+        rest = &rest[n..];
+        match ev {
+            Some(ClientEvent::Done { cookie: c, result, .. }) => {
+                assert_eq!(c, cookie);
+                result.expect("the WRITE succeeds");
+                done = true;
+            }
+            Some(_) => {}
+            None if n == 0 => break,
+            None => {}
+        }
+    }
+    assert!(done, "the WRITE was answered");
+    assert!(matches!(server.status(Some(&waker)), Status::Read));
+}
