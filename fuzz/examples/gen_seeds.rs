@@ -1,7 +1,9 @@
 //! Writes the starting inputs of the fuzz targets into `fuzz/seeds/TARGET/`
 //! (files `seed-*`; other files there, minimised corpora, are left alone):
-//! conversations between nbd-proto's own client and server sessions, in the
-//! byte layout each target reads (see `src/drive.rs`), so that fuzzing
+//! conversations between nbd-proto's own client and server sessions (for
+//! `serve_connection`, what the client sends to nbd-server's
+//! `ServeConnection`), in the byte layout each target reads (see
+//! `src/drive.rs` and `src/serve.rs`), so that fuzzing
 //! starts deep in every phase: transmission in every mode, TLS, option
 //! mode, READ data and WRITE payloads moved by the driver or fed.
 //!
@@ -17,6 +19,7 @@ use nbd_proto::common::Mode;
 use nbd_proto::server::{ServerConfig, ServerEvent, ServerNeed, ServerRequest, ServerSession};
 use nbd_proto::wire::{Command, TransmissionFlags};
 use nbd_proto_fuzz::drive::*;
+use nbd_proto_fuzz::serve;
 
 struct Rng(u64);
 
@@ -524,7 +527,7 @@ fn requests() -> Vec<Act> {
 
 fn main() {
     let mut rng = Rng(0x5eed);
-    for t in TARGETS {
+    for t in TARGETS.iter().chain(&["serve_connection"]) {
         let d = dir(t);
         fs::create_dir_all(&d).expect("seed dir");
         for e in fs::read_dir(&d).expect("seed dir") {
@@ -694,6 +697,8 @@ fn main() {
         }
     }
 
+    serve_seeds();
+
     // uri: a few of each form.
     for (i, u) in [
         "nbd://example.com/disk",
@@ -709,5 +714,169 @@ fn main() {
     {
         write("uri", &format!("{i}"), u.as_bytes());
         uri(u.as_bytes());
+    }
+}
+
+// ---------------------------------------------------------------------------
+// serve_connection: what nbd-proto's client sends to a served connection
+// ---------------------------------------------------------------------------
+
+/// Runs a `ClientSession` against a `ServeConnection` configured by `b0`,
+/// `b1` (as the target decodes them) until its requests are answered, and
+/// returns what the client sent, one element per round (a STARTTLS ends
+/// one: nothing may follow it in the same read).
+fn serve_conversation(b0: u8, b1: u8, client: ClientConfig, reqs: &[Request]) -> Vec<Vec<u8>> {
+    use nbd_server::{Negotiation, ServeConnection, ServeContext};
+    use std::task::{Context, Poll, Wake, Waker};
+    struct Noop;
+    impl Wake for Noop {
+        fn wake(self: std::sync::Arc<Self>) {}
+    }
+    let waker = Waker::from(std::sync::Arc::new(Noop));
+    let (config, limits, second, ro) = serve::config(b0, b1);
+    let ctx = std::sync::Arc::new(ServeContext::new(serve::exports(second, ro), config, limits));
+    let mut conn = ServeConnection::new(&ctx);
+    let mut writer = conn.reply_writer();
+    let mut c = ClientSession::new(client);
+    let mut rounds = Vec::new();
+    let mut started = false;
+    let mut disconnected = false;
+    let mut inbox = Vec::new();
+    for _ in 0..1000 {
+        // The server's bytes to the client.
+        let mut to_client = Vec::new();
+        while conn.poll_transmit(&mut to_client).is_some() {}
+        let mut cx = Context::from_waker(&waker);
+        while let Poll::Ready(true) = writer.poll_batch(&mut cx) {
+            while !writer.is_empty() {
+                let n = writer.with_slices(|sl| {
+                    sl.iter()
+                        .map(|x| {
+                            to_client.extend_from_slice(x);
+                            x.len()
+                        })
+                        .sum()
+                });
+                writer.advance(n);
+            }
+        }
+        let mut rest = &to_client[..];
+        loop {
+            let Ok((n, ev)) = c.feed(rest) else { break };
+            rest = &rest[n..];
+            if ev.is_none() && n == 0 {
+                break;
+            }
+        }
+        if let ClientNeed::StartTls(t) = c.need() {
+            t.established().expect("client TLS");
+        }
+        if c.is_connected() && !started {
+            started = true;
+            for r in reqs {
+                let _ = c.start_request(*r);
+            }
+        }
+        if started && c.in_flight() == 0 && !disconnected {
+            disconnected = true;
+            let _ = c.disconnect();
+        }
+        // The client's bytes to the server.
+        let mut to_server = Vec::new();
+        while let Some(t) = c.poll_transmit(&mut to_server) {
+            if let Some(p) = t.payload {
+                to_server.extend((0..p.length).map(|i| (i * 7 + 1) as u8));
+            }
+        }
+        if to_server.is_empty() && inbox.is_empty() {
+            if c.is_closed() || disconnected {
+                break;
+            }
+            continue;
+        }
+        inbox.extend_from_slice(&to_server);
+        // What the server takes now; the rest waits for the writer (a
+        // connection blocked on budget or requests in flight).
+        let mut used = 0;
+        while used < inbox.len() {
+            let n = conn.input(&inbox[used..]).expect("server accepts");
+            if n == 0 {
+                break;
+            }
+            used += n;
+        }
+        inbox.drain(..used);
+        if conn.negotiation() == Negotiation::StartTls {
+            conn.tls_established().expect("server TLS");
+        }
+        if to_server.is_empty() {
+            continue;
+        }
+        rounds.push(to_server);
+    }
+    rounds
+}
+
+fn serve_seeds() {
+    let contexts = vec!["base:allocation".to_string()];
+    let client = |structured: bool, extended: bool| {
+        ClientConfig::default()
+            .structured_replies(structured)
+            .extended_headers(extended)
+            .meta_contexts(contexts.clone())
+    };
+    let reqs = [
+        Request::new(Command::WRITE, 0, 8192),
+        Request::new(Command::READ, 0, 8192),
+        Request::new(Command::BLOCK_STATUS, 0, 1 << 20),
+        Request::new(Command::WRITE_ZEROES, 4096, 4096),
+        Request::new(Command::TRIM, 8192, 4096),
+        Request::new(Command::FLUSH, 0, 0),
+        Request::new(Command::CACHE, 0, 4096),
+        Request::new(Command::READ, 0, 1 << 20),
+        Request::new(Command::WRITE, 65536, 4096).with_flags(nbd_proto::wire::CommandFlags::FUA),
+        Request::new(Command::READ, 1 << 20, 4096),
+    ];
+    // Byte 0: bit 0 structured, 1 extended, 2 GO, 5 second export; byte 1:
+    // bits 2-4 in flight, 5-6 budget, 7 small high water.
+    for (name, b0, b1, cc, max, want) in [
+        ("extended", 0x27u8, 0x1cu8, client(true, true), 0, Mode::Extended),
+        ("extended-pieces", 0x27, 0x04, client(true, true), 7, Mode::Extended),
+        ("structured", 0x25, 0x9c, client(true, false), 0, Mode::Structured),
+        (
+            "structured-pieces",
+            0x25,
+            0x80,
+            client(true, false),
+            100,
+            Mode::Structured,
+        ),
+        ("simple", 0x04, 0x1c, client(false, false), 0, Mode::Simple),
+        ("simple-pieces", 0x04, 0x00, client(false, false), 3, Mode::Simple),
+        ("oldstyle", 0x08, 0x1c, client(false, false), 0, Mode::Oldstyle),
+        ("export-name", 0x00, 0x1c, client(false, false), 0, Mode::ExportNameOnly),
+        (
+            "tls-extended",
+            0x27,
+            0x1d,
+            client(true, true).tls(nbd_proto::client::TlsMode::Require),
+            0,
+            Mode::Extended,
+        ),
+        ("read-only", 0x67, 0x1c, client(true, true), 0, Mode::Extended),
+    ] {
+        let rounds = serve_conversation(b0, b1, cc, &reqs);
+        let mut seed = vec![b0, b1];
+        for r in &rounds {
+            serve::encode_chunks(&mut seed, r, max);
+        }
+        write("serve_connection", name, &seed);
+        let s = serve::serve_connection(&seed);
+        assert_eq!(s.mode, Some(want), "serve_connection {name}: {s:?}");
+        assert!(s.reply_bytes > 0, "serve_connection {name}: {s:?}");
+        if name.starts_with("tls") {
+            assert!(s.tls, "serve_connection {name}: {s:?}");
+        }
+        println!("serve_connection {name}: {s:?}");
     }
 }

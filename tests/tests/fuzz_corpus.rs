@@ -1,21 +1,33 @@
 //! Replays the fuzz seeds (`fuzz/seeds/TARGET/*`: the conversations
 //! `fuzz/examples/gen_seeds.rs` writes and minimised corpora of the
 //! cargo-fuzz targets) through the targets' own driving code
-//! (`fuzz/src/drive.rs`, included here by path), which drives
-//! `ClientSession` and `ServerSession` as a user's driver does, so that
-//! every crash the fuzzers found stays fixed and the invariants they check
-//! keep holding. Needs no libFuzzer: plain `cargo test`.
+//! (`fuzz/src/drive.rs` and `fuzz/src/serve.rs`, included here by path),
+//! which drives `ClientSession`, `ServerSession` and nbd-server's
+//! `ServeConnection` as a user's driver does, so that every crash the
+//! fuzzers found stays fixed and the invariants they check keep holding.
+//! Needs no libFuzzer: plain `cargo test`.
 
 #[allow(dead_code)]
 #[path = "../../fuzz/src/drive.rs"]
 mod drive;
 
+#[allow(dead_code)]
+#[path = "../../fuzz/src/serve.rs"]
+mod serve;
+
 use std::fs;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 
-/// Runs every seed of `target`; fails naming each seed that panics.
+/// Runs every seed of `target` through drive.rs; fails naming each seed
+/// that panics.
 fn replay(target: &str) {
+    replay_with(target, |data| assert!(drive::run(target, data)));
+}
+
+/// Runs every seed of `target` through `run`; fails naming each seed that
+/// panics.
+fn replay_with(target: &str, run: impl Fn(&[u8])) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds").join(target);
     let mut seeds: Vec<PathBuf> = fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
@@ -27,7 +39,7 @@ fn replay(target: &str) {
         .iter()
         .filter(|path| {
             let data = fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            catch_unwind(AssertUnwindSafe(|| assert!(drive::run(target, &data)))).is_err()
+            catch_unwind(AssertUnwindSafe(|| run(&data))).is_err()
         })
         .map(|path| path.display().to_string())
         .collect();
@@ -36,7 +48,7 @@ fn replay(target: &str) {
 
 #[test]
 fn every_target_has_seeds() {
-    for target in drive::TARGETS {
+    for target in drive::TARGETS.iter().chain(&["serve_connection"]) {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds").join(target);
         assert!(dir.is_dir(), "missing {}", dir.display());
     }
@@ -60,4 +72,11 @@ fn conversation() {
 #[test]
 fn uri() {
     replay("uri");
+}
+
+#[test]
+fn serve_connection() {
+    replay_with("serve_connection", |data| {
+        serve::serve_connection(data);
+    });
 }
