@@ -3,7 +3,7 @@
 //! conversations between nbd-proto's own client and server sessions (for
 //! `serve_connection`, what the client sends to nbd-server's
 //! `ServeConnection`), in the byte layout each target reads (see
-//! `src/drive.rs` and `src/serve.rs`), so that fuzzing
+//! `src/drive/` and `src/serve.rs`), so that fuzzing
 //! starts deep in every phase: transmission in every mode, TLS, option
 //! mode, READ data and WRITE payloads moved by the driver or fed.
 //!

@@ -1,14 +1,14 @@
 //! Replays the fuzz seeds (`fuzz/seeds/TARGET/*`: the conversations
 //! `fuzz/examples/gen_seeds.rs` writes and minimised corpora of the
 //! cargo-fuzz targets) through the targets' own driving code
-//! (`fuzz/src/drive.rs` and `fuzz/src/serve.rs`, included here by path),
+//! (`fuzz/src/drive/` and `fuzz/src/serve.rs`, included here by path),
 //! which drives `ClientSession`, `ServerSession` and nbd-server's
 //! `ServeConnection` as a user's driver does, so that every crash the
 //! fuzzers found stays fixed and the invariants they check keep holding.
 //! Needs no libFuzzer: plain `cargo test`.
 
 #[allow(dead_code)]
-#[path = "../../fuzz/src/drive.rs"]
+#[path = "../../fuzz/src/drive/mod.rs"]
 mod drive;
 
 #[allow(dead_code)]
@@ -19,7 +19,7 @@ use std::fs;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 
-/// Runs every seed of `target` through drive.rs; fails naming each seed
+/// Runs every seed of `target` through drive; fails naming each seed
 /// that panics.
 fn replay(target: &str) {
     replay_with(target, |data| assert!(drive::run(target, data)));
