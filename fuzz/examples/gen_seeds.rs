@@ -19,7 +19,7 @@ use nbd_proto::common::Mode;
 use nbd_proto::server::{ServerConfig, ServerEvent, ServerNeed, ServerRequest, ServerSession};
 use nbd_proto::wire::{Command, TransmissionFlags};
 use nbd_proto_fuzz::drive::*;
-use nbd_proto_fuzz::serve;
+use nbd_proto_fuzz::{pump, serve};
 
 struct Rng(u64);
 
@@ -527,7 +527,7 @@ fn requests() -> Vec<Act> {
 
 fn main() {
     let mut rng = Rng(0x5eed);
-    for t in TARGETS.iter().chain(&["serve_connection"]) {
+    for t in TARGETS.iter().chain(&["serve_connection", "client_pump"]) {
         let d = dir(t);
         fs::create_dir_all(&d).expect("seed dir");
         for e in fs::read_dir(&d).expect("seed dir") {
@@ -698,6 +698,7 @@ fn main() {
     }
 
     serve_seeds();
+    pump_seeds();
 
     // uri: a few of each form.
     for (i, u) in [
@@ -878,5 +879,147 @@ fn serve_seeds() {
             assert!(s.tls, "serve_connection {name}: {s:?}");
         }
         println!("serve_connection {name}: {s:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// client_pump: what a ServeConnection answers nbd-net's client pump
+// ---------------------------------------------------------------------------
+
+/// A live server for the pump: a `ServeConnection` over the memory
+/// exports, recording every byte the pump reads from it.
+struct LiveServer {
+    conn: nbd_server::ServeConnection,
+    writer: nbd_server::ReplyWriter,
+    inbox: Vec<u8>,
+    outbox: std::collections::VecDeque<u8>,
+    recorded: Vec<u8>,
+    closed: bool,
+}
+
+impl LiveServer {
+    fn new(b0: u8, b1: u8) -> LiveServer {
+        let (config, limits, second, ro) = serve::config(b0, b1);
+        let ctx = std::sync::Arc::new(nbd_server::ServeContext::new(
+            serve::exports(second, ro),
+            config,
+            limits,
+        ));
+        let conn = nbd_server::ServeConnection::new(&ctx);
+        let writer = conn.reply_writer();
+        LiveServer {
+            conn,
+            writer,
+            inbox: Vec::new(),
+            outbox: Default::default(),
+            recorded: Vec::new(),
+            closed: false,
+        }
+    }
+
+    /// Moves bytes both ways once; whether anything moved.
+    fn turn(&mut self) -> bool {
+        use std::task::{Context, Poll, Wake, Waker};
+        struct Noop;
+        impl Wake for Noop {
+            fn wake(self: std::sync::Arc<Self>) {}
+        }
+        let before = (self.inbox.len(), self.outbox.len());
+        if !self.closed && !self.inbox.is_empty() {
+            match self.conn.input(&self.inbox) {
+                Ok(n) => {
+                    self.inbox.drain(..n);
+                }
+                Err(_) => self.closed = true,
+            }
+            if self.conn.negotiation() == nbd_server::Negotiation::StartTls {
+                self.conn.tls_established().expect("server TLS");
+            }
+        }
+        let mut out = Vec::new();
+        while self.conn.poll_transmit(&mut out).is_some() {}
+        let waker = Waker::from(std::sync::Arc::new(Noop));
+        let mut cx = Context::from_waker(&waker);
+        while let Poll::Ready(true) = self.writer.poll_batch(&mut cx) {
+            while !self.writer.is_empty() {
+                let n = self.writer.with_slices(|sl| {
+                    sl.iter()
+                        .map(|x| {
+                            out.extend_from_slice(x);
+                            x.len()
+                        })
+                        .sum()
+                });
+                self.writer.advance(n);
+            }
+        }
+        self.outbox.extend(out);
+        (self.inbox.len(), self.outbox.len()) != before
+    }
+}
+
+impl pump::Peer for LiveServer {
+    fn send(&mut self, bytes: &[u8]) {
+        self.inbox.extend_from_slice(bytes);
+    }
+
+    fn read(&mut self, buf: &mut [u8], exact: bool) -> usize {
+        let want = if exact { buf.len() } else { 1 };
+        while self.outbox.len() < want && self.turn() {}
+        let n = buf.len().min(self.outbox.len());
+        for (b, x) in buf.iter_mut().zip(self.outbox.drain(..n)) {
+            *b = x;
+        }
+        self.recorded.extend_from_slice(&buf[..n]);
+        n
+    }
+}
+
+fn pump_seeds() {
+    // Requests: command, flags, offset (4 KiB), length (512 bytes).
+    let reqs: &[[u8; 4]] = &[
+        [2, 0, 0, 16],  // WRITE 8 KiB
+        [0, 0, 0, 16],  // READ 8 KiB
+        [7, 0, 0, 255], // BLOCK_STATUS
+        [6, 0, 1, 8],   // WRITE_ZEROES
+        [4, 0, 2, 8],   // TRIM
+        [3, 0, 0, 0],   // FLUSH
+        [5, 0, 0, 8],   // CACHE
+        [0, 0, 0, 255], // READ 127.5 KiB (sparse: holes)
+        [0, 4, 1, 8],   // READ with DF
+        [0, 0, 255, 8], // READ near the end
+    ];
+    // Server bytes (serve's layout): all modes, GO, the "ro" export, 128 in
+    // flight; client bytes (pump's): b0 bits 0-1 TLS, 2 option mode, 3
+    // structured, 4 extended; b1 bits 0-2 contexts, 4-6 in flight - 1.
+    for (name, server, client, want) in [
+        ("extended", [0x27u8, 0x1c], [0x18u8, 0x71], Some(Mode::Extended)),
+        ("structured", [0x27, 0x1c], [0x08, 0x71], Some(Mode::Structured)),
+        ("simple", [0x27, 0x1c], [0x00, 0x70], Some(Mode::Simple)),
+        ("oldstyle", [0x08, 0x1c], [0x00, 0x70], Some(Mode::Oldstyle)),
+        ("export-name", [0x00, 0x1c], [0x00, 0x70], Some(Mode::ExportNameOnly)),
+        ("opt-mode", [0x27, 0x1c], [0x1c, 0x71], Some(Mode::Extended)),
+        ("tls", [0x27, 0x1d], [0x1a, 0x71], Some(Mode::Extended)),
+        ("one-in-flight", [0x27, 0x1c], [0x18, 0x01], Some(Mode::Extended)),
+        ("read-only", [0x47, 0x1c], [0x18, 0x71], Some(Mode::Extended)),
+    ] {
+        let mut seed = vec![client[0], client[1], reqs.len() as u8];
+        for r in reqs {
+            seed.extend_from_slice(r);
+        }
+        let (config, requests, _) = pump::decode(&seed).expect("a header");
+        let mut live = LiveServer::new(server[0], server[1]);
+        let live_sum = pump::pump(config, &requests, &mut live, 100_000);
+        seed.extend_from_slice(&live.recorded);
+        write("client_pump", name, &seed);
+        let s = pump::client_pump(&seed);
+        println!("client_pump {name}: {s:?}");
+        assert_eq!(s.mode, want, "client_pump {name}: {s:?}");
+        assert_eq!(
+            (s.started, s.done, s.ok, s.data),
+            (live_sum.started, live_sum.done, live_sum.ok, live_sum.data),
+            "client_pump {name}: the replay differs from the live run"
+        );
+        assert!(s.started >= 3 && s.ok == s.started, "client_pump {name}: {s:?}");
     }
 }

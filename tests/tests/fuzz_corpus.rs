@@ -1,9 +1,10 @@
 //! Replays the fuzz seeds (`fuzz/seeds/TARGET/*`: the conversations
 //! `fuzz/examples/gen_seeds.rs` writes and minimised corpora of the
 //! cargo-fuzz targets) through the targets' own driving code
-//! (`fuzz/src/drive/` and `fuzz/src/serve.rs`, included here by path),
-//! which drives `ClientSession`, `ServerSession` and nbd-server's
-//! `ServeConnection` as a user's driver does, so that every crash the
+//! (`fuzz/src/drive/`, `fuzz/src/serve.rs` and `fuzz/src/pump.rs`,
+//! included here by path), which drives `ClientSession`, `ServerSession`,
+//! nbd-server's `ServeConnection` and nbd-net's client pump as a user's
+//! driver does, so that every crash the
 //! fuzzers found stays fixed and the invariants they check keep holding.
 //! Needs no libFuzzer: plain `cargo test`.
 
@@ -14,6 +15,10 @@ mod drive;
 #[allow(dead_code)]
 #[path = "../../fuzz/src/serve.rs"]
 mod serve;
+
+#[allow(dead_code)]
+#[path = "../../fuzz/src/pump.rs"]
+mod pump;
 
 use std::fs;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -48,7 +53,7 @@ fn replay_with(target: &str, run: impl Fn(&[u8])) {
 
 #[test]
 fn every_target_has_seeds() {
-    for target in drive::TARGETS.iter().chain(&["serve_connection"]) {
+    for target in drive::TARGETS.iter().chain(&["serve_connection", "client_pump"]) {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds").join(target);
         assert!(dir.is_dir(), "missing {}", dir.display());
     }
@@ -78,5 +83,12 @@ fn uri() {
 fn serve_connection() {
     replay_with("serve_connection", |data| {
         serve::serve_connection(data);
+    });
+}
+
+#[test]
+fn client_pump() {
+    replay_with("client_pump", |data| {
+        pump::client_pump(data);
     });
 }
