@@ -727,7 +727,7 @@ fn main() {
 /// returns what the client sent, one element per round (a STARTTLS ends
 /// one: nothing may follow it in the same read).
 fn serve_conversation(b0: u8, b1: u8, client: ClientConfig, reqs: &[Request]) -> Vec<Vec<u8>> {
-    use nbd_server::{Negotiation, ServeConnection, ServeContext};
+    use nbd_server::{HandshakeProgress, ServeConnection, ServeContext};
     use std::task::{Context, Poll, Wake, Waker};
     struct Noop;
     impl Wake for Noop {
@@ -807,7 +807,7 @@ fn serve_conversation(b0: u8, b1: u8, client: ClientConfig, reqs: &[Request]) ->
             used += n;
         }
         inbox.drain(..used);
-        if conn.negotiation() == Negotiation::StartTls {
+        if conn.negotiation() == HandshakeProgress::StartTls {
             conn.tls_established().expect("server TLS");
         }
         if to_server.is_empty() {
@@ -932,7 +932,7 @@ impl LiveServer {
                 }
                 Err(_) => self.closed = true,
             }
-            if self.conn.negotiation() == nbd_server::Negotiation::StartTls {
+            if self.conn.negotiation() == nbd_server::HandshakeProgress::StartTls {
                 self.conn.tls_established().expect("server TLS");
             }
         }

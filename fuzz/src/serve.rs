@@ -39,7 +39,7 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use nbd_proto::common::Mode;
 use nbd_proto::server::{ServerConfig, TlsPolicy};
-use nbd_server::{Export, Limits, Negotiation, ReplyWriter, ServeConnection, ServeContext, Status};
+use nbd_server::{Export, HandshakeProgress, Limits, ReplyWriter, ServeConnection, ServeContext, Status};
 use nbd_storage::MemoryStorage;
 
 /// The first export's size.
@@ -304,10 +304,10 @@ impl Runtime {
             if !self.conn.is_transmitting() {
                 // The handshake loop (nbd-blocking's `negotiate`).
                 match self.conn.negotiation() {
-                    Negotiation::Read => {}
-                    Negotiation::Transmission => continue,
-                    Negotiation::Closed => return Next::Closed,
-                    Negotiation::StartTls => {
+                    HandshakeProgress::Read => {}
+                    HandshakeProgress::Transmission => continue,
+                    HandshakeProgress::Closed => return Next::Closed,
+                    HandshakeProgress::StartTls => {
                         // Pretend the TLS handshake (the bytes stay plain),
                         // after the checks the runtimes make.
                         match self.conn.starting_tls(buf.len(), Some(())) {
@@ -445,7 +445,7 @@ pub fn serve_connection(data: &[u8]) -> ServeSummary {
     );
     assert!(matches!(
         rt.conn.negotiation(),
-        Negotiation::Closed | Negotiation::Transmission
+        HandshakeProgress::Closed | HandshakeProgress::Transmission
     ));
     rt.transmit();
     if rt.conn.is_transmitting() {

@@ -24,7 +24,7 @@ use nbd_net::rustls;
 #[cfg(feature = "tls")]
 use nbd_server::ServeError;
 pub use nbd_server::ServerOptions;
-use nbd_server::{Export, IDLE_RELEASE, Negotiation, ReplyWriter, ServeConnection, ServeContext, Status};
+use nbd_server::{Export, HandshakeProgress, IDLE_RELEASE, ReplyWriter, ServeConnection, ServeContext, Status};
 
 #[cfg(feature = "tls")]
 /// One side of a TLS session that the reading and the writing half of a
@@ -185,7 +185,7 @@ impl Server {
         let mut w = s.try_clone_stream()?;
         let deadline = conn.handshake_timeout().map(|t| Instant::now() + t);
         let mut r = BufReader::with_capacity(64 * 1024, s);
-        if self.negotiate(&mut conn, &mut r, &mut w, deadline, &control)? != Negotiation::StartTls {
+        if self.negotiate(&mut conn, &mut r, &mut w, deadline, &control)? != HandshakeProgress::StartTls {
             return self.after_handshake(conn, &mut r, &mut w, &control);
         }
         self.serve_tls(conn, r, w, deadline, control)
@@ -230,7 +230,7 @@ impl Server {
         let mut w = TlsHalf(tls.clone());
         conn.tls_established().map_err(invalid_data)?;
         let result = match self.negotiate(&mut conn, &mut r, &mut w, deadline, &control)? {
-            Negotiation::StartTls => Err(invalid_data(ServeError::SecondStartTls)),
+            HandshakeProgress::StartTls => Err(invalid_data(ServeError::SecondStartTls)),
             _ => self.after_handshake(conn, &mut r, &mut w, &control),
         };
         // Say goodbye properly (best effort).
@@ -255,7 +255,7 @@ impl Server {
         self.transmission(conn, r, w, control)
     }
 
-    /// Negotiation, until transmission starts, TLS is asked for, or the
+    /// HandshakeProgress, until transmission starts, TLS is asked for, or the
     /// client leaves. `control` is a handle on the socket used to keep the
     /// read timeout at the time left before `deadline`, so a client
     /// trickling bytes cannot stretch the handshake past it.
@@ -266,12 +266,12 @@ impl Server {
         w: &mut W,
         deadline: Option<Instant>,
         control: &S,
-    ) -> io::Result<Negotiation> {
+    ) -> io::Result<HandshakeProgress> {
         let mut out = Vec::new();
         loop {
             send_handshake_output(conn, &mut out, w)?;
             let next = conn.negotiation();
-            if next != Negotiation::Read {
+            if next != HandshakeProgress::Read {
                 return Ok(next);
             }
             let input = fill_before(r, deadline, control)?;

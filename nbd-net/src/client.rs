@@ -22,7 +22,6 @@ use nbd_proto::common::MetaContext;
 use nbd_proto::uri::{NbdUri, UriError};
 use nbd_proto::wire::{BlockSizeConstraints, DEFAULT_MAX_PAYLOAD};
 
-use crate::resilience::Phase;
 use crate::tls::{LazyClientTls, TlsError};
 
 /// Linux's (and most Unixes') ETIMEDOUT.
@@ -75,7 +74,7 @@ pub enum Error {
     /// A bug in the client runtime: it drove the session out of order.
     #[error("client misuse: {0}")]
     Misuse(&'static str),
-    /// A deadline of [`Timeouts`](crate::resilience::Timeouts) expired:
+    /// A deadline of `Timeouts` expired:
     /// the connection was closed (a request's deadline fails every
     /// request in flight with it).
     #[error("timed out after {after:?} {phase}")]
@@ -99,6 +98,28 @@ pub enum Error {
     /// flags, ...): the client gave up rather than write to it.
     #[error("the server offers a different export after reconnecting: {0}")]
     ExportChanged(Arc<str>),
+}
+
+/// Which deadline expired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Phase {
+    /// Opening the socket.
+    Connect,
+    /// The handshake.
+    Handshake,
+    /// A request's reply.
+    Request,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Phase::Connect => "connecting to the server",
+            Phase::Handshake => "waiting for the server in the handshake",
+            Phase::Request => "waiting for the server to reply",
+        })
+    }
 }
 
 impl Error {

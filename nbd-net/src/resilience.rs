@@ -89,6 +89,7 @@ use std::time::{Duration, Instant};
 use nbd_proto::client::Negotiated;
 
 use crate::client::Error;
+pub use crate::client::Phase;
 use crate::tls::LazyClientTls;
 
 /// Deadlines of a client (each `None`, the default, waits forever).
@@ -207,28 +208,6 @@ impl ConnectOptions {
     pub fn tls(mut self, v: Option<LazyClientTls>) -> Self {
         self.tls = v;
         self
-    }
-}
-
-/// Which deadline expired.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Phase {
-    /// Opening the socket.
-    Connect,
-    /// The handshake.
-    Handshake,
-    /// A request's reply.
-    Request,
-}
-
-impl std::fmt::Display for Phase {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Phase::Connect => "connecting to the server",
-            Phase::Handshake => "waiting for the server in the handshake",
-            Phase::Request => "waiting for the server to reply",
-        })
     }
 }
 

@@ -414,7 +414,7 @@ pub enum ServeError {
 /// ([`ServeConnection::negotiation`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum Negotiation {
+pub enum HandshakeProgress {
     /// Read more from the client and pass it to [`ServeConnection::input`].
     Read,
     /// Transmission started: serve requests.
@@ -536,14 +536,14 @@ impl ServeConnection {
     /// What the handshake needs next; call it after sending what
     /// [`ServeConnection::poll_transmit`] gave.
     #[must_use = "the driver must do what the handshake needs next"]
-    pub fn negotiation(&mut self) -> Negotiation {
+    pub fn negotiation(&mut self) -> HandshakeProgress {
         if self.is_transmitting() {
-            return Negotiation::Transmission;
+            return HandshakeProgress::Transmission;
         }
         match self.status(None) {
-            Status::StartTls(_) => Negotiation::StartTls,
-            Status::Closed => Negotiation::Closed,
-            _ => Negotiation::Read,
+            Status::StartTls(_) => HandshakeProgress::StartTls,
+            Status::Closed => HandshakeProgress::Closed,
+            _ => HandshakeProgress::Read,
         }
     }
 

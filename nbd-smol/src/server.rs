@@ -41,7 +41,7 @@ use futures_lite::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, Bu
 #[cfg(feature = "tls")]
 use nbd_server::ServeError;
 pub use nbd_server::ServerOptions;
-use nbd_server::{Export, IDLE_RELEASE, Negotiation, ReplyWriter, ServeConnection, ServeContext, Status};
+use nbd_server::{Export, HandshakeProgress, IDLE_RELEASE, ReplyWriter, ServeConnection, ServeContext, Status};
 use smol::Async;
 use smol::lock::Semaphore;
 
@@ -572,7 +572,7 @@ impl Server {
         let deadline = conn.handshake_timeout().map(|t| Instant::now() + t);
         let mut r = BufReader::with_capacity(64 * 1024, r);
         let mut w = w;
-        if with_deadline(deadline, self.negotiate(&mut conn, &mut r, &mut w)).await? != Negotiation::StartTls {
+        if with_deadline(deadline, self.negotiate(&mut conn, &mut r, &mut w)).await? != HandshakeProgress::StartTls {
             return self.after_handshake(conn, &mut r, &mut w).await;
         }
         self.serve_tls(conn, r, w, deadline).await
@@ -623,7 +623,7 @@ impl Server {
         let mut tr = BufReader::with_capacity(64 * 1024, tr);
         conn.tls_established().map_err(invalid_data)?;
         match with_deadline(deadline, self.negotiate(&mut conn, &mut tr, &mut tw)).await? {
-            Negotiation::StartTls => Err(invalid_data(ServeError::SecondStartTls)),
+            HandshakeProgress::StartTls => Err(invalid_data(ServeError::SecondStartTls)),
             _ => self.after_handshake(conn, &mut tr, &mut tw).await,
         }
     }
@@ -649,7 +649,7 @@ impl Server {
         conn: &mut ServeConnection,
         r: &mut BufReader<R>,
         w: &mut W,
-    ) -> io::Result<Negotiation>
+    ) -> io::Result<HandshakeProgress>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -658,7 +658,7 @@ impl Server {
         loop {
             send_handshake_output(conn, &mut out, w).await?;
             let next = conn.negotiation();
-            if next != Negotiation::Read {
+            if next != HandshakeProgress::Read {
                 return Ok(next);
             }
             let input = r.fill_buf().await?;
