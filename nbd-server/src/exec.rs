@@ -227,7 +227,10 @@ impl Executor {
             Backend::Sync(s) if !sparse(&self.env, &req) || s.sparse_reads() == SparseReads::Contents => {
                 match s.try_read_at(&mut buf, req.offset) {
                     // In the cache: answered here, without the pool's hand-offs.
-                    Some(r) => read_done(&self.env, &req, buf, budget, r),
+                    Some(r) => {
+                        let scan = sparse(&self.env, &req);
+                        read_done(&self.env, &req, buf, budget, r, scan)
+                    }
                     None => self.pool.submit(Job {
                         env: self.env.clone(),
                         storage: s.clone(),
@@ -471,11 +474,11 @@ fn sparse(env: &Env, req: &ServerRequest) -> bool {
 }
 
 /// Replies to a READ whose data `buf` holds (if `r` is a success): plain,
-/// or sparse by its contents (the storage read it whole).
-fn read_done(env: &Env, req: &ServerRequest, buf: Vec<u8>, budget: u64, r: io::Result<()>) {
+/// or with `scan` sparse by its contents (the storage read it whole).
+fn read_done(env: &Env, req: &ServerRequest, buf: Vec<u8>, budget: u64, r: io::Result<()>, scan: bool) {
     let mut reply = env.shared.take_reply();
     let r = r.and_then(|()| {
-        if sparse(env, req) {
+        if scan {
             contents_reply(env, req, &buf, &mut reply)
         } else {
             let header = env.enc.read_reply_header(req).map_err(invalid)?;
@@ -572,7 +575,7 @@ fn grain_blocks(offset: u64, len: usize) -> impl Iterator<Item = (usize, usize)>
 fn read(env: &Env, st: &dyn Storage, req: &ServerRequest, mut buf: Vec<u8>, budget: u64) {
     if sparse(env, req) && st.sparse_reads() == SparseReads::Contents {
         let r = st.read_at(&mut buf, req.offset);
-        return read_done(env, req, buf, budget, r);
+        return read_done(env, req, buf, budget, r, true);
     }
     let mut reply = env.shared.take_reply();
     let r = if sparse(env, req) {
@@ -864,23 +867,13 @@ fn finished(env: &Env, ticket: Ticket, result: io::Result<()>) {
 
 /// A read finished with its buffer.
 fn read_completed(env: &Env, req: ServerRequest, budget: u64, buf: Vec<u8>, result: io::Result<()>) {
-    let mut reply = env.shared.take_reply();
-    let r = result.and_then(|()| {
+    let result = result.and_then(|()| {
         if buf.len() as u64 != req.length {
             return Err(io::Error::other("read completed with a buffer of the wrong size"));
         }
-        let header = env.enc.read_reply_header(&req).map_err(invalid)?;
-        reply.head.extend_from_slice(header.as_bytes());
-        reply.data(0, buf.len());
         Ok(())
     });
-    match r {
-        Ok(()) => env.shared.reply(reply, Some(Data { buf, budget })),
-        Err(e) => {
-            reply.head.clear();
-            reply_without_data(env, &req, reply, buf, budget, &e);
-        }
-    }
+    read_done(env, &req, buf, budget, result, false)
 }
 
 /// Block status finished with the extents of `base:allocation`.

@@ -176,14 +176,20 @@ impl ImageSet {
         Ok(views)
     }
 
-    /// The one format of a file that several exports name.
+    /// The one format of a file that several exports name: the one each
+    /// gives, else the probed one (probed once, and only if needed).
     fn group_format(&self, path: &Path, group: &[usize]) -> io::Result<ImageFormat> {
-        let file = open_file(path, false)?;
-        let mut format = None;
+        let mut probed = None;
+        let mut format: Option<ImageFormat> = None;
         for &j in group {
-            let f = decide_format(&file, self.wanted[j].1.format, path)?;
+            let f = match self.wanted[j].1.format {
+                Some(f) => f,
+                None => match probed {
+                    Some(f) => f,
+                    None => *probed.insert(decide_format(&open_file(path, false)?, None, path)?),
+                },
+            };
             match format {
-                None => format = Some(f),
                 Some(g) if g != f => {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidInput,
@@ -195,7 +201,7 @@ impl ImageSet {
                         ),
                     ));
                 }
-                Some(_) => {}
+                _ => format = Some(f),
             }
         }
         format.ok_or_else(|| errno_error(libc::EINVAL))
