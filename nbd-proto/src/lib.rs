@@ -21,7 +21,8 @@
 //! [`client::ClientTransmission`], [`server::ServerHandshake`],
 //! [`server::ServerTransmission`]) stay public for drivers that want one
 //! phase only; [`wire`] has every constant and header of the spec, [`uri`]
-//! parses NBD URIs, and [`common`] holds what both sides share.
+//! parses NBD URIs, [`time`] is how a driver tells a session the time, and
+//! [`common`] holds what both sides share.
 #![no_std]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -36,6 +37,7 @@ pub mod client;
 pub mod common;
 pub mod driver;
 pub mod server;
+pub mod time;
 pub mod uri;
 
 pub use client::ClientSession;
