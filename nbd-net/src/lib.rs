@@ -2,7 +2,8 @@
 //! side of `nbd-proto`: the client's error type and the I/O-free parts of
 //! driving a client session ([`client`]), deadlines and reconnection
 //! ([`resilience`]), connecting to the server a URI
-//! names ([`socket`]) and TLS credentials ([`tls`], re-exported here).
+//! names ([`socket`]), the clock that tells the sessions the time
+//! ([`time`]) and TLS credentials ([`tls`], re-exported here).
 //! It knows nothing of storage or of serving (the `nbd-server` crate).
 //!
 //! Cargo features: `tls` (on by default) builds the TLS credentials with
@@ -14,6 +15,7 @@
 pub mod client;
 pub mod resilience;
 pub mod socket;
+pub mod time;
 pub mod tls;
 
 pub use client::{BlockStatus, Error, Result};
