@@ -19,16 +19,20 @@
 //! step); with reconnection, a call whose connection breaks (a socket
 //! error, the server's end, a deadline) reconnects, checks that the export
 //! is the same, and sends its request again, for up to the reconnect delay.
-//! The deadlines are socket timeouts set before each read and write (two
-//! system calls more per read, and none at all without deadlines).
+//! The session decides the deadlines (see `nbd_proto::time`); before each
+//! read and write the client tells it the time and sets the socket's
+//! timeouts to what is left before its next deadline (two system calls
+//! more per read, and none at all without deadlines).
 
 use std::io::{self, Read, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nbd_net::time::{now, until};
+
 use nbd_net::client::{
     HandshakeIo, Incoming, Options, Replies, Stop, add_block_status, data_range, fill_hole, outcome, reason, split_len,
-    uri_tls,
+    timed_out, uri_tls,
 };
 #[cfg(feature = "tls")]
 use nbd_net::rustls;
@@ -99,34 +103,6 @@ enum Conn {
     Closed(io::Empty),
 }
 
-/// The deadline of one step (the handshake, a request).
-#[derive(Debug, Clone, Copy)]
-struct Due {
-    at: Instant,
-    phase: Phase,
-    after: Duration,
-}
-
-impl Due {
-    /// A deadline `after` from now (none without `after`), no later than
-    /// `cap`.
-    fn new(after: Option<Duration>, phase: Phase, cap: Option<Instant>) -> Option<Due> {
-        let at = nbd_net::resilience::deadline(after, cap)?;
-        let after = after.unwrap_or_else(|| at.saturating_duration_since(Instant::now()));
-        Some(Due { at, phase, after })
-    }
-
-    /// The error for an I/O error under this deadline: its expiry is
-    /// [`Error::TimedOut`].
-    fn expired(due: Option<Due>, e: &io::Error) -> Option<Error> {
-        let due = due?;
-        matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut).then_some(Error::TimedOut {
-            phase: due.phase,
-            after: due.after,
-        })
-    }
-}
-
 impl Conn {
     fn socket(&self) -> Option<&Socket> {
         match self {
@@ -137,17 +113,22 @@ impl Conn {
         }
     }
 
-    /// Bounds the next reads and writes by `due` (nothing without one).
-    fn arm(&self, due: Option<Due>) -> io::Result<()> {
-        let (Some(due), Some(s)) = (due, self.socket()) else {
-            return Ok(());
-        };
-        let left = due.at.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+    /// Tells `session` the time and bounds the next reads and writes by
+    /// its next deadline (`TimedOut` once one passed: the session says
+    /// which).
+    fn arm(&self, session: &mut ClientSession) -> io::Result<()> {
+        session.handle_timeout(now());
+        if matches!(session.error(), Some(ClientSessionError::TimedOut(_))) {
             return Err(io::ErrorKind::TimedOut.into());
         }
-        s.set_read_timeout(Some(left))?;
-        s.set_write_timeout(Some(left))
+        let Some(s) = self.socket() else {
+            return Ok(());
+        };
+        // The kernel sleeps at least this long, so the deadline has passed
+        // when the timeout fires.
+        let left = session.poll_timeout().map(|t| until(t).max(Duration::from_millis(1)));
+        s.set_read_timeout(left)?;
+        s.set_write_timeout(left)
     }
 
     /// Takes the socket timeouts off again.
@@ -158,31 +139,37 @@ impl Conn {
         }
     }
 
-    /// Reads exactly `buf.len()` bytes, by `due`.
-    fn read_full(&mut self, mut buf: &mut [u8], due: Option<Due>) -> io::Result<()> {
-        if due.is_none() {
+    /// Reads exactly `buf.len()` bytes, by the deadlines of `timed` (a
+    /// session with deadlines; none: as long as it takes).
+    fn read_full(&mut self, mut buf: &mut [u8], timed: Option<&mut ClientSession>) -> io::Result<()> {
+        let Some(session) = timed else {
             return self.stream().read_exact(buf);
-        }
+        };
         while !buf.is_empty() {
-            self.arm(due)?;
+            self.arm(session)?;
             match self.stream().read(buf) {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Ok(n) => buf = &mut std::mem::take(&mut buf)[n..],
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // A socket timeout: the next arm tells the session the time.
+                Err(e) if retry(&e) => {}
                 Err(e) => return Err(e),
             }
         }
         Ok(())
     }
 
-    /// Writes `head` then `payload` with vectored writes, by `due`.
-    fn write_full(&mut self, head: &[u8], payload: &[u8], due: Option<Due>) -> io::Result<()> {
+    /// Writes `head` then `payload` with vectored writes, by the deadlines
+    /// of `timed`.
+    fn write_full(&mut self, head: &[u8], payload: &[u8], timed: Option<&mut ClientSession>) -> io::Result<()> {
+        let Some(session) = timed else {
+            return write_all_gathered(self.stream(), head, payload);
+        };
         let mut g = nbd_net::socket::Gather::new(head, payload);
         while !g.is_done() {
-            self.arm(due)?;
+            self.arm(session)?;
             match self.stream().write_vectored(&g.slices()) {
                 Ok(n) => g.advance(n)?,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if retry(&e) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -229,36 +216,56 @@ impl Conn {
     }
 }
 
+/// Whether an I/O error only says that a socket timeout fired (or a
+/// signal came): the session decides whether a deadline passed.
+fn retry(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
 /// Pumps a handshake until it stops (transmission, an option's outcome,
-/// waiting for an option, or aborted), by `due`.
-fn negotiate(hs: &mut Handshake, conn: &mut Conn, tls: &LazyClientTls, due: Option<Due>) -> Result<Stop> {
-    let r = negotiate_by(hs, conn, tls, due);
-    if due.is_some() {
+/// waiting for an option, or aborted), by the session's handshake deadline.
+fn negotiate(hs: &mut Handshake, conn: &mut Conn, tls: &LazyClientTls) -> Result<Stop> {
+    let timed = hs.session_ref().has_deadlines();
+    let r = negotiate_by(hs, conn, tls, timed);
+    if timed {
         conn.disarm();
     }
     r
 }
 
-fn negotiate_by(hs: &mut Handshake, conn: &mut Conn, tls: &LazyClientTls, due: Option<Due>) -> Result<Stop> {
-    let io_error = |hs: &Handshake, e: io::Error| Due::expired(due, &e).unwrap_or_else(|| hs.io_error(e));
+fn negotiate_by(hs: &mut Handshake, conn: &mut Conn, tls: &LazyClientTls, timed: bool) -> Result<Stop> {
+    let io_error = |hs: &Handshake, e: io::Error| timed_out(hs.session_ref()).unwrap_or_else(|| hs.io_error(e));
+    let mut input = Vec::new();
     loop {
         match hs.step()? {
             HandshakeIo::Send => {
-                let out = hs.output();
-                let sent = conn.write_full(out, &[], due).and_then(|()| conn.stream().flush());
+                let out = hs.output().to_vec();
+                let sent = conn
+                    .write_full(&out, &[], timed.then(|| hs.session()))
+                    .and_then(|()| conn.stream().flush());
                 sent.map_err(|e| io_error(hs, e))?;
                 hs.sent();
             }
             HandshakeIo::Receive => {
-                if let Err(e) = conn.read_full(hs.input(), due) {
+                input.resize(hs.input().len(), 0);
+                if let Err(e) = conn.read_full(&mut input, timed.then(|| hs.session())) {
                     return Err(io_error(hs, e));
                 }
+                hs.input().copy_from_slice(&input);
                 hs.received()?;
             }
             HandshakeIo::StartTls => {
-                conn.arm(due).map_err(|e| io_error(hs, e))?;
+                if timed {
+                    conn.arm(hs.session()).map_err(|e| io_error(hs, e))?;
+                }
                 match conn.start_tls(&tls.get()?) {
-                    Err(Error::TlsHandshake(e)) => return Err(Due::expired(due, &e).unwrap_or(Error::TlsHandshake(e))),
+                    Err(Error::TlsHandshake(e)) if timed && retry(&e) => {
+                        hs.session().handle_timeout(now());
+                        return Err(timed_out(hs.session_ref()).unwrap_or(Error::TlsHandshake(e)));
+                    }
                     r => r?,
                 }
                 hs.tls_established()?;
@@ -329,10 +336,9 @@ impl Negotiation {
     fn start(socket: Socket, mut config: ClientConfig, tls: LazyClientTls, timeouts: Timeouts) -> Result<Negotiation> {
         config.opt_mode = true;
         config.max_in_flight = 1;
-        let mut hs = Handshake::new(config);
+        let mut hs = Handshake::new(timeouts.session_config(config, None));
         let mut conn = Conn::Plain(socket);
-        let due = Due::new(timeouts.handshake, Phase::Handshake, None);
-        let stop = negotiate(&mut hs, &mut conn, &tls, due)?;
+        let stop = negotiate(&mut hs, &mut conn, &tls)?;
         Ok(Negotiation {
             options: Options::new(hs, tls, &stop),
             conn,
@@ -356,8 +362,7 @@ impl Negotiation {
 
     fn option(&mut self, option: impl FnOnce(&mut ClientSession) -> Result<(), ClientSessionError>) -> Result<Stop> {
         let (hs, tls) = self.options.issue(option)?;
-        let due = Due::new(self.timeouts.handshake, Phase::Handshake, None);
-        let stop = negotiate(hs, &mut self.conn, tls, due)?;
+        let stop = negotiate(hs, &mut self.conn, tls)?;
         Ok(self.options.stopped(stop))
     }
 
@@ -467,10 +472,10 @@ fn dial(
     let socket = open(uri, connect)?;
     config.opt_mode = false;
     config.max_in_flight = 1;
-    let mut hs = Handshake::new(config);
+    let cap = cap.map(|cap| cap.saturating_duration_since(Instant::now()));
+    let mut hs = Handshake::new(timeouts.session_config(config, cap));
     let mut conn = Conn::Plain(socket);
-    let due = Due::new(timeouts.handshake, Phase::Handshake, cap);
-    outcome::go(negotiate(&mut hs, &mut conn, tls, due)?)?;
+    outcome::go(negotiate(&mut hs, &mut conn, tls)?)?;
     Ok((hs.into_session(), conn))
 }
 
@@ -582,7 +587,7 @@ impl Client {
         config.max_in_flight = 1;
         let mut hs = Handshake::new(config);
         let mut conn = Conn::Plain(socket.into());
-        outcome::go(negotiate(&mut hs, &mut conn, &tls, None)?)?;
+        outcome::go(negotiate(&mut hs, &mut conn, &tls)?)?;
         Self::from_parts(hs.into_session(), conn)
     }
 
@@ -712,9 +717,9 @@ impl Client {
         e
     }
 
-    /// A socket error in the middle of a request (by `due`).
-    fn lost(&mut self, e: io::Error, during: &str, due: Option<Due>) -> Error {
-        let e = match (Due::expired(due, &e), e.kind()) {
+    /// A socket error in the middle of a request (or its deadline).
+    fn lost(&mut self, e: io::Error, during: &str) -> Error {
+        let e = match (timed_out(&self.session), e.kind()) {
             (Some(timeout), _) => {
                 self.stats.timed_out();
                 timeout
@@ -757,57 +762,54 @@ impl Client {
     }
 
     fn request_once(&mut self, req: Request, payload: &[u8], one: &mut One<'_>) -> Result<()> {
-        let due = self.timeouts.request.map(|after| Due {
-            at: Instant::now() + after,
-            phase: Phase::Request,
-            after,
-        });
         self.session.start_request(req)?;
-        self.send(payload, due)?;
-        self.receive(one, due)?;
+        self.send(payload)?;
+        self.receive(one)?;
         match one.result.take() {
             Some(r) => r.map_err(Error::Server),
             None => Err(Error::Misuse("the reply ended without a completion")),
         }
     }
 
-    fn send(&mut self, payload: &[u8], due: Option<Due>) -> Result<()> {
+    fn send(&mut self, payload: &[u8]) -> Result<()> {
+        let timed = self.session.has_deadlines();
         while let Some(t) = self.session.poll_transmit(&mut self.out) {
             let data = if t.payload.is_some() { payload } else { &[] };
-            let r = match due {
-                None => write_all_gathered(self.conn.stream(), &self.out, data),
-                Some(_) => self.conn.write_full(&self.out, data, due),
-            };
+            let r = self
+                .conn
+                .write_full(&self.out, data, timed.then_some(&mut self.session));
             self.out.clear();
             // Part of the request may be on the wire (after a write
             // timeout, say): the stream is out of step.
-            r.map_err(|e| self.lost(e, "while a request was sent", due))?;
+            r.map_err(|e| self.lost(e, "while a request was sent"))?;
         }
         self.conn
             .stream()
             .flush()
-            .map_err(|e| self.lost(e, "while a request was sent", due))
+            .map_err(|e| self.lost(e, "while a request was sent"))
     }
 
-    fn receive(&mut self, one: &mut One<'_>, due: Option<Due>) -> Result<()> {
+    fn receive(&mut self, one: &mut One<'_>) -> Result<()> {
         loop {
             let next = nbd_net::client::receive(&mut self.session, one).map_err(|e| self.fail(e))?;
             match next {
                 Incoming::Idle => return Ok(()),
                 Incoming::Header(n) => {
                     self.input.resize(n, 0);
-                    if let Err(e) = self.conn.read_full(&mut self.input, due) {
-                        return Err(self.lost(e, "while a reply was expected", due));
+                    let timed = self.session.has_deadlines().then_some(&mut self.session);
+                    if let Err(e) = self.conn.read_full(&mut self.input, timed) {
+                        return Err(self.lost(e, "while a reply was expected"));
                     }
                     let r = nbd_net::client::input_received(&mut self.session, &self.input, one);
                     r.map_err(|e| self.fail(e))?;
                 }
                 Incoming::Data { buf_offset, length, .. } => {
+                    let timed = self.session.has_deadlines().then_some(&mut self.session);
                     let r = match data_range(one.buf.len(), buf_offset, length) {
-                        Some(range) => self.conn.read_full(&mut one.buf[range], due),
+                        Some(range) => self.conn.read_full(&mut one.buf[range], timed),
                         None => return Err(self.fail(Error::Misuse("READ data beyond the request's buffer"))),
                     };
-                    r.map_err(|e| self.lost(e, "in the middle of a reply", due))?;
+                    r.map_err(|e| self.lost(e, "in the middle of a reply"))?;
                     let r = nbd_net::client::data_received(&mut self.session, length, one);
                     r.map_err(|e| self.fail(e))?;
                 }
@@ -936,8 +938,7 @@ impl Client {
             return Err(e);
         }
         self.session.disconnect()?;
-        let due = Due::new(self.timeouts.request, Phase::Request, None);
-        self.send(&[], due)
+        self.send(&[])
     }
 
     /// A `Read + Write + Seek` view of the export for simple tools.

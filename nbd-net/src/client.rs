@@ -19,6 +19,7 @@ use nbd_proto::client::{
     OptionOutcome, ReplyViolation, RequestError, ServerError,
 };
 use nbd_proto::common::MetaContext;
+use nbd_proto::time::Deadline;
 use nbd_proto::uri::{NbdUri, UriError};
 use nbd_proto::wire::{BlockSizeConstraints, DEFAULT_MAX_PAYLOAD};
 
@@ -112,6 +113,15 @@ pub enum Phase {
     Request,
 }
 
+impl From<Deadline> for Phase {
+    fn from(d: Deadline) -> Phase {
+        match d {
+            Deadline::Handshake => Phase::Handshake,
+            _ => Phase::Request,
+        }
+    }
+}
+
 impl std::fmt::Display for Phase {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -194,8 +204,21 @@ impl From<ClientSessionError> for Error {
             ClientSessionError::Handshake(h) => Error::Handshake(h),
             ClientSessionError::Violation(v) => Error::Protocol(v),
             ClientSessionError::Misuse(m) => Error::Misuse(m),
+            ClientSessionError::TimedOut(t) => Error::TimedOut {
+                phase: t.deadline.into(),
+                after: t.after,
+            },
             _ => Error::disconnected("the session is closed"),
         }
+    }
+}
+
+/// The error of a session whose deadline passed ([`Error::TimedOut`]),
+/// if one did.
+pub fn timed_out(session: &ClientSession) -> Option<Error> {
+    match session.error() {
+        Some(e @ ClientSessionError::TimedOut(_)) => Some(e.clone().into()),
+        _ => None,
     }
 }
 

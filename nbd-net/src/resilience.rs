@@ -86,7 +86,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use nbd_proto::client::Negotiated;
+use nbd_proto::client::{ClientConfig, Negotiated};
 
 use crate::client::Error;
 pub use crate::client::Phase;
@@ -102,8 +102,9 @@ pub struct Timeouts {
     /// The handshake, from the server's greeting to transmission (in
     /// option mode, each option).
     pub handshake: Option<Duration>,
-    /// Each request, from the moment it is handed to the connection
-    /// (again from its resending, after a reconnect) to its reply. When a
+    /// Each request, from the moment it is sent (again from its
+    /// resending, after a reconnect) to its reply. The session decides it
+    /// (`nbd_proto::time`); the runtimes tell it the time. When a
     /// request's deadline expires the connection is deemed broken: it is
     /// closed, and every request in flight fails with
     /// [`Error::TimedOut`] (or, with [`Reconnect`], the client reconnects
@@ -137,6 +138,17 @@ impl Timeouts {
     pub const fn request(mut self, v: Option<Duration>) -> Self {
         self.request = v;
         self
+    }
+
+    /// `config` with the deadlines its session decides (the handshake's
+    /// and each request's; see `nbd_proto::time`), the handshake's no
+    /// longer than `cap` (what is left of a reconnect delay).
+    pub fn session_config(&self, config: ClientConfig, cap: Option<Duration>) -> ClientConfig {
+        let handshake = match (self.handshake, cap) {
+            (Some(t), Some(cap)) => Some(t.min(cap)),
+            (t, cap) => t.or(cap),
+        };
+        config.handshake_timeout(handshake).request_timeout(self.request)
     }
 }
 
@@ -384,15 +396,6 @@ impl Backoff {
     }
 }
 
-/// The deadline for one step that `timeout` bounds, no later than `cap`.
-pub fn deadline(timeout: Option<Duration>, cap: Option<Instant>) -> Option<Instant> {
-    let own = timeout.map(|t| Instant::now() + t);
-    match (own, cap) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -416,13 +419,15 @@ mod tests {
     }
 
     #[test]
-    fn deadline_is_the_earlier_of_its_own_and_the_cap() {
-        let now = Instant::now();
-        assert_eq!(deadline(None, None), None);
-        let cap = now + Duration::from_millis(10);
-        assert_eq!(deadline(None, Some(cap)), Some(cap));
-        assert_eq!(deadline(Some(Duration::from_secs(60)), Some(cap)), Some(cap));
-        let own = deadline(Some(Duration::from_millis(1)), Some(now + Duration::from_secs(60))).unwrap();
-        assert!(own < now + Duration::from_secs(60));
+    fn the_handshake_deadline_is_the_earlier_of_its_own_and_the_cap() {
+        let secs = |n| Some(Duration::from_secs(n));
+        let c = |t: Timeouts, cap| t.session_config(ClientConfig::default(), cap);
+        let none = Timeouts::default();
+        assert_eq!(c(none, None).handshake_timeout, None);
+        assert_eq!(c(none, secs(5)).handshake_timeout, secs(5));
+        assert_eq!(c(none.handshake(secs(60)), secs(5)).handshake_timeout, secs(5));
+        assert_eq!(c(none.handshake(secs(1)), secs(5)).handshake_timeout, secs(1));
+        let all = c(Timeouts::all(Duration::from_secs(7)), None);
+        assert_eq!((all.handshake_timeout, all.request_timeout), (secs(7), secs(7)));
     }
 }

@@ -93,14 +93,12 @@ pub struct TimedOut {
 }
 
 /// One pending deadline: when it expires, and what it is.
-#[allow(dead_code)] // the sessions start using it in the next commits
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Timer {
     pub(crate) at: Timestamp,
     pub(crate) expired: TimedOut,
 }
 
-#[allow(dead_code)]
 impl Timer {
     /// A timer of `after` from `now`.
     pub(crate) fn start(now: Timestamp, deadline: Deadline, after: Duration) -> Timer {

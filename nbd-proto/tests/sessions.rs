@@ -6,6 +6,7 @@
 //! through the session, and arbitrary bytes never make a session panic.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use nbd_proto::client::{
     ClientConfig, ClientEvent, ClientNeed, ClientSession, ClientSessionError, Cookie, OptionOutcome, Request,
@@ -16,6 +17,7 @@ use nbd_proto::server::{
     ExportDetails, ExportListing, ExportLookup, ServerConfig, ServerEvent, ServerNeed, ServerRequest, ServerSession,
     TlsPolicy,
 };
+use nbd_proto::time::{Deadline, TimedOut, Timestamp};
 use nbd_proto::wire::{CONTEXT_BASE_ALLOCATION, Command, CommandFlags, ErrorCode, TransmissionFlags};
 use proptest::prelude::*;
 
@@ -972,4 +974,154 @@ fn requests_after_a_failure_name_it() {
         other => panic!("{other:?}"),
     }
     assert!(r.unwrap_err().to_string().contains("0xeeeeeeee"));
+}
+
+/// A time `ms` milliseconds after the origin.
+fn at_ms(ms: u64) -> Timestamp {
+    Timestamp::from_origin(Duration::from_millis(ms))
+}
+
+fn timed_out(c: &mut ClientSession) -> Option<TimedOut> {
+    match c.feed(&[]) {
+        Err(ClientSessionError::TimedOut(t)) => Some(t),
+        _ => None,
+    }
+}
+
+/// The handshake's deadline: armed from the first time the session is
+/// given, expired exactly at its end, gone once transmission starts.
+#[test]
+fn the_handshake_deadline_is_the_sessions() {
+    let five = Duration::from_secs(5);
+    // A server that never says anything.
+    let mut c = ClientSession::new(ClientConfig::default().handshake_timeout(Some(five)));
+    assert_eq!(c.poll_timeout(), None, "no deadline before the session knows the time");
+    c.handle_timeout(at_ms(1_000));
+    assert_eq!(c.poll_timeout(), Some(at_ms(6_000)));
+    c.handle_timeout(at_ms(5_999));
+    assert!(!c.is_closed());
+    assert!(timed_out(&mut c).is_none());
+    c.handle_timeout(at_ms(6_000));
+    assert!(c.is_closed());
+    assert!(matches!(c.need(), ClientNeed::Closed));
+    let t = timed_out(&mut c).expect("the deadline failed the session");
+    assert_eq!((t.deadline, t.after), (Deadline::Handshake, five));
+    assert_eq!(c.poll_timeout(), None);
+    assert_eq!(
+        t.to_string(),
+        "timed out after 5s waiting for the peer in the handshake"
+    );
+
+    // A handshake that finishes in time leaves no deadline behind.
+    let mut c = ClientSide::new(ClientConfig::default().handshake_timeout(Some(five)), Feeding::Exact);
+    c.session.handle_timeout(at_ms(0));
+    let mut s = ServerSide::new(ServerConfig::default(), Feeding::Exact);
+    run(&mut c, &mut s);
+    assert!(c.connected);
+    assert_eq!(c.session.poll_timeout(), None);
+    c.session.handle_timeout(at_ms(60_000));
+    assert!(!c.session.is_closed());
+}
+
+/// In option mode the time the caller takes between options is not the
+/// server's: each option has its own deadline, from the first time given
+/// after it was issued.
+#[test]
+fn each_option_has_its_own_deadline() {
+    let five = Duration::from_secs(5);
+    let cfg = ClientConfig::default().opt_mode(true).handshake_timeout(Some(five));
+    let mut c = ClientSide::new(cfg, Feeding::Exact);
+    c.session.handle_timeout(at_ms(0));
+    let mut s = ServerSide::new(ServerConfig::default(), Feeding::Exact);
+    run(&mut c, &mut s);
+    assert!(matches!(c.session.need(), ClientNeed::Negotiating));
+    assert_eq!(c.session.poll_timeout(), None, "waiting for the caller");
+    c.session.handle_timeout(at_ms(1_000_000));
+    assert!(!c.session.is_closed());
+    c.session.opt_list().unwrap();
+    run(&mut c, &mut s);
+    assert_eq!(c.outcomes.len(), 1);
+    // The next option is lost on the way: the server never answers.
+    c.session.opt_info("disk").unwrap();
+    assert_eq!(c.session.poll_timeout(), None, "starts at the next time given");
+    c.session.handle_timeout(at_ms(2_000_000));
+    assert_eq!(c.session.poll_timeout(), Some(at_ms(2_005_000)));
+    c.transmit();
+    c.out.clear();
+    c.session.handle_timeout(at_ms(2_004_999));
+    assert!(!c.session.is_closed());
+    c.session.handle_timeout(at_ms(2_005_000));
+    let t = timed_out(&mut c.session).expect("the option's deadline failed the session");
+    assert_eq!(t.deadline, Deadline::Handshake);
+}
+
+/// A request's deadline runs from the first time given after it was
+/// started (a stale clock never expires it early) to its reply; the
+/// oldest request decides; an expired one fails the session, and
+/// `connection_lost` gives the requests that were in flight.
+#[test]
+fn request_deadlines_are_the_sessions() {
+    let two = Duration::from_secs(2);
+    let cfg = ClientConfig::default().request_timeout(Some(two));
+    let (mut c, mut s) = connect(cfg, Feeding::Exact, ServerConfig::default(), Feeding::Exact);
+    assert!(c.connected);
+    c.session.handle_timeout(at_ms(0));
+    assert_eq!(c.session.poll_timeout(), None, "nothing in flight");
+    let a = c.session.start_request(Request::new(Command::FLUSH, 0, 0)).unwrap();
+    run(&mut c, &mut s);
+    assert!(c.done.contains_key(&a));
+    c.session.handle_timeout(at_ms(10_000));
+    assert_eq!(
+        c.session.poll_timeout(),
+        None,
+        "a request that completed has no deadline"
+    );
+
+    // B is lost on the way to the server.
+    let b = c.session.start_request(Request::new(Command::FLUSH, 0, 0)).unwrap();
+    c.transmit();
+    c.out.clear();
+    assert_eq!(c.session.poll_timeout(), None, "starts at the next time given");
+    c.session.handle_timeout(at_ms(100_000));
+    assert_eq!(c.session.poll_timeout(), Some(at_ms(102_000)));
+    // C is answered; B still decides.
+    c.session.handle_timeout(at_ms(101_000));
+    let cc = c.session.start_request(Request::new(Command::FLUSH, 0, 0)).unwrap();
+    c.session.handle_timeout(at_ms(101_000));
+    run(&mut c, &mut s);
+    assert!(c.done.contains_key(&cc));
+    assert_eq!(c.session.poll_timeout(), Some(at_ms(102_000)));
+    c.session.handle_timeout(at_ms(101_999));
+    assert!(!c.session.is_closed());
+    c.session.handle_timeout(at_ms(102_000));
+    assert!(c.session.is_closed());
+    let t = timed_out(&mut c.session).expect("B's deadline failed the session");
+    assert_eq!((t.deadline, t.after), (Deadline::Request, two));
+    match c.session.start_request(Request::new(Command::FLUSH, 0, 0)) {
+        Err(RequestError::SessionFailed(e)) => assert!(matches!(*e, ClientSessionError::TimedOut(_))),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(c.session.connection_lost(), vec![b]);
+}
+
+/// Without a time given, or without timeouts, nothing ever expires.
+#[test]
+fn no_time_no_deadlines() {
+    let cfg = ClientConfig::default().request_timeout(Some(Duration::from_millis(1)));
+    let (mut c, mut s) = connect(cfg, Feeding::Chunks(7), ServerConfig::default(), Feeding::Exact);
+    let r = c.session.start_request(Request::new(Command::FLUSH, 0, 0)).unwrap();
+    assert_eq!(c.session.poll_timeout(), None);
+    run(&mut c, &mut s);
+    assert!(c.done.contains_key(&r));
+    let (mut c, _s) = connect(
+        ClientConfig::default(),
+        Feeding::Exact,
+        ServerConfig::default(),
+        Feeding::Exact,
+    );
+    c.session.start_request(Request::new(Command::FLUSH, 0, 0)).unwrap();
+    c.session.handle_timeout(at_ms(0));
+    c.session.handle_timeout(at_ms(u64::MAX / 2));
+    assert_eq!(c.session.poll_timeout(), None);
+    assert!(!c.session.is_closed());
 }

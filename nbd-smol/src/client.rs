@@ -40,13 +40,15 @@ use std::time::{Duration, Instant};
 use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use nbd_net::client::{
     HandshakeIo, IDLE_READ, Incoming, Options, Replies, Stop, add_block_status, data_range, fill_hole, in_flight_error,
-    outcome, reason, request_error, split_len, uri_tls,
+    outcome, reason, request_error, split_len, timed_out, uri_tls,
 };
 use nbd_net::resilience::{Backoff, Stats, context_ids, same_export, transport_failure};
+use nbd_net::time::{instant, now};
 use nbd_proto::client::{
     ClientConfig, ClientSession, ClientSessionError, Cookie, ExportEntry, ExportInfo, Extents, MetaContext, Mode,
     Negotiated, Request, ServerError, ServerOptionError,
 };
+use nbd_proto::time::Timestamp;
 use nbd_proto::uri::NbdUri;
 use nbd_proto::wire::{
     BlockSizeConstraints, Command, CommandFlags, EXTENDED_REQUEST_HEADER_LEN, ErrorCode, TransmissionFlags,
@@ -92,40 +94,37 @@ fn halves(socket: Socket) -> Result<(BoxRead, BoxWrite, Arc<Async<Socket>>)> {
     Ok((Box::new(r), Box::new(w), socket))
 }
 
-/// Runs `fut` (a handshake, or one option) until `deadline`: past it, the
-/// error is [`Error::TimedOut`] after `after`.
-async fn bounded<T>(
-    deadline: Option<Instant>,
-    phase: Phase,
-    after: Duration,
-    fut: impl Future<Output = Result<T>>,
-) -> Result<T> {
-    let Some(deadline) = deadline else {
-        return fut.await;
-    };
-    let expired = async {
-        smol::Timer::at(deadline).await;
-        Err(Error::TimedOut { phase, after })
-    };
-    futures_lite::future::or(fut, expired).await
+/// Tells the handshake's session the time: its next deadline (`None`:
+/// none runs), or the error if one passed.
+fn handshake_deadline(hs: &mut Handshake) -> Result<Option<Timestamp>> {
+    let session = hs.session();
+    if !session.has_deadlines() {
+        return Ok(None);
+    }
+    session.handle_timeout(now());
+    match timed_out(session) {
+        Some(e) => Err(e),
+        None => Ok(session.poll_timeout()),
+    }
 }
 
-/// Pumps a handshake with the handshake deadline of `timeouts`.
-async fn negotiate_within(
-    hs: &mut Handshake,
-    r: &mut BoxRead,
-    w: &mut BoxWrite,
-    tls: &LazyClientTls,
-    timeout: Option<Duration>,
-) -> Result<Stop> {
-    let deadline = timeout.map(|t| Instant::now() + t);
-    bounded(
-        deadline,
-        Phase::Handshake,
-        timeout.unwrap_or_default(),
-        negotiate(hs, r, w, tls),
-    )
-    .await
+/// Runs `io` until the deadline `at`: `None` if the deadline came first.
+async fn before<T>(at: Option<Timestamp>, io: impl Future<Output = T>) -> Option<T> {
+    let Some(at) = at else {
+        return Some(io.await);
+    };
+    let expired = async {
+        smol::Timer::at(instant(at)).await;
+        None
+    };
+    futures_lite::future::or(async { Some(io.await) }, expired).await
+}
+
+/// The error once the handshake's deadline timer fired (the timer fires
+/// no earlier than the deadline, so the session says it passed).
+fn handshake_expired(hs: &mut Handshake) -> Error {
+    hs.session().handle_timeout(now());
+    timed_out(hs.session_ref()).unwrap_or(Error::Misuse("the handshake's timer fired before its deadline"))
 }
 
 /// Runs the TLS client handshake over the connection's halves (right
@@ -151,26 +150,35 @@ async fn start_tls(_r: &mut BoxRead, _w: &mut BoxWrite, creds: &crate::tls::Clie
 }
 
 /// Pumps a handshake until it stops, upgrading the halves to TLS when the
-/// server accepts `NBD_OPT_STARTTLS`.
+/// server accepts `NBD_OPT_STARTTLS`, by the session's handshake deadline.
 async fn negotiate(hs: &mut Handshake, r: &mut BoxRead, w: &mut BoxWrite, tls: &LazyClientTls) -> Result<Stop> {
     loop {
-        match hs.step()? {
+        let step = hs.step()?;
+        let at = handshake_deadline(hs)?;
+        match step {
             HandshakeIo::Send => {
-                let sent = match w.write_all(hs.output()).await {
-                    Ok(()) => w.flush().await,
-                    Err(e) => Err(e),
+                let out = hs.output();
+                let send = async {
+                    w.write_all(out).await?;
+                    w.flush().await
                 };
-                sent.map_err(|e| hs.io_error(e))?;
+                match before(at, send).await {
+                    Some(sent) => sent.map_err(|e| hs.io_error(e))?,
+                    None => return Err(handshake_expired(hs)),
+                }
                 hs.sent();
             }
-            HandshakeIo::Receive => {
-                if let Err(e) = r.read_exact(hs.input()).await {
-                    return Err(hs.io_error(e));
-                }
-                hs.received()?;
-            }
+            HandshakeIo::Receive => match before(at, r.read_exact(hs.input())).await {
+                Some(Ok(())) => hs.received()?,
+                Some(Err(e)) => return Err(hs.io_error(e)),
+                None => return Err(handshake_expired(hs)),
+            },
             HandshakeIo::StartTls => {
-                start_tls(r, w, &tls.get()?).await?;
+                let creds = tls.get()?;
+                match before(at, start_tls(r, w, &creds)).await {
+                    Some(started) => started?,
+                    None => return Err(handshake_expired(hs)),
+                }
                 hs.tls_established()?;
             }
             HandshakeIo::Stopped(stop) => return Ok(stop),
@@ -252,9 +260,9 @@ impl Negotiation {
         timeouts: Timeouts,
     ) -> Result<Negotiation> {
         config.opt_mode = true;
-        let mut hs = Handshake::new(config);
+        let mut hs = Handshake::new(timeouts.session_config(config, None));
         let (mut r, mut w, socket) = halves(socket)?;
-        let stop = negotiate_within(&mut hs, &mut r, &mut w, &tls, timeouts.handshake).await?;
+        let stop = negotiate(&mut hs, &mut r, &mut w, &tls).await?;
         Ok(Negotiation {
             options: Options::new(hs, tls, &stop),
             r,
@@ -283,7 +291,7 @@ impl Negotiation {
         option: impl FnOnce(&mut ClientSession) -> Result<(), ClientSessionError>,
     ) -> Result<Stop> {
         let (hs, tls) = self.options.issue(option)?;
-        let stop = negotiate_within(hs, &mut self.r, &mut self.w, tls, self.timeouts.handshake).await?;
+        let stop = negotiate(hs, &mut self.r, &mut self.w, tls).await?;
         Ok(self.options.stopped(stop))
     }
 
@@ -363,9 +371,6 @@ struct Slot {
     req: Option<Request>,
     /// Waiting for a connection to be (re)started on.
     pending: bool,
-    /// When it was handed to the current connection (with a request
-    /// deadline only).
-    since: Option<Instant>,
     /// The request's place among `max_in_flight`, given back when the
     /// slot is freed.
     permit: Option<SemaphoreGuardArc>,
@@ -395,7 +400,6 @@ fn free(slots: &mut [Slot], i: usize, free_slots: &mut Vec<u32>) {
     s.abandoned = false;
     s.req = None;
     s.pending = false;
-    s.since = None;
     s.status.clear();
     s.permit = None;
     free_slots.push(i as u32);
@@ -423,6 +427,8 @@ struct Inner {
     free: Vec<u32>,
     writer_waker: Option<Waker>,
     reader_waker: Option<Waker>,
+    /// The task that tells the session the time (with deadlines only).
+    deadline_waker: Option<Waker>,
     /// The current connection runs: false from its break until a new one
     /// is installed (requests made meanwhile wait, `pending`).
     up: bool,
@@ -478,7 +484,7 @@ impl Inner {
     }
 
     /// Hands slot `i`'s request to the session.
-    fn start(&mut self, i: usize, timed: bool) -> std::result::Result<(), Error> {
+    fn start(&mut self, i: usize) -> std::result::Result<(), Error> {
         let Some(req) = self.slots[i].req else {
             return Err(Error::Misuse("a slot without a request"));
         };
@@ -487,7 +493,6 @@ impl Inner {
                 self.route[cookie.slot()] = i as u32;
                 let s = &mut self.slots[i];
                 s.pending = false;
-                s.since = timed.then(Instant::now);
                 Ok(())
             }
             Err(e) => Err(request_error(e, self.dead.as_ref())),
@@ -543,7 +548,6 @@ impl Replies for SlotReplies<'_> {
     fn done(&mut self, cookie: Cookie, result: Result<(), ServerError>) {
         let i = self.route[cookie.slot()] as usize;
         let s = &mut self.slots[i];
-        s.since = None;
         if self.resend_shutdown && matches!(&result, Err(e) if e.code == ErrorCode::ESHUTDOWN) {
             // A server going away (a restart): send it again on the next
             // connection.
@@ -595,7 +599,6 @@ impl State {
         for c in g.session.connection_lost() {
             let i = g.route[c.slot()] as usize;
             let s = &mut g.slots[i];
-            s.since = None;
             s.pending = true;
         }
         if let Some(socket) = g.socket.take() {
@@ -641,7 +644,6 @@ impl State {
         g.socket = Some(c.socket);
         g.up = true;
         g.fault = None;
-        let timed = self.timeouts.request.is_some();
         let mut resent = 0;
         for i in 0..g.slots.len() {
             let s = &mut g.slots[i];
@@ -656,7 +658,7 @@ impl State {
             }
             s.status.clear();
             resent += 1;
-            if let Err(e) = g.start(i, timed) {
+            if let Err(e) = g.start(i) {
                 let s = &mut g.slots[i];
                 s.pending = false;
                 s.result = Some(Err(e));
@@ -685,20 +687,9 @@ async fn dial(redial: &Redial, timeouts: &Timeouts, deadline: Instant) -> Result
     let (mut r, mut w, socket) = halves(socket)?;
     let mut config = redial.config.clone();
     config.opt_mode = false;
-    let mut hs = Handshake::new(config);
-    let handshake = timeouts
-        .handshake
-        .map_or(left, |t| t.min(deadline.saturating_duration_since(Instant::now())));
-    let hs_deadline = Instant::now() + handshake;
-    outcome::go(
-        bounded(
-            Some(hs_deadline),
-            Phase::Handshake,
-            handshake,
-            negotiate(&mut hs, &mut r, &mut w, &redial.tls),
-        )
-        .await?,
-    )?;
+    let left = deadline.saturating_duration_since(Instant::now());
+    let mut hs = Handshake::new(timeouts.session_config(config, Some(left)));
+    outcome::go(negotiate(&mut hs, &mut r, &mut w, &redial.tls).await?)?;
     Ok(Connected {
         session: hs.into_session(),
         r,
@@ -747,9 +738,10 @@ async fn supervise(state: Arc<State>, mut r: BoxRead, mut w: BoxWrite) {
             reader.await;
             writer.await;
         };
-        match state.timeouts.request {
-            Some(t) => futures_lite::future::or(both, watchdog(&state, t)).await,
-            None => both.await,
+        if state.timeouts.request.is_some() {
+            futures_lite::future::or(both, deadlines(&state)).await
+        } else {
+            both.await
         }
         let e = {
             let mut g = state.lock();
@@ -782,25 +774,37 @@ async fn supervise(state: Arc<State>, mut r: BoxRead, mut w: BoxWrite) {
     }
 }
 
-/// Breaks the connection when a request has waited longer than `t` for
-/// its reply (never returns: the supervisor stops polling it).
-async fn watchdog(state: &State, t: Duration) {
-    let tick = (t / 8).clamp(Duration::from_millis(10), Duration::from_millis(250));
-    loop {
-        smol::Timer::after(tick).await;
-        let late = {
-            let g = state.lock();
-            let now = Instant::now();
-            g.up && g.slots.iter().any(|s| s.since.is_some_and(|at| now - at >= t))
-        };
-        if late {
-            state.stats.timed_out();
-            state.broken(Error::TimedOut {
-                phase: Phase::Request,
-                after: t,
-            });
+/// Tells the session the time whenever its next deadline comes (or the
+/// writer says that requests started), and breaks the connection when
+/// one passed. Never returns: the supervisor stops polling it.
+async fn deadlines(state: &State) {
+    let mut timer = smol::Timer::never();
+    std::future::poll_fn(|cx| -> Poll<()> {
+        loop {
+            let mut g = state.lock();
+            if !g.up {
+                // Broken: the tasks end, and the supervisor with them.
+                return Poll::Pending;
+            }
+            g.session.handle_timeout(now());
+            if let Some(e) = timed_out(&g.session) {
+                drop(g);
+                state.stats.timed_out();
+                state.broken(e);
+                return Poll::Pending;
+            }
+            g.deadline_waker = Some(cx.waker().clone());
+            match g.session.poll_timeout() {
+                Some(at) => timer.set_at(instant(at)),
+                None => timer = smol::Timer::never(),
+            }
+            drop(g);
+            if Pin::new(&mut timer).poll(cx).is_pending() {
+                return Poll::Pending;
+            }
         }
-    }
+    })
+    .await
 }
 
 /// A connected async client. Cheap to clone: clones share the connection.
@@ -888,7 +892,7 @@ impl Client {
         let mut config = uri.client_config(config);
         config.opt_mode = false;
         let socket = open(uri, opts.timeouts.connect).await?;
-        let connected = Self::negotiate_go(socket, config.clone(), &tls, opts.timeouts.handshake).await?;
+        let connected = Self::negotiate_go(socket, opts.timeouts.session_config(config.clone(), None), &tls).await?;
         let redial = opts.reconnect.map(|policy| Redial {
             uri: uri.clone(),
             config,
@@ -914,19 +918,14 @@ impl Client {
         tls: LazyClientTls,
     ) -> Result<Client> {
         config.opt_mode = false;
-        let connected = Self::negotiate_go(socket.into(), config, &tls, None).await?;
+        let connected = Self::negotiate_go(socket.into(), config, &tls).await?;
         Self::start(connected, Timeouts::default(), None)
     }
 
-    async fn negotiate_go(
-        socket: Socket,
-        config: ClientConfig,
-        tls: &LazyClientTls,
-        timeout: Option<Duration>,
-    ) -> Result<Connected> {
+    async fn negotiate_go(socket: Socket, config: ClientConfig, tls: &LazyClientTls) -> Result<Connected> {
         let mut hs = Handshake::new(config);
         let (mut r, mut w, socket) = halves(socket)?;
-        outcome::go(negotiate_within(&mut hs, &mut r, &mut w, tls, timeout).await?)?;
+        outcome::go(negotiate(&mut hs, &mut r, &mut w, tls).await?)?;
         Ok(Connected {
             session: hs.into_session(),
             r,
@@ -956,6 +955,7 @@ impl Client {
                 free: (0..n as u32).rev().collect(),
                 writer_waker: None,
                 reader_waker: None,
+                deadline_waker: None,
                 up: true,
                 fault: None,
                 socket: Some(socket),
@@ -1055,7 +1055,7 @@ impl Client {
             s.req = Some(req);
             s.permit = Some(permit);
             if g.up {
-                if let Err(e) = g.start(i, self.state.timeouts.request.is_some()) {
+                if let Err(e) = g.start(i) {
                     let buf = g.slots[i].buf.take();
                     free(&mut g.slots, i, &mut g.free);
                     return (Err(e), buf);
@@ -1413,6 +1413,13 @@ async fn writer_loop(state: &State, w: &mut BoxWrite) -> Result<()> {
             let Some(t) = g.session.poll_transmit(&mut out) else {
                 continue;
             };
+            if g.session.has_deadlines() {
+                // Requests start their deadlines now: the deadline task
+                // tells the session the time and arms its timer anew.
+                if let Some(w) = g.deadline_waker.take() {
+                    w.wake();
+                }
+            }
             let payload = t.payload.map(|p| {
                 let i = g.slot_of(p.cookie);
                 let s = &mut g.slots[i];

@@ -69,6 +69,16 @@ pub struct ClientConfig {
     /// accept; raise it for servers known to accept more (nbd-server,
     /// nbdkit and nbd-serve take 50 MB and more).
     pub unnegotiated_max_payload: u64,
+    /// How long the server may take over the handshake: from the greeting
+    /// to transmission, and in option mode from the greeting to the first
+    /// option and then for each option (TLS included). Decided by the
+    /// session from the time its driver gives it (see [`crate::time`]).
+    /// Default: none.
+    pub handshake_timeout: Option<core::time::Duration>,
+    /// How long a request may wait for its reply, from the first time the
+    /// session is given after the request was started. An expired request
+    /// fails the session (the connection is deemed broken). Default: none.
+    pub request_timeout: Option<core::time::Duration>,
 }
 
 impl Default for ClientConfig {
@@ -84,6 +94,8 @@ impl Default for ClientConfig {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             strict: true,
             unnegotiated_max_payload: DEFAULT_MAX_PAYLOAD as u64,
+            handshake_timeout: None,
+            request_timeout: None,
         }
     }
 }
@@ -148,6 +160,18 @@ impl ClientConfig {
     /// Sets the largest payload sent when the server sent no block sizes.
     pub fn unnegotiated_max_payload(mut self, v: u64) -> Self {
         self.unnegotiated_max_payload = v;
+        self
+    }
+
+    /// Sets the handshake's deadline.
+    pub fn handshake_timeout(mut self, v: Option<core::time::Duration>) -> Self {
+        self.handshake_timeout = v;
+        self
+    }
+
+    /// Sets each request's deadline.
+    pub fn request_timeout(mut self, v: Option<core::time::Duration>) -> Self {
+        self.request_timeout = v;
         self
     }
 }

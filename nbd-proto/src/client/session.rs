@@ -24,6 +24,7 @@
 //!
 //! ```text
 //! loop {
+//!     session.handle_timeout(now)   // with deadlines (see below)
 //!     while let Some(t) = session.poll_transmit(&mut out) {
 //!         send `out` (and then, if t.payload is Some, that WRITE's data)
 //!     }
@@ -40,6 +41,7 @@
 //!                          caller (start_request) or for the socket
 //!         Closed        => close the socket
 //!     }
+//!     // before blocking: arm a timer at session.poll_timeout()
 //!     // `feed` returns at most one event; call it again with what it did
 //!     // not consume until it consumes nothing and returns no event.
 //! }
@@ -52,8 +54,14 @@
 //! consumes a byte past the acknowledgement, so what a driver read beyond
 //! it (nothing, if it read exact counts) belongs to TLS.
 //!
-//! The session performs no I/O and reads no clock: timeouts belong to the
-//! driver. It allocates while negotiating (option replies, names) and, in
+//! The session performs no I/O and reads no clock, but it decides its
+//! deadlines ([`ClientConfig::handshake_timeout`],
+//! [`ClientConfig::request_timeout`]) from the time the driver gives it:
+//! a driver calls [`ClientSession::handle_timeout`] with the time at each
+//! turn of its loop (and after starting requests or options), and arms one
+//! timer at [`ClientSession::poll_timeout`]; when it fires, it calls
+//! `handle_timeout` again. An expired deadline fails the session with
+//! [`ClientSessionError::TimedOut`] (see [`crate::time`]). It allocates while negotiating (option replies, names) and, in
 //! transmission, only until its buffers have grown to the batch sizes the
 //! driver uses.
 
@@ -65,6 +73,7 @@ use super::transmission::{
     ClientTransmission, Cookie, Extents, ReceiveNext, ReplyEvent, ReplyViolation, Request, RequestError, ServerError,
 };
 use crate::common::{Interest, MetaContext, Mode};
+use crate::time::{Deadline, TimedOut, Timer, Timestamp};
 use crate::wire::{BlockSizeConstraints, Command, TransmissionFlags};
 
 /// Why the session cannot go on: the connection must be closed.
@@ -86,6 +95,11 @@ pub enum ClientSessionError {
     /// connection was lost).
     #[error("the session is closed")]
     Closed,
+    /// A deadline passed: the handshake's, or a request's (the connection
+    /// is deemed broken; [`ClientSession::connection_lost`] gives the
+    /// requests that were in flight).
+    #[error(transparent)]
+    TimedOut(#[from] TimedOut),
 }
 
 /// What the session needs from the driver next (see the module docs for
@@ -249,6 +263,9 @@ struct Mark {
     payload: PayloadOut,
 }
 
+// The state changes twice per connection; the variants' sizes only cost
+// the session's own size.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum State {
     Handshake(ClientHandshake),
@@ -288,6 +305,68 @@ pub struct ClientSession {
     marks: VecDeque<Mark>,
     /// The last error, repeated by later calls.
     failed: Option<ClientSessionError>,
+    /// The deadlines and the time they are decided by.
+    deadlines: Deadlines,
+}
+
+/// A timer that starts at the first time the session is given after it
+/// was started (so a driver whose last `handle_timeout` is old never sees
+/// a deadline that expired before it began).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stamp {
+    Off,
+    Starting,
+    Running(Timestamp),
+}
+
+/// The session's deadlines.
+#[derive(Debug)]
+struct Deadlines {
+    handshake: Option<core::time::Duration>,
+    request: Option<core::time::Duration>,
+    /// The last time given.
+    now: Option<Timestamp>,
+    /// The handshake's timer (it counts while the session waits for the
+    /// server in the handshake; an option restarts it).
+    handshake_timer: Stamp,
+    /// With a request deadline, per in-flight slot: the request's cookie
+    /// and when its timer started.
+    requests: Vec<Option<(Cookie, Stamp)>>,
+}
+
+impl Deadlines {
+    fn new(config: &ClientConfig) -> Deadlines {
+        Deadlines {
+            handshake: config.handshake_timeout,
+            request: config.request_timeout,
+            now: None,
+            handshake_timer: match config.handshake_timeout {
+                Some(_) => Stamp::Starting,
+                None => Stamp::Off,
+            },
+            requests: Vec::new(),
+        }
+    }
+
+    /// An option was issued: the handshake's timer starts again.
+    fn restart_handshake(&mut self) {
+        if self.handshake.is_some() {
+            self.handshake_timer = Stamp::Starting;
+        }
+    }
+
+    /// A request was started under `cookie`.
+    fn request_started(&mut self, cookie: Cookie, capacity: usize) {
+        if self.request.is_none() {
+            return;
+        }
+        if self.requests.len() < capacity {
+            self.requests.resize(capacity, None);
+        }
+        if let Some(slot) = self.requests.get_mut(cookie.slot()) {
+            *slot = Some((cookie, Stamp::Starting));
+        }
+    }
 }
 
 impl ClientSession {
@@ -298,6 +377,7 @@ impl ClientSession {
         let max_in_flight = config.max_in_flight.max(1);
         let strict = config.strict;
         let unnegotiated_max_payload = config.unnegotiated_max_payload;
+        let deadlines = Deadlines::new(&config);
         let mut s = ClientSession {
             state: State::Handshake(ClientHandshake::new(config)),
             max_in_flight,
@@ -311,6 +391,7 @@ impl ClientSession {
             out_pos: 0,
             marks: VecDeque::new(),
             failed: None,
+            deadlines,
         };
         s.pump_handshake_output();
         s
@@ -541,6 +622,7 @@ impl ClientSession {
         };
         let (cookie, header) = tx.start_request(req)?;
         self.out.extend_from_slice(header.as_bytes());
+        self.deadlines.request_started(cookie, tx.capacity());
         if req.command == Command::WRITE && req.length > 0 {
             self.marks.push_back(Mark {
                 end: self.out.len(),
@@ -630,6 +712,88 @@ impl ClientSession {
         self.after_handshake_call(r)
     }
 
+    // ----- time --------------------------------------------------------------
+
+    /// Tells the session the time (see [`crate::time`]): timers that were
+    /// waiting for it start now, and a deadline that has passed fails the
+    /// session with [`ClientSessionError::TimedOut`] (which the input
+    /// methods then return; a driver closes the connection, and in
+    /// transmission [`ClientSession::connection_lost`] gives the requests
+    /// that were in flight). Times earlier than one given before are taken
+    /// as that one.
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        let now = self.deadlines.now.map_or(now, |t| t.max(now));
+        self.deadlines.now = Some(now);
+        if self.failed.is_some() {
+            return;
+        }
+        if self.deadlines.handshake_timer == Stamp::Starting {
+            self.deadlines.handshake_timer = Stamp::Running(now);
+        }
+        let tx = match &self.state {
+            State::Transmission(tx, _) => Some(tx),
+            _ => None,
+        };
+        for slot in &mut self.deadlines.requests {
+            match slot {
+                Some((cookie, stamp)) if tx.is_some_and(|tx| tx.request(*cookie).is_some()) => {
+                    if *stamp == Stamp::Starting {
+                        *stamp = Stamp::Running(now);
+                    }
+                }
+                _ => *slot = None,
+            }
+        }
+        if let Some(timer) = self.next_timer()
+            && now >= timer.at
+        {
+            self.failed = Some(ClientSessionError::TimedOut(timer.expired));
+        }
+    }
+
+    /// Whether the session has deadlines at all (a handshake or request
+    /// timeout): a driver of one that has none needs no clock.
+    pub fn has_deadlines(&self) -> bool {
+        self.deadlines.handshake.is_some() || self.deadlines.request.is_some()
+    }
+
+    /// When the session's next deadline expires (`None`: no deadline
+    /// runs): the driver calls [`ClientSession::handle_timeout`] then.
+    #[must_use = "the driver arms a timer at the session's next deadline"]
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        self.next_timer().map(|t| t.at)
+    }
+
+    /// The deadline that expires first.
+    fn next_timer(&self) -> Option<Timer> {
+        if self.failed.is_some() {
+            return None;
+        }
+        let d = &self.deadlines;
+        match &self.state {
+            State::Handshake(hs) => match (d.handshake_timer, d.handshake, hs.step()) {
+                // Waiting for the caller's option, or done: not the
+                // server's time.
+                (_, _, HandshakeStep::Negotiating | HandshakeStep::Aborted) => None,
+                (Stamp::Running(since), Some(after), _) => Some(Timer::start(since, Deadline::Handshake, after)),
+                _ => None,
+            },
+            State::Transmission(tx, _) => {
+                let after = d.request?;
+                let since = d
+                    .requests
+                    .iter()
+                    .filter_map(|slot| match slot {
+                        Some((cookie, Stamp::Running(since))) if tx.request(*cookie).is_some() => Some(*since),
+                        _ => None,
+                    })
+                    .min()?;
+                Some(Timer::start(since, Deadline::Request, after))
+            }
+            State::Closed => None,
+        }
+    }
+
     // ----- getters ---------------------------------------------------------
 
     /// What the handshake negotiated, once [`ClientEvent::Connected`].
@@ -679,6 +843,12 @@ impl ClientSession {
             read: open && !waiting_on_driver,
             write: self.has_output(),
         }
+    }
+
+    /// Why the session failed, once it did (the error its input methods
+    /// repeat): a violation, a refusal, an expired deadline, ...
+    pub fn error(&self) -> Option<&ClientSessionError> {
+        self.failed.as_ref()
     }
 
     /// Whether the session is over.
@@ -794,6 +964,7 @@ impl ClientSession {
     fn after_handshake_call(&mut self, r: Result<(), HandshakeError>) -> Result<(), ClientSessionError> {
         match r {
             Ok(()) => {
+                self.deadlines.restart_handshake();
                 self.pump_handshake_output();
                 Ok(())
             }
