@@ -752,6 +752,7 @@ impl ServeConnection {
     /// How long the client may take to reach transmission (see
     /// [`ServerConfig::handshake_timeout`]); `None` once transmitting.
     pub fn handshake_timeout(&self) -> Option<std::time::Duration> {
+        #[allow(deprecated)]
         self.session.handshake_timeout()
     }
 
