@@ -605,14 +605,11 @@ impl<E: ExportLookup> ServerSession<E> {
 
     // ----- getters ---------------------------------------------------------
 
-    /// How long the client may take to reach transmission
-    /// ([`ServerConfig::handshake_timeout`]); `None` once in transmission.
-    #[deprecated = "the session keeps the deadline: handle_timeout and poll_timeout"]
-    pub fn handshake_timeout(&self) -> Option<Duration> {
-        match self.state {
-            State::Handshake(_) => self.handshake_timeout,
-            _ => None,
-        }
+    /// Why the session failed, if it did: the error its input methods
+    /// return (a [`ServerSessionError::TimedOut`] from
+    /// [`ServerSession::handle_timeout`], a client's violation, ...).
+    pub fn error(&self) -> Option<&ServerSessionError> {
+        self.failed.as_ref()
     }
 
     /// The largest READ or WRITE payload this connection accepts (once

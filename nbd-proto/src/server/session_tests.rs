@@ -97,7 +97,9 @@ fn the_deadline_fires_exactly_at_its_time() {
     assert_eq!(s.poll_timeout(), Some(at(110, 0)));
     assert!(matches!(s.need(), ServerNeed::Bytes(16)));
     assert!(s.interest().read);
+    assert_eq!(s.error(), None);
     s.handle_timeout(at(110, 0));
+    assert_eq!(s.error(), Some(&timed_out()));
     assert_eq!(s.poll_timeout(), None);
     assert!(matches!(s.need(), ServerNeed::Closed));
     assert!(!s.interest().read);
