@@ -81,9 +81,8 @@ use nbd_proto::time::{TimedOut, Timestamp};
 use nbd_proto::wire::{CONTEXT_BASE_ALLOCATION, TransmissionFlags};
 
 pub use budget::PayloadBudget;
-pub use exec::{Backend, HOLE_GRAIN, SPARSE_READ_THRESHOLD, WRITE_PIECE};
+pub use exec::{Backend, HOLE_GRAIN, IoPool, SPARSE_READ_THRESHOLD, WRITE_PIECE};
 pub use options::ServerOptions;
-pub use pool::IoPool;
 pub use replies::ReplyWriter;
 
 use exec::{Env, Executor};
