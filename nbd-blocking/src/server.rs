@@ -1,7 +1,8 @@
 //! A simple thread-per-connection NBD server over std sockets.
 //!
-//! Everything but the sockets, TLS and timeouts is
-//! [`nbd_server::ServeConnection`], shared with the async server.
+//! Everything but the sockets, TLS and the timer of the handshake's
+//! deadline (a socket read timeout) is [`nbd_server::ServeConnection`],
+//! shared with the async server; the connection keeps the deadline itself.
 //! Each connection is served by one thread: it feeds the requests the
 //! client has sent, and writes the replies whenever no more input is
 //! buffered (or the connection must wait), so storage that runs on the I/O
@@ -17,10 +18,11 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::Thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[cfg(feature = "tls")]
 use nbd_net::rustls;
+use nbd_net::time;
 #[cfg(feature = "tls")]
 use nbd_server::ServeError;
 pub use nbd_server::ServerOptions;
@@ -181,27 +183,21 @@ impl Server {
     }
 
     fn serve_accepted<S: ServerStream>(&self, mut conn: ServeConnection, s: S) -> io::Result<()> {
+        // The handshake's deadline starts now (the connection keeps it).
+        conn.handle_timeout(time::now()).map_err(handshake_timed_out)?;
         let control = s.try_clone_stream()?;
         let mut w = s.try_clone_stream()?;
-        let deadline = conn.handshake_timeout().map(|t| Instant::now() + t);
         let mut r = BufReader::with_capacity(64 * 1024, s);
-        if self.negotiate(&mut conn, &mut r, &mut w, deadline, &control)? != HandshakeProgress::StartTls {
+        if self.negotiate(&mut conn, &mut r, &mut w, &control)? != HandshakeProgress::StartTls {
             return self.after_handshake(conn, &mut r, &mut w, &control);
         }
-        self.serve_tls(conn, r, w, deadline, control)
+        self.serve_tls(conn, r, w, control)
     }
 
     /// Without the `tls` feature there is no certificate: a client's
     /// `NBD_OPT_STARTTLS` that the policy acknowledged ends the connection.
     #[cfg(not(feature = "tls"))]
-    fn serve_tls<S: ServerStream>(
-        &self,
-        conn: ServeConnection,
-        r: BufReader<S>,
-        _w: S,
-        _deadline: Option<Instant>,
-        _control: S,
-    ) -> io::Result<()> {
+    fn serve_tls<S: ServerStream>(&self, conn: ServeConnection, r: BufReader<S>, _w: S, _control: S) -> io::Result<()> {
         match conn.starting_tls::<std::convert::Infallible>(r.buffer().len(), None) {
             Ok(never) => match never {},
             Err(e) => Err(invalid_data(e)),
@@ -215,7 +211,6 @@ impl Server {
         mut conn: ServeConnection,
         r: BufReader<S>,
         w: S,
-        deadline: Option<Instant>,
         control: S,
     ) -> io::Result<()> {
         let config = conn
@@ -224,12 +219,13 @@ impl Server {
         drop(w);
         let tls_conn = rustls::ServerConnection::new(config).map_err(io::Error::other)?;
         let mut tls = rustls::StreamOwned::new(tls_conn, r.into_inner());
-        tls_handshake(&mut tls).map_err(|e| io::Error::new(e.kind(), format!("TLS handshake failed: {e}")))?;
+        // Under the handshake's deadline: each read waits at most until it.
+        tls_handshake(&mut tls, || arm_deadline(&mut conn, &control))?;
         let tls = Rc::new(RefCell::new(tls));
         let mut r = BufReader::with_capacity(64 * 1024, TlsHalf(tls.clone()));
         let mut w = TlsHalf(tls.clone());
         conn.tls_established().map_err(invalid_data)?;
-        let result = match self.negotiate(&mut conn, &mut r, &mut w, deadline, &control)? {
+        let result = match self.negotiate(&mut conn, &mut r, &mut w, &control)? {
             HandshakeProgress::StartTls => Err(invalid_data(ServeError::SecondStartTls)),
             _ => self.after_handshake(conn, &mut r, &mut w, &control),
         };
@@ -255,16 +251,16 @@ impl Server {
         self.transmission(conn, r, w, control)
     }
 
-    /// HandshakeProgress, until transmission starts, TLS is asked for, or the
+    /// The handshake, until transmission starts, TLS is asked for, or the
     /// client leaves. `control` is a handle on the socket used to keep the
-    /// read timeout at the time left before `deadline`, so a client
-    /// trickling bytes cannot stretch the handshake past it.
+    /// read timeout at the connection's deadline
+    /// ([`ServeConnection::poll_timeout`]), so a client trickling bytes
+    /// cannot stretch the handshake past it.
     fn negotiate<R: Read, W: Write, S: ServerStream>(
         &self,
         conn: &mut ServeConnection,
         r: &mut BufReader<R>,
         w: &mut W,
-        deadline: Option<Instant>,
         control: &S,
     ) -> io::Result<HandshakeProgress> {
         let mut out = Vec::new();
@@ -274,7 +270,7 @@ impl Server {
             if next != HandshakeProgress::Read {
                 return Ok(next);
             }
-            let input = fill_before(r, deadline, control)?;
+            let input = fill_before_deadline(conn, r, control)?;
             let used = conn.input(input);
             if used.is_err() {
                 let _ = send_handshake_output(conn, &mut out, w);
@@ -369,26 +365,45 @@ fn send_handshake_output<W: Write>(conn: &mut ServeConnection, out: &mut Vec<u8>
     Ok(())
 }
 
-/// Fills the read buffer if it is empty, with the socket's read timeout set
-/// to what is left before `deadline` (`TimedOut` once it has passed).
-fn fill_before<'r, R: Read, S: ServerStream>(
+/// The error of a handshake that did not reach transmission in time.
+fn handshake_timed_out(t: nbd_proto::time::TimedOut) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("handshake timed out (after {:?})", t.after),
+    )
+}
+
+/// Tells the connection the time (`Err` once its handshake deadline
+/// passed) and sets the socket's read timeout to what is left before that
+/// deadline (none without one), before a blocking read.
+fn arm_deadline<S: ServerStream>(conn: &mut ServeConnection, control: &S) -> io::Result<()> {
+    conn.handle_timeout(time::now()).map_err(handshake_timed_out)?;
+    // A zero timeout would mean none: the read waits at least 1 ms.
+    let left = conn
+        .poll_timeout()
+        .map(|t| time::until(t).max(Duration::from_millis(1)));
+    control.set_read_timeout_stream(left)
+}
+
+/// Fills the read buffer if it is empty, each read waiting at most until
+/// the connection's deadline; a read that timed out is tried again unless
+/// the connection says the deadline passed (then its error).
+fn fill_before_deadline<'r, R: Read, S: ServerStream>(
+    conn: &mut ServeConnection,
     r: &'r mut BufReader<R>,
-    deadline: Option<Instant>,
     control: &S,
 ) -> io::Result<&'r [u8]> {
-    if let Some(deadline) = deadline.filter(|_| r.buffer().is_empty()) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"));
+    while r.buffer().is_empty() {
+        arm_deadline(conn, control)?;
+        match r.fill_buf() {
+            // (Empty: EOF.)
+            Ok(_) => break,
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
-        control.set_read_timeout_stream(Some(left.max(Duration::from_millis(1))))?;
     }
-    r.fill_buf().map_err(|e| match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-            io::Error::new(io::ErrorKind::TimedOut, "handshake timed out")
-        }
-        _ => e,
-    })
+    Ok(r.buffer())
 }
 
 /// Waits for input for up to [`IDLE_RELEASE`]: `false` if none came.
@@ -428,15 +443,28 @@ fn write_replies<W: Write>(writer: &mut ReplyWriter, waker: &Waker, w: &mut W, t
     }
 }
 
-/// Runs the server side of a TLS handshake to its end.
+/// Runs the server side of a TLS handshake to its end. `arm` runs before
+/// each step that may block on a read (it sets the read timeout, or fails
+/// once the handshake's deadline passed); a read that timed out is tried
+/// again after it.
 #[cfg(feature = "tls")]
-fn tls_handshake<S: Read + Write>(tls: &mut rustls::StreamOwned<rustls::ServerConnection, S>) -> io::Result<()> {
+fn tls_handshake<S: Read + Write>(
+    tls: &mut rustls::StreamOwned<rustls::ServerConnection, S>,
+    mut arm: impl FnMut() -> io::Result<()>,
+) -> io::Result<()> {
+    let failed = |e: io::Error| io::Error::new(e.kind(), format!("TLS handshake failed: {e}"));
     while tls.conn.is_handshaking() {
-        tls.conn.complete_io(&mut tls.sock)?;
+        arm()?;
+        match tls.conn.complete_io(&mut tls.sock) {
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(failed(e)),
+        }
     }
     // TLS 1.3 session tickets may still be queued.
     while tls.conn.wants_write() {
-        tls.conn.write_tls(&mut tls.sock)?;
+        tls.conn.write_tls(&mut tls.sock).map_err(failed)?;
     }
-    tls.sock.flush()
+    tls.sock.flush().map_err(failed)
 }

@@ -766,7 +766,14 @@ fn misuse_is_reported() {
     assert!(s.discarded(1).is_err());
     assert!(s.encoder().is_none());
     assert!(s.export().is_none());
-    assert_eq!(s.handshake_timeout(), ServerConfig::default().handshake_timeout);
+    assert_eq!(s.poll_timeout(), None, "no deadline before the session learns the time");
+    s.handle_timeout(Timestamp::ORIGIN);
+    assert_eq!(
+        s.poll_timeout(),
+        ServerConfig::default()
+            .handshake_timeout
+            .map(|t| Timestamp::ORIGIN.saturating_add(t))
+    );
 }
 
 trait BeforeConnect {
@@ -866,7 +873,8 @@ fn option_mode() {
             Some(&"ro"),
             "the export GO chose, not the last INFO"
         );
-        assert!(s.session.handshake_timeout().is_none());
+        s.session.handle_timeout(Timestamp::ORIGIN);
+        assert!(s.session.poll_timeout().is_none());
     }
 }
 

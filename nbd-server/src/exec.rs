@@ -11,7 +11,7 @@ use nbd_proto::common::MAX_HOLE_CHUNK;
 use nbd_proto::server::{ReplyEncoder, ServerRequest};
 use nbd_proto::wire::{AllocationFlags, CONTEXT_BASE_ALLOCATION, Command, CommandFlags, ErrorCode};
 
-use crate::pool::IoPool;
+use crate::pool::{Task, Workers};
 use crate::replies::{Data, Reply, Shared};
 use nbd_storage::{AsyncStorage, Completion, CompletionSink, Done, Extent, SparseReads, Storage, ZeroFlags};
 
@@ -64,8 +64,36 @@ pub(crate) struct Env {
     pub(crate) contexts: Arc<[(u32, String)]>,
 }
 
+/// A fixed set of threads that run storage calls which may block (file
+/// I/O, `fdatasync`, a backend waiting on the network), so that a slow
+/// call never delays other connections' requests, nor the reading of this
+/// connection's next requests. Jobs wait in one queue (no allocation per
+/// job once the queue has grown); threads start on first use.
+#[derive(Debug, Clone)]
+pub struct IoPool {
+    workers: Workers<Job>,
+}
+
+impl IoPool {
+    /// A pool of at most `threads` threads (at least 1).
+    pub fn new(threads: usize) -> IoPool {
+        IoPool {
+            workers: Workers::new(threads),
+        }
+    }
+
+    /// The most threads it runs.
+    pub fn threads(&self) -> usize {
+        self.workers.threads()
+    }
+
+    fn submit(&self, job: Job) {
+        self.workers.submit(job);
+    }
+}
+
 /// One request (or WRITE piece) for the I/O pool.
-pub(crate) struct Job {
+struct Job {
     env: Env,
     storage: Arc<dyn Storage>,
     op: Op,
@@ -93,8 +121,8 @@ enum Op {
     Other(ServerRequest),
 }
 
-impl Job {
-    pub(crate) fn run(self) {
+impl Task for Job {
+    fn run(self) {
         let Job { env, storage, op } = self;
         match op {
             Op::Read { req, buf, budget } => read(&env, &*storage, &req, buf, budget),

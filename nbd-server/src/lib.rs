@@ -51,6 +51,12 @@
 //! }
 //! on EOF: conn.input_closed()
 //! ```
+//!
+//! In the handshake the reader also keeps the connection's deadline: it
+//! calls `conn.handle_timeout(now)?` at the top of each turn, and whatever
+//! it waits for (the client, the TLS handshake) it races with one timer at
+//! `conn.poll_timeout()`, calling `conn.handle_timeout(now)?` when that
+//! fires. An `Err` (the handshake timed out) closes the connection.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -71,12 +77,12 @@ use nbd_proto::server::{
     ExportDetails, ExportListing, ExportLookup, ServerConfig, ServerEvent, ServerNeed, ServerNegotiated, ServerSession,
     ServerSessionError, ServerStartTls,
 };
+use nbd_proto::time::{TimedOut, Timestamp};
 use nbd_proto::wire::{CONTEXT_BASE_ALLOCATION, TransmissionFlags};
 
 pub use budget::PayloadBudget;
-pub use exec::{Backend, HOLE_GRAIN, SPARSE_READ_THRESHOLD, WRITE_PIECE};
+pub use exec::{Backend, HOLE_GRAIN, IoPool, SPARSE_READ_THRESHOLD, WRITE_PIECE};
 pub use options::ServerOptions;
-pub use pool::IoPool;
 pub use replies::ReplyWriter;
 
 use exec::{Env, Executor};
@@ -749,10 +755,32 @@ impl ServeConnection {
         self.exec.is_some()
     }
 
-    /// How long the client may take to reach transmission (see
-    /// [`ServerConfig::handshake_timeout`]); `None` once transmitting.
-    pub fn handshake_timeout(&self) -> Option<std::time::Duration> {
-        self.session.handshake_timeout()
+    /// The time is `now` (the runtime's clock, `nbd_net::time::now()`):
+    /// call it when the connection starts, at the top of each turn of the
+    /// handshake loop, and when the timer armed at
+    /// [`ServeConnection::poll_timeout`] fires. The first call starts the
+    /// handshake's deadline ([`ServerConfig::handshake_timeout`], TLS
+    /// included, until transmission). `Err` once it has passed: nothing
+    /// more is read, close the connection.
+    pub fn handle_timeout(&mut self, now: Timestamp) -> Result<(), TimedOut> {
+        self.session.handle_timeout(now);
+        match self.session.error() {
+            Some(ServerSessionError::TimedOut(t)) => {
+                let t = *t;
+                self.finish_reading();
+                Err(t)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// When the runtime must call [`ServeConnection::handle_timeout`] next
+    /// (arm one timer at it while waiting for the client or the TLS
+    /// handshake), or `None`: no deadline is pending (the connection has
+    /// not been told the time, has no handshake timeout, or transmits).
+    #[must_use = "the runtime must arm a timer at the deadline"]
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        self.session.poll_timeout()
     }
 
     /// What was negotiated (once transmitting).

@@ -1,28 +1,40 @@
 //! The threads that run blocking storage calls, off the threads that serve
-//! sockets.
+//! sockets: a pool of worker threads for jobs of any one type, which knows
+//! nothing of what they do (the executor's jobs are
+//! [`IoPool`](crate::IoPool)'s, in `exec`).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
 
-use super::exec::Job;
-
-/// A fixed set of threads that run storage calls which may block (file
-/// I/O, `fdatasync`, a backend waiting on the network), so that a slow
-/// call never delays other connections' requests, nor the reading of this
-/// connection's next requests. Jobs wait in one queue (no allocation per
-/// job once the queue has grown); threads start on first use.
-#[derive(Debug, Clone)]
-pub struct IoPool {
-    handle: Arc<PoolHandle>,
+/// Work for the pool's threads.
+pub(crate) trait Task: Send + 'static {
+    /// Does the work (on a pool thread).
+    fn run(self);
 }
 
-/// Dropped with the last [`IoPool`]: the threads finish the queue and end.
+/// A fixed set of threads that run jobs of type `T`. Jobs wait in one
+/// queue (no allocation per job once the queue has grown); threads start
+/// on first use, and end with the last handle, once the queue is done.
 #[derive(Debug)]
-struct PoolHandle {
-    inner: Arc<PoolInner>,
+pub(crate) struct Workers<T> {
+    handle: Arc<PoolHandle<T>>,
 }
 
-impl Drop for PoolHandle {
+impl<T> Clone for Workers<T> {
+    fn clone(&self) -> Self {
+        Workers {
+            handle: self.handle.clone(),
+        }
+    }
+}
+
+/// Dropped with the last [`Workers`]: the threads finish the queue and end.
+#[derive(Debug)]
+struct PoolHandle<T> {
+    inner: Arc<PoolInner<T>>,
+}
+
+impl<T> Drop for PoolHandle<T> {
     fn drop(&mut self) {
         self.inner.state.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
         self.inner.ready.notify_all();
@@ -30,28 +42,33 @@ impl Drop for PoolHandle {
 }
 
 #[derive(Debug)]
-struct PoolInner {
+struct PoolInner<T> {
     threads: usize,
-    state: Mutex<PoolState>,
+    state: Mutex<PoolState<T>>,
     ready: Condvar,
 }
 
-#[derive(Debug, Default)]
-struct PoolState {
-    queue: VecDeque<Job>,
+#[derive(Debug)]
+struct PoolState<T> {
+    queue: VecDeque<T>,
     started: usize,
     idle: usize,
     closed: bool,
 }
 
-impl IoPool {
+impl<T: Task> Workers<T> {
     /// A pool of at most `threads` threads (at least 1).
-    pub fn new(threads: usize) -> IoPool {
-        IoPool {
+    pub(crate) fn new(threads: usize) -> Workers<T> {
+        Workers {
             handle: Arc::new(PoolHandle {
                 inner: Arc::new(PoolInner {
                     threads: threads.max(1),
-                    state: Mutex::new(PoolState::default()),
+                    state: Mutex::new(PoolState {
+                        queue: VecDeque::new(),
+                        started: 0,
+                        idle: 0,
+                        closed: false,
+                    }),
                     ready: Condvar::new(),
                 }),
             }),
@@ -59,11 +76,13 @@ impl IoPool {
     }
 
     /// The most threads it runs.
-    pub fn threads(&self) -> usize {
+    pub(crate) fn threads(&self) -> usize {
         self.handle.inner.threads
     }
 
-    pub(crate) fn submit(&self, job: Job) {
+    /// Queues `job` for the next free thread (starting one if none is
+    /// idle and the limit allows).
+    pub(crate) fn submit(&self, job: T) {
         let pool = &self.handle.inner;
         let spawn = {
             let mut g = pool.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -99,7 +118,7 @@ impl IoPool {
     }
 }
 
-fn worker(inner: &PoolInner) {
+fn worker<T: Task>(inner: &PoolInner<T>) {
     let mut g = inner.state.lock().unwrap_or_else(|p| p.into_inner());
     loop {
         if let Some(job) = g.queue.pop_front() {

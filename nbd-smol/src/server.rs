@@ -35,9 +35,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_lite::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use nbd_net::time;
 #[cfg(feature = "tls")]
 use nbd_server::ServeError;
 pub use nbd_server::ServerOptions;
@@ -47,19 +48,38 @@ use smol::lock::Semaphore;
 
 use crate::io::SharedHalf;
 
-/// Runs `fut`, failing with "handshake timed out" at `deadline`.
-async fn with_deadline<T>(
-    deadline: Option<Instant>,
-    fut: impl std::future::Future<Output = io::Result<T>>,
+/// The error of a handshake that did not reach transmission in time.
+fn handshake_timed_out(t: nbd_proto::time::TimedOut) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("handshake timed out (after {:?})", t.after),
+    )
+}
+
+/// Runs `io` (a step of the handshake: a read, a write, the TLS handshake)
+/// under the connection's deadline: tells the connection the time, then
+/// races `io` with one timer at [`ServeConnection::poll_timeout`]; when it
+/// fires, the connection decides ([`ServeConnection::handle_timeout`]):
+/// its "handshake timed out" error, or `io` goes on under a new timer.
+async fn before_deadline<T>(
+    conn: &mut ServeConnection,
+    io: impl std::future::Future<Output = io::Result<T>>,
 ) -> io::Result<T> {
-    let Some(deadline) = deadline else {
-        return fut.await;
-    };
-    smol::future::or(fut, async {
-        smol::Timer::at(deadline).await;
-        Err(io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))
-    })
-    .await
+    let mut io = std::pin::pin!(io);
+    loop {
+        conn.handle_timeout(time::now()).map_err(handshake_timed_out)?;
+        let Some(at) = conn.poll_timeout() else {
+            return io.await;
+        };
+        let done = async { Some(io.as_mut().await) };
+        let fired = async {
+            smol::Timer::at(time::instant(at)).await;
+            None
+        };
+        if let Some(r) = smol::future::or(done, fired).await {
+            return r;
+        }
+    }
 }
 
 /// A listening socket.
@@ -568,26 +588,21 @@ impl Server {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        // One deadline for the whole handshake, TLS included.
-        let deadline = conn.handshake_timeout().map(|t| Instant::now() + t);
+        // One deadline for the whole handshake, TLS included, kept by the
+        // connection from now on.
+        conn.handle_timeout(time::now()).map_err(handshake_timed_out)?;
         let mut r = BufReader::with_capacity(64 * 1024, r);
         let mut w = w;
-        if with_deadline(deadline, self.negotiate(&mut conn, &mut r, &mut w)).await? != HandshakeProgress::StartTls {
+        if self.negotiate(&mut conn, &mut r, &mut w).await? != HandshakeProgress::StartTls {
             return self.after_handshake(conn, &mut r, &mut w).await;
         }
-        self.serve_tls(conn, r, w, deadline).await
+        self.serve_tls(conn, r, w).await
     }
 
     /// Without the `tls` feature there is no certificate: a client's
     /// `NBD_OPT_STARTTLS` that the policy acknowledged ends the connection.
     #[cfg(not(feature = "tls"))]
-    async fn serve_tls<R, W>(
-        &self,
-        conn: ServeConnection,
-        r: BufReader<R>,
-        _w: W,
-        _deadline: Option<Instant>,
-    ) -> io::Result<()>
+    async fn serve_tls<R, W>(&self, conn: ServeConnection, r: BufReader<R>, _w: W) -> io::Result<()>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -600,13 +615,7 @@ impl Server {
 
     /// Upgrades the connection to TLS and goes on negotiating over it.
     #[cfg(feature = "tls")]
-    async fn serve_tls<R, W>(
-        &self,
-        mut conn: ServeConnection,
-        r: BufReader<R>,
-        w: W,
-        deadline: Option<Instant>,
-    ) -> io::Result<()>
+    async fn serve_tls<R, W>(&self, mut conn: ServeConnection, r: BufReader<R>, w: W) -> io::Result<()>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -619,10 +628,10 @@ impl Server {
                 .await
                 .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake failed: {e}")))
         };
-        let (tr, mut tw) = with_deadline(deadline, accept).await?;
+        let (tr, mut tw) = before_deadline(&mut conn, accept).await?;
         let mut tr = BufReader::with_capacity(64 * 1024, tr);
         conn.tls_established().map_err(invalid_data)?;
-        match with_deadline(deadline, self.negotiate(&mut conn, &mut tr, &mut tw)).await? {
+        match self.negotiate(&mut conn, &mut tr, &mut tw).await? {
             HandshakeProgress::StartTls => Err(invalid_data(ServeError::SecondStartTls)),
             _ => self.after_handshake(conn, &mut tr, &mut tw).await,
         }
@@ -643,7 +652,8 @@ impl Server {
     }
 
     /// Negotiation: until transmission starts, TLS is asked for, or the
-    /// client leaves.
+    /// client leaves; each read and write under the connection's deadline
+    /// (see [`before_deadline`]).
     async fn negotiate<R, W>(
         &self,
         conn: &mut ServeConnection,
@@ -656,15 +666,17 @@ impl Server {
     {
         let mut out = Vec::new();
         loop {
-            send_handshake_output(conn, &mut out, w).await?;
+            while conn.poll_transmit(&mut out).is_some() {}
+            before_deadline(conn, send_all(&mut out, w)).await?;
             let next = conn.negotiation();
             if next != HandshakeProgress::Read {
                 return Ok(next);
             }
-            let input = r.fill_buf().await?;
+            let input = before_deadline(conn, r.fill_buf()).await?;
             let used = conn.input(input);
             if used.is_err() {
-                let _ = send_handshake_output(conn, &mut out, w).await;
+                while conn.poll_transmit(&mut out).is_some() {}
+                let _ = before_deadline(conn, send_all(&mut out, w)).await;
             }
             r.consume(used.map_err(invalid_data)?);
         }
@@ -772,13 +784,8 @@ impl Server {
     }
 }
 
-/// Sends the handshake bytes the connection has queued.
-async fn send_handshake_output<W: AsyncWrite + Unpin>(
-    conn: &mut ServeConnection,
-    out: &mut Vec<u8>,
-    w: &mut W,
-) -> io::Result<()> {
-    while conn.poll_transmit(out).is_some() {}
+/// Sends the handshake bytes in `out` (what the connection queued).
+async fn send_all<W: AsyncWrite + Unpin>(out: &mut Vec<u8>, w: &mut W) -> io::Result<()> {
     if !out.is_empty() {
         w.write_all(out).await?;
         w.flush().await?;

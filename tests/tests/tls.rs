@@ -772,3 +772,69 @@ fn bytes_sent_before_the_starttls_ack_close_the_connection() {
         peer.stderr()
     );
 }
+
+/// Waits until the server closes `s` (EOF or an error; `raw_client`'s 5 s
+/// read timeout stops a server that does not): how long that took.
+fn closed_after(s: &mut impl Read, since: std::time::Instant) -> Duration {
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return since.elapsed(),
+            Ok(_) => {}
+            Err(e) => {
+                assert!(
+                    !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+                    "still open after {:?}",
+                    since.elapsed()
+                );
+                return since.elapsed();
+            }
+        }
+    }
+}
+
+/// The handshake timeout bounds the whole handshake, TLS included: a
+/// client that stalls in the TLS handshake, or once TLS is up, is closed
+/// when the time since it connected runs out.
+#[test]
+fn the_handshake_timeout_covers_tls() {
+    let dir = TempDir::new();
+    let pki = certs(&dir, "pki");
+    let peer = serve_tls(&dir, &pki, "require", &["--handshake-timeout", "1"]);
+    let tls = nbd_net::ServerTlsOptions::from_dir(&pki.dir, false).build().unwrap();
+    let blocking = InThread::start(
+        &dir,
+        ServerOptions::default()
+            .config(
+                ServerConfig::default()
+                    .tls(TlsPolicy::ForcedTls)
+                    .handshake_timeout(Some(Duration::from_secs(1))),
+            )
+            .tls(Some(tls)),
+    );
+    let in_time = |took: Duration, what: &str| {
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_millis(3000),
+            "{what}: closed after {took:?}, expected the 1 s handshake timeout"
+        );
+    };
+    for socket in [peer.socket(), blocking.socket.as_path()] {
+        // Silent after the STARTTLS acknowledgement: no ClientHello.
+        let since = std::time::Instant::now();
+        let mut s = raw_client(socket);
+        greet(&mut s);
+        assert_eq!(ask(&mut s, OptionType::STARTTLS, &[]), ReplyType::ACK);
+        in_time(closed_after(&mut s, since), "in the TLS handshake");
+
+        // TLS is up, then silence: the same deadline, from connecting.
+        let since = std::time::Instant::now();
+        let mut s = raw_client(socket);
+        greet(&mut s);
+        assert_eq!(ask(&mut s, OptionType::STARTTLS, &[]), ReplyType::ACK);
+        let mut t = upgrade(s, &pki);
+        thread::sleep(Duration::from_millis(300));
+        assert_eq!(ask(&mut t, OptionType::LIST, &[]), ReplyType::ACK);
+        in_time(closed_after(&mut t, since), "over TLS");
+    }
+    assert!(peer.stderr().contains("handshake timed out"), "{}", peer.stderr());
+}

@@ -113,10 +113,11 @@ pub struct ServerConfig {
     pub structured_replies: bool,
     /// Support `NBD_OPT_EXTENDED_HEADERS`. Default: yes.
     pub extended_headers: bool,
-    /// How long a client may take from connecting to transmission
-    /// (`None`: no limit). The session only reports it
-    /// ([`ServerSession::handshake_timeout`](super::ServerSession::handshake_timeout));
-    /// the driver, which owns the clock, closes connections that overrun it.
+    /// How long a client may take from connecting to transmission, TLS
+    /// included (`None`: no limit). A [`ServerSession`](super::ServerSession)
+    /// counts it from the first time its driver tells it the time
+    /// ([`ServerSession::handle_timeout`](super::ServerSession::handle_timeout))
+    /// and fails with [`TimedOut`](crate::time::TimedOut) when it runs out.
     /// Default: 10 seconds, as QEMU's `qemu-nbd` (`--handshake-limit`).
     pub handshake_timeout: Option<core::time::Duration>,
     /// The largest READ or WRITE payload accepted from a client that was

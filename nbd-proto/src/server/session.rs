@@ -23,14 +23,19 @@
 //! - **events**: [`ServerEvent`]s, returned by the input methods: transmission
 //!   is ready, a request to execute, WRITE data (on the feed path), a request
 //!   to refuse, the client's disconnect.
-//! - **getters**: the negotiated values, the chosen export, the handshake
-//!   deadline.
+//! - **time**: [`ServerSession::handle_timeout`] tells the session the
+//!   time; [`ServerSession::poll_timeout`] says when to tell it next (the
+//!   handshake's deadline, [`ServerConfig::handshake_timeout`] from the
+//!   first time the session learns, until transmission starts: see
+//!   [`crate::time`]).
+//! - **getters**: the negotiated values, the chosen export.
 //!
 //! # The order a driver calls them in
 //!
 //! ```text
-//! start a timer of session.handshake_timeout()   (until ServerEvent::Ready)
 //! loop {
+//!     session.handle_timeout(now)   (the first call starts the handshake's
+//!                                    deadline; an expired one closes)
 //!     while session.poll_transmit(&mut out).is_some() { send `out` }
 //!     match session.need() {
 //!         Bytes(n)            => read up to n bytes (exactly n before TLS),
@@ -48,11 +53,15 @@
 //!     }
 //!     // `feed` returns at most one event; call it again with what it did
 //!     // not consume until it consumes nothing and returns no event.
+//!     // Whatever the driver waits for (the client, the TLS handshake), it
+//!     // also waits for a timer at session.poll_timeout(), if any, and
+//!     // calls session.handle_timeout(now) when that fires.
 //! }
 //! ```
 //!
-//! The session performs no I/O, reads no clock and never panics on what a
-//! client sends.
+//! The session performs no I/O, reads no clock (a driver that never calls
+//! [`ServerSession::handle_timeout`] has no handshake deadline) and never
+//! panics on what a client sends.
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -65,6 +74,7 @@ use super::transmission::{
     ReplyEncoder, RequestEvent, ServerReceive, ServerRequest, ServerTransmission, ServerTransmissionError,
 };
 use crate::common::{Interest, MetaContext, Mode};
+use crate::time::{Deadline, TimedOut, Timer, Timestamp};
 use crate::wire::{BlockSizeConstraints, ErrorCode, TransmissionFlags};
 
 /// The exports a server offers, as the session asks about them.
@@ -126,6 +136,11 @@ pub enum ServerSessionError {
     /// The session is over.
     #[error("the session is closed")]
     Closed,
+    /// The handshake did not reach transmission in time
+    /// ([`ServerConfig::handshake_timeout`], counted from the first
+    /// [`ServerSession::handle_timeout`]).
+    #[error(transparent)]
+    TimedOut(#[from] TimedOut),
 }
 
 /// What the session needs from the driver next.
@@ -259,6 +274,10 @@ pub struct ServerSession<E: ExportLookup> {
     /// `NBD_OPT_EXPORT_NAME` made, once the handshake is done).
     chosen: Option<E::Export>,
     handshake_timeout: Option<Duration>,
+    /// The last time the driver gave ([`ServerSession::handle_timeout`]).
+    now: Option<Timestamp>,
+    /// The handshake's deadline, once started (until transmission).
+    timer: Option<Timer>,
     unnegotiated_max_payload: u64,
     partial: Vec<u8>,
     /// Bytes of the current payload (or discard) already taken.
@@ -291,6 +310,8 @@ impl<E: ExportLookup> ServerSession<E> {
             state: State::Handshake(ServerHandshake::new(config)),
             chosen: None,
             handshake_timeout,
+            now: None,
+            timer: None,
             unnegotiated_max_payload,
             partial: Vec::new(),
             progress: 0,
@@ -409,6 +430,9 @@ impl<E: ExportLookup> ServerSession<E> {
     /// is complete (the WRITE can be acknowledged once storage has it).
     #[must_use = "a complete WRITE must be acknowledged once storage has it"]
     pub fn payload_received(&mut self, n: u64) -> Result<bool, ServerSessionError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
         let State::Transmission(tx, _) = &mut self.state else {
             return Err(ServerSessionError::Misuse("payload_received() outside transmission"));
         };
@@ -434,6 +458,9 @@ impl<E: ExportLookup> ServerSession<E> {
     /// The driver read and dropped `n` of the bytes announced by
     /// [`ServerNeed::Discard`].
     pub fn discarded(&mut self, n: u64) -> Result<(), ServerSessionError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
         let total = match &mut self.state {
             State::Handshake(hs) => match hs.step() {
                 ServerStep::Discard(t) => t as u64,
@@ -537,17 +564,52 @@ impl<E: ExportLookup> ServerSession<E> {
         self.out_pos = 0;
     }
 
-    // ----- getters ---------------------------------------------------------
+    // ----- time ------------------------------------------------------------
 
-    /// How long the client may take to reach transmission, from the moment
-    /// it connected ([`ServerConfig::handshake_timeout`]); `None` once in
-    /// transmission (or when unlimited). The driver enforces it by closing
-    /// the connection.
-    pub fn handshake_timeout(&self) -> Option<Duration> {
+    /// The time is `now` (see [`crate::time`]): call it at the top of each
+    /// turn of the driver's loop and when the timer armed at
+    /// [`ServerSession::poll_timeout`] fires. The first call starts the
+    /// handshake's deadline ([`ServerConfig::handshake_timeout`], if any);
+    /// once `now` reaches it before transmission started, the session
+    /// fails with [`ServerSessionError::TimedOut`]: the input methods
+    /// return that error, [`ServerSession::need`] says
+    /// [`ServerNeed::Closed`], and the driver closes the connection.
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        let first = self.now.is_none();
+        self.now = Some(now);
+        if !matches!(self.state, State::Handshake(_)) || self.failed.is_some() {
+            self.timer = None;
+            return;
+        }
+        if first && let Some(after) = self.handshake_timeout {
+            self.timer = Some(Timer::start(now, Deadline::Handshake, after));
+        }
+        if let Some(timer) = self.timer
+            && now >= timer.at
+        {
+            self.timer = None;
+            self.failed = Some(ServerSessionError::TimedOut(timer.expired));
+        }
+    }
+
+    /// When to call [`ServerSession::handle_timeout`] next (the handshake's
+    /// deadline), or `None`: no deadline is pending (the session has not
+    /// learnt the time, has none, reached transmission, or is over).
+    #[must_use = "the driver must arm a timer at the deadline"]
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
         match self.state {
-            State::Handshake(_) => self.handshake_timeout,
+            State::Handshake(_) if self.failed.is_none() => self.timer.map(|t| t.at),
             _ => None,
         }
+    }
+
+    // ----- getters ---------------------------------------------------------
+
+    /// Why the session failed, if it did: the error its input methods
+    /// return (a [`ServerSessionError::TimedOut`] from
+    /// [`ServerSession::handle_timeout`], a client's violation, ...).
+    pub fn error(&self) -> Option<&ServerSessionError> {
+        self.failed.as_ref()
     }
 
     /// The largest READ or WRITE payload this connection accepts (once
@@ -686,6 +748,8 @@ impl<E: ExportLookup> ServerSession<E> {
                         return Err(ServerSessionError::Closed);
                     };
                     let negotiated = hs.finish()?;
+                    // The handshake's deadline ends with it.
+                    self.timer = None;
                     let mut tx = ServerTransmission::new(&negotiated);
                     tx.set_unnegotiated_max_payload(self.unnegotiated_max_payload);
                     self.state = State::Transmission(tx, negotiated);
@@ -841,3 +905,7 @@ fn request_event(ev: RequestEvent) -> Option<ServerEvent<'static>> {
         RequestEvent::Disconnect => Some(ServerEvent::Disconnect),
     }
 }
+
+#[cfg(test)]
+#[path = "session_tests.rs"]
+mod tests;
