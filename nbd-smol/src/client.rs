@@ -39,14 +39,14 @@ use std::time::{Duration, Instant};
 
 use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use nbd_net::client::{
-    HandshakeIo, IDLE_READ, Incoming, Options, Replies, Stop, add_block_status, data_range, fill_hole, in_flight_error,
-    outcome, reason, request_error, split_len, timed_out, uri_tls,
+    HandshakeIo, IDLE_READ, Options, Stop, add_block_status, data_range, in_flight_error, outcome, reason, request_error,
+    split_len, timed_out, uri_tls,
 };
 use nbd_net::resilience::{Backoff, Stats, context_ids, same_export, transport_failure};
 use nbd_net::time::{instant, now};
 use nbd_proto::client::{
-    ClientConfig, ClientSession, ClientSessionError, Cookie, ExportEntry, ExportInfo, Extents, MetaContext, Mode,
-    Negotiated, Request, ServerError, ServerOptionError,
+    ClientConfig, ClientEvent, ClientNeed, ClientSession, ClientSessionError, Cookie, ExportEntry, ExportInfo,
+    MetaContext, Mode, Negotiated, Request, ServerOptionError,
 };
 use nbd_proto::time::Timestamp;
 use nbd_proto::uri::NbdUri;
@@ -453,29 +453,87 @@ struct Inner {
 }
 
 impl Inner {
-    /// Runs a receive-side call with the slots as the destination of
-    /// replies.
-    fn with_replies<T>(
-        &mut self,
-        contexts: &[MetaContext],
-        f: impl FnOnce(&mut ClientSession, &mut SlotReplies<'_>) -> Result<T>,
-    ) -> Result<T> {
-        let mut replies = SlotReplies {
-            slots: &mut self.slots,
-            route: &self.route,
-            free: &mut self.free,
-            contexts,
-            context_map: &self.context_map,
-            resend_shutdown: self.resend_shutdown,
-            shutdown: false,
+    /// Gives the session what the reader received (reply bytes, all fed;
+    /// none for an event that is `Pending`; or READ data moved into the
+    /// request's buffer) and handles the replies that come of it: a hole
+    /// zeroes its part of the request's buffer, block status joins the
+    /// request's list (under the first connection's context id), a
+    /// completion settles the request.
+    fn received(&mut self, got: Got<'_>, contexts: &[MetaContext]) -> Result<()> {
+        let Inner {
+            session,
+            slots,
+            route,
+            free,
+            context_map,
+            resend_shutdown,
+            ..
+        } = self;
+        let mut shutdown = false;
+        let mut reply = |ev: ClientEvent<'_>| match ev {
+            ClientEvent::Hole {
+                cookie,
+                buf_offset,
+                length,
+                ..
+            } => {
+                let buf = slots[route[cookie.slot()] as usize].bytes();
+                if let Some(range) = data_range(buf.len(), buf_offset, length) {
+                    buf[range].fill(0);
+                }
+            }
+            ClientEvent::BlockStatus {
+                cookie,
+                context_id,
+                extents,
+            } => {
+                let i = route[cookie.slot()] as usize;
+                let id = match context_map.iter().find(|(now, _)| *now == context_id) {
+                    Some(&(_, first)) => first,
+                    None => context_id,
+                };
+                add_block_status(&mut slots[i].status, contexts, id, extents);
+            }
+            ClientEvent::Done { cookie, result, .. } => {
+                let i = route[cookie.slot()] as usize;
+                let s = &mut slots[i];
+                if *resend_shutdown && matches!(&result, Err(e) if e.code == ErrorCode::ESHUTDOWN) {
+                    // A server going away (a restart): send it again on
+                    // the next connection.
+                    s.pending = true;
+                    s.status.clear();
+                    shutdown = true;
+                    return;
+                }
+                s.result = Some(result.map_err(Error::Server));
+                settle(slots, i, free);
+            }
+            // READ data comes as ClientNeed::Data, which the reader moves
+            // itself; handshake events cannot occur in transmission.
+            _ => {}
         };
-        let r = f(&mut self.session, &mut replies)?;
-        if replies.shutdown {
+        match got {
+            Got::Bytes(mut input) => loop {
+                let (n, ev) = session.feed(input)?;
+                input = &input[n..];
+                match ev {
+                    Some(ev) => reply(ev),
+                    None if n == 0 => break,
+                    None => {}
+                }
+            },
+            Got::Data(n) => {
+                if let Some(ev) = session.data_received(n)? {
+                    reply(ev);
+                }
+            }
+        }
+        if shutdown {
             // Its requests wait for the next connection, as when a
             // connection breaks.
             return Err(Error::disconnected("the server is shutting down (NBD_ESHUTDOWN)"));
         }
-        Ok(r)
+        Ok(())
     }
 
     /// Our slot of a session cookie.
@@ -518,47 +576,12 @@ impl Inner {
     }
 }
 
-/// The slots as the receive side's [`Replies`].
-struct SlotReplies<'a> {
-    slots: &'a mut [Slot],
-    route: &'a [u32],
-    free: &'a mut Vec<u32>,
-    contexts: &'a [MetaContext],
-    context_map: &'a [(u32, u32)],
-    /// Requests the server refuses with `NBD_ESHUTDOWN` wait for the next
-    /// connection (with reconnection).
-    resend_shutdown: bool,
-    /// One was refused so: the connection is over.
-    shutdown: bool,
-}
-
-impl Replies for SlotReplies<'_> {
-    fn hole(&mut self, cookie: Cookie, buf_offset: u64, length: u64) {
-        let i = self.route[cookie.slot()] as usize;
-        fill_hole(self.slots[i].bytes(), buf_offset, length);
-    }
-    fn block_status(&mut self, cookie: Cookie, context_id: u32, extents: Extents<'_>) {
-        let i = self.route[cookie.slot()] as usize;
-        let id = match self.context_map.iter().find(|(now, _)| *now == context_id) {
-            Some(&(_, first)) => first,
-            None => context_id,
-        };
-        add_block_status(&mut self.slots[i].status, self.contexts, id, extents);
-    }
-    fn done(&mut self, cookie: Cookie, result: Result<(), ServerError>) {
-        let i = self.route[cookie.slot()] as usize;
-        let s = &mut self.slots[i];
-        if self.resend_shutdown && matches!(&result, Err(e) if e.code == ErrorCode::ESHUTDOWN) {
-            // A server going away (a restart): send it again on the next
-            // connection.
-            s.pending = true;
-            s.status.clear();
-            self.shutdown = true;
-            return;
-        }
-        s.result = Some(result.map_err(Error::Server));
-        settle(self.slots, i, self.free);
-    }
+/// What the reader received, for [`Inner::received`].
+enum Got<'a> {
+    /// Reply bytes (none, for an event that is `Pending`).
+    Bytes(&'a [u8]),
+    /// This many bytes of READ data, moved into the request's buffer.
+    Data(u64),
 }
 
 /// How a client made from a URI dials again.
@@ -1287,57 +1310,59 @@ async fn reader_loop(state: &State, r: &mut BoxRead) -> Result<()> {
         _ => Error::Io(e),
     };
     loop {
-        let next = {
+        // What the session needs, taken out of the lock.
+        let read = {
             let mut g = state.lock();
             if g.dead.is_some() || !g.up {
                 return Ok(());
             }
-            g.with_replies(contexts, |s, rep| nbd_net::client::receive(s, rep))?
-        };
-        match next {
-            Incoming::Idle => {
-                // Nothing in flight: read the start of the next reply, so
-                // that a server that closes (or sends garbage) is noticed.
-                scratch.resize(IDLE_READ, 0);
-                let idle = async { Ok(Some(r.read(&mut scratch).await)) };
-                let woken = async {
-                    WaitReader(state).await;
-                    Ok(None)
-                };
-                let got: Result<Option<std::io::Result<usize>>> = futures_lite::future::or(idle, woken).await;
-                match got? {
-                    // A request started: go round.
-                    None => {}
-                    Some(Ok(0)) => return Err(Error::disconnected("the server closed the connection")),
-                    Some(Ok(n)) => {
-                        let mut g = state.lock();
-                        g.with_replies(contexts, |s, rep| {
-                            nbd_net::client::input_received(s, &scratch[..n], rep)
-                        })?;
-                    }
-                    Some(Err(e)) => return Err(Error::Io(e)),
+            match g.session.need() {
+                ClientNeed::Bytes(0) | ClientNeed::Pending => {
+                    g.received(Got::Bytes(&[]), contexts)?;
+                    continue;
                 }
+                ClientNeed::Bytes(n) => Read::Bytes(n),
+                ClientNeed::Data {
+                    cookie,
+                    buf_offset,
+                    length,
+                    ..
+                } => {
+                    let slot = g.slot_of(cookie);
+                    let s = &mut g.slots[slot];
+                    s.lent = true;
+                    Read::Data {
+                        slot,
+                        buf: s.buf.take(),
+                        start: s.start,
+                        buf_offset,
+                        length,
+                    }
+                }
+                ClientNeed::Idle => Read::Idle,
+                ClientNeed::Closed => {
+                    // Repeats the error that closed it, if any.
+                    g.session.feed(&[])?;
+                    return Err(Error::disconnected("the session is closed"));
+                }
+                _ => return Err(Error::Misuse("transmission is not running")),
             }
-            Incoming::Header(n) => {
+        };
+        match read {
+            Read::Bytes(n) => {
                 scratch.resize(n, 0);
                 r.read_exact(&mut scratch)
                     .await
                     .map_err(|e| eof(e, "while replies were expected"))?;
-                let mut g = state.lock();
-                g.with_replies(contexts, |s, rep| nbd_net::client::input_received(s, &scratch, rep))?;
+                state.lock().received(Got::Bytes(&scratch), contexts)?;
             }
-            Incoming::Data {
-                cookie,
+            Read::Data {
+                slot,
+                mut buf,
+                start,
                 buf_offset,
                 length,
             } => {
-                let (slot, mut buf, start) = {
-                    let mut g = state.lock();
-                    let i = g.slot_of(cookie);
-                    let s = &mut g.slots[i];
-                    s.lent = true;
-                    (i, s.buf.take(), s.start)
-                };
                 let res = match buf.as_mut().and_then(|b| {
                     let range = data_range(b.len().saturating_sub(start), buf_offset, length)?;
                     b.get_mut(start + range.start..start + range.end)
@@ -1359,10 +1384,47 @@ async fn reader_loop(state: &State, r: &mut BoxRead) -> Result<()> {
                     return Ok(());
                 }
                 res.map_err(|e| eof(e, "in the middle of a reply"))?;
-                g.with_replies(contexts, |s, rep| nbd_net::client::data_received(s, length, rep))?;
+                g.received(Got::Data(length), contexts)?;
+            }
+            Read::Idle => {
+                // Nothing in flight: read the start of the next reply, so
+                // that a server that closes (or sends garbage) is noticed.
+                scratch.resize(IDLE_READ, 0);
+                let idle = async { Ok(Some(r.read(&mut scratch).await)) };
+                let woken = async {
+                    WaitReader(state).await;
+                    Ok(None)
+                };
+                let got: Result<Option<std::io::Result<usize>>> = futures_lite::future::or(idle, woken).await;
+                match got? {
+                    // A request started: go round.
+                    None => {}
+                    Some(Ok(0)) => return Err(Error::disconnected("the server closed the connection")),
+                    Some(Ok(n)) => state.lock().received(Got::Bytes(&scratch[..n]), contexts)?,
+                    Some(Err(e)) => return Err(Error::Io(e)),
+                }
             }
         }
     }
+}
+
+/// What the reader reads next, as the session said (taken out of the
+/// lock, which no read holds).
+enum Read {
+    /// Exactly this many bytes of a reply, into the scratch buffer.
+    Bytes(usize),
+    /// `length` bytes of READ data at `buf_offset` of slot `slot`'s
+    /// request, whose buffer (`buf`, the request's part from `start`) is
+    /// lent to the reader meanwhile.
+    Data {
+        slot: usize,
+        buf: Option<Vec<u8>>,
+        start: usize,
+        buf_offset: u64,
+        length: u64,
+    },
+    /// Nothing in flight.
+    Idle,
 }
 
 /// Reads and drops `length` bytes.
