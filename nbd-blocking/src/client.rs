@@ -31,14 +31,13 @@ use std::time::{Duration, Instant};
 use nbd_net::time::{now, until};
 
 use nbd_net::client::{
-    HandshakeIo, Incoming, Options, Replies, Stop, add_block_status, data_range, fill_hole, outcome, reason, split_len,
-    timed_out, uri_tls,
+    HandshakeIo, Options, Stop, add_block_status, data_range, outcome, reason, split_len, timed_out, uri_tls,
 };
 #[cfg(feature = "tls")]
 use nbd_net::rustls;
 use nbd_net::{ClientTls, LazyClientTls};
 use nbd_proto::client::{
-    ClientConfig, ClientSession, ClientSessionError, Cookie, ExportEntry, ExportInfo, Extents, MetaContext, Mode,
+    ClientConfig, ClientEvent, ClientNeed, ClientSession, ClientSessionError, ExportEntry, ExportInfo, MetaContext, Mode,
     Negotiated, Request, ServerError, ServerOptionError,
 };
 use nbd_proto::uri::NbdUri;
@@ -487,17 +486,28 @@ struct One<'a> {
     result: Option<Result<(), ServerError>>,
 }
 
-impl Replies for One<'_> {
-    fn hole(&mut self, _: Cookie, buf_offset: u64, length: u64) {
-        fill_hole(self.buf, buf_offset, length);
-    }
-    fn block_status(&mut self, _: Cookie, context_id: u32, extents: Extents<'_>) {
-        if let Some(out) = self.status.as_deref_mut() {
-            add_block_status(out, self.contexts, context_id, extents);
+impl One<'_> {
+    /// A reply event of the session: a hole zeroes its part of the
+    /// buffer, block status joins the list, a completion is the result.
+    fn reply(&mut self, ev: ClientEvent<'_>) {
+        match ev {
+            ClientEvent::Hole { buf_offset, length, .. } => {
+                if let Some(range) = data_range(self.buf.len(), buf_offset, length) {
+                    self.buf[range].fill(0);
+                }
+            }
+            ClientEvent::BlockStatus {
+                context_id, extents, ..
+            } => {
+                if let Some(out) = self.status.as_deref_mut() {
+                    add_block_status(out, self.contexts, context_id, extents);
+                }
+            }
+            ClientEvent::Done { result, .. } => self.result = Some(result),
+            // READ data comes as ClientNeed::Data, which `receive` moves
+            // itself; handshake events cannot occur in transmission.
+            _ => {}
         }
-    }
-    fn done(&mut self, _: Cookie, result: Result<(), ServerError>) {
-        self.result = Some(result);
     }
 }
 
@@ -791,28 +801,58 @@ impl Client {
 
     fn receive(&mut self, one: &mut One<'_>) -> Result<()> {
         loop {
-            let next = nbd_net::client::receive(&mut self.session, one).map_err(|e| self.fail(e))?;
-            match next {
-                Incoming::Idle => return Ok(()),
-                Incoming::Header(n) => {
+            match self.session.need() {
+                ClientNeed::Bytes(0) | ClientNeed::Pending => self.feed(0, one)?,
+                ClientNeed::Bytes(n) => {
                     self.input.resize(n, 0);
                     let timed = self.session.has_deadlines().then_some(&mut self.session);
                     if let Err(e) = self.conn.read_full(&mut self.input, timed) {
                         return Err(self.lost(e, "while a reply was expected"));
                     }
-                    let r = nbd_net::client::input_received(&mut self.session, &self.input, one);
-                    r.map_err(|e| self.fail(e))?;
+                    self.feed(n, one)?;
                 }
-                Incoming::Data { buf_offset, length, .. } => {
+                ClientNeed::Data { buf_offset, length, .. } => {
                     let timed = self.session.has_deadlines().then_some(&mut self.session);
                     let r = match data_range(one.buf.len(), buf_offset, length) {
                         Some(range) => self.conn.read_full(&mut one.buf[range], timed),
                         None => return Err(self.fail(Error::Misuse("READ data beyond the request's buffer"))),
                     };
                     r.map_err(|e| self.lost(e, "in the middle of a reply"))?;
-                    let r = nbd_net::client::data_received(&mut self.session, length, one);
-                    r.map_err(|e| self.fail(e))?;
+                    match self.session.data_received(length) {
+                        Ok(Some(ev)) => one.reply(ev),
+                        Ok(None) => {}
+                        Err(e) => return Err(self.fail(e.into())),
+                    }
                 }
+                ClientNeed::Idle => return Ok(()),
+                ClientNeed::Closed => {
+                    // Repeats the error that closed it, if any.
+                    let e = match self.session.feed(&[]) {
+                        Err(e) => e.into(),
+                        Ok(_) => Error::disconnected("the session is closed"),
+                    };
+                    return Err(self.fail(e));
+                }
+                _ => return Err(self.fail(Error::Misuse("transmission is not running"))),
+            }
+        }
+    }
+
+    /// Feeds the session the first `n` bytes of the input buffer (none,
+    /// for an event that is `Pending`), each event to `one`.
+    fn feed(&mut self, n: usize, one: &mut One<'_>) -> Result<()> {
+        let mut input = &self.input[..n];
+        loop {
+            match self.session.feed(input) {
+                Ok((k, ev)) => {
+                    input = &input[k..];
+                    match ev {
+                        Some(ev) => one.reply(ev),
+                        None if k == 0 => return Ok(()),
+                        None => {}
+                    }
+                }
+                Err(e) => return Err(self.fail(e.into())),
             }
         }
     }
