@@ -1,8 +1,9 @@
 //! Drives the client pump both client runtimes run, nbd-net's
-//! `Handshake` (step, output/sent, input/received, tls_established) and
-//! its transmission receive side (`receive`, `input_received`,
-//! `data_received` with a `Replies`), exactly as its docs' loops say, with
-//! the server's bytes from the fuzz input. Shared by the `client_pump` fuzz
+//! `Handshake` (step, output/sent, input/received, tls_established),
+//! exactly as its docs' loop says, and transmission's receive side as the
+//! runtimes drive the session (`need`, `feed`, `data_received`, each
+//! `ClientEvent` handled in one `match`), with the server's bytes from the
+//! fuzz input. Shared by the `client_pump` fuzz
 //! target, by `examples/gen_seeds.rs` (which records what a real
 //! `ServeConnection` answers) and by the workspace's
 //! `tests/tests/fuzz_corpus.rs` (which includes this file by path), so
@@ -27,11 +28,8 @@
 use std::collections::{HashMap, HashSet};
 use std::io;
 
-use nbd_net::client::{
-    Error, Handshake, HandshakeIo, Incoming, Replies, Stop, add_block_status, data_range, data_received, fill_hole,
-    in_flight_error, input_received, reason, receive,
-};
-use nbd_proto::client::{ClientConfig, ClientSession, Cookie, Extents, Request, ServerError, TlsMode};
+use nbd_net::client::{Error, Handshake, HandshakeIo, Stop, add_block_status, data_range, in_flight_error, reason};
+use nbd_proto::client::{ClientConfig, ClientEvent, ClientNeed, ClientSession, Cookie, Request, TlsMode};
 use nbd_proto::common::{MetaContext, Mode};
 use nbd_proto::wire::{Command, CommandFlags};
 
@@ -141,31 +139,56 @@ struct Books {
     s: PumpSummary,
 }
 
-impl Replies for Books {
-    fn hole(&mut self, cookie: Cookie, buf_offset: u64, length: u64) {
-        assert!(!self.done.contains(&cookie), "a hole after completion");
-        let buf = self.bufs.get_mut(&cookie).expect("a hole for a READ");
-        assert!(
-            data_range(buf.len(), buf_offset, length).is_some(),
-            "a hole outside the buffer"
-        );
-        fill_hole(buf, buf_offset, length);
+impl Books {
+    /// A reply event of the session, handled as the runtimes do.
+    fn reply(&mut self, ev: ClientEvent<'_>) {
+        match ev {
+            ClientEvent::Hole {
+                cookie,
+                buf_offset,
+                length,
+                ..
+            } => {
+                assert!(!self.done.contains(&cookie), "a hole after completion");
+                let buf = self.bufs.get_mut(&cookie).expect("a hole for a READ");
+                let range = data_range(buf.len(), buf_offset, length).expect("a hole inside the buffer");
+                buf[range].fill(0);
+            }
+            ClientEvent::BlockStatus {
+                cookie,
+                context_id,
+                extents,
+            } => {
+                assert!(self.started.contains(&cookie) && !self.done.contains(&cookie));
+                let out = self.statuses.entry(cookie).or_default();
+                let before: usize = out.iter().map(|b| b.extents.len()).sum();
+                add_block_status(out, &self.contexts, context_id, extents);
+                let after: usize = out.iter().map(|b| b.extents.len()).sum();
+                self.s.extents += after - before;
+            }
+            ClientEvent::Done { cookie, result, .. } => {
+                assert!(self.started.contains(&cookie), "completion of a request not started");
+                assert!(self.done.insert(cookie), "a request completed twice");
+                self.s.done += 1;
+                self.s.ok += result.is_ok() as usize;
+            }
+            // READ data comes as ClientNeed::Data (moved above), as in
+            // the runtimes.
+            _ => {}
+        }
     }
+}
 
-    fn block_status(&mut self, cookie: Cookie, context_id: u32, extents: Extents<'_>) {
-        assert!(self.started.contains(&cookie) && !self.done.contains(&cookie));
-        let out = self.statuses.entry(cookie).or_default();
-        let before: usize = out.iter().map(|b| b.extents.len()).sum();
-        add_block_status(out, &self.contexts, context_id, extents);
-        let after: usize = out.iter().map(|b| b.extents.len()).sum();
-        self.s.extents += after - before;
-    }
-
-    fn done(&mut self, cookie: Cookie, result: Result<(), ServerError>) {
-        assert!(self.started.contains(&cookie), "completion of a request not started");
-        assert!(self.done.insert(cookie), "a request completed twice");
-        self.s.done += 1;
-        self.s.ok += result.is_ok() as usize;
+/// Feeds the session `input` (all of it), each event to `books`.
+fn feed(s: &mut ClientSession, mut input: &[u8], books: &mut Books) -> Result<(), Error> {
+    loop {
+        let (n, ev) = s.feed(input)?;
+        input = &input[n..];
+        match ev {
+            Some(ev) => books.reply(ev),
+            None if n == 0 => return Ok(()),
+            None => {}
+        }
     }
 }
 
@@ -272,38 +295,28 @@ pub fn pump(config: ClientConfig, reqs: &[Request], peer: &mut impl Peer, turns:
     };
     let mut queue: std::collections::VecDeque<Request> = reqs.iter().copied().collect();
     start_more(&mut s, &mut queue, &mut books, peer);
-    // The receive side (nbd-net's `receive`).
+    // The receive side, as the runtimes drive the session.
     let mut scratch = Vec::new();
     loop {
         turn += 1;
         assert!(turn <= turns, "the receive loop goes round in circles");
         start_more(&mut s, &mut queue, &mut books, peer);
-        match receive(&mut s, &mut books) {
-            Err(e) => {
-                failed(&e, &mut books.s);
-                break;
-            }
-            Ok(Incoming::Idle) => {
-                if queue.is_empty() || !s.can_start_request() {
-                    break;
-                }
-            }
-            Ok(Incoming::Header(n)) => {
+        let r = match s.need() {
+            ClientNeed::Bytes(0) | ClientNeed::Pending => feed(&mut s, &[], &mut books),
+            ClientNeed::Bytes(n) => {
                 scratch.resize(n, 0);
                 if peer.read(&mut scratch, true) < n {
                     books.s.error = Some("EOF".into());
                     break;
                 }
-                if let Err(e) = input_received(&mut s, &scratch, &mut books) {
-                    failed(&e, &mut books.s);
-                    break;
-                }
+                feed(&mut s, &scratch, &mut books)
             }
-            Ok(Incoming::Data {
+            ClientNeed::Data {
                 cookie,
                 buf_offset,
                 length,
-            }) => {
+                ..
+            } => {
                 assert!(length > 0, "Data of nothing");
                 let buf = books.bufs.get_mut(&cookie).expect("READ data for a READ");
                 let range = data_range(buf.len(), buf_offset, length).expect("READ data inside the buffer");
@@ -315,11 +328,34 @@ pub fn pump(config: ClientConfig, reqs: &[Request], peer: &mut impl Peer, turns:
                     break;
                 }
                 books.s.data += k as u64;
-                if let Err(e) = data_received(&mut s, k as u64, &mut books) {
-                    failed(&e, &mut books.s);
-                    break;
+                match s.data_received(k as u64) {
+                    Ok(ev) => {
+                        if let Some(ev) = ev {
+                            books.reply(ev);
+                        }
+                        Ok(())
+                    }
+                    Err(e) => Err(e.into()),
                 }
             }
+            ClientNeed::Idle => {
+                if queue.is_empty() || !s.can_start_request() {
+                    break;
+                }
+                Ok(())
+            }
+            ClientNeed::Closed => {
+                // Repeats the error that closed it, if any.
+                Err(match s.feed(&[]) {
+                    Err(e) => e.into(),
+                    Ok(_) => Error::disconnected("the session is closed"),
+                })
+            }
+            _ => Err(Error::Misuse("transmission is not running")),
+        };
+        if let Err(e) = r {
+            failed(&e, &mut books.s);
+            break;
         }
     }
     if s.is_connected() && s.disconnect().is_ok() {

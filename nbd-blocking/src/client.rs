@@ -37,8 +37,8 @@ use nbd_net::client::{
 use nbd_net::rustls;
 use nbd_net::{ClientTls, LazyClientTls};
 use nbd_proto::client::{
-    ClientConfig, ClientEvent, ClientNeed, ClientSession, ClientSessionError, ExportEntry, ExportInfo, MetaContext, Mode,
-    Negotiated, Request, ServerError, ServerOptionError,
+    ClientConfig, ClientEvent, ClientNeed, ClientSession, ClientSessionError, ExportEntry, ExportInfo, MetaContext,
+    Mode, Negotiated, Request, ServerError, ServerOptionError,
 };
 use nbd_proto::uri::NbdUri;
 use nbd_proto::wire::{BlockSizeConstraints, Command, CommandFlags, ErrorCode, TransmissionFlags};

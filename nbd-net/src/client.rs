@@ -1,11 +1,16 @@
 //! What both client runtimes share around `nbd_proto`'s
-//! [`ClientSession`]: the one error type ([`Error`]), the TLS credentials
-//! a URI names ([`uri_tls`]; its configuration is
-//! [`NbdUri::client_config`]), the handshake pump ([`Handshake`]), option
-//! mode's state and answers ([`Options`], [`outcome`]), and the receive
-//! side of transmission ([`receive`], [`input_received`],
-//! [`data_received`], with the runtime's buffers behind the [`Replies`]
-//! trait).
+//! [`ClientSession`]: the one error type ([`Error`]) and the errors
+//! requests get when a connection ends ([`in_flight_error`],
+//! [`request_error`], [`reason`]), the TLS credentials a URI names
+//! ([`uri_tls`]; its configuration is [`NbdUri::client_config`]), the
+//! handshake pump ([`Handshake`]), option mode's state and answers
+//! ([`Options`], [`outcome`]), and small helpers of transmission
+//! ([`add_block_status`], [`data_range`], [`split_len`], [`IDLE_READ`]).
+//!
+//! Transmission's receive side has no layer here: each runtime drives the
+//! session itself (`need`, `feed`, `data_received`) and handles each
+//! [`ClientEvent`] in one `match`, reading READ data straight into the
+//! request's buffer.
 //!
 //! Everything here is free of I/O: a runtime reads and writes its socket
 //! (blocking, or async) where these functions say, and nothing else.
@@ -15,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nbd_proto::client::{
-    ClientConfig, ClientEvent, ClientNeed, ClientSession, ClientSessionError, Cookie, Extent, Extents, HandshakeError,
+    ClientConfig, ClientEvent, ClientNeed, ClientSession, ClientSessionError, Extent, Extents, HandshakeError,
     OptionOutcome, ReplyViolation, RequestError, ServerError,
 };
 use nbd_proto::common::MetaContext;
@@ -587,127 +592,13 @@ pub mod outcome {
     }
 }
 
-/// Where a runtime's per-request buffers and results live: the receive
-/// side of transmission tells it what arrived.
-pub trait Replies {
-    /// `length` bytes at `buf_offset` of the request's buffer read as
-    /// zeroes (fill them, e.g. with [`fill_hole`]).
-    fn hole(&mut self, cookie: Cookie, buf_offset: u64, length: u64);
-    /// Block-status extents for one context.
-    fn block_status(&mut self, cookie: Cookie, context_id: u32, extents: Extents<'_>);
-    /// The request is complete.
-    fn done(&mut self, cookie: Cookie, result: Result<(), ServerError>);
-}
-
-/// Fills a hole of a request's buffer with zeroes (a hole that does not
-/// fit the buffer, which the session never announces, is ignored).
-pub fn fill_hole(buf: &mut [u8], buf_offset: u64, length: u64) {
-    let start = usize::try_from(buf_offset).unwrap_or(usize::MAX);
-    let end = start.saturating_add(usize::try_from(length).unwrap_or(usize::MAX));
-    if let Some(piece) = buf.get_mut(start..end) {
-        piece.fill(0);
-    }
-}
-
-/// The range of a request's buffer that READ data goes to (`None` if it
-/// does not fit, which the session never announces).
+/// The range of a request's buffer that READ data (or a hole) of
+/// `ClientNeed::Data` (or `ClientEvent::Hole`) covers (`None` if it does
+/// not fit, which the session never announces).
 pub fn data_range(buf_len: usize, buf_offset: u64, length: u64) -> Option<std::ops::Range<usize>> {
     let start = usize::try_from(buf_offset).ok()?;
     let end = start.checked_add(usize::try_from(length).ok()?)?;
     (end <= buf_len).then_some(start..end)
-}
-
-/// What to receive next in transmission.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Incoming {
-    /// Read exactly this many bytes into a scratch buffer and pass them to
-    /// [`input_received`].
-    Header(usize),
-    /// Read up to `length` bytes of READ data into the request's buffer
-    /// at `buf_offset` and report the count with [`data_received`].
-    Data {
-        /// The request.
-        cookie: Cookie,
-        /// Where in its buffer.
-        buf_offset: u64,
-        /// How many bytes are left of this span.
-        length: u64,
-    },
-    /// Nothing is in flight.
-    Idle,
-}
-
-/// What the session wants received next (completions that need no input
-/// are delivered to `replies` first).
-pub fn receive(session: &mut ClientSession, replies: &mut impl Replies) -> Result<Incoming> {
-    loop {
-        match session.need() {
-            ClientNeed::Bytes(0) | ClientNeed::Pending => {
-                input_received(session, &[], replies)?;
-            }
-            ClientNeed::Bytes(n) => return Ok(Incoming::Header(n)),
-            ClientNeed::Data {
-                cookie,
-                buf_offset,
-                length,
-                ..
-            } => {
-                return Ok(Incoming::Data {
-                    cookie,
-                    buf_offset,
-                    length,
-                });
-            }
-            ClientNeed::Idle => return Ok(Incoming::Idle),
-            ClientNeed::Closed => {
-                // Repeats the error that closed it, if any.
-                session.feed(&[])?;
-                return Err(Error::disconnected("the session is closed"));
-            }
-            _ => return Err(Error::Misuse("transmission is not running")),
-        }
-    }
-}
-
-/// Feeds the bytes [`Incoming::Header`] asked for.
-pub fn input_received(session: &mut ClientSession, mut input: &[u8], replies: &mut impl Replies) -> Result<()> {
-    loop {
-        let (n, ev) = session.feed(input)?;
-        input = &input[n..];
-        match ev {
-            Some(ev) => deliver(ev, replies),
-            None if n == 0 => return Ok(()),
-            None => {}
-        }
-    }
-}
-
-/// Reports `n` bytes of READ data moved into the request's buffer.
-pub fn data_received(session: &mut ClientSession, n: u64, replies: &mut impl Replies) -> Result<()> {
-    if let Some(ev) = session.data_received(n)? {
-        deliver(ev, replies);
-    }
-    Ok(())
-}
-
-fn deliver(ev: ClientEvent<'_>, replies: &mut impl Replies) {
-    match ev {
-        ClientEvent::Hole {
-            cookie,
-            buf_offset,
-            length,
-            ..
-        } => replies.hole(cookie, buf_offset, length),
-        ClientEvent::BlockStatus {
-            cookie,
-            context_id,
-            extents,
-        } => replies.block_status(cookie, context_id, extents),
-        ClientEvent::Done { cookie, result, .. } => replies.done(cookie, result),
-        // Data only comes from feeding READ data, which the runtimes move
-        // themselves; handshake events cannot occur in transmission.
-        _ => {}
-    }
 }
 
 /// The error each request in flight gets when the connection ends on

@@ -1,8 +1,9 @@
 //! What the NBD runtimes (`nbd-blocking`, `nbd-smol`) share on the `std`
-//! side of `nbd-proto`: the client's error type and the I/O-free parts of
-//! driving a client session ([`client`]), deadlines and reconnection
-//! ([`resilience`]), connecting to the server a URI
-//! names ([`socket`]), the clock that tells the sessions the time
+//! side of `nbd-proto`: the client's error type, its handshake pump and
+//! small helpers of transmission ([`client`]; each runtime drives
+//! transmission's receive side on the session itself), deadlines and
+//! reconnection ([`resilience`]), connecting to the server a URI names
+//! ([`socket`]), the clock that tells the sessions the time
 //! ([`time`]) and TLS credentials ([`tls`], re-exported here).
 //! It knows nothing of storage or of serving (the `nbd-server` crate).
 //!

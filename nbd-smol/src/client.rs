@@ -39,8 +39,8 @@ use std::time::{Duration, Instant};
 
 use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use nbd_net::client::{
-    HandshakeIo, IDLE_READ, Options, Stop, add_block_status, data_range, in_flight_error, outcome, reason, request_error,
-    split_len, timed_out, uri_tls,
+    HandshakeIo, IDLE_READ, Options, Stop, add_block_status, data_range, in_flight_error, outcome, reason,
+    request_error, split_len, timed_out, uri_tls,
 };
 use nbd_net::resilience::{Backoff, Stats, context_ids, same_export, transport_failure};
 use nbd_net::time::{instant, now};
