@@ -1,6 +1,8 @@
 //! What the NBD runtimes (`nbd-blocking`, `nbd-smol`) share on the `std`
 //! side of `nbd-proto`: the client's error type and the I/O-free parts of
-//! driving a client session ([`client`]), deadlines and reconnection
+//! driving a client session ([`client`]), the one negotiation both clients
+//! run over their own sockets (handshake, option mode, dialing and
+//! redialing: [`negotiate`]), deadlines and reconnection
 //! ([`resilience`]), connecting to the server a URI
 //! names ([`socket`]), the clock that tells the sessions the time
 //! ([`time`]) and TLS credentials ([`tls`], re-exported here).
@@ -13,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod negotiate;
 pub mod resilience;
 pub mod socket;
 pub mod time;
