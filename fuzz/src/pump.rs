@@ -1,6 +1,6 @@
-//! Drives the client pump both client runtimes run, nbd-net's
-//! `Handshake` (step, output/sent, input/received, tls_established),
-//! exactly as its docs' loop says, and transmission's receive side as the
+//! Drives the client pump both client runtimes run, nbd-net's handshake
+//! (`negotiate::handshake` over a transport, run with its `block_on`, as
+//! the blocking client runs it) and transmission's receive side as the
 //! runtimes drive the session (`need`, `feed`, `data_received`, each
 //! `ClientEvent` handled in one `match`), with the server's bytes from the
 //! fuzz input. Shared by the `client_pump` fuzz
@@ -19,8 +19,8 @@
 //! transmission starts; then the server's bytes, read exactly where the
 //! pump asks for a count and in pieces for READ data.
 //!
-//! Checked: no panic; every step of the pump does what its docs say (Send
-//! with bytes to send, Receive with a buffer to fill, StartTls that the
+//! Checked: no panic; every step of the pump does what its docs say (it
+//! sends something, receives into a buffer to fill, starts TLS that the
 //! session accepts; no `Error::Misuse`); READ data and holes land inside the request's buffer;
 //! every request started completes exactly once, or is returned by
 //! `connection_lost`; the loops end (a bound on turns per input byte).
@@ -28,9 +28,12 @@
 use std::collections::{HashMap, HashSet};
 use std::io;
 
-use nbd_net::client::{Error, Handshake, HandshakeIo, Stop, add_block_status, data_range, in_flight_error, reason};
+use nbd_net::LazyClientTls;
+use nbd_net::client::{Error, add_block_status, data_range, in_flight_error, reason};
+use nbd_net::negotiate::{Stalled, Stop, Transport, block_on, handshake};
 use nbd_proto::client::{ClientConfig, ClientEvent, ClientNeed, ClientSession, Cookie, Request, TlsMode};
 use nbd_proto::common::{MetaContext, Mode};
+use nbd_proto::time::Timestamp;
 use nbd_proto::wire::{Command, CommandFlags};
 
 /// The meta contexts a client may ask for, by bit of byte 1.
@@ -40,7 +43,7 @@ pub const QUERIES: [&str; 3] = ["base:allocation", "qemu:allocation-depth", "qem
 pub const MAX_REQUESTS: usize = 16;
 
 /// Where the server's bytes come from, and where the client's go.
-pub trait Peer {
+pub trait Peer: Send {
     /// The client sends `bytes`.
     fn send(&mut self, bytes: &[u8]);
     /// Fills `buf` (all of it if `exact`, else at least one byte) and
@@ -63,6 +66,33 @@ impl Peer for InputPeer<'_> {
         buf[..n].copy_from_slice(&self.rest[..n]);
         self.rest = &self.rest[n..];
         n
+    }
+}
+
+/// The peer as the handshake's transport (TLS is pretended).
+struct PeerTransport<'a, P> {
+    peer: &'a mut P,
+    tls: bool,
+}
+
+impl<P: Peer> Transport for PeerTransport<'_, P> {
+    async fn send(&mut self, bytes: &[u8], _by: Option<Timestamp>) -> Result<(), Stalled> {
+        assert!(!bytes.is_empty(), "sending nothing");
+        self.peer.send(bytes);
+        Ok(())
+    }
+
+    async fn receive(&mut self, buf: &mut [u8], _by: Option<Timestamp>) -> Result<(), Stalled> {
+        assert!(!buf.is_empty(), "receiving into nothing");
+        if self.peer.read(buf, true) < buf.len() {
+            return Err(Stalled::Io(io::ErrorKind::UnexpectedEof.into()));
+        }
+        Ok(())
+    }
+
+    async fn start_tls(&mut self, _tls: &LazyClientTls, _by: Option<Timestamp>) -> Result<(), Stalled> {
+        self.tls = true;
+        Ok(())
     }
 }
 
@@ -239,54 +269,38 @@ fn failed(e: &Error, s: &mut PumpSummary) {
 /// Runs the pump: `reqs` are started when transmission starts; `turns`
 /// bounds the loops.
 pub fn pump(config: ClientConfig, reqs: &[Request], peer: &mut impl Peer, turns: usize) -> PumpSummary {
-    let mut hs = Handshake::new(config);
+    let mut s = ClientSession::new(config);
     let mut sum = PumpSummary::default();
     let mut gos = 0;
     let mut turn = 0;
-    // The handshake (nbd-net's `Handshake` docs).
+    let tls = LazyClientTls::default();
+    // The handshake (nbd-net's `negotiate::handshake`).
     loop {
         turn += 1;
         assert!(turn <= turns, "the handshake goes round in circles");
-        match hs.step() {
+        let mut t = PeerTransport {
+            peer: &mut *peer,
+            tls: false,
+        };
+        let stop = block_on(handshake(&mut s, &mut t, &tls));
+        sum.tls |= t.tls;
+        match stop {
             Err(e) => {
                 failed(&e, &mut sum);
                 return sum;
             }
-            Ok(HandshakeIo::Send) => {
-                assert!(!hs.output().is_empty(), "Send with nothing to send");
-                peer.send(hs.output());
-                hs.sent();
-            }
-            Ok(HandshakeIo::Receive) => {
-                let n = hs.input().len();
-                assert!(n > 0, "Receive into nothing");
-                if peer.read(hs.input(), true) < n {
-                    let e = hs.io_error(io::ErrorKind::UnexpectedEof.into());
-                    failed(&e, &mut sum);
-                    return sum;
-                }
-                if let Err(e) = hs.received() {
-                    failed(&e, &mut sum);
-                    return sum;
-                }
-            }
-            Ok(HandshakeIo::StartTls) => {
-                hs.tls_established().expect("the upgrade StartTls asked for");
-                sum.tls = true;
-            }
-            Ok(HandshakeIo::Stopped(Stop::Connected)) => break,
-            Ok(HandshakeIo::Stopped(Stop::Negotiating | Stop::Option(_))) => {
+            Ok(Stop::Connected) => break,
+            Ok(Stop::Negotiating | Stop::Option(_)) => {
                 // Option mode: ask for the export (what `go` does), a few
                 // times at most.
                 gos += 1;
-                if gos > 3 || hs.session().opt_go(None).is_err() {
+                if gos > 3 || s.opt_go(None).is_err() {
                     return sum;
                 }
             }
-            Ok(HandshakeIo::Stopped(Stop::Aborted)) => return sum,
+            Ok(Stop::Aborted) => return sum,
         }
     }
-    let mut s = hs.into_session();
     assert!(s.is_connected(), "Connected without transmission");
     sum.mode = s.mode();
     let mut books = Books {

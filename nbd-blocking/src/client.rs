@@ -26,26 +26,25 @@
 
 use std::io::{self, Read, Write};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use nbd_net::time::{now, until};
-
-use nbd_net::client::{
-    HandshakeIo, Options, Stop, add_block_status, data_range, outcome, reason, split_len, timed_out, uri_tls,
-};
+use nbd_net::client::{add_block_status, data_range, reason, split_len, timed_out, uri_tls};
+use nbd_net::negotiate::{self, Redial, Runtime, Stalled, Transport, block_on};
 #[cfg(feature = "tls")]
 use nbd_net::rustls;
+use nbd_net::time::{now, until};
 use nbd_net::{ClientTls, LazyClientTls};
 use nbd_proto::client::{
-    ClientConfig, ClientEvent, ClientNeed, ClientSession, ClientSessionError, ExportEntry, ExportInfo, MetaContext,
-    Mode, Negotiated, Request, ServerError, ServerOptionError,
+    ClientConfig, ClientEvent, ClientNeed, ClientSession, ExportEntry, ExportInfo, MetaContext, Mode, Negotiated,
+    Request, ServerError, ServerOptionError,
 };
+use nbd_proto::time::Timestamp;
 use nbd_proto::uri::NbdUri;
 use nbd_proto::wire::{BlockSizeConstraints, Command, CommandFlags, ErrorCode, TransmissionFlags};
 
-pub use nbd_net::client::{BlockStatus, Error, Handshake, Result};
-use nbd_net::resilience::{Backoff, Stats, context_ids, same_export, transport_failure};
+pub use nbd_net::client::{BlockStatus, Error, Result};
 pub use nbd_net::resilience::{ConnectOptions, Phase, Reconnect, StatsSnapshot, Timeouts};
+use nbd_net::resilience::{Stats, context_ids, transport_failure};
 pub use nbd_net::socket::connect_timeout;
 pub use nbd_net::{Socket, connect};
 
@@ -112,22 +111,21 @@ impl Conn {
         }
     }
 
-    /// Tells `session` the time and bounds the next reads and writes by
-    /// its next deadline (`TimedOut` once one passed: the session says
-    /// which).
-    fn arm(&self, session: &mut ClientSession) -> io::Result<()> {
-        session.handle_timeout(now());
-        if matches!(session.error(), Some(ClientSessionError::TimedOut(_))) {
-            return Err(io::ErrorKind::TimedOut.into());
-        }
-        let Some(s) = self.socket() else {
+    /// Bounds the next reads and writes by `by` ([`Stalled::Deadline`]
+    /// once it passed).
+    fn arm(&self, by: Option<Timestamp>) -> Result<(), Stalled> {
+        let (Some(at), Some(s)) = (by, self.socket()) else {
             return Ok(());
         };
+        let left = until(at);
+        if left.is_zero() {
+            return Err(Stalled::Deadline);
+        }
         // The kernel sleeps at least this long, so the deadline has passed
         // when the timeout fires.
-        let left = session.poll_timeout().map(|t| until(t).max(Duration::from_millis(1)));
-        s.set_read_timeout(left)?;
-        s.set_write_timeout(left)
+        s.set_read_timeout(Some(left))?;
+        s.set_write_timeout(Some(left))?;
+        Ok(())
     }
 
     /// Takes the socket timeouts off again.
@@ -138,38 +136,37 @@ impl Conn {
         }
     }
 
-    /// Reads exactly `buf.len()` bytes, by the deadlines of `timed` (a
-    /// session with deadlines; none: as long as it takes).
-    fn read_full(&mut self, mut buf: &mut [u8], timed: Option<&mut ClientSession>) -> io::Result<()> {
-        let Some(session) = timed else {
-            return self.stream().read_exact(buf);
-        };
+    /// Reads exactly `buf.len()` bytes, by `by` (none: as long as it
+    /// takes).
+    fn read_full(&mut self, mut buf: &mut [u8], by: Option<Timestamp>) -> Result<(), Stalled> {
+        if by.is_none() {
+            return Ok(self.stream().read_exact(buf)?);
+        }
         while !buf.is_empty() {
-            self.arm(session)?;
+            self.arm(by)?;
             match self.stream().read(buf) {
-                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
                 Ok(n) => buf = &mut std::mem::take(&mut buf)[n..],
-                // A socket timeout: the next arm tells the session the time.
+                // A socket timeout: the next arm says whether `by` passed.
                 Err(e) if retry(&e) => {}
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             }
         }
         Ok(())
     }
 
-    /// Writes `head` then `payload` with vectored writes, by the deadlines
-    /// of `timed`.
-    fn write_full(&mut self, head: &[u8], payload: &[u8], timed: Option<&mut ClientSession>) -> io::Result<()> {
-        let Some(session) = timed else {
-            return write_all_gathered(self.stream(), head, payload);
-        };
+    /// Writes `head` then `payload` with vectored writes, by `by`.
+    fn write_full(&mut self, head: &[u8], payload: &[u8], by: Option<Timestamp>) -> Result<(), Stalled> {
+        if by.is_none() {
+            return Ok(write_all_gathered(self.stream(), head, payload)?);
+        }
         let mut g = nbd_net::socket::Gather::new(head, payload);
         while !g.is_done() {
-            self.arm(session)?;
+            self.arm(by)?;
             match self.stream().write_vectored(&g.slices()) {
                 Ok(n) => g.advance(n)?,
                 Err(e) if retry(&e) => {}
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             }
         }
         Ok(())
@@ -187,11 +184,11 @@ impl Conn {
     /// Runs the TLS client handshake over the socket (right after the
     /// server's ACK of `NBD_OPT_STARTTLS`).
     #[cfg(feature = "tls")]
-    fn start_tls(&mut self, tls: &ClientTls) -> Result<()> {
+    fn tls_handshake(&mut self, tls: &ClientTls) -> io::Result<()> {
         let Conn::Plain(socket) = std::mem::replace(self, Conn::Closed(io::empty())) else {
-            return Err(Error::Misuse("TLS started twice"));
+            return Err(io::Error::other("TLS started twice"));
         };
-        let mut s = rustls::StreamOwned::new(tls.connection()?, socket);
+        let mut s = rustls::StreamOwned::new(tls.connection().map_err(io::Error::other)?, socket);
         let handshake = |s: &mut rustls::StreamOwned<rustls::ClientConnection, Socket>| -> io::Result<()> {
             while s.conn.is_handshaking() {
                 s.conn.complete_io(&mut s.sock)?;
@@ -202,7 +199,7 @@ impl Conn {
             }
             Ok(())
         };
-        handshake(&mut s).map_err(Error::TlsHandshake)?;
+        handshake(&mut s)?;
         *self = Conn::Tls(Box::new(TlsStream(s)));
         Ok(())
     }
@@ -210,8 +207,56 @@ impl Conn {
     /// Without the `tls` feature there are no credentials to start TLS
     /// with (`LazyClientTls::get` refuses first).
     #[cfg(not(feature = "tls"))]
-    fn start_tls(&mut self, tls: &ClientTls) -> Result<()> {
+    fn tls_handshake(&mut self, tls: &ClientTls) -> io::Result<()> {
         match *tls {}
+    }
+}
+
+/// The handshake's I/O (`nbd_net::negotiate`, shared with the async
+/// client): blocking calls, so every future is ready when first polled.
+impl Transport for Conn {
+    async fn send(&mut self, bytes: &[u8], by: Option<Timestamp>) -> Result<(), Stalled> {
+        self.write_full(bytes, &[], by)?;
+        Ok(self.stream().flush()?)
+    }
+
+    async fn receive(&mut self, buf: &mut [u8], by: Option<Timestamp>) -> Result<(), Stalled> {
+        self.read_full(buf, by)
+    }
+
+    async fn start_tls(&mut self, tls: &LazyClientTls, by: Option<Timestamp>) -> Result<(), Stalled> {
+        let creds = tls.get().map_err(Stalled::Credentials)?;
+        self.arm(by)?;
+        match self.tls_handshake(&creds) {
+            Err(e) if by.is_some() && retry(&e) => Err(Stalled::Deadline),
+            r => Ok(r?),
+        }
+    }
+}
+
+impl Runtime for Conn {
+    type Client = Client;
+
+    async fn open(uri: &NbdUri, timeout: Option<Duration>) -> io::Result<Conn> {
+        Ok(Conn::Plain(connect_timeout(uri, timeout)?))
+    }
+
+    fn from_socket(socket: Socket) -> io::Result<Conn> {
+        Ok(Conn::Plain(socket))
+    }
+
+    async fn sleep(d: Duration) {
+        std::thread::sleep(d);
+    }
+
+    fn client(session: ClientSession, conn: Conn, timeouts: Timeouts) -> Result<Client> {
+        let mut client = Client::from_parts(session, conn)?;
+        client.timeouts = timeouts;
+        Ok(client)
+    }
+
+    fn session_config(config: ClientConfig) -> ClientConfig {
+        config.max_in_flight(1)
     }
 }
 
@@ -224,58 +269,10 @@ fn retry(e: &io::Error) -> bool {
     )
 }
 
-/// Pumps a handshake until it stops (transmission, an option's outcome,
-/// waiting for an option, or aborted), by the session's handshake deadline.
-fn negotiate(hs: &mut Handshake, conn: &mut Conn, tls: &LazyClientTls) -> Result<Stop> {
-    let timed = hs.session_ref().has_deadlines();
-    let r = negotiate_by(hs, conn, tls, timed);
-    if timed {
-        conn.disarm();
-    }
-    r
-}
-
-fn negotiate_by(hs: &mut Handshake, conn: &mut Conn, tls: &LazyClientTls, timed: bool) -> Result<Stop> {
-    let io_error = |hs: &Handshake, e: io::Error| timed_out(hs.session_ref()).unwrap_or_else(|| hs.io_error(e));
-    let mut input = Vec::new();
-    loop {
-        match hs.step()? {
-            HandshakeIo::Send => {
-                let out = hs.output().to_vec();
-                let sent = conn
-                    .write_full(&out, &[], timed.then(|| hs.session()))
-                    .and_then(|()| conn.stream().flush());
-                sent.map_err(|e| io_error(hs, e))?;
-                hs.sent();
-            }
-            HandshakeIo::Receive => {
-                input.resize(hs.input().len(), 0);
-                if let Err(e) = conn.read_full(&mut input, timed.then(|| hs.session())) {
-                    return Err(io_error(hs, e));
-                }
-                hs.input().copy_from_slice(&input);
-                hs.received()?;
-            }
-            HandshakeIo::StartTls => {
-                if timed {
-                    conn.arm(hs.session()).map_err(|e| io_error(hs, e))?;
-                }
-                match conn.start_tls(&tls.get()?) {
-                    Err(Error::TlsHandshake(e)) if timed && retry(&e) => {
-                        hs.session().handle_timeout(now());
-                        return Err(timed_out(hs.session_ref()).unwrap_or(Error::TlsHandshake(e)));
-                    }
-                    r => r?,
-                }
-                hs.tls_established()?;
-            }
-            HandshakeIo::Stopped(stop) => return Ok(stop),
-        }
-    }
-}
-
 /// A connection in option mode: list exports, ask about them, then either
-/// [`Negotiation::go`] into a [`Client`] or [`Negotiation::abort`].
+/// [`Negotiation::go`] into a [`Client`] or [`Negotiation::abort`]: the
+/// negotiation both clients share (`nbd_net::negotiate::Negotiation`),
+/// run to its end by each call.
 ///
 /// ```no_run
 /// use nbd_blocking::{ClientConfig, NbdUri, Negotiation};
@@ -289,18 +286,14 @@ fn negotiate_by(hs: &mut Handshake, conn: &mut Conn, tls: &LazyClientTls, timed:
 /// # Ok::<(), nbd_blocking::Error>(())
 /// ```
 #[derive(Debug)]
-pub struct Negotiation {
-    options: Options,
-    conn: Conn,
-    timeouts: Timeouts,
-}
+pub struct Negotiation(negotiate::Negotiation<Conn>);
 
 impl Negotiation {
     /// Connects to `uri` and negotiates up to option haggling (TLS,
     /// structured replies and extended headers as `config` asks; TLS as
     /// [`Client::connect_uri`] says).
     pub fn connect(uri: &NbdUri, config: ClientConfig) -> Result<Negotiation> {
-        Self::connect_with(uri, config, &ConnectOptions::default())
+        block_on(negotiate::Negotiation::connect(uri, config)).map(Negotiation)
     }
 
     /// [`Negotiation::connect`] with deadlines (`opts.timeouts`: connect;
@@ -309,18 +302,13 @@ impl Negotiation {
     /// (`opts.tls`, else the URI's). A client made by `go` does not
     /// reconnect.
     pub fn connect_with(uri: &NbdUri, config: ClientConfig, opts: &ConnectOptions) -> Result<Negotiation> {
-        let tls = match &opts.tls {
-            Some(t) => t.clone(),
-            None => uri_tls(uri)?,
-        };
-        let socket = open(uri, opts.timeouts.connect)?;
-        Self::start(socket, uri.client_config(config), tls, opts.timeouts)
+        block_on(negotiate::Negotiation::connect_with(uri, config, opts)).map(Negotiation)
     }
 
     /// Negotiates over a connected socket (TLS, if `config` asks for it,
     /// with libnbd's default credentials and no name check).
     pub fn handshake(socket: impl Into<Socket>, config: ClientConfig) -> Result<Negotiation> {
-        Self::handshake_with_tls(socket, config, LazyClientTls::default())
+        block_on(negotiate::Negotiation::handshake(socket, config)).map(Negotiation)
     }
 
     /// Negotiates over a connected socket with these TLS credentials.
@@ -329,85 +317,58 @@ impl Negotiation {
         config: ClientConfig,
         tls: LazyClientTls,
     ) -> Result<Negotiation> {
-        Self::start(socket.into(), config, tls, Timeouts::default())
-    }
-
-    fn start(socket: Socket, mut config: ClientConfig, tls: LazyClientTls, timeouts: Timeouts) -> Result<Negotiation> {
-        config.opt_mode = true;
-        config.max_in_flight = 1;
-        let mut hs = Handshake::new(timeouts.session_config(config, None));
-        let mut conn = Conn::Plain(socket);
-        let stop = negotiate(&mut hs, &mut conn, &tls)?;
-        Ok(Negotiation {
-            options: Options::new(hs, tls, &stop),
-            conn,
-            timeouts,
-        })
+        block_on(negotiate::Negotiation::handshake_with_tls(socket, config, tls)).map(Negotiation)
     }
 
     /// The session: what was negotiated so far (`fixed_newstyle()`,
     /// `protocol_name()`, `tls()`, `structured_replies()`,
     /// `extended_headers()`).
     pub fn session(&self) -> &ClientSession {
-        self.options.session()
+        self.0.session()
     }
 
     /// Whether the server already ended negotiation (an oldstyle server,
     /// or one that only knows `NBD_OPT_EXPORT_NAME`): only
     /// [`Negotiation::go`] is left.
     pub fn is_done(&self) -> bool {
-        self.options.is_done()
-    }
-
-    fn option(&mut self, option: impl FnOnce(&mut ClientSession) -> Result<(), ClientSessionError>) -> Result<Stop> {
-        let (hs, tls) = self.options.issue(option)?;
-        let stop = negotiate(hs, &mut self.conn, tls)?;
-        Ok(self.options.stopped(stop))
+        self.0.is_done()
     }
 
     /// `NBD_OPT_LIST`: every export's name and description.
     pub fn list(&mut self) -> Result<Vec<ExportEntry>> {
-        outcome::list(self.option(|s| s.opt_list())?)
+        block_on(self.0.list())
     }
 
     /// `NBD_OPT_INFO` for one export.
     pub fn info(&mut self, export: &str) -> Result<ExportInfo> {
-        outcome::info(self.option(|s| s.opt_info(export))?)
+        block_on(self.0.info(export))
     }
 
     /// `NBD_OPT_INFO`, returning the server's refusal as a value.
     pub fn try_info(&mut self, export: &str) -> Result<Result<ExportInfo, ServerOptionError>> {
-        outcome::info_or_refusal(self.option(|s| s.opt_info(export))?)
+        block_on(self.0.try_info(export))
     }
 
     /// `NBD_OPT_LIST_META_CONTEXT` (no queries: every context).
     pub fn list_meta_contexts(&mut self, export: &str, queries: &[&str]) -> Result<Vec<MetaContext>> {
-        outcome::meta_contexts(self.option(|s| s.opt_list_meta_context(export, queries))?)
+        block_on(self.0.list_meta_contexts(export, queries))
     }
 
     /// `NBD_OPT_SET_META_CONTEXT`.
     pub fn set_meta_contexts(&mut self, export: &str, queries: &[&str]) -> Result<Vec<MetaContext>> {
-        outcome::meta_contexts(self.option(|s| s.opt_set_meta_context(export, queries))?)
+        block_on(self.0.set_meta_contexts(export, queries))
     }
 
     /// `NBD_OPT_GO` (falling back to `NBD_OPT_EXPORT_NAME` if the server
     /// does not know GO): enter transmission.
-    pub fn go(mut self, export: &str) -> Result<Client> {
-        if !self.is_done() {
-            outcome::go(self.option(|s| s.opt_go(Some(export)))?)?;
-        }
-        let mut client = Client::from_parts(self.options.into_session(), self.conn)?;
-        client.timeouts = self.timeouts;
-        Ok(client)
+    pub fn go(self, export: &str) -> Result<Client> {
+        block_on(self.0.go(export))
     }
 
-    /// `NBD_OPT_ABORT`, then close.
-    pub fn abort(mut self) -> Result<()> {
-        if self.is_done() {
-            // Oldstyle or EXPORT_NAME-only: a hard close is all there is.
-            return Ok(());
-        }
-        outcome::aborted(self.option(|s| s.opt_abort()))
+    /// `NBD_OPT_ABORT`, then close (a server that closes without
+    /// answering, as the spec allows, is success too).
+    pub fn abort(self) -> Result<()> {
+        block_on(self.0.abort())
     }
 }
 
@@ -432,50 +393,6 @@ pub struct Client {
     /// Context ids of the current session that differ from the first's:
     /// (now, first).
     context_map: Vec<(u32, u32)>,
-}
-
-/// How a client made from a URI dials again.
-#[derive(Debug)]
-struct Redial {
-    uri: NbdUri,
-    config: ClientConfig,
-    tls: LazyClientTls,
-    policy: Reconnect,
-}
-
-/// Opens the socket `uri` names, by the connect deadline.
-fn open(uri: &NbdUri, timeout: Option<Duration>) -> Result<Socket> {
-    connect_timeout(uri, timeout).map_err(|e| match (e.kind(), timeout) {
-        (io::ErrorKind::TimedOut, Some(after)) => Error::TimedOut {
-            phase: Phase::Connect,
-            after,
-        },
-        _ => Error::Io(e),
-    })
-}
-
-/// Connects and negotiates transmission, by the deadlines (and `cap`).
-fn dial(
-    uri: &NbdUri,
-    mut config: ClientConfig,
-    tls: &LazyClientTls,
-    timeouts: &Timeouts,
-    cap: Option<Instant>,
-) -> Result<(ClientSession, Conn)> {
-    let connect = match (timeouts.connect, cap) {
-        (t, Some(cap)) => Some(t.map_or(cap.saturating_duration_since(Instant::now()), |t| {
-            t.min(cap.saturating_duration_since(Instant::now()))
-        })),
-        (t, None) => t,
-    };
-    let socket = open(uri, connect)?;
-    config.opt_mode = false;
-    config.max_in_flight = 1;
-    let cap = cap.map(|cap| cap.saturating_duration_since(Instant::now()));
-    let mut hs = Handshake::new(timeouts.session_config(config, cap));
-    let mut conn = Conn::Plain(socket);
-    outcome::go(negotiate(&mut hs, &mut conn, tls)?)?;
-    Ok((hs.into_session(), conn))
 }
 
 /// The one request in flight: where its data and extents go.
@@ -561,20 +478,10 @@ impl Client {
     /// # Ok::<(), nbd_blocking::Error>(())
     /// ```
     pub fn connect_with(uri: &NbdUri, config: ClientConfig, opts: &ConnectOptions) -> Result<Client> {
-        let tls = match &opts.tls {
-            Some(t) => t.clone(),
-            None => uri_tls(uri)?,
-        };
-        let config = uri.client_config(config);
-        let (session, conn) = dial(uri, config.clone(), &tls, &opts.timeouts, None)?;
+        let (session, conn, redial) = block_on(negotiate::connect::<Conn>(uri, config, opts))?;
         let mut client = Self::from_parts(session, conn)?;
         client.timeouts = opts.timeouts;
-        client.redial = opts.reconnect.map(|policy| Redial {
-            uri: uri.clone(),
-            config,
-            tls,
-            policy,
-        });
+        client.redial = redial;
         Ok(client)
     }
 
@@ -588,20 +495,15 @@ impl Client {
     /// (used if `config.tls` asks for TLS and the server accepts). One
     /// request is in flight at a time, whatever `config.max_in_flight`
     /// says.
-    pub fn handshake_with_tls(
-        socket: impl Into<Socket>,
-        mut config: ClientConfig,
-        tls: LazyClientTls,
-    ) -> Result<Client> {
-        config.opt_mode = false;
-        config.max_in_flight = 1;
-        let mut hs = Handshake::new(config);
-        let mut conn = Conn::Plain(socket.into());
-        outcome::go(negotiate(&mut hs, &mut conn, &tls)?)?;
-        Self::from_parts(hs.into_session(), conn)
+    pub fn handshake_with_tls(socket: impl Into<Socket>, config: ClientConfig, tls: LazyClientTls) -> Result<Client> {
+        let conn = Conn::Plain(socket.into());
+        let (session, conn) = block_on(negotiate::handshake_go(conn, config, &tls))?;
+        Self::from_parts(session, conn)
     }
 
     fn from_parts(session: ClientSession, conn: Conn) -> Result<Client> {
+        // The handshake's deadline may have left socket timeouts behind.
+        conn.disarm();
         let negotiated = session
             .negotiated()
             .cloned()
@@ -680,39 +582,19 @@ impl Client {
             return Err(Error::Misuse("reconnect without a URI"));
         };
         self.stats.disconnected();
-        let mut backoff = Backoff::new(&redial.policy, Instant::now(), reason(e));
-        loop {
-            let Some(redial) = &self.redial else {
-                return Err(Error::Misuse("reconnect without a URI"));
-            };
-            if backoff.left().is_zero() {
-                let e = backoff.give_up(redial.policy.delay);
-                return Err(self.give_up(e));
-            }
-            match dial(
-                &redial.uri,
-                redial.config.clone(),
-                &redial.tls,
-                &self.timeouts,
-                Some(backoff.deadline),
-            ) {
-                Ok((session, conn)) => {
-                    let Some(n) = session.negotiated() else {
-                        return Err(Error::Misuse("transmission without a negotiated export"));
-                    };
-                    if let Err(e) = same_export(&self.negotiated, n) {
-                        return Err(self.give_up(e));
-                    }
+        match block_on(redial.reconnect::<Conn>(e, &self.negotiated, || None)) {
+            Ok((session, conn)) => {
+                conn.disarm();
+                if let Some(n) = session.negotiated() {
                     self.context_map = context_ids(&self.negotiated, n);
-                    self.session = session;
-                    self.conn = conn;
-                    self.dead = None;
-                    self.stats.reconnected(1);
-                    return Ok(());
                 }
-                Err(e) => backoff.last = reason(&e),
+                self.session = session;
+                self.conn = conn;
+                self.dead = None;
+                self.stats.reconnected(1);
+                Ok(())
             }
-            std::thread::sleep(backoff.wait());
+            Err(e) => Err(self.give_up(e)),
         }
     }
 
@@ -727,19 +609,38 @@ impl Client {
         e
     }
 
-    /// A socket error in the middle of a request (or its deadline).
-    fn lost(&mut self, e: io::Error, during: &str) -> Error {
-        let e = match (timed_out(&self.session), e.kind()) {
+    /// A socket error in the middle of a request, or its deadline.
+    fn lost(&mut self, e: Stalled, during: &str) -> Error {
+        if matches!(e, Stalled::Deadline) {
+            self.session.handle_timeout(now());
+        }
+        let e = match (timed_out(&self.session), e) {
             (Some(timeout), _) => {
                 self.stats.timed_out();
                 timeout
             }
-            (None, io::ErrorKind::UnexpectedEof) => {
+            (None, Stalled::Deadline) => Error::Misuse("a deadline's timer fired before the deadline"),
+            (None, Stalled::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
                 Error::Disconnected(format!("the server closed the connection {during}").into())
             }
-            (None, _) => Error::Io(e),
+            (None, Stalled::Io(e)) => Error::Io(e),
+            (None, Stalled::Credentials(e)) => Error::Tls(e),
         };
         self.fail(e)
+    }
+
+    /// Tells the session the time (if it has deadlines): by when the next
+    /// read or write must be done (a time already past once a deadline
+    /// expired, so that the I/O stops at once and reports it).
+    fn by(&mut self) -> Option<Timestamp> {
+        if !self.session.has_deadlines() {
+            return None;
+        }
+        self.session.handle_timeout(now());
+        match timed_out(&self.session) {
+            Some(_) => Some(Timestamp::ORIGIN),
+            None => self.session.poll_timeout(),
+        }
     }
 
     /// Sends one request (its WRITE data from `payload`) and waits for
@@ -782,12 +683,10 @@ impl Client {
     }
 
     fn send(&mut self, payload: &[u8]) -> Result<()> {
-        let timed = self.session.has_deadlines();
         while let Some(t) = self.session.poll_transmit(&mut self.out) {
             let data = if t.payload.is_some() { payload } else { &[] };
-            let r = self
-                .conn
-                .write_full(&self.out, data, timed.then_some(&mut self.session));
+            let by = self.by();
+            let r = self.conn.write_full(&self.out, data, by);
             self.out.clear();
             // Part of the request may be on the wire (after a write
             // timeout, say): the stream is out of step.
@@ -796,7 +695,7 @@ impl Client {
         self.conn
             .stream()
             .flush()
-            .map_err(|e| self.lost(e, "while a request was sent"))
+            .map_err(|e| self.lost(e.into(), "while a request was sent"))
     }
 
     fn receive(&mut self, one: &mut One<'_>) -> Result<()> {
@@ -805,16 +704,16 @@ impl Client {
                 ClientNeed::Bytes(0) | ClientNeed::Pending => self.feed(0, one)?,
                 ClientNeed::Bytes(n) => {
                     self.input.resize(n, 0);
-                    let timed = self.session.has_deadlines().then_some(&mut self.session);
-                    if let Err(e) = self.conn.read_full(&mut self.input, timed) {
+                    let by = self.by();
+                    if let Err(e) = self.conn.read_full(&mut self.input, by) {
                         return Err(self.lost(e, "while a reply was expected"));
                     }
                     self.feed(n, one)?;
                 }
                 ClientNeed::Data { buf_offset, length, .. } => {
-                    let timed = self.session.has_deadlines().then_some(&mut self.session);
+                    let by = self.by();
                     let r = match data_range(one.buf.len(), buf_offset, length) {
-                        Some(range) => self.conn.read_full(&mut one.buf[range], timed),
+                        Some(range) => self.conn.read_full(&mut one.buf[range], by),
                         None => return Err(self.fail(Error::Misuse("READ data beyond the request's buffer"))),
                     };
                     r.map_err(|e| self.lost(e, "in the middle of a reply"))?;

@@ -35,18 +35,17 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use nbd_net::client::{
-    HandshakeIo, IDLE_READ, Options, Stop, add_block_status, data_range, in_flight_error, outcome, reason,
-    request_error, split_len, timed_out, uri_tls,
+    IDLE_READ, add_block_status, data_range, in_flight_error, reason, request_error, split_len, timed_out,
 };
-use nbd_net::resilience::{Backoff, Stats, context_ids, same_export, transport_failure};
+use nbd_net::negotiate::{Redial, Runtime, Stalled, Transport};
+use nbd_net::resilience::{Stats, context_ids, transport_failure};
 use nbd_net::time::{instant, now};
 use nbd_proto::client::{
-    ClientConfig, ClientEvent, ClientNeed, ClientSession, ClientSessionError, Cookie, ExportEntry, ExportInfo,
-    MetaContext, Mode, Negotiated, Request, ServerOptionError,
+    ClientConfig, ClientEvent, ClientNeed, ClientSession, Cookie, MetaContext, Mode, Negotiated, Request,
 };
 use nbd_proto::time::Timestamp;
 use nbd_proto::uri::NbdUri;
@@ -59,7 +58,7 @@ use smol::lock::{Semaphore, SemaphoreGuardArc};
 use crate::io::{SharedHalf, write_all_vectored};
 use crate::tls::LazyClientTls;
 
-pub use nbd_net::client::{BlockStatus, Error, Handshake, Result};
+pub use nbd_net::client::{BlockStatus, Error, Result};
 pub use nbd_net::resilience::{ConnectOptions, Phase, Reconnect, StatsSnapshot, Timeouts};
 pub use nbd_net::socket::connect_timeout;
 pub use nbd_net::{Socket, connect};
@@ -69,74 +68,56 @@ pub type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
 /// The writing half of a connection.
 pub type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
 
-/// Connects to the server `uri` names (on smol's blocking pool: name
-/// resolution and `connect` block), and registers the socket with the
-/// reactor.
-/// An expired connect timeout is [`Error::TimedOut`].
-async fn open(uri: &NbdUri, timeout: Option<Duration>) -> Result<Socket> {
-    let uri = uri.clone();
-    smol::unblock(move || connect_timeout(&uri, timeout))
-        .await
-        .map_err(|e| match (e.kind(), timeout) {
-            (std::io::ErrorKind::TimedOut, Some(after)) => Error::TimedOut {
-                phase: Phase::Connect,
-                after,
-            },
-            _ => Error::Io(e),
+/// A connection of the async client: the socket's two halves (TLS over
+/// them once started) and the socket itself (to shut it down when the
+/// connection must end). The handshake over it is `nbd_net::negotiate`'s,
+/// shared with the blocking client.
+pub struct Connection {
+    r: BoxRead,
+    w: BoxWrite,
+    socket: Arc<Async<Socket>>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Connection").field(self.socket.get_ref()).finish()
+    }
+}
+
+impl Connection {
+    /// Registers a connected socket with the reactor and splits it.
+    fn new(socket: Socket) -> std::io::Result<Connection> {
+        let (r, w) = SharedHalf::pair(Async::new(socket)?);
+        let socket = r.0.clone();
+        Ok(Connection {
+            r: Box::new(r),
+            w: Box::new(w),
+            socket,
         })
-}
-
-/// The socket's two halves, for the reader and the writer, and the socket
-/// itself (to shut it down when the connection must end).
-fn halves(socket: Socket) -> Result<(BoxRead, BoxWrite, Arc<Async<Socket>>)> {
-    let (r, w) = SharedHalf::pair(Async::new(socket)?);
-    let socket = r.0.clone();
-    Ok((Box::new(r), Box::new(w), socket))
-}
-
-/// Tells the handshake's session the time: its next deadline (`None`:
-/// none runs), or the error if one passed.
-fn handshake_deadline(hs: &mut Handshake) -> Result<Option<Timestamp>> {
-    let session = hs.session();
-    if !session.has_deadlines() {
-        return Ok(None);
-    }
-    session.handle_timeout(now());
-    match timed_out(session) {
-        Some(e) => Err(e),
-        None => Ok(session.poll_timeout()),
     }
 }
 
-/// Runs `io` until the deadline `at`: `None` if the deadline came first.
-async fn before<T>(at: Option<Timestamp>, io: impl Future<Output = T>) -> Option<T> {
-    let Some(at) = at else {
-        return Some(io.await);
+/// Runs `io` until the deadline `by`: [`Stalled::Deadline`] if the
+/// deadline came first.
+async fn before<T>(by: Option<Timestamp>, io: impl Future<Output = std::io::Result<T>>) -> Result<T, Stalled> {
+    let Some(at) = by else {
+        return Ok(io.await?);
     };
     let expired = async {
         smol::Timer::at(instant(at)).await;
-        None
+        Err(Stalled::Deadline)
     };
-    futures_lite::future::or(async { Some(io.await) }, expired).await
-}
-
-/// The error once the handshake's deadline timer fired (the timer fires
-/// no earlier than the deadline, so the session says it passed).
-fn handshake_expired(hs: &mut Handshake) -> Error {
-    hs.session().handle_timeout(now());
-    timed_out(hs.session_ref()).unwrap_or(Error::Misuse("the handshake's timer fired before its deadline"))
+    futures_lite::future::or(async { Ok(io.await?) }, expired).await
 }
 
 /// Runs the TLS client handshake over the connection's halves (right
 /// after the server's ACK of `NBD_OPT_STARTTLS`) and puts the TLS halves
 /// in their place.
 #[cfg(feature = "tls")]
-async fn start_tls(r: &mut BoxRead, w: &mut BoxWrite, creds: &crate::tls::ClientTls) -> Result<()> {
+async fn start_tls(r: &mut BoxRead, w: &mut BoxWrite, creds: &crate::tls::ClientTls) -> std::io::Result<()> {
     let plain_r = std::mem::replace(r, Box::new(futures_lite::io::empty()));
     let plain_w = std::mem::replace(w, Box::new(futures_lite::io::sink()));
-    let (tr, tw) = crate::tls::connect(plain_r, plain_w, creds)
-        .await
-        .map_err(Error::TlsHandshake)?;
+    let (tr, tw) = crate::tls::connect(plain_r, plain_w, creds).await?;
     *r = Box::new(tr);
     *w = Box::new(tw);
     Ok(())
@@ -145,205 +126,72 @@ async fn start_tls(r: &mut BoxRead, w: &mut BoxWrite, creds: &crate::tls::Client
 /// Without the `tls` feature there are no credentials to start TLS with
 /// (`LazyClientTls::get` refuses first).
 #[cfg(not(feature = "tls"))]
-async fn start_tls(_r: &mut BoxRead, _w: &mut BoxWrite, creds: &crate::tls::ClientTls) -> Result<()> {
+async fn start_tls(_r: &mut BoxRead, _w: &mut BoxWrite, creds: &crate::tls::ClientTls) -> std::io::Result<()> {
     match *creds {}
 }
 
-/// Pumps a handshake until it stops, upgrading the halves to TLS when the
-/// server accepts `NBD_OPT_STARTTLS`, by the session's handshake deadline.
-async fn negotiate(hs: &mut Handshake, r: &mut BoxRead, w: &mut BoxWrite, tls: &LazyClientTls) -> Result<Stop> {
-    loop {
-        let step = hs.step()?;
-        let at = handshake_deadline(hs)?;
-        match step {
-            HandshakeIo::Send => {
-                let out = hs.output();
-                let send = async {
-                    w.write_all(out).await?;
-                    w.flush().await
-                };
-                match before(at, send).await {
-                    Some(sent) => sent.map_err(|e| hs.io_error(e))?,
-                    None => return Err(handshake_expired(hs)),
-                }
-                hs.sent();
-            }
-            HandshakeIo::Receive => match before(at, r.read_exact(hs.input())).await {
-                Some(Ok(())) => hs.received()?,
-                Some(Err(e)) => return Err(hs.io_error(e)),
-                None => return Err(handshake_expired(hs)),
-            },
-            HandshakeIo::StartTls => {
-                let creds = tls.get()?;
-                match before(at, start_tls(r, w, &creds)).await {
-                    Some(started) => started?,
-                    None => return Err(handshake_expired(hs)),
-                }
-                hs.tls_established()?;
-            }
-            HandshakeIo::Stopped(stop) => return Ok(stop),
-        }
+impl Transport for Connection {
+    async fn send(&mut self, bytes: &[u8], by: Option<Timestamp>) -> Result<(), Stalled> {
+        let w = &mut self.w;
+        let send = async move {
+            w.write_all(bytes).await?;
+            w.flush().await
+        };
+        before(by, send).await
+    }
+
+    async fn receive(&mut self, buf: &mut [u8], by: Option<Timestamp>) -> Result<(), Stalled> {
+        before(by, self.r.read_exact(buf)).await
+    }
+
+    async fn start_tls(&mut self, tls: &LazyClientTls, by: Option<Timestamp>) -> Result<(), Stalled> {
+        let creds = tls.get().map_err(Stalled::Credentials)?;
+        before(by, start_tls(&mut self.r, &mut self.w, &creds)).await
+    }
+}
+
+impl Runtime for Connection {
+    type Client = Client;
+
+    /// Connects on smol's blocking pool (name resolution and `connect`
+    /// block), and registers the socket with the reactor.
+    async fn open(uri: &NbdUri, timeout: Option<Duration>) -> std::io::Result<Connection> {
+        let uri = uri.clone();
+        Connection::new(smol::unblock(move || connect_timeout(&uri, timeout)).await?)
+    }
+
+    fn from_socket(socket: Socket) -> std::io::Result<Connection> {
+        Connection::new(socket)
+    }
+
+    async fn sleep(d: Duration) {
+        smol::Timer::after(d).await;
+    }
+
+    fn client(session: ClientSession, conn: Connection, timeouts: Timeouts) -> Result<Client> {
+        Client::start(session, conn, timeouts, None)
     }
 }
 
 /// A connection in option mode: list exports, ask about them, then either
-/// [`Negotiation::go`] into a [`Client`] or [`Negotiation::abort`].
-pub struct Negotiation {
-    options: Options,
-    r: BoxRead,
-    w: BoxWrite,
-    socket: Arc<Async<Socket>>,
-    timeouts: Timeouts,
-}
-
-impl std::fmt::Debug for Negotiation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("Negotiation").field(&self.options).finish()
-    }
-}
-
-impl Negotiation {
-    /// Connects to `uri` and negotiates up to option haggling (TLS as
-    /// [`Client::connect_uri`] says).
-    ///
-    /// ```no_run
-    /// # smol::block_on(async {
-    /// use nbd_smol::{ClientConfig, NbdUri, Negotiation};
-    ///
-    /// let uri = NbdUri::parse("nbd+unix:///?socket=/tmp/nbd.sock")?;
-    /// let mut neg = Negotiation::connect(&uri, ClientConfig::default()).await?;
-    /// for export in neg.list().await? {
-    ///     let info = neg.info(&export.name).await?;
-    ///     println!("{}: {} bytes", export.name, info.size);
-    /// }
-    /// neg.abort().await?;
-    /// # Ok::<(), nbd_smol::Error>(())
-    /// # });
-    /// ```
-    pub async fn connect(uri: &NbdUri, config: ClientConfig) -> Result<Negotiation> {
-        Self::connect_with(uri, config, &ConnectOptions::default()).await
-    }
-
-    /// [`Negotiation::connect`] with deadlines (`opts.timeouts`: connect;
-    /// handshake, for the greeting and then for each option; requests,
-    /// once [`Negotiation::go`] made a client) and TLS credentials
-    /// (`opts.tls`, else the URI's). A client made by `go` does not
-    /// reconnect.
-    pub async fn connect_with(uri: &NbdUri, config: ClientConfig, opts: &ConnectOptions) -> Result<Negotiation> {
-        let tls = match &opts.tls {
-            Some(t) => t.clone(),
-            None => uri_tls(uri)?,
-        };
-        let socket = open(uri, opts.timeouts.connect).await?;
-        Self::start(socket, uri.client_config(config), tls, opts.timeouts).await
-    }
-
-    /// Negotiates over a connected socket (TLS, if `config` asks for it,
-    /// with libnbd's default credentials and no name check).
-    pub async fn handshake(socket: impl Into<Socket>, config: ClientConfig) -> Result<Negotiation> {
-        Self::handshake_with_tls(socket, config, LazyClientTls::default()).await
-    }
-
-    /// Negotiates over a connected socket with these TLS credentials.
-    pub async fn handshake_with_tls(
-        socket: impl Into<Socket>,
-        config: ClientConfig,
-        tls: LazyClientTls,
-    ) -> Result<Negotiation> {
-        Self::start(socket.into(), config, tls, Timeouts::default()).await
-    }
-
-    async fn start(
-        socket: Socket,
-        mut config: ClientConfig,
-        tls: LazyClientTls,
-        timeouts: Timeouts,
-    ) -> Result<Negotiation> {
-        config.opt_mode = true;
-        let mut hs = Handshake::new(timeouts.session_config(config, None));
-        let (mut r, mut w, socket) = halves(socket)?;
-        let stop = negotiate(&mut hs, &mut r, &mut w, &tls).await?;
-        Ok(Negotiation {
-            options: Options::new(hs, tls, &stop),
-            r,
-            w,
-            socket,
-            timeouts,
-        })
-    }
-
-    /// The session: what was negotiated so far (`fixed_newstyle()`,
-    /// `protocol_name()`, `tls()`, `structured_replies()`,
-    /// `extended_headers()`).
-    pub fn session(&self) -> &ClientSession {
-        self.options.session()
-    }
-
-    /// Whether the server already ended negotiation (an oldstyle server,
-    /// or one that only knows `NBD_OPT_EXPORT_NAME`): only
-    /// [`Negotiation::go`] is left.
-    pub fn is_done(&self) -> bool {
-        self.options.is_done()
-    }
-
-    async fn option(
-        &mut self,
-        option: impl FnOnce(&mut ClientSession) -> Result<(), ClientSessionError>,
-    ) -> Result<Stop> {
-        let (hs, tls) = self.options.issue(option)?;
-        let stop = negotiate(hs, &mut self.r, &mut self.w, tls).await?;
-        Ok(self.options.stopped(stop))
-    }
-
-    /// `NBD_OPT_LIST`: every export's name and description.
-    pub async fn list(&mut self) -> Result<Vec<ExportEntry>> {
-        outcome::list(self.option(|s| s.opt_list()).await?)
-    }
-
-    /// `NBD_OPT_INFO` for one export.
-    pub async fn info(&mut self, export: &str) -> Result<ExportInfo> {
-        outcome::info(self.option(|s| s.opt_info(export)).await?)
-    }
-
-    /// `NBD_OPT_INFO`, returning the server's refusal as a value.
-    pub async fn try_info(&mut self, export: &str) -> Result<Result<ExportInfo, ServerOptionError>> {
-        outcome::info_or_refusal(self.option(|s| s.opt_info(export)).await?)
-    }
-
-    /// `NBD_OPT_LIST_META_CONTEXT` (no queries: every context).
-    pub async fn list_meta_contexts(&mut self, export: &str, queries: &[&str]) -> Result<Vec<MetaContext>> {
-        outcome::meta_contexts(self.option(|s| s.opt_list_meta_context(export, queries)).await?)
-    }
-
-    /// `NBD_OPT_SET_META_CONTEXT`.
-    pub async fn set_meta_contexts(&mut self, export: &str, queries: &[&str]) -> Result<Vec<MetaContext>> {
-        outcome::meta_contexts(self.option(|s| s.opt_set_meta_context(export, queries)).await?)
-    }
-
-    /// `NBD_OPT_GO` (falling back to `NBD_OPT_EXPORT_NAME` if the server
-    /// does not know GO): enter transmission and start the tasks.
-    pub async fn go(mut self, export: &str) -> Result<Client> {
-        if !self.is_done() {
-            outcome::go(self.option(|s| s.opt_go(Some(export))).await?)?;
-        }
-        let connected = Connected {
-            session: self.options.into_session(),
-            r: self.r,
-            w: self.w,
-            socket: self.socket,
-        };
-        Client::start(connected, self.timeouts, None)
-    }
-
-    /// `NBD_OPT_ABORT`, then close.
-    pub async fn abort(mut self) -> Result<()> {
-        if self.is_done() {
-            // Oldstyle or EXPORT_NAME-only: a hard close is all there is.
-            return Ok(());
-        }
-        outcome::aborted(self.option(|s| s.opt_abort()).await)
-    }
-}
+/// [`Negotiation::go`] into a [`Client`] or [`Negotiation::abort`] (the
+/// negotiation both clients share, over this client's [`Connection`]).
+///
+/// ```no_run
+/// # smol::block_on(async {
+/// use nbd_smol::{ClientConfig, NbdUri, Negotiation};
+///
+/// let uri = NbdUri::parse("nbd+unix:///?socket=/tmp/nbd.sock")?;
+/// let mut neg = Negotiation::connect(&uri, ClientConfig::default()).await?;
+/// for export in neg.list().await? {
+///     let info = neg.info(&export.name).await?;
+///     println!("{}: {} bytes", export.name, info.size);
+/// }
+/// neg.abort().await?;
+/// # Ok::<(), nbd_smol::Error>(())
+/// # });
+/// ```
+pub type Negotiation = nbd_net::negotiate::Negotiation<Connection>;
 
 /// Per-request state. A request keeps its slot (and its buffer) from the
 /// call to the moment its caller takes the result (or, for a caller that
@@ -584,14 +432,6 @@ enum Got<'a> {
     Data(u64),
 }
 
-/// How a client made from a URI dials again.
-struct Redial {
-    uri: NbdUri,
-    config: ClientConfig,
-    tls: LazyClientTls,
-    policy: Reconnect,
-}
-
 struct State {
     inner: Mutex<Inner>,
     permits: Arc<Semaphore>,
@@ -653,17 +493,17 @@ impl State {
     }
 
     /// Installs a new connection: the requests that wait are sent again.
-    fn install(&self, mut c: Connected) -> Option<(BoxRead, BoxWrite)> {
+    fn install(&self, mut session: ClientSession, c: Connection) -> Option<(BoxRead, BoxWrite)> {
         let mut g = self.lock();
         let g = &mut *g;
         if g.dead.is_some() {
             return None;
         }
-        if let Some(n) = c.session.negotiated() {
+        if let Some(n) = session.negotiated() {
             g.context_map = context_ids(&self.negotiated, n);
         }
-        c.session.set_manual_release(false);
-        g.session = c.session;
+        session.set_manual_release(false);
+        g.session = session;
         g.socket = Some(c.socket);
         g.up = true;
         g.fault = None;
@@ -693,61 +533,17 @@ impl State {
     }
 }
 
-/// A negotiated connection, ready for transmission.
-struct Connected {
-    session: ClientSession,
-    r: BoxRead,
-    w: BoxWrite,
-    socket: Arc<Async<Socket>>,
-}
-
-/// Connects and negotiates once, for a reconnect that must be done by
-/// `deadline`.
-async fn dial(redial: &Redial, timeouts: &Timeouts, deadline: Instant) -> Result<Connected> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    let connect = timeouts.connect.map_or(left, |t| t.min(left));
-    let socket = open(&redial.uri, Some(connect)).await?;
-    let (mut r, mut w, socket) = halves(socket)?;
-    let mut config = redial.config.clone();
-    config.opt_mode = false;
-    let left = deadline.saturating_duration_since(Instant::now());
-    let mut hs = Handshake::new(timeouts.session_config(config, Some(left)));
-    outcome::go(negotiate(&mut hs, &mut r, &mut w, &redial.tls).await?)?;
-    Ok(Connected {
-        session: hs.into_session(),
-        r,
-        w,
-        socket,
-    })
-}
-
-/// Reconnects after a break on `e`, until the policy's delay has passed.
+/// Reconnects after a break on `e` (for up to the policy's delay) and
+/// installs the new connection.
 async fn reconnect(state: &State, redial: &Redial, e: &Error) -> Result<(BoxRead, BoxWrite)> {
-    let mut backoff = Backoff::new(&redial.policy, Instant::now(), reason(e));
-    loop {
-        if state.lock().dead.is_some() {
-            return Err(state.lock().dead_error());
-        }
-        if backoff.left().is_zero() {
-            return Err(backoff.give_up(redial.policy.delay));
-        }
-        match dial(redial, &state.timeouts, backoff.deadline).await {
-            Ok(c) => {
-                let Some(n) = c.session.negotiated() else {
-                    return Err(Error::Misuse("transmission without a negotiated export"));
-                };
-                same_export(&state.negotiated, n)?;
-                return match state.install(c) {
-                    Some(halves) => Ok(halves),
-                    None => Err(state.lock().dead_error()),
-                };
-            }
-            Err(e) => backoff.last = reason(&e),
-        }
-        let wait = backoff.wait();
-        if !wait.is_zero() {
-            smol::Timer::after(wait).await;
-        }
+    let gone = || {
+        let g = state.lock();
+        g.dead.is_some().then(|| g.dead_error())
+    };
+    let (session, conn) = redial.reconnect::<Connection>(e, &state.negotiated, gone).await?;
+    match state.install(session, conn) {
+        Some(halves) => Ok(halves),
+        None => Err(state.lock().dead_error()),
     }
 }
 
@@ -908,21 +704,8 @@ impl Client {
     /// # });
     /// ```
     pub async fn connect_with(uri: &NbdUri, config: ClientConfig, opts: &ConnectOptions) -> Result<Client> {
-        let tls = match &opts.tls {
-            Some(t) => t.clone(),
-            None => uri_tls(uri)?,
-        };
-        let mut config = uri.client_config(config);
-        config.opt_mode = false;
-        let socket = open(uri, opts.timeouts.connect).await?;
-        let connected = Self::negotiate_go(socket, opts.timeouts.session_config(config.clone(), None), &tls).await?;
-        let redial = opts.reconnect.map(|policy| Redial {
-            uri: uri.clone(),
-            config,
-            tls,
-            policy,
-        });
-        Self::start(connected, opts.timeouts, redial)
+        let (session, conn, redial) = nbd_net::negotiate::connect::<Connection>(uri, config, opts).await?;
+        Self::start(session, conn, opts.timeouts, redial)
     }
 
     /// Negotiates over a connected socket and starts the tasks (TLS, if
@@ -937,33 +720,21 @@ impl Client {
     /// starts the tasks.
     pub async fn handshake_with_tls(
         socket: impl Into<Socket>,
-        mut config: ClientConfig,
+        config: ClientConfig,
         tls: LazyClientTls,
     ) -> Result<Client> {
-        config.opt_mode = false;
-        let connected = Self::negotiate_go(socket.into(), config, &tls).await?;
-        Self::start(connected, Timeouts::default(), None)
+        let conn = Connection::new(socket.into())?;
+        let (session, conn) = nbd_net::negotiate::handshake_go(conn, config, &tls).await?;
+        Self::start(session, conn, Timeouts::default(), None)
     }
 
-    async fn negotiate_go(socket: Socket, config: ClientConfig, tls: &LazyClientTls) -> Result<Connected> {
-        let mut hs = Handshake::new(config);
-        let (mut r, mut w, socket) = halves(socket)?;
-        outcome::go(negotiate(&mut hs, &mut r, &mut w, tls).await?)?;
-        Ok(Connected {
-            session: hs.into_session(),
-            r,
-            w,
-            socket,
-        })
-    }
-
-    fn start(c: Connected, timeouts: Timeouts, redial: Option<Redial>) -> Result<Client> {
-        let Connected {
-            mut session,
-            r,
-            w,
-            socket,
-        } = c;
+    fn start(
+        mut session: ClientSession,
+        conn: Connection,
+        timeouts: Timeouts,
+        redial: Option<Redial>,
+    ) -> Result<Client> {
+        let Connection { r, w, socket } = conn;
         let negotiated = session
             .negotiated()
             .cloned()
