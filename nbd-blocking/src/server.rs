@@ -26,7 +26,7 @@ use nbd_net::time;
 #[cfg(feature = "tls")]
 use nbd_server::ServeError;
 pub use nbd_server::ServerOptions;
-use nbd_server::{Export, HandshakeProgress, IDLE_RELEASE, ReplyWriter, ServeConnection, ServeContext, Status};
+use nbd_server::{Export, HandshakeProgress, ReplyWriter, ServeConnection, ServeContext, Status};
 
 #[cfg(feature = "tls")]
 /// One side of a TLS session that the reading and the writing half of a
@@ -337,13 +337,11 @@ impl Server {
                 }
                 write_replies(writer, waker, w, false)?;
                 w.flush()?;
-                match wait_readable(r, control) {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        conn.release_idle();
-                        continue;
-                    }
-                    Err(e) => return Err(e),
+                if !wait_readable(conn, r, control)? {
+                    // The connection's deadline (it gives its buffers back
+                    // once idle long enough).
+                    conn.handle_timeout(time::now()).map_err(handshake_timed_out)?;
+                    continue;
                 }
             }
             // (An empty input, EOF, closes the connection's input.)
@@ -406,15 +404,23 @@ fn fill_before_deadline<'r, R: Read, S: ServerStream>(
     Ok(r.buffer())
 }
 
-/// Waits for input for up to [`IDLE_RELEASE`]: `false` if none came.
-fn wait_readable<R: Read, S: ServerStream>(r: &mut BufReader<R>, control: &S) -> io::Result<bool> {
-    control.set_read_timeout_stream(Some(IDLE_RELEASE))?;
+/// Waits for input until the connection's deadline (in transmission, when
+/// an idle connection gives its buffers back; with none, as long as it
+/// takes): `false` if none came by then. The read timeout is reset after.
+fn wait_readable<R: Read, S: ServerStream>(
+    conn: &mut ServeConnection,
+    r: &mut BufReader<R>,
+    control: &S,
+) -> io::Result<bool> {
+    arm_deadline(conn, control)?;
     let got = match r.fill_buf() {
         Ok(_) => Ok(true),
         Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => Ok(false),
         Err(e) => Err(e),
     };
-    control.set_read_timeout_stream(None)?;
+    if conn.poll_timeout().is_some() {
+        control.set_read_timeout_stream(None)?;
+    }
     got
 }
 

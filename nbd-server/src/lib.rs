@@ -31,8 +31,10 @@
 //! from the server's [`PayloadBudget`]; a connection that cannot get budget,
 //! has [`Limits::max_in_flight`] requests in flight, or has more than
 //! [`Limits::reply_high_water`] bytes of replies waiting for its client,
-//! stops reading until that changes ([`Status::Blocked`]). A connection that
-//! stays idle gives its buffers back ([`ServeConnection::release_idle`]).
+//! stops reading until that changes ([`Status::Blocked`]). A transmitting
+//! connection that stays idle for [`IDLE_RELEASE`] (nothing in flight,
+//! nothing received) gives its large buffers back; it keeps that time
+//! itself, as it keeps its handshake deadline (see below).
 //!
 //! # The loop a runtime runs
 //!
@@ -52,11 +54,15 @@
 //! on EOF: conn.input_closed()
 //! ```
 //!
-//! In the handshake the reader also keeps the connection's deadline: it
-//! calls `conn.handle_timeout(now)?` at the top of each turn, and whatever
-//! it waits for (the client, the TLS handshake) it races with one timer at
+//! The reader also tells the connection the time, which keeps its own
+//! deadlines: it calls `conn.handle_timeout(now)?` at the top of each turn
+//! (at least before each wait for the client), and whatever it waits for
+//! (the client, the TLS handshake) it races with one timer at
 //! `conn.poll_timeout()`, calling `conn.handle_timeout(now)?` when that
-//! fires. An `Err` (the handshake timed out) closes the connection.
+//! fires. In the handshake that deadline is the handshake's: an `Err` (the
+//! handshake timed out) closes the connection. In transmission it is the
+//! moment an idle connection gives its buffers back ([`IDLE_RELEASE`]),
+//! which `handle_timeout` does itself; it never fails there.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -324,10 +330,35 @@ impl Limits {
     }
 }
 
-/// How long a connection waits with nothing to do (no request in flight,
-/// nothing received) before it gives its large buffers back
-/// ([`ServeConnection::release_idle`]).
+/// How long a transmitting connection waits with nothing to do (no request
+/// in flight, nothing received) before it gives its large buffers back.
+/// The connection keeps this time itself: [`ServeConnection::poll_timeout`]
+/// names the moment and [`ServeConnection::handle_timeout`] releases the
+/// buffers once it has passed (see [`ServeConnection::idle_releases`]).
 pub const IDLE_RELEASE: Duration = Duration::from_secs(1);
+
+/// While requests are in flight, how long until an idle connection's
+/// runtime is asked to tell the time again: the connection cannot see
+/// when its last request completes, so it looks again this often (only
+/// while its runtime waits for the client with requests in flight).
+const IDLE_RECHECK: Duration = Duration::from_millis(250);
+
+/// Where a transmitting connection stands on the way to giving its buffers
+/// back ([`IDLE_RELEASE`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Idle {
+    /// Input came since the connection was last told the time: the idle
+    /// period has not begun.
+    Active,
+    /// Requests were in flight when told the time, first at `.0`: look
+    /// again [`IDLE_RECHECK`] later.
+    Busy(Timestamp),
+    /// Idle since `.0`: the first time told after it became idle (never a
+    /// time told before, so a runtime's stale clock cannot fire it early).
+    Since(Timestamp),
+    /// The buffers were given back in this idle period.
+    Released,
+}
 
 /// What every connection of a server shares.
 #[derive(Debug)]
@@ -463,6 +494,10 @@ pub struct ServeConnection {
     done: bool,
     /// The server's shutdown reached the session.
     shut_down: bool,
+    /// The idle period, in transmission.
+    idle: Idle,
+    /// Idle periods that ended with the buffers given back.
+    idle_releases: u64,
 }
 
 impl Drop for ServeConnection {
@@ -493,6 +528,8 @@ impl ServeConnection {
             export: None,
             done: false,
             shut_down: false,
+            idle: Idle::Active,
+            idle_releases: 0,
         }
     }
 
@@ -636,7 +673,9 @@ impl ServeConnection {
                 _ => usize::MAX,
             };
             let rest = &rest[..rest.len().min(limit)];
-            let ServeConnection { session, exec, .. } = self;
+            let ServeConnection {
+                session, exec, idle, ..
+            } = self;
             let (n, event) = match session.feed(rest) {
                 Ok(x) => x,
                 Err(e) => {
@@ -645,6 +684,10 @@ impl ServeConnection {
                 }
             };
             used += n;
+            if n > 0 {
+                // Input ends the idle period.
+                *idle = Idle::Active;
+            }
             match event {
                 None if n == 0 => return Ok(used),
                 None => {}
@@ -731,9 +774,45 @@ impl ServeConnection {
         self.ctx.is_shutting_down()
     }
 
-    /// The connection has been idle for a while: give large buffers back.
-    pub fn release_idle(&self) {
-        self.shared.release_idle();
+    /// Idle periods that ended with the connection giving its large buffers
+    /// back ([`IDLE_RELEASE`], through [`ServeConnection::handle_timeout`]):
+    /// at most one per idle period, for statistics and tests.
+    pub fn idle_releases(&self) -> u64 {
+        self.idle_releases
+    }
+
+    /// Keeps the idle period (transmission): starts it the first time told
+    /// after the connection became idle, gives the buffers back once
+    /// [`IDLE_RELEASE`] has passed since.
+    fn idle_timeout(&mut self, now: Timestamp) {
+        if self.exec.is_none() || self.done {
+            return;
+        }
+        self.idle = match self.idle {
+            // (Only input starts requests, and input makes it Active.)
+            Idle::Released => Idle::Released,
+            Idle::Since(t) if now >= t.saturating_add(IDLE_RELEASE) => {
+                self.shared.release_idle();
+                self.idle_releases += 1;
+                Idle::Released
+            }
+            Idle::Since(t) => Idle::Since(t),
+            Idle::Active | Idle::Busy(_) if self.shared.lock().in_flight == 0 => Idle::Since(now),
+            Idle::Busy(t) if now < t.saturating_add(IDLE_RECHECK) => Idle::Busy(t),
+            Idle::Active | Idle::Busy(_) => Idle::Busy(now),
+        };
+    }
+
+    /// When the idle period next needs the time, in transmission.
+    fn idle_deadline(&self) -> Option<Timestamp> {
+        if self.exec.is_none() || self.done {
+            return None;
+        }
+        match self.idle {
+            Idle::Active | Idle::Released => None,
+            Idle::Busy(t) => Some(t.saturating_add(IDLE_RECHECK)),
+            Idle::Since(t) => Some(t.saturating_add(IDLE_RELEASE)),
+        }
     }
 
     /// Requests received and not yet answered.
@@ -757,13 +836,20 @@ impl ServeConnection {
 
     /// The time is `now` (the runtime's clock, `nbd_net::time::now()`):
     /// call it when the connection starts, at the top of each turn of the
-    /// handshake loop, and when the timer armed at
-    /// [`ServeConnection::poll_timeout`] fires. The first call starts the
-    /// handshake's deadline ([`ServerConfig::handshake_timeout`], TLS
-    /// included, until transmission). `Err` once it has passed: nothing
-    /// more is read, close the connection.
+    /// reading loop (at least before each wait for the client), and when
+    /// the timer armed at [`ServeConnection::poll_timeout`] fires.
+    ///
+    /// In the handshake, the first call starts the handshake's deadline
+    /// ([`ServerConfig::handshake_timeout`], TLS included, until
+    /// transmission); `Err` once it has passed: nothing more is read, close
+    /// the connection. In transmission it keeps the idle period: once the
+    /// connection has had nothing in flight and received nothing for
+    /// [`IDLE_RELEASE`] (counted from the first time told after it became
+    /// idle), it gives its large buffers back, once per idle period (input
+    /// starts a new one); it never fails there.
     pub fn handle_timeout(&mut self, now: Timestamp) -> Result<(), TimedOut> {
         self.session.handle_timeout(now);
+        self.idle_timeout(now);
         match self.session.error() {
             Some(ServerSessionError::TimedOut(t)) => {
                 let t = *t;
@@ -776,11 +862,19 @@ impl ServeConnection {
 
     /// When the runtime must call [`ServeConnection::handle_timeout`] next
     /// (arm one timer at it while waiting for the client or the TLS
-    /// handshake), or `None`: no deadline is pending (the connection has
-    /// not been told the time, has no handshake timeout, or transmits).
+    /// handshake), or `None`: no deadline is pending. In the handshake that
+    /// is the handshake's deadline (none before the first time told or
+    /// without a handshake timeout); in transmission, the moment an idle
+    /// connection gives its buffers back, or, while requests are in
+    /// flight, a moment to look again (none after input it was not yet
+    /// told the time since, once the buffers were given back, or once
+    /// nothing more is read).
     #[must_use = "the runtime must arm a timer at the deadline"]
     pub fn poll_timeout(&self) -> Option<Timestamp> {
-        self.session.poll_timeout()
+        match (self.session.poll_timeout(), self.idle_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// What was negotiated (once transmitting).

@@ -42,7 +42,7 @@ use nbd_net::time;
 #[cfg(feature = "tls")]
 use nbd_server::ServeError;
 pub use nbd_server::ServerOptions;
-use nbd_server::{Export, HandshakeProgress, IDLE_RELEASE, ReplyWriter, ServeConnection, ServeContext, Status};
+use nbd_server::{Export, HandshakeProgress, ReplyWriter, ServeConnection, ServeContext, Status};
 use smol::Async;
 use smol::lock::Semaphore;
 
@@ -748,11 +748,12 @@ impl Server {
     }
 
     /// Waits until the client sends something (or hangs up): `true`, or
-    /// until the server shuts down while nothing is in flight: `false`. A
-    /// connection that waits long gives its buffers back.
+    /// until the server shuts down while nothing is in flight: `false`.
+    /// Meanwhile the connection is told the time, with one timer at what it
+    /// asks for (a connection that waits long gives its buffers back).
     async fn wait_for_request<R: AsyncRead + Unpin>(
         &self,
-        conn: &ServeConnection,
+        conn: &mut ServeConnection,
         r: &mut BufReader<R>,
         stop: &mut event_listener::EventListener,
     ) -> io::Result<bool> {
@@ -760,16 +761,21 @@ impl Server {
             if conn.server_shutting_down() && conn.in_flight() == 0 {
                 return Ok(false);
             }
+            conn.handle_timeout(time::now()).map_err(handshake_timed_out)?;
+            let timer = match conn.poll_timeout() {
+                Some(at) => smol::Timer::at(time::instant(at)),
+                None => smol::Timer::never(),
+            };
             let readable = async { r.fill_buf().await.map(|_| Some(true)) };
             let stopped = async {
                 (&mut *stop).await;
                 Ok(Some(false))
             };
-            let idle = async {
-                smol::Timer::after(IDLE_RELEASE).await;
+            let fired = async {
+                timer.await;
                 Ok(None)
             };
-            match smol::future::or(readable, smol::future::or(stopped, idle)).await? {
+            match smol::future::or(readable, smol::future::or(stopped, fired)).await? {
                 Some(true) => return Ok(true),
                 Some(false) => {
                     // Shutting down: requests in flight still get answers.
@@ -778,7 +784,8 @@ impl Server {
                         return Ok(false);
                     }
                 }
-                None => conn.release_idle(),
+                // (Told the time again at the top.)
+                None => {}
             }
         }
     }
