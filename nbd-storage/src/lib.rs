@@ -69,6 +69,7 @@ pub use nbd_proto::wire::{AllocationFlags, BlockSizeConstraints};
 pub mod completion;
 pub mod cow;
 mod file;
+pub mod filter;
 pub mod image;
 mod memory;
 #[cfg(feature = "rbd")]

@@ -42,6 +42,7 @@ use nbd_proto::uri::{NbdUri, Transport};
 use nbd_server::{Backend, Export, Limits};
 use nbd_smol::server::{Listener, Server, ServerOptions};
 use nbd_smol::tls::ServerTlsOptions;
+use nbd_storage::filter::{self, FilterSpec};
 use nbd_storage::image::{ImageFormat, ImageOptions, ImageSet};
 use nbd_storage::{MemoryStorage, Storage};
 use nbd_tools::captive::describe_status;
@@ -101,6 +102,18 @@ struct Args {
     /// writable one's writes.
     #[arg(long = "export", value_name = "NAME=FILE")]
     exports: Vec<String>,
+    /// Stack a filter on every export, with nbdkit's filter names and
+    /// parameters: NAME[:KEY=VALUE,...] (repeatable; as with nbdkit, the
+    /// first one given is the one clients talk to, the last sits on the
+    /// storage), e.g. `--filter=cow --filter=retry:retries=3
+    /// --filter=delay:rdelay=100ms`. Filters: cow (cow-block-size), delay
+    /// (rdelay, wdelay, delay-read, -write, -zero, -trim, -extents,
+    /// -cache, delay-fast-zero), error (error, error-rate, error-file and
+    /// per operation error-pread..., error-pwrite..., error-trim...,
+    /// error-zero..., error-extents..., error-cache...), retry (retries,
+    /// retry-delay, retry-exponential, retry-readonly). Not on RBD exports.
+    #[arg(long = "filter", value_name = "NAME[:KEY=VALUE,...]")]
+    filters: Vec<String>,
     /// Serve every export read-only.
     #[arg(short = 'r', long = "read-only", alias = "readonly")]
     read_only: bool,
@@ -448,6 +461,11 @@ fn parse_source(spec: &str, args: &Args, bitmaps: &[String], images: &mut ImageS
 
 fn run(args: Args, forked: Option<Forked>) -> Result<u8, String> {
     check_modes(&args)?;
+    let filters: Vec<FilterSpec> = args
+        .filters
+        .iter()
+        .map(|f| f.parse().map_err(|e| format!("--filter {e}")))
+        .collect::<Result<_, _>>()?;
     let mut images = ImageSet::new();
     // (name, description, source) of every export, in order.
     let mut wanted: Vec<(String, String, Source)> = Vec::new();
@@ -504,8 +522,17 @@ fn run(args: Args, forked: Option<Forked>) -> Result<u8, String> {
             Source::Memory { size, read_only } => {
                 Backend::Sync(Arc::new(MemoryStorage::with_options(size, read_only)) as Arc<dyn Storage>)
             }
+            Source::Rbd { .. } if !filters.is_empty() => {
+                return Err("--filter applies to files, images and memory exports, not to RBD exports".into());
+            }
             Source::Rbd { spec, read_only } => rbd.open(&spec, read_only)?,
             Source::Image(i) => Backend::Sync(opened[i].take().ok_or("an image was opened for two exports")?),
+        };
+        let backend = match backend {
+            Backend::Sync(s) if !filters.is_empty() => {
+                Backend::Sync(filter::stack(s, &filters, None).map_err(|e| format!("--filter {e}"))?)
+            }
+            other => other,
         };
         exports.push(Export {
             name,
