@@ -44,7 +44,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use delay::Delay;
-pub use error::InjectErrors;
+pub use error::{InjectErrors, Injection};
 pub use retry::Retry;
 
 use crate::{Capabilities, Extent, SparseReads, StatusExtent, Storage, ZeroFlags};
