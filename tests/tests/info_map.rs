@@ -231,7 +231,10 @@ fn requests_cover_only_the_range() {
         .collect();
     assert!(!requests.is_empty(), "{log}");
     for (o, c) in requests {
-        assert!(o >= start && o + c <= start + len, "request {o}+{c} outside the range\n{log}");
+        assert!(
+            o >= start && o + c <= start + len,
+            "request {o}+{c} outside the range\n{log}"
+        );
     }
 }
 
