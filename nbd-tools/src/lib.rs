@@ -39,6 +39,37 @@ pub fn parse_seconds(s: &str) -> Result<Seconds, String> {
     Ok(Seconds((secs > 0.0).then(|| std::time::Duration::from_secs_f64(secs))))
 }
 
+/// Parses a command-line size in bytes: `4096`, `512M`, `1G`, `1.5G`,
+/// `2GiB` (binary multiples K, M, G, T, P, E; an optional `B` or `iB`
+/// after the suffix): nbd-serve's `--memory` and `--max-payload`,
+/// nbd-info's `--offset` and `--length`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
+    let (num, mult) = match t.chars().last() {
+        Some(c) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                'P' => 1 << 50,
+                'E' => 1 << 60,
+                _ => return Err(format!("invalid size {s:?}: unknown suffix {c:?}")),
+            };
+            (&t[..t.len() - 1], m)
+        }
+        _ => (t, 1),
+    };
+    if let Ok(n) = num.parse::<u64>() {
+        return n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"));
+    }
+    match num.parse::<f64>() {
+        Ok(f) if f >= 0.0 && f.is_finite() && f * (mult as f64) < u64::MAX as f64 => Ok((f * mult as f64) as u64),
+        _ => Err(format!("invalid size {s:?}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -52,5 +83,16 @@ mod tests {
         for bad in ["", "-1", "NaN", "inf", "1e10", "5s"] {
             assert!(parse_seconds(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1.5K"), Ok(1536));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("99999999E").is_err());
     }
 }

@@ -4,6 +4,23 @@
 //! (`--can` and `--is`: 0 true, 2 false, 1 error; 1 for every error and
 //! usage error), and a server run as a subprocess with
 //! `nbd-info -- [ CMD ARGS ... ]`.
+//!
+//! Two things nbdinfo 1.14 lacks (its TODO asks for both):
+//!
+//! - `--map --offset=N --length=N` maps only `[N, N+LENGTH)` (LENGTH
+//!   defaults to the end of the export): the block-status requests cover
+//!   only that range, the first extent starts at the offset and the last
+//!   is clipped at the end of the range; `--totals` then gives the shares
+//!   of the range.
+//! - `--map` given several times maps several contexts over one
+//!   connection (`--map` alone is `base:allocation`; a context given twice
+//!   counts once). With one context the output is nbdinfo's. With several,
+//!   the text output is one section per context, in the order given: a
+//!   line with the context's name alone, then its map (or `--totals`)
+//!   lines exactly as for that context alone, and an empty line between
+//!   sections. `--json` prints one object whose keys are the context
+//!   names, in the order given, and whose values are the arrays the
+//!   context alone would print.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -35,12 +52,32 @@ struct Args {
     #[arg(short = 'L', long)]
     list: bool,
     /// Print the map of a metadata context (default `base:allocation`).
-    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = CONTEXT_BASE_ALLOCATION, value_name = "CONTEXT")]
-    map: Option<String>,
-    /// With --map: print how much of the export each type covers, in bytes
-    /// and percent, instead of the map.
+    /// Give --map several times for several contexts over one connection:
+    /// the text output is then a line with each context's name followed by
+    /// its map, an empty line between contexts; --json prints an object
+    /// keyed by context name whose values are the single-context arrays.
+    #[arg(
+        long,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = CONTEXT_BASE_ALLOCATION,
+        value_name = "CONTEXT",
+        action = clap::ArgAction::Append
+    )]
+    map: Vec<String>,
+    /// With --map: print how much of the export (or of the range of
+    /// --offset and --length) each type covers, in bytes and percent,
+    /// instead of the map.
     #[arg(long, alias = "total")]
     totals: bool,
+    /// With --map: start the map at byte N (K, M, G, T suffixes) instead
+    /// of 0.
+    #[arg(long, value_name = "N", value_parser = nbd_tools::parse_size)]
+    offset: Option<u64>,
+    /// With --map: map N bytes (K, M, G, T suffixes) from --offset instead
+    /// of up to the end of the export.
+    #[arg(long, value_name = "N", value_parser = nbd_tools::parse_size)]
+    length: Option<u64>,
     /// Print only the export size in bytes.
     #[arg(long)]
     size: bool,
@@ -153,14 +190,24 @@ fn main() -> ExitCode {
 
 /// Refuses what nbdinfo refuses: more than one of --list, --map, --size,
 /// --can/--is; --totals without --map; a --can or --is feature nobody
-/// knows; more than one server.
+/// knows; more than one server. And --offset or --length without --map,
+/// or a range past 2^64.
 fn check_modes(args: &Args, commands: usize) -> Result<(), String> {
-    let modes = [args.list, args.map.is_some(), args.size, args.can.is_some()];
+    let mapping = !args.map.is_empty();
+    let modes = [args.list, mapping, args.size, args.can.is_some()];
     if modes.iter().filter(|m| **m).count() > 1 {
         return Err("you cannot use --list, --map, --size and --can/--is together".into());
     }
-    if args.totals && args.map.is_none() {
+    if args.totals && !mapping {
         return Err("you must use --totals only with --map".into());
+    }
+    if !mapping && (args.offset.is_some() || args.length.is_some()) {
+        return Err("you must use --offset and --length only with --map".into());
+    }
+    if let (Some(o), Some(l)) = (args.offset, args.length)
+        && o.checked_add(l).is_none()
+    {
+        return Err(format!("--offset={o} plus --length={l} overflows 64 bits"));
     }
     if let Some(f) = &args.can
         && Feature::parse(f).is_none()
@@ -260,16 +307,57 @@ fn run(args: &Args, target: &Target) -> Result<Outcome, String> {
         let feature = Feature::parse(f).ok_or_else(|| format!("unknown --can or --is feature: {f}"))?;
         return can(uri, feature, &opts).map(Outcome::Feature).map_err(connect_err);
     }
-    if let Some(context) = &args.map {
-        let extents = map(uri, context, &opts).map_err(|e| match e {
+    if !args.map.is_empty() {
+        let mut contexts: Vec<&str> = Vec::new();
+        for c in &args.map {
+            if !contexts.contains(&c.as_str()) {
+                contexts.push(c);
+            }
+        }
+        let range = Range {
+            offset: args.offset.unwrap_or(0),
+            length: args.length,
+        };
+        let maps = map(uri, &contexts, range, &opts).map_err(|e| match e {
             MapError::Nbd(e) => connect_err(e),
-            MapError::NoContext(c) => format!("--map: server does not support metadata context {c:?}"),
+            MapError::NoContext(c) if c.len() == 1 => {
+                format!("--map: server does not support metadata context {:?}", c[0])
+            }
+            MapError::NoContext(c) => format!("--map: server does not support metadata contexts {c:?}"),
+            MapError::Range(e) => e,
         })?;
-        return Ok(Outcome::Print(if args.totals {
-            render_totals(context, &extents, args.json)
-        } else {
-            render_map(context, &extents.extents, args.json)
-        }));
+        let render = |context: &str, m: &Map| {
+            if args.totals {
+                render_totals(context, m, args.json)
+            } else {
+                render_map(context, &m.extents, args.json)
+            }
+        };
+        if let [m] = &maps[..] {
+            return Ok(Outcome::Print(render(contexts[0], m)));
+        }
+        let mut out = String::new();
+        if args.json {
+            out.push_str("{\n");
+        }
+        for (i, (context, m)) in contexts.iter().zip(&maps).enumerate() {
+            let last = i + 1 == maps.len();
+            if args.json {
+                let body = render(context, m);
+                let body = body.trim_end_matches('\n');
+                let _ = writeln!(out, "{}: {body}{}", json_str(context), if last { "" } else { "," });
+            } else {
+                let _ = writeln!(out, "{context}");
+                out.push_str(&render(context, m));
+                if !last {
+                    out.push('\n');
+                }
+            }
+        }
+        if args.json {
+            out.push_str("}\n");
+        }
+        return Ok(Outcome::Print(out));
     }
     if args.size {
         let client =
@@ -350,7 +438,10 @@ fn describe(context: &str, flags: u64) -> String {
 
 enum MapError {
     Nbd(nbd_blocking::Error),
-    NoContext(String),
+    /// The contexts the server does not offer.
+    NoContext(Vec<String>),
+    /// --offset or --length past the end of the export.
+    Range(String),
 }
 
 impl From<nbd_blocking::Error> for MapError {
@@ -359,58 +450,120 @@ impl From<nbd_blocking::Error> for MapError {
     }
 }
 
-/// A metadata context's map of the whole export.
+/// The part of the export `--map` covers: `--offset` and `--length`
+/// (`None`: up to the end of the export).
+#[derive(Debug, Clone, Copy)]
+struct Range {
+    offset: u64,
+    length: Option<u64>,
+}
+
+/// A metadata context's map of the range.
 struct Map {
-    /// The export's size.
+    /// The number of bytes mapped: the range's length (the export's size
+    /// without --offset and --length).
     size: u64,
-    /// (offset, length, type), adjacent runs of one type merged.
+    /// (offset, length, type), adjacent runs of one type merged, from the
+    /// range's start to its end.
     extents: Vec<(u64, u64, u64)>,
 }
 
-fn map(uri: &NbdUri, context: &str, opts: &ConnectOptions) -> Result<Map, MapError> {
+/// Maps `contexts` (at least one, no duplicates) over `range`, all on one
+/// connection: each block-status request covers the range from the
+/// lowest offset some context still lacks, and its reply extends every
+/// context's map (a server may describe less than asked, and each context
+/// a different length).
+fn map(uri: &NbdUri, contexts: &[&str], range: Range, opts: &ConnectOptions) -> Result<Vec<Map>, MapError> {
     let config = ClientConfig::default()
         .export_name(uri.export.clone())
-        .meta_contexts(vec![context.to_string()]);
+        .meta_contexts(contexts.iter().map(|c| c.to_string()).collect());
     let mut client = Client::connect_with(uri, config, opts)?;
-    let Some(id) = client.negotiated().context_id(context) else {
+    let ids: Vec<Option<u32>> = contexts.iter().map(|c| client.negotiated().context_id(c)).collect();
+    let missing: Vec<String> = contexts
+        .iter()
+        .zip(&ids)
+        .filter(|(_, id)| id.is_none())
+        .map(|(c, _)| c.to_string())
+        .collect();
+    if !missing.is_empty() {
         let _ = client.disconnect();
-        return Err(MapError::NoContext(context.to_string()));
-    };
+        return Err(MapError::NoContext(missing));
+    }
     let size = client.size();
+    let start = range.offset;
+    let end = match range.length {
+        None => Some(size),
+        Some(l) => start.checked_add(l),
+    };
+    let end = match end {
+        Some(end) if start <= size && end <= size => end,
+        _ => {
+            let _ = client.disconnect();
+            return Err(MapError::Range(if start > size {
+                format!("--offset={start} is beyond the end of the export ({size} bytes)")
+            } else {
+                format!(
+                    "--offset={start} --length={} ends beyond the end of the export ({size} bytes)",
+                    range.length.unwrap_or(0)
+                )
+            }));
+        }
+    };
     let c = client.constraints();
+    let minimum = u64::from(c.minimum).max(1);
     // Ask for as much as a request can describe, aligned to the minimum.
     let max_req: u64 = if client.mode().extended() {
         1 << 62
     } else {
-        (u32::MAX as u64) & !(c.minimum as u64 - 1)
+        (u32::MAX as u64) - (u32::MAX as u64) % minimum
     };
-    let mut merged: Vec<(u64, u64, u64)> = Vec::new();
-    let mut offset = 0u64;
-    while offset < size {
-        let len = (size - offset).min(max_req);
-        let statuses = client.block_status(offset, len, CommandFlags::empty())?;
-        let Some(st) = statuses.into_iter().find(|s| s.context_id == id) else {
-            break;
-        };
-        let mut advanced = 0u64;
-        for e in st.extents {
-            let l = e.length.min(size - offset - advanced);
-            if l == 0 {
-                break;
-            }
-            match merged.last_mut() {
-                Some(last) if last.2 == e.flags && last.0 + last.1 == offset + advanced => last.1 += l,
-                _ => merged.push((offset + advanced, l, e.flags)),
-            }
-            advanced += l;
-        }
-        if advanced == 0 {
+    let mut maps: Vec<Vec<(u64, u64, u64)>> = vec![Vec::new(); contexts.len()];
+    // How far each context's map goes.
+    let mut reached = vec![start; contexts.len()];
+    loop {
+        let from = reached.iter().copied().min().unwrap_or(end);
+        if from >= end {
             break;
         }
-        offset += advanced;
+        // Requests aligned to the minimum block size, within the export.
+        let req_start = from - from % minimum;
+        let req_end = end.checked_next_multiple_of(minimum).unwrap_or(size).min(size);
+        let len = (req_end - req_start).min(max_req);
+        let statuses = client.block_status(req_start, len, CommandFlags::empty())?;
+        for (i, id) in ids.iter().enumerate() {
+            let Some(st) = statuses.iter().find(|s| Some(s.context_id) == *id) else {
+                continue;
+            };
+            let mut pos = req_start;
+            for e in &st.extents {
+                let e_end = pos.saturating_add(e.length);
+                let (lo, hi) = (pos.max(reached[i]), e_end.min(end));
+                if hi > lo && lo == reached[i] {
+                    match maps[i].last_mut() {
+                        Some(last) if last.2 == e.flags && last.0 + last.1 == lo => last.1 += hi - lo,
+                        _ => maps[i].push((lo, hi - lo, e.flags)),
+                    }
+                    reached[i] = hi;
+                }
+                pos = e_end;
+                if pos >= end {
+                    break;
+                }
+            }
+        }
+        // A server that describes nothing of where a map stops.
+        if reached.iter().copied().min() == Some(from) {
+            break;
+        }
     }
     let _ = client.disconnect();
-    Ok(Map { size, extents: merged })
+    Ok(maps
+        .into_iter()
+        .map(|extents| Map {
+            size: end - start,
+            extents,
+        })
+        .collect())
 }
 
 /// `--map`, as nbdinfo prints it.

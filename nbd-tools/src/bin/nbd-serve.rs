@@ -47,6 +47,7 @@ use nbd_storage::image::{ImageFormat, ImageOptions, ImageSet};
 use nbd_storage::{MemoryStorage, Storage};
 use nbd_tools::captive::describe_status;
 use nbd_tools::cli::{PrivateDir, shell_quote};
+use nbd_tools::parse_size;
 
 /// Serve files, block devices, disk images or memory over the Network
 /// Block Device protocol, with qemu-nbd's options (and nbdkit's --run,
@@ -307,34 +308,6 @@ fn tls_setup(args: &Args) -> Result<(TlsPolicy, Option<Arc<nbd_smol::tls::rustls
     };
     let config = opts.build().map_err(|e| e.to_string())?;
     Ok((policy, Some(config)))
-}
-
-/// Parses sizes like `1G`, `512M`, `4096`, `1.5G` (binary multiples).
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
-    let (num, mult) = match t.chars().last() {
-        Some(c) if c.is_ascii_alphabetic() => {
-            let m: u64 = match c.to_ascii_uppercase() {
-                'K' => 1 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                'P' => 1 << 50,
-                'E' => 1 << 60,
-                _ => return Err(format!("invalid size {s:?}: unknown suffix {c:?}")),
-            };
-            (&t[..t.len() - 1], m)
-        }
-        _ => (t, 1),
-    };
-    if let Ok(n) = num.parse::<u64>() {
-        return n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"));
-    }
-    match num.parse::<f64>() {
-        Ok(f) if f >= 0.0 && f.is_finite() && f * (mult as f64) < u64::MAX as f64 => Ok((f * mult as f64) as u64),
-        _ => Err(format!("invalid size {s:?}")),
-    }
 }
 
 /// The RBD images opened so far: their cluster connections are shared,
@@ -1059,21 +1032,5 @@ fn main() -> ExitCode {
             eprintln!("nbd-serve: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("1G"), Ok(1 << 30));
-        assert_eq!(parse_size("512M"), Ok(512 << 20));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("1.5K"), Ok(1536));
-        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
-        assert!(parse_size("1X").is_err());
-        assert!(parse_size("99999999E").is_err());
     }
 }
