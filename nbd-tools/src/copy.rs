@@ -324,8 +324,22 @@ async fn dirty_runs(p: &Pool, ctx: &str, start: u64, window: u64) -> Result<Vec<
     if alloc_id.is_none() {
         zero.push((window, false));
     }
+    let runs = merge_runs(&dirty, &zero, window);
+    if runs.is_empty() {
+        return Err(format!(
+            "block status at {start}: the server's answer has no extents of {ctx}{}",
+            if alloc_id.is_some() { " or base:allocation" } else { "" }
+        ));
+    }
+    Ok(runs)
+}
+
+/// Merges the dirty bitmap's extents `(length, dirty)` and the
+/// allocation map's `(length, zero)` into runs, over what both cover (at
+/// most `window` bytes).
+fn merge_runs(dirty: &[(u64, bool)], zero: &[(u64, bool)], window: u64) -> Vec<DirtyRun> {
     let mut runs: Vec<DirtyRun> = Vec::new();
-    let (mut a, mut b) = (dirty.into_iter(), zero.into_iter());
+    let (mut a, mut b) = (dirty.iter().copied(), zero.iter().copied());
     let (mut da, mut zb) = (a.next(), b.next());
     let mut covered = 0u64;
     while let (Some((la, fa)), Some((lb, fb))) = (da, zb) {
@@ -345,13 +359,7 @@ async fn dirty_runs(p: &Pool, ctx: &str, start: u64, window: u64) -> Result<Vec<
         da = if la > n { Some((la - n, fa)) } else { a.next() };
         zb = if lb > n { Some((lb - n, fb)) } else { b.next() };
     }
-    if runs.is_empty() {
-        return Err(format!(
-            "block status at {start}: the server's answer has no extents of {ctx}{}",
-            if alloc_id.is_some() { " or base:allocation" } else { "" }
-        ));
-    }
-    Ok(runs)
+    runs
 }
 
 /// The bytes the dirty bitmap `ctx` marks dirty in the whole export (the
@@ -894,5 +902,39 @@ async fn write_zeroes(dst: &Side, offset: u64, length: u64, allocated: bool, buf
                 .map_err(|e| format!("zero at {offset}: {e}"))
         }
         Side::Null => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(length: u64, dirty: bool, zero: bool) -> DirtyRun {
+        DirtyRun { length, dirty, zero }
+    }
+
+    #[test]
+    fn dirty_runs_merge_both_maps_over_what_both_cover() {
+        // Different boundaries; the allocation map covers less.
+        let dirty = [(100, false), (50, true), (200, false)];
+        let zero = [(120, true), (60, false)];
+        assert_eq!(
+            merge_runs(&dirty, &zero, 1000),
+            vec![
+                run(100, false, true),
+                run(20, true, true),
+                run(30, true, false),
+                run(30, false, false)
+            ]
+        );
+        // Equal neighbours are one run; the window bounds everything.
+        let dirty = [(10, true), (10, true), (100, false)];
+        let zero = [(5, false), (500, false)];
+        assert_eq!(
+            merge_runs(&dirty, &zero, 50),
+            vec![run(20, true, false), run(30, false, false)]
+        );
+        // One map empty: nothing covered.
+        assert!(merge_runs(&dirty, &[], 50).is_empty());
     }
 }
