@@ -502,8 +502,11 @@ impl Client {
     }
 
     fn from_parts(session: ClientSession, conn: Conn) -> Result<Client> {
-        // The handshake's deadline may have left socket timeouts behind.
-        conn.disarm();
+        // The handshake's deadline may have left socket timeouts behind
+        // (without deadlines, the socket's timeouts are the caller's own).
+        if session.has_deadlines() {
+            conn.disarm();
+        }
         let negotiated = session
             .negotiated()
             .cloned()

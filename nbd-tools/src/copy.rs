@@ -14,6 +14,16 @@
 //! A stream is read or written in order, with reads of the other side
 //! running ahead in parallel (see the `stream` submodule); its size is
 //! what it holds when it ends.
+//!
+//! With [`CopyOptions::dirty_bitmap`], the copy is incremental, as backup
+//! tools make them from a QEMU dirty bitmap: the source (an NBD export)
+//! must offer the `qemu:dirty-bitmap:NAME` context, negotiated with
+//! `base:allocation`; only the extents it marks dirty are copied (their
+//! holes and zero extents as WRITE_ZEROES, so the destination ends equal
+//! to the source), onto a destination that already exists and is at
+//! least the source's size. The destination is never created, truncated
+//! or resized, and nothing outside the dirty extents is written. The
+//! progress total is the dirty bytes.
 
 use std::collections::VecDeque;
 use std::io;
@@ -23,7 +33,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use nbd_proto::client::ClientConfig;
 use nbd_proto::uri::NbdUri;
-use nbd_proto::wire::{AllocationFlags, CONTEXT_BASE_ALLOCATION, CommandFlags, TransmissionFlags};
+use nbd_proto::wire::{
+    AllocationFlags, CONTEXT_BASE_ALLOCATION, CONTEXT_QEMU_DIRTY_BITMAP_PREFIX, CommandFlags, TransmissionFlags,
+};
 use nbd_storage::{FileStorage, Storage, ZeroFlags};
 use smol::lock::Mutex;
 
@@ -95,6 +107,21 @@ pub struct CopyOptions {
     /// on across a restart of a server; see `nbd_net::resilience` for
     /// what is sent again).
     pub reconnect: Option<Reconnect>,
+    /// Copy only the extents this metadata context (a QEMU dirty bitmap,
+    /// `qemu:dirty-bitmap:NAME`; see [`dirty_bitmap_context`]) marks dirty
+    /// (status bit 0), onto an existing destination: an incremental
+    /// backup.
+    pub dirty_bitmap: Option<String>,
+}
+
+/// The metadata context of a dirty bitmap given as `NAME` or as the full
+/// `qemu:dirty-bitmap:NAME`.
+pub fn dirty_bitmap_context(name: &str) -> Result<String, String> {
+    let bare = name.strip_prefix(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX).unwrap_or(name);
+    if bare.is_empty() {
+        return Err("--dirty-bitmap: the bitmap name is empty".into());
+    }
+    Ok(format!("{CONTEXT_QEMU_DIRTY_BITMAP_PREFIX}{bare}"))
 }
 
 impl Default for CopyOptions {
@@ -109,6 +136,7 @@ impl Default for CopyOptions {
             extents: true,
             timeouts: Timeouts::default(),
             reconnect: None,
+            dirty_bitmap: None,
         }
     }
 }
@@ -149,13 +177,9 @@ fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
-async fn open_nbd(uri: &NbdUri, opts: &CopyOptions, want_status: bool) -> Result<Pool, String> {
+async fn open_nbd(uri: &NbdUri, opts: &CopyOptions, contexts: Vec<String>) -> Result<Pool, String> {
     let config = ClientConfig::default()
-        .meta_contexts(if want_status {
-            vec![CONTEXT_BASE_ALLOCATION.to_string()]
-        } else {
-            Vec::new()
-        })
+        .meta_contexts(contexts)
         .max_in_flight(opts.requests.max(1));
     let connect = ConnectOptions::default()
         .timeouts(opts.timeouts)
@@ -181,6 +205,9 @@ struct Planner {
     request_size: u64,
     /// Walk the allocation map ([`CopyOptions::extents`]).
     extents: bool,
+    /// Copy only what this context marks dirty
+    /// ([`CopyOptions::dirty_bitmap`]).
+    dirty: Option<String>,
 }
 
 /// Zero extents are sent in pieces no larger than this.
@@ -192,6 +219,9 @@ impl Planner {
     async fn refill(&mut self, src: &Side) -> Result<(), String> {
         if self.next_offset >= self.size {
             return Ok(());
+        }
+        if let (Some(ctx), Side::Nbd(p)) = (&self.dirty, src) {
+            return self.refill_dirty(p, &ctx.clone()).await;
         }
         let start = self.next_offset;
         // One query covers as much as the protocol lets it: the rest of the
@@ -238,27 +268,8 @@ impl Planner {
             if len == 0 {
                 break;
             }
-            let mut o = off;
             let end = off + len;
-            while o < end {
-                let piece = if zero {
-                    (end - o).min(ZERO_PIECE)
-                } else {
-                    (end - o).min(self.request_size)
-                };
-                self.queue.push_back(if zero {
-                    Work::Zero {
-                        offset: o,
-                        length: piece,
-                    }
-                } else {
-                    Work::Data {
-                        offset: o,
-                        length: piece,
-                    }
-                });
-                o += piece;
-            }
+            self.push(off, end, zero);
             off = end;
         }
         self.next_offset = off.max(start + 1).min(self.size);
@@ -266,8 +277,157 @@ impl Planner {
     }
 }
 
-/// Copies `src` to `dst`; returns the number of bytes copied.
+/// The largest window one block-status query may cover on `p`: the rest
+/// of the export with extended headers, else what 32 bits can describe.
+fn status_limit(p: &Pool) -> u64 {
+    if p.negotiated().mode.extended() {
+        u64::MAX
+    } else {
+        let min = p.negotiated().constraints().minimum.max(1) as u64;
+        (u32::MAX as u64 / min) * min
+    }
+}
+
+/// One run of a dirty-bitmap walk: its length, whether the bitmap marks
+/// it dirty, whether `base:allocation` says it reads as zeroes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DirtyRun {
+    length: u64,
+    dirty: bool,
+    zero: bool,
+}
+
+/// The dirty bitmap `ctx` and the allocation map (if negotiated) of
+/// `window` bytes at `start`, merged into runs. They cover what both
+/// contexts' answers cover (a server may answer for less than asked, and
+/// for less with one context than the other); never nothing.
+async fn dirty_runs(p: &Pool, ctx: &str, start: u64, window: u64) -> Result<Vec<DirtyRun>, String> {
+    let neg = p.negotiated();
+    let dirty_id = neg
+        .context_id(ctx)
+        .ok_or_else(|| format!("the context {ctx} was not negotiated"))?;
+    let alloc_id = neg.context_id(CONTEXT_BASE_ALLOCATION);
+    let st = p
+        .block_status(start, window, CommandFlags::empty())
+        .await
+        .map_err(|e| format!("block status at {start}: {e}"))?;
+    let mut dirty: Vec<(u64, bool)> = Vec::new();
+    let mut zero: Vec<(u64, bool)> = Vec::new();
+    let zero_bit = u64::from(AllocationFlags::ZERO.bits());
+    for s in &st {
+        if s.context_id == dirty_id {
+            dirty.extend(s.extents.iter().map(|e| (e.length, e.flags & 1 != 0)));
+        } else if Some(s.context_id) == alloc_id {
+            zero.extend(s.extents.iter().map(|e| (e.length, e.flags & zero_bit != 0)));
+        }
+    }
+    if alloc_id.is_none() {
+        zero.push((window, false));
+    }
+    let runs = merge_runs(&dirty, &zero, window);
+    if runs.is_empty() {
+        return Err(format!(
+            "block status at {start}: the server's answer has no extents of {ctx}{}",
+            if alloc_id.is_some() { " or base:allocation" } else { "" }
+        ));
+    }
+    Ok(runs)
+}
+
+/// Merges the dirty bitmap's extents `(length, dirty)` and the
+/// allocation map's `(length, zero)` into runs, over what both cover (at
+/// most `window` bytes).
+fn merge_runs(dirty: &[(u64, bool)], zero: &[(u64, bool)], window: u64) -> Vec<DirtyRun> {
+    let mut runs: Vec<DirtyRun> = Vec::new();
+    let (mut a, mut b) = (dirty.iter().copied(), zero.iter().copied());
+    let (mut da, mut zb) = (a.next(), b.next());
+    let mut covered = 0u64;
+    while let (Some((la, fa)), Some((lb, fb))) = (da, zb) {
+        let n = la.min(lb).min(window - covered);
+        if n == 0 {
+            break;
+        }
+        match runs.last_mut() {
+            Some(r) if r.dirty == fa && r.zero == fb => r.length += n,
+            _ => runs.push(DirtyRun {
+                length: n,
+                dirty: fa,
+                zero: fb,
+            }),
+        }
+        covered += n;
+        da = if la > n { Some((la - n, fa)) } else { a.next() };
+        zb = if lb > n { Some((lb - n, fb)) } else { b.next() };
+    }
+    runs
+}
+
+/// The bytes the dirty bitmap `ctx` marks dirty in the whole export (the
+/// progress total of an incremental copy).
+async fn dirty_bytes(p: &Pool, ctx: &str) -> Result<u64, String> {
+    let size = p.size();
+    let mut off = 0;
+    let mut total = 0;
+    while off < size {
+        let window = (size - off).min(status_limit(p));
+        for r in dirty_runs(p, ctx, off, window).await? {
+            if r.dirty {
+                total += r.length;
+            }
+            off += r.length;
+        }
+    }
+    Ok(total)
+}
+
+impl Planner {
+    /// Queues the dirty runs of the next window; clean ones are skipped.
+    async fn refill_dirty(&mut self, p: &Pool, ctx: &str) -> Result<(), String> {
+        let start = self.next_offset;
+        let window = (self.size - start).min(status_limit(p));
+        let mut off = start;
+        for r in dirty_runs(p, ctx, start, window).await? {
+            let end = off + r.length;
+            if r.dirty {
+                self.push(off, end, r.zero);
+            }
+            off = end;
+        }
+        self.next_offset = off.min(self.size);
+        Ok(())
+    }
+
+    /// Queues `off..end` as zeroes or data, in pieces.
+    fn push(&mut self, off: u64, end: u64, zero: bool) {
+        let mut o = off;
+        while o < end {
+            let piece = if zero {
+                (end - o).min(ZERO_PIECE)
+            } else {
+                (end - o).min(self.request_size)
+            };
+            self.queue.push_back(if zero {
+                Work::Zero {
+                    offset: o,
+                    length: piece,
+                }
+            } else {
+                Work::Data {
+                    offset: o,
+                    length: piece,
+                }
+            });
+            o += piece;
+        }
+    }
+}
+
+/// Copies `src` to `dst`; returns the number of bytes copied (with
+/// [`CopyOptions::dirty_bitmap`], the dirty bytes).
 pub async fn copy(src: &Location, dst: &Location, opts: &CopyOptions, progress: Arc<Progress>) -> Result<u64, String> {
+    if let Some(ctx) = &opts.dirty_bitmap {
+        return copy_dirty(src, dst, ctx, opts, progress).await;
+    }
     let src_side = match open_source(src, opts).await? {
         Source::Random(side) => side,
         Source::Stream(input) => return stream::from_stream(input, dst, opts, progress).await,
@@ -279,7 +439,119 @@ pub async fn copy(src: &Location, dst: &Location, opts: &CopyOptions, progress: 
     let dst_side = open_destination(dst, opts, size).await?;
     let dst_is_zero = destination_is_zero(&dst_side, opts);
     progress.total.store(size, Ordering::Relaxed);
-    let planner = Mutex::new(Planner::new(size, opts));
+    run_workers(
+        src_side,
+        dst_side,
+        dst_is_zero,
+        Planner::new(size, opts),
+        opts,
+        progress,
+    )
+    .await
+}
+
+/// An incremental copy: what the dirty bitmap `ctx` marks dirty, from an
+/// NBD source onto an existing destination (see the module docs).
+async fn copy_dirty(
+    src: &Location,
+    dst: &Location,
+    ctx: &str,
+    opts: &CopyOptions,
+    progress: Arc<Progress>,
+) -> Result<u64, String> {
+    let uri = match src {
+        Location::Nbd(u) => u,
+        _ => return Err("--dirty-bitmap: the source must be an NBD export (a URI or [ CMD ARGS ... ])".into()),
+    };
+    match dst {
+        Location::Stdio => {
+            return Err(
+                "--dirty-bitmap: the destination must be an existing file, block device or NBD export, not -".into(),
+            );
+        }
+        Location::Nbd(_) | Location::File(_) | Location::Null => {}
+    }
+    let mut contexts = Vec::new();
+    if opts.extents {
+        contexts.push(CONTEXT_BASE_ALLOCATION.to_string());
+    }
+    contexts.push(ctx.to_string());
+    let pool = open_nbd(uri, opts, contexts).await?;
+    let bitmap = ctx.strip_prefix(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX).unwrap_or(ctx);
+    if pool.negotiated().context_id(ctx).is_none() {
+        let export = pool.negotiated().export_name.clone();
+        let _ = pool.disconnect().await;
+        return Err(format!(
+            "{}: export {export:?} has no dirty bitmap {bitmap:?} (the server does not offer the metadata context {ctx})",
+            uri.to_uri_string()
+        ));
+    }
+    let size = pool.size();
+    let src_side = Side::Nbd(pool);
+    let dst_side = match dst {
+        Location::File(p) => Side::File(Arc::new(open_existing_file(p, size)?), false),
+        Location::Null => Side::Null,
+        _ => open_destination(dst, opts, size).await?,
+    };
+    let total = match &src_side {
+        Side::Nbd(p) => dirty_bytes(p, ctx).await?,
+        _ => 0,
+    };
+    progress.total.store(total, Ordering::Relaxed);
+    let mut planner = Planner::new(size, opts);
+    planner.dirty = Some(ctx.to_string());
+    run_workers(src_side, dst_side, false, planner, opts, progress).await
+}
+
+/// Opens an existing file or block device of at least `size` bytes for
+/// writing, as it is: never created, truncated or resized.
+fn open_existing_file(p: &PathBuf, size: u64) -> Result<FileStorage, String> {
+    let ctx = |e: io::Error| format!("{}: {e}", p.display());
+    let m = std::fs::metadata(p).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            format!(
+                "{}: the destination does not exist (--dirty-bitmap writes onto an existing copy)",
+                p.display()
+            )
+        } else {
+            ctx(e)
+        }
+    })?;
+    use std::os::unix::fs::FileTypeExt;
+    let kind = m.file_type();
+    if !kind.is_file() && !kind.is_block_device() {
+        return Err(format!(
+            "{}: --dirty-bitmap needs a file or block device as the destination, not a stream",
+            p.display()
+        ));
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .map_err(ctx)?;
+    let f = FileStorage::from_file(f, false).map_err(ctx)?;
+    if f.size() < size {
+        return Err(format!(
+            "{}: the destination ({} bytes) is smaller than the source ({size} bytes)",
+            p.display(),
+            f.size()
+        ));
+    }
+    Ok(f)
+}
+
+/// Runs the workers of a copy between random-access sides, `planner`
+/// saying what to copy; returns the bytes dealt with.
+async fn run_workers(
+    src_side: Side,
+    dst_side: Side,
+    dst_is_zero: bool,
+    planner: Planner,
+    opts: &CopyOptions,
+    progress: Arc<Progress>,
+) -> Result<u64, String> {
+    let planner = Mutex::new(planner);
     let workers = match (&src_side, &dst_side) {
         (Side::Nbd(p), _) | (_, Side::Nbd(p)) => p.clients().len() * opts.requests.max(1),
         _ => opts.requests.max(1),
@@ -334,7 +606,14 @@ enum Source {
 
 async fn open_source(src: &Location, opts: &CopyOptions) -> Result<Source, String> {
     Ok(match src {
-        Location::Nbd(u) => Source::Random(Side::Nbd(open_nbd(u, opts, opts.extents).await?)),
+        Location::Nbd(u) => {
+            let contexts = if opts.extents {
+                vec![CONTEXT_BASE_ALLOCATION.to_string()]
+            } else {
+                Vec::new()
+            };
+            Source::Random(Side::Nbd(open_nbd(u, opts, contexts).await?))
+        }
         Location::File(p) => {
             let name = p.display().to_string();
             let f = std::fs::File::open(p).map_err(|e| format!("{name}: {e}"))?;
@@ -364,7 +643,7 @@ fn random_or_stream(f: std::fs::File, name: String, read_only: bool) -> Result<S
 async fn open_destination(dst: &Location, opts: &CopyOptions, size: u64) -> Result<Side, String> {
     Ok(match dst {
         Location::Nbd(u) => {
-            let p = open_nbd(u, opts, false).await?;
+            let p = open_nbd(u, opts, Vec::new()).await?;
             if p.flags().contains(TransmissionFlags::READ_ONLY) {
                 return Err(format!("{}: the destination export is read-only", u.to_uri_string()));
             }
@@ -420,6 +699,7 @@ impl Planner {
             queue: VecDeque::new(),
             request_size: opts.request_size as u64,
             extents: opts.extents,
+            dirty: None,
         }
     }
 }
@@ -622,5 +902,39 @@ async fn write_zeroes(dst: &Side, offset: u64, length: u64, allocated: bool, buf
                 .map_err(|e| format!("zero at {offset}: {e}"))
         }
         Side::Null => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(length: u64, dirty: bool, zero: bool) -> DirtyRun {
+        DirtyRun { length, dirty, zero }
+    }
+
+    #[test]
+    fn dirty_runs_merge_both_maps_over_what_both_cover() {
+        // Different boundaries; the allocation map covers less.
+        let dirty = [(100, false), (50, true), (200, false)];
+        let zero = [(120, true), (60, false)];
+        assert_eq!(
+            merge_runs(&dirty, &zero, 1000),
+            vec![
+                run(100, false, true),
+                run(20, true, true),
+                run(30, true, false),
+                run(30, false, false)
+            ]
+        );
+        // Equal neighbours are one run; the window bounds everything.
+        let dirty = [(10, true), (10, true), (100, false)];
+        let zero = [(5, false), (500, false)];
+        assert_eq!(
+            merge_runs(&dirty, &zero, 50),
+            vec![run(20, true, false), run(30, false, false)]
+        );
+        // One map empty: nothing covered.
+        assert!(merge_runs(&dirty, &[], 50).is_empty());
     }
 }

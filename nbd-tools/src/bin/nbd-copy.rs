@@ -1,5 +1,16 @@
 //! `nbd-copy`: copy between NBD exports, local files and block devices,
 //! stdin and stdout, in the manner of libnbd's `nbdcopy`.
+//!
+//! `--dirty-bitmap=NAME` makes an incremental backup copy, as
+//! virtnbdbackup, oVirt and Incus make them (nbdcopy cannot): only the
+//! extents the source's QEMU dirty bitmap (the `qemu:dirty-bitmap:NAME`
+//! metadata context, e.g. from `qemu-nbd -B NAME` or `nbd-serve -B NAME`)
+//! marks dirty are copied, onto the previous full copy. The source must be
+//! an NBD export offering the bitmap; the destination must exist and be
+//! at least the source's size, and is never created, truncated or
+//! resized; inside the dirty extents holes and zeroes are written as
+//! zeroes, outside them nothing is written. `--progress` counts the dirty
+//! bytes.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -40,7 +51,8 @@ const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
         nbd-copy nbd://example.com local.img\n  \
         nbd-copy local.img nbd://example.com\n  \
         nbd-copy nbd://example.com - | file -\n  \
-        cat disk1 disk2 | nbd-copy -- - [ qemu-nbd -f qcow2 output.qcow2 ]"
+        cat disk1 disk2 | nbd-copy -- - [ qemu-nbd -f qcow2 output.qcow2 ]\n  \
+        nbd-copy --dirty-bitmap=b0 -- [ qemu-nbd -r -f qcow2 -B b0 disk.qcow2 ] full-backup.raw"
 )]
 struct Args {
     /// Source: an NBD URI, a file or block device, `-` for stdin, or
@@ -110,6 +122,16 @@ struct Args {
     /// goes on across a restart of the server. 0 (the default): fail.
     #[arg(long = "reconnect-delay", value_name = "SECS", value_parser = nbd_tools::parse_seconds, default_value = "0")]
     reconnect_delay: nbd_tools::Seconds,
+    /// Incremental copy: only the extents the source's dirty bitmap NAME
+    /// (the qemu:dirty-bitmap:NAME metadata context; NAME may be given
+    /// so too) marks dirty, onto DESTINATION, an existing file, block
+    /// device or NBD export at least the source's size (the previous full
+    /// copy), which is never truncated or resized. SOURCE must be an NBD
+    /// export offering the bitmap. Holes and zeroes inside dirty extents
+    /// are written as zeroes; nothing is written outside them. --progress
+    /// counts the dirty bytes. Not with --destination-is-zero.
+    #[arg(long = "dirty-bitmap", value_name = "NAME")]
+    dirty_bitmap: Option<String>,
 }
 
 /// `--tls` values.
@@ -172,7 +194,7 @@ impl Args {
     /// one, as nbdcopy raises a queue smaller than a request to one
     /// request); a server run as `[ CMD ARGS ... ]` gets one connection,
     /// as nbdcopy gives it (qemu-nbd takes one client by default).
-    fn options(&self, captive: bool) -> CopyOptions {
+    fn options(&self, captive: bool) -> Result<CopyOptions, String> {
         let mut connections = self.connections as usize;
         let mut requests = self.requests as usize;
         if let Some(q) = self.queue_size {
@@ -185,7 +207,18 @@ impl Args {
         if captive {
             connections = 1;
         }
-        CopyOptions {
+        let dirty_bitmap = match &self.dirty_bitmap {
+            None => None,
+            Some(_) if self.destination_is_zero => {
+                return Err(
+                    "--dirty-bitmap and --destination-is-zero cannot go together: an incremental copy \
+                            writes onto the previous copy, which does not read as zeroes"
+                        .into(),
+                );
+            }
+            Some(name) => Some(nbd_tools::copy::dirty_bitmap_context(name)?),
+        };
+        Ok(CopyOptions {
             connections,
             requests,
             request_size: self.request_size as usize,
@@ -201,7 +234,8 @@ impl Args {
                     .request(None),
             },
             reconnect: self.reconnect_delay.0.map(Reconnect::within),
-        }
+            dirty_bitmap,
+        })
     }
 }
 
@@ -268,9 +302,9 @@ fn side(
 
 fn run(args: &Args, commands: &[Vec<String>], captives: &mut Vec<CaptiveServer>) -> Result<u64, String> {
     let captive = !commands.is_empty();
+    let opts = args.options(captive)?;
     let src = side(&args.source, args, commands, captives)?;
     let dst = side(&args.destination, args, commands, captives)?;
-    let opts = args.options(captive);
     let progress = Arc::new(Progress::default());
     let reporter = match args.progress {
         None => None,

@@ -160,7 +160,7 @@ pub(super) async fn from_stream(
     }
     let destination = match dst {
         Location::Nbd(u) => {
-            let p = open_nbd(u, opts, false).await?;
+            let p = open_nbd(u, opts, Vec::new()).await?;
             if p.flags().contains(TransmissionFlags::READ_ONLY) {
                 return Err(format!("{}: the destination export is read-only", u.to_uri_string()));
             }
