@@ -224,9 +224,7 @@ impl HttpOptions {
         };
         match key {
             "header" => {
-                let (name, v) = value
-                    .split_once(':')
-                    .ok_or_else(|| bad("expected NAME: VALUE"))?;
+                let (name, v) = value.split_once(':').ok_or_else(|| bad("expected NAME: VALUE"))?;
                 self.headers.push((name.trim().to_string(), v.trim().to_string()));
             }
             "cookie" => self.headers.push(("Cookie".into(), value.to_string())),
@@ -472,6 +470,10 @@ impl HttpStorage {
                 Err(e) => return Err(Failure::Transient(format!("reading the body: {e}"))),
             }
         }
+        // Reach the end of the body: only then does the connection go back
+        // to the pool (the data is all there, so a failure here is not
+        // the read's).
+        let _ = reader.read(&mut [0u8; 1]);
         Ok(())
     }
 }

@@ -98,7 +98,10 @@ fn a_server_without_ranges_is_a_clear_error() {
     let r = run(&our_bin("nbd-copy"), &[&url, s(&out)]);
     let t = text(&r);
     assert_eq!(r.status.code(), Some(1), "{t}");
-    assert!(t.contains(&url) && t.contains("the server does not support range requests"), "{t}");
+    assert!(
+        t.contains(&url) && t.contains("the server does not support range requests"),
+        "{t}"
+    );
     // nbd-serve refuses to start on it.
     let socket = dir.socket_path("refused");
     let r = run_timeout(
@@ -108,7 +111,10 @@ fn a_server_without_ranges_is_a_clear_error() {
     );
     let t = text(&r);
     assert_eq!(r.status.code(), Some(1), "{t}");
-    assert!(t.contains(&url) && t.contains("the server does not support range requests"), "{t}");
+    assert!(
+        t.contains(&url) && t.contains("the server does not support range requests"),
+        "{t}"
+    );
 }
 
 #[test]
@@ -124,7 +130,10 @@ fn a_missing_file_is_a_clear_error() {
     assert_eq!(r.status.code(), Some(1), "{t}");
     assert!(t.contains(&url) && t.contains("404 Not Found"), "{t}");
     // An HTTP destination is refused.
-    let r = run(&our_bin("nbd-copy"), &[s(&w.root.join("disk.img")), &w.url("/disk.img")]);
+    let r = run(
+        &our_bin("nbd-copy"),
+        &[s(&w.root.join("disk.img")), &w.url("/disk.img")],
+    );
     let t = text(&r);
     assert_eq!(r.status.code(), Some(1), "{t}");
     assert!(t.contains("cannot be a destination"), "{t}");
@@ -145,7 +154,10 @@ fn nbd_serve_serves_a_url_read_only() {
         let _ = fs::remove_file(&out);
         let r = run("nbdcopy", &[&uri, s(&out)]);
         assert!(r.status.success(), "{}\n{}", text(&r), server.stderr());
-        assert!(fs::read(&out).unwrap() == data, "nbdcopy read other data through {path}");
+        assert!(
+            fs::read(&out).unwrap() == data,
+            "nbdcopy read other data through {path}"
+        );
         let r = run("qemu-img", &["compare", "-f", "raw", "-F", "raw", s(&file), &uri]);
         assert!(r.status.success(), "qemu-img compare: {}", text(&r));
         // Read-only: nbdcopy cannot write to it.
@@ -179,7 +191,15 @@ fn writes_go_to_an_overlay() {
         let uri = server.uri("");
         let r = run(
             "qemu-io",
-            &["-f", "raw", "-c", "write -P 0xcd 4k 4k", "-c", "read -P 0xcd 4k 4k", &uri],
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0xcd 4k 4k",
+                "-c",
+                "read -P 0xcd 4k 4k",
+                &uri,
+            ],
         );
         let t = text(&r);
         assert!(r.status.success() && !t.contains("failed"), "{args:?}: {t}");
@@ -187,7 +207,10 @@ fn writes_go_to_an_overlay() {
         let _ = fs::remove_file(&out);
         let r = run("nbdcopy", &[&uri, s(&out)]);
         assert!(r.status.success(), "{}", text(&r));
-        assert!(fs::read(&out).unwrap() == expected, "{args:?}: the overlay reads other data");
+        assert!(
+            fs::read(&out).unwrap() == expected,
+            "{args:?}: the overlay reads other data"
+        );
     }
     assert!(fs::read(&file).unwrap() == data, "the served file changed");
 }

@@ -47,10 +47,10 @@ use nbd_proto::uri::{NbdUri, Transport};
 use nbd_server::{Backend, Export, Limits};
 use nbd_smol::server::{Listener, Server, ServerOptions};
 use nbd_smol::tls::ServerTlsOptions;
-use nbd_storage::filter::{self, FilterSpec};
-use nbd_storage::image::{ImageFormat, ImageOptions, ImageSet};
 use nbd_storage::cow::CowStorage;
+use nbd_storage::filter::{self, FilterSpec};
 use nbd_storage::http::{HttpOptions, HttpStorage};
+use nbd_storage::image::{ImageFormat, ImageOptions, ImageSet};
 use nbd_storage::{MemoryStorage, Storage};
 use nbd_tools::captive::describe_status;
 use nbd_tools::cli::{PrivateDir, shell_quote};
@@ -476,7 +476,9 @@ fn parse_source(spec: &str, args: &Args, bitmaps: &[String], images: &mut ImageS
             return Err("-B/--bitmap needs a qcow2 image, not an HTTP source".into());
         }
         if args.format == Some(ImageFormat::Qcow2) {
-            return Err(format!("{rest}: HTTP sources are served as raw disks only (not -f qcow2)"));
+            return Err(format!(
+                "{rest}: HTTP sources are served as raw disks only (not -f qcow2)"
+            ));
         }
         return Ok(Source::Http {
             url: rest.to_string(),
@@ -676,7 +678,12 @@ fn run(args: Args, forked: Option<Forked>) -> Result<u8, String> {
 /// overlay with `-s`. An image that starts as a qcow2 image does is
 /// refused unless `-f raw` says to serve its bytes (nbd-serve never serves
 /// an image as raw by accident).
-fn open_http(url: &str, snapshot: bool, opts: &HttpOptions, format: Option<ImageFormat>) -> Result<Arc<dyn Storage>, String> {
+fn open_http(
+    url: &str,
+    snapshot: bool,
+    opts: &HttpOptions,
+    format: Option<ImageFormat>,
+) -> Result<Arc<dyn Storage>, String> {
     let http = HttpStorage::open_with(url, opts).map_err(|e| e.to_string())?;
     if format.is_none() && http.size() >= 4 {
         let mut magic = [0u8; 4];
