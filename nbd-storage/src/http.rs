@@ -593,7 +593,7 @@ fn root_certs(opts: &HttpOptions) -> Result<RootCerts, String> {
     };
     if opts.cainfo.is_some() || opts.capath.is_some() {
         if let Some(f) = &opts.cainfo {
-            load(f, true)?;
+            load(f, true).map_err(|e| format!("cainfo={e}"))?;
         }
         if let Some(d) = &opts.capath {
             let entries = std::fs::read_dir(d).map_err(|e| format!("capath={}: {e}", d.display()))?;
