@@ -661,13 +661,13 @@ impl Storage for HttpStorage {
                 Err(f) => f,
             };
             attempt += 1;
-            let (reason, may_move) = match failure {
+            let (reason, may_move, moved) = match failure {
                 Failure::Fatal(r) => return Err(self.read_error(offset, buf.len(), attempt, &r)),
                 // Moved again after resolving the URL again: it stays so.
                 Failure::Moved(r) if resolved_again => return Err(self.read_error(offset, buf.len(), attempt, &r)),
-                Failure::Moved(r) => (r, true),
+                Failure::Moved(r) => (r, true, true),
                 // A connection error on a redirect's target: it may be gone.
-                Failure::Transient(r) => (r, *url != *self.url),
+                Failure::Transient(r) => (r, *url != *self.url, false),
             };
             if attempt >= self.retries {
                 return Err(self.read_error(offset, buf.len(), attempt, &reason));
@@ -684,10 +684,13 @@ impl Storage for HttpStorage {
                         let r = format!("{reason}; and the file changed size ({} to {size} bytes)", self.size);
                         return Err(self.read_error(offset, buf.len(), attempt, &r));
                     }
-                    Err(e) => {
+                    Err(e) if moved => {
                         let r = format!("{reason}; resolving the URL again: {e}");
                         return Err(self.read_error(offset, buf.len(), attempt, &r));
                     }
+                    // A passing failure, maybe of the network: the pinned
+                    // URL gets the attempts that are left.
+                    Err(_) => {}
                 }
             }
             std::thread::sleep(self.retry_delay.saturating_mul(1 << (attempt - 1).min(10)));
