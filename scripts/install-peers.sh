@@ -10,6 +10,8 @@
 #   fio                  fio
 #   qemu-img, qemu-nbd,  qemu-utils
 #   qemu-io
+#   nginx                nginx (the web server of the HTTP source tests,
+#                        tests/tests/http_source.rs; in /usr/sbin)
 #   openssl              openssl (makes the keys and certificates of the
 #                        TLS key tests, tests/tests/tls_keys.rs)
 #   ceph-mon             ceph-mon     (the throwaway cluster of the RBD
@@ -22,8 +24,8 @@
 # qemu-utils; see install_qemu_rbd below.
 set -euo pipefail
 
-commands=(nbdkit nbdinfo nbdcopy nbdsh nbd-server fio qemu-img qemu-nbd qemu-io openssl ceph-mon ceph-osd ceph rbd rados)
-packages=(nbdkit libnbd-bin nbd-server fio qemu-utils python3-libnbd openssl ceph-mon ceph-osd ceph-common librbd-dev)
+commands=(nbdkit nbdinfo nbdcopy nbdsh nbd-server fio qemu-img qemu-nbd qemu-io nginx openssl ceph-mon ceph-osd ceph rbd rados)
+packages=(nbdkit libnbd-bin nbd-server fio qemu-utils python3-libnbd nginx openssl ceph-mon ceph-osd ceph-common librbd-dev)
 bench=false
 [[ ${1:-} == --bench ]] && bench=true
 
@@ -68,7 +70,8 @@ EOS
 missing_commands() {
     local cmd
     for cmd in "${commands[@]}"; do
-        if ! command -v "$cmd" >/dev/null 2>&1; then
+        # Daemons (nginx) live in /usr/sbin, which a user's PATH may lack.
+        if ! PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null 2>&1; then
             printf '%s\n' "$cmd"
         elif [[ $cmd == nbdsh ]] && ! PATH="/usr/bin:$PATH" nbdsh --version >/dev/null 2>&1; then
             # nbdsh runs `python3 -m nbd`; the bindings live in the system

@@ -51,6 +51,9 @@
 //!   [`image::ImageSet`] opens one file once for several exports.
 //! * [`cow::CowStorage`]: copy-on-write over any other storage (writes go
 //!   to a temporary overlay), as nbdkit's `cow` filter.
+//! * `http::HttpStorage` (feature `http`, off by default): a read-only
+//!   disk on a web server, read with HTTP range requests, as nbdkit's
+//!   `curl` plugin.
 //! * `rbd::RbdStorage` (feature `rbd`, off by default; links librbd): a
 //!   Ceph RBD image, an [`AsyncStorage`] on librbd's asynchronous API.
 //!
@@ -70,6 +73,8 @@ pub mod completion;
 pub mod cow;
 mod file;
 pub mod filter;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod image;
 mod memory;
 #[cfg(feature = "rbd")]

@@ -1,6 +1,8 @@
 //! The copying engine behind `nbd-copy`: sparse-aware, parallel copies
 //! between NBD exports, local files or block devices, `null:`, and
-//! streams (stdin, stdout, pipes, sockets, character devices).
+//! streams (stdin, stdout, pipes, sockets, character devices); and from
+//! disks on web servers (`http://`, `https://`, read with range requests
+//! through [`nbd_storage::http::HttpStorage`]).
 //!
 //! The source is walked with block status (`base:allocation` over NBD,
 //! SEEK_DATA/SEEK_HOLE for files; not with [`CopyOptions::extents`]
@@ -36,6 +38,7 @@ use nbd_proto::uri::NbdUri;
 use nbd_proto::wire::{
     AllocationFlags, CONTEXT_BASE_ALLOCATION, CONTEXT_QEMU_DIRTY_BITMAP_PREFIX, CommandFlags, TransmissionFlags,
 };
+use nbd_storage::http::{HttpOptions, HttpStorage, is_http_url};
 use nbd_storage::{FileStorage, Storage, ZeroFlags};
 use smol::lock::Mutex;
 
@@ -62,17 +65,23 @@ pub enum Location {
     Stdio,
     /// `null:`: discard everything (destination only).
     Null,
+    /// An `http://` or `https://` URL: a disk on a web server, read with
+    /// range requests (source only).
+    Http(String),
 }
 
 impl Location {
-    /// Parses a command-line argument: `null:`, `-`, an NBD URI (anything
-    /// with `://`), or a path.
+    /// Parses a command-line argument: `null:`, `-`, an `http://` or
+    /// `https://` URL, an NBD URI (anything else with `://`), or a path.
     pub fn parse(s: &str) -> Result<Location, String> {
         if s == "null:" {
             return Ok(Location::Null);
         }
         if s == "-" {
             return Ok(Location::Stdio);
+        }
+        if is_http_url(s) {
+            return Ok(Location::Http(s.to_string()));
         }
         if s.contains("://") {
             return NbdUri::parse(s).map(Location::Nbd).map_err(|e| format!("{s}: {e}"));
@@ -107,6 +116,8 @@ pub struct CopyOptions {
     /// on across a restart of a server; see `nbd_net::resilience` for
     /// what is sent again).
     pub reconnect: Option<Reconnect>,
+    /// How an `http://` or `https://` source is read.
+    pub http: HttpOptions,
     /// Copy only the extents this metadata context (a QEMU dirty bitmap,
     /// `qemu:dirty-bitmap:NAME`; see [`dirty_bitmap_context`]) marks dirty
     /// (status bit 0), onto an existing destination: an incremental
@@ -137,6 +148,7 @@ impl Default for CopyOptions {
             timeouts: Timeouts::default(),
             reconnect: None,
             dirty_bitmap: None,
+            http: HttpOptions::default(),
         }
     }
 }
@@ -159,7 +171,9 @@ pub struct Progress {
 
 enum Side {
     Nbd(Pool),
-    File(Arc<FileStorage>, bool),
+    /// Random-access storage read or written in place (a file, a block
+    /// device, an HTTP source); with `true`, a file this copy created.
+    File(Arc<dyn Storage>, bool),
     Null,
 }
 
@@ -469,6 +483,7 @@ async fn copy_dirty(
                 "--dirty-bitmap: the destination must be an existing file, block device or NBD export, not -".into(),
             );
         }
+        Location::Http(url) => return Err(http_destination(url)),
         Location::Nbd(_) | Location::File(_) | Location::Null => {}
     }
     let mut contexts = Vec::new();
@@ -621,6 +636,13 @@ async fn open_source(src: &Location, opts: &CopyOptions) -> Result<Source, Strin
         }
         Location::Stdio => random_or_stream(stream::dup_stdio(0, "stdin")?, "stdin".into(), true)?,
         Location::Null => return Err("null: can only be a destination".into()),
+        Location::Http(url) => {
+            let (url, http) = (url.clone(), opts.http.clone());
+            let s = smol::unblock(move || HttpStorage::open_with(&url, &http))
+                .await
+                .map_err(err)?;
+            Source::Random(Side::File(Arc::new(s), false))
+        }
     })
 }
 
@@ -681,7 +703,13 @@ async fn open_destination(dst: &Location, opts: &CopyOptions, size: u64) -> Resu
             Side::File(Arc::new(f), was_empty)
         }
         Location::Null => Side::Null,
+        Location::Http(url) => return Err(http_destination(url)),
     })
+}
+
+/// The error of an HTTP destination.
+pub(crate) fn http_destination(url: &str) -> String {
+    format!("{url}: an HTTP source is read-only: it cannot be a destination")
 }
 
 /// Whether zero extents can be skipped on the destination: it was said to

@@ -73,8 +73,9 @@ pub fn peers_required() -> bool {
     std::env::var_os(REQUIRE_PEERS_ENV).is_some_and(|v| !v.is_empty() && v != "0")
 }
 
-/// Finds an executable named `cmd` on `PATH` (or checks `cmd` itself if it
-/// contains a `/`), returning its path.
+/// Finds an executable named `cmd` on `PATH`, then in `/usr/sbin` and
+/// `/sbin` (where Debian puts daemons such as nginx, out of a user's
+/// `PATH`), or checks `cmd` itself if it contains a `/`; returns its path.
 pub fn find_program(cmd: &str) -> Option<PathBuf> {
     fn is_executable(path: &Path) -> bool {
         fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
@@ -83,8 +84,9 @@ pub fn find_program(cmd: &str) -> Option<PathBuf> {
         let path = PathBuf::from(cmd);
         return is_executable(&path).then_some(path);
     }
-    let path = std::env::var_os("PATH")?;
+    let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
         .map(|dir| dir.join(cmd))
         .find(|p| is_executable(p))
 }
@@ -927,6 +929,95 @@ fn wait_timeout(child: &mut Child, timeout: Duration) -> io::Result<Option<ExitS
         }
         thread::sleep(POLL_INTERVAL);
     }
+}
+
+// ---------------------------------------------------------------------------
+// A web server
+// ---------------------------------------------------------------------------
+
+/// nginx serving a directory on 127.0.0.1, started by [`nginx`]; it is
+/// killed (one process: `master_process off`) when dropped.
+#[derive(Debug)]
+pub struct WebServer {
+    /// The nginx process.
+    pub peer: Peer,
+    /// Its TCP port on 127.0.0.1.
+    pub port: u16,
+    /// The directory it serves at `/` (`DIR/www`).
+    pub root: PathBuf,
+}
+
+impl WebServer {
+    /// `http://127.0.0.1:PORT/PATH` (`path` starts with `/`).
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// nginx's error log.
+    pub fn error_log(&self) -> String {
+        fs::read_to_string(self.root.with_file_name("nginx-error.log")).unwrap_or_default()
+    }
+}
+
+/// Starts nginx as the current user on a free port of 127.0.0.1, with a
+/// configuration of its own in `dir` (pid file, logs and temporary paths
+/// there too), serving `DIR/www` (created empty: put files in
+/// [`WebServer::root`]) with:
+///
+/// * every file at its path, with range requests;
+/// * `/moved.img`: a 302 redirect to `/disk.img`;
+/// * `/norange/NAME`: the same files with range requests ignored
+///   (`max_ranges 0`: a Range request gets 200 and the whole file).
+///
+/// Check `require_peer("nginx")` first.
+pub fn nginx(dir: &TempDir) -> WebServer {
+    let program = find_program("nginx").expect("nginx is not installed (check require_peer(\"nginx\") first)");
+    let root = dir.join("www");
+    fs::create_dir_all(&root).expect("create the web root");
+    let d = dir.path().display();
+    let port = free_tcp_port();
+    let conf = dir.join("nginx.conf");
+    // One process (no master, no workers running as another user), which
+    // the harness kills like any foreground peer.
+    let text = format!(
+        "master_process off;\n\
+         pid {d}/nginx.pid;\n\
+         error_log {d}/nginx-error.log info;\n\
+         events {{ worker_connections 256; }}\n\
+         http {{\n\
+         \x20 access_log {d}/nginx-access.log;\n\
+         \x20 client_body_temp_path {d}/nginx-client-body;\n\
+         \x20 proxy_temp_path {d}/nginx-proxy;\n\
+         \x20 fastcgi_temp_path {d}/nginx-fastcgi;\n\
+         \x20 uwsgi_temp_path {d}/nginx-uwsgi;\n\
+         \x20 scgi_temp_path {d}/nginx-scgi;\n\
+         \x20 default_type application/octet-stream;\n\
+         \x20 server {{\n\
+         \x20   listen 127.0.0.1:{port};\n\
+         \x20   root {d}/www;\n\
+         \x20   location = /moved.img {{ return 302 http://127.0.0.1:{port}/disk.img; }}\n\
+         \x20   location /norange/ {{ alias {d}/www/; max_ranges 0; }}\n\
+         \x20 }}\n\
+         }}\n"
+    );
+    fs::write(&conf, text).expect("write nginx.conf");
+    let error_log = format!("{d}/nginx-error.log");
+    let peer = Peer::start(
+        dir,
+        program.to_str().expect("UTF-8 path"),
+        &[
+            "-e",
+            &error_log,
+            "-c",
+            conf.to_str().expect("UTF-8 path"),
+            "-p",
+            dir.path().to_str().expect("UTF-8 path"),
+            "-g",
+            "daemon off;",
+        ],
+        Endpoint::Tcp(SocketAddr::from((Ipv4Addr::LOCALHOST, port))),
+    );
+    WebServer { peer, port, root }
 }
 
 /// Runs `cmd args...` to completion (stdin empty) and returns its status,

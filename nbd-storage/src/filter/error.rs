@@ -21,7 +21,7 @@ pub struct Injection {
     pub file: Option<PathBuf>,
 }
 
-/// The `error` filter: an [`Injection`] per operation nbdkit names
+/// The `error` filter: an error injection per operation nbdkit names
 /// (`pread`, `pwrite`, `trim`, `zero`, `extents`, `cache`; flush is never
 /// failed, as in nbdkit).
 #[derive(Debug)]

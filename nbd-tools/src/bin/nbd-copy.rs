@@ -38,7 +38,9 @@ const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// `[ CMD ARGS ... ]`: an NBD server run as a subprocess with systemd
 /// socket activation (qemu-nbd, nbdkit, nbd-serve), stopped at the end
 /// (the flags inside are the command's; `--` before the first `[`, which
-/// nbdcopy needs, is taken too). DESTINATION may also be `null:`.
+/// nbdcopy needs, is taken too). DESTINATION may also be `null:`, and
+/// SOURCE an http:// or https:// URL: a raw disk on a web server, read
+/// with range requests (as nbdkit's curl plugin reads it; see --http).
 ///
 /// Exit status: 0 when everything was copied, 1 on any error (usage
 /// errors included); killed by SIGPIPE when the reader of a stream
@@ -51,12 +53,13 @@ const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
         nbd-copy nbd://example.com local.img\n  \
         nbd-copy local.img nbd://example.com\n  \
         nbd-copy nbd://example.com - | file -\n  \
+        nbd-copy https://example.com/disk.img disk.raw\n  \
         cat disk1 disk2 | nbd-copy -- - [ qemu-nbd -f qcow2 output.qcow2 ]\n  \
         nbd-copy --dirty-bitmap=b0 -- [ qemu-nbd -r -f qcow2 -B b0 disk.qcow2 ] full-backup.raw"
 )]
 struct Args {
-    /// Source: an NBD URI, a file or block device, `-` for stdin, or
-    /// `[ CMD ARGS ... ]`.
+    /// Source: an NBD URI, an http:// or https:// URL, a file or block
+    /// device, `-` for stdin, or `[ CMD ARGS ... ]`.
     #[arg(value_name = "SOURCE")]
     source: String,
     /// Destination: an NBD URI, a file or block device, `-` for stdout,
@@ -132,6 +135,20 @@ struct Args {
     /// counts the dirty bytes. Not with --destination-is-zero.
     #[arg(long = "dirty-bitmap", value_name = "NAME")]
     dirty_bitmap: Option<String>,
+    /// A parameter of an http:// or https:// source, with nbdkit curl's
+    /// names (repeatable): header=NAME:VALUE, cainfo=FILE, capath=DIR,
+    /// sslverify=false, timeout=SECS, connect-timeout=SECS, proxy=URL,
+    /// noproxy=HOSTS, user-agent=TEXT, cookie=TEXT, followlocation=false,
+    /// connections=N, retries=N (attempts of a read, default 5).
+    #[arg(long = "http", value_name = "KEY=VALUE", value_parser = parse_http_param)]
+    http: Vec<(String, String)>,
+}
+
+fn parse_http_param(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))?;
+    // Checked here, so a bad one is a usage error.
+    nbd_storage::http::HttpOptions::default().set(k, v)?;
+    Ok((k.to_string(), v.to_string()))
 }
 
 /// `--tls` values.
@@ -218,7 +235,13 @@ impl Args {
             }
             Some(name) => Some(nbd_tools::copy::dirty_bitmap_context(name)?),
         };
+        let mut http = nbd_storage::http::HttpOptions::default();
+        for (k, v) in &self.http {
+            // Checked by parse_http_param.
+            let _ = http.set(k, v);
+        }
         Ok(CopyOptions {
+            http,
             connections,
             requests,
             request_size: self.request_size as usize,

@@ -16,6 +16,11 @@
 //! (`qemu:allocation-depth`), `-B NAME` (a qcow2 persistent dirty bitmap as
 //! `qemu:dirty-bitmap:NAME`), with QEMU's image locks taken on every file.
 //!
+//! A FILE that is an `http://` or `https://` URL is a disk on a web
+//! server, read with HTTP range requests as nbdkit's curl plugin reads it
+//! (read-only; `-s` puts a copy-on-write overlay on it; `--http
+//! KEY=VALUE` takes nbdkit curl's parameters).
+//!
 //! Built with the cargo feature `rbd`, it also serves Ceph RBD images named
 //! as QEMU names them: `nbd-serve rbd:POOL/IMAGE[@SNAP][:conf=FILE][:id=USER]`
 //! or `--export NAME=rbd:...`.
@@ -42,7 +47,9 @@ use nbd_proto::uri::{NbdUri, Transport};
 use nbd_server::{Backend, Export, Limits};
 use nbd_smol::server::{Listener, Server, ServerOptions};
 use nbd_smol::tls::ServerTlsOptions;
+use nbd_storage::cow::CowStorage;
 use nbd_storage::filter::{self, FilterSpec};
+use nbd_storage::http::{HttpOptions, HttpStorage};
 use nbd_storage::image::{ImageFormat, ImageOptions, ImageSet};
 use nbd_storage::{MemoryStorage, Storage};
 use nbd_tools::captive::describe_status;
@@ -63,11 +70,14 @@ use nbd_tools::parse_size;
                   nbd-serve -t -k /tmp/s disk.img                 (qemu-nbd's command line)\n  \
                   nbd-serve --fork --persistent --shared=5 --socket=/tmp/s --read-only --format=qcow2 disk.qcow2\n  \
                   nbd-serve disk.img --run 'nbdcopy \"$uri\" out.img'   (nbdkit's captive mode)\n  \
-                  nbdinfo -- [ nbd-serve -r disk.img ]            (socket activation)"
+                  nbdinfo -- [ nbd-serve -r disk.img ]            (socket activation)\n  \
+                  nbd-serve --filter=cow --filter=retry https://host/disk.img   (a disk on a web server)"
 )]
 struct Args {
-    /// File or block device to serve (the default export); with RBD support
-    /// (cargo feature rbd) also `rbd:POOL/IMAGE[@SNAP][:conf=FILE][:id=USER]`.
+    /// File or block device to serve (the default export); or an
+    /// `http://` or `https://` URL (a raw disk on a web server, read with
+    /// range requests, read-only); with RBD support (cargo feature rbd)
+    /// also `rbd:POOL/IMAGE[@SNAP][:conf=FILE][:id=USER]`.
     file: Option<PathBuf>,
     /// Serve a sparse in-memory export of this size (e.g. 1G, 512M).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
@@ -95,7 +105,8 @@ struct Args {
     /// export's FILE only).
     #[arg(short = 'B', long = "bitmap", value_name = "NAME")]
     bitmaps: Vec<String>,
-    /// More exports: NAME=FILE, NAME=memory:SIZE or NAME=rbd:POOL/IMAGE...
+    /// More exports: NAME=FILE, NAME=URL, NAME=memory:SIZE or
+    /// NAME=rbd:POOL/IMAGE...
     /// (repeatable; -f, -s, -A apply to files, -r to all). Prefixes make
     /// one export read-only (`ro:`) or a snapshot (`snapshot:`), e.g.
     /// `--export cow=snapshot:disk.img --export ro=ro:disk.img`. Exports
@@ -115,6 +126,13 @@ struct Args {
     /// retry-delay, retry-exponential, retry-readonly). Not on RBD exports.
     #[arg(long = "filter", value_name = "NAME[:KEY=VALUE,...]")]
     filters: Vec<String>,
+    /// A parameter of the http:// and https:// exports, with nbdkit curl's
+    /// names (repeatable): header=NAME:VALUE, cainfo=FILE, capath=DIR,
+    /// sslverify=false, timeout=SECS, connect-timeout=SECS, proxy=URL,
+    /// noproxy=HOSTS, user-agent=TEXT, cookie=TEXT, followlocation=false,
+    /// connections=N, retries=N (attempts of a read, default 5).
+    #[arg(long = "http", value_name = "KEY=VALUE")]
+    http: Vec<String>,
     /// Serve every export read-only.
     #[arg(short = 'r', long = "read-only", alias = "readonly")]
     read_only: bool,
@@ -381,6 +399,11 @@ enum Source {
     },
     /// An index into the [`ImageSet`] that opens every file once.
     Image(usize),
+    /// A disk on a web server (always read-only).
+    Http {
+        url: String,
+        snapshot: bool,
+    },
 }
 
 /// Parses what a FILE argument or an --export's right side names: its
@@ -421,6 +444,20 @@ fn parse_source(spec: &str, args: &Args, bitmaps: &[String], images: &mut ImageS
             read_only,
         });
     }
+    if nbd_storage::http::is_http_url(rest) {
+        if !bitmaps.is_empty() {
+            return Err("-B/--bitmap needs a qcow2 image, not an HTTP source".into());
+        }
+        if args.format == Some(ImageFormat::Qcow2) {
+            return Err(format!(
+                "{rest}: HTTP sources are served as raw disks only (not -f qcow2)"
+            ));
+        }
+        return Ok(Source::Http {
+            url: rest.to_string(),
+            snapshot,
+        });
+    }
     let options = ImageOptions {
         format: args.format,
         read_only,
@@ -439,6 +476,10 @@ fn run(args: Args, forked: Option<Forked>) -> Result<u8, String> {
         .iter()
         .map(|f| f.parse().map_err(|e| format!("--filter {e}")))
         .collect::<Result<_, _>>()?;
+    let mut http_options = HttpOptions::default();
+    for p in &args.http {
+        http_options.set_param(p).map_err(|e| format!("--http {e}"))?;
+    }
     let mut images = ImageSet::new();
     // (name, description, source) of every export, in order.
     let mut wanted: Vec<(String, String, Source)> = Vec::new();
@@ -500,6 +541,7 @@ fn run(args: Args, forked: Option<Forked>) -> Result<u8, String> {
             }
             Source::Rbd { spec, read_only } => rbd.open(&spec, read_only)?,
             Source::Image(i) => Backend::Sync(opened[i].take().ok_or("an image was opened for two exports")?),
+            Source::Http { url, snapshot } => Backend::Sync(open_http(&url, snapshot, &http_options, args.format)?),
         };
         let backend = match backend {
             Backend::Sync(s) if !filters.is_empty() => {
@@ -603,6 +645,34 @@ fn run(args: Args, forked: Option<Forked>) -> Result<u8, String> {
         r = r.and(Err(e));
     }
     r
+}
+
+/// Opens an http:// or https:// export: read-only, under a copy-on-write
+/// overlay with `-s`. An image that starts as a qcow2 image does is
+/// refused unless `-f raw` says to serve its bytes (nbd-serve never serves
+/// an image as raw by accident).
+fn open_http(
+    url: &str,
+    snapshot: bool,
+    opts: &HttpOptions,
+    format: Option<ImageFormat>,
+) -> Result<Arc<dyn Storage>, String> {
+    let http = HttpStorage::open_with(url, opts).map_err(|e| e.to_string())?;
+    if format.is_none() && http.size() >= 4 {
+        let mut magic = [0u8; 4];
+        http.read_at(&mut magic, 0).map_err(|e| e.to_string())?;
+        if magic == *b"QFI\xfb" {
+            return Err(format!(
+                "{url}: a qcow2 image; nbd-serve serves HTTP sources as raw disks only (-f raw serves its bytes)"
+            ));
+        }
+    }
+    let http: Arc<dyn Storage> = Arc::new(http);
+    if snapshot {
+        let cow = CowStorage::new(http, None).map_err(|e| format!("{url}: the snapshot overlay: {e}"))?;
+        return Ok(Arc::new(cow));
+    }
+    Ok(http)
 }
 
 /// Refuses flags that cannot go together.

@@ -109,7 +109,7 @@ pub(super) fn stream_destination(dst: &Location) -> Result<Option<StreamOut>, St
             }
             _ => Ok(None),
         },
-        Location::Nbd(_) | Location::Null => Ok(None),
+        Location::Nbd(_) | Location::Null | Location::Http(_) => Ok(None),
     }
 }
 
@@ -179,6 +179,7 @@ pub(super) async fn from_stream(
         }
         Location::Stdio => growing_or_device(dup_stdio(1, "stdout")?, "stdout".into(), opts)?,
         Location::Null => Destination::Side(Side::Null, true),
+        Location::Http(url) => return Err(super::http_destination(url)),
     };
     let limit = match &destination {
         Destination::Side(side, _) => side.size(),
