@@ -514,9 +514,11 @@ pub async fn copy_hashed(
 ) -> Result<(u64, Option<Vec<u8>>), String> {
     if let Some(ctx) = &opts.dirty_bitmap {
         if opts.blkhash.is_some() {
-            return Err("--blkhash and --dirty-bitmap cannot go together: an incremental copy reads only \
+            return Err(
+                "--blkhash and --dirty-bitmap cannot go together: an incremental copy reads only \
                         the dirty extents"
-                .into());
+                    .into(),
+            );
         }
         return copy_dirty(src, dst, ctx, opts, progress).await.map(|n| (n, None));
     }
@@ -531,7 +533,9 @@ pub async fn copy_hashed(
         if opts.blkhash.is_some() {
             return Err(stream_refused.into());
         }
-        return stream::to_stream(src_side, output, opts, progress).await.map(|n| (n, None));
+        return stream::to_stream(src_side, output, opts, progress)
+            .await
+            .map(|n| (n, None));
     }
     let size = src_side.size().unwrap_or(0);
     let dst_side = open_destination(dst, opts, size).await?;
@@ -1059,8 +1063,14 @@ mod tests {
             (vec![(8192, 12288, false), (12288, 17288, true)], 17288)
         );
         // An answer shorter than a block: that block is data.
-        assert_eq!(block_runs(4096, &[(512, true)], 4096, 1 << 20), (vec![(4096, 8192, false)], 8192));
-        assert_eq!(block_runs(4096, &[(512, true)], 4096, 5000), (vec![(4096, 5000, false)], 5000));
+        assert_eq!(
+            block_runs(4096, &[(512, true)], 4096, 1 << 20),
+            (vec![(4096, 8192, false)], 8192)
+        );
+        assert_eq!(
+            block_runs(4096, &[(512, true)], 4096, 5000),
+            (vec![(4096, 5000, false)], 5000)
+        );
     }
 
     #[test]

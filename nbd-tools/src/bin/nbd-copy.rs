@@ -28,8 +28,8 @@ use std::time::Duration;
 use clap::Parser;
 use nbd_net::resilience::{Reconnect, Timeouts};
 use nbd_proto::client::TlsMode;
-use nbd_tools::captive::{CaptiveServer, command_index, extract_commands};
 use nbd_tools::blkhash::{BlkhashSpec, hex};
+use nbd_tools::captive::{CaptiveServer, command_index, extract_commands};
 use nbd_tools::copy::{BROKEN_PIPE, CopyOptions, Location, Progress, copy_hashed};
 use nbd_tools::progress::{Reporter, Target};
 
@@ -275,7 +275,8 @@ impl Args {
 impl Args {
     /// The blkhash asked for: --blkhash, or --blkhash-file alone.
     fn blkhash_spec(&self) -> Option<BlkhashSpec> {
-        self.blkhash.or_else(|| self.blkhash_file.as_ref().map(|_| BlkhashSpec::default()))
+        self.blkhash
+            .or_else(|| self.blkhash_file.as_ref().map(|_| BlkhashSpec::default()))
     }
 }
 
