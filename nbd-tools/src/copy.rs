@@ -26,6 +26,15 @@
 //! least the source's size. The destination is never created, truncated
 //! or resized, and nothing outside the dirty extents is written. The
 //! progress total is the dirty bytes.
+//!
+//! With [`CopyOptions::blkhash`] (random-access sides only, not with a
+//! dirty bitmap), the copy also computes the source's blkhash (see
+//! [`crate::blkhash`]) as it goes: the planner cuts the work on block
+//! boundaries (a block that is partly a hole is read whole), the workers
+//! hash the blocks they read (on the blocking thread pool, in parallel)
+//! and hand holes and zero extents over as zero blocks, never read; a
+//! [`Combiner`] puts the runs in order, and a worker waits for new work
+//! only when [`Combiner::PENDING_LIMIT`] runs wait for a slower one.
 
 use std::collections::VecDeque;
 use std::io;
@@ -41,6 +50,8 @@ use nbd_proto::wire::{
 use nbd_storage::http::{HttpOptions, HttpStorage, is_http_url};
 use nbd_storage::{FileStorage, Storage, ZeroFlags};
 use smol::lock::Mutex;
+
+use crate::blkhash::{BlkhashSpec, Combiner, Run};
 
 use nbd_smol::client::{ConnectOptions, Reconnect, Timeouts};
 use nbd_smol::pool::Pool;
@@ -123,6 +134,9 @@ pub struct CopyOptions {
     /// (status bit 0), onto an existing destination: an incremental
     /// backup.
     pub dirty_bitmap: Option<String>,
+    /// Compute the source's blkhash while copying (see
+    /// [`copy_hashed`]).
+    pub blkhash: Option<BlkhashSpec>,
 }
 
 /// The metadata context of a dirty bitmap given as `NAME` or as the full
@@ -149,6 +163,7 @@ impl Default for CopyOptions {
             reconnect: None,
             dirty_bitmap: None,
             http: HttpOptions::default(),
+            blkhash: None,
         }
     }
 }
@@ -222,6 +237,9 @@ struct Planner {
     /// Copy only what this context marks dirty
     /// ([`CopyOptions::dirty_bitmap`]).
     dirty: Option<String>,
+    /// Cut the work on boundaries of blocks of this size (for
+    /// [`CopyOptions::blkhash`]).
+    block: Option<u64>,
 }
 
 /// Zero extents are sent in pieces no larger than this.
@@ -276,6 +294,14 @@ impl Planner {
         if extents.is_empty() {
             extents.push((window, false));
         }
+        if let Some(bs) = self.block {
+            let (runs, cut) = block_runs(start, &extents, bs, self.size);
+            for (o, end, zero) in runs {
+                self.push(o, end, zero);
+            }
+            self.next_offset = cut;
+            return Ok(());
+        }
         let mut off = start;
         for (len, zero) in extents {
             let len = len.min(self.size - off);
@@ -289,6 +315,51 @@ impl Planner {
         self.next_offset = off.max(start + 1).min(self.size);
         Ok(())
     }
+}
+
+/// The extents `(length, zero)` of a window at `start` (block-aligned)
+/// as runs `(offset, end, zero)` cut on boundaries of blocks of `bs`
+/// bytes, for hashing: a zero run covers whole blocks only (or ends at
+/// `size`), what a block holds besides zeroes makes it data. Runs stop at
+/// the returned offset, the last block boundary the extents reach (or
+/// `size`); an answer shorter than a block makes that block data.
+fn block_runs(start: u64, extents: &[(u64, bool)], bs: u64, size: u64) -> (Vec<(u64, u64, bool)>, u64) {
+    let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+    let mut add = |o: u64, e: u64, zero: bool| {
+        if o >= e {
+            return;
+        }
+        match runs.last_mut() {
+            Some(last) if last.1 == o && last.2 == zero => last.1 = e,
+            _ => runs.push((o, e, zero)),
+        }
+    };
+    let mut off = start;
+    for &(len, zero) in extents {
+        let end = off + len.min(size - off);
+        if end == off {
+            break;
+        }
+        let (a, b) = (off.div_ceil(bs) * bs, if end == size { end } else { end / bs * bs });
+        if zero && a < b {
+            add(off, a, false);
+            add(a, b, true);
+            add(b, end, false);
+        } else {
+            add(off, end, false);
+        }
+        off = end;
+    }
+    let mut cut = if off == size { off } else { off / bs * bs };
+    if cut <= start {
+        cut = (start + bs).min(size);
+        add(off, cut, false);
+    }
+    runs.retain_mut(|r| {
+        r.1 = r.1.min(cut);
+        r.0 < r.1
+    });
+    (runs, cut)
 }
 
 /// The largest window one block-status query may cover on `p`: the rest
@@ -413,10 +484,14 @@ impl Planner {
 
     /// Queues `off..end` as zeroes or data, in pieces.
     fn push(&mut self, off: u64, end: u64, zero: bool) {
+        let zero_piece = match self.block {
+            Some(bs) => ZERO_PIECE / bs * bs,
+            None => ZERO_PIECE,
+        };
         let mut o = off;
         while o < end {
             let piece = if zero {
-                (end - o).min(ZERO_PIECE)
+                (end - o).min(zero_piece)
             } else {
                 (end - o).min(self.request_size)
             };
@@ -439,29 +514,60 @@ impl Planner {
 /// Copies `src` to `dst`; returns the number of bytes copied (with
 /// [`CopyOptions::dirty_bitmap`], the dirty bytes).
 pub async fn copy(src: &Location, dst: &Location, opts: &CopyOptions, progress: Arc<Progress>) -> Result<u64, String> {
+    copy_hashed(src, dst, opts, progress).await.map(|(n, _)| n)
+}
+
+/// Copies `src` to `dst` as [`copy`] does; returns the bytes copied and,
+/// with [`CopyOptions::blkhash`], the source's blkhash (its digest
+/// bytes; see [`crate::blkhash::hex`]).
+pub async fn copy_hashed(
+    src: &Location,
+    dst: &Location,
+    opts: &CopyOptions,
+    progress: Arc<Progress>,
+) -> Result<(u64, Option<Vec<u8>>), String> {
     if let Some(ctx) = &opts.dirty_bitmap {
-        return copy_dirty(src, dst, ctx, opts, progress).await;
+        if opts.blkhash.is_some() {
+            return Err(
+                "--blkhash and --dirty-bitmap cannot go together: an incremental copy reads only \
+                        the dirty extents"
+                    .into(),
+            );
+        }
+        return copy_dirty(src, dst, ctx, opts, progress).await.map(|n| (n, None));
     }
+    let stream_refused = "--blkhash needs a random-access source and destination (an NBD export, a file, \
+                          a block device or null:), not a stream";
     let src_side = match open_source(src, opts).await? {
         Source::Random(side) => side,
-        Source::Stream(input) => return stream::from_stream(input, dst, opts, progress).await,
+        Source::Stream(_) if opts.blkhash.is_some() => return Err(stream_refused.into()),
+        Source::Stream(input) => return stream::from_stream(input, dst, opts, progress).await.map(|n| (n, None)),
     };
     if let Some(output) = stream::stream_destination(dst)? {
-        return stream::to_stream(src_side, output, opts, progress).await;
+        if opts.blkhash.is_some() {
+            return Err(stream_refused.into());
+        }
+        return stream::to_stream(src_side, output, opts, progress)
+            .await
+            .map(|n| (n, None));
     }
     let size = src_side.size().unwrap_or(0);
     let dst_side = open_destination(dst, opts, size).await?;
     let dst_is_zero = destination_is_zero(&dst_side, opts);
     progress.total.store(size, Ordering::Relaxed);
-    run_workers(
+    let hash = opts.blkhash.map(|spec| Arc::new(Combiner::new(spec, size)));
+    let n = run_workers(
         src_side,
         dst_side,
         dst_is_zero,
         Planner::new(size, opts),
         opts,
         progress,
+        hash.clone(),
     )
-    .await
+    .await?;
+    let md = hash.map(|h| h.finish()).transpose()?;
+    Ok((n, md))
 }
 
 /// An incremental copy: what the dirty bitmap `ctx` marks dirty, from an
@@ -515,7 +621,7 @@ async fn copy_dirty(
     progress.total.store(total, Ordering::Relaxed);
     let mut planner = Planner::new(size, opts);
     planner.dirty = Some(ctx.to_string());
-    run_workers(src_side, dst_side, false, planner, opts, progress).await
+    run_workers(src_side, dst_side, false, planner, opts, progress, None).await
 }
 
 /// Opens an existing file or block device of at least `size` bytes for
@@ -565,6 +671,7 @@ async fn run_workers(
     planner: Planner,
     opts: &CopyOptions,
     progress: Arc<Progress>,
+    hash: Option<Arc<Combiner>>,
 ) -> Result<u64, String> {
     let planner = Mutex::new(planner);
     let workers = match (&src_side, &dst_side) {
@@ -580,6 +687,7 @@ async fn run_workers(
         dst_is_zero,
         allocated: opts.allocated,
         progress: progress.clone(),
+        hash,
     });
     // The workers run as tasks beside the connections' reader and writer
     // tasks, so a copy with one executor thread wakes no other thread.
@@ -725,9 +833,14 @@ impl Planner {
             next_offset: 0,
             size,
             queue: VecDeque::new(),
-            request_size: opts.request_size as u64,
+            // Hashed requests hold whole blocks.
+            request_size: match opts.blkhash {
+                Some(h) => (opts.request_size as u64).div_ceil(h.block_size) * h.block_size,
+                None => opts.request_size as u64,
+            },
             extents: opts.extents,
             dirty: None,
+            block: opts.blkhash.map(|h| h.block_size),
         }
     }
 }
@@ -799,6 +912,8 @@ struct Shared {
     dst_is_zero: bool,
     allocated: bool,
     progress: Arc<Progress>,
+    /// The blkhash being computed, if asked for.
+    hash: Option<Arc<Combiner>>,
 }
 
 async fn next_work(s: &Shared) -> Result<Option<Work>, String> {
@@ -819,6 +934,9 @@ async fn worker(s: &Shared, bufsize: usize) -> Result<(), String> {
     // finds nothing to do) costs no memory.
     let mut buf: Vec<u8> = Vec::new();
     while !s.failed.load(Ordering::Relaxed) {
+        if let Some(h) = &s.hash {
+            h.wait_room().await;
+        }
         let Some(w) = next_work(s).await? else {
             return Ok(());
         };
@@ -826,6 +944,9 @@ async fn worker(s: &Shared, bufsize: usize) -> Result<(), String> {
             Work::Zero { offset, length } => {
                 if !s.dst_is_zero {
                     write_zeroes(&s.dst, offset, length, s.allocated, &mut buf).await?;
+                }
+                if let Some(h) = &s.hash {
+                    h.submit(offset / h.spec().block_size, Run::Zero(length));
                 }
                 s.progress.done.fetch_add(length, Ordering::Relaxed);
             }
@@ -836,6 +957,17 @@ async fn worker(s: &Shared, bufsize: usize) -> Result<(), String> {
                 }
                 buf.resize(len, 0);
                 buf = read(&s.src, offset, buf).await?;
+                if let Some(h) = &s.hash {
+                    // Hashed on the blocking pool: the workers hash in
+                    // parallel whatever the executor's threads.
+                    let h = h.clone();
+                    buf = smol::unblock(move || {
+                        let hashes = h.spec().block_hashes(&buf, h.zero_md());
+                        h.submit(offset / h.spec().block_size, Run::Hashes(hashes));
+                        buf
+                    })
+                    .await;
+                }
                 if !s.allocated && is_zero(&buf) {
                     // Data that reads as zeroes: a hole on the destination.
                     if !s.dst_is_zero {
@@ -939,6 +1071,34 @@ mod tests {
 
     fn run(length: u64, dirty: bool, zero: bool) -> DirtyRun {
         DirtyRun { length, dirty, zero }
+    }
+
+    #[test]
+    fn block_runs_cut_on_block_boundaries() {
+        // A hole from 100 to 9000 with 4 KiB blocks: only the block
+        // 4096..8192 is wholly zero; the window ends at 10000, so the runs
+        // stop at 8192.
+        let ext = [(100, false), (8900, true), (1000, false)];
+        assert_eq!(
+            block_runs(0, &ext, 4096, 1 << 20),
+            (vec![(0, 4096, false), (4096, 8192, true)], 8192)
+        );
+        // A zero extent reaching the end of the image keeps its partial
+        // last block.
+        let ext = [(4096, false), (5000, true)];
+        assert_eq!(
+            block_runs(8192, &ext, 4096, 8192 + 9096),
+            (vec![(8192, 12288, false), (12288, 17288, true)], 17288)
+        );
+        // An answer shorter than a block: that block is data.
+        assert_eq!(
+            block_runs(4096, &[(512, true)], 4096, 1 << 20),
+            (vec![(4096, 8192, false)], 8192)
+        );
+        assert_eq!(
+            block_runs(4096, &[(512, true)], 4096, 5000),
+            (vec![(4096, 5000, false)], 5000)
+        );
     }
 
     #[test]

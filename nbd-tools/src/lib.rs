@@ -6,7 +6,8 @@
 //!   blocking client of `nbd-blocking`; [`info`] formats its reports;
 //! - `nbd-copy`: copy between NBD exports, files, block devices and
 //!   `null:`, stdin and stdout (like libnbd's nbdcopy); [`copy`] is the
-//!   copying engine, [`progress`] its progress reports.
+//!   copying engine, [`progress`] its progress reports, [`blkhash`] the
+//!   checksum of `--blkhash`.
 //!
 //! `nbd-info` and `nbd-copy` also run a server as a subprocess, as
 //! `nbdinfo -- [ CMD ARGS ... ]` does ([`captive`]); [`cli`] holds what
@@ -16,6 +17,7 @@
 //! on this crate, so their users never compile clap or signal-hook.
 #![warn(missing_docs)]
 
+pub mod blkhash;
 pub mod captive;
 pub mod cli;
 pub mod copy;

@@ -11,6 +11,14 @@
 //! resized; inside the dirty extents holes and zeroes are written as
 //! zeroes, outside them nothing is written. `--progress` counts the dirty
 //! bytes.
+//!
+//! `--blkhash[=DIGEST[/BLOCKSIZE]]` computes the source's blkhash while
+//! copying (Nir Soffer's block-based hash, as `blksum` and nbdcopy 1.20's
+//! `--blkhash` compute it; see `nbd_tools::blkhash`): sha256 of 64 KiB
+//! blocks by default; holes and zero extents are hashed without being
+//! read. The lowercase hex digest is printed on stdout at the end, or
+//! written (with a newline) to `--blkhash-file=PATH`. `null:` as
+//! DESTINATION computes the checksum alone.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -20,8 +28,9 @@ use std::time::Duration;
 use clap::Parser;
 use nbd_net::resilience::{Reconnect, Timeouts};
 use nbd_proto::client::TlsMode;
+use nbd_tools::blkhash::{BlkhashSpec, hex};
 use nbd_tools::captive::{CaptiveServer, command_index, extract_commands};
-use nbd_tools::copy::{BROKEN_PIPE, CopyOptions, Location, Progress, copy};
+use nbd_tools::copy::{BROKEN_PIPE, CopyOptions, Location, Progress, copy_hashed};
 use nbd_tools::progress::{Reporter, Target};
 
 /// The bound on connecting and on the handshake without `--timeout`: a
@@ -55,7 +64,9 @@ const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
         nbd-copy nbd://example.com - | file -\n  \
         nbd-copy https://example.com/disk.img disk.raw\n  \
         cat disk1 disk2 | nbd-copy -- - [ qemu-nbd -f qcow2 output.qcow2 ]\n  \
-        nbd-copy --dirty-bitmap=b0 -- [ qemu-nbd -r -f qcow2 -B b0 disk.qcow2 ] full-backup.raw"
+        nbd-copy --dirty-bitmap=b0 -- [ qemu-nbd -r -f qcow2 -B b0 disk.qcow2 ] full-backup.raw\n  \
+        nbd-copy --blkhash disk.raw null:\n  \
+        nbd-copy --blkhash=sha1/1M --blkhash-file=disk.sum nbd://server disk.raw"
 )]
 struct Args {
     /// Source: an NBD URI, an http:// or https:// URL, a file or block
@@ -142,6 +153,27 @@ struct Args {
     /// connections=N, retries=N (attempts of a read, default 5).
     #[arg(long = "http", value_name = "KEY=VALUE", value_parser = parse_http_param)]
     http: Vec<(String, String)>,
+    /// Compute the source's blkhash while copying (the checksum of
+    /// blksum and of nbdcopy's --blkhash: a digest of per-block digests;
+    /// holes are hashed without being read) and print it in hex on
+    /// stdout at the end. DIGEST: sha256 (the default), sha1, sha224,
+    /// sha384, sha512, sha512-224, sha512-256; BLOCKSIZE: 64K by
+    /// default, a multiple of 512 up to 32M (e.g. --blkhash=sha256/1M).
+    /// Use null: as DESTINATION for the checksum alone. Only between
+    /// random-access sides (not a stream), not with --dirty-bitmap.
+    #[arg(
+        long,
+        value_name = "DIGEST[/BLOCKSIZE]",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "",
+        value_parser = BlkhashSpec::parse
+    )]
+    blkhash: Option<BlkhashSpec>,
+    /// Write the blkhash (hex, and a newline) to PATH instead of stdout;
+    /// implies --blkhash (with its defaults unless given).
+    #[arg(long = "blkhash-file", value_name = "PATH")]
+    blkhash_file: Option<std::path::PathBuf>,
 }
 
 fn parse_http_param(s: &str) -> Result<(String, String), String> {
@@ -258,7 +290,16 @@ impl Args {
             },
             reconnect: self.reconnect_delay.0.map(Reconnect::within),
             dirty_bitmap,
+            blkhash: self.blkhash_spec(),
         })
+    }
+}
+
+impl Args {
+    /// The blkhash asked for: --blkhash, or --blkhash-file alone.
+    fn blkhash_spec(&self) -> Option<BlkhashSpec> {
+        self.blkhash
+            .or_else(|| self.blkhash_file.as_ref().map(|_| BlkhashSpec::default()))
     }
 }
 
@@ -326,6 +367,9 @@ fn side(
 fn run(args: &Args, commands: &[Vec<String>], captives: &mut Vec<CaptiveServer>) -> Result<u64, String> {
     let captive = !commands.is_empty();
     let opts = args.options(captive)?;
+    if opts.blkhash.is_some() && args.blkhash_file.is_none() && args.destination == "-" {
+        return Err("--blkhash prints the checksum on stdout, which is the destination: use --blkhash-file".into());
+    }
     let src = side(&args.source, args, commands, captives)?;
     let dst = side(&args.destination, args, commands, captives)?;
     let progress = Arc::new(Progress::default());
@@ -342,7 +386,7 @@ fn run(args: &Args, commands: &[Vec<String>], captives: &mut Vec<CaptiveServer>)
     })
     .transpose()?;
     let p2 = progress.clone();
-    let r = nbd_smol::block_on(smol::spawn(async move { copy(&src, &dst, &opts, p2).await }));
+    let r = nbd_smol::block_on(smol::spawn(async move { copy_hashed(&src, &dst, &opts, p2).await }));
     if let Some(rep) = reporter {
         rep.finish(r.is_ok());
     }
@@ -353,5 +397,19 @@ fn run(args: &Args, commands: &[Vec<String>], captives: &mut Vec<CaptiveServer>)
             progress.resent.load(Ordering::Relaxed)
         );
     }
-    r
+    let (n, md) = r?;
+    if let Some(md) = md {
+        let line = format!("{}\n", hex(&md));
+        match &args.blkhash_file {
+            Some(path) => std::fs::write(path, line).map_err(|e| format!("--blkhash-file: {}: {e}", path.display()))?,
+            None => {
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                out.write_all(line.as_bytes())
+                    .and_then(|_| out.flush())
+                    .map_err(|e| format!("stdout: {e}"))?;
+            }
+        }
+    }
+    Ok(n)
 }

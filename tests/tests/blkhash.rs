@@ -1,0 +1,285 @@
+//! `nbd-copy --blkhash`: the checksum of blksum (nirs/blkhash) and of
+//! nbdcopy 1.20's `--blkhash`, computed while copying, from files (holes
+//! included) and from NBD sources (nbd-serve, qemu-nbd), checked against
+//! digests recorded from blksum itself (CI cannot build blksum).
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use nbd_tests::*;
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+/// The test images: `(name, made in dir)`. Sizes are not multiples of
+/// the block sizes; `mixed` has a run of zeroes written as data,
+/// `zero` is all zeroes written as data, `sparse` has holes (one at
+/// the end, ending in a partial block) around three runs of data,
+/// `empty` is empty.
+const IMAGES: [&str; 4] = ["mixed", "zero", "sparse", "empty"];
+
+fn make_image(dir: &TempDir, name: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.raw"));
+    match name {
+        "mixed" => {
+            let mut data = pattern(3 * (1 << 20) + 12345, 1);
+            data[512 << 10..(1 << 20) + 4096].fill(0);
+            std::fs::write(&path, data).unwrap();
+        }
+        "zero" => std::fs::write(&path, vec![0u8; (1 << 20) + 1000]).unwrap(),
+        "sparse" => {
+            let path = dir.sparse_file("sparse.raw", 8 * (1 << 20) + 777);
+            let f = OpenOptions::new().write(true).open(&path).unwrap();
+            f.write_all_at(&pattern(70000, 2), 100000).unwrap();
+            f.write_all_at(&pattern(300000, 3), 4 * (1 << 20) + 1234).unwrap();
+            f.write_all_at(&pattern(5000, 4), 8 * (1 << 20) - 5000).unwrap();
+            return path;
+        }
+        "empty" => std::fs::write(&path, b"").unwrap(),
+        _ => unreachable!(),
+    }
+    path
+}
+
+/// The `--blkhash` parameters checked, with blksum's options for them.
+const PARAMS: [(&str, &[&str]); 4] = [
+    ("", &[]),
+    ("sha1/4k", &["--digest=sha1", "--block-size=4096"]),
+    (
+        "sha512/1M",
+        &["--digest=sha512", "--block-size=1048576", "--read-size=1048576"],
+    ),
+    ("sha256/192k", &["--block-size=196608", "--read-size=786432"]),
+];
+
+/// blksum's digests of [`IMAGES`] × [`PARAMS`] read from stdin
+/// (`blksum OPTIONS < IMAGE`: exactly the image's bytes), recorded from
+/// blksum 0.11.0 (nirs/blkhash at 283a48f, `v0.10.1-32-g283a48f`, built
+/// with meson without its tests: `meson setup build -Dblake3=disabled
+/// -Dman=disabled && ninja -C build`) by `BLKSUM=/path/to/blksum cargo
+/// test -p nbd-tests --test blkhash -- --ignored --nocapture
+/// record_blksum_digests`.
+const EXPECTED: [[&str; 4]; 4] = [
+    // mixed
+    [
+        "5f61821abd189c6f3380c135c89006e1c6ca7b15b101fb6d31650e1298657247",
+        "d6b6b4ea6c5d8c662ccb6a3240b7f3ec41a333e7",
+        "536ac02a817ef24574f773f5ad9952b71ba49105bc36db3e2d98540928957947e7b0a85013d987e4f60c40eeff741e6197f1d25d69d0618a3f7ac1a9874c4176",
+        "7b3aafd976bdbae9b4603318534ab9b178beeb4126474217d7bac19779f58c8b",
+    ],
+    // zero
+    [
+        "7e129f08f492faecb24047c479c19bcc8b2abb98367c0a7d8637164a7e973c66",
+        "6b154eb5591dcf7a4a761f0648e7d94aff47c00d",
+        "c097bb0fcac26ed38502778044fcfa0d6785c9d8e098ad79f595a621d73d68f074c8efd2666477ed9d780b17cded79492c1335545e4719babf708c022aec5da5",
+        "2615b02528e9d599e6a4bc54f4cddea99f06851b1c4a28e1978af5b2df89da14",
+    ],
+    // sparse
+    [
+        "76050d0d5f7e67166707857ed567472314c50e02f05ddd939fab7c8a7c50e47a",
+        "172a9a8991d59b7e9a6a9df3c76783113a5cf277",
+        "d1d7944ab7a39e48c8fea0d9400fc2ebe9b1de67411a226de7e222c8eea75d96c8364f4f4a2c954e1fc3feda58163962d84f1a5bfed725967892e1df5f08ed3c",
+        "36468d077034ab23d2ee6fce327d77e8f2a4ce21af5e037dc2cc7b49db120fad",
+    ],
+    // empty
+    [
+        "af5570f5a1810b7af78caf4bc70a660f0df51e42baf91d4de5b2328de0e83dfc",
+        "05fe405753166f125559e7c9ac558654f107c7e9",
+        "1b7409ccf0d5a34d3a77eaabfa9fe27427655be9297127ee9522aa1bf4046d4f945983678169cb1a7348edcac47ef0d9e2c924130e5bcc5f0d94937852c42f1b",
+        "af5570f5a1810b7af78caf4bc70a660f0df51e42baf91d4de5b2328de0e83dfc",
+    ],
+];
+
+/// The same from `blksum OPTIONS IMAGE`: blksum serves a file with
+/// qemu-nbd, whose raw driver rounds the size up to 512 bytes, so these
+/// are the digests of the images padded with zeroes, as nbd-copy sees
+/// them from qemu-nbd.
+const EXPECTED_QEMU: [[&str; 4]; 4] = [
+    // mixed
+    [
+        "2247a5d11bcee6d28b716a383d7fb28f4e491256e17d9ec98b738aa2013bdd1d",
+        "3095eda587ab3b2f7a636a0e54552d3c8a7ba494",
+        "783ce581f067749c8df355b8778bf710d036d2274be899bfe575cce946503fe300d31f92f38251f1bcb275f7d41cec9258ab66a755a534316c0acb33f17b63fa",
+        "95b0c94ebe5bba935e41497e4518b73808f9c0e9b1b555e7094e6fe70bfac529",
+    ],
+    // zero
+    [
+        "087359549c822a9a04e987e0dfbce364e897db3b16283a3dc5ffdcb39db60af5",
+        "8d3512209cc46e9daf84dd8e023bdf8bdea395e5",
+        "6b578dcfe0101088bc94594353d07b8eaabc17fde889072d5808e2b0be25a7266ca86eea2de474293c8a84151940df917c8f557fd8daa0f63636144f1708ea9d",
+        "b03dc7533b53181d2c5167caf31ab0410d189528245af428c63cc6311270d0ef",
+    ],
+    // sparse
+    [
+        "1d4610a326ad5b08c9953c9047bcd5d04cc8a6b084564469a0bef7b88aa6c561",
+        "8e1c042574bbcdcb92a4393765ae46ed6bcb69e9",
+        "d2fcc4885cae0061b7ace7507c4bccfdbc49cedfb273f8aab72e99748ce36ad47df5314a761ef93d7a8b173c34778f2846f3f4dce48797e922d32f8bc1923727",
+        "0a1f9feefeb842748311528e52d4edf54a158da7410807f4c8b9fc0244222aee",
+    ],
+    // empty
+    [
+        "af5570f5a1810b7af78caf4bc70a660f0df51e42baf91d4de5b2328de0e83dfc",
+        "05fe405753166f125559e7c9ac558654f107c7e9",
+        "1b7409ccf0d5a34d3a77eaabfa9fe27427655be9297127ee9522aa1bf4046d4f945983678169cb1a7348edcac47ef0d9e2c924130e5bcc5f0d94937852c42f1b",
+        "af5570f5a1810b7af78caf4bc70a660f0df51e42baf91d4de5b2328de0e83dfc",
+    ],
+];
+
+/// Prints [`EXPECTED`] (`blksum OPTIONS < IMAGE`) and [`EXPECTED_QEMU`]
+/// (`blksum OPTIONS IMAGE`) from the blksum named by `$BLKSUM`.
+#[test]
+#[ignore]
+fn record_blksum_digests() {
+    let blksum = std::env::var("BLKSUM").expect("BLKSUM=/path/to/blksum");
+    let dir = TempDir::new();
+    for (table, stdin) in [("EXPECTED", true), ("EXPECTED_QEMU", false)] {
+        println!("const {table}");
+        for name in IMAGES {
+            let img = make_image(&dir, name);
+            println!("    // {name}");
+            let mut row = Vec::new();
+            for (_, opts) in PARAMS {
+                let mut cmd = format!("{blksum} {}", opts.join(" "));
+                if stdin {
+                    cmd.push_str(" <");
+                }
+                cmd.push(' ');
+                cmd.push_str(s(&img));
+                let out = run_ok("sh", &["-c", &cmd]);
+                // blksum prints `DIGEST  NAME`.
+                row.push(format!("\"{}\"", out.split_whitespace().next().unwrap()));
+            }
+            println!("    [{}],", row.join(", "));
+        }
+    }
+}
+
+fn blkhash_arg(param: &str) -> String {
+    if param.is_empty() {
+        "--blkhash".into()
+    } else {
+        format!("--blkhash={param}")
+    }
+}
+
+/// Runs nbd-copy `args` and returns the digest it printed on stdout.
+fn copy_digest(args: &[&str]) -> String {
+    let out = run_ok(&our_bin("nbd-copy"), args);
+    assert!(out.ends_with('\n') && out.lines().count() == 1, "{out:?}");
+    out.trim_end().to_string()
+}
+
+#[test]
+fn files_to_null_match_blksum() {
+    let dir = TempDir::new();
+    for (i, name) in IMAGES.iter().enumerate() {
+        let img = make_image(&dir, name);
+        for (j, (param, _)) in PARAMS.iter().enumerate() {
+            let got = copy_digest(&[&blkhash_arg(param), s(&img), "null:"]);
+            assert_eq!(got, EXPECTED[i][j], "{name} {param}");
+            // Read whole, without the allocation map, in small requests.
+            let got = copy_digest(&[
+                &blkhash_arg(param),
+                "--no-extents",
+                "--request-size=12345",
+                s(&img),
+                "null:",
+            ]);
+            assert_eq!(got, EXPECTED[i][j], "{name} {param} --no-extents");
+        }
+    }
+}
+
+#[test]
+fn blkhash_file_and_a_real_copy() {
+    let dir = TempDir::new();
+    for (i, name) in IMAGES.iter().enumerate() {
+        let img = make_image(&dir, name);
+        for (j, (param, _)) in PARAMS.iter().enumerate() {
+            let sum = dir.join(format!("{name}-{j}.sum"));
+            let dst = dir.join(format!("{name}-{j}.copy"));
+            let file_arg = format!("--blkhash-file={}", s(&sum));
+            let out = run_ok(
+                &our_bin("nbd-copy"),
+                &[&blkhash_arg(param), &file_arg, s(&img), s(&dst)],
+            );
+            assert_eq!(out, "", "nothing on stdout with --blkhash-file");
+            assert_eq!(std::fs::read_to_string(&sum).unwrap(), format!("{}\n", EXPECTED[i][j]));
+            assert!(
+                std::fs::read(&dst).unwrap() == std::fs::read(&img).unwrap(),
+                "{name} {param}: the copy differs"
+            );
+        }
+    }
+    // --blkhash-file alone is the default --blkhash.
+    let img = make_image(&dir, "sparse");
+    let sum = dir.join("default.sum");
+    run_ok(
+        &our_bin("nbd-copy"),
+        &[&format!("--blkhash-file={}", s(&sum)), s(&img), "null:"],
+    );
+    assert_eq!(std::fs::read_to_string(&sum).unwrap(), format!("{}\n", EXPECTED[2][0]));
+}
+
+#[test]
+fn nbd_sources_match_blksum() {
+    if !require_peers(&["qemu-nbd"]) {
+        return;
+    }
+    let dir = TempDir::new();
+    for (i, name) in IMAGES.iter().enumerate() {
+        let img = make_image(&dir, name);
+        let ours = {
+            let sock = dir.socket_path("serve");
+            let full = ["--socket", s(&sock), "-r", s(&img)];
+            Peer::start(&dir, &our_bin("nbd-serve"), &full, Endpoint::Unix(sock.clone()))
+        };
+        let qemu = qemu_nbd(&dir, &["-r", "-f", "raw", s(&img)]);
+        for (j, (param, _)) in PARAMS.iter().enumerate() {
+            for (who, uri, want) in [
+                ("nbd-serve", ours.uri(""), EXPECTED[i][j]),
+                ("qemu-nbd", qemu.uri(""), EXPECTED_QEMU[i][j]),
+            ] {
+                let got = copy_digest(&[&blkhash_arg(param), &uri, "null:"]);
+                assert_eq!(got, want, "{name} {param} from {who}");
+                let sum = dir.join("nbd.sum");
+                let dst = dir.join("nbd.copy");
+                let _ = std::fs::remove_file(&dst);
+                run_ok(
+                    &our_bin("nbd-copy"),
+                    &[
+                        &blkhash_arg(param),
+                        &format!("--blkhash-file={}", s(&sum)),
+                        "--connections=2",
+                        "--request-size=64k",
+                        &uri,
+                        s(&dst),
+                    ],
+                );
+                assert_eq!(std::fs::read_to_string(&sum).unwrap(), format!("{want}\n"));
+                let (copy, orig) = (std::fs::read(&dst).unwrap(), std::fs::read(&img).unwrap());
+                assert!(copy.starts_with(&orig) && copy[orig.len()..].iter().all(|&b| b == 0));
+            }
+        }
+    }
+}
+
+#[test]
+fn refusals() {
+    let dir = TempDir::new();
+    let img = make_image(&dir, "mixed");
+    for (args, why) in [
+        (vec!["--blkhash=md5", s(&img), "null:"], "unsupported digest"),
+        (vec!["--blkhash=sha256/1000", s(&img), "null:"], "multiple of 512"),
+        (vec!["--blkhash", s(&img), "-"], "--blkhash-file"),
+    ] {
+        let out = run(&our_bin("nbd-copy"), &args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{args:?}: {err}");
+    }
+    let help = run_ok(&our_bin("nbd-copy"), &["--help"]);
+    assert!(help.contains("--blkhash"), "{help}");
+}
