@@ -21,6 +21,7 @@ pub mod blkhash;
 pub mod captive;
 pub mod cli;
 pub mod copy;
+pub mod fuse;
 pub mod info;
 pub mod progress;
 
