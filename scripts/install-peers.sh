@@ -8,6 +8,7 @@
 #   nbdsh                python3-libnbd
 #   nbd-server           nbd-server
 #   fio                  fio
+#   fusermount           fuse (nbd-fuse mounts through it; tests/tests/fuse.rs)
 #   qemu-img, qemu-nbd,  qemu-utils
 #   qemu-io
 #   nginx                nginx (the web server of the HTTP source tests,
@@ -24,8 +25,8 @@
 # qemu-utils; see install_qemu_rbd below.
 set -euo pipefail
 
-commands=(nbdkit nbdinfo nbdcopy nbdsh nbd-server fio qemu-img qemu-nbd qemu-io nginx openssl ceph-mon ceph-osd ceph rbd rados)
-packages=(nbdkit libnbd-bin nbd-server fio qemu-utils python3-libnbd nginx openssl ceph-mon ceph-osd ceph-common librbd-dev)
+commands=(nbdkit nbdinfo nbdcopy nbdsh nbd-server fio fusermount qemu-img qemu-nbd qemu-io nginx openssl ceph-mon ceph-osd ceph rbd rados)
+packages=(nbdkit libnbd-bin nbd-server fio fuse qemu-utils python3-libnbd nginx openssl ceph-mon ceph-osd ceph-common librbd-dev)
 bench=false
 [[ ${1:-} == --bench ]] && bench=true
 

@@ -7,7 +7,9 @@
 //! - `nbd-copy`: copy between NBD exports, files, block devices and
 //!   `null:`, stdin and stdout (like libnbd's nbdcopy); [`copy`] is the
 //!   copying engine, [`progress`] its progress reports, [`blkhash`] the
-//!   checksum of `--blkhash`.
+//!   checksum of `--blkhash`;
+//! - `nbd-fuse`: mount an export as one file over FUSE (like libnbd's
+//!   nbdfuse); [`fuse`] is the filesystem.
 //!
 //! `nbd-info` and `nbd-copy` also run a server as a subprocess, as
 //! `nbdinfo -- [ CMD ARGS ... ]` does ([`captive`]); [`cli`] holds what
