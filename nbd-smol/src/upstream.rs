@@ -575,10 +575,7 @@ mod tests {
             Up { length: 20, flags: 3 },
             Up { length: 100, flags: 0 },
         ];
-        assert_eq!(
-            allocation_extents(&up, 30),
-            vec![Extent::data(15), Extent::hole(15)]
-        );
+        assert_eq!(allocation_extents(&up, 30), vec![Extent::data(15), Extent::hole(15)]);
         assert_eq!(allocation_extents(&up, 7), vec![Extent::data(7)]);
         assert!(allocation_extents(&[], 7).is_empty());
     }
