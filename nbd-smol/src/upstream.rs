@@ -580,6 +580,85 @@ mod tests {
         assert!(allocation_extents(&[], 7).is_empty());
     }
 
+    /// A memory export behind our server, proxied by a second server
+    /// through [`NbdStorage`]: every command reaches the upstream.
+    #[test]
+    fn proxies_every_command() {
+        use crate::client::Client;
+        use crate::server::{Listener, Server, ServerOptions};
+        use nbd_server::Export;
+        use nbd_storage::MemoryStorage;
+
+        let dir = std::env::temp_dir().join(format!("nbd-smol-upstream-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (up_sock, px_sock) = (dir.join("up.sock"), dir.join("px.sock"));
+        let size = 8 << 20;
+        let memory = Arc::new(MemoryStorage::new(size));
+        let upstream = Server::new(
+            vec![Export::new("disk", "the upstream", memory.clone())],
+            ServerOptions::default(),
+        );
+        let up_listener = Listener::bind_unix(&up_sock).unwrap();
+        let up_task = smol::spawn({
+            let upstream = upstream.clone();
+            async move { upstream.serve(vec![up_listener]).await }
+        });
+        crate::block_on(async {
+            let uri = NbdUri::parse(&format!("nbd+unix:///disk?socket={}", up_sock.display())).unwrap();
+            let storage = NbdStorage::connect(&uri, UpstreamOptions::default()).await.unwrap();
+            assert_eq!(storage.export_name(), "disk");
+            assert_eq!(storage.description(), Some("the upstream"));
+            assert_eq!(AsyncStorage::size(&storage), size);
+            let caps = storage.capabilities();
+            assert!(!caps.read_only && caps.can_trim && caps.can_zero && caps.can_flush);
+            let proxy = Server::new(
+                vec![Export::new_async("disk", "", Arc::new(storage))],
+                ServerOptions::default(),
+            );
+            let px_listener = Listener::bind_unix(&px_sock).unwrap();
+            let px_task = smol::spawn({
+                let proxy = proxy.clone();
+                async move { proxy.serve(vec![px_listener]).await }
+            });
+            let c = Client::connect(&format!("nbd+unix:///disk?socket={}", px_sock.display()))
+                .await
+                .unwrap();
+            assert_eq!(c.size(), size);
+            let data: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 251) as u8).collect();
+            let (r, _) = c.write_with(data.clone(), 1 << 20, CommandFlags::FUA).await;
+            r.unwrap();
+            let mut direct = vec![0u8; data.len()];
+            nbd_storage::Storage::read_at(&*memory, &mut direct, 1 << 20).unwrap();
+            assert!(direct == data, "the write did not reach the upstream");
+            let (r, back) = c.read(vec![0u8; data.len()], 1 << 20).await;
+            r.unwrap();
+            assert!(back == data);
+            c.write_zeroes(2 << 20, 4096, CommandFlags::empty()).await.unwrap();
+            let (r, back) = c.read(vec![1u8; 4096], 2 << 20).await;
+            r.unwrap();
+            assert!(back.iter().all(|&b| b == 0));
+            c.trim(3 << 20, 1 << 20, CommandFlags::empty()).await.unwrap();
+            c.flush().await.unwrap();
+            c.cache(0, 4096).await.unwrap();
+            let status = c.block_status(0, size, CommandFlags::empty()).await.unwrap();
+            let base = status.iter().find(|s| s.context == CONTEXT_BASE_ALLOCATION).unwrap();
+            // A hole first (nothing written below 1 MiB), data after.
+            assert_eq!(base.extents[0].length, 1 << 20);
+            assert_eq!(base.extents[0].flags & 1, 1, "{:?}", base.extents);
+            assert_eq!(base.extents[1].flags & 1, 0, "{:?}", base.extents);
+            // Out of range: refused, not passed on.
+            let (r, _) = c.read(vec![0u8; 4096], size - 1).await;
+            assert!(r.is_err());
+            c.disconnect().await.unwrap();
+            proxy.shutdown();
+            let _ = px_task.await;
+        });
+        upstream.shutdown();
+        let _ = crate::block_on(up_task);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn errors_keep_their_errno() {
         let e = io_error(Error::TimedOut {
