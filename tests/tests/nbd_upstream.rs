@@ -112,6 +112,31 @@ fn qemu_nbd_through_the_proxy() {
     File::open(&file).unwrap().read_exact(&mut first).unwrap();
     assert_eq!(first, [0, 1, 2, 3]);
 
+    drop(ro);
+
+    // --export NAME=URI, next to a memory export.
+    let socket = dir.socket_path("exports");
+    let sock = socket.to_str().unwrap().to_owned();
+    let export = format!("px={up_uri}");
+    let multi = Peer::start(
+        &dir,
+        &our_bin("nbd-serve"),
+        &["-k", &sock, "--export", "mem=memory:1M", "--export", &export],
+        Endpoint::Unix(socket),
+    );
+    assert_eq!(
+        run_ok("nbdinfo", &["--size", &multi.uri("px")]).trim(),
+        (64 * MIB).to_string()
+    );
+    assert_eq!(
+        run_ok("nbdinfo", &["--size", &multi.uri("mem")]).trim(),
+        MIB.to_string()
+    );
+    let out = dir.join("out2.raw");
+    run_ok("nbdcopy", &[&multi.uri("px"), out.to_str().unwrap()]);
+    same_files(&file, &out, "nbdcopy through --export px=URI");
+    drop(multi);
+
     // Filters are refused on NBD upstreams.
     let refused = run(
         &our_bin("nbd-serve"),
