@@ -9,6 +9,9 @@
 //! - [`pool::Pool`]: several connections to one export (multi-conn).
 //! - `server::Server` (feature `server`): an async server for many clients and several
 //!   exports, serving from `nbd_storage`.
+//! - `upstream::NbdStorage` (feature `server`): another NBD server's
+//!   export as storage for the server (a proxy), with this client's
+//!   deadlines and reconnection.
 //! - [`tls`]: STARTTLS for both (feature `tls`) (futures-rustls over the connection's
 //!   halves; credentials from `nbd_net`).
 //!
@@ -27,6 +30,8 @@ pub mod pool;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod tls;
+#[cfg(feature = "server")]
+pub mod upstream;
 
 pub use client::{BlockStatus, Client, Error, Negotiation, Result, Socket};
 pub use nbd_proto::{client::ClientConfig, client::TlsMode, uri::NbdUri, wire::CommandFlags};

@@ -21,6 +21,15 @@
 //! (read-only; `-s` puts a copy-on-write overlay on it; `--http
 //! KEY=VALUE` takes nbdkit curl's parameters).
 //!
+//! A FILE that is an NBD URI (`nbd://`, `nbds://`, `nbd+unix://`,
+//! `nbds+unix://`) is an export of another NBD server, served through this
+//! one (a proxy) with the async client's deadlines and reconnection: a
+//! restart of the upstream server within `--upstream-reconnect-delay`
+//! (60 s by default) is invisible to the clients, whose requests wait and
+//! are sent again. The export's size, flags and block sizes (and, unless
+//! `-x` or `-D` say otherwise, its name and description) are the
+//! upstream's; `-r` serves it read-only.
+//!
 //! Built with the cargo feature `rbd`, it also serves Ceph RBD images named
 //! as QEMU names them: `nbd-serve rbd:POOL/IMAGE[@SNAP][:conf=FILE][:id=USER]`
 //! or `--export NAME=rbd:...`.
@@ -45,8 +54,10 @@ use nbd_proto::common::TlsMode;
 use nbd_proto::server::{ServerConfig, TlsPolicy};
 use nbd_proto::uri::{NbdUri, Transport};
 use nbd_server::{Backend, Export, Limits};
+use nbd_smol::client::{ConnectOptions, Reconnect, Timeouts};
 use nbd_smol::server::{Listener, Server, ServerOptions};
 use nbd_smol::tls::ServerTlsOptions;
+use nbd_smol::upstream::{NbdStorage, UpstreamOptions};
 use nbd_storage::cow::CowStorage;
 use nbd_storage::filter::{self, FilterSpec};
 use nbd_storage::http::{HttpOptions, HttpStorage};
@@ -71,13 +82,16 @@ use nbd_tools::parse_size;
                   nbd-serve --fork --persistent --shared=5 --socket=/tmp/s --read-only --format=qcow2 disk.qcow2\n  \
                   nbd-serve disk.img --run 'nbdcopy \"$uri\" out.img'   (nbdkit's captive mode)\n  \
                   nbdinfo -- [ nbd-serve -r disk.img ]            (socket activation)\n  \
-                  nbd-serve --filter=cow --filter=retry https://host/disk.img   (a disk on a web server)"
+                  nbd-serve --filter=cow --filter=retry https://host/disk.img   (a disk on a web server)\n  \
+                  nbd-serve -k /tmp/proxy nbd+unix:///disk?socket=/tmp/upstream   (a proxy that rides out upstream restarts)"
 )]
 struct Args {
     /// File or block device to serve (the default export); or an
     /// `http://` or `https://` URL (a raw disk on a web server, read with
-    /// range requests, read-only); with RBD support (cargo feature rbd)
-    /// also `rbd:POOL/IMAGE[@SNAP][:conf=FILE][:id=USER]`.
+    /// range requests, read-only); or an NBD URI (`nbd://HOST/EXPORT`,
+    /// `nbds://...`, `nbd+unix:///EXPORT?socket=PATH`): an export of
+    /// another NBD server, served through this one; with RBD support
+    /// (cargo feature rbd) also `rbd:POOL/IMAGE[@SNAP][:conf=FILE][:id=USER]`.
     file: Option<PathBuf>,
     /// Serve a sparse in-memory export of this size (e.g. 1G, 512M).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
@@ -105,8 +119,8 @@ struct Args {
     /// export's FILE only).
     #[arg(short = 'B', long = "bitmap", value_name = "NAME")]
     bitmaps: Vec<String>,
-    /// More exports: NAME=FILE, NAME=URL, NAME=memory:SIZE or
-    /// NAME=rbd:POOL/IMAGE...
+    /// More exports: NAME=FILE, NAME=URL, NAME=NBD-URI, NAME=memory:SIZE
+    /// or NAME=rbd:POOL/IMAGE...
     /// (repeatable; -f, -s, -A apply to files, -r to all). Prefixes make
     /// one export read-only (`ro:`) or a snapshot (`snapshot:`), e.g.
     /// `--export cow=snapshot:disk.img --export ro=ro:disk.img`. Exports
@@ -123,7 +137,8 @@ struct Args {
     /// -cache, delay-fast-zero), error (error, error-rate, error-file and
     /// per operation error-pread..., error-pwrite..., error-trim...,
     /// error-zero..., error-extents..., error-cache...), retry (retries,
-    /// retry-delay, retry-exponential, retry-readonly). Not on RBD exports.
+    /// retry-delay, retry-exponential, retry-readonly). Not on RBD or NBD
+    /// (upstream server) exports.
     #[arg(long = "filter", value_name = "NAME[:KEY=VALUE,...]")]
     filters: Vec<String>,
     /// A parameter of the http:// and https:// exports, with nbdkit curl's
@@ -133,6 +148,26 @@ struct Args {
     /// connections=N, retries=N (attempts of a read, default 5).
     #[arg(long = "http", value_name = "KEY=VALUE")]
     http: Vec<String>,
+    /// NBD upstreams (nbd://... exports): how long requests wait for a
+    /// broken connection to the upstream server to be made again (its
+    /// restart), in seconds; past it they fail with EIO, and the next
+    /// request dials again. 0: no reconnection (requests fail at once when
+    /// the connection breaks).
+    #[arg(long = "upstream-reconnect-delay", value_name = "SECS", default_value_t = 60)]
+    upstream_reconnect_delay: u64,
+    /// NBD upstreams: seconds to open a connection, and again to finish
+    /// the handshake (0: no limit).
+    #[arg(long = "upstream-timeout", value_name = "SECS", default_value_t = 30)]
+    upstream_timeout: u64,
+    /// NBD upstreams: seconds each request may take before the connection
+    /// is deemed broken (and made again, with reconnection) (0, the
+    /// default: no limit; a live but slow upstream is waited for).
+    #[arg(long = "upstream-request-timeout", value_name = "SECS", default_value_t = 0)]
+    upstream_request_timeout: u64,
+    /// NBD upstreams: connections to each upstream export, if it allows
+    /// multi-conn.
+    #[arg(long = "upstream-connections", value_name = "N", default_value_t = 4)]
+    upstream_connections: usize,
     /// Serve every export read-only.
     #[arg(short = 'r', long = "read-only", alias = "readonly")]
     read_only: bool,
@@ -397,6 +432,11 @@ enum Source {
         spec: String,
         read_only: bool,
     },
+    /// An export of another NBD server.
+    Nbd {
+        uri: NbdUri,
+        read_only: bool,
+    },
     /// An index into the [`ImageSet`] that opens every file once.
     Image(usize),
     /// A disk on a web server (always read-only).
@@ -443,6 +483,19 @@ fn parse_source(spec: &str, args: &Args, bitmaps: &[String], images: &mut ImageS
             spec: rest.to_string(),
             read_only,
         });
+    }
+    if is_nbd_uri(rest) {
+        let uri = NbdUri::parse(rest).map_err(|e| format!("{rest}: {e}"))?;
+        if !bitmaps.is_empty() {
+            return Err("-B/--bitmap needs a qcow2 image, not an NBD upstream".into());
+        }
+        if snapshot {
+            return Err(format!("{spec}: an NBD upstream has no snapshot mode"));
+        }
+        if args.format == Some(ImageFormat::Qcow2) {
+            return Err(format!("{rest}: NBD upstreams are served as they are (not -f qcow2)"));
+        }
+        return Ok(Source::Nbd { uri, read_only });
     }
     if nbd_storage::http::is_http_url(rest) {
         if !bitmaps.is_empty() {
@@ -531,7 +584,7 @@ fn run(args: Args, forked: Option<Forked>) -> Result<u8, String> {
         .collect();
     let mut rbd = Rbd::default();
     let mut exports = Vec::with_capacity(wanted.len());
-    for (name, description, source) in wanted {
+    for (mut name, mut description, source) in wanted {
         let backend = match source {
             Source::Memory { size, read_only } => {
                 Backend::Sync(Arc::new(MemoryStorage::with_options(size, read_only)) as Arc<dyn Storage>)
@@ -540,6 +593,22 @@ fn run(args: Args, forked: Option<Forked>) -> Result<u8, String> {
                 return Err("--filter applies to files, images and memory exports, not to RBD exports".into());
             }
             Source::Rbd { spec, read_only } => rbd.open(&spec, read_only)?,
+            Source::Nbd { .. } if !filters.is_empty() => {
+                return Err("--filter applies to files, images and memory exports, not to NBD upstreams".into());
+            }
+            Source::Nbd { uri, read_only } => {
+                let upstream = open_upstream(&uri, read_only, &args)?;
+                if name.is_empty() && !upstream.export_name().is_empty() {
+                    // The upstream's name, unless -x named it.
+                    name = upstream.export_name().to_string();
+                }
+                if description.is_empty()
+                    && let Some(d) = upstream.description()
+                {
+                    description = d.to_string();
+                }
+                Backend::Async(Arc::new(upstream))
+            }
             Source::Image(i) => Backend::Sync(opened[i].take().ok_or("an image was opened for two exports")?),
             Source::Http { url, snapshot } => Backend::Sync(open_http(&url, snapshot, &http_options, args.format)?),
         };
@@ -673,6 +742,37 @@ fn open_http(
         return Ok(Arc::new(cow));
     }
     Ok(http)
+}
+
+/// Whether an export's source is an NBD URI (an upstream server).
+fn is_nbd_uri(s: &str) -> bool {
+    [
+        "nbd://",
+        "nbds://",
+        "nbd+unix://",
+        "nbds+unix://",
+        "nbd+vsock://",
+        "nbds+vsock://",
+    ]
+    .iter()
+    .any(|p| s.starts_with(p))
+}
+
+/// Connects to an NBD upstream with the --upstream-* settings.
+fn open_upstream(uri: &NbdUri, read_only: bool, args: &Args) -> Result<NbdStorage, String> {
+    let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
+    let timeouts = Timeouts::default()
+        .connect(secs(args.upstream_timeout))
+        .handshake(secs(args.upstream_timeout))
+        .request(secs(args.upstream_request_timeout));
+    let connect = ConnectOptions::default()
+        .timeouts(timeouts)
+        .reconnect(secs(args.upstream_reconnect_delay).map(Reconnect::within));
+    let options = UpstreamOptions::default()
+        .connect(connect)
+        .connections(args.upstream_connections.max(1))
+        .read_only(read_only);
+    nbd_smol::block_on(NbdStorage::connect(uri, options)).map_err(|e| format!("{}: {e}", uri.to_uri_string()))
 }
 
 /// Refuses flags that cannot go together.
