@@ -27,6 +27,7 @@
 
 #![warn(missing_docs)]
 
+pub mod blkhash_images;
 pub mod stall;
 pub mod tls;
 

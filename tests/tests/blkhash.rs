@@ -3,64 +3,21 @@
 //! included) and from NBD sources (nbd-serve, qemu-nbd), checked against
 //! digests recorded from blksum itself (CI cannot build blksum).
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use nbd_tests::blkhash_images::{IMAGES, PARAMS, make_image};
 use nbd_tests::*;
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
 }
 
-/// The test images: `(name, made in dir)`. Sizes are not multiples of
-/// the block sizes; `mixed` has a run of zeroes written as data,
-/// `zero` is all zeroes written as data, `sparse` has holes (one at
-/// the end, ending in a partial block) around three runs of data,
-/// `empty` is empty.
-const IMAGES: [&str; 4] = ["mixed", "zero", "sparse", "empty"];
-
-fn make_image(dir: &TempDir, name: &str) -> PathBuf {
-    let path = dir.join(format!("{name}.raw"));
-    match name {
-        "mixed" => {
-            let mut data = pattern(3 * (1 << 20) + 12345, 1);
-            data[512 << 10..(1 << 20) + 4096].fill(0);
-            std::fs::write(&path, data).unwrap();
-        }
-        "zero" => std::fs::write(&path, vec![0u8; (1 << 20) + 1000]).unwrap(),
-        "sparse" => {
-            let path = dir.sparse_file("sparse.raw", 8 * (1 << 20) + 777);
-            let f = OpenOptions::new().write(true).open(&path).unwrap();
-            f.write_all_at(&pattern(70000, 2), 100000).unwrap();
-            f.write_all_at(&pattern(300000, 3), 4 * (1 << 20) + 1234).unwrap();
-            f.write_all_at(&pattern(5000, 4), 8 * (1 << 20) - 5000).unwrap();
-            return path;
-        }
-        "empty" => std::fs::write(&path, b"").unwrap(),
-        _ => unreachable!(),
-    }
-    path
-}
-
-/// The `--blkhash` parameters checked, with blksum's options for them.
-const PARAMS: [(&str, &[&str]); 4] = [
-    ("", &[]),
-    ("sha1/4k", &["--digest=sha1", "--block-size=4096"]),
-    (
-        "sha512/1M",
-        &["--digest=sha512", "--block-size=1048576", "--read-size=1048576"],
-    ),
-    ("sha256/192k", &["--block-size=196608", "--read-size=786432"]),
-];
-
 /// blksum's digests of [`IMAGES`] × [`PARAMS`] read from stdin
 /// (`blksum OPTIONS < IMAGE`: exactly the image's bytes), recorded from
 /// blksum 0.11.0 (nirs/blkhash at 283a48f, `v0.10.1-32-g283a48f`, built
 /// with meson without its tests: `meson setup build -Dblake3=disabled
-/// -Dman=disabled && ninja -C build`) by `BLKSUM=/path/to/blksum cargo
-/// test -p nbd-tests --test blkhash -- --ignored --nocapture
-/// record_blksum_digests`.
+/// -Dman=disabled && ninja -C build`) by `cargo run -p nbd-tests --bin
+/// record-blksum -- /path/to/blksum`.
 const EXPECTED: [[&str; 4]; 4] = [
     // mixed
     [
@@ -126,35 +83,6 @@ const EXPECTED_QEMU: [[&str; 4]; 4] = [
         "af5570f5a1810b7af78caf4bc70a660f0df51e42baf91d4de5b2328de0e83dfc",
     ],
 ];
-
-/// Prints [`EXPECTED`] (`blksum OPTIONS < IMAGE`) and [`EXPECTED_QEMU`]
-/// (`blksum OPTIONS IMAGE`) from the blksum named by `$BLKSUM`.
-#[test]
-#[ignore]
-fn record_blksum_digests() {
-    let blksum = std::env::var("BLKSUM").expect("BLKSUM=/path/to/blksum");
-    let dir = TempDir::new();
-    for (table, stdin) in [("EXPECTED", true), ("EXPECTED_QEMU", false)] {
-        println!("const {table}");
-        for name in IMAGES {
-            let img = make_image(&dir, name);
-            println!("    // {name}");
-            let mut row = Vec::new();
-            for (_, opts) in PARAMS {
-                let mut cmd = format!("{blksum} {}", opts.join(" "));
-                if stdin {
-                    cmd.push_str(" <");
-                }
-                cmd.push(' ');
-                cmd.push_str(s(&img));
-                let out = run_ok("sh", &["-c", &cmd]);
-                // blksum prints `DIGEST  NAME`.
-                row.push(format!("\"{}\"", out.split_whitespace().next().unwrap()));
-            }
-            println!("    [{}],", row.join(", "));
-        }
-    }
-}
 
 fn blkhash_arg(param: &str) -> String {
     if param.is_empty() {
