@@ -4,6 +4,8 @@
 //! before, once per idle period), and a request in between starts a new
 //! idle period.
 
+mod common;
+
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
@@ -68,28 +70,7 @@ impl Pair {
         let mut client = ClientSession::new(ClientConfig::default());
         server.handle_timeout(at(0)).expect("the handshake just started");
         assert!(server.poll_timeout().is_some(), "the handshake's deadline");
-        for _ in 0..100 {
-            let mut to_client = Vec::new();
-            while server.poll_transmit(&mut to_client).is_some() {}
-            let mut rest = &to_client[..];
-            loop {
-                let (n, ev) = client.feed(rest).expect("client accepts");
-                rest = &rest[n..];
-                if ev.is_none() && n == 0 {
-                    break;
-                }
-            }
-            let mut to_server = Vec::new();
-            while client.poll_transmit(&mut to_server).is_some() {}
-            let mut used = 0;
-            while used < to_server.len() {
-                used += server.input(&to_server[used..]).expect("server accepts");
-            }
-            if client.is_connected() && server.is_transmitting() {
-                break;
-            }
-        }
-        assert!(client.is_connected() && server.is_transmitting());
+        common::handshake(&mut server, &mut client);
         Pair {
             server,
             writer,

@@ -3,6 +3,8 @@
 //! limit must not stop the reading of its payload (it did: the connection
 //! said Blocked forever, found by the `serve_connection` fuzz target).
 
+mod common;
+
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
@@ -53,28 +55,7 @@ fn write_payload_in_pieces_with_one_request_in_flight() {
     let mut client = ClientSession::new(ClientConfig::default());
 
     // The handshake.
-    for _ in 0..100 {
-        let mut to_client = Vec::new();
-        while server.poll_transmit(&mut to_client).is_some() {}
-        let mut rest = &to_client[..];
-        loop {
-            let (n, ev) = client.feed(rest).expect("client accepts");
-            rest = &rest[n..];
-            if ev.is_none() && n == 0 {
-                break;
-            }
-        }
-        let mut to_server = Vec::new();
-        while client.poll_transmit(&mut to_server).is_some() {}
-        let mut used = 0;
-        while used < to_server.len() {
-            used += server.input(&to_server[used..]).expect("server accepts");
-        }
-        if client.is_connected() && server.is_transmitting() {
-            break;
-        }
-    }
-    assert!(client.is_connected() && server.is_transmitting());
+    common::handshake(&mut server, &mut client);
 
     // The WRITE header, then its payload in three reads.
     let len = 3 * 4096;

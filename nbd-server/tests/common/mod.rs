@@ -1,0 +1,31 @@
+//! What the in-memory tests of `ServeConnection` share.
+
+use nbd_proto::client::ClientSession;
+use nbd_server::ServeConnection;
+
+/// Moves the handshake's bytes between `server` and `client` until both
+/// are in transmission (panics if they do not get there).
+pub fn handshake(server: &mut ServeConnection, client: &mut ClientSession) {
+    for _ in 0..100 {
+        let mut to_client = Vec::new();
+        while server.poll_transmit(&mut to_client).is_some() {}
+        let mut rest = &to_client[..];
+        loop {
+            let (n, ev) = client.feed(rest).expect("client accepts");
+            rest = &rest[n..];
+            if ev.is_none() && n == 0 {
+                break;
+            }
+        }
+        let mut to_server = Vec::new();
+        while client.poll_transmit(&mut to_server).is_some() {}
+        let mut used = 0;
+        while used < to_server.len() {
+            used += server.input(&to_server[used..]).expect("server accepts");
+        }
+        if client.is_connected() && server.is_transmitting() {
+            break;
+        }
+    }
+    assert!(client.is_connected() && server.is_transmitting());
+}
