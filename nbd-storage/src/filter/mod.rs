@@ -4,9 +4,11 @@
 //!
 //! | filter | what it does | parameters |
 //! | --- | --- | --- |
+//! | `cache` | a local cache file in front of the storage below: reads of what it holds never go below; writes are written back on flush, through at once, or on eviction ([`Cache`]) | `cache=writeback\|writethrough\|unsafe`, `cache-on-read=BOOL\|/PATH`, `cache-min-block-size=SIZE`, `cache-max-size=SIZE`, `cache-high-threshold=N`, `cache-low-threshold=N`, `cachedir=DIR` |
 //! | `cow` | writes go to a temporary local overlay; the storage below is never written ([`crate::cow::CowStorage`]) | `cow-block-size=SIZE` |
 //! | `delay` | delays operations ([`Delay`]) | `rdelay`, `wdelay`, `delay-read`, `delay-write`, `delay-zero`, `delay-trim`, `delay-extents`, `delay-cache`, `delay-fast-zero=BOOL` |
 //! | `error` | fails operations with an errno, at a rate, while a file exists ([`InjectErrors`]) | `error`, `error-rate`, `error-file`, and each of them per operation: `error-pread`, `error-pwrite`, `error-zero`, `error-trim`, `error-extents`, `error-cache`, `error-flush` (`-rate`, `-file`) |
+//! | `readahead` | sequential reads read a growing window ahead (64 KiB doubling to 4 MiB) from below and are served from it ([`ReadAhead`]) | none |
 //! | `retry` | retries a failed operation after a delay that grows ([`Retry`]) | `retries`, `retry-delay`, `retry-exponential=BOOL`, `retry-readonly=BOOL` |
 //!
 //! A [`FilterSpec`] is written `NAME[:KEY=VALUE[,KEY=VALUE...]]` (what
@@ -32,9 +34,13 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod cache;
 mod delay;
 mod error;
+mod readahead;
 mod retry;
+#[cfg(test)]
+pub(crate) mod testing;
 
 use std::fmt;
 use std::io;
@@ -43,8 +49,10 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use cache::{CACHE_BLOCK_SIZE, Cache, CacheMode, CacheOnRead, CacheOptions};
 pub use delay::Delay;
 pub use error::{InjectErrors, Injection};
+pub use readahead::{MAX_WINDOW, MIN_WINDOW, ReadAhead};
 pub use retry::Retry;
 
 use crate::{Capabilities, Extent, SparseReads, StatusExtent, Storage, ZeroFlags};
@@ -53,7 +61,8 @@ use crate::{Capabilities, Extent, SparseReads, StatusExtent, Storage, ZeroFlags}
 /// `NAME[:KEY=VALUE[,KEY=VALUE...]]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FilterSpec {
-    /// The filter's name (`cow`, `delay`, `error`, `retry`).
+    /// The filter's name (`cache`, `cow`, `delay`, `error`, `readahead`,
+    /// `retry`).
     pub name: String,
     /// Its parameters, in order.
     pub params: Vec<(String, String)>,
@@ -100,7 +109,7 @@ pub enum FilterError {
     #[error("{0:?}: expected NAME[:KEY=VALUE[,KEY=VALUE...]]")]
     Syntax(String),
     /// No filter of this name.
-    #[error("unknown filter {0:?} (known: cow, delay, error, retry)")]
+    #[error("unknown filter {0:?} (known: cache, cow, delay, error, readahead, retry)")]
     Unknown(String),
     /// A parameter the filter does not know, or a bad value.
     #[error("filter {filter}: {key}: {why}")]
@@ -112,7 +121,8 @@ pub enum FilterError {
         /// What is wrong with it.
         why: String,
     },
-    /// Setting the filter up failed (the `cow` overlay could not be made).
+    /// Setting the filter up failed (the `cow` overlay or the `cache` file
+    /// could not be made).
     #[error("filter {filter}: {source}")]
     Io {
         /// The filter.
@@ -124,8 +134,9 @@ pub enum FilterError {
 
 /// Applies `specs` to `storage` as nbdkit stacks `--filter`s: the first is
 /// the outermost (what the client talks to), the last sits on `storage`.
-/// `temp_dir` is where the `cow` filter puts its overlay (`None`:
-/// `$TMPDIR`, else `/var/tmp`).
+/// `temp_dir` is where the `cow` filter puts its overlay and the `cache`
+/// filter its cache file unless `cachedir=` says (`None`: `$TMPDIR`, else
+/// `/var/tmp`).
 pub fn stack(
     storage: Arc<dyn Storage>,
     specs: &[FilterSpec],
@@ -156,6 +167,15 @@ pub fn apply(
                 .map_err(|source| FilterError::Io { filter: "cow", source })?;
             Arc::new(cow)
         }
+        "cache" => {
+            let options = CacheOptions::from_params(&spec.params)?;
+            let cache = Cache::new(inner, temp_dir, options).map_err(|source| FilterError::Io {
+                filter: "cache",
+                source,
+            })?;
+            Arc::new(cache)
+        }
+        "readahead" => Arc::new(ReadAhead::from_params(inner, &spec.params)?),
         "delay" => Arc::new(Filtered::new(inner, Delay::from_params(&spec.params)?)),
         "error" => Arc::new(Filtered::new(inner, InjectErrors::from_params(&spec.params)?)),
         "retry" => Arc::new(Filtered::new(inner, Retry::from_params(&spec.params)?)),
