@@ -204,11 +204,111 @@ fn bad_filters_are_refused() {
         ("--filter=delay:rdelay=soon", "rdelay"),
         ("--filter=error:colour=red", "colour: unknown parameter"),
         ("--filter=delay:rdelay", "expected NAME[:KEY=VALUE"),
+        (
+            "--filter=cache:cache=sometimes",
+            "expected writeback, writethrough or unsafe",
+        ),
+        ("--filter=cache:cache-min-block-size=1000", "power of two"),
+        ("--filter=readahead:window=1M", "window: unknown parameter"),
     ] {
         let socket = dir.socket_path("refused");
         let out = run(&our_bin("nbd-serve"), &["--socket", s(&socket), filter, s(&file)]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{filter}: {err}");
         assert!(err.contains(says), "{filter}: {err}");
+    }
+}
+
+#[test]
+fn cache_and_readahead_read_back_the_file_and_write_back_on_flush() {
+    if !require_peers(&["qemu-io", "nbdkit", "nbdcopy", "qemu-img"]) {
+        return;
+    }
+    let dir = TempDir::new();
+    let file = dir.join("disk.img");
+    let original = pattern(8 << 20, 11);
+    fs::write(&file, &original).unwrap();
+    let mut expected = original.clone();
+    expected[(1 << 20) + 100..(1 << 20) + 100 + 65536].fill(0xcd);
+    for (who, peer) in both(
+        &dir,
+        &["--filter=cache", "--filter=readahead"],
+        &["--filter=cache", "--filter=readahead"],
+        &file,
+    ) {
+        fs::write(&file, &original).unwrap();
+        let uri = peer.uri("");
+        let copy = dir.join(format!("{who}.raw"));
+        run_ok("nbdcopy", &[&uri, s(&copy)]);
+        assert!(
+            fs::read(&copy).unwrap() == original,
+            "{who}: nbdcopy reads the file back"
+        );
+        run_ok("qemu-img", &["compare", "-f", "raw", "-F", "raw", s(&file), &uri]);
+        // A write stays in the cache (writeback) until the flush.
+        let (ok, out) = qemu_io(
+            &uri,
+            &["write -P 0xcd 1048676 64k", "read -P 0xcd 1048676 64k", "flush"],
+        );
+        assert!(ok, "{who}: {out}");
+        assert!(
+            fs::read(&file).unwrap() == expected,
+            "{who}: the flush wrote the cache back"
+        );
+        run_ok("nbdcopy", &[&uri, s(&copy)]);
+        assert!(
+            fs::read(&copy).unwrap() == expected,
+            "{who}: the export reads its write back"
+        );
+    }
+}
+
+/// The cache's proof: an `error` filter below the cache fails every read
+/// once its trigger file exists; after a first full read, a second one
+/// still succeeds with `cache-on-read=true` (every block comes from the
+/// cache) and fails without it, with nbd-serve as with nbdkit.
+#[test]
+fn cache_on_read_serves_what_the_storage_below_no_longer_can() {
+    if !require_peers(&["nbdkit", "nbdcopy"]) {
+        return;
+    }
+    let dir = TempDir::new();
+    let file = dir.join("disk.img");
+    let original = pattern(4 << 20, 5);
+    fs::write(&file, &original).unwrap();
+    let trigger = dir.join("failing");
+    let error_params = format!("error-pread=EIO,error-pread-rate=100%,error-pread-file={}", s(&trigger));
+    let nbdkit_error: Vec<String> = error_params.split(',').map(str::to_string).collect();
+    for cache_on_read in [true, false] {
+        let ours_cache = format!("--filter=cache:cache-on-read={cache_on_read}");
+        let ours_error = format!("--filter=error:{error_params}");
+        let theirs_cache = format!("cache-on-read={cache_on_read}");
+        let mut theirs: Vec<&str> = vec!["--filter=cache", "--filter=error", &theirs_cache];
+        theirs.extend(nbdkit_error.iter().map(String::as_str));
+        for (who, peer) in both(&dir, &[&ours_cache, &ours_error], &theirs, &file) {
+            let uri = peer.uri("");
+            let copy = dir.join(format!("{who}-{cache_on_read}.raw"));
+            run_ok("nbdcopy", &[&uri, s(&copy)]);
+            assert!(fs::read(&copy).unwrap() == original, "{who}: the first read");
+            fs::write(&trigger, b"").unwrap();
+            fs::remove_file(&copy).unwrap();
+            let out = run("nbdcopy", &[&uri, s(&copy)]);
+            fs::remove_file(&trigger).unwrap();
+            if cache_on_read {
+                assert!(
+                    out.status.success(),
+                    "{who}: the second read comes from the cache: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                assert!(fs::read(&copy).unwrap() == original, "{who}: the second read");
+            } else {
+                assert!(
+                    !out.status.success(),
+                    "{who}: without cache-on-read the second read reaches the failing storage"
+                );
+                let err = String::from_utf8_lossy(&out.stderr);
+                assert!(err.contains("Input/output error"), "{who}: {err}");
+            }
+        }
     }
 }
