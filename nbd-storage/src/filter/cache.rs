@@ -226,7 +226,18 @@ impl Bits {
     }
 }
 
-/// A cache in front of `inner` (see the [module](self) documentation).
+/// A cache in front of the storage below (nbdkit's `cache` filter): a
+/// temporary, unlinked cache file in blocks of
+/// [`CacheOptions::block_size`], with bitmaps of the blocks it holds and of
+/// those not yet written below. Reads of held blocks never reach the
+/// storage below; writes go to the cache, and below at once
+/// ([`CacheMode::Writethrough`], or with FUA), on flush
+/// ([`CacheMode::Writeback`]) or on eviction ([`CacheMode::Unsafe`]);
+/// reads fill it as [`CacheOptions::on_read`] says; above
+/// [`CacheOptions::max_size`] ✕ the high threshold, least recently used
+/// blocks are evicted (dirty ones written back first) down to the low
+/// threshold. Each block changes state under a lock of its own, so
+/// concurrent connections never lose each other's writes.
 pub struct Cache {
     inner: Arc<dyn Storage>,
     file: FileStorage,

@@ -30,7 +30,13 @@ pub const MIN_WINDOW: u64 = 64 * 1024;
 /// to.
 pub const MAX_WINDOW: u64 = 4 << 20;
 
-/// Read-ahead over any storage (see the [module](self) documentation).
+/// Read-ahead over any storage (nbdkit's `readahead` filter): a read that
+/// starts where the previous one ended and misses the buffer reads a
+/// window from below (doubling from [`MIN_WINDOW`] to [`MAX_WINDOW`] with
+/// each such miss) and keeps it for the reads that follow; any other read
+/// resets the window and reads only what it asks. Writes, trims and zeroes
+/// drop the buffer where they overlap it. Memory: one buffer of at most
+/// [`MAX_WINDOW`] bytes.
 pub struct ReadAhead {
     inner: Arc<dyn Storage>,
     state: Mutex<State>,

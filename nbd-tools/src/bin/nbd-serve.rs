@@ -132,11 +132,15 @@ struct Args {
     /// parameters: NAME[:KEY=VALUE,...] (repeatable; as with nbdkit, the
     /// first one given is the one clients talk to, the last sits on the
     /// storage), e.g. `--filter=cow --filter=retry:retries=3
-    /// --filter=delay:rdelay=100ms`. Filters: cow (cow-block-size), delay
+    /// --filter=delay:rdelay=100ms`. Filters: cache (cache=writeback,
+    /// writethrough or unsafe, cache-on-read, cache-min-block-size,
+    /// cache-max-size, cache-high-threshold, cache-low-threshold,
+    /// cachedir), cow (cow-block-size), delay
     /// (rdelay, wdelay, delay-read, -write, -zero, -trim, -extents,
     /// -cache, delay-fast-zero), error (error, error-rate, error-file and
     /// per operation error-pread..., error-pwrite..., error-trim...,
-    /// error-zero..., error-extents..., error-cache...), retry (retries,
+    /// error-zero..., error-extents..., error-cache...), readahead (no
+    /// parameters), retry (retries,
     /// retry-delay, retry-exponential, retry-readonly). Not on RBD or NBD
     /// (upstream server) exports.
     #[arg(long = "filter", value_name = "NAME[:KEY=VALUE,...]")]
