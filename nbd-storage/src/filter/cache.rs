@@ -828,6 +828,41 @@ mod tests {
         }
     }
 
+    #[test]
+    fn concurrent_writers_of_one_block_lose_nothing() {
+        // Eight threads write their own 512 bytes of the same blocks
+        // (read, modify, write of the cache's 4 KiB blocks) and read
+        // through read-ahead, with eviction going on.
+        let below = Arc::new(MemoryStorage::new(1 << 20));
+        let o = options(&[
+            ("cache-min-block-size", "4k"),
+            ("cache-max-size", "64k"),
+            ("cache-on-read", "true"),
+        ]);
+        let cache: Arc<dyn Storage> = Arc::new(Cache::new(below.clone(), None, o).unwrap());
+        let top: Arc<dyn Storage> = Arc::new(ReadAhead::new(cache));
+        std::thread::scope(|scope| {
+            for t in 0..8u8 {
+                let top = top.clone();
+                scope.spawn(move || {
+                    let mut b = [0u8; 512];
+                    for block in 0..64u64 {
+                        let at = block * 4096 + u64::from(t) * 512;
+                        top.write_at(&[t + 1; 512], at, false).unwrap();
+                        top.read_at(&mut b, at).unwrap();
+                        assert_eq!(b, [t + 1; 512]);
+                    }
+                });
+            }
+        });
+        top.flush().unwrap();
+        let mut all = vec![0u8; 64 * 4096];
+        below.read_at(&mut all, 0).unwrap();
+        for (i, b) in all.iter().enumerate() {
+            assert_eq!(*b, (i % 4096 / 512) as u8 + 1, "byte {i}");
+        }
+    }
+
     #[derive(Debug, Clone)]
     enum Action {
         Read(u64, u64),
