@@ -34,6 +34,7 @@ pub mod bitmap;
 pub mod header;
 pub mod lock;
 mod qcow2;
+pub mod remote;
 mod shared;
 
 use std::fs::{File, OpenOptions};
