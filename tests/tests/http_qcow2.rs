@@ -92,10 +92,9 @@ fn serve(dir: &TempDir, name: &str, args: &[&str]) -> Peer {
     Peer::start(dir, &our_bin("nbd-serve"), &full, Endpoint::Unix(socket.clone()))
 }
 
-/// `nbdinfo --map URI` (base:allocation), as merged (offset, length,
-/// type) runs.
-fn map(uri: &str) -> Vec<(u64, u64, u64)> {
-    let out = run_ok("nbdinfo", &["--map", uri]);
+/// `nbdinfo --map=CONTEXT URI`, as merged (offset, length, type) runs.
+fn map(uri: &str, context: &str) -> Vec<(u64, u64, u64)> {
+    let out = run_ok("nbdinfo", &[&format!("--map={context}"), uri]);
     let mut runs: Vec<(u64, u64, u64)> = Vec::new();
     for line in out.lines() {
         let f: Vec<&str> = line.split_whitespace().collect();
@@ -164,7 +163,7 @@ fn nbd_serve_serves_a_qcow2_chain_over_http() {
     let w = nginx(&dir);
     let disk = chain(&dir, &w.root);
     let url = w.url("/overlay.qcow2");
-    let remote = serve(&dir, "remote", &[&url]);
+    let remote = serve(&dir, "remote", &["-A", &url]);
     let uri = remote.uri("");
     let out = dir.join("nbdcopy.raw");
     let r = run("nbdcopy", &[&uri, s(&out)]);
@@ -178,9 +177,23 @@ fn nbd_serve_serves_a_qcow2_chain_over_http() {
     assert!(r.status.success(), "qemu-img compare: {}", text(&r));
     // The map is the one nbd-serve gives for the same chain on disk, and
     // it has holes (the unallocated middle, the zero cluster).
-    let local = serve(&dir, "local", &["-r", s(&w.root.join("overlay.qcow2"))]);
-    let remote_map = map(&uri);
-    assert_eq!(remote_map, map(&local.uri("")), "nbdinfo --map: over HTTP and on disk");
+    let local = serve(&dir, "local", &["-r", "-A", s(&w.root.join("overlay.qcow2"))]);
+    let remote_map = map(&uri, "base:allocation");
+    assert_eq!(
+        remote_map,
+        map(&local.uri(""), "base:allocation"),
+        "nbdinfo --map: over HTTP and on disk"
+    );
+    let depth = map(&uri, "qemu:allocation-depth");
+    assert_eq!(
+        depth,
+        map(&local.uri(""), "qemu:allocation-depth"),
+        "nbdinfo --map=qemu:allocation-depth: over HTTP and on disk"
+    );
+    assert!(
+        depth.iter().any(|r| r.2 == 2),
+        "no run from the backing file in {depth:?}"
+    );
     let holes: Vec<_> = remote_map.iter().filter(|r| r.2 == 3).collect();
     assert!(
         holes.iter().any(|r| r.0 <= 2 << 20 && r.0 + r.1 >= 3 << 20),
@@ -196,6 +209,28 @@ fn nbd_serve_serves_a_qcow2_chain_over_http() {
     let r = run("nbdcopy", &[s(&reference), &uri]);
     assert!(!r.status.success(), "nbdcopy wrote to a read-only export: {}", text(&r));
     drop(remote);
+    // Snapshot mode: writes go to a temporary overlay, and read back.
+    let snapshot = serve(&dir, "snapshot", &["-s", &url]);
+    let r = run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x55 2M 64k",
+            "-c",
+            "read -P 0x55 2M 64k",
+            "-c",
+            "read -P 0x11 0 512k",
+            &snapshot.uri(""),
+        ],
+    );
+    let t = text(&r);
+    assert!(
+        r.status.success() && !t.contains("fail") && !t.contains("Pattern verification"),
+        "qemu-io -s: {t}"
+    );
+    drop(snapshot);
     // -f raw serves the file's own bytes.
     let raw = serve(&dir, "raw", &["-f", "raw", &url]);
     let out = dir.join("bytes.raw");
