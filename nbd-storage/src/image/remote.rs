@@ -264,6 +264,89 @@ mod tests {
         assert!(e.to_string().starts_with("mem://x: "), "{e}");
     }
 
+    /// Backing files from memory, by name.
+    struct MemoryLayers(Vec<(&'static str, Arc<dyn Storage>)>);
+
+    impl LayerSource for MemoryLayers {
+        fn open_backing(&self, _image: &str, name: &str) -> io::Result<(String, Arc<dyn Storage>)> {
+            let (n, s) = self
+                .0
+                .iter()
+                .find(|(n, _)| *n == name)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such layer"))?;
+            Ok((format!("mem:{n}"), s.clone()))
+        }
+    }
+
+    /// A qcow2 overlay (made by imago in a file, then copied to memory)
+    /// over a raw base in memory: the chain is read through
+    /// `MemoryStorage`, a source that is neither a file nor HTTP.
+    #[test]
+    fn a_chain_read_through_any_storage() {
+        use imago::file::File as ImagoFile;
+        use imago::qcow2::Qcow2;
+        use imago::{FormatAccess, FormatCreateBuilder, StorageOpenOptions};
+        use std::os::unix::fs::FileExt;
+
+        const SIZE: u64 = (1 << 20) + 4096;
+        let file = super::super::anonymous_temp_file(&super::super::default_temp_dir()).unwrap();
+        let open = || {
+            let opts = StorageOpenOptions::new().write(true);
+            ImagoFile::from_open_file(file.try_clone().unwrap(), opts).unwrap()
+        };
+        Qcow2::<ImagoFile>::create_builder(open())
+            .size(SIZE)
+            .backing("base.raw".into(), "raw".into())
+            .create()
+            .unwrap();
+        let mut q = Qcow2::<ImagoFile>::open_image(open(), true).unwrap();
+        q.set_backing(None);
+        let access = FormatAccess::new(q);
+        access.write(&[0xaau8; 65536][..], 65536).unwrap();
+        access.flush().unwrap();
+        drop(access);
+        let len = file.metadata().unwrap().len();
+        let mut bytes = vec![0u8; len as usize];
+        FileExt::read_exact_at(&file, &mut bytes, 0).unwrap();
+        let top = MemoryStorage::new(len);
+        top.write_at(&bytes, 0, false).unwrap();
+        let base = MemoryStorage::new(SIZE);
+        base.write_at(&[0x55; 131072], 0, false).unwrap();
+        let layers = MemoryLayers(vec![("base.raw", Arc::new(base))]);
+        let image = open_qcow2(Arc::new(top), "mem:top.qcow2", &layers, &ImageOptions::default()).unwrap();
+        assert_eq!(image.size(), SIZE);
+        assert!(image.capabilities().read_only);
+        let mut buf = vec![0u8; 196608];
+        image.read_at(&mut buf, 0).unwrap();
+        assert!(buf[..65536].iter().all(|&b| b == 0x55), "the base shows through");
+        assert!(buf[65536..131072].iter().all(|&b| b == 0xaa), "the overlay's cluster");
+        assert!(buf[131072..].iter().all(|&b| b == 0), "zeroes past the base's data");
+        let e = image.write_at(&[1], 0, false).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM));
+        // A backing file the source does not have is an error naming it.
+        let e = open_qcow2(
+            Arc::new(MemoryStorage::new(0)),
+            "mem:empty",
+            &MemoryLayers(Vec::new()),
+            &ImageOptions::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().starts_with("mem:empty: "), "{e}");
+        let top = MemoryStorage::new(len);
+        top.write_at(&bytes, 0, false).unwrap();
+        let e = open_qcow2(
+            Arc::new(top),
+            "mem:top",
+            &MemoryLayers(Vec::new()),
+            &ImageOptions::default(),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("backing file \"base.raw\": no such layer"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn reads_past_the_end_as_zeroes() {
         let m = MemoryStorage::new(8);
