@@ -91,8 +91,9 @@ use nbd_tools::parse_size;
 )]
 struct Args {
     /// File or block device to serve (the default export); or an
-    /// `http://` or `https://` URL (a raw disk on a web server, read with
-    /// range requests, read-only); or an NBD URI (`nbd://HOST/EXPORT`,
+    /// `http://` or `https://` URL (a disk on a web server, read with
+    /// range requests, read-only; probed: a qcow2 image is served as its
+    /// guest disk, its backing chain from the same server); or an NBD URI (`nbd://HOST/EXPORT`,
     /// `nbds://...`, `nbd+unix:///EXPORT?socket=PATH`): an export of
     /// another NBD server, served through this one; with RBD support
     /// (cargo feature rbd) also `rbd:POOL/IMAGE[@SNAP][:conf=FILE][:id=USER]`.
@@ -503,7 +504,9 @@ fn parse_source(spec: &str, args: &Args, bitmaps: &[String], images: &mut ImageS
     }
     if nbd_storage::http::is_http_url(rest) {
         if !bitmaps.is_empty() {
-            return Err("-B/--bitmap needs a qcow2 image, not an HTTP source".into());
+            return Err(
+                "-B/--bitmap: persistent dirty bitmaps are offered for local qcow2 images only, not over HTTP".into(),
+            );
         }
         return Ok(Source::Http {
             url: rest.to_string(),
