@@ -732,6 +732,71 @@ impl HttpStorage {
     }
 }
 
+/// Finds the backing files of an image on a web server
+/// ([`crate::image::remote::LayerSource`]): a relative name is resolved
+/// against the image's URL (the same directory on the same server), an
+/// `http://` or `https://` URL is taken as it is, and each is opened as
+/// another [`HttpStorage`] with the same options. A local absolute path,
+/// or a URL of another scheme, is refused: it cannot be read from here.
+#[derive(Debug, Clone, Default)]
+pub struct HttpLayers {
+    options: HttpOptions,
+}
+
+impl HttpLayers {
+    /// Opens backing files with `options`.
+    pub fn new(options: HttpOptions) -> HttpLayers {
+        HttpLayers { options }
+    }
+}
+
+/// Resolves the backing file name `name` recorded in the image at `image`
+/// (an `http://` or `https://` URL) as a URL.
+pub fn resolve_backing_url(image: &str, name: &str) -> io::Result<String> {
+    let refuse = |why: &str| io::Error::new(io::ErrorKind::InvalidInput, why.to_string());
+    if name.is_empty() {
+        return Err(refuse("an empty backing file name"));
+    }
+    if is_http_url(name) {
+        return Ok(name.to_string());
+    }
+    if name.contains("://") || name.starts_with("json:") {
+        return Err(refuse(
+            "not an http:// or https:// URL, so it cannot be read from the image's web server",
+        ));
+    }
+    if name.starts_with('/') {
+        return Err(refuse(
+            "a local absolute path, which cannot be read from the image's web server \
+             (rebase the image onto a relative name or a URL: qemu-img rebase -u)",
+        ));
+    }
+    // The image's directory: its URL without query or fragment, up to the
+    // last '/' of the path (after the authority).
+    let bare = image.split(['?', '#']).next().unwrap_or(image);
+    let after_scheme = bare.find("://").map(|i| i + 3).unwrap_or(0);
+    let dir = match bare[after_scheme..].find('/') {
+        Some(p) => {
+            let path_start = after_scheme + p;
+            let last = bare[path_start..]
+                .rfind('/')
+                .map(|i| path_start + i)
+                .unwrap_or(path_start);
+            &bare[..=last]
+        }
+        None => return Ok(format!("{bare}/{name}")),
+    };
+    Ok(format!("{dir}{name}"))
+}
+
+impl crate::image::remote::LayerSource for HttpLayers {
+    fn open_backing(&self, image: &str, name: &str) -> io::Result<(String, Arc<dyn Storage>)> {
+        let url = resolve_backing_url(image, name)?;
+        let storage = HttpStorage::open_with(&url, &self.options)?;
+        Ok((url, Arc::new(storage)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -769,6 +834,25 @@ mod tests {
         assert!(o.set("retries", "0").is_err());
         assert!(o.set("header", "no colon").is_err());
         assert!(is_http_url("HTTPS://h/x") && is_http_url("http://h") && !is_http_url("nbd://h"));
+    }
+
+    #[test]
+    fn backing_urls() {
+        let r = |i: &str, n: &str| resolve_backing_url(i, n).map_err(|e| e.to_string());
+        assert_eq!(r("http://h/d/top.qcow2", "base.raw").unwrap(), "http://h/d/base.raw");
+        assert_eq!(
+            r("https://h:8/a/b/t?sig=1#x", "../c/b.qcow2").unwrap(),
+            "https://h:8/a/b/../c/b.qcow2"
+        );
+        assert_eq!(r("http://h", "b").unwrap(), "http://h/b");
+        assert_eq!(r("http://h/t", "HTTPS://o/b").unwrap(), "HTTPS://o/b");
+        assert!(
+            r("http://h/t", "/var/lib/b.qcow2")
+                .unwrap_err()
+                .contains("local absolute path")
+        );
+        assert!(r("http://h/t", "nbd://h/x").unwrap_err().contains("not an http"));
+        assert!(r("http://h/t", "").unwrap_err().contains("empty"));
     }
 
     #[test]

@@ -48,7 +48,9 @@
 //!   that never serves an image as raw by accident, QEMU's image locks,
 //!   snapshot mode, and the metadata contexts `qemu:allocation-depth` and
 //!   `qemu:dirty-bitmap:NAME`. [`image::open`] is the entry point, and
-//!   [`image::ImageSet`] opens one file once for several exports.
+//!   [`image::ImageSet`] opens one file once for several exports;
+//!   [`image::remote`] reads a qcow2 chain through any other storage (a
+//!   web server's, say).
 //! * [`cow::CowStorage`]: copy-on-write over any other storage (writes go
 //!   to a temporary overlay), as nbdkit's `cow` filter.
 //! * `http::HttpStorage` (feature `http`, off by default): a read-only

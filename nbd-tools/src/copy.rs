@@ -47,7 +47,9 @@ use nbd_proto::uri::NbdUri;
 use nbd_proto::wire::{
     AllocationFlags, CONTEXT_BASE_ALLOCATION, CONTEXT_QEMU_DIRTY_BITMAP_PREFIX, CommandFlags, TransmissionFlags,
 };
-use nbd_storage::http::{HttpOptions, HttpStorage, is_http_url};
+use nbd_storage::http::{HttpLayers, HttpOptions, HttpStorage, is_http_url};
+use nbd_storage::image::remote;
+use nbd_storage::image::{ImageFormat, ImageOptions};
 use nbd_storage::{FileStorage, Storage, ZeroFlags};
 use smol::lock::Mutex;
 
@@ -129,6 +131,10 @@ pub struct CopyOptions {
     pub reconnect: Option<Reconnect>,
     /// How an `http://` or `https://` source is read.
     pub http: HttpOptions,
+    /// The format of an `http://` or `https://` source; `None` probes it
+    /// (a qcow2 image is copied as its guest disk, with its backing chain
+    /// from the same server; a format that cannot be read is refused).
+    pub format: Option<ImageFormat>,
     /// Copy only the extents this metadata context (a QEMU dirty bitmap,
     /// `qemu:dirty-bitmap:NAME`; see [`dirty_bitmap_context`]) marks dirty
     /// (status bit 0), onto an existing destination: an incremental
@@ -163,6 +169,7 @@ impl Default for CopyOptions {
             reconnect: None,
             dirty_bitmap: None,
             http: HttpOptions::default(),
+            format: None,
             blkhash: None,
         }
     }
@@ -745,13 +752,29 @@ async fn open_source(src: &Location, opts: &CopyOptions) -> Result<Source, Strin
         Location::Stdio => random_or_stream(stream::dup_stdio(0, "stdin")?, "stdin".into(), true)?,
         Location::Null => return Err("null: can only be a destination".into()),
         Location::Http(url) => {
-            let (url, http) = (url.clone(), opts.http.clone());
-            let s = smol::unblock(move || HttpStorage::open_with(&url, &http))
+            let (url, http, format) = (url.clone(), opts.http.clone(), opts.format);
+            let s = smol::unblock(move || open_http_source(&url, &http, format))
                 .await
                 .map_err(err)?;
-            Source::Random(Side::File(Arc::new(s), false))
+            Source::Random(Side::File(s, false))
         }
     })
+}
+
+/// Opens an `http://` or `https://` source in `format` (`None`: probed):
+/// a qcow2 image as its guest disk (read-only, its backing chain from the
+/// same server), anything else as raw bytes.
+fn open_http_source(url: &str, http: &HttpOptions, format: Option<ImageFormat>) -> io::Result<Arc<dyn Storage>> {
+    let s: Arc<dyn Storage> = Arc::new(HttpStorage::open_with(url, http)?);
+    if remote::probe_storage(s.as_ref(), url, format)? == ImageFormat::Qcow2 {
+        let options = ImageOptions {
+            read_only: true,
+            ..ImageOptions::default()
+        };
+        let image = remote::open_qcow2(s, url, &HttpLayers::new(http.clone()), &options)?;
+        return Ok(Arc::new(image));
+    }
+    Ok(s)
 }
 
 /// A regular file or a block device is read at random; anything else in

@@ -14,6 +14,10 @@
 //! however many exports name it (read-only and snapshot views of one
 //! image, as one node exported under several names in QEMU).
 //!
+//! [`remote`] reads images through any [`Storage`] instead of a local
+//! file (a qcow2 image and its backing chain on a web server), served by
+//! the same [`ImageStorage`].
+//!
 //! # Safety rules
 //!
 //! * A file is served as raw only when it does not probe as a format: an
@@ -34,6 +38,7 @@ pub mod bitmap;
 pub mod header;
 pub mod lock;
 mod qcow2;
+pub mod remote;
 mod shared;
 
 use std::fs::{File, OpenOptions};

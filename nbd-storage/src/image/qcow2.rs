@@ -10,13 +10,13 @@ use imago::file::File as ImagoFile;
 use imago::qcow2::Qcow2;
 use imago::raw::Raw;
 use imago::{
-    DenyImplicitOpenGate, FormatAccess, FormatCreateBuilder, FormatDriverBuilder, Mapping, ShallowMapping,
+    DenyImplicitOpenGate, DynStorage, FormatAccess, FormatCreateBuilder, FormatDriverBuilder, Mapping, ShallowMapping,
     StorageOpenOptions,
 };
 use nbd_proto::wire::{AllocationFlags, CONTEXT_QEMU_ALLOCATION_DEPTH, CONTEXT_QEMU_DIRTY_BITMAP_PREFIX};
 
 use super::bitmap::{DirtyBitmap, Qcow2Bitmaps};
-use super::header::Qcow2Header;
+use super::header::{Qcow2Header, ReadAt};
 use super::lock::{LockPerms, lock_image};
 use super::{ImageFormat, ImageOptions, Probed, anonymous_temp_file, contexts, default_temp_dir, open_file, probe};
 use crate::{
@@ -29,7 +29,11 @@ const MAX_STATUS_RUNS: usize = 16 * 1024;
 /// Longest backing chain followed (a guard against loops).
 const MAX_CHAIN: usize = 64;
 
-type Access = FormatAccess<ImagoFile>;
+/// Every layer's storage object is boxed, so that local files and
+/// remote sources (any [`Storage`], through [`super::remote`]) share one
+/// chain type and one serving code.
+pub(super) type Layer = Box<dyn DynStorage>;
+pub(super) type Access = FormatAccess<Layer>;
 
 /// An image served through `imago`: a qcow2 image with its backing chain,
 /// or (in snapshot mode) a temporary qcow2 overlay on top of the image.
@@ -70,13 +74,13 @@ fn other(msg: String) -> io::Error {
 /// QEMU does when it opens one; run first on every qcow2 layer, before
 /// the bitmap parser and `imago` look at it. The error names the file and
 /// the header field.
-fn checked_header(path: &Path, file: &File) -> io::Result<Qcow2Header> {
+pub(super) fn checked_header<R: ReadAt + ?Sized>(what: &str, file: &R) -> io::Result<Qcow2Header> {
     Qcow2Header::read(file).map_err(|e| {
         let kind = match &e {
             super::header::HeaderError::Io(e) => e.kind(),
             super::header::HeaderError::Invalid { .. } => io::ErrorKind::InvalidData,
         };
-        io::Error::new(kind, format!("{}: {e}", path.display()))
+        io::Error::new(kind, format!("{what}: {e}"))
     })
 }
 
@@ -96,15 +100,10 @@ fn open_layer(
     level: usize,
     raw_layers: &mut RawLayers,
 ) -> io::Result<Access> {
-    if level > MAX_CHAIN {
-        return Err(other(format!(
-            "{}: backing chain longer than {MAX_CHAIN} images (a loop?)",
-            path.display()
-        )));
-    }
     let what = path.display().to_string();
+    check_depth(&what, level)?;
     if format == ImageFormat::Qcow2 {
-        checked_header(path, &file)?;
+        checked_header(&what, &file)?;
     }
     let perms = match (format, writable, level) {
         (ImageFormat::Qcow2, true, _) => LockPerms::QCOW2_WRITABLE,
@@ -115,64 +114,107 @@ fn open_layer(
     lock_image(&file, perms, &what)?;
     let dup = file.try_clone()?;
     let opts = StorageOpenOptions::new().write(writable).filename(path);
-    let storage = ImagoFile::from_open_file(file, opts).map_err(|e| other(format!("{what}: {e}")))?;
+    let storage: Layer = Box::new(ImagoFile::from_open_file(file, opts).map_err(|e| other(format!("{what}: {e}")))?);
     match format {
         ImageFormat::Raw => {
-            let raw = Raw::open_image(storage, writable).map_err(|e| other(format!("{what}: {e}")))?;
-            let access = FormatAccess::new(raw);
-            // The storage object lives in the boxed driver, so its address
-            // stays put when the access object moves.
+            let access = open_raw_layer(storage, writable, &what)?;
+            // The storage object lives on the heap, so its address stays
+            // put when the access object moves.
             if access.size() > 0
                 && let (Mapping::Raw { storage, .. }, _) = access.get_mapping(0, 1).map_err(imago_err)?
             {
-                raw_layers.push((storage as *const ImagoFile as usize, dup));
+                raw_layers.push((layer_key(storage), dup));
             }
             Ok(access)
         }
-        ImageFormat::Qcow2 => {
-            let mut q = Qcow2::<ImagoFile>::open_image(storage, writable)
-                .map_err(|e| other(format!("{what}: not a usable qcow2 image: {e}")))?;
-            if q.requires_external_data_file() {
-                return Err(other(format!(
-                    "{what}: qcow2 images with an external data file are not supported"
-                )));
-            }
-            q.set_data_file(None);
-            let backing = match q.implicit_backing_file() {
-                None => None,
-                Some(name) => {
-                    let bpath = resolve_backing(path, name);
-                    let bfile = open_file(&bpath, false)?;
-                    let bformat = match q.implicit_backing_format().map(String::as_str) {
-                        Some("qcow2") => ImageFormat::Qcow2,
-                        Some("raw") | Some("file") => ImageFormat::Raw,
-                        Some(f) => {
-                            return Err(other(format!(
-                                "{what}: backing file {} has format {f:?}, which is not supported",
-                                bpath.display()
-                            )));
-                        }
-                        // No format recorded: probe, as QEMU does (the
-                        // backing file is only ever read).
-                        None => match probe(&super::read_head(&bfile)?) {
-                            Probed::Format(f) => f,
-                            Probed::Unsupported(n) => {
-                                return Err(other(format!(
-                                    "{what}: backing file {} looks like {n}, which is not supported",
-                                    bpath.display()
-                                )));
-                            }
-                        },
-                    };
-                    Some(open_layer(&bpath, bfile, bformat, false, level + 1, raw_layers)?)
-                }
-            };
-            q.set_backing(backing);
-            // Everything is set explicitly: nothing may be opened behind
-            // our back (unlocked).
-            q.open_implicit_dependencies_gated(DenyImplicitOpenGate::default())?;
-            Ok(FormatAccess::new(q))
+        ImageFormat::Qcow2 => open_qcow2_layer(storage, writable, &what, |name, recorded| {
+            let bpath = resolve_backing(path, name);
+            let bfile = open_file(&bpath, false)?;
+            let bwhat = bpath.display().to_string();
+            let bformat = backing_format(&what, &bwhat, recorded, || super::read_head(&bfile))?;
+            open_layer(&bpath, bfile, bformat, false, level + 1, raw_layers)
+        }),
+    }
+}
+
+/// Refuses a chain deeper than [`MAX_CHAIN`] (a loop of backing names).
+pub(super) fn check_depth(what: &str, level: usize) -> io::Result<()> {
+    if level > MAX_CHAIN {
+        return Err(other(format!(
+            "{what}: backing chain longer than {MAX_CHAIN} images (a loop?)"
+        )));
+    }
+    Ok(())
+}
+
+/// The key under which a raw layer's storage object is known in
+/// [`RawLayers`]: the address of the object itself (on the heap).
+fn layer_key(storage: &Layer) -> usize {
+    let object: &dyn DynStorage = storage.as_ref();
+    object as *const dyn DynStorage as *const () as usize
+}
+
+/// Opens `storage` (the layer `what`) as a raw image.
+pub(super) fn open_raw_layer(storage: Layer, writable: bool, what: &str) -> io::Result<Access> {
+    let raw = Raw::open_image(storage, writable).map_err(|e| other(format!("{what}: {e}")))?;
+    Ok(FormatAccess::new(raw))
+}
+
+/// Opens `storage` (the layer `what`, whose header was checked) as a
+/// qcow2 image, with the backing layer `open_backing` opens for the name
+/// the header records (and the backing format recorded there, if any)
+/// below it. Wherever the layers come from, this is the one place that
+/// opens a qcow2 driver.
+pub(super) fn open_qcow2_layer(
+    storage: Layer,
+    writable: bool,
+    what: &str,
+    open_backing: impl FnOnce(&str, Option<&str>) -> io::Result<Access>,
+) -> io::Result<Access> {
+    let mut q = Qcow2::<Layer>::open_image(storage, writable)
+        .map_err(|e| other(format!("{what}: not a usable qcow2 image: {e}")))?;
+    if q.requires_external_data_file() {
+        return Err(other(format!(
+            "{what}: qcow2 images with an external data file are not supported"
+        )));
+    }
+    q.set_data_file(None);
+    let backing = match q.implicit_backing_file() {
+        None => None,
+        Some(name) => {
+            let name = name.clone();
+            let recorded = q.implicit_backing_format().cloned();
+            Some(open_backing(&name, recorded.as_deref())?)
         }
+    };
+    q.set_backing(backing);
+    // Everything is set explicitly: nothing may be opened behind our back
+    // (unlocked, or from somewhere else than the chain's source).
+    q.open_implicit_dependencies_gated(DenyImplicitOpenGate::default())?;
+    Ok(FormatAccess::new(q))
+}
+
+/// The format of the backing file `bwhat` of `what`: the one its header
+/// records, else probed from the backing file's first bytes (`head`), as
+/// QEMU does (a backing file is only ever read).
+pub(super) fn backing_format(
+    what: &str,
+    bwhat: &str,
+    recorded: Option<&str>,
+    head: impl FnOnce() -> io::Result<Vec<u8>>,
+) -> io::Result<ImageFormat> {
+    match recorded {
+        Some("qcow2") => Ok(ImageFormat::Qcow2),
+        Some("raw") | Some("file") => Ok(ImageFormat::Raw),
+        Some(f) => Err(other(format!(
+            "{what}: backing file {bwhat} has format {f:?}, which is not supported"
+        ))),
+        None => match probe(&head()?) {
+            Probed::Format(f) => Ok(f),
+            Probed::Unsupported(n) => Err(other(format!(
+                "{what}: backing file {bwhat} looks like {n}, which is not supported"
+            ))),
+        },
     }
 }
 
@@ -201,7 +243,7 @@ pub(super) fn open_image(
     if format == ImageFormat::Qcow2 {
         // The header check comes first (open_layer repeats it, as it does
         // for every layer of the chain).
-        let header = checked_header(path, &file)?;
+        let header = checked_header(&what, &file)?;
         let parsed = Qcow2Bitmaps::from_header(&file, &header).map_err(|e| other(format!("{what}: {e}")))?;
         if writable_open && !parsed.bitmaps.is_empty() {
             let names: Vec<&str> = parsed.bitmaps.iter().map(|b| b.name.as_str()).collect();
@@ -236,34 +278,49 @@ pub(super) fn open_image(
     }
     let mut raw_layers = RawLayers::new();
     let image = open_layer(path, file, format, writable_open, 0, &mut raw_layers)?;
+    let mut storage = serve_chain(image, &what, format, options)?;
+    storage.bitmaps = bitmaps;
+    storage.bitmap_file = bitmap_file;
+    storage.raw_layers = raw_layers;
+    Ok(storage)
+}
+
+/// Serves an opened chain (`image`, the layer `what` in `format`) as
+/// `options` say: under a temporary qcow2 overlay in snapshot mode, with
+/// the metadata contexts asked for. Local and remote chains end here.
+pub(super) fn serve_chain(
+    image: Access,
+    what: &str,
+    format: ImageFormat,
+    options: &ImageOptions,
+) -> io::Result<ImageStorage> {
     let size = image.size();
     let (access, description) = if options.snapshot {
         let dir = options.temp_dir.clone().unwrap_or_else(default_temp_dir);
         let tmp = anonymous_temp_file(&dir)?;
-        let storage = ImagoFile::from_open_file(tmp, StorageOpenOptions::new().write(true))?;
-        let overlay = Qcow2::<ImagoFile>::create_builder(storage)
+        let storage: Layer = Box::new(ImagoFile::from_open_file(tmp, StorageOpenOptions::new().write(true))?);
+        let overlay = Qcow2::<Layer>::create_builder(storage)
             .size(size)
             .create_open(DenyImplicitOpenGate::default(), |s| {
-                Ok(Qcow2::<ImagoFile>::builder(s).write(true).backing(Some(image)))
+                Ok(Qcow2::<Layer>::builder(s).write(true).backing(Some(image)))
             })
             .map_err(|e| other(format!("creating the snapshot overlay in {}: {e}", dir.display())))?;
         (
             FormatAccess::new(overlay),
-            format!("{} ({}, snapshot)", path.display(), format.name()),
+            format!("{what} ({}, snapshot)", format.name()),
         )
     } else {
-        (image, format!("{} ({})", path.display(), format.name()))
+        (image, format!("{what} ({})", format.name()))
     };
-    let names: Vec<String> = options.bitmaps.clone();
     Ok(ImageStorage {
         access: RwLock::new(access),
         size,
         read_only: options.read_only,
         description,
-        contexts: contexts(options.allocation_depth, &names),
-        bitmaps,
-        bitmap_file,
-        raw_layers,
+        contexts: contexts(options.allocation_depth, &options.bitmaps),
+        bitmaps: Vec::new(),
+        bitmap_file: None,
+        raw_layers: RawLayers::new(),
     })
 }
 
@@ -514,7 +571,7 @@ impl Storage for ImageStorage {
                 Mapping::Eof { .. } => break,
                 Mapping::Zero { .. } => push_extent(out, first, Extent { length: l, flags: hole }),
                 Mapping::Raw { storage, offset, .. } => {
-                    let key = storage as *const ImagoFile as usize;
+                    let key = layer_key(storage);
                     match self.raw_layers.iter().find(|(k, _)| *k == key) {
                         // A raw layer: its file's holes are holes.
                         Some((_, file)) => file_extents(file, offset, l, |e| push_extent(out, first, e))?,

@@ -48,8 +48,11 @@ const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// socket activation (qemu-nbd, nbdkit, nbd-serve), stopped at the end
 /// (the flags inside are the command's; `--` before the first `[`, which
 /// nbdcopy needs, is taken too). DESTINATION may also be `null:`, and
-/// SOURCE an http:// or https:// URL: a raw disk on a web server, read
-/// with range requests (as nbdkit's curl plugin reads it; see --http).
+/// SOURCE an http:// or https:// URL: a disk on a web server, read
+/// with range requests (as nbdkit's curl plugin reads it; see --http),
+/// probed as nbd-serve probes files: a qcow2 image is copied as the guest
+/// disk it holds, its backing chain read from the same server (-f raw
+/// copies its bytes).
 ///
 /// Exit status: 0 when everything was copied, 1 on any error (usage
 /// errors included); killed by SIGPIPE when the reader of a stream
@@ -153,6 +156,12 @@ struct Args {
     /// connections=N, retries=N (attempts of a read, default 5).
     #[arg(long = "http", value_name = "KEY=VALUE", value_parser = parse_http_param)]
     http: Vec<(String, String)>,
+    /// The format of an http:// or https:// source: raw or qcow2
+    /// (default: probed; a qcow2 image is copied as its guest disk, a
+    /// format that cannot be read is refused unless -f raw copies its
+    /// bytes).
+    #[arg(short = 'f', long = "format", value_name = "FORMAT")]
+    format: Option<nbd_storage::image::ImageFormat>,
     /// Compute the source's blkhash while copying (the checksum of
     /// blksum and of nbdcopy's --blkhash: a digest of per-block digests;
     /// holes are hashed without being read) and print it in hex on
@@ -274,6 +283,7 @@ impl Args {
         }
         Ok(CopyOptions {
             http,
+            format: self.format,
             connections,
             requests,
             request_size: self.request_size as usize,

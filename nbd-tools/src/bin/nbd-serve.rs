@@ -19,7 +19,10 @@
 //! A FILE that is an `http://` or `https://` URL is a disk on a web
 //! server, read with HTTP range requests as nbdkit's curl plugin reads it
 //! (read-only; `-s` puts a copy-on-write overlay on it; `--http
-//! KEY=VALUE` takes nbdkit curl's parameters).
+//! KEY=VALUE` takes nbdkit curl's parameters). Its first bytes are probed
+//! as a file's are: a qcow2 image is served as the guest disk it holds,
+//! with its backing chain read from the same server (`-f raw` serves the
+//! bytes as they are), and other formats are refused unless `-f raw`.
 //!
 //! A FILE that is an NBD URI (`nbd://`, `nbds://`, `nbd+unix://`,
 //! `nbds+unix://`) is an export of another NBD server, served through this
@@ -60,7 +63,8 @@ use nbd_smol::tls::ServerTlsOptions;
 use nbd_smol::upstream::{NbdStorage, UpstreamOptions};
 use nbd_storage::cow::CowStorage;
 use nbd_storage::filter::{self, FilterSpec};
-use nbd_storage::http::{HttpOptions, HttpStorage};
+use nbd_storage::http::{HttpLayers, HttpOptions, HttpStorage};
+use nbd_storage::image::remote;
 use nbd_storage::image::{ImageFormat, ImageOptions, ImageSet};
 use nbd_storage::{MemoryStorage, Storage};
 use nbd_tools::captive::describe_status;
@@ -87,8 +91,9 @@ use nbd_tools::parse_size;
 )]
 struct Args {
     /// File or block device to serve (the default export); or an
-    /// `http://` or `https://` URL (a raw disk on a web server, read with
-    /// range requests, read-only); or an NBD URI (`nbd://HOST/EXPORT`,
+    /// `http://` or `https://` URL (a disk on a web server, read with
+    /// range requests, read-only; probed: a qcow2 image is served as its
+    /// guest disk, its backing chain from the same server); or an NBD URI (`nbd://HOST/EXPORT`,
     /// `nbds://...`, `nbd+unix:///EXPORT?socket=PATH`): an export of
     /// another NBD server, served through this one; with RBD support
     /// (cargo feature rbd) also `rbd:POOL/IMAGE[@SNAP][:conf=FILE][:id=USER]`.
@@ -503,12 +508,9 @@ fn parse_source(spec: &str, args: &Args, bitmaps: &[String], images: &mut ImageS
     }
     if nbd_storage::http::is_http_url(rest) {
         if !bitmaps.is_empty() {
-            return Err("-B/--bitmap needs a qcow2 image, not an HTTP source".into());
-        }
-        if args.format == Some(ImageFormat::Qcow2) {
-            return Err(format!(
-                "{rest}: HTTP sources are served as raw disks only (not -f qcow2)"
-            ));
+            return Err(
+                "-B/--bitmap: persistent dirty bitmaps are offered for local qcow2 images only, not over HTTP".into(),
+            );
         }
         return Ok(Source::Http {
             url: rest.to_string(),
@@ -614,7 +616,7 @@ fn run(args: Args, forked: Option<Forked>) -> Result<u8, String> {
                 Backend::Async(Arc::new(upstream))
             }
             Source::Image(i) => Backend::Sync(opened[i].take().ok_or("an image was opened for two exports")?),
-            Source::Http { url, snapshot } => Backend::Sync(open_http(&url, snapshot, &http_options, args.format)?),
+            Source::Http { url, snapshot } => Backend::Sync(open_http(&url, snapshot, &http_options, &args)?),
         };
         let backend = match backend {
             Backend::Sync(s) if !filters.is_empty() => {
@@ -721,26 +723,29 @@ fn run(args: Args, forked: Option<Forked>) -> Result<u8, String> {
 }
 
 /// Opens an http:// or https:// export: read-only, under a copy-on-write
-/// overlay with `-s`. An image that starts as a qcow2 image does is
-/// refused unless `-f raw` says to serve its bytes (nbd-serve never serves
-/// an image as raw by accident).
-fn open_http(
-    url: &str,
-    snapshot: bool,
-    opts: &HttpOptions,
-    format: Option<ImageFormat>,
-) -> Result<Arc<dyn Storage>, String> {
-    let http = HttpStorage::open_with(url, opts).map_err(|e| e.to_string())?;
-    if format.is_none() && http.size() >= 4 {
-        let mut magic = [0u8; 4];
-        http.read_at(&mut magic, 0).map_err(|e| e.to_string())?;
-        if magic == *b"QFI\xfb" {
-            return Err(format!(
-                "{url}: a qcow2 image; nbd-serve serves HTTP sources as raw disks only (-f raw serves its bytes)"
-            ));
-        }
+/// overlay with `-s`. Its first bytes are probed as a file's are: a qcow2
+/// image is served as its guest disk (its backing chain read from the same
+/// server), raw bytes as they are, and a format nbd-serve does not serve
+/// is refused unless `-f raw` says to serve its bytes (nbd-serve never
+/// serves an image as raw by accident).
+fn open_http(url: &str, snapshot: bool, opts: &HttpOptions, args: &Args) -> Result<Arc<dyn Storage>, String> {
+    let http: Arc<dyn Storage> = Arc::new(HttpStorage::open_with(url, opts).map_err(|e| e.to_string())?);
+    let format = remote::probe_storage(http.as_ref(), url, args.format).map_err(|e| e.to_string())?;
+    if format == ImageFormat::Qcow2 {
+        let options = ImageOptions {
+            format: Some(format),
+            // The image itself is only read; a snapshot's overlay takes
+            // the writes.
+            read_only: !snapshot,
+            snapshot,
+            allocation_depth: args.allocation_depth,
+            bitmaps: Vec::new(),
+            temp_dir: None,
+        };
+        let image =
+            remote::open_qcow2(http, url, &HttpLayers::new(opts.clone()), &options).map_err(|e| e.to_string())?;
+        return Ok(Arc::new(image));
     }
-    let http: Arc<dyn Storage> = Arc::new(http);
     if snapshot {
         let cow = CowStorage::new(http, None).map_err(|e| format!("{url}: the snapshot overlay: {e}"))?;
         return Ok(Arc::new(cow));
