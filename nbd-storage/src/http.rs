@@ -517,10 +517,33 @@ impl Failure {
 /// [`Failure::Fatal`], the rest (a refused or reset connection, a
 /// time-out) [`Failure::Transient`].
 fn classify_error(e: ureq::Error) -> Failure {
-    match e {
-        ureq::Error::BadUri(_) | ureq::Error::Tls(_) | ureq::Error::Rustls(_) => Failure::Fatal(describe_error(e)),
-        e => Failure::Transient(describe_error(e)),
+    if matches!(e, ureq::Error::BadUri(_) | ureq::Error::Tls(_) | ureq::Error::Rustls(_)) {
+        return Failure::Fatal(describe_error(e));
     }
+    // A TLS failure may come wrapped in an I/O error: it stays so.
+    let io_inner = match &e {
+        ureq::Error::Io(io) => io.get_ref().map(|w| w as &(dyn std::error::Error + 'static)),
+        _ => None,
+    };
+    let mut src: Option<&(dyn std::error::Error + 'static)> = io_inner.or(Some(&e));
+    while let Some(c) = src {
+        // `io::Error::source` skips the error it wraps: look at it too.
+        let wrapped = c.downcast_ref::<io::Error>().and_then(|io| io.get_ref());
+        let tls = c
+            .downcast_ref::<rustls::Error>()
+            .or_else(|| wrapped.and_then(|w| w.downcast_ref::<rustls::Error>()));
+        if let Some(tls) = tls {
+            let hint = if matches!(tls, rustls::Error::InvalidCertificate(_)) {
+                " (the server's certificate is not trusted: give its CA with cainfo=FILE or capath=DIR, or \
+                 sslverify=false)"
+            } else {
+                ""
+            };
+            return Failure::Fatal(format!("TLS: {tls}{hint}"));
+        }
+        src = c.source();
+    }
+    Failure::Transient(describe_error(e))
 }
 
 /// An error value's text with its causes.
