@@ -28,6 +28,7 @@
 #![warn(missing_docs)]
 
 pub mod blkhash_images;
+pub mod fault_proxy;
 pub mod stall;
 pub mod tls;
 
