@@ -56,7 +56,7 @@ impl Rule {
             Rule::Never => false,
             Rule::Always => true,
             Rule::FirstN(k) => n < k,
-            Rule::EveryNth(k) => k > 0 && (n + 1) % k == 0,
+            Rule::EveryNth(k) => k > 0 && (n + 1).is_multiple_of(k),
             Rule::From(k) => n >= k,
             Rule::Rate { per_mille, seed } => splitmix64(seed ^ splitmix64(n)) % 1000 < u64::from(per_mille),
         }
