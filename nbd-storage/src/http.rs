@@ -394,7 +394,7 @@ impl HttpStorage {
     /// [`Failure::Transient`]; the others [`Failure::Fatal`].
     fn resolve(&self) -> Result<(String, u64), Failure> {
         let redirects = if self.followlocation { 10 } else { 0 };
-        let mut resp = self
+        let resp = self
             .request(&self.url, 0, 0)
             .config()
             .max_redirects(redirects)
