@@ -13,14 +13,15 @@ use std::time::{Duration, Instant};
 use nbd_tests::fault_proxy::{Fault, FaultKind, FaultProxy, Rule};
 use nbd_tests::*;
 
-/// The size of the large copies. The issue asks for 1 GiB; in the debug
-/// test build on a machine of two cores a copy through the proxy moves
-/// about 5 MiB/s (nbd-copy, the proxy and nginx all move every byte): 128
-/// MiB took 24 s (`nbd-copy`) and 28 s (`nbd-serve` and nbdcopy), 256 MiB
-/// up to two minutes with other builds running, 1 GiB would take minutes.
-/// So 128 MiB, the largest size (of powers of two) that keeps each test
-/// under about a minute there.
-const LARGE: u64 = 128 << 20;
+/// The size of the large copy by `nbd-copy URL`: the 1 GiB the issue
+/// asks for (55 s in the debug test build on a machine of two cores,
+/// alone; nbd-copy, the proxy and nginx all move every byte).
+const LARGE: u64 = 1 << 30;
+
+/// The size of the large copy through `nbd-serve URL` read by nbdcopy:
+/// one more hop, so 1 GiB took 74 s there, over the minute a test may
+/// take; 512 MiB is the largest power of two under it.
+const LARGE_SERVED: u64 = 512 << 20;
 
 /// The size of the copies with latency added: every request waits, so
 /// fewer of them.
@@ -117,7 +118,7 @@ fn nbd_serve_rides_out_drops_and_503s() {
         return;
     }
     let dir = TempDir::new();
-    let (w, p) = web(&dir, LARGE);
+    let (w, p) = web(&dir, LARGE_SERVED);
     passing_faults(&p);
     let socket = dir.socket_path("nbd-serve");
     let url = p.url("/disk.img");
