@@ -9,6 +9,9 @@
 //! final URL is pinned for the reads; when a read of the pinned URL fails
 //! with a redirect, a `4xx` or a connection error, the original URL is
 //! resolved again, once per read (signed URLs behind a redirect expire).
+//! The probe is tried again on a `5xx`, `408`, `429` or a connection
+//! error, with the reads' attempts and back-off; a certificate that is
+//! not trusted fails at once.
 //!
 //! Each [`Storage::read_at`] is one `GET` with `Range: bytes=A-B`; the
 //! `206` reply and its `Content-Range` are checked and the body is read
