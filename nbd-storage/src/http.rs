@@ -9,6 +9,9 @@
 //! final URL is pinned for the reads; when a read of the pinned URL fails
 //! with a redirect, a `4xx` or a connection error, the original URL is
 //! resolved again, once per read (signed URLs behind a redirect expire).
+//! The probe is tried again on a `5xx`, `408`, `429` or a connection
+//! error, with the reads' attempts and back-off; a certificate that is
+//! not trusted fails at once.
 //!
 //! Each [`Storage::read_at`] is one `GET` with `Range: bytes=A-B`; the
 //! `206` reply and its `Content-Range` are checked and the body is read
@@ -346,7 +349,7 @@ impl HttpStorage {
             retries: opts.retries.max(1),
             retry_delay: opts.retry_delay,
         };
-        let (pinned, size) = s.resolve().map_err(named)?;
+        let (pinned, size) = s.resolve_retrying().map_err(named)?;
         s.size = size;
         *s.pinned.write().unwrap_or_else(|p| p.into_inner()) = pinned.into();
         Ok(s)
@@ -370,18 +373,47 @@ impl HttpStorage {
         req
     }
 
+    /// [`HttpStorage::resolve`] with the reads' attempts and back-off: a
+    /// reset connection, a `5xx`, `408` or `429` is tried again, up to
+    /// [`HttpOptions::retries`] attempts; the error then tells how many.
+    fn resolve_retrying(&self) -> Result<(String, u64), String> {
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            match self.resolve() {
+                Ok(r) => return Ok(r),
+                Err(Failure::Transient(_)) if attempt < self.retries => {
+                    std::thread::sleep(self.retry_delay.saturating_mul(1 << (attempt - 1).min(10)));
+                }
+                Err(Failure::Transient(r)) if attempt > 1 => return Err(format!("{r} (after {attempt} attempts)")),
+                Err(f) => return Err(f.into_text()),
+            }
+        }
+    }
+
     /// Asks the original URL for its first byte, following redirects:
-    /// returns the final URL and the size.
-    fn resolve(&self) -> Result<(String, u64), String> {
+    /// returns the final URL and the size. Failures worth another attempt
+    /// (a connection error, a `5xx`, `408`, `429`) are
+    /// [`Failure::Transient`]; the others [`Failure::Fatal`].
+    fn resolve(&self) -> Result<(String, u64), Failure> {
         let redirects = if self.followlocation { 10 } else { 0 };
-        let mut resp = self
+        let resp = self
             .request(&self.url, 0, 0)
             .config()
             .max_redirects(redirects)
             .build()
             .call()
-            .map_err(describe_error)?;
+            .map_err(classify_error)?;
         let status = resp.status().as_u16();
+        if matches!(status, 408 | 429 | 500..=599) {
+            return Err(Failure::Transient(status_text(status)));
+        }
+        self.resolved(resp, status).map_err(Failure::Fatal)
+    }
+
+    /// What a reply of [`HttpStorage::resolve`] tells: the final URL and
+    /// the size, or why not.
+    fn resolved(&self, mut resp: ureq::http::Response<ureq::Body>, status: u16) -> Result<(String, u64), String> {
         let final_url = resp.get_uri().to_string();
         let content_range = header(&resp, "content-range");
         let size = match status {
@@ -430,10 +462,7 @@ impl HttpStorage {
     fn read_once(&self, url: &str, buf: &mut [u8], offset: u64, done: &mut usize) -> Result<(), Failure> {
         let first = offset + *done as u64;
         let last = offset + buf.len() as u64 - 1;
-        let mut resp = self.request(url, first, last).call().map_err(|e| match e {
-            ureq::Error::BadUri(_) | ureq::Error::Tls(_) | ureq::Error::Rustls(_) => Failure::Fatal(describe_error(e)),
-            e => Failure::Transient(describe_error(e)),
-        })?;
+        let mut resp = self.request(url, first, last).call().map_err(classify_error)?;
         let status = resp.status().as_u16();
         match status {
             206 => {}
@@ -476,6 +505,48 @@ impl HttpStorage {
         let _ = reader.read(&mut [0u8; 1]);
         Ok(())
     }
+}
+
+impl Failure {
+    /// The reason, whatever the kind.
+    fn into_text(self) -> String {
+        match self {
+            Failure::Transient(r) | Failure::Moved(r) | Failure::Fatal(r) => r,
+        }
+    }
+}
+
+/// A request that got no reply: a bad URL or a certificate is
+/// [`Failure::Fatal`], the rest (a refused or reset connection, a
+/// time-out) [`Failure::Transient`].
+fn classify_error(e: ureq::Error) -> Failure {
+    if matches!(e, ureq::Error::BadUri(_) | ureq::Error::Tls(_) | ureq::Error::Rustls(_)) {
+        return Failure::Fatal(describe_error(e));
+    }
+    // A TLS failure may come wrapped in an I/O error: it stays so.
+    let io_inner = match &e {
+        ureq::Error::Io(io) => io.get_ref().map(|w| w as &(dyn std::error::Error + 'static)),
+        _ => None,
+    };
+    let mut src: Option<&(dyn std::error::Error + 'static)> = io_inner.or(Some(&e));
+    while let Some(c) = src {
+        // `io::Error::source` skips the error it wraps: look at it too.
+        let wrapped = c.downcast_ref::<io::Error>().and_then(|io| io.get_ref());
+        let tls = c
+            .downcast_ref::<rustls::Error>()
+            .or_else(|| wrapped.and_then(|w| w.downcast_ref::<rustls::Error>()));
+        if let Some(tls) = tls {
+            let hint = if matches!(tls, rustls::Error::InvalidCertificate(_)) {
+                " (the server's certificate is not trusted: give its CA with cainfo=FILE or capath=DIR, or \
+                 sslverify=false)"
+            } else {
+                ""
+            };
+            return Failure::Fatal(format!("TLS: {tls}{hint}"));
+        }
+        src = c.source();
+    }
+    Failure::Transient(describe_error(e))
 }
 
 /// An error value's text with its causes.
@@ -685,7 +756,7 @@ impl Storage for HttpStorage {
                         return Err(self.read_error(offset, buf.len(), attempt, &r));
                     }
                     Err(e) if moved => {
-                        let r = format!("{reason}; resolving the URL again: {e}");
+                        let r = format!("{reason}; resolving the URL again: {}", e.into_text());
                         return Err(self.read_error(offset, buf.len(), attempt, &r));
                     }
                     // A passing failure, maybe of the network: the pinned

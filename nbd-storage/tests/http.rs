@@ -273,3 +273,46 @@ fn concurrent_reads_use_several_connections() {
     let c = server.connections.load(Ordering::SeqCst);
     assert!((2..=16).contains(&c), "{c} connections");
 }
+
+#[test]
+fn open_retries_5xx_408_and_429() {
+    let data = data();
+    // The size probe meets a 503, a 408, a 429 and a 502 before it is
+    // answered (a refused connection at open: tests/tests/http_faults.rs).
+    let server = Server::start(
+        data.clone(),
+        Arc::new(|_: &str, n: usize, _, _| match n {
+            0 => Reply::Status(503, None),
+            1 => Reply::Status(408, None),
+            2 => Reply::Status(429, None),
+            3 => Reply::Status(502, None),
+            _ => Reply::Range { cut: None },
+        }),
+    );
+    let s = HttpStorage::open_with(&server.url("/d"), &quick()).unwrap();
+    assert_eq!(s.size(), data.len() as u64);
+    assert_eq!(server.requests("/d"), 5);
+    let mut buf = vec![0u8; 1000];
+    s.read_at(&mut buf, 99).unwrap();
+    assert!(buf[..] == data[99..1099]);
+}
+
+#[test]
+fn open_fails_after_the_attempts_naming_the_status() {
+    let server = Server::start(data(), Arc::new(|_: &str, _, _, _| Reply::Status(503, None)));
+    let t = HttpStorage::open_with(&server.url("/d"), &quick().retries(3))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        t.contains(&server.url("/d")) && t.contains("HTTP 503") && t.contains("after 3 attempts"),
+        "{t}"
+    );
+    assert_eq!(server.requests("/d"), 3);
+    // A 404 is not tried again.
+    let server = Server::start(data(), Arc::new(|_: &str, _, _, _| Reply::Status(404, None)));
+    let t = HttpStorage::open_with(&server.url("/d"), &quick())
+        .unwrap_err()
+        .to_string();
+    assert!(t.contains("HTTP 404") && !t.contains("attempts"), "{t}");
+    assert_eq!(server.requests("/d"), 1);
+}

@@ -28,6 +28,7 @@
 #![warn(missing_docs)]
 
 pub mod blkhash_images;
+pub mod fault_proxy;
 pub mod stall;
 pub mod tls;
 
@@ -946,12 +947,23 @@ pub struct WebServer {
     pub port: u16,
     /// The directory it serves at `/` (`DIR/www`).
     pub root: PathBuf,
+    /// Its TLS port on 127.0.0.1, when started by [`nginx_tls`].
+    pub tls_port: Option<u16>,
 }
 
 impl WebServer {
     /// `http://127.0.0.1:PORT/PATH` (`path` starts with `/`).
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// `https://127.0.0.1:TLS_PORT/PATH` (`path` starts with `/`); panics
+    /// when the server was not started by [`nginx_tls`].
+    pub fn https_url(&self, path: &str) -> String {
+        let port = self
+            .tls_port
+            .expect("this nginx has no TLS port (start it with nginx_tls)");
+        format!("https://127.0.0.1:{port}{path}")
     }
 
     /// nginx's error log.
@@ -972,11 +984,33 @@ impl WebServer {
 ///
 /// Check `require_peer("nginx")` first.
 pub fn nginx(dir: &TempDir) -> WebServer {
+    start_nginx(dir, None)
+}
+
+/// [`nginx`], also listening with TLS on [`WebServer::tls_port`] (the
+/// same locations) with the server certificate and key of `certs`
+/// (valid for `127.0.0.1` and `localhost`, signed by `ca-cert.pem`).
+pub fn nginx_tls(dir: &TempDir, certs: &tls::Certificates) -> WebServer {
+    start_nginx(dir, Some(certs))
+}
+
+fn start_nginx(dir: &TempDir, certs: Option<&tls::Certificates>) -> WebServer {
     let program = find_program("nginx").expect("nginx is not installed (check require_peer(\"nginx\") first)");
     let root = dir.join("www");
     fs::create_dir_all(&root).expect("create the web root");
     let d = dir.path().display();
     let port = free_tcp_port();
+    let tls_port = certs.map(|_| free_tcp_port());
+    let tls_listen = match (certs, tls_port) {
+        (Some(c), Some(p)) => format!(
+            "\x20   listen 127.0.0.1:{p} ssl;\n\
+             \x20   ssl_certificate {};\n\
+             \x20   ssl_certificate_key {};\n",
+            c.file("server-cert.pem").display(),
+            c.file("server-key.pem").display()
+        ),
+        _ => String::new(),
+    };
     let conf = dir.join("nginx.conf");
     // One process (no master, no workers running as another user), which
     // the harness kills like any foreground peer.
@@ -995,6 +1029,7 @@ pub fn nginx(dir: &TempDir) -> WebServer {
          \x20 default_type application/octet-stream;\n\
          \x20 server {{\n\
          \x20   listen 127.0.0.1:{port};\n\
+         {tls_listen}\
          \x20   root {d}/www;\n\
          \x20   location = /moved.img {{ return 302 http://127.0.0.1:{port}/disk.img; }}\n\
          \x20   location /norange/ {{ alias {d}/www/; max_ranges 0; }}\n\
@@ -1018,7 +1053,14 @@ pub fn nginx(dir: &TempDir) -> WebServer {
         ],
         Endpoint::Tcp(SocketAddr::from((Ipv4Addr::LOCALHOST, port))),
     );
-    WebServer { peer, port, root }
+    // nginx binds every listener before it serves any: the TLS port is
+    // open once the plain one is.
+    WebServer {
+        peer,
+        port,
+        root,
+        tls_port,
+    }
 }
 
 /// Runs `cmd args...` to completion (stdin empty) and returns its status,

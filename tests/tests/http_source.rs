@@ -214,3 +214,80 @@ fn writes_go_to_an_overlay() {
     }
     assert!(fs::read(&file).unwrap() == data, "the served file changed");
 }
+
+/// nginx with TLS serving `image()`, and the certificates (the CA in
+/// `ca-cert.pem`).
+fn web_tls(dir: &TempDir) -> (WebServer, Vec<u8>, tls::Certificates) {
+    let certs = tls::make_certificates(&dir.join("pki")).unwrap();
+    let w = nginx_tls(dir, &certs);
+    let data = image();
+    fs::write(w.root.join("disk.img"), &data).unwrap();
+    (w, data, certs)
+}
+
+#[test]
+fn nbd_copy_reads_an_https_url_with_the_ca() {
+    if !require_peers(&["nginx"]) {
+        return;
+    }
+    let dir = TempDir::new();
+    let (w, data, certs) = web_tls(&dir);
+    let url = w.https_url("/disk.img");
+    let cainfo = format!("cainfo={}", s(&certs.file("ca-cert.pem")));
+    let out = dir.join("out.raw");
+    let r = run(&our_bin("nbd-copy"), &["--http", &cainfo, &url, s(&out)]);
+    assert!(r.status.success(), "{}\n{}", text(&r), w.error_log());
+    assert!(fs::read(&out).unwrap() == data, "the copy differs from the file");
+    // capath= with the directory trusts it too.
+    let out2 = dir.join("out2.raw");
+    let capath = format!("capath={}", certs.dir_str());
+    let r = run(&our_bin("nbd-copy"), &["--http", &capath, &url, s(&out2)]);
+    assert!(r.status.success(), "{}", text(&r));
+    assert!(fs::read(&out2).unwrap() == data, "the copy differs from the file");
+}
+
+#[test]
+fn an_untrusted_certificate_is_a_clear_error() {
+    if !require_peers(&["nginx"]) {
+        return;
+    }
+    let dir = TempDir::new();
+    let (w, _, _) = web_tls(&dir);
+    let url = w.https_url("/disk.img");
+    let out = dir.join("out.raw");
+    // The system's CAs do not know the test CA; nor does another test CA.
+    let other = tls::make_certificates(&dir.join("other-pki")).unwrap();
+    let other_ca = format!("cainfo={}", s(&other.file("ca-cert.pem")));
+    for extra in [vec![], vec!["--http", other_ca.as_str()]] {
+        let mut args = extra.clone();
+        args.extend([url.as_str(), s(&out)]);
+        let r = run(&our_bin("nbd-copy"), &args);
+        let t = text(&r);
+        assert_eq!(r.status.code(), Some(1), "{extra:?}: {t}");
+        assert!(
+            t.contains(&url) && t.contains("certificate is not trusted") && t.contains("cainfo="),
+            "{extra:?}: {t}"
+        );
+        // Not worth another attempt: it fails at the first.
+        assert!(!t.contains("attempts"), "{extra:?}: {t}");
+    }
+}
+
+#[test]
+fn nbd_serve_serves_an_https_url() {
+    if !require_peers(&["nginx", "nbdcopy", "qemu-img"]) {
+        return;
+    }
+    let dir = TempDir::new();
+    let (w, data, certs) = web_tls(&dir);
+    let cainfo = format!("cainfo={}", s(&certs.file("ca-cert.pem")));
+    let server = serve(&dir, &["--http", &cainfo, &w.https_url("/disk.img")]);
+    let uri = server.uri("");
+    let out = dir.join("nbdcopy.raw");
+    let r = run("nbdcopy", &[&uri, s(&out)]);
+    assert!(r.status.success(), "{}\n{}", text(&r), server.stderr());
+    assert!(fs::read(&out).unwrap() == data, "nbdcopy read other data");
+    let file = w.root.join("disk.img");
+    let r = run("qemu-img", &["compare", "-f", "raw", "-F", "raw", s(&file), &uri]);
+    assert!(r.status.success(), "qemu-img compare: {}", text(&r));
+}
