@@ -62,7 +62,8 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
-    /// Every supported algorithm.
+    /// Every digest `--blkhash=DIGEST` names (blksum's; imageio's
+    /// [`Algorithm::Blake2b256`] comes with `--blkhash=imageio` alone).
     pub const ALL: [Algorithm; 7] = [
         Algorithm::Sha1,
         Algorithm::Sha224,

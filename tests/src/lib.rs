@@ -142,9 +142,10 @@ pub fn require_python_module(module: &str) -> bool {
             .output()
         {
             Ok(out) if out.status.success() => return true,
+            // The traceback's last line says why ("No module named ...").
             Ok(out) => format!(
                 "python3 cannot import it: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
+                String::from_utf8_lossy(&out.stderr).trim().lines().last().unwrap_or("")
             ),
             Err(e) => format!("python3 cannot be run: {e}"),
         }
