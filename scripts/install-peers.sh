@@ -20,6 +20,14 @@
 #   ceph, rbd, rados     ceph-common
 #   librbd.h, librbd.so  librbd-dev   (nbd-serve's cargo feature rbd)
 #
+# and one Python package, for the python3 first on PATH (the one the tests
+# run), with pip (python3-pip, and gcc and python3-dev for its C part, when
+# missing):
+#
+#   ovirt_imageio        ovirt-imageio (oVirt imageio's checksum, which
+#                        nbd-copy --blkhash=imageio computes;
+#                        tests/tests/blkhash.rs)
+#
 # With --bench it also installs qemu-block-extra (qemu-nbd's rbd driver,
 # for nbd-bench's RBD rows) at exactly the version of the installed
 # qemu-utils; see install_qemu_rbd below.
@@ -88,9 +96,57 @@ if [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null 2>&1; then
     sudo=(sudo)
 fi
 
+imageio_version=2.5.1
+
+has_imageio() {
+    python3 -c 'import ovirt_imageio._internal.blkhash' >/dev/null 2>&1
+}
+
+# ovirt-imageio for python3, unless it imports already. Debian's own
+# python3 refuses pip installs (PEP 668) unless told otherwise; another
+# python3 (pyenv, a virtualenv) takes them as they are.
+install_imageio() {
+    if has_imageio; then
+        echo "install-peers: ovirt-imageio present"
+        return 0
+    fi
+    if ! command -v python3 >/dev/null 2>&1; then
+        echo "install-peers: python3 not found; cannot install ovirt-imageio" >&2
+        return 1
+    fi
+    local need=()
+    python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
+    command -v gcc >/dev/null 2>&1 || need+=(gcc)
+    python3 -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' || need+=(python3-dev)
+    if ((${#need[@]} != 0)); then
+        echo "install-peers: installing ${need[*]} for ovirt-imageio"
+        "${sudo[@]}" apt-get update
+        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y "${need[@]}"
+    fi
+    local flags=()
+    if python3 -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
+        flags+=(--break-system-packages)
+    fi
+    # The interpreter itself (sudo may reset PATH), as root only when its
+    # site-packages is not the user's to write.
+    local python as=()
+    python=$(python3 -c 'import sys; print(sys.executable)')
+    python3 -c 'import os, sys, sysconfig
+sys.exit(not os.access(sysconfig.get_path("purelib"), os.W_OK))' || as=("${sudo[@]}")
+    echo "install-peers: installing ovirt-imageio $imageio_version for $python"
+    "${as[@]}" "$python" -m pip install --quiet "${flags[@]}" "ovirt-imageio==$imageio_version"
+    if ! has_imageio; then
+        echo "install-peers: python3 still cannot import ovirt_imageio" >&2
+        return 1
+    fi
+}
+
 mapfile -t missing < <(missing_commands)
 if ((${#missing[@]} == 0)); then
     echo "install-peers: all peers present (${commands[*]})"
+    install_imageio
     if $bench; then install_qemu_rbd; fi
     exit 0
 fi
@@ -113,4 +169,5 @@ if ((${#missing[@]} != 0)); then
     exit 1
 fi
 echo "install-peers: all peers present (${commands[*]})"
+install_imageio
 if $bench; then install_qemu_rbd; fi

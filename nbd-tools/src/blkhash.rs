@@ -14,6 +14,19 @@
 //! that read as zeroes need no digest work. An empty image is
 //! `D(le64(0))`. The defaults are blkhash's: sha256, 64 KiB blocks.
 //!
+//! oVirt imageio's checksum (its `/images/TICKET/checksum` API and its
+//! client's `checksum()`), asked for as `--blkhash=imageio`, is the same
+//! walk with another digest and no size at the end
+//! ([`Variant::Imageio`]): blake2b with a 32-byte digest, 4 MiB blocks,
+//!
+//! ```text
+//! D( D(block 0) || D(block 1) || ... || D(block n-1) )
+//! ```
+//!
+//! the last block hashed as the shorter block it is (zeroes or not), and
+//! an empty image `D()`, the digest of nothing. Its JSON form is
+//! [`BlkhashSpec::imageio_json`].
+//!
 //! [`Blkhash`] hashes an image given in order; [`Combiner`] takes block
 //! hashes computed in parallel, in any order, and combines them in
 //! order, holding at most [`Combiner::PENDING_LIMIT`] runs that arrived
@@ -42,10 +55,15 @@ pub enum Algorithm {
     Sha512_224,
     /// `sha512-256`
     Sha512_256,
+    /// blake2b with a 32-byte digest (`hashlib.blake2b(digest_size=32)`),
+    /// imageio's digest; only with [`Variant::Imageio`], so not in
+    /// [`Algorithm::ALL`] (blksum has no such digest).
+    Blake2b256,
 }
 
 impl Algorithm {
-    /// Every supported algorithm.
+    /// Every digest `--blkhash=DIGEST` names (blksum's; imageio's
+    /// [`Algorithm::Blake2b256`] comes with `--blkhash=imageio` alone).
     pub const ALL: [Algorithm; 7] = [
         Algorithm::Sha1,
         Algorithm::Sha224,
@@ -56,7 +74,8 @@ impl Algorithm {
         Algorithm::Sha512_256,
     ];
 
-    /// The OpenSSL name.
+    /// The OpenSSL name (imageio's, `blake2b`, for
+    /// [`Algorithm::Blake2b256`]).
     pub fn name(self) -> &'static str {
         match self {
             Algorithm::Sha1 => "sha1",
@@ -66,6 +85,7 @@ impl Algorithm {
             Algorithm::Sha512 => "sha512",
             Algorithm::Sha512_224 => "sha512-224",
             Algorithm::Sha512_256 => "sha512-256",
+            Algorithm::Blake2b256 => "blake2b",
         }
     }
 
@@ -84,6 +104,7 @@ impl Algorithm {
             Algorithm::Sha512 => Box::new(sha2::Sha512::default()),
             Algorithm::Sha512_224 => Box::new(sha2::Sha512_224::default()),
             Algorithm::Sha512_256 => Box::new(sha2::Sha512_256::default()),
+            Algorithm::Blake2b256 => Box::new(blake2::Blake2b::<blake2::digest::consts::U32>::default()),
         }
     }
 
@@ -95,6 +116,24 @@ impl Algorithm {
     }
 }
 
+/// How the block digests are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Variant {
+    /// blkhash's (blksum, nbdcopy): the image size (`le64`) is hashed
+    /// after the block digests.
+    #[default]
+    Blksum,
+    /// oVirt imageio's checksum: the block digests alone.
+    Imageio,
+}
+
+impl Variant {
+    /// Whether `le64(image size)` ends the outer digest's input.
+    fn hashes_size(self) -> bool {
+        self == Variant::Blksum
+    }
+}
+
 /// What `--blkhash[=DIGEST[/BLOCKSIZE]]` asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlkhashSpec {
@@ -102,6 +141,8 @@ pub struct BlkhashSpec {
     pub algorithm: Algorithm,
     /// Bytes per block.
     pub block_size: u64,
+    /// How the block digests are combined.
+    pub variant: Variant,
 }
 
 impl Default for BlkhashSpec {
@@ -109,9 +150,21 @@ impl Default for BlkhashSpec {
         BlkhashSpec {
             algorithm: Algorithm::Sha256,
             block_size: 64 << 10,
+            variant: Variant::Blksum,
         }
     }
 }
+
+/// The name `--blkhash` takes for imageio's checksum.
+pub const IMAGEIO: &str = "imageio";
+
+/// imageio's checksum with its defaults: blake2b (32 bytes), 4 MiB
+/// blocks.
+pub const IMAGEIO_SPEC: BlkhashSpec = BlkhashSpec {
+    algorithm: Algorithm::Blake2b256,
+    block_size: 4 << 20,
+    variant: Variant::Imageio,
+};
 
 /// The smallest and the largest block size accepted.
 pub const BLOCK_SIZE_RANGE: (u64, u64) = (512, 32 << 20);
@@ -119,18 +172,23 @@ pub const BLOCK_SIZE_RANGE: (u64, u64) = (512, 32 << 20);
 impl BlkhashSpec {
     /// Parses `DIGEST`, `DIGEST/BLOCKSIZE` or the empty string (the
     /// defaults); BLOCKSIZE takes K and M suffixes (`sha256/64k`) and
-    /// must be a multiple of 512 from 512 bytes to 32 MiB.
+    /// must be a multiple of 512 from 512 bytes to 32 MiB. DIGEST
+    /// `imageio` (any case) is imageio's checksum ([`IMAGEIO_SPEC`]),
+    /// whose block size may be changed the same way (`imageio/1M`).
     pub fn parse(s: &str) -> Result<BlkhashSpec, String> {
         let mut spec = BlkhashSpec::default();
         let (name, size) = match s.split_once('/') {
             Some((n, b)) => (n, Some(b)),
             None => (s, None),
         };
-        if !name.is_empty() {
+        if name.eq_ignore_ascii_case(IMAGEIO) {
+            spec = IMAGEIO_SPEC;
+        } else if !name.is_empty() {
             spec.algorithm = Algorithm::from_name(name).ok_or_else(|| {
                 let names: Vec<&str> = Algorithm::ALL.iter().map(|a| a.name()).collect();
                 format!(
-                    "--blkhash: unsupported digest {name:?} (supported: {})",
+                    "--blkhash: unsupported digest {name:?} (supported: {}; or {IMAGEIO} for \
+                     oVirt imageio's checksum)",
                     names.join(", ")
                 )
             })?;
@@ -166,6 +224,25 @@ impl BlkhashSpec {
     /// `D(zero block)`.
     pub fn zero_md(&self) -> Vec<u8> {
         self.algorithm.digest(&vec![0u8; self.block_size as usize])
+    }
+
+    /// The digest `md` in the JSON form of imageio's checksum API,
+    /// `{"algorithm": "blake2b", "block_size": 4194304, "checksum": "HEX"}`
+    /// (Python's `json.dumps` spacing); an error for a blksum digest,
+    /// which imageio does not compute.
+    pub fn imageio_json(&self, md: &[u8]) -> Result<String, String> {
+        if self.variant != Variant::Imageio {
+            return Err(format!(
+                "the JSON form is imageio's checksum's: it needs --blkhash={IMAGEIO}, not {}",
+                self.algorithm.name()
+            ));
+        }
+        Ok(format!(
+            "{{\"algorithm\": \"{}\", \"block_size\": {}, \"checksum\": \"{}\"}}",
+            self.algorithm.name(),
+            self.block_size,
+            hex(md)
+        ))
     }
 }
 
@@ -252,7 +329,9 @@ impl Blkhash {
             let block = std::mem::take(&mut self.pending);
             self.take_block(&block);
         }
-        self.outer.update(&self.length.to_le_bytes());
+        if self.spec.variant.hashes_size() {
+            self.outer.update(&self.length.to_le_bytes());
+        }
         self.outer.finalize().into_vec()
     }
 }
@@ -391,7 +470,9 @@ impl Combiner {
             ));
         }
         let outer = &mut st.outer;
-        outer.update(&self.size.to_le_bytes());
+        if self.spec.variant.hashes_size() {
+            outer.update(&self.size.to_le_bytes());
+        }
         Ok(outer.finalize_reset().into_vec())
     }
 }
@@ -407,12 +488,31 @@ mod tests {
             BlkhashSpec::parse("sha1/4k"),
             Ok(BlkhashSpec {
                 algorithm: Algorithm::Sha1,
-                block_size: 4096
+                block_size: 4096,
+                variant: Variant::Blksum,
+            })
+        );
+        assert_eq!(BlkhashSpec::parse("imageio"), Ok(IMAGEIO_SPEC));
+        assert_eq!(
+            BlkhashSpec::parse("ImageIO/1M"),
+            Ok(BlkhashSpec {
+                block_size: 1 << 20,
+                ..IMAGEIO_SPEC
             })
         );
         assert_eq!(BlkhashSpec::parse("SHA512").unwrap().algorithm, Algorithm::Sha512);
         assert_eq!(BlkhashSpec::parse("/1M").unwrap().block_size, 1 << 20);
-        for bad in ["md5", "blake2b512", "sha256/100", "sha256/0", "sha256/64M", "sha256/x"] {
+        for bad in [
+            "md5",
+            "blake2b512",
+            "blake2b",
+            "sha256/100",
+            "sha256/0",
+            "sha256/64M",
+            "sha256/x",
+            "imageio/100",
+            "imageio/x",
+        ] {
             assert!(BlkhashSpec::parse(bad).is_err(), "{bad}");
         }
     }
@@ -435,7 +535,9 @@ mod tests {
         for b in data.chunks(spec.block_size as usize) {
             outer.extend(spec.algorithm.digest(b));
         }
-        outer.extend((data.len() as u64).to_le_bytes());
+        if spec.variant == Variant::Blksum {
+            outer.extend((data.len() as u64).to_le_bytes());
+        }
         spec.algorithm.digest(&outer)
     }
 
@@ -478,5 +580,50 @@ mod tests {
         assert!(c.finish().is_err());
         c.submit(0, Run::Hashes(spec.block_hashes(&data[..8192], c.zero_md())));
         assert_eq!(c.finish().unwrap(), want);
+    }
+
+    #[test]
+    fn imageio_variant() {
+        // blake2b-256 of nothing: imageio's checksum of an empty image.
+        assert_eq!(
+            hex(&Blkhash::new(IMAGEIO_SPEC).finish()),
+            "0e5751c026e543b2e8ab2eb06099daa1d1e5df47778f7787faab45cdf12fe3a8"
+        );
+        let spec = BlkhashSpec::parse("imageio/4k").unwrap();
+        let mut data = pseudo(4096 * 6 + 300);
+        data[8192..16384].fill(0);
+        data[24576..].fill(0);
+        let want = reference(spec, &data);
+        let mut h = Blkhash::new(spec);
+        h.update(&data[..8192]);
+        h.zero(8192);
+        h.update(&data[16384..24576]);
+        h.zero(300);
+        assert_eq!(h.finish(), want);
+        let c = Combiner::new(spec, data.len() as u64);
+        c.submit(6, Run::Zero(300));
+        c.submit(2, Run::Zero(8192));
+        c.submit(0, Run::Hashes(spec.block_hashes(&data[..8192], c.zero_md())));
+        c.submit(4, Run::Hashes(spec.block_hashes(&data[16384..24576], c.zero_md())));
+        assert_eq!(c.finish().unwrap(), want);
+        // The same blocks under blksum's construction differ by the size.
+        assert_ne!(
+            reference(
+                BlkhashSpec {
+                    variant: Variant::Blksum,
+                    ..spec
+                },
+                &data
+            ),
+            want
+        );
+        assert_eq!(
+            spec.imageio_json(&want).unwrap(),
+            format!(
+                "{{\"algorithm\": \"blake2b\", \"block_size\": 4096, \"checksum\": \"{}\"}}",
+                hex(&want)
+            )
+        );
+        assert!(BlkhashSpec::default().imageio_json(&want).is_err());
     }
 }

@@ -128,6 +128,38 @@ pub fn require_peers(cmds: &[&str]) -> bool {
     all
 }
 
+/// Returns `true` if `python3` (the first on `PATH`, the one
+/// `scripts/install-peers.sh` installs Python packages for) can import
+/// `module`, e.g. `ovirt_imageio._internal.blkhash`; otherwise, as
+/// [`require_peer`], panics if [`peers_required`] and else prints
+/// "skipping: ..." and returns `false`.
+pub fn require_python_module(module: &str) -> bool {
+    let problem = if find_program("python3").is_none() {
+        "python3 is not installed".to_owned()
+    } else {
+        match command("python3")
+            .args(["-c", &format!("import {module}")])
+            .stdin(Stdio::null())
+            .output()
+        {
+            Ok(out) if out.status.success() => return true,
+            // The traceback's last line says why ("No module named ...").
+            Ok(out) => format!(
+                "python3 cannot import it: {}",
+                String::from_utf8_lossy(&out.stderr).trim().lines().last().unwrap_or("")
+            ),
+            Err(e) => format!("python3 cannot be run: {e}"),
+        }
+    };
+    if peers_required() {
+        panic!(
+            "Python module {module} is missing ({problem}); run scripts/install-peers.sh ({REQUIRE_PEERS_ENV} is set)"
+        );
+    }
+    eprintln!("skipping: Python module {module}: {problem}");
+    false
+}
+
 /// Why `nbdsh` cannot run, if it cannot.
 fn nbdsh_problem() -> Option<String> {
     let output = command("nbdsh").arg("--version").stdin(Stdio::null()).output();

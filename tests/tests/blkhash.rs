@@ -1,7 +1,10 @@
 //! `nbd-copy --blkhash`: the checksum of blksum (nirs/blkhash) and of
 //! nbdcopy 1.20's `--blkhash`, computed while copying, from files (holes
 //! included) and from NBD sources (nbd-serve, qemu-nbd), checked against
-//! digests recorded from blksum itself (CI cannot build blksum).
+//! digests recorded from blksum itself (CI cannot build blksum); and
+//! `--blkhash=imageio`, oVirt imageio's checksum, checked against
+//! imageio's own Python module (`ovirt-imageio`, installed by
+//! `scripts/install-peers.sh`) run on the same images.
 
 use std::path::Path;
 
@@ -194,6 +197,140 @@ fn nbd_sources_match_blksum() {
     }
 }
 
+/// The Python module of imageio's checksum.
+const IMAGEIO_MODULE: &str = "ovirt_imageio._internal.blkhash";
+
+/// `--blkhash=` values of imageio's checksum, with their block sizes: the
+/// default (4 MiB: one partial block for most images) and smaller blocks,
+/// so that full data, zero and hole blocks come before the partial one.
+const IMAGEIO_PARAMS: [(&str, u64); 3] = [("imageio", 4 << 20), ("imageio/1M", 1 << 20), ("imageio/64k", 64 << 10)];
+
+/// imageio's checksum of the file `path`, as its Python module computes
+/// it (`blkhash.checksum`, which reads the file and detects zero blocks),
+/// in the JSON form of imageio's checksum API (`json.dumps` of the dict
+/// it returns).
+fn imageio_checksum(path: &Path, block_size: u64) -> String {
+    let script = "import json, sys\n\
+                  from ovirt_imageio._internal import blkhash\n\
+                  print(json.dumps(blkhash.checksum(sys.argv[1], block_size=int(sys.argv[2]))))";
+    let out = run_ok("python3", &["-c", script, s(path), &block_size.to_string()]);
+    assert!(out.ends_with('\n') && out.lines().count() == 1, "{out:?}");
+    out.trim_end().to_string()
+}
+
+/// The hex digest in imageio's JSON.
+fn json_hex(json: &str) -> &str {
+    let (_, rest) = json
+        .split_once("\"checksum\": \"")
+        .unwrap_or_else(|| panic!("no checksum in {json}"));
+    let hex = rest
+        .strip_suffix("\"}")
+        .unwrap_or_else(|| panic!("not imageio's JSON: {json}"));
+    assert_eq!(hex.len(), 64, "{json}");
+    hex
+}
+
+#[test]
+fn imageio_files_match_ovirt_imageio() {
+    if !require_python_module(IMAGEIO_MODULE) {
+        return;
+    }
+    let dir = TempDir::new();
+    for name in IMAGES {
+        let img = make_image(&dir, name);
+        for (param, block_size) in IMAGEIO_PARAMS {
+            let want = imageio_checksum(&img, block_size);
+            let arg = format!("--blkhash={param}");
+            let got = copy_digest(&[&arg, s(&img), "null:"]);
+            assert_eq!(got, json_hex(&want), "{name} {param}");
+            let got = copy_digest(&[&arg, "--no-extents", "--request-size=12345", s(&img), "null:"]);
+            assert_eq!(got, json_hex(&want), "{name} {param} --no-extents");
+            let got = copy_digest(&[&arg, "--blkhash-json", s(&img), "null:"]);
+            assert_eq!(got, want, "{name} {param} --blkhash-json");
+            // A real copy, the JSON in a file.
+            let sum = dir.join(format!("{name}-imageio.sum"));
+            let dst = dir.join(format!("{name}-imageio.copy"));
+            let _ = std::fs::remove_file(&dst);
+            let out = run_ok(
+                &our_bin("nbd-copy"),
+                &[
+                    &arg,
+                    "--blkhash-json",
+                    &format!("--blkhash-file={}", s(&sum)),
+                    s(&img),
+                    s(&dst),
+                ],
+            );
+            assert_eq!(out, "", "nothing on stdout with --blkhash-file");
+            assert_eq!(std::fs::read_to_string(&sum).unwrap(), format!("{want}\n"));
+            assert!(
+                std::fs::read(&dst).unwrap() == std::fs::read(&img).unwrap(),
+                "{name} {param}: the copy differs"
+            );
+        }
+        // --blkhash-json alone is imageio's checksum with its defaults.
+        let got = copy_digest(&["--blkhash-json", s(&img), "null:"]);
+        assert_eq!(got, imageio_checksum(&img, 4 << 20), "{name} --blkhash-json alone");
+    }
+}
+
+#[test]
+fn imageio_nbd_sources_match_ovirt_imageio() {
+    // Both checked, so that each missing one is reported.
+    let module = require_python_module(IMAGEIO_MODULE);
+    if !require_peers(&["qemu-nbd"]) || !module {
+        return;
+    }
+    let dir = TempDir::new();
+    for name in IMAGES {
+        let img = make_image(&dir, name);
+        // qemu-nbd's raw driver rounds the size up to 512 bytes: what it
+        // serves is the image padded with zeroes.
+        let padded = dir.join(format!("{name}.padded"));
+        std::fs::copy(&img, &padded).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&padded).unwrap();
+        f.set_len(f.metadata().unwrap().len().div_ceil(512) * 512).unwrap();
+        drop(f);
+        let ours = {
+            let sock = dir.socket_path("serve");
+            let full = ["--socket", s(&sock), "-r", s(&img)];
+            Peer::start(&dir, &our_bin("nbd-serve"), &full, Endpoint::Unix(sock.clone()))
+        };
+        let qemu = qemu_nbd(&dir, &["-r", "-f", "raw", s(&img)]);
+        for (param, block_size) in IMAGEIO_PARAMS {
+            let arg = format!("--blkhash={param}");
+            for (who, uri, file) in [("nbd-serve", ours.uri(""), &img), ("qemu-nbd", qemu.uri(""), &padded)] {
+                let want = imageio_checksum(file, block_size);
+                let got = copy_digest(&[&arg, "--blkhash-json", &uri, "null:"]);
+                assert_eq!(got, want, "{name} {param} from {who}");
+                let sum = dir.join("imageio-nbd.sum");
+                let dst = dir.join("imageio-nbd.copy");
+                let _ = std::fs::remove_file(&dst);
+                run_ok(
+                    &our_bin("nbd-copy"),
+                    &[
+                        &arg,
+                        &format!("--blkhash-file={}", s(&sum)),
+                        "--connections=2",
+                        "--request-size=64k",
+                        &uri,
+                        s(&dst),
+                    ],
+                );
+                assert_eq!(
+                    std::fs::read_to_string(&sum).unwrap(),
+                    format!("{}\n", json_hex(&want)),
+                    "{name} {param} from {who}, copied"
+                );
+                assert!(
+                    std::fs::read(&dst).unwrap() == std::fs::read(file).unwrap(),
+                    "{name} {param} from {who}: the copy differs"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn refusals() {
     let dir = TempDir::new();
@@ -202,6 +339,11 @@ fn refusals() {
         (vec!["--blkhash=md5", s(&img), "null:"], "unsupported digest"),
         (vec!["--blkhash=sha256/1000", s(&img), "null:"], "multiple of 512"),
         (vec!["--blkhash", s(&img), "-"], "--blkhash-file"),
+        (vec!["--blkhash=imageio/100", s(&img), "null:"], "multiple of 512"),
+        (
+            vec!["--blkhash=sha256", "--blkhash-json", s(&img), "null:"],
+            "needs --blkhash=imageio",
+        ),
     ] {
         let out = run(&our_bin("nbd-copy"), &args);
         assert!(!out.status.success(), "{args:?}");
@@ -210,4 +352,5 @@ fn refusals() {
     }
     let help = run_ok(&our_bin("nbd-copy"), &["--help"]);
     assert!(help.contains("--blkhash"), "{help}");
+    assert!(help.contains("imageio") && help.contains("--blkhash-json"), "{help}");
 }

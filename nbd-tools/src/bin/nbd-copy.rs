@@ -18,7 +18,10 @@
 //! blocks by default; holes and zero extents are hashed without being
 //! read. The lowercase hex digest is printed on stdout at the end, or
 //! written (with a newline) to `--blkhash-file=PATH`. `null:` as
-//! DESTINATION computes the checksum alone.
+//! DESTINATION computes the checksum alone. `--blkhash=imageio[/BLOCKSIZE]`
+//! computes oVirt imageio's checksum instead (blake2b of 4 MiB blocks, as
+//! imageio's checksum API and its client's `checksum()` compute it), and
+//! `--blkhash-json` prints it in imageio's JSON form.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -28,7 +31,7 @@ use std::time::Duration;
 use clap::Parser;
 use nbd_net::resilience::{Reconnect, Timeouts};
 use nbd_proto::client::TlsMode;
-use nbd_tools::blkhash::{BlkhashSpec, hex};
+use nbd_tools::blkhash::{BlkhashSpec, IMAGEIO_SPEC, hex};
 use nbd_tools::captive::{CaptiveServer, command_index, extract_commands};
 use nbd_tools::copy::{BROKEN_PIPE, CopyOptions, Location, Progress, copy_hashed};
 use nbd_tools::progress::{Reporter, Target};
@@ -69,7 +72,8 @@ const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
         cat disk1 disk2 | nbd-copy -- - [ qemu-nbd -f qcow2 output.qcow2 ]\n  \
         nbd-copy --dirty-bitmap=b0 -- [ qemu-nbd -r -f qcow2 -B b0 disk.qcow2 ] full-backup.raw\n  \
         nbd-copy --blkhash disk.raw null:\n  \
-        nbd-copy --blkhash=sha1/1M --blkhash-file=disk.sum nbd://server disk.raw"
+        nbd-copy --blkhash=sha1/1M --blkhash-file=disk.sum nbd://server disk.raw\n  \
+        nbd-copy --blkhash=imageio --blkhash-json nbd://server null:"
 )]
 struct Args {
     /// Source: an NBD URI, an http:// or https:// URL, a file or block
@@ -168,8 +172,12 @@ struct Args {
     /// stdout at the end. DIGEST: sha256 (the default), sha1, sha224,
     /// sha384, sha512, sha512-224, sha512-256; BLOCKSIZE: 64K by
     /// default, a multiple of 512 up to 32M (e.g. --blkhash=sha256/1M).
-    /// Use null: as DESTINATION for the checksum alone. Only between
-    /// random-access sides (not a stream), not with --dirty-bitmap.
+    /// DIGEST imageio is oVirt imageio's checksum instead (its checksum
+    /// API's and its client's: blake2b with a 32-byte digest of 4M blocks
+    /// by default, no size hashed; e.g. --blkhash=imageio/1M); see
+    /// --blkhash-json. Use null: as DESTINATION for the checksum alone.
+    /// Only between random-access sides (not a stream), not with
+    /// --dirty-bitmap.
     #[arg(
         long,
         value_name = "DIGEST[/BLOCKSIZE]",
@@ -183,6 +191,12 @@ struct Args {
     /// implies --blkhash (with its defaults unless given).
     #[arg(long = "blkhash-file", value_name = "PATH")]
     blkhash_file: Option<std::path::PathBuf>,
+    /// Print (or write to --blkhash-file) imageio's checksum as imageio's
+    /// checksum API returns it: {"algorithm": "blake2b", "block_size":
+    /// 4194304, "checksum": "HEX"}. Implies --blkhash=imageio unless
+    /// --blkhash is given, which must then be imageio.
+    #[arg(long = "blkhash-json")]
+    blkhash_json: bool,
 }
 
 fn parse_http_param(s: &str) -> Result<(String, String), String> {
@@ -306,10 +320,16 @@ impl Args {
 }
 
 impl Args {
-    /// The blkhash asked for: --blkhash, or --blkhash-file alone.
+    /// The blkhash asked for: --blkhash, or --blkhash-file alone (the
+    /// default blkhash), or --blkhash-json alone (imageio's).
     fn blkhash_spec(&self) -> Option<BlkhashSpec> {
-        self.blkhash
-            .or_else(|| self.blkhash_file.as_ref().map(|_| BlkhashSpec::default()))
+        self.blkhash.or_else(|| {
+            if self.blkhash_json {
+                Some(IMAGEIO_SPEC)
+            } else {
+                self.blkhash_file.as_ref().map(|_| BlkhashSpec::default())
+            }
+        })
     }
 }
 
@@ -380,6 +400,14 @@ fn run(args: &Args, commands: &[Vec<String>], captives: &mut Vec<CaptiveServer>)
     if opts.blkhash.is_some() && args.blkhash_file.is_none() && args.destination == "-" {
         return Err("--blkhash prints the checksum on stdout, which is the destination: use --blkhash-file".into());
     }
+    let json_spec = match opts.blkhash {
+        Some(spec) if args.blkhash_json => {
+            // Refused now, not after the copy.
+            spec.imageio_json(&[]).map_err(|e| format!("--blkhash-json: {e}"))?;
+            Some(spec)
+        }
+        _ => None,
+    };
     let src = side(&args.source, args, commands, captives)?;
     let dst = side(&args.destination, args, commands, captives)?;
     let progress = Arc::new(Progress::default());
@@ -409,7 +437,11 @@ fn run(args: &Args, commands: &[Vec<String>], captives: &mut Vec<CaptiveServer>)
     }
     let (n, md) = r?;
     if let Some(md) = md {
-        let line = format!("{}\n", hex(&md));
+        let text = match json_spec {
+            Some(spec) => spec.imageio_json(&md)?,
+            None => hex(&md),
+        };
+        let line = format!("{text}\n");
         match &args.blkhash_file {
             Some(path) => std::fs::write(path, line).map_err(|e| format!("--blkhash-file: {}: {e}", path.display()))?,
             None => {
