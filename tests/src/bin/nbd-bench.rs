@@ -1628,8 +1628,8 @@ impl Drop for FuseMount {
 /// asynchronous direct I/O (FUSE_ASYNC_DIO) for its concurrency;
 /// `--fuse-ioengine libaio` runs one job at queue depth 16 instead.
 const FUSE_WORKLOADS: [(&str, &str, &str); 2] = [
-    ("1 MiB sequential reads, 16 in flight", "read", "1M"),
-    ("4 KiB random reads, 16 in flight", "randread", "4k"),
+    ("1 MiB sequential reads x16", "read", "1M"),
+    ("4 KiB random reads x16", "randread", "4k"),
 ];
 
 /// fio on a file of `size` bytes (a FUSE mount): one FUSE workload.
@@ -1754,11 +1754,7 @@ fn fuse_rows_inner(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
             ("IOPS", "IOPS")
         };
         rows.push(Row {
-            what: format!(
-                "FUSE, nbd-serve memory ({} MiB), fio {name} ({}): {what}",
-                size >> 20,
-                cfg.fuse_ioengine
-            ),
+            what: format!("FUSE, fio {name}, {} ({} MiB): {what}", cfg.fuse_ioengine, size >> 20),
             peer: "nbdfuse".into(),
             ours: median(a),
             theirs: median(b),
