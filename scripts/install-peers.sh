@@ -9,6 +9,9 @@
 #   nbd-server           nbd-server
 #   fio                  fio
 #   fusermount           fuse (nbd-fuse mounts through it; tests/tests/fuse.rs)
+#   nbdfuse              nbdfuse (nbd-bench's FUSE rows; Debian 12 ships it
+#                        in libnbd-bin, later releases in its own package,
+#                        installed when apt knows it)
 #   qemu-img, qemu-nbd,  qemu-utils
 #   qemu-io
 #   nginx                nginx (the web server of the HTTP source tests,
@@ -33,7 +36,7 @@
 # qemu-utils; see install_qemu_rbd below.
 set -euo pipefail
 
-commands=(nbdkit nbdinfo nbdcopy nbdsh nbd-server fio fusermount qemu-img qemu-nbd qemu-io nginx openssl ceph-mon ceph-osd ceph rbd rados)
+commands=(nbdkit nbdinfo nbdcopy nbdsh nbd-server fio fusermount nbdfuse qemu-img qemu-nbd qemu-io nginx openssl ceph-mon ceph-osd ceph rbd rados)
 packages=(nbdkit libnbd-bin nbd-server fio fuse qemu-utils python3-libnbd nginx openssl ceph-mon ceph-osd ceph-common librbd-dev)
 bench=false
 [[ ${1:-} == --bench ]] && bench=true
@@ -161,6 +164,10 @@ if [[ $(id -u) -ne 0 && ${#sudo[@]} -eq 0 ]]; then
     exit 1
 fi
 "${sudo[@]}" apt-get update
+# nbdfuse has its own package after Debian 12 (in libnbd-bin before).
+if apt-cache show nbdfuse >/dev/null 2>&1; then
+    packages+=(nbdfuse)
+fi
 "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y "${packages[@]}"
 
 mapfile -t missing < <(missing_commands)

@@ -10,6 +10,21 @@
 //! `-- --rbd-only` for the Ceph RBD rows alone (they need Ceph and
 //! qemu-nbd's rbd driver, `scripts/install-peers.sh --bench`; without them
 //! they are left out with a note),
+//! `-- --blkhash-only` for the blkhash row alone: `nbd-copy --blkhash URI
+//! null:` against blkhash's `blksum URI` on one nbd-serve export of a
+//! sparse 1 GiB file on tmpfs, half data, half holes, after checking that
+//! the two digests are equal (blksum is not packaged: build it with
+//! `scripts/build-blksum.sh DESTDIR` and pass `--blksum DESTDIR/bin/blksum`,
+//! or set `NBD_BENCH_BLKSUM` to its path, or put it on `PATH`; without it
+//! the row is left out with a note),
+//! `-- --fuse-only` for the FUSE rows alone: our `nbd-fuse` against
+//! libnbd's `nbdfuse` mounting the same 1 GiB nbd-serve memory export of
+//! random data, fio reading the mounted file with `O_DIRECT` (1 MiB
+//! sequential and 4 KiB random reads, 16 in flight from sixteen `psync`
+//! jobs, or from one `libaio` job at queue depth 16 with
+//! `--fuse-ioengine libaio`), mounted afresh and unmounted for every run
+//! (they need /dev/fuse, `fusermount` and `nbdfuse`; without them they
+//! are left out with a note),
 //! `-- --server-only` for every row that measures the server: memory,
 //! files on tmpfs and on the machine's disk, written and fallocated, the
 //! flushing writer, qcow2). `--group NAME` (repeatable: `memory`, `tmpfs`,
@@ -45,6 +60,9 @@ struct Config {
     /// fio workloads picked with `--rw` (all when empty): `randread`,
     /// `read`, `randwrite`, `write`.
     rws: Vec<String>,
+    /// `--fuse-ioengine NAME`: fio's engine in the FUSE rows, `psync`
+    /// (sixteen jobs, the default) or `libaio` (one job, queue depth 16).
+    fuse_ioengine: String,
 }
 
 impl Config {
@@ -666,19 +684,8 @@ fn copy_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
     let src = shm_path(dir, "random.img");
     // Random data, so that no side can skip zeroes.
     {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&src).expect("create random image");
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut buf = vec![0u8; 1 << 20];
-        for _ in 0..(size >> 20) {
-            for c in buf.chunks_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                c.copy_from_slice(&x.to_le_bytes());
-            }
-            f.write_all(&buf).expect("write random image");
-        }
+        let f = std::fs::File::create(&src).expect("create random image");
+        write_random(&f, 0, size, 0x9e37_79b9_7f4a_7c15);
     }
     let kit_uri = unix_uri(&sock);
     // Two memory exports of nbd-serve: a source holding the same random
@@ -860,22 +867,7 @@ fn idle_memory_rows(dir: &TempDir, rows: &mut Vec<Row>) {
 /// (GnuTLS) reading from nbdkit over TLS. A failure here prints a note and
 /// leaves the other rows alone.
 fn tls_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
-    let run = std::panic::AssertUnwindSafe(|| {
-        let mut new = Vec::new();
-        tls_rows_inner(cfg, dir, &mut new);
-        new
-    });
-    match std::panic::catch_unwind(run) {
-        Ok(new) => rows.extend(new),
-        Err(e) => {
-            let why = e
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            eprintln!("nbd-bench: note: the TLS rows failed and are left out: {why}");
-        }
-    }
+    guarded("TLS", rows, |rows| tls_rows_inner(cfg, dir, rows));
 }
 
 fn tls_rows_inner(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
@@ -971,22 +963,7 @@ fn rbd_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
         );
         return;
     }
-    let run = std::panic::AssertUnwindSafe(|| {
-        let mut new = Vec::new();
-        rbd_rows_inner(cfg, dir, &mut new);
-        new
-    });
-    match std::panic::catch_unwind(run) {
-        Ok(new) => rows.extend(new),
-        Err(e) => {
-            let why = e
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            eprintln!("nbd-bench: note: the RBD rows failed and are left out: {why}");
-        }
-    }
+    guarded("RBD", rows, |rows| rbd_rows_inner(cfg, dir, rows));
 }
 
 /// A throwaway cluster, stopped on drop.
@@ -1182,6 +1159,7 @@ fn main() {
             groups: Vec::new(),
             baseline: None,
             rws: Vec::new(),
+            fuse_ioengine: "psync".into(),
         }
     } else {
         Config {
@@ -1191,6 +1169,7 @@ fn main() {
             groups: Vec::new(),
             baseline: None,
             rws: Vec::new(),
+            fuse_ioengine: "psync".into(),
         }
     };
     if let Some(n) = arg_value("--reps").and_then(|v| v.parse().ok()) {
@@ -1200,6 +1179,9 @@ fn main() {
         cfg.runtime = n;
     }
     cfg.baseline = arg_value("--baseline");
+    if let Some(engine) = arg_value("--fuse-ioengine") {
+        cfg.fuse_ioengine = engine;
+    }
     let args: Vec<String> = std::env::args().collect();
     for w in args.windows(2) {
         if w[0] == "--group" {
@@ -1241,6 +1223,16 @@ fn main() {
     }
     if std::env::args().any(|a| a == "--rbd-only") {
         rbd_rows(&cfg, &dir, &mut rows);
+        print_rows(&rows, ceiling);
+        return;
+    }
+    if flag("--blkhash-only") {
+        blkhash_rows(&cfg, &dir, &mut rows);
+        print_rows(&rows, ceiling);
+        return;
+    }
+    if flag("--fuse-only") {
+        fuse_rows(&cfg, &dir, &mut rows);
         print_rows(&rows, ceiling);
         return;
     }
@@ -1307,6 +1299,8 @@ fn main() {
         copy_rows(&cfg, &dir, &mut rows);
         idle_memory_rows(&dir, &mut rows);
         tls_rows(&cfg, &dir, &mut rows);
+        blkhash_rows(&cfg, &dir, &mut rows);
+        fuse_rows(&cfg, &dir, &mut rows);
         rbd_rows(&cfg, &dir, &mut rows);
     }
     print_rows(&rows, ceiling);
@@ -1358,4 +1352,417 @@ fn short_unit(u: &str) -> &str {
         "KiB" => "Ki",
         _ => "",
     }
+}
+
+/// Runs a group of rows that may fail on its own (a missing or broken
+/// peer): a panic inside `f` prints a note naming `what` and leaves the
+/// rows of the other groups alone.
+fn guarded(what: &str, rows: &mut Vec<Row>, f: impl FnOnce(&mut Vec<Row>)) {
+    let run = std::panic::AssertUnwindSafe(|| {
+        let mut new = Vec::new();
+        f(&mut new);
+        new
+    });
+    match std::panic::catch_unwind(run) {
+        Ok(new) => rows.extend(new),
+        Err(e) => {
+            let why = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            eprintln!("nbd-bench: note: the {what} rows failed and are left out: {why}");
+        }
+    }
+}
+
+/// Fills `len` bytes of `f` at `offset` with pseudo-random data (xorshift
+/// from `seed`), so that no reader can skip zeroes.
+fn write_random(f: &std::fs::File, offset: u64, len: u64, seed: u64) {
+    use std::os::unix::fs::FileExt;
+    let mut x: u64 = seed | 1;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0;
+    while done < len {
+        for c in buf.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c.copy_from_slice(&x.to_le_bytes());
+        }
+        let n = (len - done).min(buf.len() as u64) as usize;
+        f.write_all_at(&buf[..n], offset + done).expect("write random data");
+        done += n as u64;
+    }
+}
+
+/// The blksum program: `--blksum PATH`, else `NBD_BENCH_BLKSUM`, else
+/// `blksum` on `PATH`.
+fn blksum_program() -> Option<PathBuf> {
+    let named = arg_value("--blksum").or_else(|| std::env::var("NBD_BENCH_BLKSUM").ok().filter(|v| !v.is_empty()));
+    match named {
+        Some(p) => {
+            let found = find_program(&p);
+            if found.is_none() {
+                eprintln!("nbd-bench: note: blksum {p} is not an executable file");
+            }
+            found
+        }
+        None => find_program("blksum"),
+    }
+}
+
+/// The blkhash row: `nbd-copy --blkhash URI null:` against blkhash's
+/// `blksum URI` (sha256 of 64 KiB blocks, both defaults) on one read-only
+/// nbd-serve export of a sparse file on tmpfs, half random data (in
+/// 64 MiB extents) and half holes. Both digests are printed and must be
+/// equal before any timing; a mismatch fails the row. Without blksum the
+/// row is left out with a note.
+fn blkhash_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
+    let Some(blksum) = blksum_program() else {
+        eprintln!(
+            "nbd-bench: note: the blkhash row is left out: blksum not found; build it with \
+             scripts/build-blksum.sh DESTDIR and pass --blksum DESTDIR/bin/blksum \
+             (or set NBD_BENCH_BLKSUM)"
+        );
+        return;
+    };
+    let blksum = blksum.to_str().unwrap_or_default().to_string();
+    guarded("blkhash", rows, |rows| blkhash_rows_inner(&blksum, cfg, dir, rows));
+}
+
+fn blkhash_rows_inner(blksum: &str, cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
+    let size = cfg.copy_size;
+    let extent: u64 = (64 << 20).min(size / 2);
+    let img = shm_path(dir, "blkhash.img");
+    {
+        let f = std::fs::File::create(&img).expect("create the blkhash image");
+        f.set_len(size).expect("size the blkhash image");
+        // Data in every other extent: half data, half holes.
+        let mut at = 0;
+        while at < size {
+            write_random(&f, at, extent.min(size - at), 0x2545_f491_4f6c_dd1d ^ at);
+            at += 2 * extent;
+        }
+    }
+    let sock = dir.socket_path("blkhash");
+    let srv = Peer::start(
+        dir,
+        &our_bin("nbd-serve"),
+        &[
+            "--socket",
+            sock.to_str().unwrap_or_default(),
+            "-r",
+            img.to_str().unwrap_or_default(),
+        ],
+        Endpoint::Unix(sock.clone()),
+    );
+    let uri = unix_uri(&sock);
+    let nbd_copy = our_bin("nbd-copy");
+    let first_word = |out: &str| out.split_whitespace().next().unwrap_or_default().to_string();
+    // The digests first: a mismatch is a failure, not a figure.
+    let ours = first_word(&timed_output(&nbd_copy, &["--blkhash", &uri, "null:"]).1);
+    let theirs = first_word(&timed_output(blksum, &[&uri]).1);
+    println!("blkhash of the {} MiB export: nbd-copy {ours}", size >> 20);
+    println!("blkhash of the {} MiB export: blksum   {theirs}", size >> 20);
+    assert!(
+        !ours.is_empty() && ours == theirs,
+        "the digests differ: nbd-copy --blkhash {ours:?}, blksum {theirs:?}"
+    );
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..cfg.reps {
+        a.push(size as f64 / 1e6 / timed_output(&nbd_copy, &["--blkhash", &uri, "null:"]).0);
+        b.push(size as f64 / 1e6 / timed_output(blksum, &[&uri]).0);
+    }
+    rows.push(Row {
+        what: format!(
+            "blkhash sha256 of nbd-serve FILE ({} MiB, half data, half holes)",
+            size >> 20
+        ),
+        peer: "blksum".into(),
+        ours: median(a),
+        theirs: median(b),
+        unit: "MB/s",
+        better: Better::Higher,
+        target: 1.0,
+        bytes_per_sec: None,
+    });
+    drop(srv);
+    let _ = std::fs::remove_file(&img);
+}
+
+/// Runs `cmd args...`, which must succeed; its wall time in seconds and
+/// its stdout.
+fn timed_output(cmd: &str, args: &[&str]) -> (f64, String) {
+    let t = Instant::now();
+    let o = run_timeout(cmd, args, Duration::from_secs(600));
+    let secs = t.elapsed().as_secs_f64();
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (secs, String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// Whether `path` is a mount point now (from /proc/self/mountinfo).
+fn is_mounted(path: &Path) -> bool {
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    let want = path.to_str().unwrap_or_default();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(want))
+}
+
+/// The program that unmounts FUSE filesystems: `fusermount`, else
+/// `fusermount3`.
+fn fusermount() -> Option<PathBuf> {
+    find_program("fusermount").or_else(|| find_program("fusermount3"))
+}
+
+/// A FUSE mount of an export as one file (`nbd-fuse` or `nbdfuse`, in the
+/// foreground as our child), unmounted when dropped.
+struct FuseMount {
+    child: Option<std::process::Child>,
+    mountpoint: PathBuf,
+    file: PathBuf,
+    log: PathBuf,
+}
+
+impl FuseMount {
+    /// `program ARGS MOUNTPOINT URI` on `mountpoint` (created if needed);
+    /// waits until the file `MOUNTPOINT/nbd` is there.
+    fn start(program: &str, args: &[&str], mountpoint: &Path, uri: &str, log: &Path) -> FuseMount {
+        std::fs::create_dir_all(mountpoint).expect("create the mount point");
+        let out = std::fs::File::create(log).expect("create the FUSE log");
+        let child = std::process::Command::new(program)
+            .args(args)
+            .arg(mountpoint)
+            .arg(uri)
+            .stdin(std::process::Stdio::null())
+            .stdout(out.try_clone().expect("the FUSE log"))
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+        let mut m = FuseMount {
+            child: Some(child),
+            mountpoint: mountpoint.to_owned(),
+            file: mountpoint.join("nbd"),
+            log: log.to_owned(),
+        };
+        let start = Instant::now();
+        while !(is_mounted(&m.mountpoint) && m.file.exists()) {
+            if let Some(Ok(Some(st))) = m.child.as_mut().map(|c| c.try_wait()) {
+                m.child = None;
+                panic!("{program} exited with {st} before mounting: {}", m.log());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{program} did not mount in 30 s: {}",
+                m.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        m
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Unmounts (`fusermount -u`, not lazily: nothing may still use the
+    /// file) and waits for the program to exit.
+    fn unmount(mut self) {
+        let um = fusermount().expect("fusermount");
+        let o = run_timeout(
+            um.to_str().unwrap_or_default(),
+            &["-u", self.mountpoint.to_str().unwrap_or_default()],
+            Duration::from_secs(30),
+        );
+        assert!(
+            o.status.success(),
+            "cannot unmount {}: {}",
+            self.mountpoint.display(),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let start = Instant::now();
+        if let Some(mut c) = self.child.take() {
+            loop {
+                match c.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if start.elapsed() > Duration::from_secs(30) => {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        panic!("the FUSE program did not exit after unmounting: {}", self.log());
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for FuseMount {
+    fn drop(&mut self) {
+        if is_mounted(&self.mountpoint)
+            && let Some(um) = fusermount()
+        {
+            let _ = std::process::Command::new(um)
+                .args(["-u", "-z"])
+                .arg(&self.mountpoint)
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The fio workloads of the FUSE rows: name, fio `rw`, block size.
+/// Sixteen requests in flight for each, from sixteen `psync` jobs (each
+/// reading its own slice of the file) with `O_DIRECT`, so that the page
+/// cache answers nothing and neither side depends on the kernel's
+/// asynchronous direct I/O (FUSE_ASYNC_DIO) for its concurrency;
+/// `--fuse-ioengine libaio` runs one job at queue depth 16 instead.
+const FUSE_WORKLOADS: [(&str, &str, &str); 2] = [
+    ("1 MiB sequential reads x16", "read", "1M"),
+    ("4 KiB random reads x16", "randread", "4k"),
+];
+
+/// fio on a file of `size` bytes (a FUSE mount): one FUSE workload.
+fn fio_file(file: &Path, size: u64, rw: &str, bs: &str, cfg: &Config, dir: &TempDir) -> FioResult {
+    let out = dir.join("fio-fuse.json");
+    let jobs: u64 = 16;
+    let mut args = vec![
+        "--name=fuse".to_string(),
+        format!("--filename={}", file.display()),
+        format!("--rw={rw}"),
+        format!("--bs={bs}"),
+        "--direct=1".to_string(),
+        "--readonly".to_string(),
+        format!("--runtime={}", cfg.runtime),
+        "--time_based".to_string(),
+        "--group_reporting".to_string(),
+        "--output-format=json".to_string(),
+        format!("--output={}", out.display()),
+    ];
+    if cfg.fuse_ioengine == "libaio" {
+        args.extend([
+            "--ioengine=libaio".to_string(),
+            "--iodepth=16".to_string(),
+            format!("--size={size}"),
+        ]);
+    } else {
+        let slice = size / jobs;
+        args.extend([
+            format!("--ioengine={}", cfg.fuse_ioengine),
+            format!("--numjobs={jobs}"),
+            format!("--size={slice}"),
+            format!("--offset_increment={slice}"),
+        ]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = run_timeout("fio", &args, Duration::from_secs(cfg.runtime as u64 + 60));
+    assert!(o.status.success(), "fio failed: {}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).expect("fio output")).expect("fio json");
+    let read = &j["jobs"][0]["read"];
+    FioResult {
+        iops: read["iops"].as_f64().unwrap_or(0.0),
+        bytes_per_sec: read["bw_bytes"].as_f64().unwrap_or(0.0),
+        ios: read["total_ios"].as_f64().unwrap_or(0.0),
+    }
+}
+
+/// FUSE rows: our `nbd-fuse` against libnbd's `nbdfuse`, each mounting
+/// the same nbd-serve memory export (random data) in turn, read by fio
+/// through the mounted file (see [`FUSE_WORKLOADS`]). Every run mounts
+/// afresh and unmounts after, so no run reads what an earlier one left
+/// in the kernel's caches. Without FUSE, `fusermount` or `nbdfuse` the
+/// rows are left out with a note.
+fn fuse_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
+    let mut missing: Vec<&str> = ["nbdfuse"].into_iter().filter(|c| find_program(c).is_none()).collect();
+    if fusermount().is_none() {
+        missing.push("fusermount");
+    }
+    if !Path::new("/dev/fuse").exists() {
+        missing.push("/dev/fuse");
+    }
+    if !missing.is_empty() {
+        eprintln!(
+            "nbd-bench: note: the FUSE rows are left out: {} missing (scripts/install-peers.sh)",
+            missing.join(", ")
+        );
+        return;
+    }
+    guarded("FUSE", rows, |rows| fuse_rows_inner(cfg, dir, rows));
+}
+
+fn fuse_rows_inner(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
+    let size = cfg.copy_size;
+    let sock = dir.socket_path("fuse");
+    let srv = Peer::start(
+        dir,
+        &our_bin("nbd-serve"),
+        &[
+            "--socket",
+            sock.to_str().unwrap_or_default(),
+            "--memory",
+            &size.to_string(),
+        ],
+        Endpoint::Unix(sock.clone()),
+    );
+    let uri = unix_uri(&sock);
+    {
+        let src = shm_path(dir, "fuse-random.img");
+        let f = std::fs::File::create(&src).expect("create the random image");
+        write_random(&f, 0, size, 0x9e37_79b9_7f4a_7c15);
+        drop(f);
+        timed_output("nbdcopy", &[src.to_str().unwrap_or_default(), &uri]);
+        let _ = std::fs::remove_file(&src);
+    }
+    let nbd_fuse = our_bin("nbd-fuse");
+    let nbdfuse = find_program("nbdfuse").expect("nbdfuse");
+    let nbdfuse = nbdfuse.to_str().unwrap_or_default();
+    let mountpoint = dir.join("fuse-mnt");
+    let log = dir.join("fuse.log");
+    for (name, rw, bs) in FUSE_WORKLOADS {
+        let (mut a, mut b, mut a_bytes) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..cfg.reps {
+            for (ours, program) in [(true, nbd_fuse.as_str()), (false, nbdfuse)] {
+                // Read-only on both sides: fio only reads.
+                let m = FuseMount::start(program, &["-r"], &mountpoint, &uri, &log);
+                let r = fio_file(&m.file, size, rw, bs, cfg, dir);
+                m.unmount();
+                let v = if bs == "1M" { r.bytes_per_sec / 1e6 } else { r.iops };
+                if r.ios == 0.0 {
+                    panic!("fio through {program} did no I/O");
+                }
+                if ours {
+                    a.push(v);
+                    a_bytes.push(r.bytes_per_sec);
+                } else {
+                    b.push(v);
+                }
+            }
+        }
+        let (unit, what) = if bs == "1M" {
+            ("MB/s", "throughput")
+        } else {
+            ("IOPS", "IOPS")
+        };
+        rows.push(Row {
+            what: format!("FUSE, fio {name}, {} ({} MiB): {what}", cfg.fuse_ioengine, size >> 20),
+            peer: "nbdfuse".into(),
+            ours: median(a),
+            theirs: median(b),
+            unit,
+            better: Better::Higher,
+            target: 1.0,
+            bytes_per_sec: Some(median(a_bytes)),
+        });
+    }
+    drop(srv);
 }
