@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
     OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
     ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
@@ -290,6 +290,14 @@ impl Inner {
 impl Filesystem for NbdFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1 << 20);
+        // Direct I/O submitted asynchronously (io_submit, io_uring) reaches
+        // us as concurrent requests instead of one at a time, as libfuse
+        // asks by default; a kernel without it keeps the old behaviour.
+        let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
+        // Readahead and writeback requests in flight at once (the kernel's
+        // default is 12): enough for the connections' queues.
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
         Ok(())
     }
 
