@@ -862,9 +862,10 @@ fn guarded(name: &str, rows: &mut Vec<Row>, what: impl FnOnce(&mut Vec<Row>)) {
 }
 
 /// Runs `cmd args` to completion (stdout discarded, stderr to `log`) and
-/// returns its peak resident memory in KiB: `ru_maxrss` of wait4(2), the
-/// largest of the process itself and the children it waited for. Panics
-/// when it fails or runs longer than `timeout`.
+/// returns its peak resident memory in KiB: its `VmHWM`, read every 2 ms
+/// while it runs (not wait4's `ru_maxrss`, which also counts the memory
+/// of the process that spawned it, this one, from before its exec).
+/// Panics when it fails or runs longer than `timeout`.
 fn run_peak_rss(cmd: &str, args: &[&str], log: &Path, timeout: Duration) -> f64 {
     use std::process::Stdio;
     let err = std::fs::File::create(log).expect("create log");
@@ -875,30 +876,25 @@ fn run_peak_rss(cmd: &str, args: &[&str], log: &Path, timeout: Duration) -> f64 
         .stderr(err)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
-    let pid = child.id() as libc::pid_t;
     let deadline = Instant::now() + timeout;
+    let mut peak: f64 = 0.0;
     loop {
-        let mut status = 0;
-        // SAFETY: rusage is plain integers, for which all zeroes is valid.
-        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        // SAFETY: wait4(2) on our own child, with pointers to locals.
-        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
-        if r == pid {
-            let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+        // Before the check for its exit: what is read while it is alive.
+        peak = peak.max(peak_rss_kib(child.id()));
+        if let Some(status) = child.try_wait().expect("wait for the child") {
             assert!(
-                ok,
-                "{cmd} {args:?} failed ({status:#x}): {}",
+                status.success(),
+                "{cmd} {args:?} failed ({status}): {}",
                 std::fs::read_to_string(log).unwrap_or_default()
             );
-            return usage.ru_maxrss as f64;
+            return peak;
         }
-        assert!(r == 0, "wait4: {}", std::io::Error::last_os_error());
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
             panic!("{cmd} {args:?} timed out after {timeout:?}");
         }
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 
@@ -1060,10 +1056,12 @@ fn http_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
                 a.push(mb(size, time_cmd(&ours, &[&qcow2_url, out_s])));
                 let len = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
                 let _ = std::fs::remove_file(&out);
-                assert_eq!(
-                    len, size,
-                    "nbd-copy wrote {len} bytes, not the guest disk's {size} (it must read qcow2 over HTTP)"
-                );
+                if len != size {
+                    eprintln!(
+                        "nbd-bench: note: the HTTP qcow2 row is left out: nbd-copy wrote {len} bytes, not the guest disk's {size} (a build that reads qcow2 over HTTP is needed)"
+                    );
+                    return;
+                }
                 b.push(mb(
                     size,
                     time_cmd("qemu-img", &["convert", "-f", "qcow2", "-O", "raw", &qcow2_url, out_s]),
@@ -1103,8 +1101,8 @@ fn http_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
                 format!("{} MiB", big_size >> 20)
             };
             let ours_copy = run_peak_rss(&ours, &[&big_url, "null:"], &log, timeout);
-            // nbdkit as a server of its own, so that its peak is its own
-            // (nbdcopy's wait4 would fold it into nbdcopy's).
+            // nbdkit as a server of its own, so that its peak is read
+            // apart from nbdcopy's.
             let sock = dir.socket_path("kit-curl");
             let url_arg = format!("url={big_url}");
             let kit = Peer::start(
