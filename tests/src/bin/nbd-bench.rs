@@ -839,6 +839,25 @@ fn write_random(path: &Path, size: u64) {
     }
 }
 
+/// Whether two files hold the same bytes.
+fn same_contents(a: &Path, b: &Path) -> bool {
+    use std::io::Read;
+    let (Ok(fa), Ok(fb)) = (std::fs::File::open(a), std::fs::File::open(b)) else {
+        return false;
+    };
+    let (mut fa, mut fb) = (std::io::BufReader::new(fa), std::io::BufReader::new(fb));
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = fa.read(&mut ba).unwrap_or(0);
+        if n == 0 {
+            return fb.read(&mut bb[..1]).unwrap_or(1) == 0;
+        }
+        if fb.read_exact(&mut bb[..n]).is_err() || ba[..n] != bb[..n] {
+            return false;
+        }
+    }
+}
+
 /// Runs `what` and keeps the rows it adds; when it panics (a peer missing
 /// a driver, a command failing), prints a note naming `name` and leaves
 /// the other rows alone.
@@ -1053,20 +1072,20 @@ fn http_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
             let (mut a, mut b) = (Vec::new(), Vec::new());
             for _ in 0..cfg.reps {
                 let _ = std::fs::remove_file(&out);
-                a.push(mb(size, time_cmd(&ours, &[&qcow2_url, out_s])));
-                let len = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
-                let _ = std::fs::remove_file(&out);
-                if len != size {
-                    eprintln!(
-                        "nbd-bench: note: the HTTP qcow2 row is left out: nbd-copy wrote {len} bytes, not the guest disk's {size} (a build that reads qcow2 over HTTP is needed)"
-                    );
-                    return;
-                }
                 b.push(mb(
                     size,
                     time_cmd("qemu-img", &["convert", "-f", "qcow2", "-O", "raw", &qcow2_url, out_s]),
                 ));
                 let _ = std::fs::remove_file(&out);
+                a.push(mb(size, time_cmd(&ours, &[&qcow2_url, out_s])));
+                let same = same_contents(&out, &src);
+                let _ = std::fs::remove_file(&out);
+                if !same {
+                    eprintln!(
+                        "nbd-bench: note: the HTTP qcow2 row is left out: what nbd-copy wrote is not the guest disk (a build that reads qcow2 over HTTP is needed)"
+                    );
+                    return;
+                }
             }
             let a = median(a);
             rows.push(Row {
