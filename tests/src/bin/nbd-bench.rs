@@ -1104,7 +1104,7 @@ fn http_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
         });
     } else {
         eprintln!(
-            "nbd-bench: note: the HTTP qcow2 row is left out: qemu-img has no curl driver (qemu-block-extra of qemu-utils' version)"
+            "nbd-bench: note: the HTTP qcow2 row is left out: qemu-img has no curl driver (qemu-block-extra of qemu-utils' version: scripts/install-peers.sh --bench)"
         );
     }
 
