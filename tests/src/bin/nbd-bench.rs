@@ -951,18 +951,33 @@ fn http_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
         eprintln!("nbd-bench: note: the HTTP rows are left out: nginx is missing (scripts/install-peers.sh)");
         return;
     }
+    guarded("HTTP rows", rows, |rows| http_rows_inner(cfg, dir, rows));
+}
+
+/// Files removed when dropped (a panic included).
+struct RemoveOnDrop(Vec<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for f in &self.0 {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+fn http_rows_inner(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
     let curl_plugin = run_timeout("nbdkit", &["curl", "--dump-plugin"], Duration::from_secs(60))
         .status
         .success();
     let web = nbd_tests::nginx(dir);
     let size = cfg.copy_size;
-    let mut shm_files = Vec::new();
+    let mut shm_files = RemoveOnDrop(Vec::new());
     // A file on tmpfs, linked into nginx's root as `/NAME`.
     let mut publish = |name: &str, make: &dyn Fn(&Path)| {
         let path = shm_path(dir, &format!("http-{name}"));
+        shm_files.0.push(path.clone());
         make(&path);
         std::os::unix::fs::symlink(&path, web.root.join(name)).expect("link into the web root");
-        shm_files.push(path);
         web.url(&format!("/{name}"))
     };
     let url = publish("disk.img", &|p: &Path| write_random(p, size));
@@ -1114,7 +1129,7 @@ fn http_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
         guarded("HTTP memory rows", rows, |rows| {
             let log = dir.join("peak.log");
             let timeout = Duration::from_secs(900);
-            let gib = if big_size % (1 << 30) == 0 {
+            let gib = if big_size.is_multiple_of(1 << 30) {
                 format!("{} GiB", big_size >> 30)
             } else {
                 format!("{} MiB", big_size >> 20)
@@ -1175,9 +1190,7 @@ fn http_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
         });
     }
     drop(web);
-    for f in shm_files {
-        let _ = std::fs::remove_file(f);
-    }
+    drop(shm_files);
 }
 
 fn idle_memory_rows(dir: &TempDir, rows: &mut Vec<Row>) {
