@@ -1158,7 +1158,7 @@ fn http_rows_inner(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
             let kit_rss = peak_rss_kib(kit.pid());
             drop(kit);
             rows.push(Row {
-                what: format!("HTTP: peak memory reading a sparse {gib} file to null: (copier + source)"),
+                what: format!("HTTP: peak memory of copier and source, a sparse {gib} file to null:"),
                 peer: "nbdcopy+nbdkit curl".into(),
                 ours: ours_copy,
                 theirs: nbdcopy_rss + kit_rss,
@@ -1178,7 +1178,7 @@ fn http_rows_inner(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
             let serve_rss = peak_rss_kib(serve.pid());
             drop(serve);
             rows.push(Row {
-                what: format!("HTTP: server peak memory serving a sparse {gib} file, read by nbdcopy to null:"),
+                what: format!("HTTP: server peak memory, a sparse {gib} file read by nbdcopy to null:"),
                 peer: "nbdkit curl".into(),
                 ours: serve_rss,
                 theirs: kit_rss,
