@@ -32,7 +32,8 @@
 #                        tests/tests/blkhash.rs)
 #
 # With --bench it also installs qemu-block-extra (qemu-nbd's rbd driver,
-# for nbd-bench's RBD rows) at exactly the version of the installed
+# for nbd-bench's RBD rows, and qemu-img's curl driver, for its HTTP
+# qcow2 row) at exactly the version of the installed
 # qemu-utils; see install_qemu_rbd below.
 set -euo pipefail
 

@@ -25,11 +25,22 @@
 //! `--fuse-ioengine libaio`), mounted afresh and unmounted for every run
 //! (they need /dev/fuse, `fusermount` and `nbdfuse`; without them they
 //! are left out with a note),
+//! `-- --http-only` for the HTTP rows alone (nginx on 127.0.0.1 serving
+//! files on tmpfs: nbd-copy reading a URL against nbdcopy over nbdkit's
+//! curl plugin with the readahead and retry filters, straight and with
+//! 10 ms added to every request by the fault proxy, on a quarter of the
+//! size; a qcow2 image copied to a raw file against `qemu-img convert`
+//! with QEMU's curl driver; and the peak memory of nbd-copy and of
+//! nbd-serve reading a sparse file of 4 times the size, against nbdcopy
+//! and nbdkit curl; a peer without its curl plugin or driver leaves its
+//! rows out with a note),
 //! `-- --server-only` for every row that measures the server: memory,
 //! files on tmpfs and on the machine's disk, written and fallocated, the
 //! flushing writer, qcow2). `--group NAME` (repeatable: `memory`, `tmpfs`,
 //! `tmpfs-fallocated`, `disk`, `disk-fallocated`, `flush`, `qcow2`) picks
-//! server groups; `--reps N` and `--runtime SECS` override the defaults.
+//! server groups; `--reps N`, `--runtime SECS` and `--copy-size MIB` (the
+//! size of the copy and HTTP rows: 1024, or 256 with `--quick`) override
+//! the defaults.
 //! `--rw NAME` (repeatable: `randread`, `read`, `randwrite`, `write`) picks
 //! the fio workloads of the server rows. `--baseline PATH` measures another build of nbd-serve in place of the
 //! peer in the memory and file groups: a change's before and after,
@@ -50,6 +61,7 @@ use nbd_tests::{Endpoint, Peer, TempDir, find_program, our_bin, our_bin_with_fea
 struct Config {
     reps: usize,
     runtime: u32,
+    /// Bytes copied by the copy and HTTP rows (`--copy-size MIB`).
     copy_size: u64,
     /// Server groups picked with `--group` (all when empty).
     groups: Vec<String>,
@@ -125,10 +137,20 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 /// Resident memory of a process in KiB.
 fn rss_kib(pid: u32) -> f64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// Peak resident memory of a running process in KiB (`VmHWM`).
+fn peak_rss_kib(pid: u32) -> f64 {
+    status_kib(pid, "VmHWM:")
+}
+
+/// A field of `/proc/PID/status` given in KiB (`field` with its colon).
+fn status_kib(pid: u32, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
@@ -821,6 +843,346 @@ fn shm_path(dir: &TempDir, name: &str) -> PathBuf {
     }
 }
 
+/// Writes `size` bytes of pseudo-random data ([`write_random`], the copy
+/// rows' data) to a new file at `path`, so that no side of a copy can skip
+/// zeroes.
+fn write_random_file(path: &Path, size: u64) {
+    let f = std::fs::File::create(path).expect("create random image");
+    write_random(&f, 0, size, 0x9e37_79b9_7f4a_7c15);
+}
+
+/// Whether two files hold the same bytes.
+fn same_contents(a: &Path, b: &Path) -> bool {
+    use std::io::Read;
+    let (Ok(fa), Ok(fb)) = (std::fs::File::open(a), std::fs::File::open(b)) else {
+        return false;
+    };
+    let (mut fa, mut fb) = (std::io::BufReader::new(fa), std::io::BufReader::new(fb));
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = fa.read(&mut ba).unwrap_or(0);
+        if n == 0 {
+            return fb.read(&mut bb[..1]).unwrap_or(1) == 0;
+        }
+        if fb.read_exact(&mut bb[..n]).is_err() || ba[..n] != bb[..n] {
+            return false;
+        }
+    }
+}
+
+/// Runs `cmd args` to completion (stdout discarded, stderr to `log`) and
+/// returns its peak resident memory in KiB: its `VmHWM`, read every 2 ms
+/// while it runs (not wait4's `ru_maxrss`, which also counts the memory
+/// of the process that spawned it, this one, from before its exec).
+/// Panics when it fails or runs longer than `timeout`.
+fn run_peak_rss(cmd: &str, args: &[&str], log: &Path, timeout: Duration) -> f64 {
+    use std::process::Stdio;
+    let err = std::fs::File::create(log).expect("create log");
+    let mut child = nbd_tests::command(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    let deadline = Instant::now() + timeout;
+    let mut peak: f64 = 0.0;
+    loop {
+        // Before the check for its exit: what is read while it is alive.
+        peak = peak.max(peak_rss_kib(child.id()));
+        if let Some(status) = child.try_wait().expect("wait for the child") {
+            assert!(
+                status.success(),
+                "{cmd} {args:?} failed ({status}): {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+            return peak;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd} {args:?} timed out after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// nbdcopy's arguments to copy `url` to `dst` through nbdkit's curl
+/// plugin with the readahead and retry filters, started by nbdcopy
+/// itself (the pipeline of KubeVirt CDI's importer).
+fn nbdkit_curl_copy_args(url: &str, dst: &str) -> Vec<String> {
+    [
+        "--",
+        "[",
+        "nbdkit",
+        "-r",
+        "--filter=readahead",
+        "--filter=retry",
+        "curl",
+        &format!("url={url}"),
+        "]",
+        dst,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// HTTP rows (`--http-only`): nginx on 127.0.0.1 serving files on tmpfs,
+/// read by our nbd-copy and nbd-serve (the HTTP source, no server
+/// between) and by the peers: nbdcopy over nbdkit's curl plugin with the
+/// readahead and retry filters (what KubeVirt CDI runs), and qemu-img's
+/// curl driver for a qcow2 image. Throughput straight from nginx and with
+/// 10 ms added to every request (the fault proxy, both sides through it),
+/// and the peak memory of reading a 4 GiB file. A missing peer or driver
+/// leaves its rows out with a note.
+fn http_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
+    if find_program("nginx").is_none() {
+        eprintln!("nbd-bench: note: the HTTP rows are left out: nginx is missing (scripts/install-peers.sh)");
+        return;
+    }
+    guarded("HTTP", rows, |rows| http_rows_inner(cfg, dir, rows));
+}
+
+/// Files removed when dropped (a panic included).
+struct RemoveOnDrop(Vec<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for f in &self.0 {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+fn http_rows_inner(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
+    let curl_plugin = run_timeout("nbdkit", &["curl", "--dump-plugin"], Duration::from_secs(60))
+        .status
+        .success();
+    let web = nbd_tests::nginx(dir);
+    let size = cfg.copy_size;
+    let mut shm_files = RemoveOnDrop(Vec::new());
+    // A file on tmpfs, linked into nginx's root as `/NAME`.
+    let mut publish = |name: &str, make: &dyn Fn(&Path)| {
+        let path = shm_path(dir, &format!("http-{name}"));
+        shm_files.0.push(path.clone());
+        make(&path);
+        std::os::unix::fs::symlink(&path, web.root.join(name)).expect("link into the web root");
+        web.url(&format!("/{name}"))
+    };
+    let url = publish("disk.img", &|p: &Path| write_random_file(p, size));
+    // At 10 ms per request a quarter of the size (at least 16 MiB) keeps
+    // the peer's run short.
+    let slow_size = (size / 4).max(16 << 20);
+    let slow_path = format!("/slow{}.img", slow_size >> 20);
+    publish(&slow_path[1..], &|p: &Path| write_random_file(p, slow_size));
+    let big_size = 4 * size;
+    let big_url = publish("big.img", &|p: &Path| {
+        std::fs::File::create(p)
+            .and_then(|f| f.set_len(big_size))
+            .expect("create sparse image")
+    });
+    let src = shm_path(dir, "http-disk.img");
+    let qcow2_url = publish("disk.qcow2", &|p: &Path| {
+        let o = run_timeout(
+            "qemu-img",
+            &[
+                "convert",
+                "-q",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                src.to_str().unwrap_or_default(),
+                p.to_str().unwrap_or_default(),
+            ],
+            Duration::from_secs(300),
+        );
+        assert!(o.status.success(), "qemu-img convert to qcow2 failed");
+    });
+    let ours = our_bin("nbd-copy");
+    let mb = |bytes: u64, secs: f64| bytes as f64 / secs;
+
+    if curl_plugin {
+        // 1. Straight from nginx.
+        guarded("HTTP copy", rows, |rows| {
+            let kit = nbdkit_curl_copy_args(&url, "null:");
+            let kit: Vec<&str> = kit.iter().map(String::as_str).collect();
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            for _ in 0..cfg.reps {
+                a.push(mb(size, time_cmd(&ours, &[&url, "null:"])));
+                b.push(mb(size, time_cmd("nbdcopy", &kit)));
+            }
+            let a = median(a);
+            rows.push(Row {
+                what: format!("HTTP: copy {} MiB of random data from nginx to null:", size >> 20),
+                peer: "nbdcopy+nbdkit curl".into(),
+                ours: a / 1e6,
+                theirs: median(b) / 1e6,
+                unit: "MB/s",
+                better: Better::Higher,
+                target: 1.5,
+                bytes_per_sec: Some(a),
+            });
+        });
+        // 2. 10 ms added to every request, both sides through one proxy.
+        guarded("HTTP latency", rows, |rows| {
+            use nbd_tests::fault_proxy::{Fault, FaultProxy, Rule};
+            let upstream = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, web.port));
+            let proxy = FaultProxy::start(upstream).expect("start the fault proxy");
+            proxy.set(Fault::Latency(Duration::from_millis(10)), Rule::Always);
+            let url = proxy.url(&slow_path);
+            let kit = nbdkit_curl_copy_args(&url, "null:");
+            let kit: Vec<&str> = kit.iter().map(String::as_str).collect();
+            let (mut a, mut b, mut a_req, mut b_req) = (Vec::new(), Vec::new(), 0, 0);
+            for _ in 0..cfg.reps {
+                let r0 = proxy.requests();
+                a.push(mb(slow_size, time_cmd(&ours, &[&url, "null:"])));
+                let r1 = proxy.requests();
+                b.push(mb(slow_size, time_cmd("nbdcopy", &kit)));
+                a_req = r1 - r0;
+                b_req = proxy.requests() - r1;
+            }
+            eprintln!(
+                "nbd-bench: note: HTTP requests per copy of {} MiB: nbd-copy {a_req}, nbdkit curl {b_req}",
+                slow_size >> 20
+            );
+            let a = median(a);
+            rows.push(Row {
+                what: format!(
+                    "HTTP, 10 ms per request: copy {} MiB of random data to null:",
+                    slow_size >> 20
+                ),
+                peer: "nbdcopy+nbdkit curl".into(),
+                ours: a / 1e6,
+                theirs: median(b) / 1e6,
+                unit: "MB/s",
+                better: Better::Higher,
+                target: 4.0,
+                bytes_per_sec: None,
+            });
+        });
+    } else {
+        eprintln!("nbd-bench: note: the HTTP rows against nbdkit are left out: nbdkit has no curl plugin");
+    }
+
+    // 3. A qcow2 image over HTTP, to a raw file on tmpfs.
+    let qemu_curl = run_timeout("qemu-img", &["info", &qcow2_url], Duration::from_secs(60))
+        .status
+        .success();
+    if qemu_curl {
+        guarded("HTTP qcow2", rows, |rows| {
+            let out = shm_path(dir, "http-out.img");
+            let out_s = out.to_str().unwrap_or_default();
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            for _ in 0..cfg.reps {
+                let _ = std::fs::remove_file(&out);
+                b.push(mb(
+                    size,
+                    time_cmd("qemu-img", &["convert", "-f", "qcow2", "-O", "raw", &qcow2_url, out_s]),
+                ));
+                let _ = std::fs::remove_file(&out);
+                a.push(mb(size, time_cmd(&ours, &[&qcow2_url, out_s])));
+                let same = same_contents(&out, &src);
+                let _ = std::fs::remove_file(&out);
+                if !same {
+                    eprintln!(
+                        "nbd-bench: note: the HTTP qcow2 row is left out: what nbd-copy wrote is not the guest disk (a build that reads qcow2 over HTTP is needed)"
+                    );
+                    return;
+                }
+            }
+            let a = median(a);
+            rows.push(Row {
+                what: format!(
+                    "HTTP: copy a qcow2 image ({} MiB of random data) to a raw file on tmpfs",
+                    size >> 20
+                ),
+                peer: "qemu-img convert".into(),
+                ours: a / 1e6,
+                theirs: median(b) / 1e6,
+                unit: "MB/s",
+                better: Better::Higher,
+                target: 1.5,
+                bytes_per_sec: Some(a),
+            });
+        });
+    } else {
+        eprintln!(
+            "nbd-bench: note: the HTTP qcow2 row is left out: qemu-img has no curl driver (qemu-block-extra of qemu-utils' version: scripts/install-peers.sh --bench)"
+        );
+    }
+
+    // 4. Peak memory reading a big file over HTTP (one run each: it
+    // hardly varies).
+    if curl_plugin {
+        guarded("HTTP memory", rows, |rows| {
+            let log = dir.join("peak.log");
+            let timeout = Duration::from_secs(900);
+            let gib = if big_size.is_multiple_of(1 << 30) {
+                format!("{} GiB", big_size >> 30)
+            } else {
+                format!("{} MiB", big_size >> 20)
+            };
+            let ours_copy = run_peak_rss(&ours, &[&big_url, "null:"], &log, timeout);
+            // nbdkit as a server of its own, so that its peak is read
+            // apart from nbdcopy's.
+            let sock = dir.socket_path("kit-curl");
+            let url_arg = format!("url={big_url}");
+            let kit = Peer::start(
+                dir,
+                "nbdkit",
+                &[
+                    "-f",
+                    "-r",
+                    "-U",
+                    sock.to_str().unwrap_or_default(),
+                    "--filter=readahead",
+                    "--filter=retry",
+                    "curl",
+                    &url_arg,
+                ],
+                Endpoint::Unix(sock.clone()),
+            );
+            let nbdcopy_rss = run_peak_rss("nbdcopy", &[&unix_uri(&sock), "null:"], &log, timeout);
+            let kit_rss = peak_rss_kib(kit.pid());
+            drop(kit);
+            rows.push(Row {
+                what: format!("HTTP: peak memory of copier and source, a sparse {gib} file to null:"),
+                peer: "nbdcopy+nbdkit curl".into(),
+                ours: ours_copy,
+                theirs: nbdcopy_rss + kit_rss,
+                unit: "KiB",
+                better: Better::Lower,
+                target: 1.0,
+                bytes_per_sec: None,
+            });
+            let sock = dir.socket_path("serve-http");
+            let serve = Peer::start(
+                dir,
+                &our_bin("nbd-serve"),
+                &["--socket", sock.to_str().unwrap_or_default(), "-r", &big_url],
+                Endpoint::Unix(sock.clone()),
+            );
+            run_peak_rss("nbdcopy", &[&unix_uri(&sock), "null:"], &log, timeout);
+            let serve_rss = peak_rss_kib(serve.pid());
+            drop(serve);
+            rows.push(Row {
+                what: format!("HTTP: server peak memory, a sparse {gib} file read by nbdcopy to null:"),
+                peer: "nbdkit curl".into(),
+                ours: serve_rss,
+                theirs: kit_rss,
+                unit: "KiB",
+                better: Better::Lower,
+                target: 1.0,
+                bytes_per_sec: None,
+            });
+        });
+    }
+    drop(web);
+    drop(shm_files);
+}
+
 fn idle_memory_rows(dir: &TempDir, rows: &mut Vec<Row>) {
     let serve = our_bin("nbd-serve");
     let n = 100;
@@ -1178,6 +1540,17 @@ fn main() {
     if let Some(n) = arg_value("--runtime").and_then(|v| v.parse().ok()) {
         cfg.runtime = n;
     }
+    if let Some(n) = arg_value("--copy-size").and_then(|v| v.parse::<u64>().ok()) {
+        cfg.copy_size = n.max(1) << 20;
+    }
+    // The HTTP rows read from 127.0.0.1: never through a proxy of the
+    // environment (libcurl and our HTTP source both honour `no_proxy`).
+    let no_proxy = match std::env::var("no_proxy") {
+        Ok(v) if !v.is_empty() => format!("{v},127.0.0.1"),
+        _ => "127.0.0.1".to_string(),
+    };
+    // SAFETY: no other thread runs yet.
+    unsafe { std::env::set_var("no_proxy", no_proxy) };
     cfg.baseline = arg_value("--baseline");
     if let Some(engine) = arg_value("--fuse-ioengine") {
         cfg.fuse_ioengine = engine;
@@ -1218,6 +1591,11 @@ fn main() {
     if flag("--copy-only") {
         copy_rows(&cfg, &dir, &mut rows);
         tls_rows(&cfg, &dir, &mut rows);
+        print_rows(&rows, ceiling);
+        return;
+    }
+    if flag("--http-only") {
+        http_rows(&cfg, &dir, &mut rows);
         print_rows(&rows, ceiling);
         return;
     }
@@ -1301,6 +1679,7 @@ fn main() {
         tls_rows(&cfg, &dir, &mut rows);
         blkhash_rows(&cfg, &dir, &mut rows);
         fuse_rows(&cfg, &dir, &mut rows);
+        http_rows(&cfg, &dir, &mut rows);
         rbd_rows(&cfg, &dir, &mut rows);
     }
     print_rows(&rows, ceiling);
