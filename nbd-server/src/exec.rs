@@ -518,7 +518,7 @@ fn read_done(env: &Env, req: &ServerRequest, buf: Vec<u8>, budget: u64, r: io::R
     match r {
         Ok(()) => env.shared.reply(reply, Some(Data { buf, budget })),
         Err(e) => {
-            reply.head.clear();
+            reply.reset();
             reply_without_data(env, req, reply, buf, budget, &e);
         }
     }
@@ -618,7 +618,7 @@ fn read(env: &Env, st: &dyn Storage, req: &ServerRequest, mut buf: Vec<u8>, budg
         Ok(()) => env.shared.reply(reply, Some(Data { buf, budget })),
         Err(e) => {
             // Nothing of this reply was sent: replace it by the error.
-            reply.head.clear();
+            reply.reset();
             reply_without_data(env, req, reply, buf, budget, &e);
         }
     }
@@ -634,9 +634,29 @@ fn reply_without_data(env: &Env, req: &ServerRequest, mut reply: Reply, buf: Vec
 
 fn plain_read(env: &Env, st: &dyn Storage, req: &ServerRequest, buf: &mut [u8], reply: &mut Reply) -> io::Result<()> {
     let header = env.enc.read_reply_header(req).map_err(invalid)?;
-    st.read_at(buf, req.offset)?;
     reply.head.extend_from_slice(header.as_bytes());
-    reply.data(0, buf.len());
+    read_into(st, req.offset, buf, 0, buf.len(), reply)
+}
+
+/// Reads below this size are copied into the reply's buffer even where the
+/// storage could lend its pages: for them, one copy costs less than
+/// sharing a page (its reference count's cache line, a copy-on-write for a
+/// write that follows).
+const LEND_MIN: usize = 32 << 10;
+
+/// Puts the bytes at `offset` that go to `buf[a..b]` in the reply (after
+/// what it holds): the storage's own pieces where it lends them
+/// ([`Storage::read_shared`]), else read into `buf`.
+fn read_into(st: &dyn Storage, offset: u64, buf: &mut [u8], a: usize, b: usize, reply: &mut Reply) -> io::Result<()> {
+    if b - a >= LEND_MIN {
+        let first = reply.pieces.len();
+        if st.read_shared(offset, b - a, &mut reply.pieces)? {
+            reply.lent(first);
+            return Ok(());
+        }
+    }
+    st.read_at(&mut buf[a..b], offset)?;
+    reply.data(a, b);
     Ok(())
 }
 
@@ -690,8 +710,7 @@ fn sparse_read(
                 reply.head.extend_from_slice(h.as_bytes());
                 let a = (off - req.offset) as usize;
                 let b = a + len as usize;
-                st.read_at(&mut buf[a..b], off)?;
-                reply.data(a, b);
+                read_into(st, off, buf, a, b, reply)?;
             }
             off += len;
         }
@@ -745,7 +764,7 @@ fn block_status(env: &Env, st: &dyn Storage, req: &ServerRequest) {
         ));
     }
     if let Err(e) = result {
-        reply.head.clear();
+        reply.reset();
         enc.reply_error(req, errno_of(&e), &e.to_string(), &mut reply.head);
     }
     extents.clear();
@@ -923,7 +942,7 @@ fn status_completed(env: &Env, req: ServerRequest, extents: &[Extent], result: i
         Ok(())
     });
     if let Err(e) = r {
-        reply.head.clear();
+        reply.reset();
         enc.reply_error(&req, errno_of(&e), &e.to_string(), &mut reply.head);
     }
     env.shared.reply(reply, None);

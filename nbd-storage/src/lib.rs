@@ -76,12 +76,14 @@ pub mod filter;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod image;
+pub mod lent;
 mod memory;
 #[cfg(feature = "rbd")]
 pub mod rbd;
 
 pub use completion::{Completion, CompletionSink, Done};
 pub use file::FileStorage;
+pub use lent::SharedBytes;
 pub use memory::{MemoryStorage, is_zero};
 
 /// What an export supports; the servers turn it into the NBD transmission
@@ -368,6 +370,20 @@ pub trait Storage: Send + Sync {
     fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
         let _ = (buf, offset);
         None
+    }
+
+    /// Reads `len` bytes at `offset` by lending them instead of copying:
+    /// appends pieces (which together hold exactly those bytes, in order)
+    /// to `out` and returns `Ok(true)`, or returns `Ok(false)` having
+    /// appended nothing when this storage cannot lend (then the caller uses
+    /// [`Storage::read_at`]). Servers send the pieces straight to the
+    /// socket. A storage that lends must keep what it lent unchanged (a
+    /// later write copies first), so a reply is the data at the time of the
+    /// read. On an error, pieces may have been appended. The default:
+    /// `Ok(false)`.
+    fn read_shared(&self, offset: u64, len: usize, out: &mut Vec<SharedBytes>) -> io::Result<bool> {
+        let _ = (offset, len, out);
+        Ok(false)
     }
 
     /// Writes like [`Storage::write_at`] (without FUA) if that can be done
