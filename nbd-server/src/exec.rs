@@ -252,11 +252,15 @@ impl Executor {
         let mut buf = self.env.shared.take_buf(req.length as usize);
         match &self.backend {
             Backend::Sync(s) if self.inline => read(&self.env, &**s, &req, buf, budget),
-            Backend::Sync(s) if !sparse(&self.env, &req) || s.sparse_reads() == SparseReads::Contents => {
+            Backend::Sync(s)
+                if !sparse(&self.env, &req)
+                    || s.sparse_reads() == SparseReads::Contents
+                    || in_known_data(&self.env, &req) =>
+            {
                 match s.try_read_at(&mut buf, req.offset) {
                     // In the cache: answered here, without the pool's hand-offs.
                     Some(r) => {
-                        let scan = sparse(&self.env, &req);
+                        let scan = sparse(&self.env, &req) && s.sparse_reads() == SparseReads::Contents;
                         read_done(&self.env, &req, buf, budget, r, scan)
                     }
                     None => self.pool.submit(Job {
@@ -501,6 +505,13 @@ fn sparse(env: &Env, req: &ServerRequest) -> bool {
     env.structured && !req.flags.contains(CommandFlags::DF) && req.length >= SPARSE_READ_THRESHOLD
 }
 
+/// Whether the READ lies in the run of data learnt last (its bytes need no
+/// hole lookup: a plain reply does).
+fn in_known_data(env: &Env, req: &ServerRequest) -> bool {
+    let (start, end) = env.shared.lock().known_data;
+    req.offset >= start && req.offset.saturating_add(req.length) <= end
+}
+
 /// Replies to a READ whose data `buf` holds (if `r` is a success): plain,
 /// or with `scan` sparse by its contents (the storage read it whole).
 fn read_done(env: &Env, req: &ServerRequest, buf: Vec<u8>, budget: u64, r: io::Result<()>, scan: bool) {
@@ -671,8 +682,7 @@ fn sparse_read(
     extents: &mut Vec<Extent>,
 ) -> io::Result<()> {
     let end = req.offset + req.length;
-    let (kd_start, kd_end) = env.shared.lock().known_data;
-    if req.offset >= kd_start && end <= kd_end {
+    if in_known_data(env, req) {
         // Inside a known run of data. (Had another client punched a hole
         // here meanwhile, the zeroes read from it are still the right
         // contents; data is never reported as a hole from this cache.)
