@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
 use std::fmt;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::{
@@ -24,11 +24,59 @@ const SHARDS: usize = 1 << SHARD_BITS;
 /// (probing one page costs 1, finding the end of a hole costs `SHARDS`).
 const STATUS_BUDGET: u32 = 1 << 16;
 
-/// One allocated page; always exactly `PAGE_SIZE` bytes long. Reference
-/// counted so that a READ reply can send it without copying
-/// ([`Storage::read_shared`]); a write to a page a reply still holds copies
-/// it first.
-type Page = RwLock<Arc<[u8]>>;
+/// One allocated page and its lock.
+type Page = RwLock<PageBuf>;
+
+/// The bytes of a page, always exactly `PAGE_SIZE` long: reference counted
+/// so that a READ reply can send them without copying
+/// ([`Storage::read_shared`]). A write to a page a reply still holds copies
+/// it first. Whether the page was ever lent is kept beside the pointer, in
+/// the cache line the lock is in, so that writes to pages never lent do
+/// not touch the reference count's (a cache miss per random write).
+struct PageBuf {
+    bytes: Arc<[u8]>,
+    /// The page was lent since it was last known to be the only
+    /// reference. Set under the page's read lock, cleared under its write
+    /// lock.
+    lent: AtomicBool,
+}
+
+impl PageBuf {
+    fn new(bytes: Arc<[u8]>) -> PageBuf {
+        PageBuf {
+            bytes,
+            lent: AtomicBool::new(false),
+        }
+    }
+
+    /// A reference to the bytes for a reply.
+    fn lend(&self) -> Arc<[u8]> {
+        self.lent.store(true, Ordering::Relaxed);
+        Arc::clone(&self.bytes)
+    }
+
+    /// The bytes to write, copied first if a reply still holds them.
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        let lent = self.lent.get_mut();
+        if *lent {
+            *lent = false;
+            return Arc::make_mut(&mut self.bytes);
+        }
+        // SAFETY: a page never lent has no other reference: references
+        // are only made by `lend`, which sets `lent` first, under the
+        // page's read lock, which excludes `&mut self` (the write lock or
+        // the map's exclusive lock); and none is ever weak.
+        unsafe { &mut *Arc::as_ptr(&self.bytes).cast_mut() }
+    }
+}
+
+impl std::ops::Deref for PageBuf {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
 
 /// One shard of the page directory, padded to its own cache lines so that
 /// locking one shard does not slow down its neighbours.
@@ -138,7 +186,7 @@ impl MemoryStorage {
             match map.get(&index) {
                 Some(page) => {
                     let mut page = write(page);
-                    Arc::make_mut(&mut page)[start..start + data.len()].copy_from_slice(data);
+                    page.bytes_mut()[start..start + data.len()].copy_from_slice(data);
                     if !(zero && is_zero(&page)) {
                         return Ok(());
                     }
@@ -160,10 +208,10 @@ impl MemoryStorage {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(entry) => {
                 self.allocated_pages.fetch_add(1, Ordering::Relaxed);
-                entry.insert(RwLock::new(fresh))
+                entry.insert(RwLock::new(PageBuf::new(fresh)))
             }
         };
-        let page = Arc::make_mut(page.get_mut().unwrap_or_else(PoisonError::into_inner));
+        let page = page.get_mut().unwrap_or_else(PoisonError::into_inner).bytes_mut();
         if let Some(dst) = page.get_mut(start..start + data.len()) {
             dst.copy_from_slice(data);
         }
@@ -176,7 +224,7 @@ impl MemoryStorage {
         let mut map = write(self.shard(index));
         let Some(page) = map.get_mut(&index) else { return };
         let page = page.get_mut().unwrap_or_else(PoisonError::into_inner);
-        if let Some(range) = Arc::make_mut(page).get_mut(start..start + len) {
+        if let Some(range) = page.bytes_mut().get_mut(start..start + len) {
             range.fill(0);
         }
         if !keep && is_zero(page) {
@@ -194,7 +242,7 @@ impl MemoryStorage {
         for shard in self.shards.iter() {
             if keep {
                 for page in read(&shard.pages).range(first..last).map(|(_, page)| page) {
-                    Arc::make_mut(&mut write(page)).fill(0);
+                    write(page).bytes_mut().fill(0);
                 }
             } else {
                 let mut map = write(&shard.pages);
@@ -309,7 +357,7 @@ impl Storage for MemoryStorage {
             let n = range.len();
             let index = pos >> PAGE_SHIFT;
             let start = (pos % PAGE) as usize;
-            let page = read(self.shard(index)).get(&index).map(|page| Arc::clone(&read(page)));
+            let page = read(self.shard(index)).get(&index).map(|page| read(page).lend());
             match page {
                 Some(page) => out.push(SharedBytes::new(page, start..start + n)),
                 None => SharedBytes::push_zeroes(out, n),
