@@ -252,15 +252,11 @@ impl Executor {
         let mut buf = self.env.shared.take_buf(req.length as usize);
         match &self.backend {
             Backend::Sync(s) if self.inline => read(&self.env, &**s, &req, buf, budget),
-            Backend::Sync(s)
-                if !sparse(&self.env, &req)
-                    || s.sparse_reads() == SparseReads::Contents
-                    || in_known_data(&self.env, &req) =>
-            {
+            Backend::Sync(s) if !needs_lookup(&self.env, &req, s.sparse_reads()) || in_known_data(&self.env, &req) => {
                 match s.try_read_at(&mut buf, req.offset) {
                     // In the cache: answered here, without the pool's hand-offs.
                     Some(r) => {
-                        let scan = sparse(&self.env, &req) && s.sparse_reads() == SparseReads::Contents;
+                        let scan = sparse(&self.env, &req) && by_contents(s.sparse_reads());
                         read_done(&self.env, &req, buf, budget, r, scan)
                     }
                     None => self.pool.submit(Job {
@@ -609,10 +605,85 @@ fn grain_blocks(offset: u64, len: usize) -> impl Iterator<Item = (usize, usize)>
     })
 }
 
+/// Most runs of data and holes a READ of a
+/// [`SparseReads::ContentsUnlessHole`] storage is sent by, its data read
+/// run by run; with more it is read whole.
+const MAX_READ_RUNS: usize = 8;
+
+/// Whether a READ needs a look at the storage's map before its bytes are
+/// read (else it may be read in place, from the page cache).
+fn needs_lookup(env: &Env, req: &ServerRequest, mode: SparseReads) -> bool {
+    match mode {
+        SparseReads::Contents => false,
+        // Reading a hole from the cache, even a small read, would put its
+        // zeroes there (a buffered read of an unwritten extent does not
+        // wait, so it is not refused), where `lseek` then sees data.
+        SparseReads::ContentsUnlessHole => holes_ok(env, req),
+        _ => sparse(env, req),
+    }
+}
+
+/// Whether a READ may be answered with hole chunks.
+fn holes_ok(env: &Env, req: &ServerRequest) -> bool {
+    env.structured && !req.flags.contains(CommandFlags::DF)
+}
+
+/// Whether a storage's sparse reads find holes in the bytes read.
+fn by_contents(mode: SparseReads) -> bool {
+    matches!(mode, SparseReads::Contents | SparseReads::ContentsUnlessHole)
+}
+
 /// A READ into `buf` (exactly the request's length), sparse when
 /// structured replies allow.
 fn read(env: &Env, st: &dyn Storage, req: &ServerRequest, mut buf: Vec<u8>, budget: u64) {
-    if sparse(env, req) && st.sparse_reads() == SparseReads::Contents {
+    let mode = st.sparse_reads();
+    // A read of data and holes in a few runs: its data read run by run.
+    let mut by_runs = false;
+    // Reads of every size are looked up: reading a hole would put its
+    // zeroes in the page cache, where `lseek` then sees data.
+    if holes_ok(env, req) && mode == SparseReads::ContentsUnlessHole && !in_known_data(env, req) {
+        let mut reply = env.shared.take_reply();
+        let mut scratch = std::mem::take(&mut reply.extents);
+        let extent = st.extent_at(req.offset, &mut scratch);
+        scratch.clear();
+        reply.extents = scratch;
+        match extent {
+            Ok(e) if e.flags.contains(AllocationFlags::ZERO) && e.length >= req.length => {
+                // All of it a hole: sent unread.
+                let r = hole_chunks(env, req, &mut reply, req.offset, req.length).map(|()| {
+                    reply.head.extend_from_slice(env.enc.reply_ok(req).as_bytes());
+                });
+                let shared = &env.shared;
+                shared.budget.release(budget);
+                Shared::give_buf(&mut shared.lock(), buf);
+                if let Err(e) = r {
+                    reply.reset();
+                    env.enc.reply_error(req, errno_of(&e), &e.to_string(), &mut reply.head);
+                }
+                return shared.reply(reply, None);
+            }
+            Ok(e) if !e.flags.contains(AllocationFlags::ZERO) && e.length >= req.length => {
+                env.shared.lock().known_data = (req.offset, req.offset.saturating_add(e.length));
+            }
+            Ok(_) => {
+                // Data and holes. Reading the holes too would make the
+                // kernel's readahead cache the pages after them, which
+                // lseek then calls data: the next reads would read their
+                // holes, and so on. Unless the map is fragmented (pages
+                // cached here and there), only the data is read.
+                let mut runs = std::mem::take(&mut reply.extents);
+                runs.clear();
+                by_runs = sparse(env, req)
+                    && st.block_status(req.offset, req.length, &mut runs).is_ok()
+                    && runs.len() <= MAX_READ_RUNS;
+                runs.clear();
+                reply.extents = runs;
+            }
+            Err(_) => {}
+        }
+        env.shared.give_reply(reply);
+    }
+    if sparse(env, req) && by_contents(mode) && !by_runs {
         let r = st.read_at(&mut buf, req.offset);
         return read_done(env, req, buf, budget, r, true);
     }

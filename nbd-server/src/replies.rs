@@ -287,6 +287,11 @@ impl Shared {
         self.lock().free_replies.pop().unwrap_or_default()
     }
 
+    /// Gives back a reply builder taken and not used.
+    pub(crate) fn give_reply(&self, r: Reply) {
+        self.lock().free_replies.push(r);
+    }
+
     /// A request was received: one more in flight.
     pub(crate) fn started(&self) {
         self.lock().in_flight += 1;

@@ -241,19 +241,23 @@ impl Storage for FileStorage {
         self.file.read_exact_at(buf, offset).map_err(with_errno)
     }
 
-    /// Holes of sparse reads come from `lseek(SEEK_DATA/SEEK_HOLE)` where
-    /// that is cheap: then holes and unwritten (fallocated, never written)
-    /// extents are sent as holes without being read, as qemu-nbd does
-    /// (reading them would also fill the page cache with zeroes). On tmpfs
-    /// `lseek(SEEK_DATA)` walks the page cache from the offset to the next
-    /// data, which in a fallocated file is its end, whatever the read's
-    /// size: there (and on block devices, which have no holes to ask
-    /// about) they come from the bytes read.
+    /// Where `lseek(SEEK_DATA)` is cheap, a read that lies in a hole or in
+    /// unwritten (fallocated, never written or read) extents is sent as a
+    /// hole without being read, as qemu-nbd does (reading it would also
+    /// fill the page cache with zeroes); any other read is read whole and
+    /// its holes found in its bytes
+    /// ([`SparseReads::ContentsUnlessHole`](crate::SparseReads::ContentsUnlessHole)):
+    /// walking a map fragmented by cached pages, which `lseek` calls data,
+    /// would cost a system call per page. On tmpfs `lseek(SEEK_DATA)` walks
+    /// the page cache from the offset to the next data, which in a
+    /// fallocated file is its end, whatever the read's size: there (and on
+    /// block devices, which have no holes to ask about) holes come from the
+    /// bytes read alone.
     fn sparse_reads(&self) -> crate::SparseReads {
         if self.holes_by_contents {
             crate::SparseReads::Contents
         } else {
-            crate::SparseReads::BlockStatus
+            crate::SparseReads::ContentsUnlessHole
         }
     }
 

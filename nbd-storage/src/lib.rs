@@ -429,6 +429,14 @@ pub enum SparseReads {
     /// cache from the offset to the next data, which in a fallocated but
     /// unwritten file is its end).
     Contents,
+    /// One extent lookup first ([`Storage::extent_at`] at the read's
+    /// offset): a read that lies in a hole is sent as a hole without being
+    /// read; any other is read whole and its holes found in its bytes, as
+    /// with [`SparseReads::Contents`]. For backends whose lookup from an
+    /// offset is cheap but whose maps can be fragmented (a file with
+    /// unwritten extents that were partly read: each cached page of one is
+    /// data to `lseek(SEEK_DATA)`).
+    ContentsUnlessHole,
 }
 
 /// Storage that is asynchronous by nature (a network block store with its
