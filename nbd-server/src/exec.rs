@@ -252,11 +252,11 @@ impl Executor {
         let mut buf = self.env.shared.take_buf(req.length as usize);
         match &self.backend {
             Backend::Sync(s) if self.inline => read(&self.env, &**s, &req, buf, budget),
-            Backend::Sync(s) if !sparse(&self.env, &req) || s.sparse_reads() == SparseReads::Contents => {
+            Backend::Sync(s) if !needs_lookup(&self.env, &req, s.sparse_reads()) || in_known_data(&self.env, &req) => {
                 match s.try_read_at(&mut buf, req.offset) {
                     // In the cache: answered here, without the pool's hand-offs.
                     Some(r) => {
-                        let scan = sparse(&self.env, &req);
+                        let scan = sparse(&self.env, &req) && by_contents(s.sparse_reads());
                         read_done(&self.env, &req, buf, budget, r, scan)
                     }
                     None => self.pool.submit(Job {
@@ -501,6 +501,13 @@ fn sparse(env: &Env, req: &ServerRequest) -> bool {
     env.structured && !req.flags.contains(CommandFlags::DF) && req.length >= SPARSE_READ_THRESHOLD
 }
 
+/// Whether the READ lies in the run of data learnt last (its bytes need no
+/// hole lookup: a plain reply does).
+fn in_known_data(env: &Env, req: &ServerRequest) -> bool {
+    let (start, end) = env.shared.lock().known_data;
+    req.offset >= start && req.offset.saturating_add(req.length) <= end
+}
+
 /// Replies to a READ whose data `buf` holds (if `r` is a success): plain,
 /// or with `scan` sparse by its contents (the storage read it whole).
 fn read_done(env: &Env, req: &ServerRequest, buf: Vec<u8>, budget: u64, r: io::Result<()>, scan: bool) {
@@ -518,7 +525,7 @@ fn read_done(env: &Env, req: &ServerRequest, buf: Vec<u8>, budget: u64, r: io::R
     match r {
         Ok(()) => env.shared.reply(reply, Some(Data { buf, budget })),
         Err(e) => {
-            reply.head.clear();
+            reply.reset();
             reply_without_data(env, req, reply, buf, budget, &e);
         }
     }
@@ -598,10 +605,85 @@ fn grain_blocks(offset: u64, len: usize) -> impl Iterator<Item = (usize, usize)>
     })
 }
 
+/// Most runs of data and holes a READ of a
+/// [`SparseReads::ContentsUnlessHole`] storage is sent by, its data read
+/// run by run; with more it is read whole.
+const MAX_READ_RUNS: usize = 8;
+
+/// Whether a READ needs a look at the storage's map before its bytes are
+/// read (else it may be read in place, from the page cache).
+fn needs_lookup(env: &Env, req: &ServerRequest, mode: SparseReads) -> bool {
+    match mode {
+        SparseReads::Contents => false,
+        // Reading a hole from the cache, even a small read, would put its
+        // zeroes there (a buffered read of an unwritten extent does not
+        // wait, so it is not refused), where `lseek` then sees data.
+        SparseReads::ContentsUnlessHole => holes_ok(env, req),
+        _ => sparse(env, req),
+    }
+}
+
+/// Whether a READ may be answered with hole chunks.
+fn holes_ok(env: &Env, req: &ServerRequest) -> bool {
+    env.structured && !req.flags.contains(CommandFlags::DF)
+}
+
+/// Whether a storage's sparse reads find holes in the bytes read.
+fn by_contents(mode: SparseReads) -> bool {
+    matches!(mode, SparseReads::Contents | SparseReads::ContentsUnlessHole)
+}
+
 /// A READ into `buf` (exactly the request's length), sparse when
 /// structured replies allow.
 fn read(env: &Env, st: &dyn Storage, req: &ServerRequest, mut buf: Vec<u8>, budget: u64) {
-    if sparse(env, req) && st.sparse_reads() == SparseReads::Contents {
+    let mode = st.sparse_reads();
+    // A read of data and holes in a few runs: its data read run by run.
+    let mut by_runs = false;
+    // Reads of every size are looked up: reading a hole would put its
+    // zeroes in the page cache, where `lseek` then sees data.
+    if holes_ok(env, req) && mode == SparseReads::ContentsUnlessHole && !in_known_data(env, req) {
+        let mut reply = env.shared.take_reply();
+        let mut scratch = std::mem::take(&mut reply.extents);
+        let extent = st.extent_at(req.offset, &mut scratch);
+        scratch.clear();
+        reply.extents = scratch;
+        match extent {
+            Ok(e) if e.flags.contains(AllocationFlags::ZERO) && e.length >= req.length => {
+                // All of it a hole: sent unread.
+                let r = hole_chunks(env, req, &mut reply, req.offset, req.length).map(|()| {
+                    reply.head.extend_from_slice(env.enc.reply_ok(req).as_bytes());
+                });
+                let shared = &env.shared;
+                shared.budget.release(budget);
+                Shared::give_buf(&mut shared.lock(), buf);
+                if let Err(e) = r {
+                    reply.reset();
+                    env.enc.reply_error(req, errno_of(&e), &e.to_string(), &mut reply.head);
+                }
+                return shared.reply(reply, None);
+            }
+            Ok(e) if !e.flags.contains(AllocationFlags::ZERO) && e.length >= req.length => {
+                env.shared.lock().known_data = (req.offset, req.offset.saturating_add(e.length));
+            }
+            Ok(_) => {
+                // Data and holes. Reading the holes too would make the
+                // kernel's readahead cache the pages after them, which
+                // lseek then calls data: the next reads would read their
+                // holes, and so on. Unless the map is fragmented (pages
+                // cached here and there), only the data is read.
+                let mut runs = std::mem::take(&mut reply.extents);
+                runs.clear();
+                by_runs = sparse(env, req)
+                    && st.block_status(req.offset, req.length, &mut runs).is_ok()
+                    && runs.len() <= MAX_READ_RUNS;
+                runs.clear();
+                reply.extents = runs;
+            }
+            Err(_) => {}
+        }
+        env.shared.give_reply(reply);
+    }
+    if sparse(env, req) && by_contents(mode) && !by_runs {
         let r = st.read_at(&mut buf, req.offset);
         return read_done(env, req, buf, budget, r, true);
     }
@@ -618,7 +700,7 @@ fn read(env: &Env, st: &dyn Storage, req: &ServerRequest, mut buf: Vec<u8>, budg
         Ok(()) => env.shared.reply(reply, Some(Data { buf, budget })),
         Err(e) => {
             // Nothing of this reply was sent: replace it by the error.
-            reply.head.clear();
+            reply.reset();
             reply_without_data(env, req, reply, buf, budget, &e);
         }
     }
@@ -634,9 +716,29 @@ fn reply_without_data(env: &Env, req: &ServerRequest, mut reply: Reply, buf: Vec
 
 fn plain_read(env: &Env, st: &dyn Storage, req: &ServerRequest, buf: &mut [u8], reply: &mut Reply) -> io::Result<()> {
     let header = env.enc.read_reply_header(req).map_err(invalid)?;
-    st.read_at(buf, req.offset)?;
     reply.head.extend_from_slice(header.as_bytes());
-    reply.data(0, buf.len());
+    read_into(st, req.offset, buf, 0, buf.len(), reply)
+}
+
+/// Reads below this size are copied into the reply's buffer even where the
+/// storage could lend its pages: for them, one copy costs less than
+/// sharing a page (its reference count's cache line, a copy-on-write for a
+/// write that follows).
+const LEND_MIN: usize = 32 << 10;
+
+/// Puts the bytes at `offset` that go to `buf[a..b]` in the reply (after
+/// what it holds): the storage's own pieces where it lends them
+/// ([`Storage::read_shared`]), else read into `buf`.
+fn read_into(st: &dyn Storage, offset: u64, buf: &mut [u8], a: usize, b: usize, reply: &mut Reply) -> io::Result<()> {
+    if b - a >= LEND_MIN {
+        let first = reply.pieces.len();
+        if st.read_shared(offset, b - a, &mut reply.pieces)? {
+            reply.lent(first);
+            return Ok(());
+        }
+    }
+    st.read_at(&mut buf[a..b], offset)?;
+    reply.data(a, b);
     Ok(())
 }
 
@@ -651,8 +753,7 @@ fn sparse_read(
     extents: &mut Vec<Extent>,
 ) -> io::Result<()> {
     let end = req.offset + req.length;
-    let (kd_start, kd_end) = env.shared.lock().known_data;
-    if req.offset >= kd_start && end <= kd_end {
+    if in_known_data(env, req) {
         // Inside a known run of data. (Had another client punched a hole
         // here meanwhile, the zeroes read from it are still the right
         // contents; data is never reported as a hole from this cache.)
@@ -690,8 +791,7 @@ fn sparse_read(
                 reply.head.extend_from_slice(h.as_bytes());
                 let a = (off - req.offset) as usize;
                 let b = a + len as usize;
-                st.read_at(&mut buf[a..b], off)?;
-                reply.data(a, b);
+                read_into(st, off, buf, a, b, reply)?;
             }
             off += len;
         }
@@ -745,7 +845,7 @@ fn block_status(env: &Env, st: &dyn Storage, req: &ServerRequest) {
         ));
     }
     if let Err(e) = result {
-        reply.head.clear();
+        reply.reset();
         enc.reply_error(req, errno_of(&e), &e.to_string(), &mut reply.head);
     }
     extents.clear();
@@ -923,7 +1023,7 @@ fn status_completed(env: &Env, req: ServerRequest, extents: &[Extent], result: i
         Ok(())
     });
     if let Err(e) = r {
-        reply.head.clear();
+        reply.reset();
         enc.reply_error(&req, errno_of(&e), &e.to_string(), &mut reply.head);
     }
     env.shared.reply(reply, None);

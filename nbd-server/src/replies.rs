@@ -6,15 +6,19 @@ use std::io::IoSlice;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
+use nbd_storage::SharedBytes;
+
 use super::budget::PayloadBudget;
 
 /// Replies ready to be written: header bytes (and small payloads such as
 /// error messages and block-status descriptors) in `head`, READ data in
-/// `datas`, interleaved as `segs` says.
+/// `datas` (read into buffers) and `pieces` (lent by the storage),
+/// interleaved as `segs` says.
 #[derive(Debug, Default)]
 pub(crate) struct Batch {
     pub(crate) head: Vec<u8>,
     pub(crate) datas: Vec<Data>,
+    pieces: Vec<SharedBytes>,
     segs: Vec<Seg>,
     /// `head` bytes up to here are described by `segs`.
     head_done: usize,
@@ -35,11 +39,13 @@ enum Seg {
     Head(usize, usize),
     /// `datas[index].buf[start..end]`.
     Data(usize, usize, usize),
+    /// `pieces[index]`, whole.
+    Piece(usize),
 }
 
 impl Batch {
     fn is_empty(&self) -> bool {
-        self.head.is_empty() && self.datas.is_empty()
+        self.head.is_empty() && self.datas.is_empty() && self.pieces.is_empty()
     }
 
     /// Closes the run of head bytes written since the last segment.
@@ -66,8 +72,13 @@ impl Batch {
                     self.segs.push(Seg::Data(index, a, b));
                     self.bytes += b - a;
                 }
+                Seg::Piece(i) => {
+                    self.segs.push(Seg::Piece(self.pieces.len() + i));
+                    self.bytes += r.pieces[i].len();
+                }
             }
         }
+        self.pieces.append(&mut r.pieces);
         if let Some(d) = data {
             self.datas.push(d);
         }
@@ -78,17 +89,21 @@ impl Batch {
     fn clear(&mut self) {
         self.head.clear();
         self.segs.clear();
+        self.pieces.clear();
         self.head_done = 0;
         self.bytes = 0;
     }
 }
 
 /// A reply being built by one storage job: header bytes and where the
-/// data of its (single) data buffer goes between them.
+/// data of its (single) data buffer, or the pieces the storage lent, go
+/// between them.
 #[derive(Debug, Default)]
 pub(crate) struct Reply {
     pub(crate) head: Vec<u8>,
     segs: Vec<Seg>,
+    /// Pieces lent by the storage ([`Reply::lent`]).
+    pub(crate) pieces: Vec<SharedBytes>,
     sealed: usize,
     /// Working space for extents (reused with the reply).
     pub(crate) extents: Vec<nbd_storage::Extent>,
@@ -108,6 +123,25 @@ impl Reply {
         if end > start {
             self.segs.push(Seg::Data(0, start, end));
         }
+    }
+
+    /// The pieces from `first` on (appended to `pieces` by the storage)
+    /// go here.
+    pub(crate) fn lent(&mut self, first: usize) {
+        self.seal();
+        for i in first..self.pieces.len() {
+            if !self.pieces[i].is_empty() {
+                self.segs.push(Seg::Piece(i));
+            }
+        }
+    }
+
+    /// Forgets everything built so far (to answer with an error instead).
+    pub(crate) fn reset(&mut self) {
+        self.head.clear();
+        self.segs.clear();
+        self.pieces.clear();
+        self.sealed = 0;
     }
 
     fn finish(&mut self) {
@@ -253,6 +287,11 @@ impl Shared {
         self.lock().free_replies.pop().unwrap_or_default()
     }
 
+    /// Gives back a reply builder taken and not used.
+    pub(crate) fn give_reply(&self, r: Reply) {
+        self.lock().free_replies.push(r);
+    }
+
     /// A request was received: one more in flight.
     pub(crate) fn started(&self) {
         self.lock().in_flight += 1;
@@ -280,8 +319,7 @@ impl Shared {
                 self.budget.release(d.budget);
                 Self::give_buf(&mut g, d.buf);
             }
-            r.head.clear();
-            r.segs.clear();
+            r.reset();
         } else {
             g.batch.seal_head();
             g.batch.append(&mut r, data);
@@ -353,8 +391,8 @@ impl Shared {
 
 /// The writing side of a connection: takes the replies its requests
 /// produced, in batches, and hands them out as I/O slices for vectored
-/// writes (READ data is written from the buffers storage filled; nothing is
-/// copied). Both runtimes drive it the same way:
+/// writes (READ data is written from the buffers storage filled, or from
+/// the pieces it lent; nothing is copied). Both runtimes drive it the same way:
 ///
 /// ```text
 /// loop {
@@ -376,8 +414,9 @@ pub struct ReplyWriter {
     offset: usize,
 }
 
-/// Slices given to one vectored write at most.
-const MAX_SLICES: usize = 64;
+/// Slices given to one vectored write at most (a 1 MiB READ lent in 32 KiB
+/// pages takes 33).
+const MAX_SLICES: usize = 128;
 
 impl ReplyWriter {
     pub(crate) fn new(shared: Arc<Shared>) -> ReplyWriter {
@@ -444,6 +483,7 @@ impl ReplyWriter {
             let bytes: &[u8] = match *seg {
                 Seg::Head(a, b) => &self.batch.head[a..b],
                 Seg::Data(i, a, b) => &self.batch.datas[i].buf[a..b],
+                Seg::Piece(i) => &self.batch.pieces[i],
             };
             slices[n] = IoSlice::new(&bytes[offset..]);
             offset = 0;
@@ -457,6 +497,7 @@ impl ReplyWriter {
         while n > 0 && self.seg < self.batch.segs.len() {
             let len = match self.batch.segs[self.seg] {
                 Seg::Head(a, b) | Seg::Data(_, a, b) => b - a,
+                Seg::Piece(i) => self.batch.pieces[i].len(),
             };
             let left = len - self.offset;
             if n < left {
@@ -474,7 +515,7 @@ impl ReplyWriter {
 
     /// Gives the written batch's buffers back.
     fn recycle(&mut self) {
-        if self.batch.datas.is_empty() && self.batch.head.is_empty() {
+        if self.batch.is_empty() {
             return;
         }
         let mut g = self.shared.lock();
@@ -501,6 +542,8 @@ impl ReplyWriter {
         }
         let reader = g.reader.take();
         drop(g);
+        // The lent pieces go back outside the lock.
+        drop(batch);
         if let Some(r) = reader {
             r.wake();
         }

@@ -7,7 +7,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::Waker;
 use std::time::Duration;
 
 use nbd_proto::client::{ClientConfig, ClientEvent, ClientSession, Request};
@@ -17,35 +17,8 @@ use nbd_proto::wire::Command;
 use nbd_server::{Export, IDLE_RELEASE, Limits, ReplyWriter, ServeConnection, ServeContext};
 use nbd_storage::MemoryStorage;
 
-struct Noop;
-
-impl Wake for Noop {
-    fn wake(self: Arc<Self>) {}
-}
-
 fn at(ms: u64) -> Timestamp {
     Timestamp::from_origin(Duration::from_millis(ms))
-}
-
-/// Everything the writer holds, as a runtime writes it.
-fn drain(writer: &mut ReplyWriter, waker: &Waker) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut cx = Context::from_waker(waker);
-    while let Poll::Ready(true) = writer.poll_batch(&mut cx) {
-        while !writer.is_empty() {
-            let n = writer.with_slices(|slices| {
-                slices
-                    .iter()
-                    .map(|s| {
-                        out.extend_from_slice(s);
-                        s.len()
-                    })
-                    .sum()
-            });
-            writer.advance(n);
-        }
-    }
-    out
 }
 
 struct Pair {
@@ -75,7 +48,7 @@ impl Pair {
             server,
             writer,
             client,
-            waker: Waker::from(Arc::new(Noop)),
+            waker: common::noop_waker(),
         }
     }
 
@@ -102,7 +75,7 @@ impl Pair {
 
     /// Takes the replies and checks the client accepts them: `n` of them.
     fn replies(&mut self, n: usize) {
-        let replies = drain(&mut self.writer, &self.waker);
+        let replies = common::drain(&mut self.writer, &self.waker);
         let mut rest = &replies[..];
         let mut done = 0;
         loop {

@@ -6,40 +6,12 @@
 mod common;
 
 use std::sync::Arc;
-use std::task::{Context, Poll, Wake, Waker};
 
 use nbd_proto::client::{ClientConfig, ClientEvent, ClientSession, Request};
 use nbd_proto::server::ServerConfig;
 use nbd_proto::wire::Command;
-use nbd_server::{Export, Limits, ReplyWriter, ServeConnection, ServeContext, Status};
+use nbd_server::{Export, Limits, ServeConnection, ServeContext, Status};
 use nbd_storage::MemoryStorage;
-
-struct Noop;
-
-impl Wake for Noop {
-    fn wake(self: Arc<Self>) {}
-}
-
-/// Everything the writer holds, as a runtime writes it.
-fn drain(writer: &mut ReplyWriter, waker: &Waker) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut cx = Context::from_waker(waker);
-    while let Poll::Ready(true) = writer.poll_batch(&mut cx) {
-        while !writer.is_empty() {
-            let n = writer.with_slices(|slices| {
-                slices
-                    .iter()
-                    .map(|s| {
-                        out.extend_from_slice(s);
-                        s.len()
-                    })
-                    .sum()
-            });
-            writer.advance(n);
-        }
-    }
-    out
-}
 
 #[test]
 fn write_payload_in_pieces_with_one_request_in_flight() {
@@ -51,7 +23,7 @@ fn write_payload_in_pieces_with_one_request_in_flight() {
     ));
     let mut server = ServeConnection::new(&ctx);
     let mut writer = server.reply_writer();
-    let waker = Waker::from(Arc::new(Noop));
+    let waker = common::noop_waker();
     let mut client = ClientSession::new(ClientConfig::default());
 
     // The handshake.
@@ -76,7 +48,7 @@ fn write_payload_in_pieces_with_one_request_in_flight() {
     }
 
     // Its reply.
-    let replies = drain(&mut writer, &waker);
+    let replies = common::drain(&mut writer, &waker);
     let mut rest = &replies[..];
     let mut done = false;
     loop {

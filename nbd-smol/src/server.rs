@@ -720,6 +720,7 @@ impl Server {
     ) -> io::Result<()> {
         // One listener for the whole connection: shutdown happens once.
         let mut stop = self.shutdown_event.listen();
+        let mut timer = ConnTimer::default();
         loop {
             // Wait while the connection must (budget, requests in flight,
             // replies the client does not take).
@@ -733,7 +734,7 @@ impl Server {
                 Status::StartTls(_) => return Err(invalid_data("NBD_OPT_STARTTLS in transmission")),
                 _ => {}
             }
-            if r.buffer().is_empty() && !self.wait_for_request(conn, r, &mut stop).await? {
+            if r.buffer().is_empty() && !self.wait_for_request(conn, r, &mut stop, &mut timer).await? {
                 // Shutting down with nothing buffered: stop reading;
                 // requests in flight are answered, then the connection
                 // closes (the spec's hard disconnect after them).
@@ -756,23 +757,22 @@ impl Server {
         conn: &mut ServeConnection,
         r: &mut BufReader<R>,
         stop: &mut event_listener::EventListener,
+        timer: &mut ConnTimer,
     ) -> io::Result<bool> {
         loop {
             if conn.server_shutting_down() && conn.in_flight() == 0 {
                 return Ok(false);
             }
             conn.handle_timeout(time::now()).map_err(handshake_timed_out)?;
-            let timer = match conn.poll_timeout() {
-                Some(at) => smol::Timer::at(time::instant(at)),
-                None => smol::Timer::never(),
-            };
+            timer.want(conn.poll_timeout().map(time::instant));
             let readable = async { r.fill_buf().await.map(|_| Some(true)) };
             let stopped = async {
                 (&mut *stop).await;
                 Ok(Some(false))
             };
             let fired = async {
-                timer.await;
+                (&mut timer.timer).await;
+                timer.at = None;
                 Ok(None)
             };
             match smol::future::or(readable, smol::future::or(stopped, fired)).await? {
@@ -787,6 +787,38 @@ impl Server {
                 // (Told the time again at the top.)
                 None => {}
             }
+        }
+    }
+}
+
+/// The timer a connection's reader waits on, kept across waits: it is
+/// moved only when the connection asks for an earlier moment than the one
+/// set (each move wakes the reactor, a system call, and a reader waits
+/// once per batch of requests). A timer that fires before the moment the
+/// connection wants now only makes the reader tell it the time again.
+struct ConnTimer {
+    timer: smol::Timer,
+    /// When `timer` fires (`None`: never).
+    at: Option<std::time::Instant>,
+}
+
+impl Default for ConnTimer {
+    fn default() -> ConnTimer {
+        ConnTimer {
+            timer: smol::Timer::never(),
+            at: None,
+        }
+    }
+}
+
+impl ConnTimer {
+    /// The connection wants to be told the time at `at` (or never).
+    fn want(&mut self, at: Option<std::time::Instant>) {
+        if let Some(at) = at
+            && self.at.is_none_or(|set| at < set)
+        {
+            self.timer.set_at(at);
+            self.at = Some(at);
         }
     }
 }

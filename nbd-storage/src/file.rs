@@ -46,6 +46,11 @@ pub struct FileStorage {
     read_only: bool,
     block_device: bool,
     rotational: bool,
+    /// Sparse reads find holes in the bytes read ([`SparseReads::Contents`]):
+    /// on tmpfs and block devices.
+    ///
+    /// [`SparseReads::Contents`]: crate::SparseReads::Contents
+    holes_by_contents: bool,
 }
 
 impl FileStorage {
@@ -87,12 +92,14 @@ impl FileStorage {
             return Err(errno_error(libc::EINVAL));
         };
         let rotational = is_rotational(device);
+        let holes_by_contents = block_device || !seek_data_is_cheap(&file);
         Ok(FileStorage {
             file,
             size,
             read_only,
             block_device,
             rotational,
+            holes_by_contents,
         })
     }
 
@@ -234,12 +241,24 @@ impl Storage for FileStorage {
         self.file.read_exact_at(buf, offset).map_err(with_errno)
     }
 
-    /// Holes of sparse reads come from the bytes read: `lseek(SEEK_DATA)`
-    /// from a read's offset walks the page cache to the next data on
-    /// tmpfs (and over unwritten extents elsewhere), which in a fallocated
-    /// file is its end, whatever the read's size.
+    /// Where `lseek(SEEK_DATA)` is cheap, a read that lies in a hole or in
+    /// unwritten (fallocated, never written or read) extents is sent as a
+    /// hole without being read, as qemu-nbd does (reading it would also
+    /// fill the page cache with zeroes); any other read is read whole and
+    /// its holes found in its bytes
+    /// ([`SparseReads::ContentsUnlessHole`](crate::SparseReads::ContentsUnlessHole)):
+    /// walking a map fragmented by cached pages, which `lseek` calls data,
+    /// would cost a system call per page. On tmpfs `lseek(SEEK_DATA)` walks
+    /// the page cache from the offset to the next data, which in a
+    /// fallocated file is its end, whatever the read's size: there (and on
+    /// block devices, which have no holes to ask about) holes come from the
+    /// bytes read alone.
     fn sparse_reads(&self) -> crate::SparseReads {
-        crate::SparseReads::Contents
+        if self.holes_by_contents {
+            crate::SparseReads::Contents
+        } else {
+            crate::SparseReads::ContentsUnlessHole
+        }
     }
 
     /// `preadv2(RWF_NOWAIT)`: only what the page cache holds.
@@ -399,6 +418,19 @@ impl Storage for FileStorage {
 }
 
 /// Converts an offset or length to `off_t`; `EINVAL` if it does not fit.
+/// Whether `lseek(SEEK_DATA)` on `file` costs in proportion to the extents
+/// it passes rather than to the bytes (`false` on tmpfs, whose holes are
+/// found page by page, and when the file system cannot be told).
+fn seek_data_is_cheap(file: &File) -> bool {
+    // SAFETY: `statfs` is plain old data, valid when zeroed; the
+    // descriptor is owned by `file`, and `fstatfs` writes only `st`.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    st.f_type != libc::TMPFS_MAGIC
+}
+
 fn to_off(value: u64) -> io::Result<libc::off_t> {
     libc::off_t::try_from(value).map_err(|_| errno_error(libc::EINVAL))
 }

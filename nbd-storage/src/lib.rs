@@ -78,12 +78,14 @@ pub mod filter;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod image;
+pub mod lent;
 mod memory;
 #[cfg(feature = "rbd")]
 pub mod rbd;
 
 pub use completion::{Completion, CompletionSink, Done};
 pub use file::FileStorage;
+pub use lent::SharedBytes;
 pub use memory::{MemoryStorage, is_zero};
 
 /// What an export supports; the servers turn it into the NBD transmission
@@ -372,6 +374,20 @@ pub trait Storage: Send + Sync {
         None
     }
 
+    /// Reads `len` bytes at `offset` by lending them instead of copying:
+    /// appends pieces (which together hold exactly those bytes, in order)
+    /// to `out` and returns `Ok(true)`, or returns `Ok(false)` having
+    /// appended nothing when this storage cannot lend (then the caller uses
+    /// [`Storage::read_at`]). Servers send the pieces straight to the
+    /// socket. A storage that lends must keep what it lent unchanged (a
+    /// later write copies first), so a reply is the data at the time of the
+    /// read. On an error, pieces may have been appended. The default:
+    /// `Ok(false)`.
+    fn read_shared(&self, offset: u64, len: usize, out: &mut Vec<SharedBytes>) -> io::Result<bool> {
+        let _ = (offset, len, out);
+        Ok(false)
+    }
+
     /// Writes like [`Storage::write_at`] (without FUA) if that can be done
     /// without waiting; `None` means it would wait (and nothing was
     /// written). The default: `None`.
@@ -415,6 +431,14 @@ pub enum SparseReads {
     /// cache from the offset to the next data, which in a fallocated but
     /// unwritten file is its end).
     Contents,
+    /// One extent lookup first ([`Storage::extent_at`] at the read's
+    /// offset): a read that lies in a hole is sent as a hole without being
+    /// read; any other is read whole and its holes found in its bytes, as
+    /// with [`SparseReads::Contents`]. For backends whose lookup from an
+    /// offset is cheap but whose maps can be fragmented (a file with
+    /// unwritten extents that were partly read: each cached page of one is
+    /// data to `lseek(SEEK_DATA)`).
+    ContentsUnlessHole,
 }
 
 /// Storage that is asynchronous by nature (a network block store with its

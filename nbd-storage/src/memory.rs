@@ -4,10 +4,12 @@ use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
 use std::fmt;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use crate::{Capabilities, Extent, Storage, ZeroFlags, check_range, clamp_status_range, errno_error, push_extent};
+use crate::{
+    Capabilities, Extent, SharedBytes, Storage, ZeroFlags, check_range, clamp_status_range, errno_error, push_extent,
+};
 
 /// log2 of [`MemoryStorage::PAGE_SIZE`].
 const PAGE_SHIFT: u32 = 15;
@@ -22,8 +24,59 @@ const SHARDS: usize = 1 << SHARD_BITS;
 /// (probing one page costs 1, finding the end of a hole costs `SHARDS`).
 const STATUS_BUDGET: u32 = 1 << 16;
 
-/// One allocated page; always exactly `PAGE_SIZE` bytes long.
-type Page = RwLock<Box<[u8]>>;
+/// One allocated page and its lock.
+type Page = RwLock<PageBuf>;
+
+/// The bytes of a page, always exactly `PAGE_SIZE` long: reference counted
+/// so that a READ reply can send them without copying
+/// ([`Storage::read_shared`]). A write to a page a reply still holds copies
+/// it first. Whether the page was ever lent is kept beside the pointer, in
+/// the cache line the lock is in, so that writes to pages never lent do
+/// not touch the reference count's (a cache miss per random write).
+struct PageBuf {
+    bytes: Arc<[u8]>,
+    /// The page was lent since it was last known to be the only
+    /// reference. Set under the page's read lock, cleared under its write
+    /// lock.
+    lent: AtomicBool,
+}
+
+impl PageBuf {
+    fn new(bytes: Arc<[u8]>) -> PageBuf {
+        PageBuf {
+            bytes,
+            lent: AtomicBool::new(false),
+        }
+    }
+
+    /// A reference to the bytes for a reply.
+    fn lend(&self) -> Arc<[u8]> {
+        self.lent.store(true, Ordering::Relaxed);
+        Arc::clone(&self.bytes)
+    }
+
+    /// The bytes to write, copied first if a reply still holds them.
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        let lent = self.lent.get_mut();
+        if *lent {
+            *lent = false;
+            return Arc::make_mut(&mut self.bytes);
+        }
+        // SAFETY: a page never lent has no other reference: references
+        // are only made by `lend`, which sets `lent` first, under the
+        // page's read lock, which excludes `&mut self` (the write lock or
+        // the map's exclusive lock); and none is ever weak.
+        unsafe { &mut *Arc::as_ptr(&self.bytes).cast_mut() }
+    }
+}
+
+impl std::ops::Deref for PageBuf {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
 
 /// One shard of the page directory, padded to its own cache lines so that
 /// locking one shard does not slow down its neighbours.
@@ -133,7 +186,7 @@ impl MemoryStorage {
             match map.get(&index) {
                 Some(page) => {
                     let mut page = write(page);
-                    page[start..start + data.len()].copy_from_slice(data);
+                    page.bytes_mut()[start..start + data.len()].copy_from_slice(data);
                     if !(zero && is_zero(&page)) {
                         return Ok(());
                     }
@@ -149,16 +202,16 @@ impl MemoryStorage {
             return Ok(());
         }
         // Allocate outside the lock to keep the exclusive section short.
-        let fresh = new_page()?;
+        let fresh = new_page();
         let mut map = write(shard);
         let page = match map.entry(index) {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(entry) => {
                 self.allocated_pages.fetch_add(1, Ordering::Relaxed);
-                entry.insert(RwLock::new(fresh))
+                entry.insert(RwLock::new(PageBuf::new(fresh)))
             }
         };
-        let page = page.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let page = page.get_mut().unwrap_or_else(PoisonError::into_inner).bytes_mut();
         if let Some(dst) = page.get_mut(start..start + data.len()) {
             dst.copy_from_slice(data);
         }
@@ -171,7 +224,7 @@ impl MemoryStorage {
         let mut map = write(self.shard(index));
         let Some(page) = map.get_mut(&index) else { return };
         let page = page.get_mut().unwrap_or_else(PoisonError::into_inner);
-        if let Some(range) = page.get_mut(start..start + len) {
+        if let Some(range) = page.bytes_mut().get_mut(start..start + len) {
             range.fill(0);
         }
         if !keep && is_zero(page) {
@@ -189,7 +242,7 @@ impl MemoryStorage {
         for shard in self.shards.iter() {
             if keep {
                 for page in read(&shard.pages).range(first..last).map(|(_, page)| page) {
-                    write(page).fill(0);
+                    write(page).bytes_mut().fill(0);
                 }
             } else {
                 let mut map = write(&shard.pages);
@@ -296,6 +349,24 @@ impl Storage for MemoryStorage {
         Ok(())
     }
 
+    /// Lends the pages (holes as zero pieces): nothing is copied.
+    fn read_shared(&self, offset: u64, len: usize, out: &mut Vec<SharedBytes>) -> io::Result<bool> {
+        check_range(self.size, offset, len as u64)?;
+        let mut pos = offset;
+        for range in split_pages(len, offset) {
+            let n = range.len();
+            let index = pos >> PAGE_SHIFT;
+            let start = (pos % PAGE) as usize;
+            let page = read(self.shard(index)).get(&index).map(|page| read(page).lend());
+            match page {
+                Some(page) => out.push(SharedBytes::new(page, start..start + n)),
+                None => SharedBytes::push_zeroes(out, n),
+            }
+            pos += n as u64;
+        }
+        Ok(true)
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64, _fua: bool) -> io::Result<()> {
         self.check_writable(offset, buf.len() as u64)?;
         let mut pos = offset;
@@ -377,13 +448,12 @@ fn split_pages(len: usize, offset: u64) -> impl Iterator<Item = std::ops::Range<
     })
 }
 
-/// A zeroed page, or `ENOMEM`.
-fn new_page() -> io::Result<Box<[u8]>> {
-    let mut page = Vec::new();
-    page.try_reserve_exact(MemoryStorage::PAGE_SIZE)
-        .map_err(|_| errno_error(libc::ENOMEM))?;
-    page.resize(MemoryStorage::PAGE_SIZE, 0);
-    Ok(page.into_boxed_slice())
+/// A zeroed page (zeroed by the allocator: fresh memory from the system
+/// is not written twice).
+fn new_page() -> Arc<[u8]> {
+    let page = Arc::<[u8]>::new_zeroed_slice(MemoryStorage::PAGE_SIZE);
+    // SAFETY: all-zero bytes are valid `u8`s.
+    unsafe { page.assume_init() }
 }
 
 /// Whether `buf` is all zero; vectorises well (servers use it to send
@@ -428,6 +498,34 @@ mod tests {
         assert_eq!(v, vec![0..p - 10, p - 10..2 * p - 10, 2 * p - 10..2 * p]);
         assert_eq!(split_pages(0, 5).count(), 0);
         assert_eq!(split_pages(p, 0).collect::<Vec<_>>(), vec![0..p]);
+    }
+
+    #[test]
+    fn lent_pieces_are_the_bytes_and_keep_them() {
+        let p = MemoryStorage::PAGE_SIZE;
+        let m = MemoryStorage::new(8 * p as u64);
+        let data: Vec<u8> = (0..3 * p).map(|i| (i % 251) as u8 + 1).collect();
+        m.write_at(&data[..p], p as u64 / 2, false).unwrap();
+        m.write_at(&data[p..2 * p], 4 * p as u64, false).unwrap();
+        // A read over data, a hole and data again, not page aligned.
+        let (offset, len) = (p as u64 / 4, 5 * p);
+        let mut expected = vec![0u8; len];
+        m.read_at(&mut expected, offset).unwrap();
+        let mut pieces = Vec::new();
+        assert!(m.read_shared(offset, len, &mut pieces).unwrap());
+        let lent: Vec<u8> = pieces.iter().flat_map(|piece| piece.iter().copied()).collect();
+        assert_eq!(lent, expected);
+        // Writes and a trim after the read leave the lent bytes alone ...
+        m.write_at(&vec![0xEE; 3 * p], offset, false).unwrap();
+        m.trim(4 * p as u64, p as u64, false).unwrap();
+        let after: Vec<u8> = pieces.iter().flat_map(|piece| piece.iter().copied()).collect();
+        assert_eq!(after, expected);
+        // ... and reach the storage.
+        let mut now = vec![0u8; 3 * p];
+        m.read_at(&mut now, offset).unwrap();
+        assert!(now.iter().all(|&b| b == 0xEE));
+        // Out of range: an error, as for read_at.
+        assert!(m.read_shared(8 * p as u64 - 1, 2, &mut Vec::new()).is_err());
     }
 
     #[test]

@@ -333,3 +333,80 @@ fn range_and_context_errors_exit_1() {
         }
     }
 }
+
+/// A file on the machine's disk (not tmpfs) with unwritten (fallocated,
+/// never written) extents, data and a hole: its map is qemu-nbd's, and a
+/// READ over the unwritten extents comes back as hole chunks, unread.
+#[test]
+fn fallocated_extents_map_as_qemu_nbd_and_read_as_holes() {
+    if !require_peers(&["qemu-nbd", "nbdinfo", "nbdsh", "fallocate", "fincore"]) {
+        return;
+    }
+    let dir = TempDir::new();
+    let path = dir.join("fallocated.img");
+    let file = path.to_str().unwrap();
+    // 0-6 MiB fallocated, 1-2 MiB written, 6-8 MiB a hole.
+    run_ok("fallocate", &["-l", "6M", file]);
+    let data: Vec<u8> = (0..MIB as usize).map(|i| (i % 241) as u8 + 1).collect();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&data, MIB).unwrap();
+        f.set_len(8 * MIB).unwrap();
+        f.sync_all().unwrap();
+    }
+    let ours = our_bin("nbd-serve");
+    let map = |server: &str| {
+        let out = run_ok("nbdinfo", &["--map", "--", "[", server, "-r", "-f", "raw", file, "]"]);
+        parse_text(&out)
+    };
+    let (our_map, qemu_map) = (map(&ours), map("qemu-nbd"));
+    assert_eq!(our_map, qemu_map, "nbd-serve's map, then qemu-nbd's");
+    assert!(
+        our_map.iter().any(|e| e.0 == 2 * MIB && e.2 == 3),
+        "the unwritten extent after the data is a hole: {our_map:?}"
+    );
+
+    // READs: the unwritten 4 MiB as hole chunks only; the data as data.
+    let sock = dir.socket_path("serve");
+    let peer = Peer::start(
+        &dir,
+        &ours,
+        &["--socket", sock.to_str().unwrap(), "-r", file],
+        Endpoint::Unix(sock.clone()),
+    );
+    let script = "\
+chunks = []
+def chunk(buf, offset, status, err):
+    chunks.append((offset, len(buf), status, not any(bytes(buf))))
+    return 0
+for (offset, count) in ((2 << 20, 4 << 20), (1 << 20, 1 << 20)):
+    chunks.clear()
+    h.pread_structured(count, offset, chunk)
+    kinds = sorted(set('hole' if s == nbd.READ_HOLE else 'data' for (_, _, s, _) in chunks))
+    print(offset, sum(n for (_, n, _, _) in chunks), ','.join(kinds), all(z for (_, _, _, z) in chunks))
+";
+    let out = run_ok("nbdsh", &["-u", &peer.uri(""), "-c", script]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            format!("{} {} hole True", 2 * MIB, 4 * MIB).as_str(),
+            format!("{} {} data False", MIB, MIB).as_str()
+        ],
+        "{out}"
+    );
+    // Unread: of the file, only the written MiB (and the first bytes, which
+    // the format probe reads) is in the page cache, not the 4 MiB read.
+    {
+        let res = run_ok("fincore", &["--bytes", "--noheadings", "--output", "RES", file]);
+        let resident: u64 = res
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("fincore said {res:?}: {e}"));
+        assert!(
+            resident < 2 * MIB,
+            "{resident} bytes of the file were read into the page cache"
+        );
+    }
+}

@@ -1,7 +1,10 @@
 //! What the in-memory tests of `ServeConnection` share.
 
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+
 use nbd_proto::client::ClientSession;
-use nbd_server::ServeConnection;
+use nbd_server::{ReplyWriter, ServeConnection};
 
 /// Moves the handshake's bytes between `server` and `client` until both
 /// are in transmission (panics if they do not get there).
@@ -28,4 +31,34 @@ pub fn handshake(server: &mut ServeConnection, client: &mut ClientSession) {
         }
     }
     assert!(client.is_connected() && server.is_transmitting());
+}
+
+/// A waker that does nothing (the tests poll by hand).
+pub fn noop_waker() -> Waker {
+    struct Noop;
+    impl Wake for Noop {
+        fn wake(self: Arc<Self>) {}
+    }
+    Waker::from(Arc::new(Noop))
+}
+
+/// Everything the writer holds, as a runtime writes it.
+pub fn drain(writer: &mut ReplyWriter, waker: &Waker) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut cx = Context::from_waker(waker);
+    while let Poll::Ready(true) = writer.poll_batch(&mut cx) {
+        while !writer.is_empty() {
+            let n = writer.with_slices(|slices| {
+                slices
+                    .iter()
+                    .map(|s| {
+                        out.extend_from_slice(s);
+                        s.len()
+                    })
+                    .sum()
+            });
+            writer.advance(n);
+        }
+    }
+    out
 }

@@ -43,6 +43,7 @@ mod shared;
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -173,8 +174,24 @@ fn read_head(file: &File) -> io::Result<Vec<u8>> {
         }
     }
     head.truncate(n);
+    // The probe's bytes (and what the kernel read ahead of them) leave the
+    // page cache again: in a file of unwritten (fallocated) extents, cached
+    // pages are data to `lseek(SEEK_DATA)`, and sparse reads would read
+    // them and, through readahead, ever more of the file after them.
+    // SAFETY: an advice on a descriptor `file` owns; integers only.
+    unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            0,
+            PROBE_UNCACHE as libc::off_t,
+            libc::POSIX_FADV_DONTNEED,
+        )
+    };
     Ok(head)
 }
+
+/// How much of the start of a file leaves the page cache after a probe.
+const PROBE_UNCACHE: u64 = 1 << 20;
 
 /// Decides the format of an opened file: the one asked for, else the
 /// probed one, refusing what we must not serve as raw.
