@@ -315,8 +315,15 @@ impl<A: Around> Storage for Filtered<A> {
     // a retry), which the servers must never do on the thread that reads
     // the connection.
 
+    /// As the storage below, except that a file's reads of holes are still
+    /// made, through the filter, which acts on reads (delays, fails and
+    /// retries them as nbdkit's filters do), instead of being answered
+    /// from a lookup unread.
     fn sparse_reads(&self) -> SparseReads {
-        self.inner.sparse_reads()
+        match self.inner.sparse_reads() {
+            SparseReads::ContentsUnlessHole => SparseReads::Contents,
+            other => other,
+        }
     }
 }
 
