@@ -10,11 +10,10 @@ use std::sync::Arc;
 use std::task::Waker;
 use std::time::Duration;
 
-use nbd_proto::client::{ClientConfig, ClientEvent, ClientSession, Request};
-use nbd_proto::server::ServerConfig;
+use nbd_proto::client::{ClientEvent, ClientSession, Request};
 use nbd_proto::time::Timestamp;
 use nbd_proto::wire::Command;
-use nbd_server::{Export, IDLE_RELEASE, Limits, ReplyWriter, ServeConnection, ServeContext};
+use nbd_server::{IDLE_RELEASE, Limits, ReplyWriter, ServeConnection};
 use nbd_storage::MemoryStorage;
 
 fn at(ms: u64) -> Timestamp {
@@ -33,14 +32,7 @@ impl Pair {
     /// its start.
     fn transmitting() -> Pair {
         let storage = Arc::new(MemoryStorage::new(1 << 20));
-        let ctx = Arc::new(ServeContext::new(
-            vec![Export::new("", "", storage)],
-            ServerConfig::default(),
-            Limits::default(),
-        ));
-        let mut server = ServeConnection::new(&ctx);
-        let writer = server.reply_writer();
-        let mut client = ClientSession::new(ClientConfig::default());
+        let (mut server, writer, mut client) = common::connection(storage, Limits::default());
         server.handle_timeout(at(0)).expect("the handshake just started");
         assert!(server.poll_timeout().is_some(), "the handshake's deadline");
         common::handshake(&mut server, &mut client);

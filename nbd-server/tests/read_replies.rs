@@ -9,10 +9,9 @@ mod common;
 use std::io;
 use std::sync::Arc;
 
-use nbd_proto::client::{ClientConfig, ClientEvent, ClientSession, Cookie, Request};
-use nbd_proto::server::ServerConfig;
+use nbd_proto::client::{ClientEvent, ClientSession, Cookie, Request};
 use nbd_proto::wire::Command;
-use nbd_server::{Export, Limits, ReplyWriter, ServeConnection, ServeContext};
+use nbd_server::{Limits, ReplyWriter, ServeConnection};
 use nbd_storage::{Capabilities, Extent, MemoryStorage, Storage};
 
 /// A connection driven in memory, in transmission.
@@ -24,14 +23,7 @@ struct Pair {
 
 impl Pair {
     fn new(storage: Arc<dyn Storage>) -> Pair {
-        let ctx = Arc::new(ServeContext::new(
-            vec![Export::new("", "", storage)],
-            ServerConfig::default(),
-            Limits::default(),
-        ));
-        let mut server = ServeConnection::new(&ctx);
-        let writer = server.reply_writer();
-        let mut client = ClientSession::new(ClientConfig::default());
+        let (mut server, writer, mut client) = common::connection(storage, Limits::default());
         common::handshake(&mut server, &mut client);
         Pair { server, writer, client }
     }

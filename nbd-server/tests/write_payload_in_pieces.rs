@@ -7,24 +7,16 @@ mod common;
 
 use std::sync::Arc;
 
-use nbd_proto::client::{ClientConfig, ClientEvent, ClientSession, Request};
-use nbd_proto::server::ServerConfig;
+use nbd_proto::client::{ClientEvent, Request};
 use nbd_proto::wire::Command;
-use nbd_server::{Export, Limits, ServeConnection, ServeContext, Status};
+use nbd_server::{Limits, Status};
 use nbd_storage::MemoryStorage;
 
 #[test]
 fn write_payload_in_pieces_with_one_request_in_flight() {
     let storage = Arc::new(MemoryStorage::new(1 << 20));
-    let ctx = Arc::new(ServeContext::new(
-        vec![Export::new("", "", storage)],
-        ServerConfig::default(),
-        Limits::default().max_in_flight(1),
-    ));
-    let mut server = ServeConnection::new(&ctx);
-    let mut writer = server.reply_writer();
+    let (mut server, mut writer, mut client) = common::connection(storage, Limits::default().max_in_flight(1));
     let waker = common::noop_waker();
-    let mut client = ClientSession::new(ClientConfig::default());
 
     // The handshake.
     common::handshake(&mut server, &mut client);

@@ -3,8 +3,24 @@
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
-use nbd_proto::client::ClientSession;
-use nbd_server::{ReplyWriter, ServeConnection};
+use nbd_proto::client::{ClientConfig, ClientSession};
+use nbd_proto::server::ServerConfig;
+use nbd_server::{Export, Limits, ReplyWriter, ServeConnection, ServeContext};
+use nbd_storage::Storage;
+
+/// A server connection exporting `storage` (as the default export, with
+/// `limits`), its reply writer, and a client, both at the start of the
+/// handshake ([`handshake`] takes them to transmission).
+pub fn connection(storage: Arc<dyn Storage>, limits: Limits) -> (ServeConnection, ReplyWriter, ClientSession) {
+    let ctx = Arc::new(ServeContext::new(
+        vec![Export::new("", "", storage)],
+        ServerConfig::default(),
+        limits,
+    ));
+    let mut server = ServeConnection::new(&ctx);
+    let writer = server.reply_writer();
+    (server, writer, ClientSession::new(ClientConfig::default()))
+}
 
 /// Moves the handshake's bytes between `server` and `client` until both
 /// are in transmission (panics if they do not get there).

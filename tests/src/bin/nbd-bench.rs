@@ -1573,44 +1573,22 @@ fn main() {
     // The ceiling: the median of three measurements.
     let ceiling = median((0..3).map(|_| socket_ceiling(1.0)).collect());
     let flag = |f: &str| std::env::args().any(|a| a == f);
-    if flag("--qcow2-only") {
-        qcow2_rows(&cfg, &dir, &mut rows);
-        print_rows(&rows, ceiling);
-        return;
-    }
-    if flag("--tls-only") {
-        tls_rows(&cfg, &dir, &mut rows);
-        print_rows(&rows, ceiling);
-        return;
-    }
-    if flag("--flush-only") {
-        flushing_writer_rows(&cfg, &dir, &mut rows);
-        print_rows(&rows, ceiling);
-        return;
-    }
-    if flag("--copy-only") {
-        copy_rows(&cfg, &dir, &mut rows);
-        tls_rows(&cfg, &dir, &mut rows);
-        print_rows(&rows, ceiling);
-        return;
-    }
-    if flag("--http-only") {
-        http_rows(&cfg, &dir, &mut rows);
-        print_rows(&rows, ceiling);
-        return;
-    }
-    if std::env::args().any(|a| a == "--rbd-only") {
-        rbd_rows(&cfg, &dir, &mut rows);
-        print_rows(&rows, ceiling);
-        return;
-    }
-    if flag("--blkhash-only") {
-        blkhash_rows(&cfg, &dir, &mut rows);
-        print_rows(&rows, ceiling);
-        return;
-    }
-    if flag("--fuse-only") {
-        fuse_rows(&cfg, &dir, &mut rows);
+    // The groups run alone, each by its flag.
+    type Group = fn(&Config, &TempDir, &mut Vec<Row>);
+    let alone: [(&str, &[Group]); 8] = [
+        ("--qcow2-only", &[qcow2_rows]),
+        ("--tls-only", &[tls_rows]),
+        ("--flush-only", &[flushing_writer_rows]),
+        ("--copy-only", &[copy_rows, tls_rows]),
+        ("--http-only", &[http_rows]),
+        ("--rbd-only", &[rbd_rows]),
+        ("--blkhash-only", &[blkhash_rows]),
+        ("--fuse-only", &[fuse_rows]),
+    ];
+    if let Some((_, groups)) = alone.iter().find(|(f, _)| flag(f)) {
+        for group in groups.iter() {
+            group(&cfg, &dir, &mut rows);
+        }
         print_rows(&rows, ceiling);
         return;
     }
