@@ -17,7 +17,7 @@ pub fn connection(storage: Arc<dyn Storage>, limits: Limits) -> (ServeConnection
         ServerConfig::default(),
         limits,
     ));
-    let mut server = ServeConnection::new(&ctx);
+    let server = ServeConnection::new(&ctx);
     let writer = server.reply_writer();
     (server, writer, ClientSession::new(ClientConfig::default()))
 }
