@@ -1841,7 +1841,7 @@ fn blkhash_rows_inner(blksum: &str, cfg: &Config, dir: &TempDir, rows: &mut Vec<
         theirs: median(b),
         unit: "MB/s",
         better: Better::Higher,
-        target: 1.0,
+        target: 1.5,
         bytes_per_sec: None,
     });
     drop(srv);
@@ -2117,7 +2117,7 @@ fn fuse_rows_inner(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
             theirs: median(b),
             unit,
             better: Better::Higher,
-            target: 1.0,
+            target: 1.5,
             bytes_per_sec: Some(median(a_bytes)),
         });
     }
