@@ -650,17 +650,16 @@ fn read(env: &Env, st: &dyn Storage, req: &ServerRequest, mut buf: Vec<u8>, budg
         match extent {
             Ok(e) if e.flags.contains(AllocationFlags::ZERO) && e.length >= req.length => {
                 // All of it a hole: sent unread.
-                let r = hole_chunks(env, req, &mut reply, req.offset, req.length).map(|()| {
-                    reply.head.extend_from_slice(env.enc.reply_ok(req).as_bytes());
-                });
-                let shared = &env.shared;
-                shared.budget.release(budget);
-                Shared::give_buf(&mut shared.lock(), buf);
-                if let Err(e) = r {
-                    reply.reset();
-                    env.enc.reply_error(req, errno_of(&e), &e.to_string(), &mut reply.head);
-                }
-                return shared.reply(reply, None);
+                return match hole_chunks(env, req, &mut reply, req.offset, req.length) {
+                    Ok(()) => {
+                        reply.head.extend_from_slice(env.enc.reply_ok(req).as_bytes());
+                        reply_unread(env, reply, buf, budget);
+                    }
+                    Err(e) => {
+                        reply.reset();
+                        reply_without_data(env, req, reply, buf, budget, &e);
+                    }
+                };
             }
             Ok(e) if !e.flags.contains(AllocationFlags::ZERO) && e.length >= req.length => {
                 env.shared.lock().known_data = (req.offset, req.offset.saturating_add(e.length));
@@ -708,6 +707,12 @@ fn read(env: &Env, st: &dyn Storage, req: &ServerRequest, mut buf: Vec<u8>, budg
 
 fn reply_without_data(env: &Env, req: &ServerRequest, mut reply: Reply, buf: Vec<u8>, budget: u64, e: &io::Error) {
     env.enc.reply_error(req, errno_of(e), &e.to_string(), &mut reply.head);
+    reply_unread(env, reply, buf, budget);
+}
+
+/// Queues `reply`, which carries no READ data: the data buffer and its
+/// budget go back at once.
+fn reply_unread(env: &Env, reply: Reply, buf: Vec<u8>, budget: u64) {
     let shared = &env.shared;
     shared.budget.release(budget);
     Shared::give_buf(&mut shared.lock(), buf);

@@ -36,14 +36,6 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
 }
 
-fn text(out: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 /// Writes `size` bytes of deterministic pseudo-random data (a different
 /// pattern for every MiB) to `path`.
 fn write_image(path: &Path, size: u64) {
@@ -103,7 +95,7 @@ fn nbd_copy_rides_out_drops_and_503s() {
         &[&p.url("/disk.img"), s(&out)],
         Duration::from_secs(300),
     );
-    assert!(r.status.success(), "{}\n{}", text(&r), w.error_log());
+    assert!(r.status.success(), "{}\n{}", describe_output(&r), w.error_log());
     assert_same_file(&w.root.join("disk.img"), &out);
     assert!(
         p.injected(FaultKind::Cut) > 0 && p.injected(FaultKind::Unavailable) > 0,
@@ -130,7 +122,7 @@ fn nbd_serve_rides_out_drops_and_503s() {
     );
     let out = dir.join("out.raw");
     let r = run_timeout("nbdcopy", &[&server.uri(""), s(&out)], Duration::from_secs(300));
-    assert!(r.status.success(), "{}\n{}", text(&r), server.stderr());
+    assert!(r.status.success(), "{}\n{}", describe_output(&r), server.stderr());
     assert_same_file(&w.root.join("disk.img"), &out);
     assert!(
         p.injected(FaultKind::Cut) > 0 && p.injected(FaultKind::Unavailable) > 0,
@@ -153,7 +145,7 @@ fn nbd_copy_with_latency_is_identical() {
         &[&p.url("/disk.img"), s(&out)],
         Duration::from_secs(300),
     );
-    assert!(r.status.success(), "{}\n{}", text(&r), w.error_log());
+    assert!(r.status.success(), "{}\n{}", describe_output(&r), w.error_log());
     assert_same_file(&w.root.join("disk.img"), &out);
     assert_eq!(p.injected(FaultKind::Latency), p.requests());
     assert!(p.requests() > 1);
@@ -175,7 +167,7 @@ fn a_server_gone_mid_copy_fails_within_the_retry_bound() {
     let started = Instant::now();
     let r = run_timeout(&nbd_copy, &[&url, s(&out)], Duration::from_secs(120));
     let elapsed = started.elapsed();
-    let t = text(&r);
+    let t = describe_output(&r);
     assert_eq!(r.status.code(), Some(1), "{t}");
     assert!(elapsed < GONE_BOUND, "took {elapsed:?}: {t}");
     assert!(t.contains(&url) && t.contains("failed after 5 attempts"), "{t}");
@@ -196,7 +188,7 @@ fn a_503_at_open_is_a_clear_error() {
     let nbd_copy = our_bin("nbd-copy");
     let started = Instant::now();
     let r = run(&nbd_copy, &[&url, s(&out)]);
-    let t = text(&r);
+    let t = describe_output(&r);
     assert_eq!(r.status.code(), Some(1), "{t}");
     assert!(started.elapsed() < GONE_BOUND, "took {:?}: {t}", started.elapsed());
     assert!(
@@ -209,6 +201,6 @@ fn a_503_at_open_is_a_clear_error() {
     // A passing 503 at open is ridden out.
     p.set(Fault::Unavailable, Rule::FirstN(p.requests() + 2));
     let r = run(&our_bin("nbd-copy"), &[&url, s(&out)]);
-    assert!(r.status.success(), "{}", text(&r));
+    assert!(r.status.success(), "{}", describe_output(&r));
     assert_same_file(&w.root.join("disk.img"), &out);
 }

@@ -15,14 +15,6 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
 }
 
-fn text(out: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 /// Virtual size of the chain: 5 MiB and 4 KiB, not a multiple of the
 /// 64 KiB cluster.
 const SIZE: &str = "5246976";
@@ -126,7 +118,7 @@ fn nbd_copy_reads_a_qcow2_chain_over_http() {
     let url = w.url("/overlay.qcow2");
     let out = dir.join("out.raw");
     let r = run(&our_bin("nbd-copy"), &[&url, s(&out)]);
-    assert!(r.status.success(), "{}\n{}", text(&r), w.error_log());
+    assert!(r.status.success(), "{}\n{}", describe_output(&r), w.error_log());
     assert!(
         fs::read(&out).unwrap() == disk,
         "nbd-copy read another disk than qemu-img convert"
@@ -143,11 +135,11 @@ fn nbd_copy_reads_a_qcow2_chain_over_http() {
             s(&w.root.join("overlay.qcow2")),
         ],
     );
-    assert!(r.status.success(), "qemu-img compare: {}", text(&r));
+    assert!(r.status.success(), "qemu-img compare: {}", describe_output(&r));
     // -f raw copies the image file's own bytes.
     let bytes = dir.join("bytes.raw");
     let r = run(&our_bin("nbd-copy"), &["-f", "raw", &url, s(&bytes)]);
-    assert!(r.status.success(), "{}", text(&r));
+    assert!(r.status.success(), "{}", describe_output(&r));
     assert!(
         fs::read(&bytes).unwrap() == fs::read(w.root.join("overlay.qcow2")).unwrap(),
         "nbd-copy -f raw did not copy the file's bytes"
@@ -167,14 +159,14 @@ fn nbd_serve_serves_a_qcow2_chain_over_http() {
     let uri = remote.uri("");
     let out = dir.join("nbdcopy.raw");
     let r = run("nbdcopy", &[&uri, s(&out)]);
-    assert!(r.status.success(), "{}\n{}", text(&r), remote.stderr());
+    assert!(r.status.success(), "{}\n{}", describe_output(&r), remote.stderr());
     assert!(
         fs::read(&out).unwrap() == disk,
         "nbdcopy read another disk than qemu-img convert"
     );
     let reference = dir.join("reference.raw");
     let r = run("qemu-img", &["compare", "-f", "raw", "-F", "raw", s(&reference), &uri]);
-    assert!(r.status.success(), "qemu-img compare: {}", text(&r));
+    assert!(r.status.success(), "qemu-img compare: {}", describe_output(&r));
     // The map is the one nbd-serve gives for the same chain on disk, and
     // it has holes (the unallocated middle, the zero cluster).
     let local = serve(&dir, "local", &["-r", "-A", s(&w.root.join("overlay.qcow2"))]);
@@ -207,7 +199,11 @@ fn nbd_serve_serves_a_qcow2_chain_over_http() {
     );
     // Read-only: nbdcopy cannot write to it.
     let r = run("nbdcopy", &[s(&reference), &uri]);
-    assert!(!r.status.success(), "nbdcopy wrote to a read-only export: {}", text(&r));
+    assert!(
+        !r.status.success(),
+        "nbdcopy wrote to a read-only export: {}",
+        describe_output(&r)
+    );
     drop(remote);
     // Snapshot mode: writes go to a temporary overlay, and read back.
     let snapshot = serve(&dir, "snapshot", &["-s", &url]);
@@ -225,7 +221,7 @@ fn nbd_serve_serves_a_qcow2_chain_over_http() {
             &snapshot.uri(""),
         ],
     );
-    let t = text(&r);
+    let t = describe_output(&r);
     assert!(
         r.status.success() && !t.contains("fail") && !t.contains("Pattern verification"),
         "qemu-io -s: {t}"
@@ -235,7 +231,7 @@ fn nbd_serve_serves_a_qcow2_chain_over_http() {
     let raw = serve(&dir, "raw", &["-f", "raw", &url]);
     let out = dir.join("bytes.raw");
     let r = run("nbdcopy", &[&raw.uri(""), s(&out)]);
-    assert!(r.status.success(), "{}\n{}", text(&r), raw.stderr());
+    assert!(r.status.success(), "{}\n{}", describe_output(&r), raw.stderr());
     assert!(
         fs::read(&out).unwrap() == fs::read(w.root.join("overlay.qcow2")).unwrap(),
         "nbd-serve -f raw did not serve the file's bytes"
@@ -281,18 +277,18 @@ fn broken_backing_names_and_unreadable_formats_are_clear_errors() {
     for (path, expected) in cases {
         let url = w.url(path);
         let r = run(&our_bin("nbd-copy"), &[&url, s(&dir.join("out.raw"))]);
-        let t = text(&r);
+        let t = describe_output(&r);
         assert_eq!(r.status.code(), Some(1), "nbd-copy {path}: {t}");
         assert!(t.contains(&url) && t.contains(expected), "nbd-copy {path}: {t}");
         let socket = dir.socket_path("refused");
         let r = run(&our_bin("nbd-serve"), &["--socket", s(&socket), &url]);
-        let t = text(&r);
+        let t = describe_output(&r);
         assert_eq!(r.status.code(), Some(1), "nbd-serve {path}: {t}");
         assert!(t.contains(&url) && t.contains(expected), "nbd-serve {path}: {t}");
     }
     // -f raw reads what cannot be read as an image: its bytes.
     let out = dir.join("vmdk.raw");
     let r = run(&our_bin("nbd-copy"), &["-f", "raw", &w.url("/disk.vmdk"), s(&out)]);
-    assert!(r.status.success(), "{}", text(&r));
+    assert!(r.status.success(), "{}", describe_output(&r));
     assert!(fs::read(&out).unwrap() == fs::read(w.root.join("disk.vmdk")).unwrap());
 }

@@ -870,6 +870,17 @@ fn same_contents(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// `PROGRAM --socket SOCKET ARGS...` (nbd-serve, or a build of it) on a new
+/// Unix socket of `dir` named after `name`, started and answering; with
+/// the URI of its default export.
+fn serve_on_socket(dir: &TempDir, program: &str, name: &str, args: &[&str]) -> (Peer, String) {
+    let sock = dir.socket_path(name);
+    let mut full = vec!["--socket", sock.to_str().unwrap_or_default()];
+    full.extend_from_slice(args);
+    let peer = Peer::start(dir, program, &full, Endpoint::Unix(sock.clone()));
+    (peer, unix_uri(&sock))
+}
+
 /// Runs `cmd args` to completion (stdout discarded, stderr to `log`) and
 /// returns its peak resident memory in KiB: its `VmHWM`, read every 2 ms
 /// while it runs (not wait4's `ru_maxrss`, which also counts the memory
@@ -1157,14 +1168,8 @@ fn http_rows_inner(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
                 target: 1.0,
                 bytes_per_sec: None,
             });
-            let sock = dir.socket_path("serve-http");
-            let serve = Peer::start(
-                dir,
-                &our_bin("nbd-serve"),
-                &["--socket", sock.to_str().unwrap_or_default(), "-r", &big_url],
-                Endpoint::Unix(sock.clone()),
-            );
-            run_peak_rss("nbdcopy", &[&unix_uri(&sock), "null:"], &log, timeout);
+            let (serve, uri) = serve_on_socket(dir, &our_bin("nbd-serve"), "serve-http", &["-r", &big_url]);
+            run_peak_rss("nbdcopy", &[&uri, "null:"], &log, timeout);
             let serve_rss = peak_rss_kib(serve.pid());
             drop(serve);
             rows.push(Row {
@@ -1802,19 +1807,12 @@ fn blkhash_rows_inner(blksum: &str, cfg: &Config, dir: &TempDir, rows: &mut Vec<
             at += 2 * extent;
         }
     }
-    let sock = dir.socket_path("blkhash");
-    let srv = Peer::start(
+    let (srv, uri) = serve_on_socket(
         dir,
         &our_bin("nbd-serve"),
-        &[
-            "--socket",
-            sock.to_str().unwrap_or_default(),
-            "-r",
-            img.to_str().unwrap_or_default(),
-        ],
-        Endpoint::Unix(sock.clone()),
+        "blkhash",
+        &["-r", img.to_str().unwrap_or_default()],
     );
-    let uri = unix_uri(&sock);
     let nbd_copy = our_bin("nbd-copy");
     let first_word = |out: &str| out.split_whitespace().next().unwrap_or_default().to_string();
     // The digests first: a mismatch is a failure, not a figure.
@@ -2059,19 +2057,7 @@ fn fuse_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
 
 fn fuse_rows_inner(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
     let size = cfg.copy_size;
-    let sock = dir.socket_path("fuse");
-    let srv = Peer::start(
-        dir,
-        &our_bin("nbd-serve"),
-        &[
-            "--socket",
-            sock.to_str().unwrap_or_default(),
-            "--memory",
-            &size.to_string(),
-        ],
-        Endpoint::Unix(sock.clone()),
-    );
-    let uri = unix_uri(&sock);
+    let (srv, uri) = serve_on_socket(dir, &our_bin("nbd-serve"), "fuse", &["--memory", &size.to_string()]);
     {
         let src = shm_path(dir, "fuse-random.img");
         let f = std::fs::File::create(&src).expect("create the random image");
