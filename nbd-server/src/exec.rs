@@ -106,9 +106,10 @@ impl std::fmt::Debug for Job {
 }
 
 enum Op {
+    /// A READ; the job takes its buffer when it runs, so that READs
+    /// queued behind busy I/O threads hold budget but no memory.
     Read {
         req: ServerRequest,
-        buf: Vec<u8>,
         budget: u64,
     },
     WritePiece {
@@ -125,7 +126,10 @@ impl Task for Job {
     fn run(self) {
         let Job { env, storage, op } = self;
         match op {
-            Op::Read { req, buf, budget } => read(&env, &*storage, &req, buf, budget),
+            Op::Read { req, budget } => {
+                let buf = env.shared.take_buf(req.length as usize);
+                read(&env, &*storage, &req, buf, budget)
+            }
             Op::WritePiece {
                 req,
                 slot,
@@ -249,29 +253,39 @@ impl Executor {
     }
 
     fn dispatch_read(&mut self, req: ServerRequest, budget: u64) {
-        let mut buf = self.env.shared.take_buf(req.length as usize);
         match &self.backend {
-            Backend::Sync(s) if self.inline => read(&self.env, &**s, &req, buf, budget),
+            Backend::Sync(s) if self.inline => {
+                let buf = self.env.shared.take_buf(req.length as usize);
+                read(&self.env, &**s, &req, buf, budget)
+            }
             Backend::Sync(s) if !needs_lookup(&self.env, &req, s.sparse_reads()) || in_known_data(&self.env, &req) => {
+                let mut buf = self.env.shared.take_buf(req.length as usize);
                 match s.try_read_at(&mut buf, req.offset) {
                     // In the cache: answered here, without the pool's hand-offs.
                     Some(r) => {
                         let scan = sparse(&self.env, &req) && by_contents(s.sparse_reads());
                         read_done(&self.env, &req, buf, budget, r, scan)
                     }
-                    None => self.pool.submit(Job {
-                        env: self.env.clone(),
-                        storage: s.clone(),
-                        op: Op::Read { req, buf, budget },
-                    }),
+                    None => {
+                        // The job takes a buffer when it runs.
+                        Shared::give_buf(&mut self.env.shared.lock(), buf);
+                        self.pool.submit(Job {
+                            env: self.env.clone(),
+                            storage: s.clone(),
+                            op: Op::Read { req, budget },
+                        })
+                    }
                 }
             }
             Backend::Sync(s) => self.pool.submit(Job {
                 env: self.env.clone(),
                 storage: s.clone(),
-                op: Op::Read { req, buf, budget },
+                op: Op::Read { req, budget },
             }),
-            Backend::Async(a) => a.read(req.offset, buf, self.ops.completion(Ticket::Read { req, budget })),
+            Backend::Async(a) => {
+                let buf = self.env.shared.take_buf(req.length as usize);
+                a.read(req.offset, buf, self.ops.completion(Ticket::Read { req, budget }))
+            }
         }
     }
 

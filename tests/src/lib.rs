@@ -1105,6 +1105,20 @@ pub fn run(cmd: &str, args: &[&str]) -> Output {
 
 /// [`run`] with a timeout of your choice.
 pub fn run_timeout(cmd: &str, args: &[&str], timeout: Duration) -> Output {
+    match run_within(cmd, args, timeout) {
+        Ok(output) => output,
+        Err(output) => panic!(
+            "`{}` timed out after {timeout:?} and was killed\n{}",
+            command_line(cmd, args),
+            describe_output(&output)
+        ),
+    }
+}
+
+/// Runs `cmd args...` to completion (stdin empty) like [`run`], or kills
+/// it when it runs longer than `timeout`: `Err` with what it wrote by
+/// then. Panics only if it cannot be started.
+pub fn run_within(cmd: &str, args: &[&str], timeout: Duration) -> Result<Output, Output> {
     let cmdline = command_line(cmd, args);
     let mut child = command(cmd)
         .args(args)
@@ -1152,13 +1166,7 @@ pub fn run_timeout(cmd: &str, args: &[&str], timeout: Duration) -> Output {
     }
     let [stdout, stderr] = outputs;
     let output = Output { status, stdout, stderr };
-    if timed_out {
-        panic!(
-            "`{cmdline}` timed out after {timeout:?} and was killed\n{}",
-            describe_output(&output)
-        );
-    }
-    output
+    if timed_out { Err(output) } else { Ok(output) }
 }
 
 /// Runs `cmd args...` like [`run`] and returns its stdout (lossily
