@@ -88,9 +88,10 @@ struct Args {
     /// to a server run as `[ CMD ARGS ... ]`).
     #[arg(short = 'C', long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
     connections: u32,
-    /// Requests in flight per connection.
-    #[arg(short = 'R', long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
-    requests: u32,
+    /// Requests in flight per connection (default 16; 4 with --blkhash,
+    /// whose hashing is faster on data still in the CPU's caches).
+    #[arg(short = 'R', long, value_parser = clap::value_parser!(u32).range(1..))]
+    requests: Option<u32>,
     /// Bytes per request (e.g. 262144, 256K, 1M; at most 32M).
     #[arg(long = "request-size", value_parser = parse_request_size, default_value = "256K")]
     request_size: u64,
@@ -268,7 +269,14 @@ impl Args {
     /// as nbdcopy gives it (qemu-nbd takes one client by default).
     fn options(&self, captive: bool) -> Result<CopyOptions, String> {
         let mut connections = self.connections as usize;
-        let mut requests = self.requests as usize;
+        let mut requests = match self.requests {
+            Some(r) => r as usize,
+            // Fewer buffers in flight: each is hashed soon after it
+            // arrives, while it is still in the caches (1 GiB half data
+            // to null: 0.38 s against 0.48 s with 16).
+            None if self.blkhash.is_some() => 4,
+            None => 16,
+        };
         if let Some(q) = self.queue_size {
             requests = requests.min((q / self.request_size).max(1) as usize);
         }
