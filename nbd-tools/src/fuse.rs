@@ -28,7 +28,7 @@
 //!   gone, a deadline expired) is EIO.
 
 use std::ffi::{OsStr, OsString};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -83,7 +83,13 @@ struct Inner {
     uid: u32,
     gid: u32,
     time: SystemTime,
+    /// Read buffers given back after their reply was sent, reused so
+    /// that a read neither zeroes nor faults in fresh memory.
+    free_bufs: Mutex<Vec<Vec<u8>>>,
 }
+
+/// Read buffers kept for reuse (at most this many bytes in all).
+const KEEP_FREE_BYTES: usize = 32 << 20;
 
 impl NbdFs {
     /// A filesystem over `pool`.
@@ -106,6 +112,7 @@ impl NbdFs {
                 uid,
                 gid,
                 time: SystemTime::now(),
+                free_bufs: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -173,18 +180,50 @@ impl Inner {
         (offset, len.min(self.size - offset))
     }
 
+    /// A buffer of `len` bytes (contents unspecified: the read fills
+    /// it), a reused one when one is free.
+    fn take_buf(&self, len: usize) -> Vec<u8> {
+        let mut b = {
+            let mut free = self.free_bufs.lock().unwrap_or_else(|p| p.into_inner());
+            match free.iter().position(|b| b.capacity() >= len) {
+                Some(i) => free.swap_remove(i),
+                None => free.pop().unwrap_or_default(),
+            }
+        };
+        if b.len() >= len {
+            b.truncate(len);
+        } else {
+            b.resize(len, 0);
+        }
+        b
+    }
+
+    /// Gives back a buffer from [`Inner::take_buf`].
+    fn give_buf(&self, buf: Vec<u8>) {
+        let mut free = self.free_bufs.lock().unwrap_or_else(|p| p.into_inner());
+        let kept: usize = free.iter().map(Vec::capacity).sum();
+        if kept + buf.capacity() <= KEEP_FREE_BYTES {
+            free.push(buf);
+        }
+    }
+
     async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, Errno> {
         let (offset, len) = self.clip(offset, len);
-        let mut out = Vec::with_capacity(len as usize);
+        let mut out = Vec::new();
         let mut pos = offset;
         while pos < offset + len {
             let n = (offset + len - pos).min(self.max_payload);
-            let (r, buf) = self.pool.read(vec![0; n as usize], pos).await;
-            r.map_err(|e| self.errno("read", &e))?;
-            if out.is_empty() && n == len {
+            let (r, buf) = self.pool.read(self.take_buf(n as usize), pos).await;
+            if let Err(e) = r {
+                self.give_buf(buf);
+                return Err(self.errno("read", &e));
+            }
+            if pos == offset && n == len {
                 return Ok(buf);
             }
+            out.reserve_exact(len as usize - out.len());
             out.extend_from_slice(&buf);
+            self.give_buf(buf);
             pos += n;
         }
         Ok(out)
@@ -373,7 +412,10 @@ impl Filesystem for NbdFs {
     ) {
         self.spawn(move |fs| async move {
             match fs.read(offset, u64::from(size)).await {
-                Ok(buf) => reply.data(&buf),
+                Ok(buf) => {
+                    reply.data(&buf);
+                    fs.give_buf(buf);
+                }
                 Err(e) => reply.error(e),
             }
         });

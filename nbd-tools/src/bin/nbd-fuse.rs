@@ -93,8 +93,15 @@ struct Args {
 
 fn main() -> ExitCode {
     if std::env::var_os("SMOL_THREADS").is_none() {
+        // Half the cores run the requests: the rest is for the kernel's
+        // side of FUSE and the programs doing the I/O. On 2 cores, fio's
+        // 1 MiB reads x16 went from 1.5 to 1.9 GB/s with 1 thread instead
+        // of 4, and 4 KiB random reads from 53k to 57k IOPS.
+        let n = std::thread::available_parallelism()
+            .map_or(1, |n| n.get() / 2)
+            .clamp(1, 4);
         // SAFETY: no other thread runs yet.
-        unsafe { std::env::set_var("SMOL_THREADS", "4") };
+        unsafe { std::env::set_var("SMOL_THREADS", n.to_string()) };
     }
     let (argv, commands) = match extract_commands(std::env::args()) {
         Ok(x) => x,
