@@ -468,9 +468,59 @@ fn reader_next_to_flushing_writer(uri: &str, cfg: &Config, dir: &TempDir) -> (f6
     (iops, p99_ns / 1000.0)
 }
 
+/// The same workload as [`reader_next_to_flushing_writer`] through a
+/// second harness, ours: two threads of this process, each with its own
+/// connection (nbd-blocking's client), one writing 64 KiB at random
+/// offsets with a FLUSH after each write, one reading 4 KiB at random at
+/// queue depth 1 and timing each read. Reader IOPS and 99th percentile
+/// latency (µs).
+fn reader_next_to_flushing_writer_threads(uri: &str, cfg: &Config) -> (f64, f64) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = AtomicBool::new(false);
+    let runtime = Duration::from_secs(cfg.runtime.max(4) as u64);
+    let span: u64 = 256 << 20;
+    // xorshift64*: offsets without a dependency.
+    let next = |x: &mut u64| {
+        *x ^= *x >> 12;
+        *x ^= *x << 25;
+        *x ^= *x >> 27;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let mut c = nbd_blocking::Client::connect(uri).expect("connect the writer");
+            let buf = vec![0x5au8; 64 << 10];
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            while !stop.load(Ordering::Relaxed) {
+                let at = next(&mut x) % (span / buf.len() as u64) * buf.len() as u64;
+                c.write(&buf, at).expect("write");
+                c.flush().expect("flush");
+            }
+        });
+        let mut c = nbd_blocking::Client::connect(uri).expect("connect the reader");
+        let mut buf = vec![0u8; 4096];
+        let mut lat = Vec::new();
+        let mut x = 0xd1b5_4a32_d192_ed03u64;
+        let t0 = Instant::now();
+        while t0.elapsed() < runtime {
+            let at = next(&mut x) % (span / 4096) * 4096;
+            let t = Instant::now();
+            c.read(&mut buf, at).expect("read");
+            lat.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        stop.store(true, Ordering::Relaxed);
+        writer.join().expect("the writer thread");
+        lat.sort_by(f64::total_cmp);
+        let p99 = lat.get(lat.len() * 99 / 100).copied().unwrap_or(f64::NAN);
+        (lat.len() as f64 / secs, p99)
+    })
+}
+
 /// nbd-serve and qemu-nbd (`--aio=threads`, its default) each on a file on
 /// the machine's disk (not tmpfs: `fdatasync` must reach a device), a reader
-/// beside a writer that flushes after every write.
+/// beside a writer that flushes after every write, measured by two
+/// harnesses: fio (two jobs in one process) and two threads of ours.
 fn flushing_writer_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
     let serve = our_bin("nbd-serve");
     let f1 = dir.join("flush-ours.img");
@@ -509,16 +559,31 @@ fn flushing_writer_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
     );
     prefill(&unix_uri(&s1), dir);
     prefill(&unix_uri(&s2), dir);
-    let (mut a, mut b, mut a99, mut b99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..cfg.reps {
-        let (iops, p99) = reader_next_to_flushing_writer(&unix_uri(&s1), cfg, dir);
-        a.push(iops);
-        a99.push(p99);
-        let (iops, p99) = reader_next_to_flushing_writer(&unix_uri(&s2), cfg, dir);
-        b.push(iops);
-        b99.push(p99);
+    let fio = |uri: &str| reader_next_to_flushing_writer(uri, cfg, dir);
+    let threads = |uri: &str| reader_next_to_flushing_writer_threads(uri, cfg);
+    let harnesses: [(&str, &dyn Fn(&str) -> (f64, f64)); 2] = [("fio, two jobs", &fio), ("two threads", &threads)];
+    for (harness, run) in harnesses {
+        let (mut a, mut b, mut a99, mut b99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..cfg.reps {
+            let (iops, p99) = run(&unix_uri(&s1));
+            a.push(iops);
+            a99.push(p99);
+            let (iops, p99) = run(&unix_uri(&s2));
+            b.push(iops);
+            b99.push(p99);
+        }
+        flushing_writer_pair(harness, [a, b, a99, b99], rows);
     }
-    let what = "file on disk, 4 KiB reads QD1 next to 64 KiB writes with fsync";
+    drop(ours);
+    drop(qemu);
+    let _ = std::fs::remove_file(&f1);
+    let _ = std::fs::remove_file(&f2);
+}
+
+/// The reader's IOPS and p99 rows of one harness: `[ours, qemu-nbd's]`
+/// IOPS, then p99s.
+fn flushing_writer_pair(harness: &str, [a, b, a99, b99]: [Vec<f64>; 4], rows: &mut Vec<Row>) {
+    let what = format!("file on disk, 4 KiB reads QD1 next to 64 KiB writes with fsync ({harness})");
     rows.push(Row {
         what: format!("{what}: reader IOPS"),
         peer: "qemu-nbd".to_string(),
@@ -539,10 +604,6 @@ fn flushing_writer_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
         target: 1.0,
         bytes_per_sec: None,
     });
-    drop(ours);
-    drop(qemu);
-    let _ = std::fs::remove_file(&f1);
-    let _ = std::fs::remove_file(&f2);
 }
 
 /// Stops a server with SIGTERM and waits for it to exit (a qcow2 server
