@@ -561,7 +561,8 @@ fn flushing_writer_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
     prefill(&unix_uri(&s2), dir);
     let fio = |uri: &str| reader_next_to_flushing_writer(uri, cfg, dir);
     let threads = |uri: &str| reader_next_to_flushing_writer_threads(uri, cfg);
-    let harnesses: [(&str, &dyn Fn(&str) -> (f64, f64)); 2] = [("fio, two jobs", &fio), ("two threads", &threads)];
+    type Harness<'a> = &'a dyn Fn(&str) -> (f64, f64);
+    let harnesses: [(&str, Harness); 2] = [("fio, two jobs", &fio), ("two threads", &threads)];
     for (harness, run) in harnesses {
         let (mut a, mut b, mut a99, mut b99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..cfg.reps {
