@@ -83,12 +83,13 @@ struct Inner {
     uid: u32,
     gid: u32,
     time: SystemTime,
-    /// Read buffers given back after their reply was sent, reused so
-    /// that a read neither zeroes nor faults in fresh memory.
+    /// Data buffers given back once their request is done (a READ's
+    /// reply sent, a WRITE acknowledged), reused so that a request
+    /// neither zeroes nor faults in fresh memory.
     free_bufs: Mutex<Vec<Vec<u8>>>,
 }
 
-/// Read buffers kept for reuse (at most this many bytes in all).
+/// Data buffers kept for reuse (at most this many bytes in all).
 const KEEP_FREE_BYTES: usize = 32 << 20;
 
 impl NbdFs {
@@ -180,7 +181,7 @@ impl Inner {
         (offset, len.min(self.size - offset))
     }
 
-    /// A buffer of `len` bytes (contents unspecified: the read fills
+    /// A buffer of `len` bytes (contents unspecified: the caller fills
     /// it), a reused one when one is free.
     fn take_buf(&self, len: usize) -> Vec<u8> {
         let mut b = {
@@ -235,17 +236,19 @@ impl Inner {
         }
         let total = data.len() as u32;
         if data.len() as u64 <= self.max_payload {
-            let (r, _) = self.pool.write(data, offset).await;
+            let (r, buf) = self.pool.write(data, offset).await;
+            self.give_buf(buf);
             r.map_err(|e| self.errno("write", &e))?;
             return Ok(total);
         }
         for (i, piece) in data.chunks(self.max_payload as usize).enumerate() {
-            let (r, _) = self
-                .pool
-                .write(piece.to_vec(), offset + i as u64 * self.max_payload)
-                .await;
+            let mut buf = self.take_buf(piece.len());
+            buf.copy_from_slice(piece);
+            let (r, buf) = self.pool.write(buf, offset + i as u64 * self.max_payload).await;
+            self.give_buf(buf);
             r.map_err(|e| self.errno("write", &e))?;
         }
+        self.give_buf(data);
         Ok(total)
     }
 
@@ -436,9 +439,12 @@ impl Filesystem for NbdFs {
         if self.inner.opts.readonly {
             return reply.error(Errno::EACCES);
         }
-        let data = data.to_vec();
+        // Copied into a reused buffer: the kernel's is only lent for this
+        // call.
+        let mut buf = self.inner.take_buf(data.len());
+        buf.copy_from_slice(data);
         self.spawn(move |fs| async move {
-            match fs.write(offset, data).await {
+            match fs.write(offset, buf).await {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(e),
             }

@@ -1169,6 +1169,18 @@ pub fn run_within(cmd: &str, args: &[&str], timeout: Duration) -> Result<Output,
     if timed_out { Err(output) } else { Ok(output) }
 }
 
+/// Creates the qcow2 image `path` over the backing file `backing` (its
+/// name as the image records it, relative to the image's directory or
+/// absolute) of format `backing_format`, with `qemu-img create`; panics
+/// if that fails.
+pub fn create_qcow2_overlay(path: &Path, backing: &str, backing_format: &str) {
+    let path = path.to_str().expect("a UTF-8 path");
+    run_ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-b", backing, "-F", backing_format, path],
+    );
+}
+
 /// Runs `cmd args...` like [`run`] and returns its stdout (lossily
 /// decoded); panics with the status, stdout and stderr if the status is not
 /// success.

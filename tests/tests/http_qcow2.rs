@@ -40,20 +40,7 @@ fn chain(dir: &TempDir, root: &Path) -> Vec<u8> {
             s(&base),
         ],
     );
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            s(&overlay),
-        ],
-    );
+    create_qcow2_overlay(&overlay, "base.qcow2", "qcow2");
     run_ok(
         "qemu-io",
         &[

@@ -146,20 +146,7 @@ fn readers_share_and_backing_files_are_protected() {
     let base = dir.join("base.qcow2");
     run_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&base), "4M"]);
     let top = dir.join("top.qcow2");
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            s(&top),
-        ],
-    );
+    create_qcow2_overlay(&top, "base.qcow2", "qcow2");
     // Two read-only servers of one image, ours and QEMU's, at once.
     {
         let _a = serve(&dir, &["-r", s(&base)]);

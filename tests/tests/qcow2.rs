@@ -599,7 +599,7 @@ fn corrupt_headers_are_refused_as_qemu_refuses_them() {
     let base = fresh("base.qcow2");
     for (name, offset, len) in [("long.qcow2", None, 2000u32), ("past.qcow2", Some(0xfff0u64), 100)] {
         let over = dir.join(name);
-        qemu_img(&["create", "-q", "-f", "qcow2", "-b", s(&base), "-F", "qcow2", s(&over)]);
+        create_qcow2_overlay(&over, s(&base), "qcow2");
         if let Some(offset) = offset {
             patch(&over, 8, &offset.to_be_bytes());
         }
@@ -609,7 +609,7 @@ fn corrupt_headers_are_refused_as_qemu_refuses_them() {
     // A corrupt backing file is refused too, naming the backing file.
     let low = fresh("low.qcow2");
     let top = dir.join("top.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", "-b", s(&low), "-F", "qcow2", s(&top)]);
+    create_qcow2_overlay(&top, s(&low), "qcow2");
     patch(&low, 20, &30u32.to_be_bytes());
     refused_like_qemu(&dir, &["-r"], &top, &low, "cluster_bits", &["--backing-chain"]);
     refused_like_qemu(&dir, &["-s"], &top, &low, "cluster_bits", &["--backing-chain"]);

@@ -1017,11 +1017,27 @@ fn nbdkit_curl_copy_args(url: &str, dst: &str) -> Vec<String> {
 /// and the peak memory of reading a 4 GiB file. A missing peer or driver
 /// leaves its rows out with a note.
 fn http_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
-    if find_program("nginx").is_none() {
-        eprintln!("nbd-bench: note: the HTTP rows are left out: nginx is missing (scripts/install-peers.sh)");
+    if !present("HTTP", missing_programs(&["nginx"])) {
         return;
     }
     guarded("HTTP", rows, |rows| http_rows_inner(cfg, dir, rows));
+}
+
+/// The programs of `names` that are not on the PATH.
+fn missing_programs<'a>(names: &[&'a str]) -> Vec<&'a str> {
+    names.iter().copied().filter(|c| find_program(c).is_none()).collect()
+}
+
+/// Whether nothing the `group` rows need is `missing`; otherwise prints
+/// a note naming it, and the rows are left out.
+fn present(group: &str, missing: Vec<&str>) -> bool {
+    if !missing.is_empty() {
+        eprintln!(
+            "nbd-bench: note: the {group} rows are left out: {} missing (scripts/install-peers.sh)",
+            missing.join(", ")
+        );
+    }
+    missing.is_empty()
 }
 
 /// Files removed when dropped (a panic included).
@@ -1409,15 +1425,7 @@ fn tls_rows_inner(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
 /// (scripts/ceph-cluster.sh), 4 KiB random reads and writes at QD32. A
 /// failure prints a note and leaves the other rows alone.
 fn rbd_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
-    let missing: Vec<&str> = ["ceph-mon", "ceph-osd", "rbd"]
-        .into_iter()
-        .filter(|c| find_program(c).is_none())
-        .collect();
-    if !missing.is_empty() {
-        eprintln!(
-            "nbd-bench: note: the RBD rows are left out: {} missing (scripts/install-peers.sh)",
-            missing.join(", ")
-        );
+    if !present("RBD", missing_programs(&["ceph-mon", "ceph-osd", "rbd"])) {
         return;
     }
     guarded("RBD", rows, |rows| rbd_rows_inner(cfg, dir, rows));
@@ -2128,18 +2136,14 @@ fn fio_file(file: &Path, size: u64, rw: &str, bs: &str, cfg: &Config, dir: &Temp
 /// in the kernel's caches. Without FUSE, `fusermount` or `nbdfuse` the
 /// rows are left out with a note.
 fn fuse_rows(cfg: &Config, dir: &TempDir, rows: &mut Vec<Row>) {
-    let mut missing: Vec<&str> = ["nbdfuse"].into_iter().filter(|c| find_program(c).is_none()).collect();
+    let mut missing = missing_programs(&["nbdfuse"]);
     if fusermount().is_none() {
         missing.push("fusermount");
     }
     if !Path::new("/dev/fuse").exists() {
         missing.push("/dev/fuse");
     }
-    if !missing.is_empty() {
-        eprintln!(
-            "nbd-bench: note: the FUSE rows are left out: {} missing (scripts/install-peers.sh)",
-            missing.join(", ")
-        );
+    if !present("FUSE", missing) {
         return;
     }
     guarded("FUSE", rows, |rows| fuse_rows_inner(cfg, dir, rows));
